@@ -1,0 +1,80 @@
+"""Result types of a latency prediction (the shape of ``dynas predict --json``)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from dynas.spaces.config import ArchConfig
+
+__all__ = ["OpPrediction", "StagePrediction", "Prediction"]
+
+
+@dataclass(frozen=True)
+class OpPrediction:
+    """One operator (or fused group) of a block, summed over the stage's blocks."""
+
+    name: str  # e.g. "conv2 (gathered 3x3)", "masker (fused into conv1)", "scatter-add + residual"
+    latency_ms: float
+    compute_ms: float
+    memory_ms: float
+    launch_ms: float
+    schedule: str  # chosen tile, e.g. "c64 h8 w8 p1"; "" for ops without a schedule
+
+
+@dataclass(frozen=True)
+class StagePrediction:
+    stage: int
+    choice: str  # StageConfig.short()
+    blocks: int
+    latency_ms: float
+    static_latency_ms: float
+    compute_ms: float
+    memory_ms: float
+    launch_ms: float
+    bound: str  # "compute" or "memory": the larger of the two parts
+    masker: str  # "none", "fused into conv1", "separate"
+    dense_gflops: float  # per image
+    expected_gflops: float  # per image, at the configured rates
+    ops: tuple[OpPrediction, ...] = field(default_factory=tuple)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Predicted latency of one config on one target at one batch size.
+
+    Latencies are for one forward pass of the whole batch unless the name says ``per_image``.
+    FLOPs are per image (multiply-accumulate counted as 2 FLOPs), stem and head included.
+    """
+
+    config: ArchConfig
+    target: str
+    batch_size: int
+    latency_ms: float
+    latency_ms_per_image: float
+    static_latency_ms: float
+    static_latency_ms_per_image: float
+    speedup: float  # static / dynamic
+    latency_ratio: float  # dynamic / static
+    stem_ms: float
+    head_ms: float
+    dense_gflops: float
+    expected_gflops: float
+    stages: tuple[StagePrediction, ...]
+
+    @property
+    def flops_ratio(self) -> float:
+        return self.expected_gflops / self.dense_gflops
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict: what ``dynas predict --json`` prints."""
+        d = asdict(self)
+        d["config"] = self.config.to_dict()
+        d["input_size"] = list(self.config.input_size)
+        d["backbone"] = self.config.backbone
+        d["flops"] = {
+            "dense_gflops": self.dense_gflops,
+            "expected_gflops": self.expected_gflops,
+            "ratio": self.flops_ratio,
+        }
+        return d

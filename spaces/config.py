@@ -1,0 +1,292 @@
+"""The canonical architecture config: frozen dataclasses with a JSON round-trip.
+
+User-facing JSON::
+
+    {"backbone": "resnet101", "input_size": 224,
+     "stages": [{"paradigm": "spatial", "spatial_granularity": 8, "rate": 0.5},
+                {"paradigm": "channel", "channel_granularity": 2, "rate": 0.5},
+                {"paradigm": "layer", "rate": 0.5},
+                {"paradigm": "static"}]}
+
+``rate`` is the activation rate of the stage's *primary* decision: positions for ``spatial`` and
+``spatial+channel``, channel groups for ``channel``, samples for ``layer`` and ``layer+channel``.
+The combined paradigms carry the channel-group rate in ``channel_rate``.  Exported files add
+keys (``predictions``, ``training``, ...); :func:`load_config` ignores those and reads the
+architecture back.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from dynas.errors import ConfigError
+from dynas.spaces.backbones import BackboneSpec, get_backbone, list_backbones, parse_input_size
+
+__all__ = [
+    "PARADIGMS",
+    "StageConfig",
+    "ArchConfig",
+    "load_config",
+    "spatial_granularities",
+    "channel_granularities",
+    "uses_spatial",
+    "uses_channel",
+    "uses_layer",
+]
+
+PARADIGMS: tuple[str, ...] = ("static", "spatial", "channel", "layer", "spatial+channel", "layer+channel")
+
+#: keys of an exported file that are not part of the architecture
+_EXPORT_KEYS = frozenset({"dynas_version", "target", "batch_size", "predictions", "training", "laudnet_args",
+                          "study", "trial", "proxy", "notes"})
+_STAGE_KEYS = ("paradigm", "rate", "spatial_granularity", "channel_granularity", "channel_rate")
+
+
+def uses_spatial(paradigm: str) -> bool:
+    return paradigm in ("spatial", "spatial+channel")
+
+
+def uses_channel(paradigm: str) -> bool:
+    return paradigm in ("channel", "spatial+channel", "layer+channel")
+
+
+def uses_layer(paradigm: str) -> bool:
+    return paradigm in ("layer", "layer+channel")
+
+
+def _divisors(n: int) -> tuple[int, ...]:
+    return tuple(d for d in range(1, n + 1) if n % d == 0)
+
+
+def spatial_granularities(spec: BackboneSpec, stage: int) -> tuple[int, ...]:
+    """Patch sides S that divide the stage's output map in both directions."""
+    h, w = spec.stage_out_hw(stage)
+    return tuple(d for d in _divisors(h) if w % d == 0)
+
+
+def channel_granularities(spec: BackboneSpec, stage: int) -> tuple[int, ...]:
+    """Channels per group G that divide the stage's gated width (and leave at least 2 groups)."""
+    width = spec.stage_width(stage)
+    return tuple(d for d in _divisors(width) if width // d >= 2)
+
+
+def _rate(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{where}={value!r} is not a number; allowed: a number in (0, 1]")
+    v = float(value)
+    if not math.isfinite(v) or v <= 0.0 or v > 1.0:
+        raise ConfigError(f"{where}={value!r} is out of range; allowed: a number in (0, 1]")
+    return v
+
+
+def _int(value: Any, where: str, allowed: tuple[int, ...]) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        else:
+            raise ConfigError(f"{where}={value!r} is not an integer; allowed: {_fmt(allowed)}")
+    if value not in allowed:
+        raise ConfigError(f"{where}={value!r} is not allowed; allowed: {_fmt(allowed)}")
+    return int(value)
+
+
+def _fmt(values: tuple[int, ...]) -> str:
+    return ", ".join(str(v) for v in values)
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """Choices for one stage (all its blocks share them)."""
+
+    paradigm: str = "static"
+    rate: float = 1.0
+    spatial_granularity: int | None = None
+    channel_granularity: int | None = None
+    channel_rate: float | None = None
+
+    @property
+    def spatial_rate(self) -> float:
+        return self.rate if uses_spatial(self.paradigm) else 1.0
+
+    @property
+    def channel_density(self) -> float:
+        if self.paradigm == "channel":
+            return self.rate
+        return self.channel_rate if uses_channel(self.paradigm) else 1.0
+
+    @property
+    def layer_rate(self) -> float:
+        return self.rate if uses_layer(self.paradigm) else 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"paradigm": self.paradigm}
+        if self.paradigm == "static":
+            return d
+        if uses_spatial(self.paradigm):
+            d["spatial_granularity"] = self.spatial_granularity
+        if uses_channel(self.paradigm):
+            d["channel_granularity"] = self.channel_granularity
+        d["rate"] = self.rate
+        if self.paradigm in ("spatial+channel", "layer+channel"):
+            d["channel_rate"] = self.channel_rate
+        return d
+
+    def short(self) -> str:
+        """Compact form such as ``S8@0.50``, ``C2@0.50``, ``L@0.50``, ``S4@0.60+C2@0.80``."""
+        p = self.paradigm
+        if p == "static":
+            return "static"
+        if p == "spatial":
+            return f"S{self.spatial_granularity}@{self.rate:.2f}"
+        if p == "channel":
+            return f"C{self.channel_granularity}@{self.rate:.2f}"
+        if p == "layer":
+            return f"L@{self.rate:.2f}"
+        if p == "spatial+channel":
+            return f"S{self.spatial_granularity}@{self.rate:.2f}+C{self.channel_granularity}@{self.channel_rate:.2f}"
+        return f"L@{self.rate:.2f}+C{self.channel_granularity}@{self.channel_rate:.2f}"
+
+
+@dataclass(frozen=True)
+class ArchConfig:
+    """A validated dynamic architecture: a backbone, an input size and one choice per stage."""
+
+    backbone: str
+    input_size: tuple[int, int]
+    stages: tuple[StageConfig, ...]
+
+    def __post_init__(self) -> None:
+        # Validate eagerly so that an ArchConfig in hand is always a valid one.
+        _validate(self)
+
+    @property
+    def spec(self) -> BackboneSpec:
+        return get_backbone(self.backbone, self.input_size)
+
+    def to_dict(self) -> dict[str, Any]:
+        h, w = self.input_size
+        return {
+            "backbone": self.backbone,
+            "input_size": h if h == w else [h, w],
+            "stages": [s.to_dict() for s in self.stages],
+        }
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    def short(self) -> str:
+        return " | ".join(s.short() for s in self.stages)
+
+    @classmethod
+    def static(cls, backbone: str, input_size: Any = 224) -> "ArchConfig":
+        spec = get_backbone(backbone, input_size)
+        return cls(backbone, spec.input_hw, tuple(StageConfig() for _ in range(spec.num_stages)))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "ArchConfig":
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"config={type(data).__name__} is not an object; allowed: a JSON object with backbone, input_size, stages")
+        unknown = sorted(set(data) - {"backbone", "input_size", "stages"} - _EXPORT_KEYS)
+        if unknown:
+            raise ConfigError(f"config key {unknown[0]!r} is unknown; allowed: backbone, input_size, stages (exports may add {', '.join(sorted(_EXPORT_KEYS))})")
+        backbone = data.get("backbone")
+        if not isinstance(backbone, str):
+            raise ConfigError(f"backbone={backbone!r} is missing or not a string; allowed: {', '.join(list_backbones())}")
+        spec = get_backbone(backbone, data.get("input_size", 224))
+        stages_raw = data.get("stages")
+        if not isinstance(stages_raw, list):
+            raise ConfigError(f"stages={stages_raw!r} is not a list; allowed: a list of {spec.num_stages} stage objects")
+        stages = tuple(_stage_from_dict(i, s) for i, s in enumerate(stages_raw))
+        return cls(backbone, spec.input_hw, stages)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ArchConfig":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"config is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+        return cls.from_dict(data)
+
+
+def _stage_from_dict(i: int, raw: Any) -> StageConfig:
+    where = f"stage {i}"
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{where}: {raw!r} is not an object; allowed: {{\"paradigm\": ..., \"rate\": ...}}")
+    unknown = sorted(set(raw) - set(_STAGE_KEYS))
+    if unknown:
+        raise ConfigError(f"{where}: key {unknown[0]!r} is unknown; allowed: {', '.join(_STAGE_KEYS)}")
+    paradigm = raw.get("paradigm", "static")
+    if paradigm not in PARADIGMS:
+        raise ConfigError(f"{where}: paradigm={paradigm!r} is unknown; allowed: {', '.join(PARADIGMS)}")
+    if paradigm == "static":
+        extra = [k for k in raw if k != "paradigm" and not (k == "rate" and raw[k] == 1)]
+        if extra:
+            raise ConfigError(f"{where}: field {extra[0]!r} is not used by paradigm 'static'; allowed: paradigm only")
+        return StageConfig()
+    return StageConfig(
+        paradigm=paradigm,
+        rate=raw.get("rate"),
+        spatial_granularity=raw.get("spatial_granularity"),
+        channel_granularity=raw.get("channel_granularity"),
+        channel_rate=raw.get("channel_rate"),
+    )
+
+
+def _validate(cfg: ArchConfig) -> None:
+    spec = get_backbone(cfg.backbone, cfg.input_size)
+    if tuple(cfg.input_size) != spec.input_hw:
+        raise ConfigError(f"input_size={cfg.input_size!r} must be normalised (H, W); got {cfg.input_size!r}")
+    if len(cfg.stages) != spec.num_stages:
+        raise ConfigError(f"stages has {len(cfg.stages)} entries; allowed: exactly {spec.num_stages} for {cfg.backbone}")
+    for i, st in enumerate(cfg.stages):
+        where = f"stage {i}"
+        if not isinstance(st, StageConfig):
+            raise ConfigError(f"{where}: {st!r} is not a StageConfig")
+        p = st.paradigm
+        if p not in PARADIGMS:
+            raise ConfigError(f"{where}: paradigm={p!r} is unknown; allowed: {', '.join(PARADIGMS)}")
+        if p == "static":
+            if (st.rate, st.spatial_granularity, st.channel_granularity, st.channel_rate) != (1.0, None, None, None):
+                raise ConfigError(f"{where}: paradigm 'static' takes no rate or granularity; got {st!r}")
+            continue
+        _rate(st.rate, f"{where}: rate")
+        if uses_spatial(p):
+            _int(st.spatial_granularity, f"{where}: spatial_granularity", spatial_granularities(spec, i))
+        elif st.spatial_granularity is not None:
+            raise ConfigError(f"{where}: field 'spatial_granularity' is not used by paradigm {p!r}; allowed: only with spatial, spatial+channel")
+        if uses_channel(p):
+            _int(st.channel_granularity, f"{where}: channel_granularity", channel_granularities(spec, i))
+        elif st.channel_granularity is not None:
+            raise ConfigError(f"{where}: field 'channel_granularity' is not used by paradigm {p!r}; allowed: only with channel, spatial+channel, layer+channel")
+        if p in ("spatial+channel", "layer+channel"):
+            if st.channel_rate is None:
+                raise ConfigError(f"{where}: channel_rate is missing; paradigm {p!r} needs a number in (0, 1]")
+            _rate(st.channel_rate, f"{where}: channel_rate")
+        elif st.channel_rate is not None:
+            raise ConfigError(f"{where}: field 'channel_rate' is not used by paradigm {p!r}; allowed: only with spatial+channel, layer+channel")
+
+
+def load_config(source: "ArchConfig | Mapping[str, Any] | str | os.PathLike[str]") -> ArchConfig:
+    """Return an :class:`ArchConfig` from a config object, a dict, a JSON string or a JSON file path."""
+    if isinstance(source, ArchConfig):
+        return source
+    if isinstance(source, Mapping):
+        return ArchConfig.from_dict(source)
+    if isinstance(source, (str, os.PathLike)):
+        text = str(source)
+        if isinstance(source, str) and text.lstrip().startswith("{"):
+            return ArchConfig.from_json(text)
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError(f"config={text!r} is not a file; allowed: a JSON file path, a JSON string or a dict")
+        try:
+            body = path.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"config={text!r} cannot be read: {exc}") from None
+        return ArchConfig.from_json(body)
+    raise ConfigError(f"config={type(source).__name__} is not supported; allowed: ArchConfig, dict, JSON string or path")
