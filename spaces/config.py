@@ -84,14 +84,15 @@ def _rate(value: Any, where: str) -> float:
     return v
 
 
-def _int(value: Any, where: str, allowed: tuple[int, ...]) -> int:
+def _int(value: Any, where: str, allowed: tuple[int, ...], rule: str = "is not allowed") -> int:
+    """Check an integer choice; ``rule`` says why a value outside ``allowed`` is rejected."""
     if isinstance(value, bool) or not isinstance(value, int):
         if isinstance(value, float) and value.is_integer():
             value = int(value)
         else:
             raise ConfigError(f"{where}={value!r} is not an integer; allowed: {_fmt(allowed)}")
     if value not in allowed:
-        raise ConfigError(f"{where}={value!r} is not allowed; allowed: {_fmt(allowed)}")
+        raise ConfigError(f"{where}={value!r} {rule}; allowed: {_fmt(allowed)}")
     return int(value)
 
 
@@ -256,11 +257,15 @@ def _validate(cfg: ArchConfig) -> None:
             continue
         _rate(st.rate, f"{where}: rate")
         if uses_spatial(p):
-            _int(st.spatial_granularity, f"{where}: spatial_granularity", spatial_granularities(spec, i))
+            h, w = spec.stage_out_hw(i)
+            _int(st.spatial_granularity, f"{where}: spatial_granularity", spatial_granularities(spec, i),
+                 f"does not divide the stage's {h}x{w} output map")
         elif st.spatial_granularity is not None:
             raise ConfigError(f"{where}: field 'spatial_granularity' is not used by paradigm {p!r}; allowed: only with spatial, spatial+channel")
         if uses_channel(p):
-            _int(st.channel_granularity, f"{where}: channel_granularity", channel_granularities(spec, i))
+            n = spec.stage_width(i)
+            _int(st.channel_granularity, f"{where}: channel_granularity", channel_granularities(spec, i),
+                 f"must divide the gated width {n} and leave at least 2 groups")
         elif st.channel_granularity is not None:
             raise ConfigError(f"{where}: field 'channel_granularity' is not used by paradigm {p!r}; allowed: only with channel, spatial+channel, layer+channel")
         if p in ("spatial+channel", "layer+channel"):

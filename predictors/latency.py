@@ -1,0 +1,411 @@
+"""Whole-network latency prediction of a dynamic architecture on a GPU target.
+
+A block's latency is the sum of its operators (``predictors/gpu.py``).  How each paradigm
+decomposes a block (LAUDNet's inference kernels, anchors section 2):
+
+* static: conv chain + downsample + residual add (one element-wise kernel).
+* spatial: masker + gathered conv chain + scatter-add fused into the residual.  The masker is
+  either fused into the first conv as one extra output channel (the first conv then runs dense
+  and the next conv gathers from its output), or a separate pool + 1x1 conv (the first conv then
+  runs on gathered patches with the halo the later 3x3 convs need).  Whichever is cheaper wins
+  and is reported.  Active patches = ceil(rate x mask grid) per sample.
+* channel: masker (global pool + MLP) + convs on the selected channels; the first conv's output,
+  the 3x3 conv's input and output, and the last conv's input are gated.  Tiles wait for their
+  busiest group (exact expected maximum, see ``gpu.expected_max_density``).
+* layer: masker + dense downsample + the block body on the executed samples only; the body's
+  cost is interpolated linearly between the integer sample counts around ``rate x batch``.
+* spatial+channel / layer+channel: the two compose (one shared masker pass).
+
+Rates are budget-mode rates (exactly the configured fraction per sample), so predictions are
+deterministic.  Every result is memoized per (target, block shape, stage choice, batch).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Mapping, NamedTuple
+
+from dynas.predictors.gpu import ConvOp, Hardware, OpCost, conv_cost, memory_cost
+from dynas.predictors.result import OpPrediction, Prediction, StagePrediction
+from dynas.predictors.targets import HardwareTarget, load_target
+from dynas.spaces.backbones import BackboneSpec, BlockSpec, StemSpec
+from dynas.spaces.config import ArchConfig, StageConfig, load_config, uses_channel, uses_layer, uses_spatial
+from dynas.errors import ConfigError
+
+__all__ = ["predict", "predict_stages_ms", "block_ops", "clear_caches", "Ops"]
+
+Ops = tuple[tuple[str, OpCost], ...]
+_STATIC = StageConfig()
+
+
+def _hw(target: HardwareTarget) -> Hardware:
+    return Hardware(target.n_sm, target.lanes_per_sm, target.clock_hz, target.dram_bandwidth_Bps,
+                    target.l2_speed_frac, target.fp32_cycles, target.mem_transaction_floats,
+                    target.launch_us, target.bytes_per_element)
+
+
+# ----------------------------------------------------------------------------- conv chains
+class _Conv(NamedTuple):
+    name: str
+    cin: int
+    cout: int
+    k: int
+    stride: int
+    groups: int
+    gate_in: bool  # input channels are the gated width
+    gate_out: bool  # output channels are the gated width
+
+
+def _chain(b: BlockSpec) -> tuple[_Conv, ...]:
+    """The block's main-path convs in order (downsample and SE are handled separately)."""
+    if b.kind == "basic":
+        return (_Conv("conv1", b.in_channels, b.width, 3, b.stride, 1, False, True),
+                _Conv("conv2", b.width, b.out_channels, 3, 1, 1, True, False))
+    return (_Conv("conv1", b.in_channels, b.width, 1, 1, 1, False, True),
+            _Conv("conv2", b.width, b.width, 3, b.stride, b.groups, True, True),
+            _Conv("conv3", b.width, b.out_channels, 1, 1, 1, True, False))
+
+
+def _chain_maps(b: BlockSpec) -> list[tuple[int, int]]:
+    """Input map (H, W) of each conv in ``_chain(b)``; the last conv outputs ``b.out_hw``."""
+    if b.kind == "basic":
+        return [b.in_hw, b.out_hw]
+    return [b.in_hw, b.in_hw, b.out_hw]
+
+
+class _Gate(NamedTuple):
+    groups: int  # 0 = no channel gating
+    active: int
+
+
+def _gate(b: BlockSpec, st: StageConfig) -> _Gate:
+    if not uses_channel(st.paradigm):
+        return _Gate(0, 0)
+    groups = b.width // st.channel_granularity
+    active = max(1, min(groups, math.ceil(st.channel_density * groups - 1e-9)))
+    return _Gate(groups, active)
+
+
+def _dense_conv(hw: Hardware, cv: _Conv, n: int, in_hw: tuple[int, int], gate: _Gate, extra_out: int = 0) -> OpCost:
+    """A conv over whole maps of ``n`` samples, possibly channel-gated."""
+    out_h = (in_hw[0] + 2 * (cv.k // 2) - cv.k) // cv.stride + 1
+    out_w = (in_hw[1] + 2 * (cv.k // 2) - cv.k) // cv.stride + 1
+    cin_active = cv.cin
+    if cv.gate_in and gate.groups:
+        cin_active = cv.cin * gate.active // gate.groups
+    gated_out = cv.gate_out and gate.groups
+    return conv_cost(hw, ConvOp(
+        units=n, cin=cv.cin, cout=cv.cout + extra_out, out_h=out_h, out_w=out_w, k=cv.k, stride=cv.stride,
+        groups=cv.groups, in_row=in_hw[1] + 2 * (cv.k // 2), dram_in_per_channel=n * in_hw[0] * in_hw[1],
+        cin_active=cin_active, gate_groups=gate.groups if gated_out else 0,
+        gate_active=gate.active if gated_out else 0, weights_scale_with_gates=n == 1 and bool(gate.groups)))
+
+
+def _gathered_conv(hw: Hardware, cv: _Conv, n: int, patches: int, out_side: int, from_map: tuple[int, int] | None,
+                   gate: _Gate) -> OpCost:
+    """A conv on ``n x patches`` gathered units of ``out_side``^2 outputs each.
+
+    ``from_map`` is the dense input map when the gather is fused into this conv's loads (input
+    rows are map rows, unique DRAM reads are capped by the map), ``None`` when the input is an
+    already-gathered contiguous buffer.
+    """
+    in_side = (out_side - 1) * cv.stride + cv.k
+    units = n * patches
+    if from_map is None:
+        row, dram_in = in_side, units * in_side * in_side
+    else:
+        # Halo windows of neighbouring patches overlap, but each patch's window is fetched on its own.
+        row, dram_in = from_map[1], units * in_side * in_side
+    cin_active = cv.cin
+    if cv.gate_in and gate.groups:
+        cin_active = cv.cin * gate.active // gate.groups
+    gated_out = cv.gate_out and gate.groups
+    return conv_cost(hw, ConvOp(
+        units=units, cin=cv.cin, cout=cv.cout, out_h=out_side, out_w=out_side, k=cv.k, stride=cv.stride,
+        groups=cv.groups, in_row=row, dram_in_per_channel=dram_in, cin_active=cin_active,
+        gate_groups=gate.groups if gated_out else 0, gate_active=gate.active if gated_out else 0,
+        weights_scale_with_gates=n == 1 and bool(gate.groups), channels_last=True))
+
+
+def _fc(hw: Hardware, n: int, cin: int, cout: int) -> OpCost:
+    """A fully connected layer as a 1x1 conv on a 1x1 map."""
+    return conv_cost(hw, ConvOp(n, cin, cout, 1, 1, 1, 1, 1, 1, n, cin, 0, 0, False))
+
+
+def _mlp(hw: Hardware, n: int, cin: int, cout: int) -> tuple[OpCost, OpCost]:
+    hidden = max(cin // 16, 16)  # LAUDNet masker MLP: reduction 16, hidden at least 16
+    return _fc(hw, n, cin, hidden), _fc(hw, n, hidden, cout)
+
+
+def _se(hw: Hardware, b: BlockSpec, units_elems: int, n: int, cw: int) -> list[tuple[str, OpCost]]:
+    """Squeeze-excitation on ``units_elems`` positions x ``cw`` channels (pool, 2 FCs, scale)."""
+    return [("se pool", memory_cost(hw, units_elems * cw)),
+            ("se fc1", _fc(hw, n, cw, b.se_channels)),
+            ("se fc2", _fc(hw, n, b.se_channels, cw)),
+            ("se scale", memory_cost(hw, 2 * units_elems * cw))]
+
+
+def _downsample(hw: Hardware, b: BlockSpec, n: int) -> list[tuple[str, OpCost]]:
+    if not b.has_downsample:
+        return []
+    cv = _Conv("downsample", b.in_channels, b.out_channels, 1, b.stride, 1, False, False)
+    return [("downsample", _dense_conv(hw, cv, n, b.in_hw, _Gate(0, 0)))]
+
+
+def _active_cw(b: BlockSpec, gate: _Gate) -> int:
+    return b.width * gate.active // gate.groups if gate.groups else b.width
+
+
+def _dense_body(hw: Hardware, b: BlockSpec, n: int, gate: _Gate) -> list[tuple[str, OpCost]]:
+    """conv chain (+SE) on whole maps of ``n`` samples, channel-gated if ``gate``, + residual add."""
+    if n <= 0:
+        return []
+    ops = []
+    chain, maps = _chain(b), _chain_maps(b)
+    for i, (cv, m) in enumerate(zip(chain, maps)):
+        ops.append((cv.name, _dense_conv(hw, cv, n, m, gate)))
+        if b.se_channels and cv.name == "conv2":
+            ops += _se(hw, b, n * b.out_hw[0] * b.out_hw[1], n, _active_cw(b, gate))
+    out_elems = n * b.out_channels * b.out_hw[0] * b.out_hw[1]
+    ops.append(("residual add", memory_cost(hw, 3 * out_elems)))
+    return ops
+
+
+def _spatial_body(hw: Hardware, b: BlockSpec, n: int, st: StageConfig, gate: _Gate, fused: bool) -> list[tuple[str, OpCost]]:
+    S = st.spatial_granularity
+    gh, gw = b.out_hw[0] // S, b.out_hw[1] // S  # mask grid
+    patches = max(1, math.ceil(st.rate * gh * gw - 1e-9))  # active patches per sample
+    chain, maps = _chain(b), _chain_maps(b)
+    # Output side of each conv on a patch: walk back from the block output (S x S).
+    sides = [S] * len(chain)
+    for j in range(len(chain) - 1, 0, -1):
+        sides[j - 1] = (sides[j] - 1) * chain[j].stride + chain[j].k
+    ops: list[tuple[str, OpCost]] = []
+    if fused:
+        first = chain[0]
+        ops.append((f"{first.name} (dense, + masker channel)", _dense_conv(hw, first, n, maps[0], gate, extra_out=1)))
+        ops.append(("masker pool + indices", memory_cost(hw, n * maps[1][0] * maps[1][1] + 2 * n * gh * gw)))
+        start, src = 1, maps[1]
+    else:
+        start, src = 0, maps[0]
+    for j in range(start, len(chain)):
+        cv = chain[j]
+        label = f"{cv.name} (gathered {cv.k}x{cv.k})"
+        ops.append((label, _gathered_conv(hw, cv, n, patches, sides[j], src, gate)))
+        src = None  # later convs read the contiguous gathered buffer
+        if b.se_channels and cv.name == "conv2":
+            ops += _se(hw, b, n * patches * S * S, n, _active_cw(b, gate))
+    out_active = n * patches * S * S * b.out_channels
+    ops.append(("scatter-add + residual", memory_cost(hw, 3 * out_active)))
+    return ops
+
+
+def _spatial_masker(hw: Hardware, b: BlockSpec, n: int, st: StageConfig) -> list[tuple[str, OpCost]]:
+    S = st.spatial_granularity
+    gh, gw = b.out_hw[0] // S, b.out_hw[1] // S
+    pooled = n * b.in_channels * gh * gw
+    mask = conv_cost(hw, ConvOp(n, b.in_channels, 2, gh, gw, 1, 1, 1, gw, gh * gw, b.in_channels, 0, 0, False))
+    return [("masker pool", memory_cost(hw, n * b.in_channels * b.in_hw[0] * b.in_hw[1] + pooled)),
+            ("masker conv", mask),
+            ("masker indices", memory_cost(hw, 2 * n * gh * gw))]
+
+
+def _channel_masker(hw: Hardware, b: BlockSpec, n: int, outputs: int, pool: bool = True) -> list[tuple[str, OpCost]]:
+    fc1, fc2 = _mlp(hw, n, b.in_channels, outputs)
+    ops = [("masker fc1", fc1), ("masker fc2", fc2)]
+    if pool:
+        ops.insert(0, ("masker pool", memory_cost(hw, n * b.in_channels * b.in_hw[0] * b.in_hw[1])))
+    return ops
+
+
+def _interpolate(lo: list[tuple[str, OpCost]], hi: list[tuple[str, OpCost]], frac: float) -> list[tuple[str, OpCost]]:
+    """Per-op linear interpolation between the op lists at floor and ceil of the sample count."""
+    lo_map = dict(lo)
+    out = []
+    for name, h in hi:
+        low = lo_map.get(name, OpCost(0.0, 0.0, 0.0, 0.0))
+        out.append((name, OpCost(low.compute_s + frac * (h.compute_s - low.compute_s),
+                                 low.memory_s + frac * (h.memory_s - low.memory_s),
+                                 low.launch_s + frac * (h.launch_s - low.launch_s),
+                                 low.macs + frac * (h.macs - low.macs), h.schedule)))
+    return out
+
+
+def _total(ops: list[tuple[str, OpCost]]) -> float:
+    return sum(c.total_s for _, c in ops)
+
+
+@functools.lru_cache(maxsize=None)
+def block_ops(hw: Hardware, b: BlockSpec, st: StageConfig, n: int) -> tuple[str, Ops]:
+    """(masker placement, ops) of one block of ``n`` samples under stage choice ``st``."""
+    p = st.paradigm
+    gate = _gate(b, st)
+    if p == "static":
+        return "none", tuple(_downsample(hw, b, n) + _dense_body(hw, b, n, gate))
+    if p == "channel":
+        masker = _channel_masker(hw, b, n, 2 * gate.groups)
+        return "separate", tuple(masker + _downsample(hw, b, n) + _dense_body(hw, b, n, gate))
+    if uses_layer(p):
+        outputs = 2 + (2 * gate.groups if gate.groups else 0)
+        masker = _channel_masker(hw, b, n, outputs)
+        executed = st.rate * n  # expected executed samples
+        lo, hi = math.floor(executed), math.ceil(executed)
+        body = _interpolate(_dense_body(hw, b, lo, gate), _dense_body(hw, b, hi, gate), executed - lo)
+        return "separate", tuple(masker + _downsample(hw, b, n) + body)
+    # spatial / spatial+channel: pick the cheaper masker placement.
+    chan = _channel_masker(hw, b, n, 2 * gate.groups, pool=False) if gate.groups else []
+    fused = chan + _spatial_body(hw, b, n, st, gate, fused=True)
+    separate = _spatial_masker(hw, b, n, st) + chan + _spatial_body(hw, b, n, st, gate, fused=False)
+    ds = _downsample(hw, b, n)
+    if _total(fused) <= _total(separate):
+        return "fused into conv1", tuple(ds + fused)
+    return "separate", tuple(ds + separate)
+
+
+def _block_key(b: BlockSpec) -> BlockSpec:
+    """Blocks with equal shapes share cost; drop position fields so the memo is shared."""
+    return BlockSpec(0, 0, b.kind, b.in_channels, b.width, b.out_channels, b.stride, b.groups, b.se_channels,
+                     b.in_hw, b.out_hw, b.has_downsample)
+
+
+@functools.lru_cache(maxsize=None)
+def _stem_head(hw: Hardware, stem: StemSpec, head_in: int, head_hw: tuple[int, int], classes: int, n: int) -> tuple[Ops, Ops]:
+    cv = _Conv("stem conv", stem.in_channels, stem.out_channels, stem.kernel, stem.stride, 1, False, False)
+    stem_ops = [("stem conv", _dense_conv(hw, cv, n, _in_hw_of_stem(stem), _Gate(0, 0)))]
+    if stem.maxpool:
+        ch, cw = stem.conv_out_hw
+        stem_ops.append(("stem maxpool", memory_cost(hw, n * stem.out_channels * (ch * cw + stem.out_hw[0] * stem.out_hw[1]))))
+    head_ops = [("global pool", memory_cost(hw, n * head_in * (head_hw[0] * head_hw[1] + 1))),
+                ("fc", _fc(hw, n, head_in, classes))]
+    return tuple(stem_ops), tuple(head_ops)
+
+
+def _in_hw_of_stem(stem: StemSpec) -> tuple[int, int]:
+    # Invert conv_out for the stem conv: the input map that gives conv_out_hw (exact for our specs).
+    return tuple((o - 1) * stem.stride + stem.kernel - 2 * stem.padding for o in stem.conv_out_hw)  # type: ignore[return-value]
+
+
+def _batch(batch_size: Any, target: HardwareTarget) -> int:
+    if batch_size is None:
+        return target.default_batch_size
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size={batch_size!r} is not allowed; allowed: a positive integer")
+    return batch_size
+
+
+def predict_stages_ms(config: ArchConfig, target: HardwareTarget, n: int) -> tuple[list[float], list[float]]:
+    """Fast path for benchmarks/fidelity: per-stage (dynamic, static) latency in ms for the batch."""
+    hw = _hw(target)
+    spec = config.spec
+    dyn, sta = [], []
+    for s, st in enumerate(config.stages):
+        d = t = 0.0
+        for b in spec.stage_blocks(s):
+            key = _block_key(b)
+            d += _total(list(block_ops(hw, key, st, n)[1]))
+            t += _total(list(block_ops(hw, key, _STATIC, n)[1]))
+        dyn.append(d * 1e3)
+        sta.append(t * 1e3)
+    return dyn, sta
+
+
+def _dense_flops_per_op(spec: BackboneSpec):
+    from dynas.predictors.flops import dense_flops  # torch import only when FLOPs are asked for
+
+    return dense_flops(spec.name, spec.input_hw)
+
+
+def predict(config: "ArchConfig | Mapping[str, Any] | str", target: "str | HardwareTarget",
+            batch_size: int | None = None) -> Prediction:
+    """Predict the latency of ``config`` on ``target`` for one forward pass of ``batch_size`` images.
+
+    ``config``: an :class:`ArchConfig`, a dict, a JSON string or a JSON file path (exported files
+    included).  ``target``: a built-in target name or a target TOML path.  ``batch_size`` defaults
+    to the target's.
+    """
+    cfg = load_config(config)
+    tgt = load_target(target)
+    n = _batch(batch_size, tgt)
+    return _predict(cfg, tgt, n)
+
+
+@functools.lru_cache(maxsize=4096)
+def _predict(cfg: ArchConfig, tgt: HardwareTarget, n: int) -> Prediction:
+    hw = _hw(tgt)
+    spec = cfg.spec
+    stem_ops, head_ops = _stem_head(hw, spec.stem, spec.head_in, spec.blocks[-1].out_hw, spec.num_classes, n)
+    stem_s, head_s = _total(list(stem_ops)), _total(list(head_ops))
+    flops = _dense_flops_per_op(spec)
+    stages = tuple(_stage(hw, spec, s, st, n) for s, st in enumerate(cfg.stages))
+    dyn_ms = (stem_s + head_s) * 1e3 + sum(p.latency_ms for p in stages)
+    sta_ms = (stem_s + head_s) * 1e3 + sum(p.static_latency_ms for p in stages)
+    expected = (flops.stem_flops + flops.head_flops) / 1e9 + sum(p.expected_gflops for p in stages)
+    return Prediction(
+        config=cfg, target=tgt.name, batch_size=n, latency_ms=dyn_ms, latency_ms_per_image=dyn_ms / n,
+        static_latency_ms=sta_ms, static_latency_ms_per_image=sta_ms / n, speedup=sta_ms / dyn_ms,
+        latency_ratio=dyn_ms / sta_ms, stem_ms=stem_s * 1e3, head_ms=head_s * 1e3,
+        dense_gflops=flops.total_flops / 1e9, expected_gflops=expected, stages=stages)
+
+
+@functools.lru_cache(maxsize=65536)
+def _stage(hw: Hardware, spec: BackboneSpec, s: int, st: StageConfig, n: int) -> StagePrediction:
+    """One stage's prediction; memoized, since searches revisit the same stage choices often."""
+    flops = _dense_flops_per_op(spec)
+    agg: dict[str, list[float]] = {}
+    sched: dict[str, str] = {}
+    lat = sta = dense_gf = exp_gf = 0.0
+    masker = "none"
+    for b in spec.stage_blocks(s):
+        key = _block_key(b)
+        masker, ops = block_ops(hw, key, st, n)
+        static_ops = block_ops(hw, key, _STATIC, n)[1]
+        block_flops = flops.block_flops(b.name)
+        dense_gf += sum(block_flops.values())
+        exp_gf += _expected_block_flops(ops, {name: c.macs for name, c in static_ops}, block_flops, n)
+        for name, c in ops:
+            a = agg.setdefault(name, [0.0, 0.0, 0.0, 0.0])
+            a[0] += c.total_s
+            a[1] += c.compute_s
+            a[2] += c.memory_s
+            a[3] += c.launch_s
+            sched.setdefault(name, c.schedule)
+        lat += _total(list(ops))
+        sta += _total(list(static_ops))
+    op_preds = tuple(OpPrediction(name, a[0] * 1e3, a[1] * 1e3, a[2] * 1e3, a[3] * 1e3, sched[name])
+                     for name, a in agg.items())
+    compute = sum(o.compute_ms for o in op_preds)
+    memory = sum(o.memory_ms for o in op_preds)
+    return StagePrediction(
+        stage=s, choice=st.short(), blocks=spec.stage_depth(s), latency_ms=lat * 1e3, static_latency_ms=sta * 1e3,
+        compute_ms=compute, memory_ms=memory, launch_ms=sum(o.launch_ms for o in op_preds),
+        bound="compute" if compute >= memory else "memory", masker=masker,
+        dense_gflops=dense_gf / 1e9, expected_gflops=exp_gf / 1e9, ops=op_preds)
+
+
+def _expected_block_flops(ops: Ops, static_macs: dict[str, float], block_flops: dict[str, float], n: int) -> float:
+    """Per-image expected FLOPs of a block.
+
+    Dense FLOPs of the convs (conv1..3, downsample) come from torch's flop counter; each one's
+    executed fraction is its executed MACs over the static op's MACs in the latency model.  Ops
+    without a dense twin (maskers, SE layers) add their own executed MACs x 2.
+    """
+    total = 0.0
+    for name, c in ops:
+        base = name.split(" ")[0]
+        if base in _MAIN_OPS and static_macs.get(base, 0.0) > 0:
+            total += block_flops[base] * c.macs / static_macs[base]
+        else:
+            total += 2.0 * c.macs / n
+    return total
+
+
+_MAIN_OPS = ("conv1", "conv2", "conv3", "downsample")
+
+
+def clear_caches() -> None:
+    """Drop every memoized operator, block and network result (benchmarks, calibration)."""
+    from dynas.predictors import gpu
+
+    for fn in (gpu.conv_cost, gpu.memory_cost, gpu._hypergeom_cdf, gpu._emax, block_ops, _stem_head, _stage, _predict):
+        fn.cache_clear()
