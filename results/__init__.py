@@ -1,0 +1,32 @@
+"""Results of a dynas search: Pareto tables, hypervolume, HTML plots and config export."""
+
+from dynas.results.export import export_trial, laudnet_args, select_trial, training_recipe
+from dynas.results.pareto import (
+    DEFAULT_REFERENCE_LATENCY_RATIO,
+    DEFAULT_REFERENCE_TOP1_DROP,
+    PARETO_COLUMNS,
+    all_trials_table,
+    default_reference,
+    hypervolume,
+    hypervolume_history,
+    pareto_table,
+    write_csv,
+)
+from dynas.results.plots import write_html
+
+__all__ = [
+    "PARETO_COLUMNS",
+    "DEFAULT_REFERENCE_LATENCY_RATIO",
+    "DEFAULT_REFERENCE_TOP1_DROP",
+    "pareto_table",
+    "all_trials_table",
+    "write_csv",
+    "default_reference",
+    "hypervolume",
+    "hypervolume_history",
+    "write_html",
+    "select_trial",
+    "export_trial",
+    "training_recipe",
+    "laudnet_args",
+]

@@ -1,0 +1,33 @@
+"""Multi-objective search of dynamic configurations (Optuna studies)."""
+
+from dynas.search.study import (
+    DEFAULT_STORAGE,
+    DIRECTIONS,
+    OBJECTIVE_NAMES,
+    SAMPLERS,
+    SearchOptions,
+    SearchPlan,
+    list_studies,
+    load_study,
+    make_sampler,
+    open_storage,
+    plan_search,
+    register_sampler,
+    run_search,
+)
+
+__all__ = [
+    "DEFAULT_STORAGE",
+    "DIRECTIONS",
+    "OBJECTIVE_NAMES",
+    "SAMPLERS",
+    "SearchOptions",
+    "SearchPlan",
+    "register_sampler",
+    "make_sampler",
+    "plan_search",
+    "run_search",
+    "open_storage",
+    "list_studies",
+    "load_study",
+]

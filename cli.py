@@ -1,0 +1,631 @@
+"""The ``dynas`` command line.
+
+Subcommands::
+
+    dynas targets                      built-in hardware targets
+    dynas predict CONFIG --target T    latency prediction of one config
+    dynas search [options]             run (or resume) a search; prints the Pareto front,
+                                       writes an HTML report and an exported config
+    dynas pareto --study-name NAME     Pareto front of a stored study, CSV / HTML
+    dynas export --study-name NAME     one trial as a training config (JSON)
+
+Every bad input (a :class:`~dynas.errors.DynasError` or an argparse error) ends as one line
+``dynas: error: <message>`` on stderr and exit status 2, with no traceback.  Output paths are
+checked before any long work starts, so a bad path costs nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from dynas.errors import DynasError
+
+__all__ = ["main", "build_parser", "UsageError"]
+
+_logger = logging.getLogger("dynas")
+
+
+class UsageError(DynasError):
+    """A command-line argument is invalid (bad syntax, unusable output path)."""
+
+
+# --------------------------------------------------------------------------------------------
+# argparse plumbing
+# --------------------------------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    """ArgumentParser whose errors become :class:`UsageError` (printed on one line by main)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{' '.join(message.split())} (see '{self.prog} --help')")
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps descriptions as written and shows defaults that are not None/False."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (
+            "%(default)" not in text
+            and action.option_strings
+            and default not in (None, False, argparse.SUPPRESS)
+            and not isinstance(action, argparse._HelpAction)
+        ):
+            if isinstance(default, (tuple, list)):
+                default = ",".join(str(v) for v in default)
+                return f"{text} (default: {default})"
+            text += " (default: %(default)s)"
+        return text
+
+
+def _input_size(text: str) -> int | tuple[int, int]:
+    m = re.fullmatch(r"\s*(\d+)\s*(?:[xX]\s*(\d+)\s*)?", text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size; allowed: N or HxW, e.g. 224 or 224x320")
+    h = int(m.group(1))
+    return h if m.group(2) is None else (h, int(m.group(2)))
+
+
+def _str_list(text: str) -> tuple[str, ...]:
+    items = tuple(t.strip() for t in text.split(",") if t.strip())
+    if not items:
+        raise argparse.ArgumentTypeError(f"{text!r} is empty; allowed: a comma-separated list")
+    return items
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    items = _str_list(text)
+    try:
+        return tuple(int(t) for t in items)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of integers; allowed: e.g. 1,2,4") from None
+
+
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    """argparse type: an integer >= ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer; allowed: an integer >= {minimum}") from None
+        if v < minimum:
+            raise argparse.ArgumentTypeError(f"{text!r} is out of range; allowed: an integer >= {minimum}")
+        return v
+
+    return parse
+
+
+_positive_int = _int_at_least(1)
+_nonneg_int = _int_at_least(0)
+
+
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+
+
+def _safe_name(name: str) -> str:
+    """A study name as a file-name fragment."""
+    return re.sub(r"[^A-Za-z0-9._+-]+", "_", name).strip("._") or "study"
+
+
+def _check_output(option: str, path: str | os.PathLike[str] | None) -> None:
+    """Raise :class:`UsageError` unless ``path`` can be written (checked before long work)."""
+    if path is None:
+        return
+    p = Path(path)
+    if str(path) == "" or p.is_dir():
+        raise UsageError(f"{option}={str(path)!r} is a directory or empty; allowed: a file path")
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.is_dir():
+        raise UsageError(f"{option}={str(path)!r}: directory {str(parent)!r} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise UsageError(f"{option}={str(path)!r}: not writable")
+
+
+def _sampler_help() -> str:
+    from dynas.search.study import SAMPLERS
+
+    lines = [f"{name}: {(fn.__doc__ or '').strip().splitlines()[0].rstrip('.')}" for name, fn in SAMPLERS.items()]
+    return "sampler (" + "; ".join(lines) + ")"
+
+
+# --------------------------------------------------------------------------------------------
+# formatting
+# --------------------------------------------------------------------------------------------
+
+
+def _frame_text(df: Any, floats: str = "{:.4g}") -> str:
+    """``df`` as aligned text: numbers right-aligned, text left-aligned, missing cells blank."""
+    from pandas.api.types import is_numeric_dtype
+
+    def cell(v: Any) -> str:
+        if v is None or (isinstance(v, float) and v != v):  # v != v: NaN
+            return ""
+        return floats.format(v) if isinstance(v, float) else str(v)
+
+    columns = []
+    for col in df.columns:
+        cells = [str(col), *(cell(v) for v in df[col].tolist())]
+        width = max(map(len, cells))
+        right = is_numeric_dtype(df[col].dtype)
+        columns.append([c.rjust(width) if right else c.ljust(width) for c in cells])
+    return "\n".join("  ".join(row).rstrip() for row in zip(*columns))
+
+
+def _table(rows: Sequence[dict[str, Any]], columns: Sequence[str], floats: str = "{:.4g}") -> str:
+    import pandas as pd
+
+    return _frame_text(pd.DataFrame(list(rows), columns=list(columns)), floats)
+
+
+def _print(text: str = "") -> None:
+    sys.stdout.write(text + "\n")
+
+
+# --------------------------------------------------------------------------------------------
+# targets
+# --------------------------------------------------------------------------------------------
+
+
+def _cmd_targets(args: argparse.Namespace) -> int:
+    from dynas.predictors.targets import list_targets, load_target
+
+    rows = []
+    for name in list_targets():
+        t = load_target(name)
+        rows.append({
+            "name": t.name,
+            "SMs": t.n_sm,
+            "lanes/SM": t.lanes_per_sm,
+            "clock GHz": t.clock_hz / 1e9,
+            "DRAM GB/s": t.dram_bandwidth_Bps / 1e9,
+            "batch": t.default_batch_size,
+            "description": t.description,
+        })
+    _print(_table(rows, ["name", "SMs", "lanes/SM", "clock GHz", "DRAM GB/s", "batch", "description"]))
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# predict
+# --------------------------------------------------------------------------------------------
+
+
+def _export_hints(source: str) -> tuple[str | None, int | None]:
+    """Target and batch size an exported config file (or JSON string) names, if any."""
+    try:
+        text = source if source.lstrip().startswith("{") else Path(source).read_text()
+        data = json.loads(text)
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None, None  # load_config reports the problem
+    if not isinstance(data, dict):
+        return None, None
+    target = data.get("target")
+    if isinstance(target, dict):
+        path = target.get("path")
+        target = path if isinstance(path, str) and Path(path).is_file() else target.get("name")
+    batch = data.get("batch_size")
+    return (target if isinstance(target, str) else None), (batch if isinstance(batch, int) and not isinstance(batch, bool) else None)
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from dynas.predictors.latency import predict
+    from dynas.spaces.config import load_config
+
+    cfg = load_config(args.config)
+    hint_target, hint_batch = _export_hints(args.config)
+    target = args.target or hint_target or "v100"
+    batch = args.batch_size if args.batch_size is not None else (hint_batch if args.target is None else None)
+    pred = predict(cfg, target, batch)
+    if args.json:
+        _print(json.dumps(pred.to_dict(), indent=2))
+        return 0
+    h, w = cfg.input_size
+    _print(f"{cfg.backbone} @ {h}x{w} on {pred.target}, batch {pred.batch_size}")
+    _print(
+        f"latency {pred.latency_ms:.4g} ms per batch ({pred.latency_ms_per_image:.4g} ms per image); "
+        f"static {pred.static_latency_ms:.4g} ms; speed-up {pred.speedup:.3f}x"
+    )
+    _print(
+        f"FLOPs {pred.dense_gflops:.4g} -> {pred.expected_gflops:.4g} GFLOPs per image "
+        f"({pred.flops_ratio:.3f} of dense)"
+    )
+    _print()
+    rows: list[dict[str, Any]] = [{"stage": "stem", "choice": "", "latency ms": pred.stem_ms, "static ms": pred.stem_ms}]
+    for s in pred.stages:
+        rows.append({
+            "stage": str(s.stage), "choice": s.choice, "latency ms": s.latency_ms, "static ms": s.static_latency_ms,
+            "compute ms": s.compute_ms, "memory ms": s.memory_ms, "launch ms": s.launch_ms,
+            "masker": s.masker, "bound": s.bound,
+        })
+    rows.append({"stage": "head", "choice": "", "latency ms": pred.head_ms, "static ms": pred.head_ms})
+    rows.append({"stage": "total", "choice": "", "latency ms": pred.latency_ms, "static ms": pred.static_latency_ms})
+    cols = ["stage", "choice", "latency ms", "static ms", "compute ms", "memory ms", "launch ms", "masker", "bound"]
+    _print(_table(rows, cols))
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# search / pareto / export
+# --------------------------------------------------------------------------------------------
+
+
+def _distinct_front(study: Any) -> Any:
+    """The Pareto table with repeated configs dropped (a sampler may propose a config twice;
+    the search then reuses the first trial's values, and both trials sit on the front)."""
+    from dynas.results import pareto_table
+
+    df = pareto_table(study)
+    params = {t.number: tuple(sorted(t.params.items())) for t in study.best_trials}
+    keys = df["trial"].map(lambda n: params.get(int(n), n))
+    return df[~keys.duplicated()].reset_index(drop=True)
+
+
+def _print_front(study: Any, top: int) -> None:
+    from dynas.results import hypervolume
+
+    a = study.user_attrs
+    df = _distinct_front(study)
+    n_done = sum(1 for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE")
+    h, w = a.get("input_size", ["?", "?"])
+    _print(
+        f"study {study.study_name}: {a.get('backbone')} @ {h}x{w} on {a.get('target')}, batch {a.get('batch_size')}, "
+        f"proxy {a.get('proxy')}; {n_done} complete trials, {len(df)} distinct configs on the Pareto front"
+    )
+    static_ms, static_top1 = a.get("static_latency_ms"), a.get("static_top1")
+    if static_ms is not None and static_top1 is not None:
+        _print(f"static: {static_ms:.4g} ms per batch, top-1 {static_top1:.2f}%; hypervolume {hypervolume(study):.4g}")
+    if len(df) == 0:
+        _print("no feasible trial on the front")
+        return
+    shown = df if top == 0 else df.head(top)
+    _print(_frame_text(shown))
+    if len(shown) < len(df):
+        _print(f"({len(shown)} of {len(df)} shown; --top 0 shows all, --csv writes all)")
+
+
+def _search_options(args: argparse.Namespace) -> Any:
+    from dynas.search.study import SearchOptions
+
+    kw: dict[str, Any] = dict(
+        backbone=args.backbone, target=args.target, input_size=args.input_size, batch_size=args.batch_size,
+        proxy=args.proxy, trials=args.trials, timeout_s=args.timeout, sampler=args.sampler, seed=args.seed,
+        storage=args.storage, study_name=args.study_name, max_latency_ms=args.max_latency_ms,
+        max_latency_ratio=args.max_latency_ratio, spatial_granularities=args.spatial_granularities,
+        channel_granularities=args.channel_granularities, rate_min=args.rate_min, rate_max=args.rate_max,
+        rate_step=args.rate_step, show_progress=not args.no_progress,
+    )
+    if args.paradigms is not None:
+        kw["paradigms"] = args.paradigms
+    return SearchOptions(**kw)
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    from dynas.results import export_trial, select_trial, write_csv, write_html
+    from dynas.search.study import plan_search, run_search
+
+    plan = plan_search(_search_options(args))  # validates every option; writes nothing
+    stem = _safe_name(plan.study_name)
+    html = args.html if args.html is not None else f"dynas-{stem}.html"
+    export = args.export if args.export is not None else f"dynas-{stem}-export.json"
+    for option, path in (("--html", html), ("--csv", args.csv), ("--export", export)):
+        _check_output(option, path)
+
+    study = run_search(plan)
+    _print_front(study, args.top)
+    if not study.best_trials:
+        _raise_infeasible(study, plan.options)
+    trial = select_trial(study)  # before writing the report and the export
+    write_html([study], html, breakdown_trial=trial.number)
+    if args.csv:
+        write_csv(_distinct_front(study), args.csv)
+    export_trial(study, trial, export)
+    _print()
+    _print(f"HTML report: {html}")
+    if args.csv:
+        _print(f"Pareto CSV:  {args.csv}")
+    _print(
+        f"exported trial {trial.number} ({trial.values[0]:.4g} ms per batch, top-1 {trial.values[1]:.2f}%; "
+        f"{trial.user_attrs.get('short', '')}) to {export}"
+    )
+    return 0
+
+
+def _raise_infeasible(study: Any, options: Any) -> None:
+    from dynas.errors import StudyError
+
+    done = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
+    bounds = []
+    if options.max_latency_ms is not None and done:
+        best = min(t.values[0] for t in done)
+        bounds.append(f"--max-latency-ms {options.max_latency_ms:g} (fastest trial: {best:.4g} ms)")
+    if options.max_latency_ratio is not None and done:
+        best = min(t.user_attrs.get("latency_ratio", float("inf")) for t in done)
+        bounds.append(f"--max-latency-ratio {options.max_latency_ratio:g} (lowest ratio: {best:.4g})")
+    raise StudyError(
+        f"no feasible trial among the {len(done)} complete trials of study {study.study_name!r}: "
+        f"{'; '.join(bounds) or 'no constraint met'}; loosen the constraints or run more trials (no report or export written)"
+    )
+
+
+def _cmd_pareto(args: argparse.Namespace) -> int:
+    from dynas.results import hypervolume, write_csv, write_html
+    from dynas.search.study import load_study
+
+    _check_output("--csv", args.csv)
+    _check_output("--html", args.html)
+    study = load_study(args.storage, args.study_name)
+    others = [load_study(args.storage, name) for name in (args.compare or ())]
+    _print_front(study, args.top)
+    if others:
+        rows = []
+        for s in [study, *others]:
+            a = s.user_attrs
+            front = _distinct_front(s)
+            rows.append({
+                "study": s.study_name, "target": a.get("target"), "batch": a.get("batch_size"),
+                "trials": sum(1 for t in s.get_trials(deepcopy=False) if t.state.name == "COMPLETE"),
+                "front": len(front), "best speed-up": float(front["speedup"].max()) if len(front) else float("nan"),
+                "hypervolume": hypervolume(s),
+            })
+        _print()
+        _print(_table(rows, ["study", "target", "batch", "trials", "front", "best speed-up", "hypervolume"]))
+    if args.csv:
+        write_csv(_distinct_front(study), args.csv)
+        _print(f"Pareto CSV: {args.csv}")
+    if args.html:
+        write_html([study, *others], args.html)
+        _print(f"HTML report: {args.html}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from dynas.results import export_trial, select_trial
+    from dynas.search.study import load_study
+
+    _check_output("--output", args.output)
+    study = load_study(args.storage, args.study_name)
+    output = args.output or f"dynas-{_safe_name(study.study_name)}-export.json"
+    _check_output("--output", output)
+    trial = select_trial(
+        study, trial=args.trial, max_latency_ms=args.max_latency_ms, min_top1=args.min_top1,
+        max_latency_ms_per_image=args.max_latency_ms_per_image,
+    )
+    export_trial(study, trial, output)
+    _print(
+        f"exported trial {trial.number} ({trial.values[0]:.4g} ms per batch, top-1 {trial.values[1]:.2f}%; "
+        f"{trial.user_attrs.get('short', '')}) to {output}"
+    )
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# parser
+# --------------------------------------------------------------------------------------------
+
+
+def _add_study_args(p: argparse.ArgumentParser) -> None:
+    from dynas.search.study import DEFAULT_STORAGE
+
+    p.add_argument("--storage", default=DEFAULT_STORAGE, metavar="URL", help="Optuna storage (database URL)")
+    p.add_argument(
+        "--study-name", default=None, metavar="NAME",
+        help="study to read (default: the only study in the storage)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from dynas.search.study import DEFAULT_STORAGE, SAMPLERS, SearchOptions
+    from dynas.spaces.backbones import list_backbones
+    from dynas.spaces.config import PARADIGMS
+
+    d = SearchOptions()
+    parser = _Parser(
+        prog="dynas",
+        formatter_class=_Formatter,
+        description="Find, per hardware target, the best way to make a CNN dynamic "
+        "(spatial / channel / layer skipping): predicted latency vs. an accuracy proxy.",
+        epilog="Run 'dynas search' with no arguments for the default search (resnet101 on v100).",
+    )
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
+    parser.add_argument("-v", "--verbose", action="store_true", help="also log every Optuna trial")
+    # The same flags after the subcommand; SUPPRESS keeps them from resetting the global ones.
+    common = _Parser(add_help=False)
+    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                        help="only warnings and errors on stderr")
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="also log every Optuna trial")
+    from dynas import __version__
+
+    parser.add_argument("--version", action="version", version=f"dynas {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    # targets
+    p = sub.add_parser("targets", parents=[common], help="list the built-in hardware targets", formatter_class=_Formatter,
+                       description="List the built-in hardware targets and their numbers.")
+    p.set_defaults(func=_cmd_targets)
+
+    # predict
+    p = sub.add_parser(
+        "predict", parents=[common], help="predict the latency of one config", formatter_class=_Formatter,
+        description="Predict the latency of one dynamic config (a JSON file, a JSON string or an exported config).\n"
+        "An exported config's own target and batch size are used unless --target is given.",
+    )
+    p.add_argument("config", metavar="CONFIG", help="config JSON file or JSON string")
+    p.add_argument("--target", default=None, metavar="T",
+                   help="built-in target name or a target .toml file (default: the exported file's target, else v100)")
+    p.add_argument("--batch-size", type=_positive_int, default=None, metavar="N",
+                   help="images per batch (default: the exported file's, else the target's default)")
+    p.add_argument("--json", action="store_true", help="print the full prediction as one JSON object")
+    p.set_defaults(func=_cmd_predict)
+
+    # search
+    p = sub.add_parser(
+        "search", parents=[common], help="run or resume a search", formatter_class=_Formatter,
+        description="Search dynamic configs with Optuna: minimise predicted latency of one batch, maximise the\n"
+        "accuracy proxy's top-1.  Re-running the same command resumes the study (--trials is the total).\n"
+        "Afterwards prints the Pareto front, writes an HTML report and exports one config (the fastest\n"
+        "Pareto trial at least as accurate as the static network, else the most accurate).",
+    )
+    g = p.add_argument_group("what to search")
+    g.add_argument("--backbone", default=d.backbone, help=f"backbone; one of {', '.join(list_backbones())}")
+    g.add_argument("--target", default=d.target, metavar="T", help="built-in target name (see 'dynas targets') or a .toml file")
+    g.add_argument("--input-size", type=_input_size, default=d.input_size, metavar="N|HxW", help="input resolution")
+    g.add_argument("--batch-size", type=_positive_int, default=None, metavar="N", help="images per batch (default: the target's)")
+    g.add_argument("--proxy", default=d.proxy, help="accuracy proxy")
+    g.add_argument("--max-latency-ms", type=_float, default=None, metavar="X",
+                   help="constraint: predicted latency of one batch <= X ms")
+    g.add_argument("--max-latency-ratio", type=_float, default=None, metavar="X",
+                   help="constraint: dynamic / static latency <= X")
+    g = p.add_argument_group("search space")
+    g.add_argument("--paradigms", type=_str_list, default=None, metavar="A,B",
+                   help=f"paradigms allowed per stage (default: all: {','.join(PARADIGMS)})")
+    g.add_argument("--spatial-granularities", type=_int_list, default=None, metavar="1,2,4",
+                   help="restrict patch sides S to these (default: every valid one)")
+    g.add_argument("--channel-granularities", type=_int_list, default=None, metavar="1,2",
+                   help="restrict channels per group G to these (default: every valid one)")
+    g.add_argument("--rate-min", type=_float, default=d.rate_min, metavar="X", help="lowest activation rate")
+    g.add_argument("--rate-max", type=_float, default=d.rate_max, metavar="X", help="highest activation rate")
+    g.add_argument("--rate-step", type=_float, default=d.rate_step, metavar="X", help="activation-rate grid step")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--trials", type=_positive_int, default=d.trials, metavar="N", help="total complete trials of the study")
+    g.add_argument("--timeout", type=_float, default=None, metavar="S", help="stop this run after S seconds")
+    g.add_argument("--sampler", default=d.sampler, choices=sorted(SAMPLERS), help=_sampler_help())
+    g.add_argument("--seed", type=_nonneg_int, default=d.seed, metavar="N", help="sampler seed")
+    g.add_argument("--storage", default=DEFAULT_STORAGE, metavar="URL", help="Optuna storage (database URL)")
+    g.add_argument("--study-name", default=None, metavar="NAME",
+                   help="study name (default: BACKBONE-TARGET-bBATCH-HxW-PROXY)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g = p.add_argument_group("output")
+    g.add_argument("--top", type=_nonneg_int, default=20, metavar="N", help="print at most N Pareto rows (0: all)")
+    g.add_argument("--html", default=None, metavar="F", help="HTML report (default: dynas-STUDY.html)")
+    g.add_argument("--csv", default=None, metavar="F", help="also write the Pareto front as CSV")
+    g.add_argument("--export", default=None, metavar="F", help="exported config (default: dynas-STUDY-export.json)")
+    p.set_defaults(func=_cmd_search)
+
+    # pareto
+    p = sub.add_parser("pareto", parents=[common], help="show the Pareto front of a stored study", formatter_class=_Formatter,
+                       description="Print the Pareto front of a stored study; optionally write CSV and an HTML report\n"
+                       "(with --compare, one front per study in the same plot).")
+    _add_study_args(p)
+    p.add_argument("--compare", type=_str_list, default=None, metavar="NAME2,NAME3",
+                   help="other studies of the same storage to compare with")
+    p.add_argument("--top", type=_nonneg_int, default=20, metavar="N", help="print at most N Pareto rows (0: all)")
+    p.add_argument("--csv", default=None, metavar="F", help="write the Pareto front as CSV")
+    p.add_argument("--html", default=None, metavar="F", help="write an HTML report")
+    p.set_defaults(func=_cmd_pareto)
+
+    # export
+    p = sub.add_parser(
+        "export", parents=[common], help="export one trial as a training config", formatter_class=_Formatter,
+        description="Export one trial of a stored study as a JSON training config.  Choose it by number, by a\n"
+        "latency bound (the most accurate trial within it) or by a top-1 floor (the fastest reaching it);\n"
+        "with no criterion: the fastest Pareto trial at least as accurate as the static network.",
+    )
+    _add_study_args(p)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--trial", type=_nonneg_int, default=None, metavar="N", help="trial number")
+    g.add_argument("--max-latency-ms", type=_float, default=None, metavar="X", help="latency bound for one batch (ms)")
+    g.add_argument("--max-latency-ms-per-image", type=_float, default=None, metavar="X", help="latency bound per image (ms)")
+    p.add_argument("--min-top1", type=_float, default=None, metavar="Y",
+                   help="top-1 floor (%%); with a latency bound: the most accurate trial meeting both")
+    p.add_argument("-o", "--output", default=None, metavar="FILE", help="output JSON (default: dynas-STUDY-export.json)")
+    p.set_defaults(func=_cmd_export)
+    return parser
+
+
+# --------------------------------------------------------------------------------------------
+# main
+# --------------------------------------------------------------------------------------------
+
+
+class _StderrHandler(logging.Handler):
+    """Writes to whatever ``sys.stderr`` is at emit time (so in-process callers can capture it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            sys.stderr.write(self.format(record) + "\n")
+        except Exception:  # noqa: BLE001 - logging must never raise
+            self.handleError(record)
+
+
+_HANDLER = _StderrHandler()
+_HANDLER.setFormatter(logging.Formatter("dynas: %(message)s"))
+
+
+def _setup_logging(quiet: bool, verbose: bool) -> Callable[[], None]:
+    import optuna
+
+    if _HANDLER not in _logger.handlers:
+        _logger.addHandler(_HANDLER)
+    old_level, old_propagate, old_optuna = _logger.level, _logger.propagate, optuna.logging.get_verbosity()
+    _logger.setLevel(logging.WARNING if quiet else logging.INFO)
+    _logger.propagate = False
+    # Optuna's own warnings include a traceback for a trial interrupted by Ctrl-C; the CLI
+    # reports that itself, so Optuna speaks only with --verbose.
+    optuna.logging.set_verbosity(logging.INFO if verbose and not quiet else logging.ERROR)
+
+    def restore() -> None:
+        _logger.setLevel(old_level)
+        _logger.propagate = old_propagate
+        _logger.removeHandler(_HANDLER)
+        optuna.logging.set_verbosity(old_optuna)
+
+    return restore
+
+
+def _show_warning(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+    sys.stderr.write(f"dynas: warning: {' '.join(str(message).split())}\n")
+
+
+def _fail(message: str, code: int = 2) -> int:
+    sys.stderr.write(f"dynas: error: {' '.join(message.split())}\n")
+    return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``dynas`` command line with ``argv`` (default ``sys.argv[1:]``); return the exit code."""
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+    except DynasError as exc:
+        return _fail(str(exc))
+    except SystemExit as exc:  # --help / --version
+        return int(exc.code or 0)
+
+    restore = _setup_logging(args.quiet, args.verbose)
+    try:
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            return int(args.func(args))
+    except DynasError as exc:
+        return _fail(str(exc))
+    except KeyboardInterrupt:
+        return _fail("interrupted; re-run the same command to resume the search", 130)
+    except BrokenPipeError:
+        # Output piped into e.g. `head`: stop quietly, without a second error at exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+    except OSError as exc:
+        return _fail(f"{exc.filename or ''}: {exc.strerror or exc}", 1)
+    finally:
+        restore()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

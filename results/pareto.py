@@ -1,0 +1,262 @@
+"""Tables and hypervolume of a finished (or running) dynas search.
+
+A dynas study has two objectives, ``values = [latency_ms, top1]``: the predicted latency of one
+forward pass of the whole batch (minimised) and the accuracy proxy's top-1 in percent
+(maximised).  Each trial carries user attrs ``config``, ``short``, ``prediction``, ``speedup``,
+``flops_ratio`` and ``latency_ms_per_image``; the study carries ``static_latency_ms``,
+``static_top1``, ``batch_size``, ``target`` and friends (see :mod:`dynas.search.study`).
+
+The Pareto front is Optuna's own (:attr:`optuna.study.Study.best_trials`, which already drops
+infeasible trials of a constrained study); nothing here re-implements dominance.
+
+Hypervolume is measured in a normalised minimisation space so that studies on different
+targets compare: ``(latency_ms / static_latency_ms, -top1)``.  The default reference point is
+:data:`DEFAULT_REFERENCE_LATENCY_RATIO` = 1.5 (50% slower than the static network) and
+``static_top1 - DEFAULT_REFERENCE_TOP1_DROP`` = static top-1 minus 5 points; trials beyond the
+reference point in either objective add nothing.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import optuna
+import pandas as pd
+from optuna._hypervolume import compute_hypervolume
+from optuna.study import StudyDirection
+from optuna.trial import FrozenTrial, TrialState
+
+from dynas.errors import StudyError
+from dynas.spaces.config import ArchConfig
+
+__all__ = [
+    "PARETO_COLUMNS",
+    "DEFAULT_REFERENCE_LATENCY_RATIO",
+    "DEFAULT_REFERENCE_TOP1_DROP",
+    "pareto_table",
+    "all_trials_table",
+    "write_csv",
+    "default_reference",
+    "hypervolume",
+    "hypervolume_history",
+    "is_feasible",
+]
+
+#: columns of :func:`pareto_table`; :func:`all_trials_table` adds ``feasible`` and ``pareto``
+PARETO_COLUMNS: tuple[str, ...] = (
+    "trial", "latency_ms", "latency_ms_per_image", "speedup", "top1", "flops_ratio", "stages",
+)
+#: default reference latency ratio (dynamic / static) of the hypervolume: 50% slower than static
+DEFAULT_REFERENCE_LATENCY_RATIO: float = 1.5
+#: default reference top-1 of the hypervolume is the static top-1 minus this many points
+DEFAULT_REFERENCE_TOP1_DROP: float = 5.0
+
+_DIRECTIONS = [StudyDirection.MINIMIZE, StudyDirection.MAXIMIZE]
+
+
+# ----------------------------------------------------------------------------- helpers (shared)
+
+
+def check_study(study: optuna.Study) -> None:
+    """Raise :class:`StudyError` unless ``study`` has dynas's two objectives (latency_ms, top1)."""
+    if list(study.directions) != _DIRECTIONS:
+        got = ", ".join(d.name.lower() for d in study.directions)
+        raise StudyError(
+            f"study {study.study_name!r} has directions [{got}]; allowed: [minimize, maximize] "
+            "(latency_ms, top1) as written by dynas search"
+        )
+
+
+def study_attr(study: optuna.Study, key: str) -> Any:
+    """A study user attr that dynas search always sets; :class:`StudyError` if it is missing."""
+    attrs = study.user_attrs
+    if key not in attrs or attrs[key] is None:
+        raise StudyError(
+            f"study {study.study_name!r} has no user attr {key!r}; allowed: a study written by dynas search"
+        )
+    return attrs[key]
+
+
+def is_feasible(trial: FrozenTrial) -> bool:
+    """Optuna's rule: feasible when every constraint value is <= 0 (no constraints: feasible)."""
+    return all(c <= 0.0 for c in trial.constraints.values())
+
+
+def complete_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """COMPLETE trials in trial-number order."""
+    return sorted(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), key=lambda t: t.number)
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """Write ``text`` to ``path`` through a temp file in the same folder and :func:`os.replace`.
+
+    Either the whole new file is there afterwards or the old one (if any) is untouched.
+    """
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise StudyError(f"output path={str(path)!r}: folder {str(folder)!r} does not exist; allowed: a path in an existing folder")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
+            fh.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the mode a plain open() would
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
+
+
+def trial_row(study: optuna.Study, trial: FrozenTrial) -> dict[str, Any]:
+    """One table row (the :data:`PARETO_COLUMNS`) of a complete trial.
+
+    Reads the user attrs the search writes; falls back to values derived from the objectives and
+    the study attrs for trials added by other means (``flops_ratio`` is then NaN).
+    """
+    latency_ms, top1 = (float(v) for v in trial.values)
+    ua = trial.user_attrs
+    per_image = ua.get("latency_ms_per_image")
+    if per_image is None:
+        batch = study.user_attrs.get("batch_size")
+        per_image = latency_ms / batch if batch else math.nan
+    speedup = ua.get("speedup")
+    if speedup is None:
+        static = study.user_attrs.get("static_latency_ms")
+        speedup = static / latency_ms if static and latency_ms > 0 else math.nan
+    flops_ratio = ua.get("flops_ratio")
+    short = ua.get("short")
+    if short is None and isinstance(ua.get("config"), dict):
+        short = ArchConfig.from_dict(ua["config"]).short()
+    return {
+        "trial": trial.number,
+        "latency_ms": latency_ms,
+        "latency_ms_per_image": float(per_image),
+        "speedup": float(speedup),
+        "top1": top1,
+        "flops_ratio": float(flops_ratio) if flops_ratio is not None else math.nan,
+        "stages": short if short is not None else "",
+    }
+
+
+def _frame(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> pd.DataFrame:
+    df = pd.DataFrame(list(rows), columns=list(columns))
+    if len(df):
+        # Fastest first; equal latency: the more accurate first, then the older trial.
+        df = df.sort_values(["latency_ms", "top1", "trial"], ascending=[True, False, True], kind="stable")
+    df = df.astype({"trial": "int64", "latency_ms": "float64", "latency_ms_per_image": "float64",
+                    "speedup": "float64", "top1": "float64", "flops_ratio": "float64"})
+    return df.reset_index(drop=True)
+
+
+# ----------------------------------------------------------------------------- tables
+
+
+def pareto_table(study: optuna.Study) -> pd.DataFrame:
+    """The Pareto front (Optuna's ``study.best_trials``, feasible trials only), fastest first.
+
+    Columns: ``trial``, ``latency_ms`` (whole batch), ``latency_ms_per_image``, ``speedup``
+    (static / dynamic latency), ``top1`` (%), ``flops_ratio`` (expected / dense FLOPs) and
+    ``stages`` (the compact per-stage string, e.g. ``"S8@0.50 | C2@0.50 | L@0.50 | static"``).
+    """
+    check_study(study)
+    return _frame([trial_row(study, t) for t in study.best_trials], PARETO_COLUMNS)
+
+
+def all_trials_table(study: optuna.Study) -> pd.DataFrame:
+    """Every COMPLETE trial, fastest first, with the :data:`PARETO_COLUMNS` plus two bools:
+    ``feasible`` (all constraints <= 0) and ``pareto`` (member of ``study.best_trials``)."""
+    check_study(study)
+    front = {t.number for t in study.best_trials}
+    rows = []
+    for t in complete_trials(study):
+        row = trial_row(study, t)
+        row["feasible"] = is_feasible(t)
+        row["pareto"] = t.number in front
+        rows.append(row)
+    df = _frame(rows, (*PARETO_COLUMNS, "feasible", "pareto"))
+    return df.astype({"feasible": "bool", "pareto": "bool"})
+
+
+def write_csv(df: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
+    """Write ``df`` as CSV (no index) atomically; returns the path."""
+    return atomic_write_text(path, df.to_csv(index=False))
+
+
+# ----------------------------------------------------------------------------- hypervolume
+
+
+def default_reference(study: optuna.Study) -> tuple[float, float]:
+    """The documented default reference point ``(latency_ratio, top1)`` in natural units:
+    ``(1.5, static_top1 - 5.0)``.  In the minimisation space it is ``(1.5, -(static_top1 - 5))``."""
+    static_top1 = float(study_attr(study, "static_top1"))
+    return DEFAULT_REFERENCE_LATENCY_RATIO, static_top1 - DEFAULT_REFERENCE_TOP1_DROP
+
+
+def _reference_point(study: optuna.Study, reference: Sequence[float] | None) -> np.ndarray:
+    if reference is None:
+        reference = default_reference(study)
+    ref = [float(r) for r in reference]
+    if len(ref) != 2 or not all(math.isfinite(r) for r in ref) or ref[0] <= 0 or ref[1] < 0:
+        raise StudyError(
+            f"reference={tuple(reference)!r} is invalid; allowed: (latency_ratio > 0, top1 >= 0) in natural "
+            "units, e.g. (1.5, 71.0); top1 is in percent, not negated"
+        )
+    return np.array([ref[0], -ref[1]])  # shape (2,): minimisation space (latency ratio, -top1)
+
+
+def _points(study: optuna.Study, trials: Iterable[FrozenTrial]) -> np.ndarray:
+    """(n, 2) array of (latency_ms / static_latency_ms, -top1) for the given trials."""
+    static = float(study_attr(study, "static_latency_ms"))
+    if not static > 0:
+        raise StudyError(f"study {study.study_name!r} has static_latency_ms={static!r}; allowed: a positive number")
+    pts = np.array([[t.values[0] / static, -t.values[1]] for t in trials], dtype=np.float64)
+    return pts.reshape(-1, 2)  # shape (n, 2) even when n == 0
+
+
+def hypervolume(study: optuna.Study, reference: Sequence[float] | None = None) -> float:
+    """Area dominated by the feasible complete trials, up to the reference point.
+
+    Space: ``(latency_ms / static_latency_ms, -top1)``, both minimised.  ``reference`` is
+    ``(latency_ratio, top1)`` in natural units (top-1 in percent, not negated); default
+    :func:`default_reference` = ``(1.5, static_top1 - 5)``.  Trials worse than the reference in
+    either objective are left out.  Units: latency ratio x top-1 points.
+    """
+    check_study(study)
+    ref = _reference_point(study, reference)
+    pts = _points(study, [t for t in complete_trials(study) if is_feasible(t)])
+    pts = pts[np.all(pts <= ref, axis=1)]  # (m, 2): those inside the reference box
+    return float(compute_hypervolume(pts, ref))
+
+
+def hypervolume_history(study: optuna.Study, reference: Sequence[float] | None = None) -> list[float]:
+    """:func:`hypervolume` after each COMPLETE trial, in trial-number order (one value per trial).
+
+    Incremental: it keeps only the points not weakly dominated by a later one and recomputes the
+    area only when a new feasible trial inside the reference box is not weakly dominated, so a
+    1000-trial study costs about 1000 small 2-D computations.
+    """
+    check_study(study)
+    ref = _reference_point(study, reference)
+    trials = complete_trials(study)
+    pts = _points(study, trials)  # (n, 2), row i is trials[i]
+    keep = np.empty((0, 2), dtype=np.float64)  # current candidate points (k, 2)
+    hv = 0.0
+    history: list[float] = []
+    for trial, p in zip(trials, pts):
+        if is_feasible(trial) and np.all(p <= ref) and not np.any(np.all(keep <= p, axis=1)):
+            # p is new area: drop the points it weakly dominates, then measure again.
+            keep = np.vstack([keep[~np.all(p <= keep, axis=1)], p[None, :]])  # (k', 2)
+            hv = float(compute_hypervolume(keep, ref, assume_pareto=True))
+        history.append(hv)
+    return history

@@ -1,0 +1,625 @@
+"""Multi-objective search of dynamic configurations with Optuna.
+
+One search is one Optuna study with two objectives, in this order:
+
+1. ``latency_ms`` (minimize): the predicted latency of one forward pass of the whole batch on
+   the hardware target (:func:`dynas.predictors.latency.predict`);
+2. ``top1`` (maximize): the accuracy proxy's predicted ImageNet top-1 in percent.
+
+Lifecycle (the same command both starts and resumes a search)::
+
+    options = SearchOptions(backbone="resnet50", target="a100", trials=200)
+    plan = plan_search(options)   # validates everything; touches no file
+    study = run_search(plan)      # opens/creates the study, runs the missing trials
+
+* :func:`plan_search` resolves the target, batch size, search space, proxy, storage URL and
+  study name and raises a one-line :class:`~dynas.errors.DynasError` for any bad option,
+  before anything is written.
+* :func:`run_search` creates the study (storing what it was run with as study user attrs) or
+  loads it when it exists.  A loaded study must have been created with the same backbone,
+  input size, target, batch size, proxy, search space and constraints, otherwise
+  :class:`~dynas.errors.StudyError` names the field that differs.  ``trials`` is the total
+  number of *complete* trials the study should hold: only the missing ones are run, so an
+  interrupted search is resumed by re-running the same command.
+* Every trial stores its config, its prediction (minus the repeated config) and a few scalars
+  as trial user attrs; constraints (``max_latency_ms``, ``max_latency_ratio``) are stored with
+  :meth:`optuna.trial.Trial.set_constraint`, so the samplers steer away from infeasible
+  configs and ``study.best_trials`` holds feasible trials only.
+
+Samplers are looked up by name in :data:`SAMPLERS` (register more with
+:func:`register_sampler`); each factory takes the seed.  What they do with this conditional space:
+
+* ``tpe`` (default): multivariate TPE with ``group=True``, which models each set of parameters
+  that occur together (e.g. a stage's rate and granularity when it picks ``spatial``) jointly.
+* ``nsga2``: Optuna's NSGA-II; crossover acts on the parameters common to both parents.
+* ``gp``: Optuna's GPSampler.  It models only the parameters present in *every* trial (the
+  per-stage paradigms, unless a restriction leaves a single one); rates and granularities of
+  conditional branches are drawn by its random fallback, so on this space it is mostly a
+  paradigm optimiser.  It needs SciPy, which dynas does not require; asking for it without
+  SciPy raises :class:`~dynas.errors.ConfigError`.  Slow beyond a few hundred trials.
+* ``random``: uniform random sampling, the baseline.
+
+A repeated parameter set (samplers do propose them on this discrete space) reuses the first
+trial's values and attrs (``duplicate_of`` names that trial) instead of predicting again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import logging
+import math
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import optuna
+from optuna.exceptions import ExperimentalWarning
+from optuna.trial import FrozenTrial, Trial, TrialState
+
+import dynas
+from dynas.errors import ConfigError, StudyError
+from dynas.predictors.latency import predict
+from dynas.predictors.proxy import AccuracyProxy, get_proxy
+from dynas.predictors.targets import HardwareTarget, load_target
+from dynas.spaces.backbones import parse_input_size
+from dynas.spaces.config import PARADIGMS, ArchConfig
+from dynas.spaces.searchspace import SearchSpace
+
+__all__ = [
+    "DEFAULT_STORAGE",
+    "DIRECTIONS",
+    "OBJECTIVE_NAMES",
+    "SAMPLERS",
+    "SearchOptions",
+    "SearchPlan",
+    "register_sampler",
+    "make_sampler",
+    "plan_search",
+    "run_search",
+    "open_storage",
+    "list_studies",
+    "load_study",
+]
+
+_logger = logging.getLogger(__name__)
+
+#: storage used when none is given: an SQLite file in the current directory
+DEFAULT_STORAGE = "sqlite:///dynas.db"
+#: study directions, in the order of the objective values
+DIRECTIONS = ("minimize", "maximize")
+#: names of the objective values (``trial.values[i]``)
+OBJECTIVE_NAMES = ("latency_ms", "top1")
+
+#: study user attrs that must match when a study is resumed, in the order they are checked
+_CHECKED_ATTRS = (
+    "backbone",
+    "input_size",
+    "target",
+    "batch_size",
+    "proxy",
+    "target_spec",
+    "search_space",
+    "max_latency_ms",
+    "max_latency_ratio",
+)
+
+#: target fields that are descriptive only (not compared on resume)
+_TARGET_TEXT = ("description", "sources")
+
+
+# --------------------------------------------------------------------------------------------
+# Sampler registry
+# --------------------------------------------------------------------------------------------
+
+#: name -> factory taking the seed and returning a fresh sampler
+SAMPLERS: dict[str, Callable[[int], optuna.samplers.BaseSampler]] = {}
+
+
+def register_sampler(name: str) -> Callable[[Callable[[int], optuna.samplers.BaseSampler]], Callable[[int], optuna.samplers.BaseSampler]]:
+    """Register a sampler factory ``f(seed) -> BaseSampler`` under ``name``.
+
+    The factory's docstring (first line) is the help text of ``dynas search --sampler``.
+    """
+
+    def deco(fn: Callable[[int], optuna.samplers.BaseSampler]) -> Callable[[int], optuna.samplers.BaseSampler]:
+        SAMPLERS[name] = fn
+        return fn
+
+    return deco
+
+
+@register_sampler("tpe")
+def _tpe(seed: int) -> optuna.samplers.BaseSampler:
+    """Multivariate TPE over groups of co-occurring parameters (handles the conditional space)."""
+    # ``group`` is an experimental argument of TPESampler; the warning says so at construction
+    # only, so it is silenced here and nowhere else.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True)
+
+
+@register_sampler("nsga2")
+def _nsga2(seed: int) -> optuna.samplers.BaseSampler:
+    """NSGA-II genetic algorithm (population 50); needs a few hundred trials to pay off."""
+    return optuna.samplers.NSGAIISampler(seed=seed)
+
+
+@register_sampler("gp")
+def _gp(seed: int) -> optuna.samplers.BaseSampler:
+    """Gaussian-process BO (needs SciPy); models the per-stage paradigms, conditional rates are random."""
+    # GPSampler imports SciPy lazily, at its first model-based trial; check up front instead.
+    if importlib.util.find_spec("scipy") is None:
+        others = ", ".join(n for n in sorted(SAMPLERS) if n != "gp")
+        raise ConfigError(
+            f"sampler='gp' needs SciPy, which is not installed (pip install scipy); allowed without it: {others}"
+        ) from None
+    # GPSampler models only the parameters present in every trial (the intersection search
+    # space); the conditional ones fall back to its random sampler.  Saying so once per
+    # parameter and trial would flood the log, hence warn_independent_sampling=False.
+    return optuna.samplers.GPSampler(seed=seed, warn_independent_sampling=False)
+
+
+@register_sampler("random")
+def _random(seed: int) -> optuna.samplers.BaseSampler:
+    """Uniform random sampling: a baseline for the other samplers."""
+    return optuna.samplers.RandomSampler(seed=seed)
+
+
+def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
+    """Build sampler ``name`` from :data:`SAMPLERS` with ``seed``."""
+    if name not in SAMPLERS:
+        raise ConfigError(f"sampler={name!r} is unknown; allowed: {', '.join(sorted(SAMPLERS))}")
+    return SAMPLERS[name](seed)
+
+
+# --------------------------------------------------------------------------------------------
+# Options and plan
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SearchOptions:
+    """Everything ``dynas search`` can be told.  Defaults are the embedded default search."""
+
+    backbone: str = "resnet101"
+    target: str = "v100"  # built-in name or path to a target TOML file
+    input_size: Any = 224  # int or (H, W)
+    batch_size: int | None = None  # None: the target's default batch size
+    proxy: str = "prior"
+    trials: int = 500  # total complete trials the study should hold
+    timeout_s: float | None = None  # stop this run after this many seconds
+    sampler: str = "tpe"
+    seed: int = 0
+    storage: Any = None  # database URL (or an optuna storage); None: DEFAULT_STORAGE
+    study_name: str | None = None  # None: "{backbone}-{target}-b{batch}-{H}x{W}-{proxy}"
+    max_latency_ms: float | None = None  # constraint on the predicted latency of one batch
+    max_latency_ratio: float | None = None  # constraint on dynamic / static latency
+    # search-space options (see dynas.spaces.searchspace.SearchSpace)
+    paradigms: tuple[str, ...] = PARADIGMS
+    spatial_granularities: tuple[int, ...] | None = None
+    channel_granularities: tuple[int, ...] | None = None
+    rate_min: float = 0.1
+    rate_max: float = 1.0
+    rate_step: float = 0.05
+    show_progress: bool = True
+
+    def __post_init__(self) -> None:
+        # Scalar checks only; the backbone, target, proxy and space are checked by plan_search.
+        _check_int("trials", self.trials, minimum=1)
+        _check_int("seed", self.seed, minimum=0, maximum=2**32 - 1)
+        if self.batch_size is not None:
+            _check_int("batch_size", self.batch_size, minimum=1)
+        for name in ("timeout_s", "max_latency_ms", "max_latency_ratio"):
+            value = getattr(self, name)
+            if value is not None:
+                _check_positive(name, value)
+        if self.sampler not in SAMPLERS:
+            raise ConfigError(f"sampler={self.sampler!r} is unknown; allowed: {', '.join(sorted(SAMPLERS))}")
+        if self.study_name is not None and (not isinstance(self.study_name, str) or not self.study_name.strip()):
+            raise StudyError(f"study_name={self.study_name!r} is empty; allowed: a non-empty string")
+        # Normalise sequences given as lists so that options compare and hash by value.
+        for name in ("paradigms", "spatial_granularities", "channel_granularities"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                value = tuple(v.strip() for v in value.split(","))
+            if value is not None and not isinstance(value, tuple):
+                object.__setattr__(self, name, tuple(value))
+
+
+def _check_int(name: str, value: Any, minimum: int, maximum: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ConfigError(f"{name}={value!r} is not an integer; allowed: an integer >= {minimum}")
+    if value < minimum or (maximum is not None and value > maximum):
+        upper = f" and <= {maximum}" if maximum is not None else ""
+        raise ConfigError(f"{name}={value!r} is out of range; allowed: an integer >= {minimum}{upper}")
+
+
+def _check_positive(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{name}={value!r} is not a positive number; allowed: a finite number > 0")
+
+
+@dataclass(frozen=True)
+class SearchPlan:
+    """A validated search: what :func:`run_search` will do, resolved from :class:`SearchOptions`."""
+
+    options: SearchOptions
+    target: HardwareTarget
+    target_label: str  # the target's name in the study name (a target file's stem)
+    batch_size: int
+    input_size: tuple[int, int]
+    space: SearchSpace
+    proxy: AccuracyProxy = field(compare=False)
+    storage_url: Any  # str URL, or an optuna storage passed through the Python API
+    study_name: str
+
+    def study_attrs(self) -> dict[str, Any]:
+        """Study user attrs stored at creation (JSON-ready); also the reference for resuming."""
+        o = self.options
+        static = ArchConfig.static(o.backbone, self.input_size)
+        static_pred = predict(static, self.target, self.batch_size)
+        path = getattr(self.target, "path", None)
+        return _json_ready(
+            {
+                "dynas_version": dynas.__version__,
+                "objectives": list(OBJECTIVE_NAMES),
+                "backbone": o.backbone,
+                "input_size": list(self.input_size),
+                "target": self.target_label,
+                "target_path": str(Path(path).resolve()) if path is not None else None,
+                "target_spec": _target_dict(self.target),
+                "batch_size": self.batch_size,
+                "proxy": o.proxy,
+                "search_space": self.space.to_dict(),
+                "max_latency_ms": o.max_latency_ms,
+                "max_latency_ratio": o.max_latency_ratio,
+                "static_latency_ms": static_pred.latency_ms,
+                "static_latency_ms_per_image": static_pred.latency_ms_per_image,
+                "static_top1": float(self.proxy.static_top1(o.backbone)),
+                "sampler": o.sampler,
+                "seed": o.seed,
+            }
+        )
+
+
+def _json_ready(obj: Any) -> Any:
+    # Study attrs are stored as JSON: normalise tuples to lists, paths to strings, numpy scalars
+    # to Python numbers, so that a stored value compares equal to a freshly computed one.
+    def default(x: Any) -> Any:
+        if isinstance(x, np.generic):
+            return x.item()
+        if isinstance(x, os.PathLike):
+            return os.fspath(x)
+        return str(x)
+
+    return json.loads(json.dumps(obj, default=default))
+
+
+def _target_dict(target: Any) -> dict[str, Any]:
+    if hasattr(target, "to_dict"):
+        d = dict(target.to_dict())
+    elif dataclasses.is_dataclass(target):
+        d = dataclasses.asdict(target)
+    else:
+        d = dict(vars(target))
+    # Where the file lives is not part of what the target is (stored as target_path instead).
+    d.pop("path", None)
+    return d
+
+
+def plan_search(options: SearchOptions) -> SearchPlan:
+    """Validate ``options`` and resolve every default; writes nothing.
+
+    Raises :class:`~dynas.errors.DynasError` (one line) for any bad option.
+    """
+    o = options
+    hw = parse_input_size(o.input_size)
+    space = SearchSpace(
+        o.backbone,
+        input_size=hw,
+        paradigms=tuple(o.paradigms),
+        spatial_granularities=o.spatial_granularities,
+        channel_granularities=o.channel_granularities,
+        rate_min=o.rate_min,
+        rate_max=o.rate_max,
+        rate_step=o.rate_step,
+    )
+    target = o.target if not isinstance(o.target, (str, os.PathLike)) else load_target(o.target)
+    path = getattr(target, "path", None)
+    label = Path(path).stem if path is not None else target.name
+    batch = o.batch_size if o.batch_size is not None else int(target.default_batch_size)
+    proxy = get_proxy(o.proxy)
+    make_sampler(o.sampler, o.seed)  # raises ConfigError when it cannot be built (gp without SciPy)
+    storage = o.storage if o.storage is not None else DEFAULT_STORAGE
+    if isinstance(storage, str):
+        _parse_storage_url(storage)
+    elif not isinstance(storage, optuna.storages.BaseStorage):
+        raise StudyError(f"storage={storage!r} is not a database URL; allowed: e.g. {DEFAULT_STORAGE}")
+    name = o.study_name or f"{o.backbone}-{label}-b{batch}-{hw[0]}x{hw[1]}-{o.proxy}"
+    return SearchPlan(o, target, label, batch, hw, space, proxy, storage, name)
+
+
+# --------------------------------------------------------------------------------------------
+# Storage
+# --------------------------------------------------------------------------------------------
+
+
+def _one_line(exc: BaseException) -> str:
+    orig = getattr(exc, "orig", None)  # sqlalchemy wraps the DB-API error
+    text = str(orig if orig is not None else exc) or type(exc).__name__
+    return " ".join(text.split("\n")[0].split())
+
+
+def _parse_storage_url(url: str) -> Any:
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    if not url.strip():
+        raise StudyError(f"storage={url!r} is empty; allowed: a database URL such as {DEFAULT_STORAGE}")
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise StudyError(
+            f"storage={url!r} is not a database URL; allowed: e.g. {DEFAULT_STORAGE}, postgresql://user@host/db"
+        ) from None
+    return parsed
+
+
+def open_storage(storage: Any = None, *, create: bool = True) -> optuna.storages.BaseStorage:
+    """Open the Optuna storage at URL ``storage`` (None: :data:`DEFAULT_STORAGE`).
+
+    With ``create=False`` an SQLite file that does not exist is an error instead of being
+    created.  Any problem (malformed URL, missing driver, unreachable or corrupt database)
+    raises :class:`~dynas.errors.StudyError` with a one-line message.
+    """
+    if isinstance(storage, optuna.storages.BaseStorage):
+        return storage
+    url = DEFAULT_STORAGE if storage is None else storage
+    if not isinstance(url, str):
+        raise StudyError(f"storage={url!r} is not a database URL; allowed: e.g. {DEFAULT_STORAGE}")
+    parsed = _parse_storage_url(url)
+    try:
+        backend = parsed.get_backend_name()
+    except Exception:  # noqa: BLE001 - sqlalchemy raises various errors for odd URLs
+        backend = ""
+    if backend == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        db = Path(parsed.database)
+        if not create and not db.is_file():
+            raise StudyError(f"storage={url!r}: database file {db} does not exist")
+        if create and not db.parent.is_dir():
+            raise StudyError(f"storage={url!r}: directory {db.parent} does not exist")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ExperimentalWarning)
+            return optuna.storages.RDBStorage(url)
+    except Exception as exc:  # noqa: BLE001 - driver, network and schema errors all end here
+        raise StudyError(f"storage={url!r} cannot be opened: {_one_line(exc)}") from None
+
+
+def list_studies(storage: Any = None) -> list[str]:
+    """Names of the studies in ``storage`` (which must exist)."""
+    st = open_storage(storage, create=False)
+    return sorted(optuna.study.get_all_study_names(storage=st))
+
+
+def load_study(storage: Any, study_name: str | None) -> optuna.Study:
+    """Load ``study_name`` from ``storage``.
+
+    ``study_name=None`` picks the only study of the storage.  A missing study raises
+    :class:`~dynas.errors.StudyError` listing the available names.
+    """
+    st = open_storage(storage, create=False)
+    names = sorted(optuna.study.get_all_study_names(storage=st))
+    where = storage if isinstance(storage, str) else (DEFAULT_STORAGE if storage is None else type(storage).__name__)
+    if study_name is None:
+        if len(names) != 1:
+            listed = ", ".join(names) if names else "none"
+            raise StudyError(f"study_name is required: storage {where} holds {len(names)} studies; available: {listed}")
+        study_name = names[0]
+    if study_name not in names:
+        listed = ", ".join(names) if names else "none"
+        raise StudyError(f"study_name={study_name!r} is not in storage {where}; available: {listed}")
+    return optuna.load_study(study_name=study_name, storage=st)
+
+
+# --------------------------------------------------------------------------------------------
+# Search
+# --------------------------------------------------------------------------------------------
+
+
+def _check_resume(study: optuna.Study, expected: Mapping[str, Any], where: str) -> None:
+    stored = study.user_attrs
+    if "dynas_version" not in stored:
+        raise StudyError(
+            f"study {study.study_name!r} in {where} was not created by dynas search; use another study_name"
+        )
+    if [d.name.lower() for d in study.directions] != list(DIRECTIONS):
+        raise StudyError(f"study {study.study_name!r} in {where} has directions other than {DIRECTIONS}")
+    for key in _CHECKED_ATTRS:
+        have, want = stored.get(key), expected.get(key)
+        if key == "target_spec" and isinstance(have, dict) and isinstance(want, dict):
+            # Provenance text may change without changing a prediction.
+            have = {k: v for k, v in have.items() if k not in _TARGET_TEXT}
+            want = {k: v for k, v in want.items() if k not in _TARGET_TEXT}
+        if have == want:
+            continue
+        if isinstance(have, dict) and isinstance(want, dict):
+            diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+            k = diff[0]
+            raise StudyError(
+                f"study {study.study_name!r} in {where} was created with a different {key} "
+                f"({k}={have.get(k)!r}, now {want.get(k)!r}); resume with the same options or use another study_name"
+            )
+        raise StudyError(
+            f"study {study.study_name!r} in {where} was created with {key}={have!r}, but this run asks for "
+            f"{key}={want!r}; resume with the same options or use another study_name"
+        )
+
+
+def _resume_seed(seed: int, n_existing: int) -> int:
+    # A fresh study uses the seed as given (same seed -> same trials).  A resumed run gets a
+    # seed derived from (seed, trials so far), so that it does not replay the random draws of
+    # the first run (a seeded random sampler would otherwise propose the same configs again).
+    if n_existing == 0:
+        return seed
+    return int(np.random.SeedSequence([seed, n_existing]).generate_state(1)[0])
+
+
+def _params_key(params: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
+    return tuple(sorted(params.items()))
+
+
+class _Objective:
+    """Scores one trial: suggest a config, predict its latency, ask the proxy."""
+
+    def __init__(self, plan: SearchPlan, done: Sequence[FrozenTrial]) -> None:
+        self.plan = plan
+        # params -> (values, user attrs) of completed trials, to reuse instead of recomputing
+        self.seen: dict[tuple[tuple[str, Any], ...], tuple[tuple[float, float], dict[str, Any], int]] = {}
+        for t in done:
+            if t.values is not None and "config" in t.user_attrs:
+                self.seen.setdefault(_params_key(t.params), (tuple(t.values), dict(t.user_attrs), t.number))
+
+    def __call__(self, trial: Trial) -> tuple[float, float]:
+        plan, o = self.plan, self.plan.options
+        cfg = plan.space.suggest(trial)
+        key = _params_key(trial.params)
+        if key in self.seen:
+            values, attrs, number = self.seen[key]
+            attrs = {k: v for k, v in attrs.items() if k != "duplicate_of"}
+            attrs["duplicate_of"] = number
+        else:
+            pred = predict(cfg, plan.target, plan.batch_size)
+            top1 = float(plan.proxy.score(cfg))
+            prediction = pred.to_dict()
+            prediction.pop("config", None)
+            values = (float(pred.latency_ms), top1)
+            attrs = _json_ready(
+                {
+                    "config": cfg.to_dict(),
+                    "short": cfg.short(),
+                    "latency_ms_per_image": pred.latency_ms_per_image,
+                    "latency_ratio": pred.latency_ratio,
+                    "speedup": pred.speedup,
+                    "flops_ratio": pred.flops_ratio,
+                    "prediction": prediction,
+                }
+            )
+            self.seen[key] = (values, attrs, trial.number)
+        for k, v in attrs.items():
+            trial.set_user_attr(k, v)
+        latency_ms = values[0]
+        if o.max_latency_ms is not None:
+            trial.set_constraint("max_latency_ms", latency_ms - o.max_latency_ms)
+        if o.max_latency_ratio is not None:
+            trial.set_constraint("max_latency_ratio", attrs["latency_ratio"] - o.max_latency_ratio)
+        return values
+
+
+#: completed trials are written to a database storage in batches of this many (and at the end)
+FLUSH_EVERY_TRIALS = 25
+
+
+def _optimize_buffered(study: optuna.Study, sampler: optuna.samplers.BaseSampler, plan: SearchPlan,
+                       done: Sequence[FrozenTrial], missing: int) -> None:
+    """Run trials against an in-memory copy and write completed ones to ``study`` in batches.
+
+    Optuna's database storages commit every suggested parameter and attribute on its own (about
+    4 ms each on SQLite, ~65 ms per dynas trial); the analytical objective takes well under 1 ms.
+    One process owns the study here, so trials run on an in-memory study seeded with the stored
+    complete trials, and every :data:`FLUSH_EVERY_TRIALS` completed trials (and on any exit,
+    Ctrl-C included) they are added to the database with ``Study.add_trials``.  A crash loses at
+    most one unflushed batch; re-running the same command resumes from what was written.
+    """
+    o = plan.options
+    mem = optuna.create_study(storage=optuna.storages.InMemoryStorage(), sampler=sampler,
+                              directions=list(DIRECTIONS), study_name=study.study_name)
+    mem.add_trials(done)
+    written = len(done)
+
+    def flush() -> None:
+        nonlocal written
+        complete = mem.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if len(complete) > written:
+            study.add_trials(complete[written:])
+            written = len(complete)
+
+    def every_batch(_study: optuna.Study, trial: FrozenTrial) -> None:
+        if trial.state == TrialState.COMPLETE and trial.number % FLUSH_EVERY_TRIALS == FLUSH_EVERY_TRIALS - 1:
+            flush()
+
+    try:
+        mem.optimize(
+            _Objective(plan, done),
+            n_trials=missing,
+            timeout=o.timeout_s,
+            callbacks=[optuna.study.MaxTrialsCallback(o.trials, states=(TrialState.COMPLETE,)), every_batch],
+            show_progress_bar=o.show_progress,
+        )
+    finally:
+        flush()
+
+
+def run_search(options: SearchOptions | SearchPlan) -> optuna.Study:
+    """Create or resume the study described by ``options`` and run its missing trials.
+
+    Returns the study.  Raises :class:`~dynas.errors.DynasError` for bad options (before any
+    file is written) and :class:`~dynas.errors.StudyError` when an existing study of the same
+    name was created with other options.
+    """
+    plan = options if isinstance(options, SearchPlan) else plan_search(options)
+    o = plan.options
+    expected = plan.study_attrs()  # before opening the storage: a failure here leaves no file
+    storage = open_storage(plan.storage_url, create=True)
+    where = plan.storage_url if isinstance(plan.storage_url, str) else type(plan.storage_url).__name__
+
+    names = optuna.study.get_all_study_names(storage=storage)
+    n_existing = 0
+    if plan.study_name in names:
+        existing = optuna.load_study(study_name=plan.study_name, storage=storage)
+        n_existing = len(existing.get_trials(deepcopy=False))
+        if existing.user_attrs or n_existing:
+            _check_resume(existing, expected, where)
+
+    sampler = make_sampler(o.sampler, _resume_seed(o.seed, n_existing))
+    study = optuna.create_study(
+        storage=storage,
+        study_name=plan.study_name,
+        sampler=sampler,
+        directions=list(DIRECTIONS),
+        load_if_exists=True,
+    )
+    if "dynas_version" not in study.user_attrs:
+        for k, v in expected.items():
+            study.set_user_attr(k, v)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ExperimentalWarning)
+            study.set_metric_names(list(OBJECTIVE_NAMES))
+
+    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    missing = o.trials - len(done)
+    if missing <= 0:
+        _logger.info("study %s: %d/%d complete trials already; nothing to run", plan.study_name, len(done), o.trials)
+        return study
+    _logger.info(
+        "study %s (%s): %d/%d complete trials, running %d more with sampler %s",
+        plan.study_name, where, len(done), o.trials, missing, o.sampler,
+    )
+    if isinstance(storage, optuna.storages.InMemoryStorage):
+        study.optimize(
+            _Objective(plan, done),
+            n_trials=missing,
+            timeout=o.timeout_s,
+            callbacks=[optuna.study.MaxTrialsCallback(o.trials, states=(TrialState.COMPLETE,))],
+            show_progress_bar=o.show_progress,
+        )
+    else:
+        _optimize_buffered(study, sampler, plan, done, missing)
+    n_done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    _logger.info("study %s: %d/%d complete trials, %d on the Pareto front", plan.study_name, n_done, o.trials, len(study.best_trials))
+    return study
