@@ -129,11 +129,6 @@ def expected_max_density(groups: int, active: int, per_tile: int, tiles: np.ndar
 
 
 @functools.lru_cache(maxsize=None)
-def _emax(groups: int, active: int, per_tile: int, tiles: int) -> float:
-    return float(expected_max_density(groups, active, per_tile, np.array([float(tiles)]))[0])
-
-
-@functools.lru_cache(maxsize=None)
 def memory_cost(hw: Hardware, elements: int) -> OpCost:
     """An element-wise / pooling / copy kernel that streams ``elements`` floats through DRAM."""
     return OpCost(0.0, elements * hw.bytes_per_element / hw.dram_bandwidth_Bps, hw.launch_us * 1e-6, 0.0)
@@ -146,78 +141,152 @@ def _coalescing(row: np.ndarray, gap: np.ndarray, transaction: int) -> np.ndarra
     return np.where(row > t, full, np.where(row + gap > t, row / t, row / np.maximum(row + gap, 1.0)))
 
 
+class _OpTable(NamedTuple):
+    """The part of a conv's schedule search that neither the unit count nor the gates change.
+
+    Built for all input channels active and no output imbalance; the gates enter in
+    :func:`conv_cost` as scalar factors plus a per-tile imbalance looked up by ``gate_keys``.
+    """
+
+    C: np.ndarray  # [K] tile channels
+    H: np.ndarray  # [K] tile rows
+    W: np.ndarray  # [K] tile cols
+    compute_per_round: np.ndarray  # [K] seconds per lane round (waves included), all inputs, no imbalance
+    weight_fetch: np.ndarray  # [K] L2 weight elements fetched by all tiles, all inputs and outputs
+    window: np.ndarray  # [K] n_tiles x input window (all input channels) per unit
+    out_fetch: np.ndarray  # [K] n_tiles x tile outputs per unit, all outputs
+    in_w: np.ndarray  # [K] input window width
+    in_h: np.ndarray  # [K] input window height
+    gap: np.ndarray  # [K] rest of a stored input row after the window
+    in_ch: np.ndarray  # [K] input channels a tile reads, all active
+    coal_rows: np.ndarray  # [K] coalescing of a channels-first window (rows, or one run if whole rows)
+    gate_tiles: tuple[int, ...]  # distinct channel groups per tile; () if not gated
+    gate_t_idx: np.ndarray  # [Kg] index into gate_tiles of each distinct (groups per tile, tiles per wave)
+    gate_m: np.ndarray  # [Kg] tiles per wave of each distinct pair
+    gate_inv: np.ndarray  # [K] index into the distinct pairs
+
+
+@functools.lru_cache(maxsize=None)
+def _op_table(hw: Hardware, op: ConvOp) -> _OpTable:
+    """Unit- and gate-independent part of ``conv_cost``: ``units``, ``dram_in_per_channel``,
+    ``cin_active`` and ``gate_active`` of ``op`` are ignored.
+
+    Spatial and layer rates change only the number of units (patches or samples) and channel
+    rates only scale these arrays, so one table serves every rate of a stage choice.
+    """
+    lanes = hw.lanes_per_sm
+    cout_pg = op.cout / op.groups
+    # Tiles are cut over (channels, rows, cols) of ONE unit and spread over the SMs; each tile
+    # then loops over the units (samples or gathered patches) in steps of P units.  Units do not
+    # add parallelism: this is the schedule that makes small patches slow on wide GPUs.
+    C, H, W = (a.ravel() for a in np.meshgrid(_cands(op.cout), _cands(op.out_h), _cands(op.out_w), indexing="ij"))  # each [K]
+    n_tiles = np.ceil(op.cout / C) * np.ceil(op.out_h / H) * np.ceil(op.out_w / W)
+    waves = np.ceil(n_tiles / hw.n_sm)
+    if op.gate_groups:
+        G = op.cout / op.gate_groups  # channels per group
+        per_tile = np.maximum(1, np.round(C / G)).astype(np.int64)  # groups per tile, [K]
+        m = np.minimum(n_tiles, hw.n_sm).astype(np.int64)  # tiles per wave, [K]
+        keys, gate_inv = np.unique(per_tile * (hw.n_sm + 1) + m, return_inverse=True)  # [Kg], [K]
+        tiles, gate_t_idx = np.unique(keys // (hw.n_sm + 1), return_inverse=True)
+        gate_tiles, gate_m = tuple(int(x) for x in tiles), keys % (hw.n_sm + 1)
+    else:
+        gate_tiles, gate_t_idx, gate_m, gate_inv = (), *(np.zeros(0, dtype=np.int64) for _ in range(3))
+    cin_pg = op.cin / op.groups
+    L = lanes * hw.fp32_cycles  # a lane round computes L outputs of cin_pg * k * k MACs each
+    in_h = (H - 1) * op.stride + op.k  # input window of a tile, with halo
+    in_w = (W - 1) * op.stride + op.k
+    in_ch = np.full_like(C, float(op.cin)) if op.groups == 1 else np.minimum(op.cin, np.ceil(C / cout_pg) * cin_pg)
+    gap = np.maximum(op.in_row - in_w, 0.0)
+    return _OpTable(
+        C=C, H=H, W=W,
+        compute_per_round=L * cin_pg * op.k * op.k / (hw.clock_hz * lanes) * waves,
+        weight_fetch=n_tiles * C * cin_pg * op.k * op.k,
+        window=n_tiles * in_ch * in_h * in_w,
+        out_fetch=n_tiles * C * H * W,
+        in_w=in_w, in_h=in_h, gap=gap, in_ch=in_ch,
+        # a window spanning whole stored rows is one contiguous run; otherwise each row is a run
+        coal_rows=_coalescing(np.where(gap > 0, in_w, in_w * in_h), gap, hw.mem_transaction_floats),
+        gate_tiles=gate_tiles, gate_t_idx=gate_t_idx, gate_m=gate_m, gate_inv=gate_inv,
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def _max_density_by_wave(groups: int, active: int, per_tile: int, n_sm: int) -> np.ndarray:
+    """[n_sm + 1] expected max density over m tiles, for m = 0..n_sm (index 0 unused)."""
+    return expected_max_density(groups, active, per_tile, np.arange(n_sm + 1, dtype=np.float64))
+
+
+@functools.lru_cache(maxsize=None)
+def _density_matrix(groups: int, active: int, tiles: tuple[int, ...], n_sm: int) -> np.ndarray:
+    """[len(tiles), n_sm + 1]: expected max density for each groups-per-tile and tiles per wave."""
+    return np.stack([_max_density_by_wave(groups, active, t, n_sm) for t in tiles])
+
+
+@functools.lru_cache(maxsize=None)
+def _gate_density(hw: Hardware, template: ConvOp, active: int) -> np.ndarray:
+    """[K] expected max density of the tiles of a wave, for ``active`` of ``template.gate_groups`` groups."""
+    t = _op_table(hw, template)
+    D = _density_matrix(template.gate_groups, active, t.gate_tiles, hw.n_sm)  # [nt, n_sm + 1]
+    return D[t.gate_t_idx, t.gate_m][t.gate_inv]  # [Kg] -> [K]
+
+
+@functools.lru_cache(maxsize=None)
+def _channels_last_coalescing(hw: Hardware, template: ConvOp, cin_active: int) -> np.ndarray:
+    """[K] coalescing of gathered NHWC reads: a window position is ``in_ch`` contiguous floats."""
+    in_ch = _op_table(hw, template).in_ch * (cin_active / template.cin)
+    return _coalescing(in_ch, np.zeros_like(in_ch), hw.mem_transaction_floats)
+
+
+@functools.lru_cache(maxsize=None)
+def _tile_sizes(cout: int, out_h: int, out_w: int) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct tile sizes C*H*W [Q] and, per tile in ``_op_table`` order, its index [K]."""
+    C, H, W = (a.ravel() for a in np.meshgrid(_cands(cout), _cands(out_h), _cands(out_w), indexing="ij"))  # [K]
+    return np.unique(C * H * W, return_inverse=True)
+
+
+@functools.lru_cache(maxsize=None)
+def _lane_rounds(cout: int, out_h: int, out_w: int, units: int, lane_unit: int) -> tuple[np.ndarray, np.ndarray]:
+    """Best unit step P per tile and the lane rounds a tile needs for all ``units``.
+
+    P only enters the compute term, through ceil(units / P) steps of ceil(P*C*H*W / L) lane
+    rounds, so it is chosen per distinct tile size; tiles are ordered as in ``_op_table``.
+    """
+    sizes, inv = _tile_sizes(cout, out_h, out_w)  # [Q], [K]
+    p = _cands(units)  # [nP]
+    rounds = np.ceil(units / p)[None, :] * np.ceil(p[None, :] * sizes[:, None] / lane_unit)  # [Q, nP]
+    best = rounds.argmin(axis=1)  # [Q]
+    return rounds[np.arange(len(sizes)), best][inv], p[best][inv]  # [K], [K]
+
+
 @functools.lru_cache(maxsize=None)
 def conv_cost(hw: Hardware, op: ConvOp) -> OpCost:
     """Best-schedule latency of one convolution (see the module docstring for the model)."""
     if op.units <= 0:
         return OpCost(0.0, 0.0, 0.0, 0.0, "skipped")
-    lanes = hw.lanes_per_sm
-    cin_pg = op.cin_active / op.groups  # active input channels per group
-    cout_pg = op.cout / op.groups
-
-    c = _cands(op.cout)
-    h = _cands(op.out_h)
-    w = _cands(op.out_w)
-    # Tiles are cut over (channels, rows, cols) of ONE unit and spread over the SMs; each tile
-    # then loops over the units (samples or gathered patches) in steps of P units.  Units do not
-    # add parallelism: this is the schedule that makes small patches slow on wide GPUs.
-    C, H, W = (a.ravel() for a in np.meshgrid(c, h, w, indexing="ij"))  # each [K]
-    n_tiles = np.ceil(op.cout / C) * np.ceil(op.out_h / H) * np.ceil(op.out_w / W)
-    waves = np.ceil(n_tiles / hw.n_sm)
-    # P only enters the compute term, through ceil(units / P) steps of ceil(P*C*H*W / L) lane
-    # rounds (L = lanes x fp32_cycles): the best P is found per distinct tile size C*H*W.
-    L = lanes * hw.fp32_cycles
-    sizes, inv = np.unique(C * H * W, return_inverse=True)  # [Q], [K]
-    p = _cands(op.units)  # [nP]
-    rounds = np.ceil(op.units / p)[None, :] * np.ceil(p[None, :] * sizes[:, None] / L)  # [Q, nP]
-    best_p = rounds.argmin(axis=1)  # [Q]
-    lane_rounds = rounds[np.arange(len(sizes)), best_p][inv]  # [K]: lane rounds of a tile over all units
-    P = p[best_p][inv]  # [K]
-
+    template = op._replace(units=0, dram_in_per_channel=0, cin_active=op.cin, gate_active=0)
+    t = _op_table(hw, template)
+    lane_rounds, P = _lane_rounds(op.cout, op.out_h, op.out_w, op.units, hw.lanes_per_sm * hw.fp32_cycles)
+    f_in = op.cin_active / op.cin  # share of input channels read
     if op.gate_groups:
-        G = op.cout / op.gate_groups  # channels per group
-        per_tile = np.maximum(1, np.round(C / G)).astype(np.int64)  # groups per tile, [K]
-        m = np.minimum(n_tiles, hw.n_sm).astype(np.int64)  # tiles per wave, [K]
-        keys, kinv = np.unique(per_tile * (hw.n_sm + 1) + m, return_inverse=True)
-        dens = np.array([_emax(op.gate_groups, op.gate_active, int(k // (hw.n_sm + 1)), int(k % (hw.n_sm + 1)))
-                         for k in keys])
-        density = dens[kinv]  # [K]
+        density = _gate_density(hw, template, op.gate_active)  # [K]
         mean_density = op.gate_active / op.gate_groups
     else:
-        density = 1.0
-        mean_density = 1.0
-
-    # Each lane round computes L outputs, each needing cin_pg * k * k MACs at clock x lanes MAC/s.
-    compute = lane_rounds * L * density * cin_pg * op.k * op.k / (hw.clock_hz * lanes) * waves
-
-    # Memory: unique DRAM traffic + per-tile L2 traffic with coalescing.
-    cout_active = op.cout * mean_density
-    w_out = cout_active if op.weights_scale_with_gates else op.cout
-    w_in = cin_pg if op.weights_scale_with_gates else op.cin / op.groups
-    weights = w_out * w_in * op.k * op.k
-    outputs_total = op.units * cout_active * op.out_h * op.out_w
-    dram_elems = weights + op.dram_in_per_channel * op.cin_active + outputs_total
-    in_h = (H - 1) * op.stride + op.k  # input window of a tile, with halo
-    in_w = (W - 1) * op.stride + op.k
-    if op.groups == 1:
-        in_ch = np.full_like(C, float(op.cin_active))
-    else:
-        in_ch = np.minimum(op.cin_active, np.ceil(C / cout_pg) * cin_pg)
-    gap = np.maximum(op.in_row - in_w, 0.0)
-    # A window spanning whole stored rows is one contiguous run; otherwise each row is a run.
-    if op.channels_last:
-        run, gap = in_ch, np.zeros_like(in_ch)
-    else:
-        run = np.where(gap > 0, in_w, in_w * in_h)
-    coal = _coalescing(run, gap, hw.mem_transaction_floats)
-    # L2: each tile fetches its weights once, and per unit its input window and its outputs.
-    l2_elems = n_tiles * (C * mean_density * cin_pg * op.k * op.k
-                          + op.units * (in_ch * in_h * in_w / coal + C * mean_density * H * W))
+        density, mean_density = 1.0, 1.0
+    compute = lane_rounds * t.compute_per_round * (density * f_in)  # [K]
+    coal = _channels_last_coalescing(hw, template, op.cin_active) if op.channels_last else t.coal_rows
+    l2_elems = (t.weight_fetch * (mean_density * f_in)
+                + op.units * (t.window * f_in / coal + t.out_fetch * mean_density))  # [K]
     bpe = hw.bytes_per_element
-    memory = dram_elems * bpe / hw.dram_bandwidth_Bps + l2_elems * bpe / (hw.dram_bandwidth_Bps * hw.l2_speed_frac)
-
-    total = compute + memory
-    i = int(np.argmin(total))
-    macs = op.units * cout_active * op.out_h * op.out_w * cin_pg * op.k * op.k
-    sched = f"c{int(C[i])} h{int(H[i])} w{int(W[i])} p{int(P[i])}"
-    return OpCost(float(compute[i]), float(memory[i]), hw.launch_us * 1e-6, float(macs), sched)
+    l2 = l2_elems * bpe / (hw.dram_bandwidth_Bps * hw.l2_speed_frac)
+    i = int(np.argmin(compute + l2))
+    cin_pg = op.cin_active / op.groups
+    cout_active = op.cout * mean_density
+    if op.weights_scale_with_gates:
+        weights = cout_active * cin_pg * op.k * op.k
+    else:
+        weights = op.cout * (op.cin / op.groups) * op.k * op.k
+    out_per_unit = cout_active * op.out_h * op.out_w
+    dram_elems = weights + op.dram_in_per_channel * op.cin_active + op.units * out_per_unit
+    memory = dram_elems * bpe / hw.dram_bandwidth_Bps + float(l2[i])
+    sched = f"c{int(t.C[i])} h{int(t.H[i])} w{int(t.W[i])} p{int(P[i])}"
+    return OpCost(float(compute[i]), memory, hw.launch_us * 1e-6, op.units * out_per_unit * cin_pg * op.k * op.k, sched)

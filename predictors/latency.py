@@ -29,7 +29,7 @@ from typing import Any, Mapping, NamedTuple
 from dynas.predictors.gpu import ConvOp, Hardware, OpCost, conv_cost, memory_cost
 from dynas.predictors.result import OpPrediction, Prediction, StagePrediction
 from dynas.predictors.targets import HardwareTarget, load_target
-from dynas.spaces.backbones import BackboneSpec, BlockSpec, StemSpec
+from dynas.spaces.backbones import BackboneSpec, BlockSpec, StemSpec, get_backbone
 from dynas.spaces.config import ArchConfig, StageConfig, load_config, uses_channel, uses_layer, uses_spatial
 from dynas.errors import ConfigError
 
@@ -337,7 +337,7 @@ def _predict(cfg: ArchConfig, tgt: HardwareTarget, n: int) -> Prediction:
     stem_ops, head_ops = _stem_head(hw, spec.stem, spec.head_in, spec.blocks[-1].out_hw, spec.num_classes, n)
     stem_s, head_s = _total(list(stem_ops)), _total(list(head_ops))
     flops = _dense_flops_per_op(spec)
-    stages = tuple(_stage(hw, spec, s, st, n) for s, st in enumerate(cfg.stages))
+    stages = tuple(_stage(hw, spec.name, spec.input_hw, s, st, n) for s, st in enumerate(cfg.stages))
     dyn_ms = (stem_s + head_s) * 1e3 + sum(p.latency_ms for p in stages)
     sta_ms = (stem_s + head_s) * 1e3 + sum(p.static_latency_ms for p in stages)
     expected = (flops.stem_flops + flops.head_flops) / 1e9 + sum(p.expected_gflops for p in stages)
@@ -349,29 +349,35 @@ def _predict(cfg: ArchConfig, tgt: HardwareTarget, n: int) -> Prediction:
 
 
 @functools.lru_cache(maxsize=65536)
-def _stage(hw: Hardware, spec: BackboneSpec, s: int, st: StageConfig, n: int) -> StagePrediction:
-    """One stage's prediction; memoized, since searches revisit the same stage choices often."""
+def _stage(hw: Hardware, backbone: str, input_hw: tuple[int, int], s: int, st: StageConfig, n: int) -> StagePrediction:
+    """One stage's prediction; memoized (by name, not by the spec, which is slow to hash)."""
+    spec = get_backbone(backbone, input_hw)
     flops = _dense_flops_per_op(spec)
     agg: dict[str, list[float]] = {}
     sched: dict[str, str] = {}
     lat = sta = dense_gf = exp_gf = 0.0
     masker = "none"
+    # Blocks with equal shapes cost the same: visit each distinct shape once, with its count.
+    distinct: dict[BlockSpec, tuple[BlockSpec, int]] = {}
     for b in spec.stage_blocks(s):
         key = _block_key(b)
+        first, count = distinct.get(key, (b, 0))
+        distinct[key] = (first, count + 1)
+    for key, (b, count) in distinct.items():
         masker, ops = block_ops(hw, key, st, n)
         static_ops = block_ops(hw, key, _STATIC, n)[1]
         block_flops = flops.block_flops(b.name)
-        dense_gf += sum(block_flops.values())
-        exp_gf += _expected_block_flops(ops, {name: c.macs for name, c in static_ops}, block_flops, n)
+        dense_gf += count * sum(block_flops.values())
+        exp_gf += count * _expected_block_flops(ops, {name: c.macs for name, c in static_ops}, block_flops, n)
         for name, c in ops:
             a = agg.setdefault(name, [0.0, 0.0, 0.0, 0.0])
-            a[0] += c.total_s
-            a[1] += c.compute_s
-            a[2] += c.memory_s
-            a[3] += c.launch_s
+            a[0] += count * c.total_s
+            a[1] += count * c.compute_s
+            a[2] += count * c.memory_s
+            a[3] += count * c.launch_s
             sched.setdefault(name, c.schedule)
-        lat += _total(list(ops))
-        sta += _total(list(static_ops))
+        lat += count * _total(list(ops))
+        sta += count * _total(list(static_ops))
     op_preds = tuple(OpPrediction(name, a[0] * 1e3, a[1] * 1e3, a[2] * 1e3, a[3] * 1e3, sched[name])
                      for name, a in agg.items())
     compute = sum(o.compute_ms for o in op_preds)
@@ -407,5 +413,5 @@ def clear_caches() -> None:
     """Drop every memoized operator, block and network result (benchmarks, calibration)."""
     from dynas.predictors import gpu
 
-    for fn in (gpu.conv_cost, gpu.memory_cost, gpu._hypergeom_cdf, gpu._emax, block_ops, _stem_head, _stage, _predict):
+    for fn in (gpu.conv_cost, gpu._op_table, gpu._tile_sizes, gpu._lane_rounds, gpu._gate_density, gpu._density_matrix, gpu._max_density_by_wave, gpu._channels_last_coalescing, gpu.memory_cost, gpu._hypergeom_cdf, block_ops, _stem_head, _stage, _predict):
         fn.cache_clear()

@@ -87,8 +87,14 @@ class BackboneSpec:
     def num_stages(self) -> int:
         return self.blocks[-1].stage + 1
 
+    def __post_init__(self) -> None:
+        # Per-stage block tuples, computed once (not a field: equality and hash ignore it).
+        by_stage = tuple(tuple(b for b in self.blocks if b.stage == s) for s in range(self.blocks[-1].stage + 1))
+        object.__setattr__(self, "_by_stage", by_stage)
+        object.__setattr__(self, "min_side", min(min(b.out_hw) for b in self.blocks))
+
     def stage_blocks(self, stage: int) -> tuple[BlockSpec, ...]:
-        return tuple(b for b in self.blocks if b.stage == stage)
+        return self._by_stage[stage]
 
     def stage_out_hw(self, stage: int) -> tuple[int, int]:
         return self.stage_blocks(stage)[0].out_hw
@@ -220,7 +226,6 @@ def get_backbone(name: str, input_size: object = 224) -> BackboneSpec:
         raise ConfigError(f"backbone={name!r} is unknown; allowed: {', '.join(list_backbones())}")
     hw = parse_input_size(input_size)
     spec = _build(name, hw)
-    smallest = min(min(b.out_hw) for b in spec.blocks)
-    if smallest < 1:
+    if spec.min_side < 1:
         raise ConfigError(f"input_size={input_size!r} is too small for {name}; its last stage would be empty")
     return spec
