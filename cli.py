@@ -264,22 +264,11 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-def _distinct_front(study: Any) -> Any:
-    """The Pareto table with repeated configs dropped (a sampler may propose a config twice;
-    the search then reuses the first trial's values, and both trials sit on the front)."""
-    from dynas.results import pareto_table
-
-    df = pareto_table(study)
-    params = {t.number: tuple(sorted(t.params.items())) for t in study.best_trials}
-    keys = df["trial"].map(lambda n: params.get(int(n), n))
-    return df[~keys.duplicated()].reset_index(drop=True)
-
-
 def _print_front(study: Any, top: int) -> None:
-    from dynas.results import hypervolume
+    from dynas.results import hypervolume, pareto_table
 
     a = study.user_attrs
-    df = _distinct_front(study)
+    df = pareto_table(study)
     n_done = sum(1 for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE")
     h, w = a.get("input_size", ["?", "?"])
     _print(
@@ -315,7 +304,7 @@ def _search_options(args: argparse.Namespace) -> Any:
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
-    from dynas.results import export_trial, select_trial, write_csv, write_html
+    from dynas.results import export_trial, pareto_table, select_trial, write_csv, write_html
     from dynas.search.study import plan_search, run_search
 
     plan = plan_search(_search_options(args))  # validates every option; writes nothing
@@ -332,7 +321,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
     trial = select_trial(study)  # before writing the report and the export
     write_html([study], html, breakdown_trial=trial.number)
     if args.csv:
-        write_csv(_distinct_front(study), args.csv)
+        write_csv(pareto_table(study), args.csv)
     export_trial(study, trial, export)
     _print()
     _print(f"HTML report: {html}")
@@ -363,7 +352,7 @@ def _raise_infeasible(study: Any, options: Any) -> None:
 
 
 def _cmd_pareto(args: argparse.Namespace) -> int:
-    from dynas.results import hypervolume, write_csv, write_html
+    from dynas.results import hypervolume, pareto_table, write_csv, write_html
     from dynas.search.study import load_study
 
     _check_output("--csv", args.csv)
@@ -375,7 +364,7 @@ def _cmd_pareto(args: argparse.Namespace) -> int:
         rows = []
         for s in [study, *others]:
             a = s.user_attrs
-            front = _distinct_front(s)
+            front = pareto_table(s)
             rows.append({
                 "study": s.study_name, "target": a.get("target"), "batch": a.get("batch_size"),
                 "trials": sum(1 for t in s.get_trials(deepcopy=False) if t.state.name == "COMPLETE"),
@@ -385,7 +374,7 @@ def _cmd_pareto(args: argparse.Namespace) -> int:
         _print()
         _print(_table(rows, ["study", "target", "batch", "trials", "front", "best speed-up", "hypervolume"]))
     if args.csv:
-        write_csv(_distinct_front(study), args.csv)
+        write_csv(pareto_table(study), args.csv)
         _print(f"Pareto CSV: {args.csv}")
     if args.html:
         write_html([study, *others], args.html)
@@ -394,7 +383,7 @@ def _cmd_pareto(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from dynas.results import export_trial, select_trial
+    from dynas.results import export_trial, pareto_table, select_trial
     from dynas.search.study import load_study
 
     _check_output("--output", args.output)

@@ -39,6 +39,7 @@ __all__ = [
     "DEFAULT_REFERENCE_LATENCY_RATIO",
     "DEFAULT_REFERENCE_TOP1_DROP",
     "pareto_table",
+    "front_trials",
     "all_trials_table",
     "write_csv",
     "default_reference",
@@ -162,22 +163,32 @@ def _frame(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> pd.DataFra
 # ----------------------------------------------------------------------------- tables
 
 
+def front_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """Optuna's Pareto front (``study.best_trials``, feasible only) with repeated configs dropped.
+
+    A sampler may propose a config it has seen; the search then reuses the earlier trial's
+    values and marks the copy with the user attr ``duplicate_of``, so copies sit on the front
+    beside their original.  They are dropped here; the original stays.
+    """
+    return [t for t in study.best_trials if "duplicate_of" not in t.user_attrs]
+
+
 def pareto_table(study: optuna.Study) -> pd.DataFrame:
-    """The Pareto front (Optuna's ``study.best_trials``, feasible trials only), fastest first.
+    """The Pareto front (:func:`front_trials`: Optuna's, feasible only, each config once), fastest first.
 
     Columns: ``trial``, ``latency_ms`` (whole batch), ``latency_ms_per_image``, ``speedup``
     (static / dynamic latency), ``top1`` (%), ``flops_ratio`` (expected / dense FLOPs) and
     ``stages`` (the compact per-stage string, e.g. ``"S8@0.50 | C2@0.50 | L@0.50 | static"``).
     """
     check_study(study)
-    return _frame([trial_row(study, t) for t in study.best_trials], PARETO_COLUMNS)
+    return _frame([trial_row(study, t) for t in front_trials(study)], PARETO_COLUMNS)
 
 
 def all_trials_table(study: optuna.Study) -> pd.DataFrame:
     """Every COMPLETE trial, fastest first, with the :data:`PARETO_COLUMNS` plus two bools:
-    ``feasible`` (all constraints <= 0) and ``pareto`` (member of ``study.best_trials``)."""
+    ``feasible`` (all constraints <= 0) and ``pareto`` (in :func:`front_trials`)."""
     check_study(study)
-    front = {t.number for t in study.best_trials}
+    front = {t.number for t in front_trials(study)}
     rows = []
     for t in complete_trials(study):
         row = trial_row(study, t)

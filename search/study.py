@@ -619,7 +619,16 @@ def run_search(options: SearchOptions | SearchPlan) -> optuna.Study:
             show_progress_bar=o.show_progress,
         )
     else:
-        _optimize_buffered(study, sampler, plan, done, missing)
+        # Trials enqueued in the database (Study.enqueue_trial) run first, directly on it, so
+        # they are consumed there; the rest run buffered.
+        waiting = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+        if waiting:
+            study.optimize(_Objective(plan, done), n_trials=min(waiting, missing), timeout=o.timeout_s,
+                           show_progress_bar=False)
+            done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            missing = o.trials - len(done)
+        if missing > 0:
+            _optimize_buffered(study, sampler, plan, done, missing)
     n_done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
     _logger.info("study %s: %d/%d complete trials, %d on the Pareto front", plan.study_name, n_done, o.trials, len(study.best_trials))
     return study

@@ -427,3 +427,24 @@ def test_end_to_end_real_search(tmp_path):
     html = tmp_path / "report.html"
     write_html(study, html)
     assert '"name":"v100: Pareto front"' in html.read_text()
+
+
+def test_repeated_configs_appear_once_on_the_front(tmp_path):
+    """A sampler may propose a config twice; the front, its table and the plot list it once."""
+    from dynas.results import all_trials_table, front_trials, pareto_table
+    from dynas.search.study import SearchOptions, run_search
+
+    study = run_search(SearchOptions(backbone="resnet18", target="tx2", trials=12, sampler="random", seed=3,
+                                     storage=f"sqlite:///{tmp_path / 's.db'}", show_progress=False))
+    first = study.best_trials[0]
+    study.enqueue_trial(dict(first.params))
+    study = run_search(SearchOptions(backbone="resnet18", target="tx2", trials=13, sampler="random", seed=3,
+                                     storage=f"sqlite:///{tmp_path / 's.db'}", show_progress=False))
+    copy = study.trials[-1]
+    assert copy.params == first.params and copy.values == first.values
+    assert {first.number, copy.number} <= {t.number for t in study.best_trials}  # Optuna keeps both
+    front = [t.number for t in front_trials(study)]
+    assert first.number in front and copy.number not in front
+    assert copy.number not in set(pareto_table(study)["trial"])
+    table = all_trials_table(study)
+    assert not table.loc[table["trial"] == copy.number, "pareto"].item()
