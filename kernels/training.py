@@ -1,0 +1,141 @@
+"""Training pieces for dynamic networks, for use in the user's own loop.
+
+The recipe is LAUDNet's (shared/anchors/laudnet.md section 5) with one change: the sparsity
+loss has a target **per stage** (LAUDNet has one global FLOPs target).
+
+Loss = cross-entropy + ``lambda_act`` x sparsity + ``alpha_kd`` x KD(T) against the static teacher.
+
+Sparsity, given each block's executed FLOPs in the last forward (``model.flops_readout()``):
+
+* per block: a squared hinge that keeps the block's FLOPs ratio inside bounds around its
+  stage's target; the bounds start at the target and relax to [0, 1] over the first
+  ``relax_fraction`` of training along a cosine-squared schedule;
+* per stage: (stage FLOPs ratio - stage target)^2 — what makes per-stage rates converge;
+* global: (network FLOPs ratio - global target)^2, with the fixed FLOPs of the stem, head and
+  any static part counted in both numerator and denominator.
+
+A readout is a list of dicts, one per dynamic block: ``{"stage": int, "executed_flops":
+Tensor[N], "dense_flops": float}`` (executed FLOPs per sample, masker included).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from dynas.errors import ConfigError
+
+__all__ = [
+    "TrainingRecipe",
+    "gumbel_temperature",
+    "relaxation",
+    "sparsity_loss",
+    "distillation_loss",
+    "stage_flops_ratios",
+]
+
+
+@dataclass(frozen=True)
+class TrainingRecipe:
+    """LAUDNet's fine-tuning recipe (anchors section 5) as plain data."""
+
+    lambda_act: float = 10.0  # weight of the sparsity loss
+    alpha_kd: float = 0.5  # weight of the distillation loss
+    kd_temperature: float = 4.0
+    gumbel_start: float = 5.0
+    gumbel_end: float = 0.1
+    relax_fraction: float = 1.0 / 3.0  # bounds relax to [0, 1] over this share of training
+
+    def __post_init__(self) -> None:
+        for name in ("lambda_act", "alpha_kd"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v >= 0):
+                raise ConfigError(f"{name}={v!r} is out of range; allowed: a number >= 0")
+        for name in ("kd_temperature", "gumbel_start", "gumbel_end"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v > 0):
+                raise ConfigError(f"{name}={v!r} is out of range; allowed: a number > 0")
+        if not 0 < self.relax_fraction <= 1:
+            raise ConfigError(f"relax_fraction={self.relax_fraction!r} is out of range; allowed: (0, 1]")
+
+
+def _progress(step: int, total_steps: int) -> float:
+    if total_steps < 1:
+        raise ConfigError(f"total_steps={total_steps!r} is out of range; allowed: an integer >= 1")
+    return min(max(step / total_steps, 0.0), 1.0)
+
+
+def gumbel_temperature(step: int, total_steps: int, recipe: TrainingRecipe = TrainingRecipe()) -> float:
+    """Exponential decay from ``gumbel_start`` at step 0 to ``gumbel_end`` at ``total_steps``."""
+    p = _progress(step, total_steps)
+    return recipe.gumbel_start * (recipe.gumbel_end / recipe.gumbel_start) ** p
+
+
+def relaxation(step: int, total_steps: int, recipe: TrainingRecipe = TrainingRecipe()) -> float:
+    """1 at the start (bounds = target), falling as cos^2 to 0 at ``relax_fraction`` (bounds = [0, 1])."""
+    p = _progress(step, total_steps) / recipe.relax_fraction
+    return math.cos(0.5 * math.pi * min(p, 1.0)) ** 2
+
+
+def _check_targets(targets: Sequence[float], stages: set[int]) -> None:
+    for s in stages:
+        if s >= len(targets):
+            raise ConfigError(f"stage_targets has {len(targets)} entries; the readout has stage {s}")
+    for s, t in enumerate(targets):
+        if not (isinstance(t, (int, float)) and math.isfinite(t) and 0 <= t <= 1):
+            raise ConfigError(f"stage_targets[{s}]={t!r} is out of range; allowed: a FLOPs ratio in [0, 1]")
+
+
+def stage_flops_ratios(readout: Sequence[Mapping]) -> dict[int, torch.Tensor]:
+    """Executed / dense FLOPs per stage, averaged over the batch (differentiable)."""
+    executed: dict[int, torch.Tensor] = {}
+    dense: dict[int, float] = {}
+    for r in readout:
+        s = int(r["stage"])
+        executed[s] = executed.get(s, 0) + r["executed_flops"].float().mean()
+        dense[s] = dense.get(s, 0.0) + float(r["dense_flops"])
+    return {s: executed[s] / dense[s] for s in sorted(executed)}
+
+
+def sparsity_loss(readout: Sequence[Mapping], stage_targets: Sequence[float], step: int, total_steps: int,
+                  fixed_flops: float = 0.0, recipe: TrainingRecipe = TrainingRecipe()) -> torch.Tensor:
+    """The per-stage-target sparsity loss described in the module docstring.
+
+    ``stage_targets[s]`` is stage ``s``'s target FLOPs ratio (executed / dense, masker
+    included); ``fixed_flops`` are the FLOPs that never skip (stem, head, static stages).
+    """
+    if not readout:
+        raise ConfigError("readout is empty; allowed: the flops_readout() of a forward pass with dynamic blocks")
+    stages = {int(r["stage"]) for r in readout}
+    _check_targets(stage_targets, stages)
+    relax = relaxation(step, total_steps, recipe)
+    hinge = []
+    for r in readout:
+        target = float(stage_targets[int(r["stage"])])
+        ratio = r["executed_flops"].float() / float(r["dense_flops"])  # [N]
+        lower, upper = target * relax, target + (1.0 - target) * (1.0 - relax)
+        hinge.append((F.relu(lower - ratio) ** 2 + F.relu(ratio - upper) ** 2).mean())
+    block_term = torch.stack(hinge).mean()
+    ratios = stage_flops_ratios(readout)
+    stage_term = torch.stack([(ratios[s] - float(stage_targets[s])) ** 2 for s in ratios]).mean()
+    dense_total = sum(float(r["dense_flops"]) for r in readout) + fixed_flops
+    executed_total = sum(r["executed_flops"].float().mean() for r in readout) + fixed_flops
+    target_total = sum(float(stage_targets[int(r["stage"])]) * float(r["dense_flops"]) for r in readout) + fixed_flops
+    global_term = (executed_total / dense_total - target_total / dense_total) ** 2
+    return block_term + stage_term + global_term
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                      temperature: float = TrainingRecipe.kd_temperature) -> torch.Tensor:
+    """KL(teacher || student) on temperature-softened distributions, times T^2 (Hinton et al.)."""
+    if student_logits.shape != teacher_logits.shape:
+        raise ConfigError(f"student logits {tuple(student_logits.shape)} and teacher logits "
+                          f"{tuple(teacher_logits.shape)} differ; allowed: equal shapes [N, classes]")
+    t = float(temperature)
+    log_p = F.log_softmax(student_logits / t, dim=1)  # [N, classes]
+    q = F.softmax(teacher_logits.detach() / t, dim=1)  # [N, classes]
+    return F.kl_div(log_p, q, reduction="batchmean") * t * t
