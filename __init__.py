@@ -16,6 +16,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "predict",
+    "build_model",
     "load_config",
     "load_target",
     "list_targets",
@@ -28,3 +29,12 @@ __all__ = [
     "StudyError",
     "__version__",
 ]
+
+
+def __getattr__(name: str):
+    # build_model needs torch; import it on first use so `import dynas` stays light.
+    if name == "build_model":
+        from dynas.kernels.model import build_model
+
+        return build_model
+    raise AttributeError(f"module 'dynas' has no attribute {name!r}")

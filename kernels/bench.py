@@ -1,0 +1,122 @@
+"""Measure a dynamic network against its static backbone: ``dynas bench``.
+
+Method (what the numbers mean):
+
+* the static network is the plain backbone (``spaces/torch_model.py``); the dynamic one is
+  ``build_model(config)`` in **budget** gate mode (exactly the configured rates per sample) on
+  the **fast** path (real skipping), both in eval mode under ``torch.inference_mode``;
+* the same random input batch for both; ``warmup`` untimed runs of each, then ``repeats``
+  timed pairs, interleaved A/B with the order alternating every pair so slow drift (clocks,
+  other load) hits both equally; on CUDA every timing is bracketed by synchronisation;
+* reported: median and p10-p90 spread of each, speed-up = static median / dynamic median, the
+  thread count in force, and the max abs difference between the fast and reference paths on
+  the same input (the reference path masks dense outputs with the same decisions).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+import torch
+
+from dynas.errors import ConfigError
+from dynas.spaces.config import load_config
+from dynas.spaces.torch_model import build_static_model
+
+__all__ = ["BenchResult", "bench"]
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    backbone: str
+    config: str  # compact per-stage form
+    device: str
+    threads: int
+    batch_size: int
+    input_size: tuple[int, int]
+    static_ms: float
+    dynamic_ms: float
+    speedup: float
+    static_spread_ms: float  # p90 - p10
+    dynamic_spread_ms: float
+    max_abs_err: float
+    repeats: int
+    torch_version: str
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["input_size"] = list(self.input_size)
+        return d
+
+
+def _timer(device: torch.device) -> Callable[[Callable[[], Any]], float]:
+    def run(fn: Callable[[], Any]) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return (time.perf_counter() - t0) * 1e3
+
+    return run
+
+
+def _spread(times: list[float]) -> float:
+    if len(times) < 2:
+        return 0.0
+    q = statistics.quantiles(times, n=10)
+    return q[-1] - q[0]
+
+
+def bench(config: Any, device: str = "cpu", batch_size: int = 1, threads: int | None = None,
+          repeats: int = 30, warmup: int = 5, seed: int = 0) -> BenchResult:
+    """Time static vs dynamic (budget mode, fast path) on ``device``; see the module docstring."""
+    from dynas.kernels.model import build_model
+
+    if device not in ("cpu", "cuda"):
+        raise ConfigError(f"device={device!r} is not supported; allowed: cpu, cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device='cuda' is not available on this machine; allowed: cpu")
+    for name, value, minimum in (("batch_size", batch_size, 1), ("repeats", repeats, 1), ("warmup", warmup, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ConfigError(f"{name}={value!r} is out of range; allowed: an integer >= {minimum}")
+    if threads is not None:
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise ConfigError(f"threads={threads!r} is out of range; allowed: an integer >= 1")
+        torch.set_num_threads(threads)
+    cfg = load_config(config)
+    dev = torch.device(device)
+    torch.manual_seed(seed)
+    dynamic = build_model(cfg).to(dev).eval()
+    static = build_static_model(cfg.spec).to(dev).eval()
+    dynamic.set_gate_mode("budget")
+    h, w = cfg.input_size
+    x = torch.randn(batch_size, 3, h, w, device=dev)
+    run = _timer(dev)
+    with torch.inference_mode():
+        dynamic.set_path("reference")
+        ref = dynamic(x)
+        dynamic.set_path("fast")
+        fast = dynamic(x)
+        max_abs_err = float((fast - ref).abs().max())
+        for _ in range(warmup):
+            static(x)
+            dynamic(x)
+        t_static, t_dynamic = [], []
+        for i in range(repeats):
+            if i % 2 == 0:
+                t_static.append(run(lambda: static(x)))
+                t_dynamic.append(run(lambda: dynamic(x)))
+            else:
+                t_dynamic.append(run(lambda: dynamic(x)))
+                t_static.append(run(lambda: static(x)))
+    s_ms, d_ms = statistics.median(t_static), statistics.median(t_dynamic)
+    return BenchResult(
+        backbone=cfg.backbone, config=cfg.short(), device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        threads=torch.get_num_threads(), batch_size=batch_size, input_size=cfg.input_size, static_ms=s_ms,
+        dynamic_ms=d_ms, speedup=s_ms / d_ms, static_spread_ms=_spread(t_static), dynamic_spread_ms=_spread(t_dynamic),
+        max_abs_err=max_abs_err, repeats=repeats, torch_version=torch.__version__)

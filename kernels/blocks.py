@@ -1,0 +1,576 @@
+"""Dynamic residual blocks that really skip work, plus a dense-masked reference path.
+
+A dynamic block subclasses the static block of :mod:`dynas.spaces.torch_model` (same module
+and parameter names, so a static/torchvision state dict loads) and adds maskers
+(``spatial_masker``, ``channel_masker``, ``layer_masker``; see :mod:`dynas.kernels.maskers`).
+
+Lifecycle of one forward pass (:meth:`DynamicBlock.forward`):
+
+1. the maskers look at the block input and decide (training: hard straight-through Gumbel;
+   eval: ``adaptive`` argmax or exact ``budget``);
+2. the block computes its output along one of three paths:
+
+   * **training** (``module.train()``): dense compute; the body's activations are multiplied
+     by the hard masks, so gradients reach the maskers through the Gumbel relaxation;
+   * **reference** (eval, ``path="reference"``): the same dense-masked computation with the
+     eval decisions -- the oracle that the fast path must match;
+   * **fast** (eval, ``path="fast"``, the default): only the selected work runs (below);
+3. it records ``last_flops``: executed FLOPs per sample (Tensor[N], differentiable in
+   training), dense FLOPs (float) and the realised activation rates.
+
+Semantics shared by all paths (what "masked" means):
+
+* channel mask ``cm`` ([N, width] from groups of G channels) multiplies the gated activations:
+  conv1's output (after BN + ReLU) and, for bottleneck/RegNetY, the 3x3 conv's output;
+* spatial mask ``sm`` ([N, 1, H_out, W_out], one value per SxS patch) multiplies the body's
+  output; in RegNetY it also multiplies the 3x3 output *before* squeeze-excitation, so SE pools
+  the masked map (inactive positions count as zero, divided by the full H_out * W_out);
+* layer gate ``lm`` ([N]) multiplies the body's output;
+* output = ReLU(shortcut(x) + body), shortcut = identity or the dense downsample conv + BN.
+
+Fast path:
+
+* **spatial**: the active patches are gathered *from the block input* with the halo that the
+  block's convolutions need, conv1 runs on each gathered region (halo included; region
+  positions that fall outside the map are zeroed after conv1 + BN + ReLU because the 3x3 conv
+  sees zero padding there), the 3x3 conv runs unpadded on the region and returns exactly the
+  SxS patch, the remaining convs run on the patch, and the result is scatter-added into the
+  shortcut before the final ReLU.  For a bottleneck with stride s the region side is
+  ``(S - 1) * s + 3``; for a basic block (two 3x3 convs) ``(S + 1) * s + 3``.
+* **channel**: samples are grouped by identical selections (``torch.unique`` over the mask
+  rows); per group, conv1 computes only the selected output channels, the 3x3 conv the selected
+  input/output channels, conv3 reads only the selected inputs, BN uses the selected running
+  statistics.  Grouped 3x3 convs (RegNetY): a gate group need not align with the conv groups,
+  so the conv runs over the *touched* conv groups only -- selected channels are scattered into a
+  zero tensor holding every channel of the touched groups, the grouped conv runs with
+  ``groups = number of touched groups`` and the selected outputs are picked back; when the
+  selection is made of whole conv groups no copy happens.  SE reads/writes only the selected
+  channels.
+* **layer**: the body runs only on samples whose gate is on (``index_select`` /
+  ``index_add_``); the others output ReLU(shortcut(x)).
+* combined paradigms compose: layer picks samples, channel groups them by selection, spatial
+  gathers patches inside each group with the channel-sliced weights.
+
+FLOPs (``last_flops``; 2 x multiply-accumulates of convolutions and linear layers, the
+``torch.utils.flop_counter`` convention; BN, ReLU, pooling and the SE product are free).
+Per sample, with ``a`` = fraction of active output positions (1 without spatial), ``d`` =
+fraction of active gated channels (1 without channel), ``l`` = layer gate (1 without layer):
+
+    executed = maskers + downsample
+               + l * (conv1 * a * d + conv2 * a * d * d_in + conv3 * a * d + se * d)
+
+where ``conv1``..``se`` are the dense per-sample FLOPs of those ops and ``d_in`` = ``d`` for a
+bottleneck's plain 3x3 conv (input channels are gated too) and 1 for a basic block's second
+conv (its input is gated: already counted by ``d``; its output is the block output) and for a
+grouped conv (each selected output channel reads its whole conv group).  The halo that the
+spatial kernel recomputes is not counted, so ``executed <= dense`` where ``dense`` (reported
+as ``dense_flops``) is the same sum with every gate on: ``maskers + downsample + conv1 + conv2
++ conv3 + se``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dynas.errors import ConfigError
+from dynas.kernels.maskers import ChannelMasker, LayerMasker, Masker, SpatialMasker
+from dynas.spaces.backbones import BlockSpec, conv_out
+from dynas.spaces.config import PARADIGMS, StageConfig, uses_channel, uses_layer, uses_spatial
+from dynas.spaces.torch_model import BasicBlock, Bottleneck, RegNetYBlock
+
+__all__ = [
+    "PATHS",
+    "DynamicBlock",
+    "DynamicBasicBlock",
+    "DynamicBottleneck",
+    "DynamicRegNetYBlock",
+    "build_block",
+]
+
+#: inference paths
+PATHS: tuple[str, ...] = ("fast", "reference")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _bn(x: torch.Tensor, bn: nn.BatchNorm2d, sel: torch.Tensor | None) -> torch.Tensor:
+    """Eval-mode BN with running statistics, restricted to channels ``sel`` (None: all)."""
+    if sel is None:
+        return F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+    return F.batch_norm(x, bn.running_mean[sel], bn.running_var[sel], bn.weight[sel], bn.bias[sel], False, 0.0, bn.eps)
+
+
+def _rows(w: torch.Tensor, sel: torch.Tensor | None) -> torch.Tensor:
+    """Weight [C_out, C_in, k, k] restricted to output channels ``sel``."""
+    return w if sel is None else w.index_select(0, sel)
+
+
+def _cols(w: torch.Tensor, sel: torch.Tensor | None) -> torch.Tensor:
+    """Weight [C_out, C_in, k, k] restricted to input channels ``sel``."""
+    return w if sel is None else w.index_select(1, sel)
+
+
+def _gated_conv(h: torch.Tensor, conv: nn.Conv2d, sel: torch.Tensor | None, stride: int, pad: int) -> torch.Tensor:
+    """``conv`` (width -> width, maybe grouped) on the selected channels only.
+
+    h: [B, |sel|, h, w] holding channels ``sel`` (sorted) -> [B, |sel|, h', w'].
+    """
+    w = conv.weight
+    if sel is None:
+        return F.conv2d(h, w, None, stride, pad, 1, conv.groups)
+    if conv.groups == 1:
+        return F.conv2d(h, w.index_select(0, sel).index_select(1, sel), None, stride, pad)
+    gw = conv.out_channels // conv.groups  # channels per conv group (in == out for the 3x3 conv)
+    touched = torch.unique(sel // gw)  # [q] conv groups with at least one selected channel, sorted
+    full_idx = (touched[:, None] * gw + torch.arange(gw, device=sel.device)).flatten()  # [q * gw]
+    if full_idx.numel() == sel.numel():
+        # the selection is made of whole conv groups: sel == full_idx
+        return F.conv2d(h, w.index_select(0, sel), None, stride, pad, 1, touched.numel())
+    pos = torch.searchsorted(full_idx, sel)  # [|sel|] position of each selected channel in full_idx
+    full = h.new_zeros(h.shape[0], full_idx.numel(), h.shape[2], h.shape[3])  # [B, q * gw, h, w]
+    full[:, pos] = h  # unselected members of touched groups stay zero (they are masked in the reference)
+    y = F.conv2d(full, w.index_select(0, full_idx), None, stride, pad, 1, touched.numel())  # [B, q * gw, h', w']
+    return y.index_select(1, pos)  # [B, |sel|, h', w']
+
+
+@dataclass
+class _Geom:
+    """How a sparse body sees its input.
+
+    ``pad``: padding of the 3x3 convs (1 on whole maps, 0 on gathered regions that carry their
+    halo); ``valid``: [P, 1, h_mid, w_mid] 0/1 mask of region positions inside the intermediate
+    map (None on whole maps); ``pool``: [B, C, h, w] -> [n, C] SE squeeze per sample;
+    ``expand``: [n, C] -> [B, C] SE scale per row of the batch.
+    """
+
+    pad: int
+    valid: torch.Tensor | None
+    pool: Callable[[torch.Tensor], torch.Tensor]
+    expand: Callable[[torch.Tensor], torch.Tensor]
+
+
+_DENSE_POOL = _Geom(1, None, lambda t: t.mean(dim=(2, 3)), lambda s: s)
+
+
+@dataclass(frozen=True)
+class _Axis:
+    """Gather geometry along one axis for patches of side S (see ``_axis``)."""
+
+    step: int  # region start of patch i in the padded input = i * step
+    region: int  # region length in the input
+    pad_lo: int
+    pad_hi: int
+    mid_step: int  # intermediate (after conv1) start of patch i = i * mid_step - mid_off
+    mid_off: int
+    mid_len: int
+    mid_size: int  # size of the intermediate map along this axis
+
+
+def _axis(size_in: int, patch: int, grid: int, chain: tuple[tuple[int, int, int], ...]) -> _Axis:
+    """Region of the input that patch ``i`` (outputs ``[i*S, i*S+S)``) needs through ``chain``.
+
+    ``chain`` = ((k1, s1, p1), (k2, s2, p2)): conv1 then the conv that yields the block output.
+    Through a conv (k, s, p), outputs [a, a + L) need inputs [a*s - p, a*s - p + (L-1)*s + k).
+    """
+    (k1, s1, p1), (k2, s2, p2) = chain
+    mid_len = (patch - 1) * s2 + k2
+    region = (mid_len - 1) * s1 + k1
+    pad_lo = p2 * s1 + p1  # input start of patch 0 is -pad_lo
+    step = patch * s2 * s1
+    end = (grid - 1) * step + region  # in padded coordinates
+    pad_hi = max(0, end - (size_in + pad_lo))
+    mid_size = conv_out(size_in, k1, s1, p1)
+    return _Axis(step, region, pad_lo, pad_hi, patch * s2, p2, mid_len, mid_size)
+
+
+# ----------------------------------------------------------------------------- the mixin
+
+
+class DynamicBlock:
+    """Mixin that turns a static block of :mod:`dynas.spaces.torch_model` into a dynamic one.
+
+    Subclasses (``DynamicBottleneck`` = ``DynamicBlock`` + ``Bottleneck`` etc.) implement
+    ``_shortcut``, ``_masked_body``, ``_sparse_body``, ``_last_bn``, ``_chain``,
+    ``_dense_terms`` and ``_conv2_input_gated``.  ``paradigm == "static"`` runs the static
+    block's own forward and records nothing.
+    """
+
+    spec: BlockSpec
+    stage_config: StageConfig
+    path: str
+    last_flops: dict[str, Any] | None
+
+    def _init_dynamic(self, spec: BlockSpec, cfg: StageConfig) -> None:
+        if not isinstance(cfg, StageConfig) or cfg.paradigm not in PARADIGMS:
+            raise ConfigError(f"stage config={cfg!r} is not a StageConfig; allowed paradigms: {', '.join(PARADIGMS)}")
+        self.spec = spec
+        self.stage_config = cfg
+        self.paradigm = cfg.paradigm
+        self.path = "fast"
+        self.last_flops = None
+        ho, wo = spec.out_hw
+        self.spatial_masker: SpatialMasker | None = None
+        self.channel_masker: ChannelMasker | None = None
+        self.layer_masker: LayerMasker | None = None
+        if uses_spatial(cfg.paradigm):
+            s = cfg.spatial_granularity
+            if not isinstance(s, int) or s < 1 or ho % s or wo % s:
+                raise ConfigError(f"spatial_granularity={s!r} does not divide block {spec.name}'s {ho}x{wo} output map")
+            self.granularity = s
+            self.grid_hw = (ho // s, wo // s)
+            self.spatial_masker = SpatialMasker(spec.in_channels, self.grid_hw, cfg.spatial_rate)
+            chain = self._chain()
+            self._axes = (_axis(spec.in_hw[0], s, self.grid_hw[0], chain), _axis(spec.in_hw[1], s, self.grid_hw[1], chain))
+        if uses_channel(cfg.paradigm):
+            g = cfg.channel_granularity
+            if not isinstance(g, int) or g < 1 or spec.width % g or spec.width // g < 2:
+                raise ConfigError(f"channel_granularity={g!r} must divide block {spec.name}'s gated width {spec.width} into >= 2 groups")
+            self.channel_group = g
+            self.channel_masker = ChannelMasker(spec.in_channels, spec.width // g, cfg.channel_density)
+        if uses_layer(cfg.paradigm):
+            self.layer_masker = LayerMasker(spec.in_channels, cfg.layer_rate)
+
+    # -- subclass hooks ---------------------------------------------------------------
+
+    def _shortcut(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _masked_body(self, x: torch.Tensor, cm: torch.Tensor | None, sm: torch.Tensor | None) -> torch.Tensor:
+        """Dense body with masks applied inside (module BN: batch stats in training)."""
+        raise NotImplementedError
+
+    def _sparse_body(self, x: torch.Tensor, sel: torch.Tensor | None, geom: _Geom) -> torch.Tensor:
+        """Body on a whole map or on gathered regions, channels ``sel`` only (eval BN)."""
+        raise NotImplementedError
+
+    def _last_bn(self) -> nn.BatchNorm2d:
+        raise NotImplementedError
+
+    def _chain(self) -> tuple[tuple[int, int, int], ...]:
+        raise NotImplementedError
+
+    def _dense_terms(self) -> dict[str, float]:
+        raise NotImplementedError
+
+    _conv2_input_gated = True
+
+    # -- public -------------------------------------------------------------------------
+
+    def maskers(self) -> list[Masker]:
+        return [m for m in (self.spatial_masker, self.channel_masker, self.layer_masker) if m is not None]
+
+    def set_path(self, path: str) -> None:
+        if path not in PATHS:
+            raise ConfigError(f"path={path!r} is unknown; allowed: {', '.join(PATHS)}")
+        self.path = path
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.paradigm == "static":
+            return super().forward(x)  # type: ignore[misc]
+        dec = self.decide(x)
+        if self.training or self.path == "reference":
+            out = self._masked_forward(x, dec)
+        else:
+            out = self._fast_forward(x, dec)
+        self.last_flops = self._flops(x.shape[0], dec)
+        return out
+
+    def decide(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Masks of this input: ``spatial`` [N, gh, gw], ``channel`` [N, n_groups], ``layer`` [N]."""
+        dec: dict[str, torch.Tensor] = {}
+        if self.spatial_masker is not None:
+            dec["spatial"] = self.spatial_masker(x)
+        if self.channel_masker is not None:
+            dec["channel"] = self.channel_masker(x)
+        if self.layer_masker is not None:
+            dec["layer"] = self.layer_masker(x)
+        return dec
+
+    # -- training / reference ---------------------------------------------------------------
+
+    def _masked_forward(self, x: torch.Tensor, dec: dict[str, torch.Tensor]) -> torch.Tensor:
+        cm = sm = None
+        if "channel" in dec:
+            cm = dec["channel"].repeat_interleave(self.channel_group, dim=1)[:, :, None, None]  # [N, width, 1, 1]
+        if "spatial" in dec:
+            s = self.granularity
+            # [N, gh, gw] -> [N, gh*S, gw*S] = [N, H_out, W_out] -> [N, 1, H_out, W_out]
+            sm = dec["spatial"].repeat_interleave(s, dim=1).repeat_interleave(s, dim=2)[:, None]
+        h = self._masked_body(x, cm, sm)  # [N, C_out, H_out, W_out]
+        if sm is not None:
+            h = h * sm
+        if "layer" in dec:
+            h = h * dec["layer"][:, None, None, None]  # [N] -> [N, 1, 1, 1]
+        return F.relu(self._shortcut(x) + h)
+
+    # -- fast path ------------------------------------------------------------------------
+
+    def _channel_parts(self, samples: torch.Tensor, dec: dict[str, torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """Split ``samples`` ([n] batch indices) into groups sharing one channel selection."""
+        if samples.numel() == 0:
+            return []
+        if "channel" not in dec:
+            return [(samples, None)]
+        on = dec["channel"].index_select(0, samples) > 0.5  # [n, n_groups] bool
+        uniq, inverse = torch.unique(on, dim=0, return_inverse=True)  # [u, n_groups], [n]
+        g = self.channel_group
+        offsets = torch.arange(g, device=samples.device)
+        parts = []
+        for u in range(uniq.shape[0]):
+            idx = samples[inverse == u]  # [n_u] batch indices with this selection
+            groups = uniq[u].nonzero().flatten()  # [k] selected groups, sorted
+            sel = (groups[:, None] * g + offsets).flatten()  # [k * G] selected channels, sorted
+            parts.append((idx, sel))
+        return parts
+
+    def _empty(self, rows: int, h: int, w: int, like: torch.Tensor) -> torch.Tensor:
+        """Body output when no gated channel is selected: the last BN applied to zeros."""
+        c_out = self.spec.out_channels
+        return _bn(like.new_zeros(rows, c_out, h, w), self._last_bn(), None)  # [rows, C_out, h, w]
+
+    def _fast_forward(self, x: torch.Tensor, dec: dict[str, torch.Tensor]) -> torch.Tensor:
+        n = x.shape[0]
+        ho, wo = self.spec.out_hw
+        out = self._shortcut(x).clone(memory_format=torch.contiguous_format)  # [N, C_out, H_out, W_out]
+        samples = torch.arange(n, device=x.device)
+        if "layer" in dec:
+            samples = (dec["layer"] > 0.5).nonzero().flatten()  # [n_on] samples whose body runs
+        parts = self._channel_parts(samples, dec)
+        if "spatial" not in dec:
+            for idx, sel in parts:
+                if sel is not None and sel.numel() == 0:
+                    y = self._empty(idx.numel(), ho, wo, x)
+                else:
+                    y = self._sparse_body(x.index_select(0, idx), sel, _DENSE_POOL)  # [n_u, C_out, H_out, W_out]
+                out.index_add_(0, idx, y)
+            return F.relu(out)
+        ax_h, ax_w = self._axes
+        xp = None
+        s = self.granularity
+        gh, gw = self.grid_hw
+        # [N, C_out, gh*S, gw*S] -> [N, C_out, gh, S, gw, S] -> [N, gh, gw, C_out, S, S] (a view of out)
+        out_patches = out.view(n, -1, gh, s, gw, s).permute(0, 2, 4, 1, 3, 5)
+        for idx, sel in parts:
+            active = dec["spatial"].index_select(0, idx) > 0.5  # [n_u, gh, gw]
+            pn, pi, pj = active.nonzero(as_tuple=True)  # [P] each: local sample, grid row, grid col
+            if pn.numel() == 0:
+                continue
+            nb = idx[pn]  # [P] batch index of each patch
+            if sel is not None and sel.numel() == 0:
+                y = self._empty(pn.numel(), s, s, x)  # [P, C_out, S, S]
+            else:
+                if xp is None:
+                    # zero-pad once: [N, C_in, H_in + lo + hi, W_in + lo + hi]
+                    xp = F.pad(x, (ax_w.pad_lo, ax_w.pad_hi, ax_h.pad_lo, ax_h.pad_hi))
+                rows = (pi * ax_h.step)[:, None] + torch.arange(ax_h.region, device=x.device)  # [P, R_h]
+                cols = (pj * ax_w.step)[:, None] + torch.arange(ax_w.region, device=x.device)  # [P, R_w]
+                # advanced indices around a slice go first: [P, R_h, R_w, C_in] -> [P, C_in, R_h, R_w]
+                regions = xp[nb[:, None, None], :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+                mrow = (pi * ax_h.mid_step - ax_h.mid_off)[:, None] + torch.arange(ax_h.mid_len, device=x.device)  # [P, M_h]
+                mcol = (pj * ax_w.mid_step - ax_w.mid_off)[:, None] + torch.arange(ax_w.mid_len, device=x.device)  # [P, M_w]
+                vr = (mrow >= 0) & (mrow < ax_h.mid_size)
+                vc = (mcol >= 0) & (mcol < ax_w.mid_size)
+                valid = (vr[:, :, None] & vc[:, None, :])[:, None].to(x.dtype)  # [P, 1, M_h, M_w]
+                n_u = idx.numel()
+                inv_area = 1.0 / (ho * wo)
+
+                def pool(t: torch.Tensor, pn=pn, n_u=n_u, inv_area=inv_area) -> torch.Tensor:
+                    # [P, C, S, S] -> [P, C] -> per sample [n_u, C]: mean over the whole masked map
+                    return t.new_zeros(n_u, t.shape[1]).index_add_(0, pn, t.sum(dim=(2, 3))) * inv_area
+
+                geom = _Geom(0, valid, pool, lambda sc, pn=pn: sc.index_select(0, pn))  # [n_u, C] -> [P, C]
+                y = self._sparse_body(regions, sel, geom)  # [P, C_out, S, S]
+            out_patches.index_put_((nb, pi, pj), y, accumulate=True)  # writes through the view into out
+        return F.relu(out)
+
+    # -- FLOPs -------------------------------------------------------------------------------
+
+    def _flops(self, n: int, dec: dict[str, torch.Tensor]) -> dict[str, Any]:
+        t = self._dense_terms()
+        masker = float(sum(m.flops() for m in self.maskers()))
+        fixed = masker + t["downsample"]
+        dense = fixed + t["conv1"] + t["conv2"] + t["conv3"] + t["se"]
+        ref = next(iter(dec.values()))
+        ones = torch.ones(n, dtype=ref.dtype, device=ref.device)
+        a = dec["spatial"].mean(dim=(1, 2)) if "spatial" in dec else ones  # [N]
+        d = dec["channel"].mean(dim=1) if "channel" in dec else ones  # [N]
+        lg = dec["layer"] if "layer" in dec else ones  # [N]
+        d_in = d if self._conv2_input_gated else ones
+        body = t["conv1"] * a * d + t["conv2"] * a * d * d_in + t["conv3"] * a * d + t["se"] * d
+        executed = fixed + lg * body  # [N]
+        rates: dict[str, torch.Tensor] = {}
+        if "spatial" in dec:
+            rates["spatial"] = a
+        if "channel" in dec:
+            rates["channel"] = d
+        if "layer" in dec:
+            rates["layer"] = lg
+        rates["primary"] = rates["spatial"] if "spatial" in rates else rates["layer"] if "layer" in rates else rates["channel"]
+        return {"executed_flops": executed, "dense_flops": dense, "masker_flops": masker, "rates": rates}
+
+
+# ----------------------------------------------------------------------------- block kinds
+
+
+class DynamicBasicBlock(DynamicBlock, BasicBlock):
+    """ResNet-18/34 block: 3x3 (stride, gated output) -> 3x3 (gated input)."""
+
+    _conv2_input_gated = False  # conv2's input gating is the ``d`` already applied; its output is the block's
+
+    def __init__(self, spec: BlockSpec, cfg: StageConfig):
+        BasicBlock.__init__(self, spec)
+        self._init_dynamic(spec, cfg)
+
+    def _shortcut(self, x):
+        return x if self.downsample is None else self.downsample(x)
+
+    def _chain(self):
+        return ((3, self.spec.stride, 1), (3, 1, 1))
+
+    def _last_bn(self):
+        return self.bn2
+
+    def _dense_terms(self):
+        b = self.spec
+        ho, wo = b.out_hw
+        return {
+            "conv1": 2.0 * b.in_channels * b.width * 9 * ho * wo,
+            "conv2": 2.0 * b.width * b.out_channels * 9 * ho * wo,
+            "conv3": 0.0,
+            "se": 0.0,
+            "downsample": 2.0 * b.in_channels * b.out_channels * ho * wo if b.has_downsample else 0.0,
+        }
+
+    def _masked_body(self, x, cm, sm):
+        h = F.relu(self.bn1(self.conv1(x)))  # [N, width, H_out, W_out]
+        if cm is not None:
+            h = h * cm
+        return self.bn2(self.conv2(h))  # [N, C_out, H_out, W_out]
+
+    def _sparse_body(self, x, sel, geom):
+        h = F.relu(_bn(F.conv2d(x, _rows(self.conv1.weight, sel), None, self.spec.stride, geom.pad), self.bn1, sel))
+        if geom.valid is not None:
+            h = h * geom.valid  # [P, |sel|, S+2, S+2]: zero where conv2 sees padding
+        return _bn(F.conv2d(h, _cols(self.conv2.weight, sel), None, 1, geom.pad), self.bn2, None)
+
+
+class DynamicBottleneck(DynamicBlock, Bottleneck):
+    """ResNet-50/101/152 block: 1x1 -> 3x3 (stride) -> 1x1; gated width = bottleneck width."""
+
+    def __init__(self, spec: BlockSpec, cfg: StageConfig):
+        Bottleneck.__init__(self, spec)
+        self._init_dynamic(spec, cfg)
+        self._conv2_input_gated = self.conv2.groups == 1
+
+    def _shortcut(self, x):
+        return x if self.downsample is None else self.downsample(x)
+
+    def _chain(self):
+        return ((1, 1, 0), (3, self.spec.stride, 1))
+
+    def _last_bn(self):
+        return self.bn3
+
+    def _dense_terms(self):
+        b = self.spec
+        (hi, wi), (ho, wo) = b.in_hw, b.out_hw
+        return {
+            "conv1": 2.0 * b.in_channels * b.width * hi * wi,
+            "conv2": 2.0 * (b.width // b.groups) * b.width * 9 * ho * wo,
+            "conv3": 2.0 * b.width * b.out_channels * ho * wo,
+            "se": 0.0,
+            "downsample": 2.0 * b.in_channels * b.out_channels * ho * wo if b.has_downsample else 0.0,
+        }
+
+    def _masked_body(self, x, cm, sm):
+        h = F.relu(self.bn1(self.conv1(x)))  # [N, width, H_in, W_in]
+        if cm is not None:
+            h = h * cm
+        h = F.relu(self.bn2(self.conv2(h)))  # [N, width, H_out, W_out]
+        if cm is not None:
+            h = h * cm
+        return self.bn3(self.conv3(h))  # [N, C_out, H_out, W_out]
+
+    def _sparse_body(self, x, sel, geom):
+        h = F.relu(_bn(F.conv2d(x, _rows(self.conv1.weight, sel)), self.bn1, sel))
+        if geom.valid is not None:
+            h = h * geom.valid  # [P, |sel|, R, R]: zero where the 3x3 conv sees padding
+        h = F.relu(_bn(_gated_conv(h, self.conv2, sel, self.spec.stride, geom.pad), self.bn2, sel))
+        return _bn(F.conv2d(h, _cols(self.conv3.weight, sel)), self.bn3, None)
+
+
+class DynamicRegNetYBlock(DynamicBlock, RegNetYBlock):
+    """RegNetY block: 1x1 -> grouped 3x3 (stride) -> SE -> 1x1; gated width = block width."""
+
+    _conv2_input_gated = False  # grouped conv: each selected output reads its whole conv group
+
+    def __init__(self, spec: BlockSpec, cfg: StageConfig):
+        RegNetYBlock.__init__(self, spec)
+        self._init_dynamic(spec, cfg)
+
+    def _shortcut(self, x):
+        return x if self.proj is None else self.proj(x)
+
+    def _chain(self):
+        return ((1, 1, 0), (3, self.spec.stride, 1))
+
+    def _last_bn(self):
+        return self.f.c[1]
+
+    def _dense_terms(self):
+        b = self.spec
+        (hi, wi), (ho, wo) = b.in_hw, b.out_hw
+        return {
+            "conv1": 2.0 * b.in_channels * b.width * hi * wi,
+            "conv2": 2.0 * (b.width // b.groups) * b.width * 9 * ho * wo,
+            "conv3": 2.0 * b.width * b.out_channels * ho * wo,
+            "se": 2.0 * 2 * b.width * b.se_channels,
+            "downsample": 2.0 * b.in_channels * b.out_channels * ho * wo if b.has_downsample else 0.0,
+        }
+
+    def _masked_body(self, x, cm, sm):
+        h = self.f.a(x)  # [N, width, H_in, W_in]
+        if cm is not None:
+            h = h * cm
+        h = self.f.b(h)  # [N, width, H_out, W_out]
+        if cm is not None:
+            h = h * cm
+        if sm is not None:
+            h = h * sm  # SE squeezes the masked map
+        if "se" in self.f._modules:
+            h = self.f.se(h)
+        return self.f.c(h)  # [N, C_out, H_out, W_out]
+
+    def _sparse_body(self, x, sel, geom):
+        a, b, c = self.f.a, self.f.b, self.f.c
+        h = F.relu(_bn(F.conv2d(x, _rows(a[0].weight, sel)), a[1], sel))
+        if geom.valid is not None:
+            h = h * geom.valid  # [P, |sel|, R, R]: zero where the 3x3 conv sees padding
+        h = F.relu(_bn(_gated_conv(h, b[0], sel, self.spec.stride, geom.pad), b[1], sel))  # [B, |sel|, h, w]
+        if "se" in self.f._modules:
+            se = self.f.se
+            w1 = se.fc1.weight[:, :, 0, 0]  # [se, width]
+            w2 = se.fc2.weight[:, :, 0, 0]  # [width, se]
+            b2 = se.fc2.bias
+            if sel is not None:
+                w1, w2, b2 = w1.index_select(1, sel), w2.index_select(0, sel), b2.index_select(0, sel)
+            z = F.relu(F.linear(geom.pool(h), w1, se.fc1.bias))  # [n, |sel|] -> [n, se]
+            scale = torch.sigmoid(F.linear(z, w2, b2))  # [n, |sel|]
+            h = h * geom.expand(scale)[:, :, None, None]  # [B, |sel|, 1, 1] broadcast over h, w
+        return _bn(F.conv2d(h, _cols(c[0].weight, sel)), c[1], None)
+
+
+_KINDS = {"basic": DynamicBasicBlock, "bottleneck": DynamicBottleneck, "regnety": DynamicRegNetYBlock}
+
+
+def build_block(spec: BlockSpec, cfg: StageConfig) -> DynamicBlock:
+    """The dynamic block for ``spec`` under stage choice ``cfg`` (freshly initialised)."""
+    if spec.kind not in _KINDS:
+        raise ConfigError(f"block kind={spec.kind!r} is unknown; allowed: {', '.join(_KINDS)}")
+    return _KINDS[spec.kind](spec, cfg)

@@ -1,0 +1,170 @@
+"""Maskers: the small modules that decide, per input, which parts of a block run.
+
+Every masker maps the block input ``x`` ([N, C_in, H_in, W_in]) to two logits per decision,
+``[N, 2, *decision_shape]`` (index 0 = off, 1 = on), and turns them into a mask of shape
+``[N, *decision_shape]`` with values in {0, 1}.
+
+Lifecycle of a decision:
+
+1. training (``module.train()``): straight-through hard Gumbel-softmax at ``temperature``
+   (set from outside, e.g. ``DynamicNet.set_temperature``); the mask is exactly 0/1 in the
+   forward pass and carries the soft Gumbel gradient in the backward pass.
+2. inference (``module.eval()``), gate mode ``"adaptive"``: argmax of the two logits, per input.
+3. inference, gate mode ``"budget"`` (DDI's resource-dependent control): exactly
+   :func:`budget_count` ``(rate, n)`` decisions are on per sample, the ``k`` with the largest
+   ``logit_on - logit_off``.  A :class:`LayerMasker` has a single decision per sample, so its
+   budget is taken over the batch instead: exactly ``budget_count(rate, N)`` samples run
+   (so at batch size 1 the single sample always runs: k >= 1).
+
+``force`` (``None``, ``"on"`` or ``"off"``) overrides every mode; tests and ablations use it.
+
+FLOPs of a masker (:meth:`Masker.flops`) count 2 x multiply-accumulates of its conv/linear
+layers only, the convention of ``torch.utils.flop_counter`` (pooling and biases are free).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dynas.errors import ConfigError
+
+__all__ = [
+    "GATE_MODES",
+    "budget_count",
+    "Masker",
+    "SpatialMasker",
+    "ChannelMasker",
+    "LayerMasker",
+]
+
+#: inference gate modes
+GATE_MODES: tuple[str, ...] = ("adaptive", "budget")
+_FORCE = (None, "on", "off")
+
+
+def budget_count(rate: float, n: int) -> int:
+    """Decisions that are on in budget mode: ``round(rate * n)`` (half up), at least 1."""
+    return max(1, min(n, int(math.floor(rate * n + 0.5))))
+
+
+def _hidden(in_channels: int, reduction: int = 16, minimum: int = 16) -> int:
+    return max(minimum, in_channels // reduction)
+
+
+class Masker(nn.Module):
+    """Base class: subclasses implement :meth:`logits` and :meth:`flops`.
+
+    ``rate`` is the configured activation rate (used by the budget mode only).
+    """
+
+    #: budget taken per sample (False: over the batch, one decision per sample)
+    per_sample_budget: bool = True
+
+    def __init__(self, rate: float):
+        super().__init__()
+        if not (0.0 < float(rate) <= 1.0):
+            raise ConfigError(f"masker rate={rate!r} is out of range; allowed: a number in (0, 1]")
+        self.rate = float(rate)
+        self.temperature = 1.0
+        self.gate_mode = "adaptive"
+        self.force: str | None = None
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        """[N, C_in, H, W] -> [N, 2, *decision_shape]."""
+        raise NotImplementedError
+
+    def flops(self) -> float:  # pragma: no cover - abstract
+        """FLOPs of one sample's masker evaluation."""
+        raise NotImplementedError
+
+    def set_gate_mode(self, mode: str) -> None:
+        if mode not in GATE_MODES:
+            raise ConfigError(f"gate mode={mode!r} is unknown; allowed: {', '.join(GATE_MODES)}")
+        self.gate_mode = mode
+
+    def set_force(self, force: str | None) -> None:
+        if force not in _FORCE:
+            raise ConfigError(f"force={force!r} is unknown; allowed: None, 'on', 'off'")
+        self.force = force
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Mask [N, *decision_shape] of 0/1 values (float, same dtype as ``x``)."""
+        logits = self.logits(x)  # [N, 2, *D]
+        if self.force is not None:
+            value = 1.0 if self.force == "on" else 0.0
+            return torch.full_like(logits[:, 1], value)
+        if self.training:
+            if not (self.temperature > 0 and math.isfinite(self.temperature)):
+                raise ConfigError(f"temperature={self.temperature!r} is out of range; allowed: a number > 0")
+            # straight-through hard Gumbel-softmax over the {off, on} axis
+            return F.gumbel_softmax(logits, tau=self.temperature, hard=True, dim=1)[:, 1]
+        score = logits[:, 1] - logits[:, 0]  # [N, *D]
+        if self.gate_mode == "adaptive":
+            return (score > 0).to(x.dtype)
+        if self.per_sample_budget:
+            flat = score.reshape(score.shape[0], -1)  # [N, n_decisions]
+        else:
+            flat = score.reshape(1, -1)  # [1, N]: one decision per sample, budget over the batch
+        k = budget_count(self.rate, flat.shape[1])
+        top = flat.topk(k, dim=1).indices  # [rows, k]
+        mask = torch.zeros_like(flat).scatter_(1, top, 1.0)
+        return mask.reshape(score.shape)
+
+
+class SpatialMasker(Masker):
+    """One decision per SxS patch of the block output: adaptive avg pool to the grid -> 1x1 conv."""
+
+    def __init__(self, in_channels: int, grid_hw: tuple[int, int], rate: float):
+        super().__init__(rate)
+        self.grid_hw = (int(grid_hw[0]), int(grid_hw[1]))
+        self.in_channels = in_channels
+        self.pool = nn.AdaptiveAvgPool2d(self.grid_hw)
+        self.conv = nn.Conv2d(in_channels, 2, 1)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(self.pool(x))  # [N, C_in, H, W] -> [N, C_in, gh, gw] -> [N, 2, gh, gw]
+
+    def flops(self) -> float:
+        return 2.0 * self.in_channels * 2 * self.grid_hw[0] * self.grid_hw[1]
+
+
+class _MLPMasker(Masker):
+    """Global average pool -> Linear -> ReLU -> Linear to 2 logits per decision."""
+
+    def __init__(self, in_channels: int, n_decisions: int, rate: float):
+        super().__init__(rate)
+        self.in_channels = in_channels
+        self.n_decisions = n_decisions
+        self.hidden = _hidden(in_channels)
+        self.fc1 = nn.Linear(in_channels, self.hidden)
+        self.fc2 = nn.Linear(self.hidden, 2 * n_decisions)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.fc2(F.relu(self.fc1(x.mean(dim=(2, 3)))))  # [N, C_in] -> [N, 2 * n]
+        return z.view(x.shape[0], 2, self.n_decisions)  # [N, 2, n]
+
+    def flops(self) -> float:
+        return 2.0 * (self.in_channels * self.hidden + self.hidden * 2 * self.n_decisions)
+
+
+class ChannelMasker(_MLPMasker):
+    """One decision per group of G channels of the gated width: mask [N, n_groups]."""
+
+    def __init__(self, in_channels: int, n_groups: int, rate: float):
+        super().__init__(in_channels, n_groups, rate)
+
+
+class LayerMasker(_MLPMasker):
+    """One decision per sample: mask [N]; the budget mode picks exactly ``round(rate * N)`` samples."""
+
+    per_sample_budget = False
+
+    def __init__(self, in_channels: int, rate: float):
+        super().__init__(in_channels, 1, rate)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return super().logits(x)[:, :, 0]  # [N, 2, 1] -> [N, 2]

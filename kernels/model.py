@@ -1,0 +1,215 @@
+"""Whole dynamic networks built from an :class:`~dynas.spaces.config.ArchConfig`.
+
+:func:`build_model` returns a :class:`DynamicNet`: the static backbone of
+:mod:`dynas.spaces.torch_model` (torchvision module names: ``conv1``/``bn1``/``layer1.0.conv2``
+for ResNet, ``stem``/``trunk_output.block2.block2-0.f.b`` for RegNetY) whose residual blocks
+are replaced by the dynamic blocks of :mod:`dynas.kernels.blocks`.  Masker parameters live
+under each block (``layer2.0.spatial_masker.conv.weight``), so a static or torchvision state
+dict loads with exactly the masker parameters missing.
+
+Usage::
+
+    model = build_model("export.json").eval()
+    model.load_pretrained("resnet50.pth")      # -> LoadResult(missing, unexpected, masker_keys)
+    model.set_gate_mode("budget")              # or "adaptive"
+    model.set_path("fast")                     # or "reference" (dense compute, then mask)
+    logits = model(images)
+    readout = model.flops_readout()            # per dynamic block: executed / dense FLOPs, rates
+
+In training (``model.train()``) the maskers sample straight-through hard Gumbel decisions at
+the temperature given by :meth:`DynamicNet.set_temperature`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Mapping
+
+import torch
+from torch import nn
+
+from dynas.errors import ConfigError
+from dynas.kernels.blocks import PATHS, DynamicBlock, build_block
+from dynas.kernels.maskers import GATE_MODES, Masker
+from dynas.spaces.config import ArchConfig, load_config
+from dynas.spaces.torch_model import block_module_name, build_static_model
+
+__all__ = ["DynamicNet", "LoadResult", "build_model"]
+
+_log = logging.getLogger(__name__)
+
+#: prefixes that wrappers add to state-dict keys (DataParallel / DDP, torch.compile)
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+@dataclass
+class LoadResult:
+    """Outcome of :meth:`DynamicNet.load_pretrained`; unpacks as ``missing, unexpected``.
+
+    ``missing_keys`` are the model's non-masker parameters/buffers that the state dict lacked,
+    ``unexpected_keys`` the state dict's keys the model has no place for, ``masker_keys`` the
+    masker parameters (always freshly initialised: a static checkpoint has none).
+    """
+
+    missing_keys: list[str]
+    unexpected_keys: list[str]
+    masker_keys: list[str] = field(default_factory=list)
+
+    def __iter__(self) -> Iterator[list[str]]:
+        return iter((self.missing_keys, self.unexpected_keys))
+
+
+class DynamicNet(nn.Module):
+    """A backbone whose residual blocks are :class:`~dynas.kernels.blocks.DynamicBlock` s."""
+
+    def __init__(self, config: ArchConfig):
+        super().__init__()
+        self.config = config
+        spec = config.spec
+        self.spec = spec
+        self.family = spec.family
+        static = build_static_model(spec)
+        for name, child in static.named_children():
+            self.add_module(name, child)
+        self.block_names: list[str] = []
+        for b in spec.blocks:
+            path = block_module_name(b)
+            parent_path, _, leaf = path.rpartition(".")
+            parent = self.get_submodule(parent_path)
+            dyn = build_block(b, config.stages[b.stage])
+            old = getattr(parent, leaf)
+            dyn.load_state_dict(old.state_dict(), strict=False)  # keep the static init of shared weights
+            setattr(parent, leaf, dyn)
+            self.block_names.append(path)
+
+    # -- forward ---------------------------------------------------------------------------
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """[N, 3, H, W] -> last stage map [N, C_last, h, w]."""
+        if self.family == "regnety":
+            return self.trunk_output(self.stem(x))
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        for s in range(self.spec.num_stages):
+            x = getattr(self, f"layer{s + 1}")(x)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.avgpool(self.forward_features(x))  # [N, C, 1, 1]
+        return self.fc(torch.flatten(x, 1))  # [N, C] -> [N, num_classes]
+
+    # -- control ---------------------------------------------------------------------------
+
+    def blocks(self) -> list[DynamicBlock]:
+        return [self.get_submodule(p) for p in self.block_names]  # type: ignore[misc]
+
+    def maskers(self) -> list[Masker]:
+        return [m for m in self.modules() if isinstance(m, Masker)]
+
+    def set_gate_mode(self, mode: str) -> "DynamicNet":
+        """Inference decisions: ``"adaptive"`` (argmax per input) or ``"budget"`` (exact rates)."""
+        if mode not in GATE_MODES:
+            raise ConfigError(f"gate mode={mode!r} is unknown; allowed: {', '.join(GATE_MODES)}")
+        for m in self.maskers():
+            m.set_gate_mode(mode)
+        return self
+
+    def set_path(self, path: str) -> "DynamicNet":
+        """Eval compute path: ``"fast"`` (skips work) or ``"reference"`` (dense, then masked)."""
+        if path not in PATHS:
+            raise ConfigError(f"path={path!r} is unknown; allowed: {', '.join(PATHS)}")
+        for b in self.blocks():
+            b.set_path(path)
+        return self
+
+    def set_temperature(self, temperature: float) -> "DynamicNet":
+        """Gumbel-softmax temperature of every masker (training only)."""
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+            raise ConfigError(f"temperature={temperature!r} is out of range; allowed: a number > 0")
+        for m in self.maskers():
+            m.temperature = float(temperature)
+        return self
+
+    def set_force(self, force: str | None) -> "DynamicNet":
+        """Override every decision: ``"on"``, ``"off"`` or ``None`` (normal gating)."""
+        for m in self.maskers():
+            m.set_force(force)
+        return self
+
+    def flops_readout(self) -> list[dict[str, Any]]:
+        """One dict per dynamic block from the last forward pass.
+
+        Keys: ``stage``, ``block``, ``name`` (module path), ``executed_flops`` (Tensor[N], masker
+        and downsample included; differentiable in training), ``dense_flops`` (float, every gate
+        on), ``masker_flops`` (float), ``rates`` (dict of Tensor[N]: ``spatial`` / ``channel`` /
+        ``layer`` where used, and ``primary`` = the stage's configured ``rate``'s decision).
+        Static blocks are left out.  Raises :class:`ConfigError` before any forward pass.
+        """
+        out = []
+        for spec_b, path in zip(self.spec.blocks, self.block_names):
+            blk = self.get_submodule(path)
+            if blk.paradigm == "static":
+                continue
+            if blk.last_flops is None:
+                raise ConfigError(f"flops_readout() before a forward pass; block {path} has no record yet")
+            out.append({"stage": spec_b.stage, "block": spec_b.index, "name": path, **blk.last_flops})
+        return out
+
+    # -- weights ---------------------------------------------------------------------------
+
+    def load_pretrained(self, source: "str | os.PathLike[str] | Mapping[str, torch.Tensor]", strict: bool = False) -> LoadResult:
+        """Load a static (torchvision-named) state dict; return what did not match.
+
+        ``source`` is a state dict or a ``torch.save`` file of one (a ``{"state_dict": ...}`` or
+        ``{"model": ...}`` wrapper and ``module.`` / ``_orig_mod.`` key prefixes are accepted).
+        Masker parameters are expected to be missing and are reported in ``masker_keys``; any
+        other missing or unexpected key is warned about, or raises :class:`ConfigError` when
+        ``strict``.  Shape mismatches always raise :class:`ConfigError`.
+        """
+        if isinstance(source, (str, os.PathLike)):
+            try:
+                state = torch.load(source, map_location="cpu", weights_only=True)
+            except (OSError, RuntimeError, EOFError) as exc:
+                raise ConfigError(f"pretrained={str(source)!r} cannot be loaded: {exc}".splitlines()[0]) from None
+        else:
+            state = source
+        if isinstance(state, Mapping):
+            for wrapper in ("state_dict", "model"):
+                if wrapper in state and isinstance(state[wrapper], Mapping):
+                    state = state[wrapper]
+                    break
+        if not isinstance(state, Mapping):
+            raise ConfigError(f"pretrained={type(state).__name__} is not a state dict; allowed: a mapping of names to tensors")
+        clean: dict[str, torch.Tensor] = {}
+        for k, v in state.items():
+            for p in _WRAPPER_PREFIXES:
+                if k.startswith(p):
+                    k = k[len(p):]
+            clean[k] = v
+        own = self.state_dict()
+        for k, v in clean.items():
+            if k in own and isinstance(v, torch.Tensor) and tuple(v.shape) != tuple(own[k].shape):
+                raise ConfigError(f"pretrained key {k!r} has shape {tuple(v.shape)}; allowed: {tuple(own[k].shape)} for {self.config.backbone}")
+        res = self.load_state_dict(clean, strict=False)
+        masker = [k for k in res.missing_keys if "_masker." in k]
+        missing = [k for k in res.missing_keys if "_masker." not in k]
+        result = LoadResult(missing, list(res.unexpected_keys), masker)
+        if missing or result.unexpected_keys:
+            msg = (f"pretrained weights: {len(missing)} missing key(s) (first: {missing[:1]}), "
+                   f"{len(result.unexpected_keys)} unexpected key(s) (first: {result.unexpected_keys[:1]})")
+            if strict:
+                raise ConfigError(msg + "; allowed: only masker parameters missing")
+            warnings.warn(msg, stacklevel=2)
+        _log.info("pretrained weights loaded; %d masker parameter(s) keep their initialisation", len(masker))
+        return result
+
+
+def build_model(config: "ArchConfig | Mapping[str, Any] | str | os.PathLike[str]") -> DynamicNet:
+    """The dynamic network of ``config`` (ArchConfig, dict, JSON string or path, exports included).
+
+    Freshly initialised, in training mode like any ``nn.Module``; call ``.eval()`` for the
+    inference paths (fast path and adaptive gates by default).
+    """
+    return DynamicNet(load_config(config))

@@ -1,0 +1,435 @@
+"""Dynamic kernels: fast (skipping) path == dense-masked reference, budgets, FLOPs, weights."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from dynas.errors import ConfigError
+from dynas.kernels import (DynamicBlock, DynamicNet, LayerMasker, Masker, SpatialMasker, budget_count, build_block,
+                           build_model)
+from dynas.spaces.backbones import get_backbone
+from dynas.spaces.config import ArchConfig, StageConfig
+from dynas.spaces.torch_model import BasicBlock, Bottleneck, RegNetYBlock, build_static_model
+
+ATOL = RTOL = 1e-4
+INPUT = 71  # stage maps 18 / 9 / 5 / 3 for both ResNet and RegNetY: odd maps, even->odd and odd->odd strides
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+# (backbone, stage, index) -> (spatial granularities, channel granularities) used below
+BLOCKS = {
+    ("resnet18", 1, 0): ((1, 3), (2, 32)),  # basic, stride 2 + downsample, 18 -> 9
+    ("resnet50", 1, 0): ((1, 3), (1, 32)),  # bottleneck, stride 2 + downsample, 18 -> 9
+    ("resnet50", 1, 1): ((1, 3), (4, 64)),  # bottleneck, identity shortcut, 9 -> 9
+    ("resnet50", 2, 0): ((1, 5), (2, 128)),  # bottleneck, stride 2, odd 9 -> 5
+    ("regnety_400mf", 1, 0): ((1, 3), (4, 13)),  # grouped (8 per group) + SE; G=4 inside, G=13 across conv groups
+    ("regnety_400mf", 2, 0): ((1, 5), (8, 26)),  # RegNetY, stride 2, odd 9 -> 5; G=8 = whole conv groups
+}
+DYNAMIC = ("spatial", "channel", "layer", "spatial+channel", "layer+channel")
+
+
+def _block_spec(backbone: str, stage: int, index: int, size: int = INPUT):
+    return next(b for b in get_backbone(backbone, size).blocks if b.stage == stage and b.index == index)
+
+
+def _stage(paradigm: str, rate: float, s: int | None, g: int | None) -> StageConfig:
+    return StageConfig(
+        paradigm=paradigm, rate=rate,
+        spatial_granularity=s if paradigm in ("spatial", "spatial+channel") else None,
+        channel_granularity=g if "channel" in paradigm else None,
+        channel_rate=rate if "+" in paradigm else None,
+    )
+
+
+def _randomize(module: torch.nn.Module, seed: int = 0) -> None:
+    """Non-trivial BN statistics/affine so that masking mistakes show up in the output."""
+    gen = torch.Generator().manual_seed(seed)
+    for m in module.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            c = m.num_features
+            m.running_mean.copy_(torch.rand(c, generator=gen) - 0.5)
+            m.running_var.copy_(torch.rand(c, generator=gen) * 1.5 + 0.5)
+            m.weight.data.copy_(torch.rand(c, generator=gen) + 0.5)
+            m.bias.data.copy_(torch.rand(c, generator=gen) - 0.5)
+
+
+def _make(key, paradigm, rate, gi, device="cpu"):
+    spec = _block_spec(*key)
+    grans_s, grans_c = BLOCKS[key]
+    blk = build_block(spec, _stage(paradigm, rate, grans_s[gi], grans_c[gi]))
+    torch.manual_seed(1)
+    _randomize(blk)
+    return spec, blk.to(device).eval()
+
+
+def _both(blk: DynamicBlock, x: torch.Tensor):
+    with torch.no_grad():
+        blk.set_path("reference")
+        ref = blk(x)
+        ref_flops = blk.last_flops
+        blk.set_path("fast")
+        fast = blk(x)
+    return fast, ref, ref_flops
+
+
+def _set_mode(blk: DynamicBlock, mode: str) -> None:
+    for m in blk.maskers():
+        m.set_gate_mode(mode)
+
+
+# ----------------------------------------------------------------------------- fast == reference
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.parametrize("gi", [0, 1])
+@pytest.mark.parametrize("rate", [0.1, 0.5, 1.0])
+@pytest.mark.parametrize("paradigm", DYNAMIC)
+@pytest.mark.parametrize("key", list(BLOCKS), ids=lambda k: f"{k[0]}-s{k[1]}b{k[2]}")
+def test_fast_matches_reference(key, paradigm, rate, gi, batch, device):
+    spec, blk = _make(key, paradigm, rate, gi, device)
+    x = torch.randn(batch, spec.in_channels, *spec.in_hw, generator=torch.Generator().manual_seed(2)).to(device)
+    for mode in ("adaptive", "budget"):
+        _set_mode(blk, mode)
+        fast, ref, ref_flops = _both(blk, x)
+        assert fast.shape == (batch, spec.out_channels, *spec.out_hw)
+        torch.testing.assert_close(fast, ref, atol=ATOL, rtol=RTOL)
+        # the two paths took the same decisions
+        for k, v in ref_flops["rates"].items():
+            torch.testing.assert_close(blk.last_flops["rates"][k], v)
+
+
+@pytest.mark.parametrize("paradigm", DYNAMIC)
+@pytest.mark.parametrize("key", list(BLOCKS), ids=lambda k: f"{k[0]}-s{k[1]}b{k[2]}")
+def test_different_decisions_per_sample(key, paradigm):
+    # budget mode at 0.5 with random inputs: samples pick different patches / channel groups
+    spec, blk = _make(key, paradigm, 0.5, 1)
+    _set_mode(blk, "budget")
+    gen = torch.Generator().manual_seed(3)
+    # per-sample channel offsets make the pooled masker inputs differ between samples
+    x = torch.randn(6, spec.in_channels, *spec.in_hw, generator=gen) + 3 * torch.randn(6, spec.in_channels, 1, 1, generator=gen)
+    dec = blk.decide(x)
+    if "layer" not in dec:
+        primary = dec["spatial"] if "spatial" in dec else dec["channel"]
+        flat = primary.reshape(6, -1)
+        if flat.shape[1] > 2:
+            assert len({tuple(r.tolist()) for r in flat}) > 1
+    fast, ref, _ = _both(blk, x)
+    torch.testing.assert_close(fast, ref, atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("paradigm", DYNAMIC)
+@pytest.mark.parametrize("key", list(BLOCKS), ids=lambda k: f"{k[0]}-s{k[1]}b{k[2]}")
+def test_all_gates_on_is_the_static_block(key, paradigm):
+    spec, blk = _make(key, paradigm, 0.5, 1)
+    static = {"basic": BasicBlock, "bottleneck": Bottleneck, "regnety": RegNetYBlock}[spec.kind](spec).eval()
+    static.load_state_dict(blk.state_dict(), strict=False)
+    for m in blk.maskers():
+        m.set_force("on")
+    x = torch.randn(3, spec.in_channels, *spec.in_hw)
+    fast, ref, _ = _both(blk, x)
+    with torch.no_grad():
+        dense = static(x)
+    torch.testing.assert_close(fast, dense, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(ref, dense, atol=ATOL, rtol=RTOL)
+    flops = blk.last_flops
+    torch.testing.assert_close(flops["executed_flops"], torch.full((3,), flops["dense_flops"]))
+
+
+@pytest.mark.parametrize("paradigm", DYNAMIC)
+@pytest.mark.parametrize("key", list(BLOCKS), ids=lambda k: f"{k[0]}-s{k[1]}b{k[2]}")
+def test_all_gates_off(key, paradigm):
+    spec, blk = _make(key, paradigm, 0.5, 0)
+    for m in blk.maskers():
+        m.set_force("off")
+    x = torch.randn(2, spec.in_channels, *spec.in_hw)
+    fast, ref, _ = _both(blk, x)
+    torch.testing.assert_close(fast, ref, atol=ATOL, rtol=RTOL)
+    if paradigm != "channel":
+        # nothing of the body is added: ReLU(shortcut)
+        with torch.no_grad():
+            expected = torch.relu(blk._shortcut(x))
+        torch.testing.assert_close(fast, expected, atol=ATOL, rtol=RTOL)
+    flops = blk.last_flops
+    assert torch.all(flops["executed_flops"] >= flops["masker_flops"])
+    assert torch.all(flops["executed_flops"] < flops["dense_flops"])
+
+
+def test_regnety_channel_aligned_and_unaligned_groups():
+    # G=8 equals the conv group width (no zero-fill), G=4 and G=12 split / straddle conv groups
+    spec = _block_spec("regnety_400mf", 1, 1)  # 104 wide, 13 conv groups of 8, identity shortcut
+    x = torch.randn(4, spec.in_channels, *spec.in_hw)
+    for g in (4, 8, 52):
+        blk = build_block(spec, StageConfig("channel", 0.3, channel_granularity=g))
+        _randomize(blk)
+        blk.eval()
+        _set_mode(blk, "budget")
+        fast, ref, _ = _both(blk, x)
+        torch.testing.assert_close(fast, ref, atol=ATOL, rtol=RTOL)
+
+
+# ----------------------------------------------------------------------------- budget, training, FLOPs
+
+
+@pytest.mark.parametrize("rate", [0.1, 0.3, 0.5, 0.77, 1.0])
+@pytest.mark.parametrize("paradigm", DYNAMIC)
+def test_budget_mode_exact_counts(paradigm, rate):
+    spec, blk = _make(("resnet50", 1, 1), paradigm, rate, 0)
+    _set_mode(blk, "budget")
+    n = 5
+    with torch.no_grad():
+        dec = blk.decide(torch.randn(n, spec.in_channels, *spec.in_hw))
+    if "spatial" in dec:
+        per = dec["spatial"].reshape(n, -1).sum(1)
+        assert per.tolist() == [budget_count(rate, 81)] * n
+    if "channel" in dec:
+        per = dec["channel"].sum(1)
+        assert per.tolist() == [budget_count(rate, blk.channel_masker.n_decisions)] * n
+    if "layer" in dec:
+        assert int(dec["layer"].sum()) == budget_count(rate, n)
+    assert set(torch.cat([v.flatten() for v in dec.values()]).tolist()) <= {0.0, 1.0}
+
+
+def test_budget_count_rule():
+    assert budget_count(0.1, 81) == 8
+    assert budget_count(0.5, 9) == 5  # half rounds up
+    assert budget_count(0.01, 9) == 1  # at least one
+    assert budget_count(1.0, 7) == 7
+
+
+def test_adaptive_mode_is_argmax():
+    spec, blk = _make(("resnet50", 1, 1), "spatial", 0.5, 1)
+    x = torch.randn(2, spec.in_channels, *spec.in_hw)
+    with torch.no_grad():
+        logits = blk.spatial_masker.logits(x)
+        mask = blk.spatial_masker(x)
+    assert torch.equal(mask, (logits[:, 1] > logits[:, 0]).float())
+
+
+@pytest.mark.parametrize("paradigm", DYNAMIC)
+@pytest.mark.parametrize("key", [("resnet18", 1, 0), ("resnet50", 1, 0), ("regnety_400mf", 1, 0)],
+                         ids=lambda k: k[0])
+def test_training_forward_is_differentiable(key, paradigm):
+    spec, blk = _make(key, paradigm, 0.5, 1)
+    blk.train()
+    for m in blk.maskers():
+        m.temperature = 2.0
+    if blk.layer_masker is not None:
+        # lean towards "on" so that the channel masker behind the layer gate influences the output
+        blk.layer_masker.fc2.bias.data = torch.tensor([-1.0, 1.0])
+    x = torch.randn(4, spec.in_channels, *spec.in_hw)
+    out = blk(x)
+    flops = blk.last_flops
+    executed = flops["executed_flops"]
+    assert executed.shape == (4,) and executed.requires_grad
+    assert torch.all(executed >= flops["masker_flops"]) and torch.all(executed <= flops["dense_flops"] + 1e-3)
+    assert set(flops["rates"]) >= {"primary"}
+    (out.square().mean() + executed.mean() / flops["dense_flops"]).backward()
+    for m in blk.maskers():
+        grads = [p.grad for p in m.parameters()]
+        assert all(g is not None for g in grads)
+        assert sum(float(g.abs().sum()) for g in grads) > 0
+
+
+def test_training_masks_are_hard_and_temperature_is_checked():
+    spec, blk = _make(("resnet50", 1, 1), "spatial", 0.5, 1)
+    blk.train()
+    x = torch.randn(8, spec.in_channels, *spec.in_hw)
+    blk.spatial_masker.temperature = 0.5
+    m1 = blk.spatial_masker(x)
+    assert set(m1.unique().tolist()) == {0.0, 1.0}
+    blk.spatial_masker.temperature = 0.0
+    with pytest.raises(ConfigError, match="temperature"):
+        blk.spatial_masker(x)
+
+
+@pytest.mark.parametrize("key", list(BLOCKS), ids=lambda k: f"{k[0]}-s{k[1]}b{k[2]}")
+def test_dense_flops_match_torch_flop_counter(key):
+    spec, blk = _make(key, "spatial+channel", 0.5, 1)
+    static = {"basic": BasicBlock, "bottleneck": Bottleneck, "regnety": RegNetYBlock}[spec.kind](spec).eval()
+    x = torch.randn(1, spec.in_channels, *spec.in_hw)
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        static(x)
+    body = fc.get_total_flops()
+    masker = 0
+    for m in blk.maskers():
+        with FlopCounterMode(display=False) as fc, torch.no_grad():
+            m.logits(x)
+        assert fc.get_total_flops() == m.flops()
+        masker += fc.get_total_flops()
+    with torch.no_grad():
+        blk(x)
+    assert blk.last_flops["dense_flops"] == pytest.approx(body + masker)
+    assert blk.last_flops["masker_flops"] == pytest.approx(masker)
+
+
+@pytest.mark.parametrize("paradigm", ["channel", "layer", "layer+channel"])
+def test_fast_path_executes_the_counted_flops(paradigm):
+    # channel / layer skipping on a plain bottleneck executes exactly the analytical count
+    spec, blk = _make(("resnet50", 1, 0), paradigm, 0.25, 0)
+    _set_mode(blk, "budget")
+    x = torch.randn(4, spec.in_channels, *spec.in_hw)
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        blk(x)
+    assert fc.get_total_flops() == pytest.approx(float(blk.last_flops["executed_flops"].sum()), rel=1e-6)
+
+
+@pytest.mark.parametrize("key", [("resnet18", 1, 0), ("resnet50", 1, 0), ("regnety_400mf", 1, 0)], ids=lambda k: k[0])
+def test_spatial_fast_path_skips_work(key):
+    spec, blk = _make(key, "spatial", 0.1, 0)  # S=1: 9 of 81 positions per sample
+    _set_mode(blk, "budget")
+    x = torch.randn(2, spec.in_channels, *spec.in_hw)
+    counts = {}
+    for path in ("reference", "fast"):
+        blk.set_path(path)
+        with FlopCounterMode(display=False) as fc, torch.no_grad():
+            blk(x)
+        counts[path] = fc.get_total_flops()
+    assert counts["fast"] < 0.5 * counts["reference"]
+
+
+# ----------------------------------------------------------------------------- whole networks
+
+
+NETS = {
+    "resnet18": [("spatial", 2), ("channel", 4), ("layer", None), ("spatial+channel", 3)],
+    "resnet50": [("layer+channel", 8), ("spatial", 3), ("channel", 16), ("spatial", 1)],
+    "regnety_400mf": [("layer+channel", 8), ("spatial", 3), ("channel", 13), ("spatial+channel", 1)],
+}
+
+
+def _net_config(backbone: str, rate: float = 0.5) -> ArchConfig:
+    stages = []
+    for p, gran in NETS[backbone]:
+        s = gran if p in ("spatial", "spatial+channel") else None
+        g = (gran if p != "spatial+channel" else 4) if "channel" in p else None
+        if p == "spatial+channel":
+            s, g = 1, 4
+        stages.append(_stage(p, rate, s, g))
+    return ArchConfig(backbone, (INPUT, INPUT), tuple(stages))
+
+
+@pytest.mark.parametrize("backbone", list(NETS))
+def test_whole_network_fast_matches_reference(backbone):
+    torch.manual_seed(0)
+    model = build_model(_net_config(backbone)).eval()
+    _randomize(model)
+    x = torch.randn(3, 3, INPUT, INPUT)
+    for mode in ("adaptive", "budget"):
+        model.set_gate_mode(mode)
+        with torch.no_grad():
+            ref = model.set_path("reference")(x)
+            ref_rates = [r["rates"]["primary"] for r in model.flops_readout()]
+            fast = model.set_path("fast")(x)
+        torch.testing.assert_close(fast, ref, atol=ATOL, rtol=RTOL)
+        readout = model.flops_readout()
+        assert len(readout) == len(model.spec.blocks)
+        for r, rr in zip(readout, ref_rates):
+            assert set(r) >= {"stage", "block", "executed_flops", "dense_flops", "rates"}
+            assert r["executed_flops"].shape == (3,)
+            torch.testing.assert_close(r["rates"]["primary"], rr)
+
+
+def test_training_step_through_whole_network():
+    cfg = _net_config("resnet18")
+    model = build_model(cfg.to_dict()).train().set_temperature(1.5)
+    out = model(torch.randn(2, 3, INPUT, INPUT))
+    readout = model.flops_readout()
+    loss = out.square().mean() + sum(r["executed_flops"].mean() / r["dense_flops"] for r in readout)
+    loss.backward()
+    assert all(p.grad is not None for m in model.maskers() for p in m.parameters())
+    assert {m.temperature for m in model.maskers()} == {1.5}
+
+
+def test_static_config_matches_static_model_exactly():
+    for backbone in ("resnet18", "regnety_400mf"):
+        spec = get_backbone(backbone, 64)
+        torch.manual_seed(0)
+        static = build_static_model(spec).eval()
+        _randomize(static)
+        model = build_model(ArchConfig.static(backbone, 64)).eval()
+        missing, unexpected = model.load_pretrained(static.state_dict())
+        assert missing == [] and unexpected == []
+        x = torch.randn(2, 3, 64, 64)
+        with torch.no_grad():
+            assert torch.equal(model(x), static(x))
+        assert model.flops_readout() == []
+
+
+def test_load_pretrained_static_state_dict(tmp_path):
+    cfg = _net_config("resnet50")
+    static = build_static_model(cfg.spec).eval()
+    _randomize(static, seed=5)
+    path = tmp_path / "static.pth"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in static.state_dict().items()}}, path)
+    model = build_model(cfg)
+    res = model.load_pretrained(path)
+    missing, unexpected = res
+    assert missing == [] and unexpected == []
+    assert res.masker_keys and all("_masker." in k for k in res.masker_keys)
+    assert len(res.masker_keys) == sum(len(list(m.state_dict())) for m in model.maskers())
+    sd = model.state_dict()
+    for k, v in static.state_dict().items():
+        assert torch.equal(sd[k], v), k
+    # with every gate on, the dynamic net is the static one
+    model.eval().set_force("on")
+    x = torch.randn(2, 3, INPUT, INPUT)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), static(x), atol=ATOL, rtol=RTOL)
+
+
+def test_load_pretrained_reports_mismatches():
+    model = build_model(_net_config("resnet18"))
+    sd = build_static_model(model.spec).state_dict()
+    sd.pop("fc.bias")
+    sd["extra.weight"] = torch.zeros(1)
+    with pytest.warns(UserWarning, match="missing"):
+        missing, unexpected = model.load_pretrained(sd)
+    assert missing == ["fc.bias"] and unexpected == ["extra.weight"]
+    with pytest.raises(ConfigError, match="masker"):
+        model.load_pretrained(sd, strict=True)
+    bad = build_static_model(model.spec).state_dict()
+    bad["fc.weight"] = torch.zeros(3, 3)
+    with pytest.raises(ConfigError, match="fc.weight"):
+        model.load_pretrained(bad)
+
+
+def test_build_model_from_exported_json(tmp_path):
+    cfg = _net_config("regnety_400mf")
+    path = tmp_path / "export.json"
+    path.write_text(json.dumps({**cfg.to_dict(), "target": "v100", "predictions": {}}))
+    model = build_model(path)
+    assert isinstance(model, DynamicNet) and model.config == cfg
+    names = set(model.state_dict())
+    assert "trunk_output.block2.block2-0.f.b.0.weight" in names
+    assert "trunk_output.block2.block2-0.spatial_masker.conv.weight" in names
+    assert "trunk_output.block1.block1-0.layer_masker.fc1.weight" in names
+
+
+def test_control_errors():
+    model = build_model(_net_config("resnet18")).eval()
+    with pytest.raises(ConfigError, match="gate mode"):
+        model.set_gate_mode("greedy")
+    with pytest.raises(ConfigError, match="path"):
+        model.set_path("slow")
+    with pytest.raises(ConfigError, match="temperature"):
+        model.set_temperature(0)
+    with pytest.raises(ConfigError, match="forward"):
+        model.flops_readout()
+    spec = _block_spec("resnet50", 1, 1)
+    with pytest.raises(ConfigError, match="spatial_granularity"):
+        build_block(spec, StageConfig("spatial", 0.5, spatial_granularity=2))
+    assert isinstance(SpatialMasker(8, (2, 2), 0.5), Masker)
+    assert LayerMasker.per_sample_budget is False
+
+
+def test_param_names_extend_static_names():
+    for backbone in ("resnet18", "resnet50", "regnety_400mf"):
+        cfg = _net_config(backbone)
+        static_names = set(build_static_model(cfg.spec, device="meta").state_dict())
+        names = set(build_model(cfg).state_dict())
+        assert static_names <= names
+        assert all("_masker." in k for k in names - static_names)
