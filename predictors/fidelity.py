@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from dynas.predictors.latency import predict_stages_ms
+from dynas.predictors.latency import predict
 from dynas.predictors.targets import load_target
 from dynas.spaces.config import ArchConfig, StageConfig
 
@@ -49,18 +49,18 @@ def compare_reference() -> tuple[pd.DataFrame, pd.DataFrame, dict[str, float]]:
     for entry in ref["static_ms_per_image"]:
         tgt = load_target(entry["target"])
         n = tgt.default_batch_size
-        _, sta = predict_stages_ms(ArchConfig.static(entry["backbone"]), tgt, n)
+        pred = predict(ArchConfig.static(entry["backbone"]), tgt, n)
         rows.append({"backbone": entry["backbone"], "target": entry["target"], "reference_ms": entry["ms"],
-                     "dynas_ms": sum(sta) / n})
+                     "dynas_ms": sum(st.static_latency_ms for st in pred.stages) / n})
     static = pd.DataFrame(rows)
     static["rel_err"] = static["dynas_ms"] / static["reference_ms"] - 1
     rows = []
     for entry in ref["ratios"]:
         tgt = load_target(entry["target"])
         cfg = ratio_config(entry)
-        dyn, sta = predict_stages_ms(cfg, tgt, entry["batch_size"])
+        stages = predict(cfg, tgt, entry["batch_size"]).stages
         rows.append({"backbone": entry["backbone"], "config": cfg.short(), "reference": entry["ratio"],
-                     "dynas": sum(dyn) / sum(sta)})
+                     "dynas": sum(st.latency_ms for st in stages) / sum(st.static_latency_ms for st in stages)})
     ratios = pd.DataFrame(rows)
     ratios["abs_err"] = (ratios["dynas"] - ratios["reference"]).abs()
     summary = {

@@ -56,10 +56,6 @@ class OpCost:
     def total_s(self) -> float:
         return self.compute_s + self.memory_s + self.launch_s
 
-    def scaled(self, factor: float) -> "OpCost":
-        return OpCost(self.compute_s * factor, self.memory_s * factor, self.launch_s * factor,
-                      self.macs * factor, self.schedule)
-
 
 class ConvOp(NamedTuple):
     """One convolution as the kernel sees it.

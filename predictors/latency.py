@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Iterable, Mapping, NamedTuple
 
 from dynas.predictors.gpu import ConvOp, Hardware, OpCost, conv_cost, memory_cost
 from dynas.predictors.result import OpPrediction, Prediction, StagePrediction
@@ -33,7 +33,7 @@ from dynas.spaces.backbones import BackboneSpec, BlockSpec, StemSpec, get_backbo
 from dynas.spaces.config import ArchConfig, StageConfig, load_config, uses_channel, uses_layer, uses_spatial
 from dynas.errors import ConfigError
 
-__all__ = ["predict", "predict_stages_ms", "block_ops", "clear_caches", "Ops"]
+__all__ = ["predict", "block_ops", "clear_caches", "Ops"]
 
 Ops = tuple[tuple[str, OpCost], ...]
 _STATIC = StageConfig()
@@ -232,7 +232,7 @@ def _interpolate(lo: list[tuple[str, OpCost]], hi: list[tuple[str, OpCost]], fra
     return out
 
 
-def _total(ops: list[tuple[str, OpCost]]) -> float:
+def _total(ops: Iterable[tuple[str, OpCost]]) -> float:
     return sum(c.total_s for _, c in ops)
 
 
@@ -294,22 +294,6 @@ def _batch(batch_size: Any, target: HardwareTarget) -> int:
     return batch_size
 
 
-def predict_stages_ms(config: ArchConfig, target: HardwareTarget, n: int) -> tuple[list[float], list[float]]:
-    """Fast path for benchmarks/fidelity: per-stage (dynamic, static) latency in ms for the batch."""
-    hw = _hw(target)
-    spec = config.spec
-    dyn, sta = [], []
-    for s, st in enumerate(config.stages):
-        d = t = 0.0
-        for b in spec.stage_blocks(s):
-            key = _block_key(b)
-            d += _total(list(block_ops(hw, key, st, n)[1]))
-            t += _total(list(block_ops(hw, key, _STATIC, n)[1]))
-        dyn.append(d * 1e3)
-        sta.append(t * 1e3)
-    return dyn, sta
-
-
 def _dense_flops_per_op(spec: BackboneSpec):
     from dynas.predictors.flops import dense_flops  # torch import only when FLOPs are asked for
 
@@ -335,7 +319,7 @@ def _predict(cfg: ArchConfig, tgt: HardwareTarget, n: int) -> Prediction:
     hw = _hw(tgt)
     spec = cfg.spec
     stem_ops, head_ops = _stem_head(hw, spec.stem, spec.head_in, spec.blocks[-1].out_hw, spec.num_classes, n)
-    stem_s, head_s = _total(list(stem_ops)), _total(list(head_ops))
+    stem_s, head_s = _total(stem_ops), _total(head_ops)
     flops = _dense_flops_per_op(spec)
     stages = tuple(_stage(hw, spec.name, spec.input_hw, s, st, n) for s, st in enumerate(cfg.stages))
     dyn_ms = (stem_s + head_s) * 1e3 + sum(p.latency_ms for p in stages)
@@ -376,8 +360,8 @@ def _stage(hw: Hardware, backbone: str, input_hw: tuple[int, int], s: int, st: S
             a[2] += count * c.memory_s
             a[3] += count * c.launch_s
             sched.setdefault(name, c.schedule)
-        lat += count * _total(list(ops))
-        sta += count * _total(list(static_ops))
+        lat += count * _total(ops)
+        sta += count * _total(static_ops)
     op_preds = tuple(OpPrediction(name, a[0] * 1e3, a[1] * 1e3, a[2] * 1e3, a[3] * 1e3, sched[name])
                      for name, a in agg.items())
     compute = sum(o.compute_ms for o in op_preds)
