@@ -70,8 +70,10 @@ class DynamicNet(nn.Module):
         self.config = config
         spec = config.spec
         self.spec = spec
-        self.family = spec.family
         static = build_static_model(spec)
+        # The static class's forward runs on this module (same children, same names), so the
+        # forward pass is written once, in spaces/torch_model.py.
+        self._static_cls = type(static)
         for name, child in static.named_children():
             self.add_module(name, child)
         self.block_names: list[str] = []
@@ -89,16 +91,10 @@ class DynamicNet(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """[N, 3, H, W] -> last stage map [N, C_last, h, w]."""
-        if self.family == "regnety":
-            return self.trunk_output(self.stem(x))
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        for s in range(self.spec.num_stages):
-            x = getattr(self, f"layer{s + 1}")(x)
-        return x
+        return self._static_cls.forward_features(self, x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.avgpool(self.forward_features(x))  # [N, C, 1, 1]
-        return self.fc(torch.flatten(x, 1))  # [N, C] -> [N, num_classes]
+        return self._static_cls.forward(self, x)  # [N, 3, H, W] -> [N, num_classes]
 
     # -- control ---------------------------------------------------------------------------
 
