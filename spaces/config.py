@@ -240,8 +240,8 @@ def _stage_from_dict(i: int, raw: Any) -> StageConfig:
 
 def _validate(cfg: ArchConfig) -> None:
     spec = get_backbone(cfg.backbone, cfg.input_size)
-    if tuple(cfg.input_size) != spec.input_hw:
-        raise ConfigError(f"input_size={cfg.input_size!r} must be normalised (H, W); got {cfg.input_size!r}")
+    if not isinstance(cfg.input_size, tuple) or cfg.input_size != spec.input_hw:
+        raise ConfigError(f"input_size={cfg.input_size!r} is not normalised; allowed: the tuple {spec.input_hw!r} (ArchConfig.from_dict normalises ints)")
     if len(cfg.stages) != spec.num_stages:
         raise ConfigError(f"stages has {len(cfg.stages)} entries; allowed: exactly {spec.num_stages} for {cfg.backbone}")
     for i, st in enumerate(cfg.stages):
