@@ -422,12 +422,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from dynas.kernels.bench import bench
 
     r = bench(args.config, device=args.device, batch_size=args.batch_size, threads=args.threads,
-              repeats=args.repeats, warmup=args.warmup)
+              repeats=args.repeats, warmup=args.warmup, memory_format=args.memory_format)
     if args.json:
         _print(json.dumps(r.to_dict(), indent=2))
         return 0
     h, w = r.input_size
-    _print(f"{r.backbone} @ {h}x{w}, batch {r.batch_size}, {r.device}, {r.threads} threads, torch {r.torch_version}")
+    _print(f"{r.backbone} @ {h}x{w}, batch {r.batch_size}, {r.device}, {r.threads} threads, {r.memory_format}, torch {r.torch_version}")
     _print(f"config: {r.config}  (budget gate mode: exactly the configured rates)")
     _print(f"static  {r.static_ms:9.3f} ms  (p10-p90 spread {r.static_spread_ms:.3f} ms)")
     _print(f"dynamic {r.dynamic_ms:9.3f} ms  (p10-p90 spread {r.dynamic_spread_ms:.3f} ms)")
@@ -589,6 +589,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=_positive_int, default=None, metavar="N", help="CPU threads (default: torch's)")
     p.add_argument("--repeats", type=_positive_int, default=30, metavar="N", help="timed pairs")
     p.add_argument("--warmup", type=_nonneg_int, default=5, metavar="N", help="untimed runs of each first")
+    p.add_argument("--memory-format", choices=("channels_last", "contiguous"), default="channels_last",
+                   help="layout of both networks and the input")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_cmd_bench)
 

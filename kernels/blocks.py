@@ -28,28 +28,35 @@ Semantics shared by all paths (what "masked" means):
 * layer gate ``lm`` ([N]) multiplies the body's output;
 * output = ReLU(shortcut(x) + body), shortcut = identity or the dense downsample conv + BN.
 
-Fast path:
+Fast path (every gather/scatter moves whole pixel rows when maps are channels-last, the layout
+``dynas bench`` uses; any layout gives the same result):
 
-* **spatial**: the active patches are gathered *from the block input* with the halo that the
-  block's convolutions need, conv1 runs on each gathered region (halo included; region
-  positions that fall outside the map are zeroed after conv1 + BN + ReLU because the 3x3 conv
-  sees zero padding there), the 3x3 conv runs unpadded on the region and returns exactly the
-  SxS patch, the remaining convs run on the patch, and the result is scatter-added into the
-  shortcut before the final ReLU.  For a bottleneck with stride s the region side is
-  ``(S - 1) * s + 3``; for a basic block (two 3x3 convs) ``(S + 1) * s + 3``.
+* **spatial**, blocks whose conv1 is 1x1 (bottleneck, RegNetY): conv1 runs once per *needed*
+  pixel -- the union of the active patches' windows of the 3x3 conv, halo included -- as a
+  matrix product on gathered pixel rows; its output is scattered into a zeroed channels-last
+  buffer (zero = the 3x3 conv's padding); each active patch's window is a strided view of that
+  buffer; the 3x3 conv runs unpadded on the windows and returns exactly the SxS patches; conv3
+  runs on the patches; shortcut + patch is written back as pixel rows before the final ReLU.
+  Basic blocks (conv1 is a 3x3 conv) gather regions of the *input* that carry the whole halo
+  (``(S + 1) * s + 3`` per side) and recompute conv1 on them.  A patch that covers the whole
+  map (a 1x1 grid) is a per-sample gate: the body runs on the active samples only.
 * **channel**: samples are grouped by identical selections (``torch.unique`` over the mask
-  rows); per group, conv1 computes only the selected output channels, the 3x3 conv the selected
-  input/output channels, conv3 reads only the selected inputs, BN uses the selected running
-  statistics.  Grouped 3x3 convs (RegNetY): a gate group need not align with the conv groups,
-  so the conv runs over the *touched* conv groups only -- selected channels are scattered into a
-  zero tensor holding every channel of the touched groups, the grouped conv runs with
-  ``groups = number of touched groups`` and the selected outputs are picked back; when the
-  selection is made of whole conv groups no copy happens.  SE reads/writes only the selected
-  channels.
-* **layer**: the body runs only on samples whose gate is on (``index_select`` /
-  ``index_add_``); the others output ReLU(shortcut(x)).
+  rows); per group, conv1 computes only the selected output channels and conv3 reads only the
+  selected inputs, both as products of pixel rows with row-gathered weights (conv3's transpose
+  is cached until the weight changes), the 3x3 conv uses the k x k selected kernels in one
+  gather, BN uses the selected running statistics.  Grouped 3x3 convs (RegNetY): a gate group
+  need not align with the conv groups, so the conv runs over the *touched* conv groups only --
+  selected channels are scattered into a zero tensor holding every channel of the touched
+  groups, the grouped conv runs with ``groups = number of touched groups`` and the selected
+  outputs are picked back; when the selection is made of whole conv groups no copy happens.
+  SE reads/writes only the selected channels.
+* **layer**: the body runs only on samples whose gate is on (gathered rows); the others output
+  ReLU(shortcut(x)); when every sample runs, the static block's own ops run with no gather.
 * combined paradigms compose: layer picks samples, channel groups them by selection, spatial
   gathers patches inside each group with the channel-sliced weights.
+* the output of an identity-shortcut block is written into its input's memory when
+  ``reuse_input`` is set and autograd is off (``DynamicNet`` sets it for its blocks, whose
+  inputs are its own intermediates); a block used on its own never writes its input.
 
 FLOPs (``last_flops``; 2 x multiply-accumulates of convolutions and linear layers, the
 ``torch.utils.flop_counter`` convention; BN, ReLU, pooling and the SE product are free).
@@ -106,6 +113,48 @@ def _bn(x: torch.Tensor, bn: nn.BatchNorm2d, sel: torch.Tensor | None) -> torch.
     return F.batch_norm(x, bn.running_mean[sel], bn.running_var[sel], bn.weight[sel], bn.bias[sel], False, 0.0, bn.eps)
 
 
+def _channels_last(t: torch.Tensor) -> bool:
+    return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)
+
+
+def _take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Samples ``idx`` of ``x`` [N, C, H, W] -> [n, C, H, W], keeping a channels-last layout."""
+    if _channels_last(x) and not x.is_contiguous():
+        return x.permute(0, 2, 3, 1).index_select(0, idx).permute(0, 3, 1, 2)  # gather whole NHWC samples
+    return x.index_select(0, idx)
+
+
+def _pixels(x: torch.Tensor) -> torch.Tensor:
+    """[N, C, H, W] -> [N * H * W, C] pixel rows (a view when ``x`` is channels-last)."""
+    return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+
+
+def _pixels_put(out: torch.Tensor, pix: torch.Tensor, rows: torch.Tensor) -> None:
+    """Write pixel rows ``rows`` [M, C] at flat pixel indices ``pix`` [M] of ``out`` [N, C, H, W]."""
+    if _channels_last(out):
+        _pixels(out).index_copy_(0, pix, rows)  # _pixels(out) is a view of out
+    else:
+        n, c, h, w = out.shape
+        # [N, C, H, W] -> [N, C, H*W] view; advanced indices around a slice address [M, C]
+        out.view(n, c, h * w)[pix // (h * w), :, pix % (h * w)] = rows
+
+
+def _derived(owner: nn.Module, name: str, w: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``fn(w)`` cached on ``owner`` until ``w`` changes (storage, version, device or dtype).
+
+    Used for weight layouts that make a channel selection a cheap row gather; computed outside
+    autograd and inference mode so that the cached tensor is usable in any later mode.
+    """
+    cache = owner.__dict__.setdefault("_derived_cache", {})
+    key = (w.data_ptr(), w._version, w.device, w.dtype, tuple(w.shape))
+    hit = cache.get(name)
+    if hit is None or hit[0] != key:
+        with torch.inference_mode(False), torch.no_grad():
+            hit = (key, fn(w.detach()))
+        cache[name] = hit
+    return hit[1]
+
+
 def _rows(w: torch.Tensor, sel: torch.Tensor | None) -> torch.Tensor:
     """Weight [C_out, C_in, k, k] restricted to output channels ``sel``."""
     return w if sel is None else w.index_select(0, sel)
@@ -137,6 +186,18 @@ def _gated_conv(h: torch.Tensor, conv: nn.Conv2d, sel: torch.Tensor | None, stri
     full[:, pos] = h  # unselected members of touched groups stay zero (they are masked in the reference)
     y = F.conv2d(full, w.index_select(0, full_idx), None, stride, pad, 1, touched.numel())  # [B, q * gw, h', w']
     return y.index_select(1, pos)  # [B, |sel|, h', w']
+
+
+def _window_table(ax_h: "_Axis", ax_w: "_Axis", gh: int, gw: int) -> torch.Tensor:
+    """[gh * gw, L_h * L_w] flat intermediate-map pixel of each window position of each patch;
+    positions in the zero padding map to H_m * W_m (a dump slot)."""
+    hm, wm = ax_h.mid_size, ax_w.mid_size
+    r = torch.arange(gh)[:, None] * ax_h.mid_step - ax_h.mid_off + torch.arange(ax_h.mid_len)  # [gh, L_h]
+    c = torch.arange(gw)[:, None] * ax_w.mid_step - ax_w.mid_off + torch.arange(ax_w.mid_len)  # [gw, L_w]
+    rr = r[:, None, :, None].expand(gh, gw, ax_h.mid_len, ax_w.mid_len)  # [gh, gw, L_h, L_w]
+    cc = c[None, :, None, :].expand(gh, gw, ax_h.mid_len, ax_w.mid_len)
+    inside = (rr >= 0) & (rr < hm) & (cc >= 0) & (cc < wm)
+    return torch.where(inside, rr * wm + cc, hm * wm).reshape(gh * gw, -1)
 
 
 @dataclass
@@ -171,6 +232,10 @@ class _Axis:
     mid_len: int
     mid_size: int  # size of the intermediate map along this axis
 
+    def grid_len(self, grid: int) -> int:
+        """Length of the zero-padded intermediate map that holds every patch's window."""
+        return max(self.mid_off + self.mid_size, (grid - 1) * self.mid_step + self.mid_len)
+
 
 def _axis(size_in: int, patch: int, grid: int, chain: tuple[tuple[int, int, int], ...]) -> _Axis:
     """Region of the input that patch ``i`` (outputs ``[i*S, i*S+S)``) needs through ``chain``.
@@ -204,7 +269,6 @@ class DynamicBlock:
     spec: BlockSpec
     stage_config: StageConfig
     path: str
-    last_flops: dict[str, Any] | None
 
     def _init_dynamic(self, spec: BlockSpec, cfg: StageConfig) -> None:
         if not isinstance(cfg, StageConfig) or cfg.paradigm not in PARADIGMS:
@@ -213,7 +277,9 @@ class DynamicBlock:
         self.stage_config = cfg
         self.paradigm = cfg.paradigm
         self.path = "fast"
-        self.last_flops = None
+        self.reuse_input = False  # see _relu_shortcut
+        self._last: tuple[int, dict[str, torch.Tensor]] | None = None  # batch size, decisions
+        self._last_flops: dict[str, Any] | None = None
         ho, wo = spec.out_hw
         self.spatial_masker: SpatialMasker | None = None
         self.channel_masker: ChannelMasker | None = None
@@ -227,6 +293,10 @@ class DynamicBlock:
             self.spatial_masker = SpatialMasker(spec.in_channels, self.grid_hw, cfg.spatial_rate)
             chain = self._chain()
             self._axes = (_axis(spec.in_hw[0], s, self.grid_hw[0], chain), _axis(spec.in_hw[1], s, self.grid_hw[1], chain))
+            ho_, wo_ = spec.out_hw
+            # flat output pixel offsets of one SxS patch, [S*S] (row-major inside the patch)
+            self.register_buffer("_patch_pix", (torch.arange(s)[:, None] * wo_ + torch.arange(s)).flatten(), persistent=False)
+            self.register_buffer("_window_pix", _window_table(*self._axes, *self.grid_hw), persistent=False)
         if uses_channel(cfg.paradigm):
             g = cfg.channel_granularity
             if not isinstance(g, int) or g < 1 or spec.width % g or spec.width // g < 2:
@@ -278,8 +348,28 @@ class DynamicBlock:
             out = self._masked_forward(x, dec)
         else:
             out = self._fast_forward(x, dec)
-        self.last_flops = self._flops(x.shape[0], dec)
+        self._last, self._last_flops = (x.shape[0], dec), None
         return out
+
+    def configured_flops(self) -> dict[str, Any]:
+        """FLOPs record (as ``last_flops``, batch of one) at exactly the configured rates."""
+        cfg, ref = self.stage_config, next(self.parameters())
+        dec: dict[str, torch.Tensor] = {}
+        if self.spatial_masker is not None:
+            dec["spatial"] = ref.new_full((1, *self.grid_hw), cfg.spatial_rate)
+        if self.channel_masker is not None:
+            dec["channel"] = ref.new_full((1, self.channel_masker.n_decisions), cfg.channel_density)
+        if self.layer_masker is not None:
+            dec["layer"] = ref.new_full((1,), cfg.layer_rate)
+        with torch.no_grad():
+            return self._flops(1, dec)
+
+    @property
+    def last_flops(self) -> dict[str, Any] | None:
+        """FLOPs record of the last forward pass (None before one); computed on first access."""
+        if self._last_flops is None and self._last is not None:
+            self._last_flops = self._flops(*self._last)
+        return self._last_flops
 
     def decide(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Masks of this input: ``spatial`` [N, gh, gw], ``channel`` [N, n_groups], ``layer`` [N]."""
@@ -290,6 +380,11 @@ class DynamicBlock:
             dec["channel"] = self.channel_masker(x)
         if self.layer_masker is not None:
             dec["layer"] = self.layer_masker(x)
+        if self.training:
+            # what each gate would decide at inference (adaptive mode), for the rate read-out
+            for key, m in (("spatial", self.spatial_masker), ("channel", self.channel_masker), ("layer", self.layer_masker)):
+                if m is not None and m.force is None and m.last_adaptive is not None:
+                    dec["adaptive_" + key] = m.last_adaptive
         return dec
 
     # -- training / reference ---------------------------------------------------------------
@@ -335,59 +430,148 @@ class DynamicBlock:
         return _bn(like.new_zeros(rows, c_out, h, w), self._last_bn(), None)  # [rows, C_out, h, w]
 
     def _fast_forward(self, x: torch.Tensor, dec: dict[str, torch.Tensor]) -> torch.Tensor:
+        # Compute every body first and write the output last: the output may reuse the shortcut's
+        # memory, and every gather reads the unchanged input.
         n = x.shape[0]
         ho, wo = self.spec.out_hw
-        out = self._shortcut(x).clone(memory_format=torch.contiguous_format)  # [N, C_out, H_out, W_out]
         samples = torch.arange(n, device=x.device)
         if "layer" in dec:
             samples = (dec["layer"] > 0.5).nonzero().flatten()  # [n_on] samples whose body runs
+        spatial = "spatial" in dec
+        if spatial and self.grid_hw == (1, 1):
+            # one patch covers the whole map: the spatial decision is a per-sample gate
+            samples = samples[dec["spatial"][:, 0, 0].index_select(0, samples) > 0.5]
+            spatial = False
         parts = self._channel_parts(samples, dec)
-        if "spatial" not in dec:
+        base = self._shortcut(x)  # [N, C_out, H_out, W_out]
+        if not spatial:
+            if len(parts) == 1 and parts[0][0].numel() == n:
+                # every sample runs with one selection: no gather, no scatter
+                sel = parts[0][1]
+                y = self._empty(n, ho, wo, x) if sel is not None and sel.numel() == 0 else self._sparse_body(x, sel, _DENSE_POOL)
+                return y.add_(base).relu_()
+            ys = []
             for idx, sel in parts:
                 if sel is not None and sel.numel() == 0:
                     y = self._empty(idx.numel(), ho, wo, x)
                 else:
-                    y = self._sparse_body(x.index_select(0, idx), sel, _DENSE_POOL)  # [n_u, C_out, H_out, W_out]
-                out.index_add_(0, idx, y)
-            return F.relu(out)
-        ax_h, ax_w = self._axes
-        xp = None
+                    y = self._sparse_body(_take(x, idx), sel, _DENSE_POOL)  # [n_u, C_out, H_out, W_out]
+                ys.append((idx, y.add_(_take(base, idx)).relu_()))
+            out = self._relu_shortcut(base, x)  # samples whose body does not run: ReLU(shortcut)
+            for idx, y in ys:
+                out.index_copy_(0, idx, y)
+            return out
         s = self.granularity
         gh, gw = self.grid_hw
-        # [N, C_out, gh*S, gw*S] -> [N, C_out, gh, S, gw, S] -> [N, gh, gw, C_out, S, S] (a view of out)
-        out_patches = out.view(n, -1, gh, s, gw, s).permute(0, 2, 4, 1, 3, 5)
+        ys = []
         for idx, sel in parts:
             active = dec["spatial"].index_select(0, idx) > 0.5  # [n_u, gh, gw]
             pn, pi, pj = active.nonzero(as_tuple=True)  # [P] each: local sample, grid row, grid col
             if pn.numel() == 0:
                 continue
-            nb = idx[pn]  # [P] batch index of each patch
             if sel is not None and sel.numel() == 0:
                 y = self._empty(pn.numel(), s, s, x)  # [P, C_out, S, S]
+            elif self._chain()[0] == (1, 1, 0):
+                y = self._spatial_mid(x, idx, active, pn, pi, pj, sel)
             else:
-                if xp is None:
-                    # zero-pad once: [N, C_in, H_in + lo + hi, W_in + lo + hi]
-                    xp = F.pad(x, (ax_w.pad_lo, ax_w.pad_hi, ax_h.pad_lo, ax_h.pad_hi))
-                rows = (pi * ax_h.step)[:, None] + torch.arange(ax_h.region, device=x.device)  # [P, R_h]
-                cols = (pj * ax_w.step)[:, None] + torch.arange(ax_w.region, device=x.device)  # [P, R_w]
-                # advanced indices around a slice go first: [P, R_h, R_w, C_in] -> [P, C_in, R_h, R_w]
-                regions = xp[nb[:, None, None], :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
-                mrow = (pi * ax_h.mid_step - ax_h.mid_off)[:, None] + torch.arange(ax_h.mid_len, device=x.device)  # [P, M_h]
-                mcol = (pj * ax_w.mid_step - ax_w.mid_off)[:, None] + torch.arange(ax_w.mid_len, device=x.device)  # [P, M_w]
-                vr = (mrow >= 0) & (mrow < ax_h.mid_size)
-                vc = (mcol >= 0) & (mcol < ax_w.mid_size)
-                valid = (vr[:, :, None] & vc[:, None, :])[:, None].to(x.dtype)  # [P, 1, M_h, M_w]
-                n_u = idx.numel()
-                inv_area = 1.0 / (ho * wo)
+                y = self._spatial_regions(x, idx, pn, pi, pj, sel)
+            ys.append((idx[pn], pi, pj, y))
+        base_pix = _pixels(base)  # [N * H_out * W_out, C_out]; a view when channels-last
+        offsets = self._patch_pix  # [S*S]
+        writes = []
+        for nb, pi, pj, y in ys:
+            # pixel rows of the active patches: [P, 1] + [S*S] -> [P * S * S], in y's (p, a, b) order
+            pix = (((nb * ho + pi * s) * wo + pj * s)[:, None] + offsets).flatten()
+            y_pix = _pixels(y)  # [P, C_out, S, S] -> [P * S * S, C_out]
+            writes.append((pix, y_pix.add_(base_pix.index_select(0, pix)).relu_()))
+        out = self._relu_shortcut(base, x)  # positions whose body does not run: ReLU(shortcut)
+        for pix, y_pix in writes:
+            _pixels_put(out, pix, y_pix)  # patches are disjoint: a plain copy
+        return out
 
-                def pool(t: torch.Tensor, pn=pn, n_u=n_u, inv_area=inv_area) -> torch.Tensor:
-                    # [P, C, S, S] -> [P, C] -> per sample [n_u, C]: mean over the whole masked map
-                    return t.new_zeros(n_u, t.shape[1]).index_add_(0, pn, t.sum(dim=(2, 3))) * inv_area
+    def _relu_shortcut(self, base: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """ReLU(shortcut) as a tensor this block may write.
 
-                geom = _Geom(0, valid, pool, lambda sc, pn=pn: sc.index_select(0, pn))  # [n_u, C] -> [P, C]
-                y = self._sparse_body(regions, sel, geom)  # [P, C_out, S, S]
-            out_patches.index_put_((nb, pi, pj), y, accumulate=True)  # writes through the view into out
-        return F.relu(out)
+        In place on the downsample output; for an identity shortcut, in place on the input when
+        ``reuse_input`` is set and autograd is off (``DynamicNet`` sets it: its block inputs are
+        intermediates nobody else reads), else into new memory of the same layout.
+        """
+        if base is not x:
+            return base.relu_()
+        if self.reuse_input and not torch.is_grad_enabled():
+            return x.relu_()
+        return F.relu(x)
+
+    def _se_geom(self, pn: torch.Tensor, n_u: int) -> _Geom:
+        """SE squeeze/expand over the P gathered patches of ``n_u`` samples (``pn``: [P] local sample)."""
+        inv_area = 1.0 / (self.spec.out_hw[0] * self.spec.out_hw[1])
+
+        def pool(t: torch.Tensor) -> torch.Tensor:
+            # [P, C, S, S] -> [P, C] -> per sample [n_u, C]: mean over the whole masked map
+            return t.new_zeros(n_u, t.shape[1]).index_add_(0, pn, t.sum(dim=(2, 3))) * inv_area
+
+        return _Geom(0, None, pool, lambda sc: sc.index_select(0, pn))  # expand: [n_u, C] -> [P, C]
+
+    def _spatial_regions(self, x: torch.Tensor, idx: torch.Tensor, pn: torch.Tensor, pi: torch.Tensor,
+                         pj: torch.Tensor, sel: torch.Tensor | None) -> torch.Tensor:
+        """Active patches [P, C_out, S, S] from regions of the *input* that carry the whole halo.
+
+        Used when conv1 is not a 1x1 stride-1 conv (basic blocks): conv1 runs on each region,
+        halo included, so overlapping halos are computed once per patch.
+        """
+        ax_h, ax_w = self._axes
+        # zero-pad: [N, C_in, H_in + lo + hi, W_in + lo + hi]
+        xp = F.pad(x, (ax_w.pad_lo, ax_w.pad_hi, ax_h.pad_lo, ax_h.pad_hi))
+        nb = idx[pn]  # [P] batch index of each patch
+        rows = (pi * ax_h.step)[:, None] + torch.arange(ax_h.region, device=x.device)  # [P, R_h]
+        cols = (pj * ax_w.step)[:, None] + torch.arange(ax_w.region, device=x.device)  # [P, R_w]
+        # advanced indices around a slice go first: [P, R_h, R_w, C_in] -> [P, C_in, R_h, R_w]
+        regions = xp[nb[:, None, None], :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+        mrow = (pi * ax_h.mid_step - ax_h.mid_off)[:, None] + torch.arange(ax_h.mid_len, device=x.device)  # [P, M_h]
+        mcol = (pj * ax_w.mid_step - ax_w.mid_off)[:, None] + torch.arange(ax_w.mid_len, device=x.device)  # [P, M_w]
+        vr = (mrow >= 0) & (mrow < ax_h.mid_size)
+        vc = (mcol >= 0) & (mcol < ax_w.mid_size)
+        valid = (vr[:, :, None] & vc[:, None, :])[:, None].to(x.dtype)  # [P, 1, M_h, M_w]
+        geom = self._se_geom(pn, idx.numel())
+        geom.valid = valid
+        return self._sparse_body(regions, sel, geom)  # [P, C_out, S, S]
+
+    def _spatial_mid(self, x: torch.Tensor, idx: torch.Tensor, active: torch.Tensor, pn: torch.Tensor,
+                     pi: torch.Tensor, pj: torch.Tensor, sel: torch.Tensor | None) -> torch.Tensor:
+        """Active patches [P, C_out, S, S] for blocks whose conv1 is 1x1, stride 1.
+
+        conv1 runs once per needed pixel (the union of the active patches' windows of the 3x3
+        conv's input, halo included) as a matrix product on gathered pixel rows; its output is
+        scattered into a zeroed channels-last buffer (zero = the 3x3 conv's padding), and each
+        active patch's window is read from that buffer as a strided view.
+        """
+        ax_h, ax_w = self._axes
+        n_u = idx.numel()
+        hm, wm = ax_h.mid_size, ax_w.mid_size  # conv1 output = block input size
+        # needed[n, r, c]: some active window covers mid pixel (r, c); windows start at i*step - off
+        gw = self.grid_hw[1]
+        # mark the mid pixels of every active window: slot H_m*W_m of each sample is the dump
+        # for window positions in the padding
+        need = torch.zeros(n_u, hm * wm + 1, dtype=torch.bool, device=x.device)
+        hits = (pn[:, None] * (hm * wm + 1) + self._window_pix.index_select(0, pi * gw + pj)).flatten()  # [P * L_h * L_w]
+        need.view(-1).index_fill_(0, hits, True)
+        mn, mflat = need[:, :-1].nonzero(as_tuple=True)  # [M] each: local sample, flat mid pixel
+        mr, mc = mflat // wm, mflat % wm
+        rows = _pixels(x).index_select(0, idx[mn] * (hm * wm) + mflat)  # [M, C_in]
+        h = self._head_rows(rows, sel)  # [M, k], k = |sel|
+        k = h.shape[1]
+        hp, wp = ax_h.grid_len(self.grid_hw[0]), ax_w.grid_len(self.grid_hw[1])
+        # zero-padded channels-last intermediate map [n_u, H_p, W_p, k] as rows [n_u * H_p * W_p, k]
+        buf = x.new_zeros(n_u * hp * wp, k)
+        buf.index_copy_(0, (mn * hp + mr + ax_h.mid_off) * wp + mc + ax_w.mid_off, h)
+        # window (i, j) of sample n starts at row i * step_h, col j * step_w of the padded map:
+        # strided view [n_u, gh, gw, L_h, L_w, k]; the active ones -> [P, L_h, L_w, k]
+        # -> [P, k, L_h, L_w] with channels-last strides
+        gh, gw = self.grid_hw
+        win = buf.as_strided((n_u, gh, gw, ax_h.mid_len, ax_w.mid_len, k),
+                             (hp * wp * k, ax_h.mid_step * wp * k, ax_w.mid_step * k, wp * k, k, 1))
+        regions = win[pn, pi, pj].permute(0, 3, 1, 2)
+        return self._tail(regions, sel, self._se_geom(pn, n_u))  # [P, C_out, S, S]
 
     # -- FLOPs -------------------------------------------------------------------------------
 
@@ -411,7 +595,11 @@ class DynamicBlock:
             rates["channel"] = d
         if "layer" in dec:
             rates["layer"] = lg
-        rates["primary"] = rates["spatial"] if "spatial" in rates else rates["layer"] if "layer" in rates else rates["channel"]
+        primary = "spatial" if "spatial" in rates else "layer" if "layer" in rates else "channel"
+        rates["primary"] = rates[primary]
+        if "adaptive_" + primary in dec:  # training: the rate the adaptive gates would realise
+            adaptive = dec["adaptive_" + primary]
+            rates["primary_adaptive"] = adaptive.reshape(n, -1).mean(dim=1)  # [N]
         return {"executed_flops": executed, "dense_flops": dense, "masker_flops": masker, "rates": rates}
 
 
@@ -454,9 +642,9 @@ class DynamicBasicBlock(DynamicBlock, BasicBlock):
         return self.bn2(self.conv2(h))  # [N, C_out, H_out, W_out]
 
     def _sparse_body(self, x, sel, geom):
-        h = F.relu(_bn(F.conv2d(x, _rows(self.conv1.weight, sel), None, self.spec.stride, geom.pad), self.bn1, sel))
+        h = F.relu(_bn(F.conv2d(x, _rows(self.conv1.weight, sel), None, self.spec.stride, geom.pad), self.bn1, sel), inplace=True)
         if geom.valid is not None:
-            h = h * geom.valid  # [P, |sel|, S+2, S+2]: zero where conv2 sees padding
+            h = h.mul_(geom.valid)  # [P, |sel|, S+2, S+2]: zero where conv2 sees padding
         return _bn(F.conv2d(h, _cols(self.conv2.weight, sel), None, 1, geom.pad), self.bn2, None)
 
 
@@ -497,12 +685,43 @@ class DynamicBottleneck(DynamicBlock, Bottleneck):
             h = h * cm
         return self.bn3(self.conv3(h))  # [N, C_out, H_out, W_out]
 
+    def _head_rows(self, rows, sel):
+        w = self.conv1.weight.flatten(1)  # [width, C_in, 1, 1] -> [width, C_in]
+        return F.relu(_bn(F.linear(rows, _rows(w, sel)), self.bn1, sel), inplace=True)  # [M, C_in] -> [M, |sel|]
+
     def _sparse_body(self, x, sel, geom):
-        h = F.relu(_bn(F.conv2d(x, _rows(self.conv1.weight, sel)), self.bn1, sel))
+        if sel is None:
+            h = F.relu(_bn(F.conv2d(x, self.conv1.weight), self.bn1, None), inplace=True)
+        else:
+            # 1x1 conv on the selected outputs as a product of pixel rows (no weight reformatting)
+            b, _, hi, wi = x.shape
+            h = self._head_rows(_pixels(x), sel)  # [B * H * W, |sel|]
+            h = h.view(b, hi, wi, -1).permute(0, 3, 1, 2)  # -> [B, |sel|, H, W], channels-last strides
         if geom.valid is not None:
-            h = h * geom.valid  # [P, |sel|, R, R]: zero where the 3x3 conv sees padding
-        h = F.relu(_bn(_gated_conv(h, self.conv2, sel, self.spec.stride, geom.pad), self.bn2, sel))
-        return _bn(F.conv2d(h, _cols(self.conv3.weight, sel)), self.bn3, None)
+            h = h.mul_(geom.valid)  # [P, |sel|, R, R]: zero where the 3x3 conv sees padding
+        return self._tail(h, sel, geom)
+
+    def _tail(self, h, sel, geom):
+        if sel is None and geom.pad == 1:  # whole maps, every channel: the static block's own ops
+            h = F.relu(_bn(F.conv2d(h, self.conv2.weight, None, self.spec.stride, geom.pad), self.bn2, None), inplace=True)
+            return _bn(F.conv2d(h, self.conv3.weight), self.bn3, None)
+        if sel is None:
+            h2 = F.conv2d(h, self.conv2.weight, None, self.spec.stride, geom.pad)
+        elif self.conv2.groups == 1:
+            w2 = _derived(self, "w2_flat", self.conv2.weight, lambda w: w.reshape(w.shape[0] * w.shape[1], -1).contiguous())
+            k, width = sel.numel(), self.conv2.weight.shape[0]
+            # one gather of the k x k selected kernels: rows (o * width + i) of [width * width, kh * kw]
+            w2 = w2.index_select(0, (sel[:, None] * width + sel).flatten()).view(k, k, *self.conv2.weight.shape[2:])
+            h2 = F.conv2d(h, w2.contiguous(memory_format=torch.channels_last) if _channels_last(h) else w2,
+                          None, self.spec.stride, geom.pad)
+        else:
+            h2 = _gated_conv(h, self.conv2, sel, self.spec.stride, geom.pad)
+        h2 = F.relu(_bn(h2, self.bn2, sel), inplace=True)  # [B, |sel|, H', W']
+        b, _, ho, wo = h2.shape
+        # conv3 reads the selected inputs: rows of the cached [width, C_out] transpose
+        w3t = _derived(self, "w3_t", self.conv3.weight, lambda w: w.flatten(1).t().contiguous())  # [width, C_out]
+        y = _bn(torch.mm(_pixels(h2), _rows(w3t, sel)), self.bn3, None)  # [B * H' * W', C_out]
+        return y.view(b, ho, wo, -1).permute(0, 3, 1, 2)  # [B, C_out, H', W'], channels-last strides
 
 
 class DynamicRegNetYBlock(DynamicBlock, RegNetYBlock):
@@ -547,12 +766,21 @@ class DynamicRegNetYBlock(DynamicBlock, RegNetYBlock):
             h = self.f.se(h)
         return self.f.c(h)  # [N, C_out, H_out, W_out]
 
+    def _head_rows(self, rows, sel):
+        a = self.f.a
+        w = a[0].weight.flatten(1)  # [width, C_in, 1, 1] -> [width, C_in]
+        return F.relu(_bn(F.linear(rows, _rows(w, sel)), a[1], sel), inplace=True)  # [M, C_in] -> [M, |sel|]
+
     def _sparse_body(self, x, sel, geom):
-        a, b, c = self.f.a, self.f.b, self.f.c
-        h = F.relu(_bn(F.conv2d(x, _rows(a[0].weight, sel)), a[1], sel))
+        a = self.f.a
+        h = F.relu(_bn(F.conv2d(x, _rows(a[0].weight, sel)), a[1], sel), inplace=True)
         if geom.valid is not None:
-            h = h * geom.valid  # [P, |sel|, R, R]: zero where the 3x3 conv sees padding
-        h = F.relu(_bn(_gated_conv(h, b[0], sel, self.spec.stride, geom.pad), b[1], sel))  # [B, |sel|, h, w]
+            h = h.mul_(geom.valid)  # [P, |sel|, R, R]: zero where the 3x3 conv sees padding
+        return self._tail(h, sel, geom)
+
+    def _tail(self, h, sel, geom):
+        b, c = self.f.b, self.f.c
+        h = F.relu(_bn(_gated_conv(h, b[0], sel, self.spec.stride, geom.pad), b[1], sel), inplace=True)  # [B, |sel|, h, w]
         if "se" in self.f._modules:
             se = self.f.se
             w1 = se.fc1.weight[:, :, 0, 0]  # [se, width]
@@ -562,7 +790,7 @@ class DynamicRegNetYBlock(DynamicBlock, RegNetYBlock):
                 w1, w2, b2 = w1.index_select(1, sel), w2.index_select(0, sel), b2.index_select(0, sel)
             z = F.relu(F.linear(geom.pool(h), w1, se.fc1.bias))  # [n, |sel|] -> [n, se]
             scale = torch.sigmoid(F.linear(z, w2, b2))  # [n, |sel|]
-            h = h * geom.expand(scale)[:, :, None, None]  # [B, |sel|, 1, 1] broadcast over h, w
+            h = h.mul_(geom.expand(scale)[:, :, None, None])  # [B, |sel|, 1, 1] broadcast over h, w
         return _bn(F.conv2d(h, _cols(c[0].weight, sel)), c[1], None)
 
 

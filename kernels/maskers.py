@@ -12,9 +12,12 @@ Lifecycle of a decision:
 2. inference (``module.eval()``), gate mode ``"adaptive"``: argmax of the two logits, per input.
 3. inference, gate mode ``"budget"`` (DDI's resource-dependent control): exactly
    :func:`budget_count` ``(rate, n)`` decisions are on per sample, the ``k`` with the largest
-   ``logit_on - logit_off``.  A :class:`LayerMasker` has a single decision per sample, so its
-   budget is taken over the batch instead: exactly ``budget_count(rate, N)`` samples run
-   (so at batch size 1 the single sample always runs: k >= 1).
+   ``logit_on - logit_off``.  A :class:`LayerMasker` (and a :class:`SpatialMasker` whose one
+   patch is the whole map) has a single decision per sample and block, so its budget is taken
+   per sample over the *stage*: each sample runs exactly ``k`` of the stage's ``n`` gated
+   blocks, whatever the batch size or the batch's other samples (see :class:`LayerMasker`);
+   ``DynamicNet`` sets ``k`` = round(rate x n) with the rounding remainder carried from stage to
+   stage, so the network total is exact to within one block.
 
 ``force`` (``None``, ``"on"`` or ``"off"``) overrides every mode; tests and ablations use it.
 
@@ -39,6 +42,7 @@ __all__ = [
     "SpatialMasker",
     "ChannelMasker",
     "LayerMasker",
+    "StageQuota",
 ]
 
 #: inference gate modes
@@ -61,7 +65,7 @@ class Masker(nn.Module):
     ``rate`` is the configured activation rate (used by the budget mode only).
     """
 
-    #: budget taken per sample (False: over the batch, one decision per sample)
+    #: budget = top-k of each sample's decisions (False: the subclass's ``_budget`` decides)
     per_sample_budget: bool = True
 
     def __init__(self, rate: float):
@@ -72,6 +76,12 @@ class Masker(nn.Module):
         self.temperature = 1.0
         self.gate_mode = "adaptive"
         self.force: str | None = None
+        #: training only: the adaptive-mode mask of the last forward, differentiable (see forward)
+        self.last_adaptive: torch.Tensor | None = None
+
+    def _budget(self, score: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        """Budget-mode mask of maskers whose budget is not per sample (``per_sample_budget = False``)."""
+        raise NotImplementedError
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         """[N, C_in, H, W] -> [N, 2, *decision_shape]."""
@@ -100,15 +110,18 @@ class Masker(nn.Module):
         if self.training:
             if not (self.temperature > 0 and math.isfinite(self.temperature)):
                 raise ConfigError(f"temperature={self.temperature!r} is out of range; allowed: a number > 0")
+            # the inference (adaptive) decision, straight-through with a sigmoid gradient: lets a
+            # training loss see and steer the rate the gates will have at inference
+            p = torch.sigmoid(logits[:, 1] - logits[:, 0])
+            self.last_adaptive = (p > 0.5).to(p.dtype) + (p - p.detach())  # [N, *D]
             # straight-through hard Gumbel-softmax over the {off, on} axis
             return F.gumbel_softmax(logits, tau=self.temperature, hard=True, dim=1)[:, 1]
         score = logits[:, 1] - logits[:, 0]  # [N, *D]
         if self.gate_mode == "adaptive":
             return (score > 0).to(x.dtype)
-        if self.per_sample_budget:
-            flat = score.reshape(score.shape[0], -1)  # [N, n_decisions]
-        else:
-            flat = score.reshape(1, -1)  # [1, N]: one decision per sample, budget over the batch
+        if not self.per_sample_budget:
+            return self._budget(score)
+        flat = score.reshape(score.shape[0], -1)  # [N, n_decisions]
         k = budget_count(self.rate, flat.shape[1])
         top = flat.topk(k, dim=1).indices  # [rows, k]
         mask = torch.zeros_like(flat).scatter_(1, top, 1.0)
@@ -116,11 +129,18 @@ class Masker(nn.Module):
 
 
 class SpatialMasker(Masker):
-    """One decision per SxS patch of the block output: adaptive avg pool to the grid -> 1x1 conv."""
+    """One decision per SxS patch of the block output: adaptive avg pool to the grid -> 1x1 conv.
+
+    With a 1x1 grid (one patch covers the whole map) the decision is one per sample, so the
+    budget mode works as :class:`LayerMasker`'s does: a per-sample quota over the stage.
+    """
 
     def __init__(self, in_channels: int, grid_hw: tuple[int, int], rate: float):
         super().__init__(rate)
         self.grid_hw = (int(grid_hw[0]), int(grid_hw[1]))
+        self.per_sample_budget = self.grid_hw != (1, 1)
+        self.slot: tuple[int, int] = (0, 1)
+        self.quota = StageQuota()
         self.in_channels = in_channels
         self.pool = nn.AdaptiveAvgPool2d(self.grid_hw)
         self.conv = nn.Conv2d(in_channels, 2, 1)
@@ -130,6 +150,9 @@ class SpatialMasker(Masker):
 
     def flops(self) -> float:
         return 2.0 * self.in_channels * 2 * self.grid_hw[0] * self.grid_hw[1]
+
+    def _budget(self, score: torch.Tensor) -> torch.Tensor:
+        return _stage_budget(self, score.reshape(-1)).reshape(score.shape)  # [N, 1, 1] -> [N] -> [N, 1, 1]
 
 
 class _MLPMasker(Masker):
@@ -158,13 +181,57 @@ class ChannelMasker(_MLPMasker):
         super().__init__(in_channels, n_groups, rate)
 
 
+def _stage_budget(m: "Masker", score: torch.Tensor) -> torch.Tensor:
+    """Budget mask [N] of a one-decision-per-sample gate that shares its stage's quota.
+
+    ``m.slot`` = (position j among the stage's n gates, n); ``m.quota``: :class:`StageQuota`.
+    """
+    j, n = m.slot
+    left = n - j  # gates left in the stage, this one included
+    rem = m.quota.remaining
+    if j == 0 or rem is None or rem.shape[0] != score.shape[0] or rem.device != score.device:
+        # stage start (or a block run out of its stage's order): a fresh quota for the gates left
+        runs = m.quota.runs if j == 0 and m.quota.runs is not None else budget_count(m.rate, left)
+        rem = torch.full(score.shape, runs, dtype=torch.long, device=score.device)
+    on = (rem >= left) | ((rem > 0) & (score > 0))  # [N] bool
+    m.quota.remaining = rem - on.long()
+    return on.to(score.dtype)
+
+
+class StageQuota:
+    """Per-sample count of blocks still allowed to run in one stage (budget mode).
+
+    Shared by the :class:`LayerMasker` s of one stage; the stage's first gated block resets it
+    to ``runs`` per sample (None: ``budget_count(rate, n)``).
+    """
+
+    def __init__(self, runs: int | None = None) -> None:
+        self.runs = runs
+        self.remaining: torch.Tensor | None = None  # [N] int64
+
+
 class LayerMasker(_MLPMasker):
-    """One decision per sample: mask [N]; the budget mode picks exactly ``round(rate * N)`` samples."""
+    """One decision per sample: mask [N].
+
+    Budget mode, per sample over the stage (DDI's hard cap on work): the ``n`` layer-gated
+    blocks of a stage share a :class:`StageQuota` (wired by ``DynamicNet``; ``slot`` =
+    (position of this block among them, ``n``)).  Each sample starts the stage with ``k``
+    runs (``quota.runs``; by default ``budget_count(rate, n)``); block ``j`` runs a sample when
+    the sample still has runs left and either its learned score is positive or it has exactly
+    as many runs left as blocks left (``n - j``).  So every sample runs exactly ``k`` blocks,
+    whatever the batch, and the learned gates choose which.  A block used on its own (default
+    slot (0, 1)) runs every sample.
+    """
 
     per_sample_budget = False
 
     def __init__(self, in_channels: int, rate: float):
         super().__init__(in_channels, 1, rate)
+        self.slot: tuple[int, int] = (0, 1)
+        self.quota = StageQuota()
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return super().logits(x)[:, :, 0]  # [N, 2, 1] -> [N, 2]
+
+    def _budget(self, score: torch.Tensor) -> torch.Tensor:
+        return _stage_budget(self, score)

@@ -23,6 +23,7 @@ the temperature given by :meth:`DynamicNet.set_temperature`.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -33,7 +34,7 @@ from torch import nn
 
 from dynas.errors import ConfigError
 from dynas.kernels.blocks import PATHS, DynamicBlock, build_block
-from dynas.kernels.maskers import GATE_MODES, Masker
+from dynas.kernels.maskers import GATE_MODES, Masker, StageQuota
 from dynas.spaces.config import ArchConfig, load_config
 from dynas.spaces.torch_model import block_module_name, build_static_model
 
@@ -84,8 +85,26 @@ class DynamicNet(nn.Module):
             dyn = build_block(b, config.stages[b.stage])
             old = getattr(parent, leaf)
             dyn.load_state_dict(old.state_dict(), strict=False)  # keep the static init of shared weights
+            dyn.reuse_input = True  # block inputs are this network's intermediates (fast path only)
             setattr(parent, leaf, dyn)
             self.block_names.append(path)
+        # Budget mode: the per-sample gates of one stage (layer gates, and spatial gates whose one
+        # patch is the whole map) share a per-sample quota of blocks to run.  Quotas are rounded
+        # with the remainder carried to the next such stage, so that every sample runs
+        # round(sum over stages of rate * n_blocks) blocks in all (rate 0.5 on ResNet-50's
+        # 3-4-6-3 blocks: 2-2-3-1 = 8 of 16, not 2-2-3-2 = 9).
+        carry = 0.0
+        for stage in range(spec.num_stages):
+            gates = [m for blk in self.blocks() if blk.spec.stage == stage
+                     for m in (blk.layer_masker, blk.spatial_masker) if m is not None and not m.per_sample_budget]
+            if not gates:
+                continue
+            want = gates[0].rate * len(gates) + carry
+            runs = min(len(gates), max(1, math.floor(want + 0.5)))
+            carry = want - runs
+            quota = StageQuota(runs)
+            for j, m in enumerate(gates):
+                m.slot, m.quota = (j, len(gates)), quota
 
     # -- forward ---------------------------------------------------------------------------
 

@@ -27,8 +27,14 @@ def test_bench_reports_both_latencies_and_the_fast_path_error():
     assert r.config == "S2@0.50 | C4@0.50 | L@0.50 | static"
 
 
+@pytest.mark.parametrize("fmt", ["channels_last", "contiguous"])
+def test_bench_runs_in_either_memory_format(fmt):
+    r = bench(CFG, batch_size=2, threads=1, repeats=2, warmup=0, memory_format=fmt)
+    assert r.memory_format == fmt and r.max_abs_err < 1e-4
+
+
 @pytest.mark.parametrize("kwargs,match", [({"device": "tpu"}, "device='tpu'"), ({"batch_size": 0}, "batch_size=0"),
-                                          ({"threads": 0}, "threads=0")])
+                                          ({"threads": 0}, "threads=0"), ({"memory_format": "nchw"}, "memory_format='nchw'")])
 def test_bench_rejects_bad_options(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         bench(CFG, **kwargs)
@@ -45,7 +51,7 @@ def test_cli_bench_json(tmp_path, capsys):
     path.write_text(json.dumps(CFG))
     assert main(["bench", str(path), "--repeats", "2", "--warmup", "0", "--threads", "1", "--json"]) == 0
     d = json.loads(capsys.readouterr().out)
-    for key in ("static_ms", "dynamic_ms", "speedup", "max_abs_err", "device", "threads", "batch_size"):
+    for key in ("static_ms", "dynamic_ms", "speedup", "max_abs_err", "device", "threads", "batch_size", "memory_format"):
         assert key in d
 
 

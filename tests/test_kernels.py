@@ -189,8 +189,45 @@ def test_budget_mode_exact_counts(paradigm, rate):
         per = dec["channel"].sum(1)
         assert per.tolist() == [budget_count(rate, blk.channel_masker.n_decisions)] * n
     if "layer" in dec:
-        assert int(dec["layer"].sum()) == budget_count(rate, n)
+        # a block on its own is a stage of one block: budget_count(rate, 1) = 1 run per sample
+        assert dec["layer"].tolist() == [1.0] * n
     assert set(torch.cat([v.flatten() for v in dec.values()]).tolist()) <= {0.0, 1.0}
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.parametrize("rate", [0.1, 0.5, 0.77])
+@pytest.mark.parametrize("paradigm", ["layer", "layer+channel"])
+def test_layer_budget_is_per_sample_over_the_stage(paradigm, rate, batch):
+    # resnet50 stage 2 has 6 blocks: in budget mode every sample runs exactly budget_count(rate, 6)
+    # of them, at any batch size (batch 1 included), and the fast path still matches the reference
+    cfg = ArchConfig("resnet50", (71, 71), (StageConfig(),) * 2 + (_stage(paradigm, rate, None, 4),)
+                     + (StageConfig(),))
+    model = build_model(cfg).eval().set_gate_mode("budget")
+    _randomize(model)
+    x = torch.randn(batch, 3, 71, 71, generator=torch.Generator().manual_seed(batch))
+    with torch.no_grad():
+        fast = model(x)
+        runs = torch.stack([r["rates"]["layer"] for r in model.flops_readout()])  # [6, N]
+        ref = model.set_path("reference")(x)
+    assert runs.shape == (6, batch)
+    assert runs.sum(0).tolist() == [float(budget_count(rate, 6))] * batch
+    torch.testing.assert_close(fast, ref, atol=ATOL, rtol=RTOL)
+
+
+def test_layer_budget_follows_the_learned_scores():
+    # with every score positive the first k blocks run; with every score negative the last k
+    cfg = ArchConfig("resnet50", (71, 71), (StageConfig("layer", 0.5),) + (StageConfig(),) * 3)
+    model = build_model(cfg).eval().set_gate_mode("budget")
+    gates = [b.layer_masker for b in model.blocks() if b.layer_masker is not None]
+    assert [g.slot for g in gates] == [(0, 3), (1, 3), (2, 3)]
+    x = torch.randn(2, 3, 71, 71)
+    for sign, expected in ((1.0, [1.0, 1.0, 0.0]), (-1.0, [0.0, 1.0, 1.0])):
+        for g in gates:
+            torch.nn.init.zeros_(g.fc2.weight)
+            g.fc2.bias.data = torch.tensor([-sign, sign])
+        with torch.no_grad():
+            model(x)
+        assert [float(r["rates"]["layer"][0]) for r in model.flops_readout()] == expected
 
 
 def test_budget_count_rule():
@@ -433,3 +470,93 @@ def test_param_names_extend_static_names():
         names = set(build_model(cfg).state_dict())
         assert static_names <= names
         assert all("_masker." in k for k in names - static_names)
+
+
+# ----------------------------------------------------------------------------- layouts, quotas, caches
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.parametrize("paradigm", DYNAMIC)
+@pytest.mark.parametrize("key", [("resnet50", 1, 0), ("resnet50", 1, 1), ("regnety_400mf", 1, 0)],
+                         ids=lambda k: f"{k[0]}-s{k[1]}b{k[2]}")
+def test_fast_matches_reference_in_channels_last(key, paradigm, batch):
+    # the fast path gathers pixel rows from channels-last maps; the result must not depend on layout
+    spec, blk = _make(key, paradigm, 0.5, 1)
+    blk = blk.to(memory_format=torch.channels_last)
+    _set_mode(blk, "budget")
+    x = torch.randn(batch, spec.in_channels, *spec.in_hw).contiguous(memory_format=torch.channels_last)
+    fast, ref, _ = _both(blk, x)
+    torch.testing.assert_close(fast, ref, atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("paradigm", ["spatial", "channel", "layer"])
+def test_fast_path_never_writes_the_callers_input(paradigm):
+    # a standalone block must leave its input alone; a DynamicNet may reuse its own intermediates
+    spec, blk = _make(("resnet50", 1, 1), paradigm, 0.5, 1)
+    x = torch.randn(2, spec.in_channels, *spec.in_hw)
+    before = x.clone()
+    with torch.no_grad():
+        blk(x)
+    assert torch.equal(x, before) and blk.reuse_input is False
+    cfg = ArchConfig("resnet50", (71, 71), (_stage(paradigm, 0.5, 3, 4),) * 2 + (StageConfig(),) * 2)
+    model = build_model(cfg).eval()
+    assert all(b.reuse_input for b in model.blocks())
+    img = torch.randn(2, 3, 71, 71)
+    img_before = img.clone()
+    with torch.inference_mode():
+        fast = model(img)
+        ref = model.set_path("reference")(img)
+    assert torch.equal(img, img_before)
+    torch.testing.assert_close(fast, ref, atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_layer_quotas_carry_the_rounding_across_stages(batch):
+    # rate 0.5 on ResNet-50's 3-4-6-3 blocks: 1.5, 2, 3, 1.5 runs wanted; rounding with the
+    # remainder carried gives 2-2-3-1 = 8 = half of 16 per sample (not 2-2-3-2 = 9)
+    cfg = ArchConfig("resnet50", (71, 71), (StageConfig("layer", 0.5),) * 4)
+    model = build_model(cfg).eval().set_gate_mode("budget")
+    with torch.no_grad():
+        model(torch.randn(batch, 3, 71, 71))
+    runs: dict[int, torch.Tensor] = {}
+    for r in model.flops_readout():
+        runs[r["stage"]] = runs.get(r["stage"], 0) + r["rates"]["layer"]
+    assert [runs[s].tolist() for s in range(4)] == [[v] * batch for v in (2.0, 2.0, 3.0, 1.0)]
+
+
+def test_one_patch_spatial_gates_share_the_stage_quota():
+    # at 71x71 ResNet-50's last stage maps are 3x3: S=3 makes one patch per block, a per-sample gate;
+    # budget mode then runs round(0.5 * 3) = 2 of the 3 blocks per sample, like a layer gate
+    cfg = ArchConfig("resnet50", (71, 71), (StageConfig(),) * 3 + (StageConfig("spatial", 0.5, spatial_granularity=3),))
+    model = build_model(cfg).eval().set_gate_mode("budget")
+    _randomize(model)
+    x = torch.randn(1, 3, 71, 71)
+    with torch.no_grad():
+        fast = model(x)
+        runs = sum(float(r["rates"]["spatial"][0]) for r in model.flops_readout())
+        ref = model.set_path("reference")(x)
+    assert runs == 2.0
+    torch.testing.assert_close(fast, ref, atol=ATOL, rtol=RTOL)
+
+
+def test_cached_weight_layouts_follow_weight_updates():
+    # the channel path caches re-laid-out weights; an in-place update must invalidate them
+    spec, blk = _make(("resnet50", 1, 1), "channel", 0.5, 1)
+    _set_mode(blk, "budget")
+    x = torch.randn(2, spec.in_channels, *spec.in_hw)
+    _both(blk, x)
+    with torch.no_grad():
+        blk.conv3.weight.mul_(-2.0)
+        blk.conv2.weight.add_(0.1)
+    fast, ref, _ = _both(blk, x)
+    torch.testing.assert_close(fast, ref, atol=ATOL, rtol=RTOL)
+
+
+def test_training_readout_has_the_adaptive_rate_and_configured_flops():
+    spec, blk = _make(("resnet50", 1, 1), "spatial+channel", 0.5, 1)
+    blk.train()
+    blk(torch.randn(3, spec.in_channels, *spec.in_hw))
+    rates = blk.last_flops["rates"]
+    assert rates["primary_adaptive"].shape == (3,) and rates["primary_adaptive"].requires_grad
+    conf = blk.configured_flops()
+    assert 0 < float(conf["executed_flops"][0]) < conf["dense_flops"]
