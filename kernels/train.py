@@ -7,8 +7,8 @@ Per step: Gumbel temperature from :func:`gumbel_temperature`; loss = cross-entro
 ``lambda_act`` x :func:`sparsity_loss` (per-stage targets) [+ ``alpha_kd`` x distillation when
 a teacher is given]; SGD with Nesterov momentum 0.9, weight decay 5e-5, cosine learning rate.
 
-Stage targets: the FLOPs ratio each stage has in **budget** mode, where every block runs
-exactly the configured rates; training then pulls the **adaptive** (learned) gates there.
+Stage targets: each stage's configured activation rate and the FLOPs ratio the stage has at
+exactly those rates; training pulls the **adaptive** (learned) gates to both.
 
 The built-in data set (:func:`synthetic_images`) is generated, seeded, and needs no download:
 each image is a noisy background with one coloured square covering about a tenth of it, at a
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from dynas.errors import ConfigError
-from dynas.kernels.training import TrainingRecipe, distillation_loss, gumbel_temperature, sparsity_loss, stage_flops_ratios
+from dynas.kernels.training import TrainingRecipe, distillation_loss, gumbel_temperature, sparsity_loss
 from dynas.spaces.config import load_config
 
 __all__ = ["synthetic_images", "TrainHistory", "train", "stage_rates"]
@@ -105,15 +105,19 @@ def train(config: Any, *, steps: int = 300, batch_size: int = 32, lr: float = 0.
     x_train, y_train = x_all[:train_size], y_all[:train_size]  # [train_size, 3, H, W], [train_size]
     x_val, y_val = x_all[train_size:], y_all[train_size:]
 
-    # Per-stage FLOPs targets: what budget mode (exactly the configured rates) executes.
-    model.eval()
-    model.set_gate_mode("budget")
-    model.set_path("reference")
-    with torch.no_grad():
-        model(x_train[:batch_size])
-    ratios = stage_flops_ratios(model.flops_readout())
+    # Per-stage targets: the configured rates and the FLOPs ratio at exactly those rates.
+    executed: dict[int, float] = {}
+    dense: dict[int, float] = {}
+    for blk in model.blocks():
+        if blk.paradigm == "static":
+            continue
+        f = blk.configured_flops()
+        s = blk.spec.stage
+        executed[s] = executed.get(s, 0.0) + float(f["executed_flops"][0])
+        dense[s] = dense.get(s, 0.0) + float(f["dense_flops"])
     n_stages = len(cfg.stages)
-    targets = [float(ratios[s]) if s in ratios else 1.0 for s in range(n_stages)]
+    targets = [executed[s] / dense[s] if s in dense else 1.0 for s in range(n_stages)]
+    rate_targets = [st.rate for st in cfg.stages]
     model.set_gate_mode("adaptive")
 
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-5)
@@ -128,7 +132,7 @@ def train(config: Any, *, steps: int = 300, batch_size: int = 32, lr: float = 0.
         logits = model(x)
         readout = model.flops_readout()
         ce = F.cross_entropy(logits, y)
-        sp = sparsity_loss(readout, targets, step, steps, recipe=recipe) if readout else ce.new_zeros(())
+        sp = sparsity_loss(readout, targets, step, steps, recipe=recipe, rate_targets=rate_targets) if readout else ce.new_zeros(())
         loss = ce + recipe.lambda_act * sp
         if teacher is not None and recipe.alpha_kd > 0:
             with torch.no_grad():

@@ -12,7 +12,14 @@ Sparsity, given each block's executed FLOPs in the last forward (``model.flops_r
   ``relax_fraction`` of training along a cosine-squared schedule;
 * per stage: (stage FLOPs ratio - stage target)^2 — what makes per-stage rates converge;
 * global: (network FLOPs ratio - global target)^2, with the fixed FLOPs of the stem, head and
-  any static part counted in both numerator and denominator.
+  any static part counted in both numerator and denominator;
+* rates (when ``rate_targets`` are given): (stage's mean realised primary rate - its configured
+  rate)^2, for the sampled training decisions and, where the readout has them
+  (``rates["primary_adaptive"]``), for the decisions the gates would take at inference.
+  FLOPs alone leave the rate free to drift where FLOPs are not linear in it (a channel rate d
+  costs d^2 in the 3x3 conv, and samples differ), and a Gumbel-sampled rate on target says
+  little about the argmax rate at inference (scores just above 0 sample on half the time but
+  are always on at inference); the two terms pin both.
 
 A readout is a list of dicts, one per dynamic block: ``{"stage": int, "executed_flops":
 Tensor[N], "dense_flops": float}`` (executed FLOPs per sample, masker included).
@@ -81,13 +88,13 @@ def relaxation(step: int, total_steps: int, recipe: TrainingRecipe = TrainingRec
     return math.cos(0.5 * math.pi * min(p, 1.0)) ** 2
 
 
-def _check_targets(targets: Sequence[float], stages: set[int]) -> None:
+def _check_targets(targets: Sequence[float], stages: set[int], name: str = "stage_targets") -> None:
     for s in stages:
         if s >= len(targets):
-            raise ConfigError(f"stage_targets has {len(targets)} entries; the readout has stage {s}")
+            raise ConfigError(f"{name} has {len(targets)} entries; the readout has stage {s}")
     for s, t in enumerate(targets):
         if not (isinstance(t, (int, float)) and math.isfinite(t) and 0 <= t <= 1):
-            raise ConfigError(f"stage_targets[{s}]={t!r} is out of range; allowed: a FLOPs ratio in [0, 1]")
+            raise ConfigError(f"{name}[{s}]={t!r} is out of range; allowed: a number in [0, 1]")
 
 
 def stage_flops_ratios(readout: Sequence[Mapping]) -> dict[int, torch.Tensor]:
@@ -102,11 +109,14 @@ def stage_flops_ratios(readout: Sequence[Mapping]) -> dict[int, torch.Tensor]:
 
 
 def sparsity_loss(readout: Sequence[Mapping], stage_targets: Sequence[float], step: int, total_steps: int,
-                  fixed_flops: float = 0.0, recipe: TrainingRecipe = TrainingRecipe()) -> torch.Tensor:
+                  fixed_flops: float = 0.0, recipe: TrainingRecipe = TrainingRecipe(),
+                  rate_targets: Sequence[float] | None = None) -> torch.Tensor:
     """The per-stage-target sparsity loss described in the module docstring.
 
     ``stage_targets[s]`` is stage ``s``'s target FLOPs ratio (executed / dense, masker
-    included); ``fixed_flops`` are the FLOPs that never skip (stem, head, static stages).
+    included); ``fixed_flops`` are the FLOPs that never skip (stem, head, static stages);
+    ``rate_targets[s]`` (optional) is stage ``s``'s configured activation rate, compared with
+    the readout's ``rates["primary"]``.
     """
     if not readout:
         raise ConfigError("readout is empty; allowed: the flops_readout() of a forward pass with dynamic blocks")
@@ -126,7 +136,18 @@ def sparsity_loss(readout: Sequence[Mapping], stage_targets: Sequence[float], st
     executed_total = sum(r["executed_flops"].float().mean() for r in readout) + fixed_flops
     target_total = sum(float(stage_targets[int(r["stage"])]) * float(r["dense_flops"]) for r in readout) + fixed_flops
     global_term = (executed_total / dense_total - target_total / dense_total) ** 2
-    return block_term + stage_term + global_term
+    loss = block_term + stage_term + global_term
+    if rate_targets is not None:
+        _check_targets(rate_targets, stages, "rate_targets")
+        for key in ("primary", "primary_adaptive"):
+            per_stage: dict[int, list[torch.Tensor]] = {}
+            for r in readout:
+                if key in r["rates"]:
+                    per_stage.setdefault(int(r["stage"]), []).append(r["rates"][key].float().mean())
+            if per_stage:
+                loss = loss + torch.stack([(torch.stack(v).mean() - float(rate_targets[s])) ** 2
+                                           for s, v in sorted(per_stage.items())]).mean()
+    return loss
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,

@@ -95,3 +95,21 @@ def test_recipe_validation():
     assert TrainingRecipe().lambda_act == 10.0 and TrainingRecipe().alpha_kd == 0.5
     with pytest.raises(ConfigError, match="gumbel_end"):
         TrainingRecipe(gumbel_end=0)
+
+
+def test_rate_term_pins_sampled_and_adaptive_rates_to_the_configured_ones():
+    # FLOPs on target, rates off target: only the rate term sees it, for both kinds of rate
+    r = readout([[0.5, 0.5], [0.5, 0.5], [0.3, 0.3]])
+    sampled = torch.tensor([0.5, 0.5], requires_grad=True)
+    adaptive = torch.tensor([0.9, 0.9], requires_grad=True)
+    for block in r[:2]:
+        block["rates"] = {"primary": sampled, "primary_adaptive": adaptive}
+    r[2]["rates"] = {"primary": torch.tensor([0.4, 0.4])}
+    base = sparsity_loss(r, [0.5, 0.3], 0, 10).item()
+    with_rates = sparsity_loss(r, [0.5, 0.3], 0, 10, rate_targets=[0.5, 0.4])
+    assert base == pytest.approx(0.0, abs=1e-12) and with_rates.item() > 0
+    with_rates.backward()
+    assert float(sampled.grad.abs().sum()) == 0.0  # on target
+    assert (adaptive.grad > 0).all()  # the inference rate is too high: gradient says lower it
+    with pytest.raises(ConfigError, match="rate_targets has 1"):
+        sparsity_loss(r, [0.5, 0.3], 0, 10, rate_targets=[0.5])
