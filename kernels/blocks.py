@@ -502,7 +502,7 @@ class DynamicBlock:
             return x.relu_()
         return F.relu(x)
 
-    def _se_geom(self, pn: torch.Tensor, n_u: int) -> _Geom:
+    def _se_geom(self, pn: torch.Tensor, n_u: int, valid: torch.Tensor | None = None) -> _Geom:
         """SE squeeze/expand over the P gathered patches of ``n_u`` samples (``pn``: [P] local sample)."""
         inv_area = 1.0 / (self.spec.out_hw[0] * self.spec.out_hw[1])
 
@@ -510,7 +510,7 @@ class DynamicBlock:
             # [P, C, S, S] -> [P, C] -> per sample [n_u, C]: mean over the whole masked map
             return t.new_zeros(n_u, t.shape[1]).index_add_(0, pn, t.sum(dim=(2, 3))) * inv_area
 
-        return _Geom(0, None, pool, lambda sc: sc.index_select(0, pn))  # expand: [n_u, C] -> [P, C]
+        return _Geom(0, valid, pool, lambda sc: sc.index_select(0, pn))  # expand: [n_u, C] -> [P, C]
 
     def _spatial_regions(self, x: torch.Tensor, idx: torch.Tensor, pn: torch.Tensor, pi: torch.Tensor,
                          pj: torch.Tensor, sel: torch.Tensor | None) -> torch.Tensor:
@@ -532,9 +532,7 @@ class DynamicBlock:
         vr = (mrow >= 0) & (mrow < ax_h.mid_size)
         vc = (mcol >= 0) & (mcol < ax_w.mid_size)
         valid = (vr[:, :, None] & vc[:, None, :])[:, None].to(x.dtype)  # [P, 1, M_h, M_w]
-        geom = self._se_geom(pn, idx.numel())
-        geom.valid = valid
-        return self._sparse_body(regions, sel, geom)  # [P, C_out, S, S]
+        return self._sparse_body(regions, sel, self._se_geom(pn, idx.numel(), valid))  # [P, C_out, S, S]
 
     def _spatial_mid(self, x: torch.Tensor, idx: torch.Tensor, active: torch.Tensor, pn: torch.Tensor,
                      pi: torch.Tensor, pj: torch.Tensor, sel: torch.Tensor | None) -> torch.Tensor:
@@ -648,6 +646,18 @@ class DynamicBasicBlock(DynamicBlock, BasicBlock):
         return _bn(F.conv2d(h, _cols(self.conv2.weight, sel), None, 1, geom.pad), self.bn2, None)
 
 
+def _pointwise_3x3_pointwise_terms(b: BlockSpec, se_flops: float) -> dict[str, float]:
+    """Dense per-sample FLOPs of a 1x1 -> 3x3 (stride, groups) -> 1x1 body (bottleneck, RegNetY)."""
+    (hi, wi), (ho, wo) = b.in_hw, b.out_hw
+    return {
+        "conv1": 2.0 * b.in_channels * b.width * hi * wi,
+        "conv2": 2.0 * (b.width // b.groups) * b.width * 9 * ho * wo,
+        "conv3": 2.0 * b.width * b.out_channels * ho * wo,
+        "se": se_flops,
+        "downsample": 2.0 * b.in_channels * b.out_channels * ho * wo if b.has_downsample else 0.0,
+    }
+
+
 class DynamicBottleneck(DynamicBlock, Bottleneck):
     """ResNet-50/101/152 block: 1x1 -> 3x3 (stride) -> 1x1; gated width = bottleneck width."""
 
@@ -666,15 +676,7 @@ class DynamicBottleneck(DynamicBlock, Bottleneck):
         return self.bn3
 
     def _dense_terms(self):
-        b = self.spec
-        (hi, wi), (ho, wo) = b.in_hw, b.out_hw
-        return {
-            "conv1": 2.0 * b.in_channels * b.width * hi * wi,
-            "conv2": 2.0 * (b.width // b.groups) * b.width * 9 * ho * wo,
-            "conv3": 2.0 * b.width * b.out_channels * ho * wo,
-            "se": 0.0,
-            "downsample": 2.0 * b.in_channels * b.out_channels * ho * wo if b.has_downsample else 0.0,
-        }
+        return _pointwise_3x3_pointwise_terms(self.spec, se_flops=0.0)
 
     def _masked_body(self, x, cm, sm):
         h = F.relu(self.bn1(self.conv1(x)))  # [N, width, H_in, W_in]
@@ -697,8 +699,6 @@ class DynamicBottleneck(DynamicBlock, Bottleneck):
             b, _, hi, wi = x.shape
             h = self._head_rows(_pixels(x), sel)  # [B * H * W, |sel|]
             h = h.view(b, hi, wi, -1).permute(0, 3, 1, 2)  # -> [B, |sel|, H, W], channels-last strides
-        if geom.valid is not None:
-            h = h.mul_(geom.valid)  # [P, |sel|, R, R]: zero where the 3x3 conv sees padding
         return self._tail(h, sel, geom)
 
     def _tail(self, h, sel, geom):
@@ -743,15 +743,7 @@ class DynamicRegNetYBlock(DynamicBlock, RegNetYBlock):
         return self.f.c[1]
 
     def _dense_terms(self):
-        b = self.spec
-        (hi, wi), (ho, wo) = b.in_hw, b.out_hw
-        return {
-            "conv1": 2.0 * b.in_channels * b.width * hi * wi,
-            "conv2": 2.0 * (b.width // b.groups) * b.width * 9 * ho * wo,
-            "conv3": 2.0 * b.width * b.out_channels * ho * wo,
-            "se": 2.0 * 2 * b.width * b.se_channels,
-            "downsample": 2.0 * b.in_channels * b.out_channels * ho * wo if b.has_downsample else 0.0,
-        }
+        return _pointwise_3x3_pointwise_terms(self.spec, se_flops=2.0 * 2 * self.spec.width * self.spec.se_channels)
 
     def _masked_body(self, x, cm, sm):
         h = self.f.a(x)  # [N, width, H_in, W_in]
@@ -774,8 +766,6 @@ class DynamicRegNetYBlock(DynamicBlock, RegNetYBlock):
     def _sparse_body(self, x, sel, geom):
         a = self.f.a
         h = F.relu(_bn(F.conv2d(x, _rows(a[0].weight, sel)), a[1], sel), inplace=True)
-        if geom.valid is not None:
-            h = h.mul_(geom.valid)  # [P, |sel|, R, R]: zero where the 3x3 conv sees padding
         return self._tail(h, sel, geom)
 
     def _tail(self, h, sel, geom):

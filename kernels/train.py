@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from dynas.errors import ConfigError
-from dynas.kernels.training import TrainingRecipe, distillation_loss, gumbel_temperature, sparsity_loss
+from dynas.kernels.training import TrainingRecipe, distillation_loss, gumbel_temperature, sparsity_loss, stage_flops_ratios
 from dynas.spaces.config import load_config
 
 __all__ = ["synthetic_images", "TrainHistory", "train", "stage_rates"]
@@ -106,19 +106,10 @@ def train(config: Any, *, steps: int = 300, batch_size: int = 32, lr: float = 0.
     x_val, y_val = x_all[train_size:], y_all[train_size:]
 
     # Per-stage targets: the configured rates and the FLOPs ratio at exactly those rates.
-    executed: dict[int, float] = {}
-    dense: dict[int, float] = {}
-    for blk in model.blocks():
-        if blk.paradigm == "static":
-            continue
-        f = blk.configured_flops()
-        s = blk.spec.stage
-        executed[s] = executed.get(s, 0.0) + float(f["executed_flops"][0])
-        dense[s] = dense.get(s, 0.0) + float(f["dense_flops"])
-    n_stages = len(cfg.stages)
-    targets = [executed[s] / dense[s] if s in dense else 1.0 for s in range(n_stages)]
+    ratios = stage_flops_ratios([{"stage": b.spec.stage, **b.configured_flops()}
+                                 for b in model.blocks() if b.paradigm != "static"])
+    targets = [float(ratios[s]) if s in ratios else 1.0 for s in range(len(cfg.stages))]
     rate_targets = [st.rate for st in cfg.stages]
-    model.set_gate_mode("adaptive")
 
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-5)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
