@@ -3,8 +3,10 @@
 Method (what the numbers mean):
 
 * the static network is the plain backbone (``spaces/torch_model.py``); the dynamic one is
-  ``build_model(config)`` in **budget** gate mode (exactly the configured rates per sample) on
-  the **fast** path (real skipping), both in eval mode under ``torch.inference_mode``;
+  ``build_model(config)`` in **budget** gate mode (exactly the configured rates per sample) or,
+  with ``gate_mode="random"``, the same counts chosen at random per sample (what a trained
+  network's input-dependent gates look like to the hardware, and what the calibrated latency
+  model assumes), on the **fast** path (real skipping), in eval mode under ``torch.inference_mode``;
 * both networks and the input in one memory format, ``channels_last`` by default (on this
   project's CPUs the static ResNet-50 runs 4% faster at batch 1 and 12% at batch 8 that way, so
   it is the stronger baseline; the dynamic gathers and scatters copy whole pixel rows in it);
@@ -52,6 +54,7 @@ class BenchResult:
     repeats: int
     torch_version: str
     memory_format: str
+    gate_mode: str = "budget"
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -80,12 +83,15 @@ def _spread(times: list[float]) -> float:
 
 
 def bench(config: Any, device: str = "cpu", batch_size: int = 1, threads: int | None = None,
-          repeats: int = 30, warmup: int = 5, seed: int = 0, memory_format: str = "channels_last") -> BenchResult:
+          repeats: int = 30, warmup: int = 5, seed: int = 0, memory_format: str = "channels_last",
+          gate_mode: str = "budget") -> BenchResult:
     """Time static vs dynamic (budget mode, fast path) on ``device``; see the module docstring."""
     from dynas.kernels.model import build_model
 
     if device not in ("cpu", "cuda"):
         raise ConfigError(f"device={device!r} is not supported; allowed: cpu, cuda")
+    if gate_mode not in ("budget", "random"):
+        raise ConfigError(f"gate_mode={gate_mode!r} is not allowed; allowed: budget, random")
     if memory_format not in MEMORY_FORMATS:
         raise ConfigError(f"memory_format={memory_format!r} is unknown; allowed: {', '.join(MEMORY_FORMATS)}")
     if device == "cuda" and not torch.cuda.is_available():
@@ -103,7 +109,7 @@ def bench(config: Any, device: str = "cpu", batch_size: int = 1, threads: int | 
     fmt = MEMORY_FORMATS[memory_format]
     dynamic = build_model(cfg).to(dev, memory_format=fmt).eval()
     static = build_static_model(cfg.spec).to(dev, memory_format=fmt).eval()
-    dynamic.set_gate_mode("budget")
+    dynamic.set_gate_mode(gate_mode)
     h, w = cfg.input_size
     x = torch.randn(batch_size, 3, h, w, device=dev).contiguous(memory_format=fmt)
     run = _timer(dev)
@@ -129,4 +135,5 @@ def bench(config: Any, device: str = "cpu", batch_size: int = 1, threads: int | 
         backbone=cfg.backbone, config=cfg.short(), device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         threads=torch.get_num_threads(), batch_size=batch_size, input_size=cfg.input_size, static_ms=s_ms,
         dynamic_ms=d_ms, speedup=s_ms / d_ms, static_spread_ms=_spread(t_static), dynamic_spread_ms=_spread(t_dynamic),
-        max_abs_err=max_abs_err, repeats=repeats, torch_version=torch.__version__, memory_format=memory_format)
+        max_abs_err=max_abs_err, repeats=repeats, torch_version=torch.__version__, memory_format=memory_format,
+        gate_mode=gate_mode)

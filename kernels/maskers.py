@@ -18,6 +18,13 @@ Lifecycle of a decision:
    blocks, whatever the batch size or the batch's other samples (see :class:`LayerMasker`);
    ``DynamicNet`` sets ``k`` = round(rate x n) with the rounding remainder carried from stage to
    stage, so the network total is exact to within one block.
+4. inference, gate mode ``"random"`` (measurement): the budget mode's exact counts, but *which*
+   decisions are on is drawn uniformly at random, independently per sample, from torch's
+   global generator (seed it with ``torch.manual_seed``).  The maskers still run, so their
+   cost is real.  A freshly initialised network's scores barely depend on the input (every
+   sample of a batch skips the same blocks), a trained one's do; this mode stands in for the
+   trained network when ``dynas calibrate``/``validate``/``bench`` time an untrained one, and
+   it is the decision model the calibrated CPU latency model assumes.
 
 ``force`` (``None``, ``"on"`` or ``"off"``) overrides every mode; tests and ablations use it.
 
@@ -34,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dynas.errors import ConfigError
+from dynas.spaces.config import budget_count
 
 __all__ = [
     "GATE_MODES",
@@ -46,13 +54,8 @@ __all__ = [
 ]
 
 #: inference gate modes
-GATE_MODES: tuple[str, ...] = ("adaptive", "budget")
+GATE_MODES: tuple[str, ...] = ("adaptive", "budget", "random")
 _FORCE = (None, "on", "off")
-
-
-def budget_count(rate: float, n: int) -> int:
-    """Decisions that are on in budget mode: ``round(rate * n)`` (half up), at least 1."""
-    return max(1, min(n, int(math.floor(rate * n + 0.5))))
 
 
 def _hidden(in_channels: int, reduction: int = 16, minimum: int = 16) -> int:
@@ -119,6 +122,10 @@ class Masker(nn.Module):
         score = logits[:, 1] - logits[:, 0]  # [N, *D]
         if self.gate_mode == "adaptive":
             return (score > 0).to(x.dtype)
+        if self.gate_mode == "random":
+            # uniform scores in [0, 1): the top-k below is a uniform random k-subset per sample;
+            # the stage quota reads them as coin flips (see _stage_budget)
+            score = torch.rand(score.shape, dtype=score.dtype, device=score.device)
         if not self.per_sample_budget:
             return self._budget(score)
         flat = score.reshape(score.shape[0], -1)  # [N, n_decisions]
@@ -193,7 +200,12 @@ def _stage_budget(m: "Masker", score: torch.Tensor) -> torch.Tensor:
         # stage start (or a block run out of its stage's order): a fresh quota for the gates left
         runs = m.quota.runs if j == 0 and m.quota.runs is not None else budget_count(m.rate, left)
         rem = torch.full(score.shape, runs, dtype=torch.long, device=score.device)
-    on = (rem >= left) | ((rem > 0) & (score > 0))  # [N] bool
+    if m.gate_mode == "random":
+        # run with probability rem / left: sequential sampling of a uniform k-subset of the
+        # stage's gates, independently per sample (score: [N] uniform in [0, 1))
+        on = score * left < rem  # [N] bool
+    else:
+        on = (rem >= left) | ((rem > 0) & (score > 0))  # [N] bool
     m.quota.remaining = rem - on.long()
     return on.to(score.dtype)
 

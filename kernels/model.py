@@ -23,7 +23,6 @@ the temperature given by :meth:`DynamicNet.set_temperature`.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -35,7 +34,7 @@ from torch import nn
 from dynas.errors import ConfigError
 from dynas.kernels.blocks import PATHS, DynamicBlock, build_block
 from dynas.kernels.maskers import GATE_MODES, Masker, StageQuota
-from dynas.spaces.config import ArchConfig, load_config
+from dynas.spaces.config import ArchConfig, load_config, stage_runs
 from dynas.spaces.torch_model import block_module_name, build_static_model
 
 __all__ = ["DynamicNet", "LoadResult", "build_model"]
@@ -89,19 +88,13 @@ class DynamicNet(nn.Module):
             setattr(parent, leaf, dyn)
             self.block_names.append(path)
         # Budget mode: the per-sample gates of one stage (layer gates, and spatial gates whose one
-        # patch is the whole map) share a per-sample quota of blocks to run.  Quotas are rounded
-        # with the remainder carried to the next such stage, so that every sample runs
-        # round(sum over stages of rate * n_blocks) blocks in all (rate 0.5 on ResNet-50's
-        # 3-4-6-3 blocks: 2-2-3-1 = 8 of 16, not 2-2-3-2 = 9).
-        carry = 0.0
-        for stage in range(spec.num_stages):
+        # patch is the whole map) share a per-sample quota of blocks to run, rounded with the
+        # remainder carried to the next such stage (spaces.config.stage_runs).
+        for stage, runs in enumerate(stage_runs(config)):
+            if runs is None:
+                continue
             gates = [m for blk in self.blocks() if blk.spec.stage == stage
                      for m in (blk.layer_masker, blk.spatial_masker) if m is not None and not m.per_sample_budget]
-            if not gates:
-                continue
-            want = gates[0].rate * len(gates) + carry
-            runs = min(len(gates), max(1, math.floor(want + 0.5)))
-            carry = want - runs
             quota = StageQuota(runs)
             for j, m in enumerate(gates):
                 m.slot, m.quota = (j, len(gates)), quota
@@ -124,7 +117,8 @@ class DynamicNet(nn.Module):
         return [m for m in self.modules() if isinstance(m, Masker)]
 
     def set_gate_mode(self, mode: str) -> "DynamicNet":
-        """Inference decisions: ``"adaptive"`` (argmax per input) or ``"budget"`` (exact rates)."""
+        """Inference decisions: ``"adaptive"`` (argmax per input), ``"budget"`` (exact rates) or
+        ``"random"`` (exact rates, uniformly random choice per sample; see :mod:`dynas.kernels.maskers`)."""
         if mode not in GATE_MODES:
             raise ConfigError(f"gate mode={mode!r} is unknown; allowed: {', '.join(GATE_MODES)}")
         for m in self.maskers():

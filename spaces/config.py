@@ -37,6 +37,9 @@ __all__ = [
     "uses_spatial",
     "uses_channel",
     "uses_layer",
+    "budget_count",
+    "stage_gate_kind",
+    "stage_runs",
 ]
 
 PARADIGMS: tuple[str, ...] = ("static", "spatial", "channel", "layer", "spatial+channel", "layer+channel")
@@ -98,6 +101,43 @@ def _int(value: Any, where: str, allowed: tuple[int, ...], rule: str = "is not a
 
 def _fmt(values: tuple[int, ...]) -> str:
     return ", ".join(str(v) for v in values)
+
+
+def budget_count(rate: float, n: int) -> int:
+    """Decisions that are on in budget mode: ``round(rate * n)`` (half up), at least 1."""
+    return max(1, min(n, int(math.floor(rate * n + 0.5))))
+
+
+def stage_gate_kind(spec: BackboneSpec, stage: int, st: "StageConfig") -> str | None:
+    """``"layer"`` / ``"spatial"`` when the stage's blocks have one decision per sample (a layer
+    gate, or a spatial gate whose one patch covers the whole map), else None."""
+    if uses_layer(st.paradigm):
+        return "layer"
+    if uses_spatial(st.paradigm) and spec.stage_out_hw(stage) == (st.spatial_granularity,) * 2:
+        return "spatial"
+    return None
+
+
+def stage_runs(config: "ArchConfig") -> tuple[int | None, ...]:
+    """Per stage, the blocks every sample runs in budget mode when the stage's gates are one
+    decision per sample (:func:`stage_gate_kind`), else None.
+
+    round(rate x blocks), with the rounding remainder carried from stage to stage so that the
+    network's total is exact to within one block (rate 0.5 on ResNet-50's 3-4-6-3: 2-2-3-1).
+    """
+    spec = config.spec
+    carry = 0.0
+    out: list[int | None] = []
+    for s, st in enumerate(config.stages):
+        if stage_gate_kind(spec, s, st) is None:
+            out.append(None)
+            continue
+        depth = spec.stage_depth(s)
+        want = st.rate * depth + carry
+        runs = min(depth, max(1, math.floor(want + 0.5)))
+        carry = want - runs
+        out.append(runs)
+    return tuple(out)
 
 
 @dataclass(frozen=True)

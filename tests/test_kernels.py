@@ -230,6 +230,38 @@ def test_layer_budget_follows_the_learned_scores():
         assert [float(r["rates"]["layer"][0]) for r in model.flops_readout()] == expected
 
 
+@pytest.mark.parametrize("paradigm", ["spatial", "channel"])
+def test_random_mode_exact_counts_uniform_independent_choice(paradigm):
+    # random mode: the budget's exact count per sample, but the choice is uniform and differs
+    # between samples even when the (untrained) scores are the same for every sample
+    spec, blk = _make(("resnet50", 1, 1), paradigm, 0.3, 0)
+    _set_mode(blk, "random")
+    torch.manual_seed(0)
+    x = torch.randn(1, spec.in_channels, *spec.in_hw).expand(400, -1, -1, -1)  # identical samples
+    with torch.no_grad():
+        mask = blk.decide(x)[paradigm].reshape(400, -1)  # [400, n_decisions]
+    k = budget_count(0.3, mask.shape[1])
+    assert mask.sum(1).tolist() == [float(k)] * 400
+    assert torch.unique(mask, dim=0).shape[0] > 300  # independent per sample
+    freq = mask.mean(0)  # each decision is on with probability k / n
+    assert (freq - k / mask.shape[1]).abs().max() < 0.12
+
+
+def test_random_mode_layer_quota_is_a_uniform_subset_of_the_stage():
+    # resnet50 stage 2 has 6 layer gates and a quota of 3 per sample: every sample runs exactly 3,
+    # every block runs about half the samples (a greedy coin flip would favour the first blocks)
+    cfg = ArchConfig("resnet50", (39, 39), (StageConfig(),) * 2 + (StageConfig("layer", 0.5),) + (StageConfig(),))
+    model = build_model(cfg).eval().set_gate_mode("random")
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 39, 39).expand(300, -1, -1, -1)
+    with torch.no_grad():
+        model(x)
+    runs = torch.stack([r["rates"]["layer"] for r in model.flops_readout()])  # [6, 300]
+    assert runs.sum(0).tolist() == [3.0] * 300
+    assert (runs.mean(1) - 0.5).abs().max() < 0.1
+    assert torch.unique(runs.t(), dim=0).shape[0] > 15  # many of the C(6, 3) = 20 subsets occur
+
+
 def test_budget_count_rule():
     assert budget_count(0.1, 81) == 8
     assert budget_count(0.5, 9) == 5  # half rounds up
