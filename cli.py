@@ -8,6 +8,10 @@ Subcommands::
                                        writes an HTML report and an exported config
     dynas pareto --study-name NAME     Pareto front of a stored study, CSV / HTML
     dynas export --study-name NAME     one trial as a training config (JSON)
+    dynas bench CONFIG                 real speed-up of a config (static vs dynamic)
+    dynas train CONFIG                 fine-tune a config on synthetic data (CPU demo)
+    dynas calibrate -o TARGET.toml     measure this device, fit a target file
+    dynas validate --target T          held-out measurements vs predictions
 
 Every bad input (a :class:`~dynas.errors.DynasError` or an argparse error) ends as one line
 ``dynas: error: <message>`` on stderr and exit status 2, with no traceback.  Output paths are
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import json
 import logging
 import os
@@ -422,13 +427,15 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from dynas.kernels.bench import bench
 
     r = bench(args.config, device=args.device, batch_size=args.batch_size, threads=args.threads,
-              repeats=args.repeats, warmup=args.warmup, memory_format=args.memory_format)
+              repeats=args.repeats, warmup=args.warmup, memory_format=args.memory_format, gate_mode=args.gates)
     if args.json:
         _print(json.dumps(r.to_dict(), indent=2))
         return 0
     h, w = r.input_size
     _print(f"{r.backbone} @ {h}x{w}, batch {r.batch_size}, {r.device}, {r.threads} threads, {r.memory_format}, torch {r.torch_version}")
-    _print(f"config: {r.config}  (budget gate mode: exactly the configured rates)")
+    how = {"budget": "exactly the configured rates, learned choice",
+           "random": "exactly the configured rates, random choice per sample"}[r.gate_mode]
+    _print(f"config: {r.config}  ({r.gate_mode} gate mode: {how})")
     _print(f"static  {r.static_ms:9.3f} ms  (p10-p90 spread {r.static_spread_ms:.3f} ms)")
     _print(f"dynamic {r.dynamic_ms:9.3f} ms  (p10-p90 spread {r.dynamic_spread_ms:.3f} ms)")
     _print(f"speed-up x{r.speedup:.2f} over {r.repeats} interleaved pairs; fast vs reference path max abs err {r.max_abs_err:.2e}")
@@ -456,6 +463,182 @@ def _cmd_train(args: argparse.Namespace) -> int:
         atomic_write_bytes(args.output, buf.getvalue())
         _print(f"weights: {args.output}")
     return 0
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def _progress(budget_s: float | None) -> Callable[..., None]:
+    def report(done: int, elapsed: float, item: Any, m: Any) -> None:
+        left = f"/{budget_s:.0f}" if budget_s is not None else ""
+        _logger.info("[%d networks, %.0f%s s] %s b%d %s: %.1f ms", done, elapsed, left, item.config.backbone,
+                     item.batch_size, item.config.short(), m.network_ms)
+
+    return report
+
+
+def _default_path(output: str, suffix: str) -> str:
+    p = Path(output)
+    return str(p.with_name(p.stem + suffix))
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from dynas.kernels.calibrate import calibration_plan, environment, run_plan
+    from dynas.predictors.calibration import check_measurements, cost_comments, fit_target
+    from dynas.predictors.targets import write_target
+    from dynas.results.pareto import atomic_write_text
+
+    csv_path = args.csv or _default_path(args.output, ".csv")
+    _check_output("--output", args.output)
+    _check_output("--csv", csv_path)
+    if args.measurements:
+        df = _read_csv("--measurements", args.measurements)
+    else:
+        _check_device(args.device)
+        _set_threads(args.threads)
+        plan = calibration_plan(args.backbones, args.input_size, args.batch_size, args.seed)  # checks the options
+        first = next(plan)
+        _logger.info("calibrating on %s for about %.0f s (progress per measured network)", args.device, args.budget_s)
+        rows = run_plan(itertools.chain([first], plan), device=args.device, repeats=args.repeats, warmup=args.warmup,
+                        seed=args.seed, budget_s=args.budget_s, progress=_progress(args.budget_s))
+        df = pd.DataFrame(rows)
+        atomic_write_text(csv_path, df.to_csv(index=False))
+    check_measurements(df, "calibration measurements")
+    env = _recorded_environment(df) if args.measurements else environment(args.device)
+    name = args.name or Path(args.output).stem
+    backbones = sorted(df["backbone"].astype(str).unique()) if "backbone" in df else list(args.backbones)
+    batches = sorted(int(b) for b in df["batch_size"].unique())
+    target = fit_target(df, name, {**env, "calibration_csv": Path(args.measurements or csv_path).name,
+                                   "backbones": ",".join(backbones), "batch_sizes": ",".join(map(str, batches))},
+                        default_batch_size=batches[0])
+    write_target(target, args.output, cost_comments(target.cpu))
+    _print(f"{'read' if args.measurements else 'measured'} {df['config'].nunique()} networks ({len(df)} rows) on "
+           f"{env.get('device_name', '?')}, {env.get('threads', '?')} threads, torch {env.get('torch_version', '?')}: "
+           f"{args.measurements or csv_path}")
+    rows_out = [{"cost": k, "value": v, "meaning": c} for (k, v), c in
+                zip(target.cpu._asdict().items(), cost_comments(target.cpu).values())]
+    _print(_table(rows_out, ["cost", "value", "meaning"]))
+    f = target.fit
+    _print(f"fit on {f['rows']} stem/stage/head rows ({f['outlier_rows']} disturbed rows left out): "
+           f"MAPE {f['parts_mape_pct']:.1f}%, {100 * f['parts_within_10pct']:.0f}% within +/-10%")
+    _print(f"target: {args.output}  (use it as --target {args.output}; check it with dynas validate)")
+    return 0
+
+
+def _read_csv(option: str, path: str) -> Any:
+    import pandas as pd
+
+    try:
+        return pd.read_csv(path)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{option}={path!r} cannot be read as CSV: {exc}".splitlines()[0]) from None
+
+
+def _recorded_environment(df: Any) -> dict[str, Any]:
+    """The environment columns of a measurement table (first row)."""
+    kinds = {"threads": int}
+    keys = ("device", "device_name", "torch_version", "threads", "date", "python", "gate_mode")
+    return {k: kinds.get(k, str)(df[k].iloc[0]) for k in keys if k in df.columns}
+
+
+def _check_device(device: str) -> None:
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError("--device='cuda' is not available on this machine; allowed: cpu")
+
+
+def _load_config_list(path: str) -> list[Any]:
+    from dynas.spaces.config import load_config
+
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise UsageError(f"--configs={path!r} cannot be read: {exc.strerror}") from None
+    try:
+        data = json.loads(text)
+    except ValueError:
+        try:
+            data = [json.loads(line) for line in text.splitlines() if line.strip()]
+        except ValueError as exc:
+            raise UsageError(f"--configs={path!r} is not JSON or JSON lines: {exc}") from None
+    if isinstance(data, dict):
+        data = [data]
+    if not isinstance(data, list) or not data:
+        raise UsageError(f"--configs={path!r} holds no configs; allowed: a JSON config, a JSON list of configs, or JSON lines")
+    return [load_config(d) for d in data]
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from dynas.kernels.calibrate import PlanItem, run_plan, validation_plan
+    from dynas.predictors.calibration import compare, summarize
+    from dynas.predictors.targets import load_target
+    from dynas.results.validation import write_validation_csv, write_validation_html
+
+    target = load_target(args.target)
+    stem = f"validate-{_safe_name(target.name)}"
+    csv_path, html_path = args.csv or f"{stem}.csv", args.html or f"{stem}.html"
+    _check_output("--csv", csv_path)
+    _check_output("--html", html_path)
+    if args.measurements:
+        measured = _read_csv("--measurements", args.measurements)
+    else:
+        _check_device(args.device)
+        threads = args.threads or (target.threads if target.kind == "cpu" else None)
+        _set_threads(threads)
+        if args.configs:
+            items = [PlanItem(c, n) for c in _load_config_list(args.configs) for n in args.batch_size]
+        else:
+            items = validation_plan(args.backbones, args.input_size, args.batch_size, args.count, args.seed)
+        _logger.info("measuring %d held-out networks on %s", len(items), args.device)
+        measured = pd.DataFrame(run_plan(items, device=args.device, repeats=args.repeats, warmup=args.warmup,
+                                         seed=args.seed, progress=_progress(None)))
+    df = compare(measured, target)
+    write_validation_csv(df, csv_path)
+    write_validation_html(df, html_path, f"dynas validate: target {target.name}")
+    rows = []
+    for part, sel in (("networks", df["part"] == "network"), ("stages", df["part"] != "network")):
+        for n in sorted(df["batch_size"].unique()):
+            sub = df[sel & (df["batch_size"] == n)]
+            if sub.empty:
+                continue
+            s = summarize(sub)
+            rows.append({"part": part, "batch": int(n), "count": s["count"], "MAPE %": s["mape_pct"],
+                         "within 10%": f"{100 * s['within_10pct']:.0f}%", "Spearman": s["spearman"],
+                         "Kendall": s["kendall"], "max |err| %": s["max_abs_err_pct"]})
+    _print(f"target {target.name}: predicted vs measured")
+    _print(_table(rows, ["part", "batch", "count", "MAPE %", "within 10%", "Spearman", "Kendall", "max |err| %"]))
+    worst = df[df["part"] == "network"].reindex(df["rel_err"].abs().sort_values(ascending=False).index).dropna(subset=["part"])
+    worst = worst[worst["part"] == "network"].head(5)
+    if not worst.empty:
+        _print("worst networks:")
+        _print(_table([{"backbone": r.backbone, "batch": int(r.batch_size), "config": r.choice, "measured ms": r.measured_ms,
+                        "predicted ms": r.predicted_ms, "error %": 100 * r.rel_err} for r in worst.itertuples()],
+                      ["backbone", "batch", "config", "measured ms", "predicted ms", "error %"]))
+    _print(f"table: {csv_path}\nplot: {html_path}")
+    return 0
+
+
+def _measuring_args(p: argparse.ArgumentParser, threads_help: str, backbones: Sequence[str], backbones_help: str,
+                    repeats: int, seed: int, seed_help: str) -> None:
+    """Options shared by the commands that time networks (calibrate, validate)."""
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to measure")
+    p.add_argument("--threads", type=_positive_int, default=None, metavar="N", help=threads_help)
+    p.add_argument("--batch-size", type=_int_list, default=(1, 8), metavar="N[,N...]", help="batch sizes to measure")
+    p.add_argument("--backbones", type=_str_list, default=tuple(backbones), metavar="A,B", help=backbones_help)
+    p.add_argument("--input-size", type=_positive_int, default=224, metavar="N", help="image side")
+    p.add_argument("--repeats", type=_positive_int, default=repeats, metavar="N", help="timed passes per network (median)")
+    p.add_argument("--warmup", type=_nonneg_int, default=1, metavar="N", help="untimed passes per network first")
+    p.add_argument("--seed", type=_nonneg_int, default=seed, metavar="N", help=seed_help)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -591,6 +774,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=_nonneg_int, default=5, metavar="N", help="untimed runs of each first")
     p.add_argument("--memory-format", choices=("channels_last", "contiguous"), default="channels_last",
                    help="layout of both networks and the input")
+    p.add_argument("--gates", choices=("budget", "random"), default="budget",
+                   help="budget: the (untrained) gates choose; random: uniform choice per sample, as a trained\n"
+                   "network's input-dependent gates and the calibrated model assume")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_cmd_bench)
 
@@ -610,6 +796,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-every", type=_positive_int, default=25, metavar="N", help="log every N steps")
     p.add_argument("-o", "--output", default=None, metavar="FILE", help="save the trained state dict here")
     p.set_defaults(func=_cmd_train)
+
+    # calibrate
+    from dynas.kernels.calibrate import DEFAULT_CALIBRATION_BACKBONES, DEFAULT_VALIDATION_BACKBONES
+
+    p = sub.add_parser(
+        "calibrate", parents=[common], help="measure dynas's kernels on this device and fit a target file",
+        formatter_class=_Formatter,
+        description="Time whole dynamic networks stage by stage (stratified over paradigms, granularities, rates,\n"
+        "stage shapes and batch sizes; random gate mode: exact rates, choice independent per sample),\n"
+        "save the measurements as CSV with the environment, and fit the work costs of the calibrated\n"
+        "model (throughputs, bandwidths, per-call overheads) into a target file that every command accepts.",
+    )
+    p.add_argument("-o", "--output", required=True, metavar="TARGET_FILE", help="target file to write (.toml)")
+    _measuring_args(p, "CPU threads (default: torch's)", DEFAULT_CALIBRATION_BACKBONES,
+                    "backbones to measure (default: one per block kind)", repeats=5, seed=0,
+                    seed_help="seed of the design and the weights")
+    p.add_argument("--budget-s", type=_float, default=300.0, metavar="S", help="measurement time budget (seconds)")
+    p.add_argument("--name", default=None, help="target name (default: the output file's stem)")
+    p.add_argument("--csv", default=None, metavar="FILE", help="measurements CSV (default: TARGET_FILE with .csv)")
+    p.add_argument("--measurements", default=None, metavar="CSV",
+                   help="fit an earlier calibration CSV instead of measuring (the measuring options are ignored)")
+    p.set_defaults(func=_cmd_calibrate)
+
+    # validate
+    p = sub.add_parser(
+        "validate", parents=[common], help="compare a target's predictions with held-out measurements",
+        formatter_class=_Formatter,
+        description="Measure networks that were not calibrated on (random configs from a seed, rates on the\n"
+        "0.15, 0.25, ... lattice that calibration never uses, or the configs of --configs), predict them\n"
+        "with TARGET, and report MAPE, share within +/-10%, Spearman and Kendall for whole networks and\n"
+        "single stages, the worst cases, a predicted-vs-measured HTML plot and a CSV.",
+    )
+    p.add_argument("--target", required=True, metavar="TARGET", help="target name or file (e.g. from dynas calibrate)")
+    _measuring_args(p, "CPU threads (default: the calibrated target's, else torch's)", DEFAULT_VALIDATION_BACKBONES,
+                    "backbones of the random configs", repeats=7, seed=1, seed_help="seed of the random configs and weights")
+    p.add_argument("--configs", default=None, metavar="FILE", help="JSON config(s) to measure instead of random ones")
+    p.add_argument("--count", type=_positive_int, default=24, metavar="N", help="random configs (backbones in turn)")
+    p.add_argument("--measurements", default=None, metavar="CSV",
+                   help="score an earlier validation CSV against TARGET instead of measuring")
+    p.add_argument("--csv", default=None, metavar="FILE", help="output table (default: validate-TARGET.csv)")
+    p.add_argument("--html", default=None, metavar="FILE", help="output plot (default: validate-TARGET.html)")
+    p.set_defaults(func=_cmd_validate)
     return parser
 
 

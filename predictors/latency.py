@@ -24,14 +24,18 @@ from __future__ import annotations
 
 import functools
 import math
+
+import numpy as np
 from typing import Any, Iterable, Mapping, NamedTuple
 
+from dynas.predictors import cpu
 from dynas.predictors.gpu import ConvOp, Hardware, OpCost, conv_cost, memory_cost
 from dynas.predictors.result import OpPrediction, Prediction, StagePrediction
 from dynas.predictors.targets import HardwareTarget, load_target
 from dynas.spaces.backbones import BackboneSpec, BlockSpec, StemSpec, get_backbone
-from dynas.spaces.config import ArchConfig, StageConfig, load_config, uses_channel, uses_layer, uses_spatial
-from dynas.errors import ConfigError
+from dynas.spaces.config import (ArchConfig, StageConfig, load_config, stage_runs, uses_channel, uses_layer,
+                                 uses_spatial)
+from dynas.errors import ConfigError, TargetError
 
 __all__ = ["predict", "block_ops", "clear_caches", "Ops"]
 
@@ -316,6 +320,8 @@ def predict(config: "ArchConfig | Mapping[str, Any] | str", target: "str | Hardw
 
 @functools.lru_cache(maxsize=4096)
 def _predict(cfg: ArchConfig, tgt: HardwareTarget, n: int) -> Prediction:
+    if tgt.kind == "cpu":
+        return _predict_cpu(cfg, tgt, n)
     hw = _hw(tgt)
     spec = cfg.spec
     stem_ops, head_ops = _stem_head(hw, spec.stem, spec.head_in, spec.blocks[-1].out_hw, spec.num_classes, n)
@@ -393,9 +399,83 @@ def _expected_block_flops(ops: Ops, static_macs: dict[str, float], block_flops: 
 _MAIN_OPS = ("conv1", "conv2", "conv3", "downsample")
 
 
+# ----------------------------------------------------------------------------- measured ("cpu") targets
+
+
+def _predict_cpu(cfg: ArchConfig, tgt: HardwareTarget, n: int) -> Prediction:
+    """Prediction on a calibrated target: work of each part (``predictors/cpu.py``) x fitted costs."""
+    assert tgt.cpu is not None
+    spec = cfg.spec
+    cost = tgt.cpu.vector_ms()
+    stem_ms = float(cpu.stem_work(spec.stem, spec.input_hw, n) @ cost)
+    head_ms = float(cpu.head_work(spec.head_in, spec.blocks[-1].out_hw, spec.num_classes, n) @ cost)
+    runs = stage_runs(cfg)
+    stages = tuple(_stage_cpu(tgt.cpu, spec.name, spec.input_hw, s, st, n, runs[s]) for s, st in enumerate(cfg.stages))
+    _check_exercised(tgt, cfg, n, runs)
+    flops = _dense_flops_per_op(spec)
+    dyn_ms = stem_ms + head_ms + sum(p.latency_ms for p in stages)
+    sta_ms = stem_ms + head_ms + sum(p.static_latency_ms for p in stages)
+    expected = (flops.stem_flops + flops.head_flops) / 1e9 + sum(p.expected_gflops for p in stages)
+    return Prediction(
+        config=cfg, target=tgt.name, batch_size=n, latency_ms=dyn_ms, latency_ms_per_image=dyn_ms / n,
+        static_latency_ms=sta_ms, static_latency_ms_per_image=sta_ms / n, speedup=sta_ms / dyn_ms,
+        latency_ratio=dyn_ms / sta_ms, stem_ms=stem_ms, head_ms=head_ms,
+        dense_gflops=flops.total_flops / 1e9, expected_gflops=expected, stages=stages)
+
+
+def _check_exercised(tgt: HardwareTarget, cfg: ArchConfig, n: int, runs: tuple[int | None, ...]) -> None:
+    """A calibrated target knows nothing of work its calibration never ran (its cost is 0)."""
+    missing = tgt.unexercised
+    if not missing:
+        return
+    spec = cfg.spec
+    for s, st in enumerate(cfg.stages):
+        work = _stage_work(spec.name, spec.input_hw, s, st, n, runs[s])
+        for f in missing:
+            if work[cpu.COST_FIELDS.index(f)] > 0:
+                raise TargetError(
+                    f"target {tgt.name!r} was never calibrated on {cpu.TERMS[cpu.COST_FIELDS.index(f)]} work, which stage "
+                    f"{s} ({st.short()}) of {spec.name} needs; allowed: configs of backbones like those it was calibrated "
+                    f"on ({tgt.environment.get('backbones', '?')}), or re-run dynas calibrate with more --backbones")
+
+
+@functools.lru_cache(maxsize=65536)
+def _stage_work(backbone: str, input_hw: tuple[int, int], s: int, st: StageConfig, n: int, runs: int | None) -> np.ndarray:
+    """[terms] work of stage ``s`` under ``st`` (``runs``: per-sample block quota, see stage_runs)."""
+    blocks = get_backbone(backbone, input_hw).stage_blocks(s)
+    run_prob = runs / len(blocks) if runs is not None else 1.0
+    return sum(cpu.block_work(_block_key(b), st, n, run_prob) for b in blocks)
+
+
+@functools.lru_cache(maxsize=65536)
+def _stage_cpu(costs: "cpu.CpuCosts", backbone: str, input_hw: tuple[int, int], s: int, st: StageConfig, n: int,
+               runs: int | None) -> StagePrediction:
+    spec = get_backbone(backbone, input_hw)
+    flops = _dense_flops_per_op(spec)
+    blocks = spec.stage_blocks(s)
+    run_prob = runs / len(blocks) if runs is not None else 1.0
+    work = _stage_work(backbone, input_hw, s, st, n, runs)  # [terms], whole stage
+    static = _stage_work(backbone, input_hw, s, _STATIC, n, None)
+    per_term = work * costs.vector_ms()  # [terms] ms
+    kinds = np.zeros((3, len(cpu.TERMS)))  # [compute/memory/calls, terms] 0/1
+    for row, sl in enumerate((cpu.COMPUTE_TERMS, cpu.MEMORY_TERMS, cpu.CALL_TERMS)):
+        kinds[row, sl] = 1.0
+    ops = tuple(OpPrediction(term, float(ms), *(float(ms * kinds[r, i]) for r in range(3)), "")
+                for i, (term, ms) in enumerate(zip(cpu.TERMS, per_term)) if ms > 0)
+    compute, memory, launch = (float(v) for v in kinds @ per_term)
+    dense_gf = sum(sum(flops.block_flops(b.name).values()) for b in blocks)
+    exp_gf = sum(cpu.expected_block_flops(b, st, flops.block_flops(b.name), run_prob) for b in blocks)
+    return StagePrediction(
+        stage=s, choice=st.short(), blocks=len(blocks), latency_ms=float(per_term.sum()),
+        static_latency_ms=float(static @ costs.vector_ms()), compute_ms=compute, memory_ms=memory, launch_ms=launch,
+        bound="compute" if compute >= memory else "memory", masker="none" if st.paradigm == "static" else "separate",
+        dense_gflops=dense_gf / 1e9, expected_gflops=exp_gf / 1e9, ops=ops)
+
+
 def clear_caches() -> None:
     """Drop every memoized operator, block and network result (benchmarks, calibration)."""
     from dynas.predictors import gpu
 
-    for fn in (gpu.conv_cost, gpu._op_table, gpu._tile_sizes, gpu._lane_rounds, gpu._gate_density, gpu._density_matrix, gpu._max_density_by_wave, gpu._channels_last_coalescing, gpu.memory_cost, gpu._hypergeom_cdf, block_ops, _stem_head, _stage, _predict):
+    for fn in (gpu.conv_cost, gpu._op_table, gpu._tile_sizes, gpu._lane_rounds, gpu._gate_density, gpu._density_matrix, gpu._max_density_by_wave, gpu._channels_last_coalescing, gpu.memory_cost, gpu._hypergeom_cdf, block_ops, _stem_head, _stage, _predict,
+               cpu.block_work, cpu.stem_work, cpu.head_work, _stage_cpu, _stage_work):
         fn.cache_clear()

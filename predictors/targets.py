@@ -18,13 +18,23 @@ A target file is TOML::
     bytes_per_element = 4
     [sources]                 # where each number comes from (free text, one entry per field)
 
+A *measured* target (``kind = "cpu"``, written by ``dynas calibrate``) has no ``[hardware]``
+table; its ``[cpu]`` table holds the fitted cost of each unit of work of
+:mod:`dynas.predictors.cpu` (``pointwise_ms_per_gmac``, ..., ``op_call_us``; every field
+required, each a number >= 0), ``threads``, the thread count it was measured with,.  Its
+``[environment]`` (device, torch version, date, ...) and ``[fit]`` (how well the model fits the
+calibration measurements) tables are free-form records.  The device it was measured on
+(``cpu`` or ``cuda``) is ``environment.device``.
+
 Built-in targets live in ``predictors/data/targets``; a user passes a path to their own file
 anywhere a target name is accepted.  Nothing is read from the home directory.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -36,12 +46,14 @@ else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
 from dynas.errors import TargetError
+from dynas.predictors.cpu import COST_FIELDS, CpuCosts
 
-__all__ = ["HardwareTarget", "load_target", "list_targets", "BUILTIN_DIR"]
+__all__ = ["HardwareTarget", "load_target", "list_targets", "write_target", "BUILTIN_DIR", "KINDS"]
 
 BUILTIN_DIR = Path(__file__).resolve().parent / "data" / "targets"
 
-_KINDS = ("gpu",)
+#: target kinds: the analytical GPU model, the calibrated model of dynas's kernels
+KINDS = ("gpu", "cpu")
 
 
 @dataclass(frozen=True)
@@ -50,10 +62,10 @@ class HardwareTarget:
     description: str
     kind: str
     default_batch_size: int
-    n_sm: int
-    lanes_per_sm: int
-    clock_hz: float
-    dram_bandwidth_Bps: float
+    n_sm: int = 0  # the gpu fields are 0 on a "cpu" target
+    lanes_per_sm: int = 0
+    clock_hz: float = 0.0
+    dram_bandwidth_Bps: float = 0.0
     l2_speed_frac: float = 4.0
     fp32_cycles: int = 4
     mem_transaction_floats: int = 8
@@ -61,19 +73,28 @@ class HardwareTarget:
     bytes_per_element: int = 4
     path: str | None = None
     sources: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
+    #: "cpu" targets: fitted costs, measured thread count, and the free-form records
+    cpu: CpuCosts | None = None
+    threads: int = 0
+    #: cost fields the calibration never exercised (their cost is 0 for lack of data, not measured)
+    unexercised: tuple[str, ...] = ()
+    environment: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    fit: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     @property
     def key(self) -> tuple:
         """Hashable tuple of everything that changes a prediction (used for memoization)."""
-        return tuple(getattr(self, f) for f in _HW_FIELDS) + (self.kind,)
+        return tuple(getattr(self, f) for f in _HW_FIELDS) + (self.kind, self.cpu, self.unexercised)
 
     @property
     def peak_gmacs(self) -> float:
         return self.n_sm * self.lanes_per_sm * self.clock_hz / 1e9
 
     def to_dict(self) -> dict[str, Any]:
-        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("sources", "path")}
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("sources", "path", "cpu")}
         d["sources"] = dict(self.sources)
+        if self.cpu is not None:
+            d["cpu"] = self.cpu._asdict()
         return d
 
 
@@ -98,7 +119,54 @@ def _number(value: Any, where: str, integer: bool) -> float | int:
     return value
 
 
+def _common(data: dict[str, Any], origin: str) -> tuple[str, str, int, dict[str, str]]:
+    kind = data.get("kind", "gpu")
+    if kind not in KINDS:
+        raise TargetError(f"{origin}: kind={kind!r} is not supported; allowed: {', '.join(KINDS)}")
+    batch = _number(data.get("default_batch_size", 1), f"{origin}: default_batch_size", True)
+    name = data.get("name", Path(origin).stem)
+    if not isinstance(name, str) or not name:
+        raise TargetError(f"{origin}: name={name!r} is not a non-empty string")
+    sources = data.get("sources", {})
+    if not isinstance(sources, dict):
+        raise TargetError(f"{origin}: [sources] must be a table of strings")
+    return kind, name, int(batch), {str(k): str(v) for k, v in sources.items()}
+
+
+def _cpu_from_mapping(data: dict[str, Any], origin: str, path: str | None) -> HardwareTarget:
+    kind, name, batch, sources = _common(data, origin)
+    table = data.get("cpu")
+    if not isinstance(table, dict):
+        raise TargetError(f"{origin}: table [cpu] is missing; allowed: a [cpu] table with threads, {', '.join(COST_FIELDS)}")
+    allowed = ("threads",) + COST_FIELDS
+    unknown = sorted(set(table) - set(allowed))
+    if unknown:
+        raise TargetError(f"{origin}: cpu.{unknown[0]} is unknown; allowed: {', '.join(allowed)}")
+    costs = []
+    for f in COST_FIELDS:
+        if f not in table:
+            raise TargetError(f"{origin}: cpu.{f} is missing; allowed: a number >= 0")
+        v = table[f]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise TargetError(f"{origin}: cpu.{f}={v!r} is out of range; allowed: a number >= 0")
+        costs.append(float(v))
+    threads = _number(table.get("threads", 1), f"{origin}: cpu.threads", True)
+    env, fit = data.get("environment", {}), data.get("fit", {})
+    for tname, t in (("environment", env), ("fit", fit)):
+        if not isinstance(t, dict):
+            raise TargetError(f"{origin}: [{tname}] must be a table")
+    unexercised = tuple(f for f in str(fit.get("unexercised", "")).split(",") if f)
+    for f in unexercised:
+        if f not in COST_FIELDS:
+            raise TargetError(f"{origin}: fit.unexercised entry {f!r} is unknown; allowed: {', '.join(COST_FIELDS)}")
+    return HardwareTarget(name=name, description=str(data.get("description", "")), kind=kind, default_batch_size=batch,
+                          path=path, sources=sources, cpu=CpuCosts(*costs), threads=int(threads), unexercised=unexercised,
+                          environment=dict(env), fit=dict(fit))
+
+
 def _from_mapping(data: dict[str, Any], origin: str, path: str | None) -> HardwareTarget:
+    if data.get("kind") == "cpu":
+        return _cpu_from_mapping(data, origin, path)
     hw = data.get("hardware")
     if not isinstance(hw, dict):
         raise TargetError(f"{origin}: table [hardware] is missing; allowed: a [hardware] table with {', '.join(_REQUIRED)}")
@@ -109,25 +177,9 @@ def _from_mapping(data: dict[str, Any], origin: str, path: str | None) -> Hardwa
         if name not in hw:
             raise TargetError(f"{origin}: hardware.{name} is missing; allowed: a positive number")
     values = {k: _number(v, f"{origin}: hardware.{k}", k in _INT_FIELDS) for k, v in hw.items()}
-    kind = data.get("kind", "gpu")
-    if kind not in _KINDS:
-        raise TargetError(f"{origin}: kind={kind!r} is not supported; allowed: {', '.join(_KINDS)}")
-    batch = _number(data.get("default_batch_size", 1), f"{origin}: default_batch_size", True)
-    name = data.get("name", Path(origin).stem)
-    if not isinstance(name, str) or not name:
-        raise TargetError(f"{origin}: name={name!r} is not a non-empty string")
-    sources = data.get("sources", {})
-    if not isinstance(sources, dict):
-        raise TargetError(f"{origin}: [sources] must be a table of strings")
-    return HardwareTarget(
-        name=name,
-        description=str(data.get("description", "")),
-        kind=kind,
-        default_batch_size=int(batch),
-        path=path,
-        sources={str(k): str(v) for k, v in sources.items()},
-        **values,
-    )
+    kind, name, batch, sources = _common(data, origin)
+    return HardwareTarget(name=name, description=str(data.get("description", "")), kind=kind,
+                          default_batch_size=batch, path=path, sources=sources, **values)
 
 
 def _read(path: Path, origin: str) -> dict[str, Any]:
@@ -164,3 +216,52 @@ def _cached_builtin(name: str) -> HardwareTarget:
         path = BUILTIN_DIR / f"{name}.toml"
         _BUILTIN_CACHE[name] = _from_mapping(_read(path, name), name, None)
     return _BUILTIN_CACHE[name]
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        return repr(v) if math.isfinite(v) else ("nan" if v != v else ("inf" if v > 0 else "-inf"))
+    return json.dumps(str(v), ensure_ascii=False)  # a TOML basic string is a JSON string
+
+
+def target_toml(target: HardwareTarget, comments: dict[str, str] | None = None) -> str:
+    """TOML text of ``target`` (``comments``: a trailing comment per field of its model table)."""
+    comments = comments or {}
+    lines = [f"# dynas target {target.name!r} ({target.kind}); written by dynas, readable by any command's --target",
+             f"name = {_toml_value(target.name)}", f"description = {_toml_value(target.description)}",
+             f"kind = {_toml_value(target.kind)}", f"default_batch_size = {target.default_batch_size}", ""]
+    if target.kind == "cpu":
+        assert target.cpu is not None
+        lines.append("[cpu]")
+        lines.append(f"threads = {target.threads}")
+        for k, v in target.cpu._asdict().items():
+            note = f"  # {comments[k]}" if k in comments else ""
+            lines.append(f"{k} = {_toml_value(v)}{note}")
+    else:
+        lines.append("[hardware]")
+        lines += [f"{k} = {_toml_value(getattr(target, k))}" for k in _HW_FIELDS]
+    for title, table in (("environment", target.environment), ("fit", target.fit), ("sources", target.sources)):
+        if table:
+            lines += ["", f"[{title}]"] + [f"{k} = {_toml_value(v)}" for k, v in table.items()]
+    return "\n".join(lines) + "\n"
+
+
+def write_target(target: HardwareTarget, path: "str | Path", comments: dict[str, str] | None = None) -> Path:
+    """Write ``target`` as TOML to ``path`` atomically (a temporary file, then a rename)."""
+    out = Path(path)
+    if not out.parent.is_dir():
+        raise TargetError(f"output={str(out)!r}: directory {str(out.parent)!r} does not exist; allowed: a path in an existing directory")
+    text = target_toml(target, comments)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, out)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise TargetError(f"output={str(out)!r} cannot be written: {exc.strerror}") from None
+    _from_mapping(tomllib.loads(text), str(out), str(out.resolve()))  # round-trip check
+    return out

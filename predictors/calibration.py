@@ -1,0 +1,158 @@
+"""Fit a measured target to calibration measurements, and score predictions against measurements.
+
+Input: the measurement table of ``dynas calibrate`` / ``dynas validate``
+(:func:`dynas.kernels.calibrate.run_plan`; one row per part -- ``stem``, ``stage0`` ...,
+``head``, ``network`` -- of every measured network, with ``config``, ``batch_size`` and
+``measured_ms``).  Kernels measure, predictors fit: nothing here imports ``dynas.kernels``.
+
+Fit (:func:`fit_target`): every stem, stage and head row is a sum of work terms
+(:mod:`dynas.predictors.cpu`) times unknown non-negative costs.  The costs minimise the sum of
+squared *relative* errors (each row divided by its measurement, so a 1 ms stage counts as much
+as a 100 ms one), by non-negative least squares (``scipy.optimize.nnls``).  Whole-network rows
+are left out of the fit; they are what :func:`compare` checks.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import numpy as np
+import pandas as pd
+
+from dynas.errors import ConfigError
+from dynas.predictors import cpu
+from dynas.predictors.latency import _stage_work, predict
+from dynas.predictors.targets import HardwareTarget, load_target
+from dynas.spaces.config import load_config, stage_runs
+
+__all__ = ["REQUIRED_COLUMNS", "check_measurements", "fit_target", "compare", "summarize", "cost_comments"]
+
+REQUIRED_COLUMNS: tuple[str, ...] = ("config", "batch_size", "part", "stage", "measured_ms")
+
+
+def check_measurements(df: pd.DataFrame, what: str) -> None:
+    """Raise :class:`ConfigError` unless ``df`` is a usable measurement table."""
+    missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
+    if missing:
+        raise ConfigError(f"{what}: column {missing[0]!r} is missing; allowed: a table with {', '.join(REQUIRED_COLUMNS)}")
+    if df.empty:
+        raise ConfigError(f"{what}: the table has no rows; allowed: at least one measured network")
+    ms = pd.to_numeric(df["measured_ms"], errors="coerce")
+    bad = df[~np.isfinite(ms) | (ms <= 0)]
+    if not bad.empty:
+        v = bad["measured_ms"].iloc[0]
+        raise ConfigError(f"{what}: measured_ms={float(v) if isinstance(v, (int, float, np.number)) else v!r} is out of range; "
+                          "allowed: a number > 0")
+
+
+def _part_work(config: Any, n: int, part: str, stage: int, cache: dict) -> np.ndarray:
+    """[len(TERMS)] work of one part of one network (stem, stage ``stage`` or head)."""
+    cfg = cache.get(config)
+    if cfg is None:
+        cfg = cache[config] = load_config(config)
+    spec = cfg.spec
+    if part == "stem":
+        return cpu.stem_work(spec.stem, spec.input_hw, n)
+    if part == "head":
+        return cpu.head_work(spec.head_in, spec.blocks[-1].out_hw, spec.num_classes, n)
+    runs = cache.get((config, "runs"))
+    if runs is None:
+        runs = cache[(config, "runs")] = stage_runs(cfg)
+    return _stage_work(spec.name, spec.input_hw, stage, cfg.stages[stage], n, runs[stage])
+
+
+def _design_matrix(df: pd.DataFrame) -> np.ndarray:
+    cache: dict = {}
+    return np.stack([_part_work(r.config, int(r.batch_size), r.part, int(r.stage), cache)
+                     for r in df.itertuples(index=False)])  # [rows, terms]
+
+
+def _nnls_relative(X: np.ndarray, y: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """[terms] costs >= 0 minimising sum((X c / y - 1)^2) over ``rows`` (columns scaled for conditioning)."""
+    from scipy.optimize import nnls
+
+    A = X[rows] / y[rows, None]  # [rows, terms]
+    scale = A.max(axis=0)
+    scale[scale == 0] = 1.0  # a term no row exercises keeps cost 0
+    coef, _ = nnls(A / scale, np.ones(int(rows.sum())), maxiter=50 * X.shape[1])
+    return coef / scale
+
+
+def fit_target(measurements: pd.DataFrame, name: str, environment: Mapping[str, Any] | None = None,
+               default_batch_size: int = 1, description: str = "") -> HardwareTarget:
+    """A ``"cpu"`` kind target whose costs best fit the stem/stage/head rows of ``measurements``."""
+    check_measurements(measurements, "calibration measurements")
+    parts = measurements[measurements["part"] != "network"]
+    if len(parts) < len(cpu.TERMS):
+        raise ConfigError(f"calibration measurements: {len(parts)} part rows are too few; allowed: at least "
+                          f"{len(cpu.TERMS)} (measure more networks: raise --budget-s)")
+    X = _design_matrix(parts)  # [rows, terms]
+    y = parts["measured_ms"].to_numpy(dtype=np.float64)  # [rows]
+    coef = _nnls_relative(X, y, np.ones(len(y), dtype=bool))
+    rel = X @ coef / y - 1
+    # rows disturbed by other load on the machine: drop those far off a first fit, fit again
+    limit = max(0.1, 4.0 * float(np.median(np.abs(rel))))
+    keep = np.abs(rel) <= limit
+    coef = _nnls_relative(X, y, keep)
+    costs = cpu.CpuCosts(*(float(c) for c in coef / cpu._TO_MS))
+    rel = (X @ coef / y - 1)[keep]
+    env = dict(environment or {})
+    unexercised = [f for f, col in zip(cpu.COST_FIELDS, X[keep].T) if not np.any(col > 0)]
+    fit = {"unexercised": ",".join(unexercised), "rows": int(keep.sum()), "outlier_rows": int((~keep).sum()), "outlier_limit_pct": limit * 100, "networks": int(measurements["network_id"].nunique()) if "network_id" in measurements else 0,
+           "parts_mape_pct": float(np.mean(np.abs(rel)) * 100), "parts_within_10pct": float(np.mean(np.abs(rel) <= 0.1))}
+    threads = int(env.get("threads", 1) or 1)
+    return HardwareTarget(name=name, description=description or f"dynas kernels measured on {env.get('device_name', 'this device')}",
+                          kind="cpu", default_batch_size=default_batch_size, cpu=costs, threads=threads,
+                          unexercised=tuple(unexercised),
+                          environment={k: v for k, v in env.items() if isinstance(v, (str, int, float))}, fit=fit)
+
+
+def cost_comments(costs: cpu.CpuCosts) -> dict[str, str]:
+    """A human reading of each fitted cost (an effective throughput, a bandwidth, an overhead)."""
+    out = {}
+    for field, v in costs._asdict().items():
+        if field.endswith("_ms_per_gmac"):
+            out[field] = f"{1e3 / v:.1f} GMAC/s effective" if v > 0 else "negligible in the fit"
+        elif field.endswith("_ms_per_melem"):
+            out[field] = f"{4.0 / v:.1f} GB/s effective (float32)" if v > 0 else "negligible in the fit"
+        else:
+            out[field] = f"{v:.2f} us per call"
+    return out
+
+
+def compare(measurements: pd.DataFrame, target: "str | HardwareTarget") -> pd.DataFrame:
+    """``measurements`` with ``predicted_ms`` and ``rel_err`` (predicted / measured - 1) per row.
+
+    Network rows are predicted by :func:`dynas.predict`; stage rows by its per-stage figures;
+    stem and head rows are dropped.
+    """
+    check_measurements(measurements, "measurements")
+    tgt = load_target(target)
+    df = measurements[measurements["part"].astype(str).str.startswith(("network", "stage"))].copy()
+    preds: dict[tuple[str, int], Any] = {}
+    out = []
+    for r in df.itertuples(index=False):
+        key = (r.config, int(r.batch_size))
+        if key not in preds:
+            preds[key] = predict(r.config, tgt, int(r.batch_size))
+        p = preds[key]
+        out.append(p.latency_ms if r.part == "network" else p.stages[int(r.stage)].latency_ms)
+    df["predicted_ms"] = out
+    df["rel_err"] = df["predicted_ms"] / df["measured_ms"] - 1
+    return df
+
+
+def summarize(df: pd.DataFrame) -> dict[str, float]:
+    """MAPE (%), share within +/-10 %, Spearman and Kendall rank correlation of one comparison."""
+    from scipy.stats import kendalltau, spearmanr
+
+    rel = df["rel_err"].to_numpy()
+    n = len(rel)
+    if n < 2:
+        rho = tau = math.nan
+    else:
+        rho = float(spearmanr(df["measured_ms"], df["predicted_ms"]).statistic)
+        tau = float(kendalltau(df["measured_ms"], df["predicted_ms"]).statistic)
+    return {"count": n, "mape_pct": float(np.mean(np.abs(rel)) * 100), "within_10pct": float(np.mean(np.abs(rel) <= 0.1)),
+            "spearman": rho, "kendall": tau, "max_abs_err_pct": float(np.max(np.abs(rel)) * 100)}

@@ -1,0 +1,442 @@
+"""Latency model of dynas's own kernels on a measured device (target kind ``"cpu"``).
+
+The GPU model (``gpu.py``) simulates tiles on SMs from a spec sheet.  A CPU runs each operator
+on a few threads through caches, and what costs time there is what ``dynas.kernels`` actually
+does: dense convolutions, products of gathered pixel rows, gathers and scatters of rows, and a
+fixed cost per dispatched operator.  So this model walks the fast path of
+``kernels/blocks.py`` operator by operator and counts *work*:
+
+=====================  ==================================================================
+term                   what is counted (per forward pass of the batch)
+=====================  ==================================================================
+``pointwise_gmac``     multiply-accumulates of 1x1 convolutions and row products (GMAC)
+``conv3x3_gmac``       ... of dense 3x3 convolutions, whole maps or gathered windows
+``grouped_gmac``       ... of grouped 3x3 convolutions (RegNetY)
+``stem_gmac``          ... of the stem convolution
+``smallmap_gmac``      ... of convolutions (not row products) whose output per sample or patch
+                       is at most 8 x 8 positions: the threads' blocking over positions is
+                       then poorly filled (7 x 7 maps, gathered patches)
+``w_pointwise_melem``  weight elements per 1x1-convolution call (M elements): the library
+                       re-lays the weights out on every call, so each call reads and writes them
+``w_conv3x3_melem``    ... per 3x3 (dense, grouped or stem) convolution call
+``w_mm_melem``         ... per matrix-product / linear call (no re-layout; read once)
+``conv_io_melem``      input + output elements of convolutions and row products
+``stream_melem``       elements read + written by element-wise ops (BN, ReLU, add, pooling)
+``gather_melem``       elements moved by row gathers/scatters, zero fills and padding copies
+``index_melem``        elements moved by multi-dimensional advanced indexing (patch regions
+                       of the input, windows of the zero-padded buffer)
+``conv_calls``         convolution calls
+``mm_calls``           matrix-product / linear calls (row products, maskers, SE, head)
+``op_calls``           every other dispatched operator (index ops, element-wise, masker)
+=====================  ==================================================================
+
+and a target gives one cost per unit of each term (``ms_per_gmac``, ``ms_per_melem``,
+``us_per_call``), fitted to measurements by ``dynas calibrate``
+(:mod:`dynas.predictors.calibration`).  Latency = the sum of work x cost: linear in the
+costs, so the fit is a non-negative least-squares problem and each fitted cost stays a
+physical quantity (an effective throughput, a bandwidth, an overhead).
+
+Decisions are those of the ``random`` gate mode: exact budget counts, chosen uniformly and
+independently per sample.  Work that depends on the choice is taken as an exact expectation:
+
+* layer gates (and spatial gates whose one patch is the whole map): a sample runs ``k`` of the
+  stage's ``D`` blocks (:func:`dynas.spaces.config.stage_runs`), so each block runs each sample
+  with probability ``k / D``; the number of samples a block runs is binomial, and the gather
+  path (some but not all samples) is weighted by its probability;
+* channel gates: samples are grouped by identical selections; the expected number of distinct
+  selections among ``m`` samples drawn from ``M = C(G, k)`` equally likely ones is
+  ``M (1 - (1 - 1/M)^m)``;
+* spatial gates on 1x1-conv1 blocks: conv1 runs once per *needed* pixel; a pixel covered by the
+  3x3 windows of ``c`` of the ``P`` patches is needed unless all ``c`` are off:
+  probability ``1 - C(P - c, k) / C(P, k)``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import numpy as np
+
+from dynas.spaces.backbones import BlockSpec, StemSpec
+from dynas.spaces.config import StageConfig, budget_count, uses_channel, uses_layer, uses_spatial
+
+__all__ = ["TERMS", "COST_FIELDS", "COMPUTE_TERMS", "MEMORY_TERMS", "CALL_TERMS", "CpuCosts", "block_work", "stem_work", "head_work", "expected_block_flops",
+           "work_latency_ms"]
+
+#: work terms, in the order of :data:`COST_FIELDS`
+TERMS: tuple[str, ...] = ("pointwise_gmac", "conv3x3_gmac", "grouped_gmac", "stem_gmac", "smallmap_gmac", "w_pointwise_melem",
+                          "w_conv3x3_melem", "w_mm_melem",
+                          "conv_io_melem", "stream_melem", "gather_melem", "index_melem", "conv_calls", "mm_calls",
+                          "op_calls")
+#: target-file field holding the cost of one unit of each term
+COST_FIELDS: tuple[str, ...] = ("pointwise_ms_per_gmac", "conv3x3_ms_per_gmac", "grouped_ms_per_gmac",
+                                "stem_ms_per_gmac", "smallmap_ms_per_gmac", "w_pointwise_ms_per_melem",
+                                "w_conv3x3_ms_per_melem", "w_mm_ms_per_melem", "conv_io_ms_per_melem",
+                                "stream_ms_per_melem", "gather_ms_per_melem", "index_ms_per_melem", "conv_call_us",
+                                "mm_call_us", "op_call_us")
+_TO_MS = np.array([1.0] * 12 + [1e-3] * 3)  # the per-call costs are stored in microseconds
+#: which terms are compute (MACs), memory (elements) and per-call overhead
+COMPUTE_TERMS, MEMORY_TERMS, CALL_TERMS = slice(0, 5), slice(5, 12), slice(12, 15)
+_T = {t: i for i, t in enumerate(TERMS)}
+_SMALL_MAP = 64  # output positions per sample or patch at or below which a conv counts as small-map
+
+
+class CpuCosts(NamedTuple):
+    """Cost of one unit of each work term (fields as in :data:`COST_FIELDS`; >= 0)."""
+
+    pointwise_ms_per_gmac: float
+    conv3x3_ms_per_gmac: float
+    grouped_ms_per_gmac: float
+    stem_ms_per_gmac: float
+    smallmap_ms_per_gmac: float
+    w_pointwise_ms_per_melem: float
+    w_conv3x3_ms_per_melem: float
+    w_mm_ms_per_melem: float
+    conv_io_ms_per_melem: float
+    stream_ms_per_melem: float
+    gather_ms_per_melem: float
+    index_ms_per_melem: float
+    conv_call_us: float
+    mm_call_us: float
+    op_call_us: float
+
+    def vector_ms(self) -> np.ndarray:
+        """[len(TERMS)] milliseconds per unit of each term."""
+        return np.asarray(self, dtype=np.float64) * _TO_MS
+
+
+class _Work:
+    """Accumulates the work terms, scaled by ``weight`` (a probability or an expected count)."""
+
+    def __init__(self) -> None:
+        self.v = np.zeros(len(TERMS))
+        self.weight = 1.0
+
+    def _add(self, term: str, amount: float) -> None:
+        self.v[_T[term]] += self.weight * amount
+
+    def conv(self, rows: float, cin_pg: int, cout: int, k: int, cin_total: int, kind: str = "", mm: bool = False,
+             area: int | None = None) -> None:
+        """A convolution (``mm``: a matrix product of pixel rows): ``rows`` output positions x
+        ``cout`` outputs, each reading ``cin_pg x k x k`` inputs; ``cin_total`` input channels
+        stored per position; ``area``: output positions per sample or patch."""
+        macs = rows * cout * cin_pg * k * k
+        if kind == "stem":
+            term = "stem_gmac"
+        elif not mm and area is not None and area <= _SMALL_MAP:
+            term = "smallmap_gmac"
+        else:
+            term = {"": "pointwise_gmac" if k == 1 else "conv3x3_gmac", "grouped": "grouped_gmac"}[kind]
+        self._add(term, macs * 1e-9)
+        wterm = "w_mm_melem" if mm else "w_pointwise_melem" if k == 1 else "w_conv3x3_melem"
+        self._add(wterm, cout * cin_pg * k * k * 1e-6)
+        self._add("conv_io_melem", rows * (cin_total + cout) * 1e-6)
+        self._add("mm_calls" if mm else "conv_calls", 1)
+
+    def stream(self, elems: float, calls: float = 1) -> None:
+        self._add("stream_melem", elems * 1e-6)
+        self._add("op_calls", calls)
+
+    def gather(self, elems: float, calls: float = 1) -> None:
+        self._add("gather_melem", elems * 1e-6)
+        self._add("op_calls", calls)
+
+    def index(self, elems: float, calls: float = 1) -> None:
+        self._add("index_melem", elems * 1e-6)
+        self._add("op_calls", calls)
+
+    def ops(self, calls: float) -> None:
+        self._add("op_calls", calls)
+
+
+def _mlp_masker(w: _Work, b: BlockSpec, n: int, decisions: int) -> None:
+    hidden = max(16, b.in_channels // 16)
+    w.stream(n * b.in_channels * (b.in_hw[0] * b.in_hw[1] + 1))  # global mean
+    w.conv(n, b.in_channels, hidden, 1, b.in_channels, mm=True)  # fc1
+    w.stream(2 * n * hidden)  # relu
+    w.conv(n, hidden, 2 * decisions, 1, hidden, mm=True)  # fc2
+    w.ops(4)  # view, score difference, random scores, budget
+
+
+def _spatial_masker(w: _Work, b: BlockSpec, n: int, grid: int) -> None:
+    w.stream(n * b.in_channels * (b.in_hw[0] * b.in_hw[1] + grid))  # adaptive pool to the grid
+    w.conv(n * grid, b.in_channels, 2, 1, b.in_channels, area=grid)
+    w.ops(4)
+
+
+def _bn_relu(w: _Work, elems: float, relu: bool = True, selected: bool = False) -> None:
+    w.stream(2 * elems * (2 if relu else 1), 2 if relu else 1)
+    if selected:
+        w.gather(0, 4)  # the selected running statistics
+
+
+def _shortcut(w: _Work, b: BlockSpec, n: int) -> None:
+    if b.has_downsample:
+        w.conv(n * b.out_hw[0] * b.out_hw[1], b.in_channels, b.out_channels, 1, b.in_channels, area=b.out_hw[0] * b.out_hw[1])
+        _bn_relu(w, n * b.out_channels * b.out_hw[0] * b.out_hw[1], relu=False)
+
+
+def _se(w: _Work, b: BlockSpec, rows: float, samples: float, cw: int, gathered: bool, linear: bool) -> None:
+    """Squeeze-excitation over ``rows`` positions of ``cw`` channels of ``samples`` samples
+    (``linear``: the dynamic path's F.linear, else the static module's 1x1 convs)."""
+    if not b.se_channels:
+        return
+    w.stream(rows * cw + samples * cw, 2 if gathered else 1)  # pool (sum + index_add per sample)
+    w.conv(samples, cw, b.se_channels, 1, cw, mm=linear, area=1)
+    w.stream(2 * samples * b.se_channels)
+    w.conv(samples, b.se_channels, cw, 1, b.se_channels, mm=linear, area=1)
+    w.stream(2 * samples * cw)  # sigmoid
+    w.stream(2 * rows * cw)  # scale
+    if cw != b.width:
+        w.gather(3 * cw * b.se_channels, 3)  # SE weights of the selected channels
+
+
+def _grouped_touched(b: BlockSpec, G: int, active: int) -> tuple[float, bool]:
+    """Expected channels of the conv groups that ``active`` of the ``b.width // G`` gate groups
+    (``G`` channels each, chosen uniformly) touch, and whether the selection is always made of
+    whole conv groups (no zero-filled copy needed)."""
+    gw = b.width // b.groups  # channels per conv group
+    if G % gw == 0:
+        return active * G, True
+    gates = b.width // G
+    per_conv = max(1, math.ceil(gw / G))  # gate groups overlapping one conv group
+    p_untouched = math.comb(gates - per_conv, active) / math.comb(gates, active) if gates - per_conv >= active else 0.0
+    return b.groups * (1.0 - p_untouched) * gw, False
+
+
+def _body(w: _Work, b: BlockSpec, rows_in: float, rows_out: float, samples: float, k: int, selected: bool,
+          mid_rows: float | None = None, windows: float = 0.0, gathered_se: bool = False,
+          touched: tuple[float, bool] | None = None, dynamic: bool = True, out_area: int = 0, mid_area: int = 0) -> None:
+    """A block body (conv chain, BN, ReLU, SE) on ``rows_in`` input positions -> ``rows_out``
+    output positions with ``k`` of the gated channels (``selected``: a channel selection, with
+    its weight gathers).  ``mid_rows`` / ``windows``: spatial gathering (see callers)."""
+    cin, width, cout = b.in_channels, b.width, b.out_channels
+    if b.kind == "basic":
+        mid = rows_out if mid_rows is None else mid_rows  # conv1 output positions (with halo)
+        if selected:
+            w.gather(k * cin * 9)
+        w.conv(mid, cin, k, 3, cin, area=mid_area)
+        _bn_relu(w, mid * k, selected=selected)
+        if mid_rows is not None:
+            w.stream(2 * mid * k)  # zero the padding positions of every region
+        if selected:
+            w.index(k * cout * 9)  # selected *input* channels of a channels-last weight: a strided gather
+        w.conv(rows_out, k, cout, 3, k, area=out_area)
+        _bn_relu(w, rows_out * cout, relu=False)
+        return
+    # 1x1 -> 3x3 -> 1x1 (bottleneck, RegNetY)
+    rows_mm = b.kind == "bottleneck" and (selected or windows > 0)  # pixel-row products (else F.conv2d)
+    if selected:
+        w.gather(k * cin)
+    w.conv(rows_in, cin, k, 1, cin, mm=rows_mm or windows > 0, area=mid_area)
+    _bn_relu(w, rows_in * k, selected=selected)
+    if windows:
+        w.index(windows * k)  # the strided windows of the zero-padded buffer, copied for the conv
+    if b.groups == 1:
+        if selected:
+            w.gather(2 * k * k * 9, 3)  # the k x k kernels, then their channels-last copy
+        w.conv(rows_out, k, k, 3, k, area=out_area)
+    else:
+        gw = width // b.groups
+        t_ch, aligned = touched if (selected and touched is not None) else (width, True)
+        if selected:
+            w.gather(t_ch * gw * 9, 4)
+            if not aligned:  # selected channels scattered into the touched groups, outputs picked back
+                w.gather(2 * (windows if windows else rows_in) * t_ch + rows_out * k, 3)
+        w.conv(rows_out, gw, t_ch, 3, t_ch, kind="grouped", area=out_area)
+    _bn_relu(w, rows_out * k, selected=selected)
+    _se(w, b, rows_out, samples, k, gathered_se, linear=dynamic)
+    if selected:
+        if b.kind == "bottleneck":
+            w.gather(k * cout)  # rows of the cached transpose
+        else:
+            w.index(k * cout)  # selected input channels of a channels-last weight: a strided gather
+    w.conv(rows_out, k, cout, 1, k, mm=b.kind == "bottleneck" and (selected or windows > 0), area=out_area)
+    _bn_relu(w, rows_out * cout, relu=False)
+
+
+def _binomial(n: int, p: float) -> np.ndarray:
+    m = np.arange(n + 1)
+    return np.array([math.comb(n, i) for i in m], dtype=np.float64) * p ** m * (1 - p) ** (n - m)
+
+
+def _distinct(m: float, M: int) -> float:
+    """Expected distinct values among ``m`` uniform draws from ``M``."""
+    if M <= 1 or m <= 1:
+        return min(m, 1.0) if M >= 1 else 0.0
+    if M > 1e12:  # collisions are negligible (and 1 / M would lose precision)
+        return float(m)
+    return -M * math.expm1(m * math.log1p(-1.0 / M))
+
+
+def _covered(b: BlockSpec, S: int, k: int) -> float:
+    """Expected needed conv1-output pixels of one sample when ``k`` of its patches are on (1x1-conv1 blocks)."""
+    s = b.stride
+    L = (S - 1) * s + 3  # 3x3 window length on conv1's output
+    counts = []
+    for size_mid, size_out in ((b.in_hw[0], b.out_hw[0]), (b.in_hw[1], b.out_hw[1])):
+        c = np.zeros(size_mid)
+        for i in range(size_out // S):
+            lo = i * S * s - 1
+            c[max(lo, 0):min(lo + L, size_mid)] += 1
+        counts.append(c)
+    cov = np.outer(counts[0], counts[1]).astype(np.int64).ravel()  # [H_mid * W_mid] windows covering each pixel
+    P = (b.out_hw[0] // S) * (b.out_hw[1] // S)
+    total = math.comb(P, k)
+    off = {c: math.comb(P - c, k) / total for c in np.unique(cov)}
+    return float(sum(1.0 - off[c] for c in cov))
+
+
+@functools.lru_cache(maxsize=None)
+def block_work(b: BlockSpec, st: StageConfig, n: int, run_prob: float = 1.0) -> np.ndarray:
+    """[len(TERMS)] expected work of one block of ``n`` samples under ``st``.
+
+    ``run_prob``: probability that a sample runs the block (layer gates and whole-map spatial
+    gates; see the module docstring); 1 otherwise.
+    """
+    w = _Work()
+    p = st.paradigm
+    ho, wo = b.out_hw
+    hi, wi = b.in_hw
+    out_elems = n * b.out_channels * ho * wo
+    areas = {"out_area": ho * wo, "mid_area": ho * wo if b.kind == "basic" else hi * wi}  # whole maps
+    if p == "static":
+        _shortcut(w, b, n)
+        _body(w, b, n * hi * wi, n * ho * wo, n, b.width, False, dynamic=False, **areas)
+        w.stream(3 * out_elems + 2 * out_elems, 2)  # add, relu
+        return w.v
+    S = st.spatial_granularity if uses_spatial(p) else None
+    grid = (ho // S) * (wo // S) if S else 0
+    groups = b.width // st.channel_granularity if uses_channel(p) else 0
+    active = budget_count(st.channel_density, groups) if groups else 0
+    k = active * st.channel_granularity if groups else b.width
+    touched = _grouped_touched(b, st.channel_granularity, active) if groups and b.groups > 1 else None
+    # maskers
+    if S:
+        _spatial_masker(w, b, n, grid)
+    if groups:
+        _mlp_masker(w, b, n, groups)
+    if uses_layer(p):
+        _mlp_masker(w, b, n, 1)
+    w.ops(2)  # sample indices
+    _shortcut(w, b, n)
+    per_sample_gate = uses_layer(p) or grid == 1
+    spatial = bool(S) and grid > 1
+    M = math.comb(groups, active) if groups else 1
+    if not spatial:
+        dist = _binomial(n, run_prob) if per_sample_gate else np.eye(n + 1)[n]  # P(m samples run)
+        p_no_split = 0.0  # probability of the whole-batch path (no ReLU(shortcut) pass of its own)
+        for m, pm in enumerate(dist):
+            if pm < 1e-12 or m == 0:
+                continue
+            w.weight = pm
+            if groups:
+                w.ops(4)  # unique, nonzero per part
+            parts = _distinct(m, M) if groups else 1.0
+            # every sample runs with one selection: the whole batch, no gather (P = M^-(n-1))
+            p_whole = (1.0 if not groups else float(M) ** -(n - 1) if M < 1e12 else 0.0) if m == n else 0.0
+            if p_whole > 0:
+                p_no_split += pm * p_whole
+                w.weight = pm * p_whole
+                _body(w, b, n * hi * wi, n * ho * wo, n, k, bool(groups), touched=touched, **areas)
+                w.stream(5 * out_elems, 2)  # add_, relu_
+            if p_whole >= 1.0:
+                continue
+            pm *= 1.0 - p_whole
+            if groups and m == n:
+                parts = (parts - p_whole) / (1.0 - p_whole)  # distinct selections, given not all equal
+            # gather path: every part gathers its samples and writes them back
+            w.weight = pm * parts
+            w.ops(3)
+            _body(w, b, (m / parts) * hi * wi, (m / parts) * ho * wo, m / parts, k, bool(groups), touched=touched,
+                  **areas)
+            w.weight = pm
+            w.gather(m * (b.in_channels * hi * wi + 2 * b.out_channels * ho * wo), 3 * parts)
+            w.stream(5 * m * b.out_channels * ho * wo, 2 * parts)
+        w.weight = 1.0 - p_no_split
+        w.stream(2 * out_elems)  # ReLU(shortcut) of the samples that skip
+        return w.v
+    # spatial: every sample runs `kp` of its `grid` patches; parts = distinct channel selections
+    kp = budget_count(st.spatial_rate, grid)
+    parts = _distinct(n, M) if groups else 1.0
+    w.weight = parts
+    w.ops(8)  # active patches, nonzero, index arithmetic
+    w.weight = 1.0
+    P = n * kp  # patches in the batch
+    rows_out = P * S * S
+    if b.kind == "basic":
+        region = (S - 1) * b.stride + 3 + 2 * b.stride  # input region side, halo of both convs
+        mid = S + 2
+        w.gather(n * b.in_channels * (hi + 2 * b.stride + 2) * (wi + 2 * b.stride + 2))  # F.pad of the input
+        w.index(P * region * region * b.in_channels, 4)
+        w.weight = parts
+        _body(w, b, P / parts * region * region, rows_out / parts, n / parts, k, bool(groups),
+              mid_rows=P / parts * mid * mid, gathered_se=True, touched=touched, out_area=S * S, mid_area=mid * mid)
+    else:
+        need = n * _covered(b, S, kp)  # needed conv1-output pixels
+        L = (S - 1) * b.stride + 3
+        ax = [max(1 + hi, (ho // S - 1) * S * b.stride + L), max(1 + wi, (wo // S - 1) * S * b.stride + L)]
+        w.gather(n * (hi * wi + 1) + P * L * L, 5)  # need map, index fill, nonzero
+        w.gather(need * b.in_channels)  # needed input pixel rows
+        w.gather(n * ax[0] * ax[1] * k + need * k, 2)  # zeroed buffer + write-back of conv1 rows
+        w.weight = parts
+        _body(w, b, need / parts, rows_out / parts, n / parts, k, bool(groups), windows=P / parts * L * L,
+              gathered_se=True, touched=touched, out_area=S * S)
+    w.weight = 1.0
+    w.gather(2 * rows_out * b.out_channels, 3 * parts)  # shortcut rows, write-back
+    w.stream(5 * rows_out * b.out_channels, 2 * parts)  # add_, relu_
+    w.stream(2 * out_elems)  # ReLU(shortcut) everywhere
+    return w.v
+
+
+@functools.lru_cache(maxsize=None)
+def stem_work(stem: StemSpec, in_hw: tuple[int, int], n: int) -> np.ndarray:
+    w = _Work()
+    ch, cw = stem.conv_out_hw
+    w.conv(n * ch * cw, stem.in_channels, stem.out_channels, stem.kernel, stem.in_channels, kind="stem")
+    _bn_relu(w, n * stem.out_channels * ch * cw)
+    if stem.maxpool:
+        w.stream(n * stem.out_channels * (ch * cw + stem.out_hw[0] * stem.out_hw[1]))
+    return w.v
+
+
+@functools.lru_cache(maxsize=None)
+def head_work(head_in: int, head_hw: tuple[int, int], classes: int, n: int) -> np.ndarray:
+    w = _Work()
+    w.stream(n * head_in * (head_hw[0] * head_hw[1] + 1), 2)  # global pool, flatten
+    w.conv(n, head_in, classes, 1, head_in, mm=True)
+    return w.v
+
+
+def expected_block_flops(b: BlockSpec, st: StageConfig, dense: dict[str, float], run_prob: float = 1.0) -> float:
+    """Executed FLOPs per image of one block, as ``DynamicBlock.last_flops`` counts them (halo
+    not counted): maskers + downsample + l x (conv1 a d + conv2 a d d_in + conv3 a d + se d),
+    with ``dense`` the block's dense FLOPs per op (``FlopTable.block_flops``)."""
+    p = st.paradigm
+    get = lambda op: float(dense.get(op, 0.0))  # noqa: E731
+    if p == "static":
+        return sum(float(v) for v in dense.values())
+    ho, wo = b.out_hw
+    a = d = 1.0
+    masker = 0.0
+    hidden = max(16, b.in_channels // 16)
+    if uses_spatial(p):
+        grid = (ho // st.spatial_granularity) * (wo // st.spatial_granularity)
+        masker += 2.0 * b.in_channels * 2 * grid
+        if grid > 1:
+            a = budget_count(st.spatial_rate, grid) / grid
+    if uses_channel(p):
+        groups = b.width // st.channel_granularity
+        d = budget_count(st.channel_density, groups) / groups
+        masker += 2.0 * (b.in_channels * hidden + hidden * 2 * groups)
+    if uses_layer(p):
+        masker += 2.0 * (b.in_channels * hidden + hidden * 2)
+    d_in = d if (b.kind == "bottleneck" and b.groups == 1) else 1.0
+    body = get("conv1") * a * d + get("conv2") * a * d * d_in + get("conv3") * a * d + get("se") * d
+    return masker + get("downsample") + run_prob * body
+
+
+def work_latency_ms(work: np.ndarray, costs: CpuCosts) -> float:
+    return float(work @ costs.vector_ms())

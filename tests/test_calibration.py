@@ -1,0 +1,286 @@
+"""Calibration: measured targets, the work model of dynas's kernels, the fit, calibrate/validate."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import random
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from dynas.cli import main
+from dynas.errors import ConfigError, TargetError
+from dynas.kernels.calibrate import (CALIBRATION_RATES, VALIDATION_RATES, calibration_plan, measure, run_plan,
+                                     validation_plan)
+from dynas.predictors import cpu
+from dynas.predictors.calibration import compare, fit_target, summarize
+from dynas.predictors.latency import predict
+from dynas.predictors.targets import HardwareTarget, load_target, target_toml, write_target
+from dynas.spaces.backbones import get_backbone
+from dynas.spaces.config import PARADIGMS, ArchConfig, StageConfig, stage_runs
+
+UNIT = cpu.CpuCosts(*([1.0] * len(cpu.COST_FIELDS)))
+
+
+def _target(costs: cpu.CpuCosts = UNIT, **fit) -> HardwareTarget:
+    return HardwareTarget(name="unit", description="", kind="cpu", default_batch_size=1, cpu=costs, threads=2, fit=fit)
+
+
+# ----------------------------------------------------------------------------- target files
+
+
+def test_cpu_target_round_trips_through_toml(tmp_path):
+    t = _target(cpu.CpuCosts(*(0.5 + i for i in range(len(cpu.COST_FIELDS)))))
+    path = write_target(t, tmp_path / "mine.toml")
+    back = load_target(str(path))
+    assert back.kind == "cpu" and back.cpu == t.cpu and back.threads == 2
+    cfg = ArchConfig.static("resnet18", 64)
+    assert predict(cfg, str(path), 1).latency_ms == pytest.approx(predict(cfg, t, 1).latency_ms)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c.pop("conv_call_us"), "cpu.conv_call_us is missing"),
+    (lambda c: c.update(conv_call_us=-1.0), "cpu.conv_call_us=-1.0 is out of range"),
+    (lambda c: c.update(bogus=1.0), "cpu.bogus is unknown"),
+    (lambda c: c.update(threads=0), "cpu.threads=0 is out of range"),
+])
+def test_cpu_target_file_errors_name_the_field(tmp_path, edit, message):
+    import tomllib
+
+    data = tomllib.loads(target_toml(_target()))
+    edit(data["cpu"])
+    lines = [f'name = "bad"', 'kind = "cpu"', "[cpu]"] + [f"{k} = {v}" for k, v in data["cpu"].items()]
+    path = tmp_path / "bad.toml"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(TargetError, match=message.replace("(", r"\(")):
+        load_target(str(path))
+
+
+def test_write_target_into_missing_directory_writes_nothing(tmp_path):
+    with pytest.raises(TargetError, match="does not exist"):
+        write_target(_target(), tmp_path / "no" / "t.toml")
+    assert list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- the work model
+
+
+def test_distinct_selections_expectation_matches_simulation():
+    rng = random.Random(0)
+    for m, M in ((8, 6), (8, 70), (3, 2), (8, 10 ** 20)):
+        sims = [len({rng.randrange(min(M, 10 ** 9)) for _ in range(m)}) for _ in range(4000)]
+        assert cpu._distinct(m, M) == pytest.approx(np.mean(sims), rel=0.03)
+
+
+@pytest.mark.parametrize("stage, S, k", [(1, 4, 1), (1, 2, 7), (1, 7, 2), (0, 1, 100)])
+def test_needed_pixel_expectation_matches_brute_force(stage, S, k):
+    b = get_backbone("resnet50", 112).stage_blocks(stage)[0]
+    gh, gw = b.out_hw[0] // S, b.out_hw[1] // S
+    hm, wm = b.in_hw
+    L = (S - 1) * b.stride + 3
+    rng = np.random.default_rng(0)
+    counts = []
+    for _ in range(300):
+        on = rng.choice(gh * gw, size=k, replace=False)
+        need = np.zeros((hm, wm), dtype=bool)
+        for p in on:
+            i, j = divmod(int(p), gw)
+            r0, c0 = i * S * b.stride - 1, j * S * b.stride - 1
+            need[max(r0, 0):max(0, r0 + L), max(c0, 0):max(0, c0 + L)] = True
+        counts.append(need.sum())
+    assert cpu._covered(b, S, k) == pytest.approx(np.mean(counts), rel=0.03)
+
+
+@pytest.mark.parametrize("paradigm", [p for p in PARADIGMS if p != "static"])
+@pytest.mark.parametrize("batch", [1, 8])
+def test_predicted_latency_is_positive_and_monotone_in_rate(paradigm, batch):
+    # below rate 1 (at rate 1 every sample of a batch shares one channel selection, and the
+    # kernels then skip the per-selection split: a real drop, tested below)
+    spec = get_backbone("resnet50", 224)
+    last = 0.0
+    for rate in (0.2, 0.4, 0.6, 0.8, 0.95):
+        st = StageConfig(paradigm, rate, spatial_granularity=7 if "spatial" in paradigm else None,
+                         channel_granularity=4 if "channel" in paradigm else None,
+                         channel_rate=rate if "+" in paradigm else None)
+        cfg = ArchConfig("resnet50", spec.input_hw, (st,) * 4)
+        ms = predict(cfg, _target(), batch).latency_ms
+        assert math.isfinite(ms) and ms > last
+        last = ms
+
+
+def test_channel_rate_one_runs_the_batch_whole():
+    b = get_backbone("resnet50", 112).stage_blocks(2)[1]
+    whole = cpu.block_work(b, StageConfig("channel", 1.0, channel_granularity=4), 8)
+    split = cpu.block_work(b, StageConfig("channel", 0.95, channel_granularity=4), 8)
+    conv_calls = cpu.TERMS.index("conv_calls")
+    assert whole[conv_calls] == 1 and split[conv_calls] > 7  # one 3x3 conv call vs one per selection
+
+
+def test_static_is_the_rate_one_layer_limit_minus_masker_work():
+    # a layer gate at rate 1 runs every block: the same body work plus the masker's
+    spec = get_backbone("resnet18", 64)
+    b = spec.stage_blocks(1)[1]
+    static = cpu.block_work(b, StageConfig(), 4)
+    layer = cpu.block_work(b, StageConfig("layer", 1.0), 4, 1.0)
+    extra = layer - static
+    assert np.all(extra >= -1e-12)
+    masker = cpu._Work()
+    cpu._mlp_masker(masker, b, 4, 1)
+    masker.ops(2)
+    np.testing.assert_allclose(extra, masker.v, atol=1e-12)
+
+
+def test_expected_flops_follow_the_kernels_count():
+    # rates whose budget counts are exact (0.5 of 64 patches, of 16 channel groups): the
+    # predictor's expected FLOPs per stage equal the kernels' configured FLOPs record
+    from dynas.kernels.model import build_model
+
+    cfg = ArchConfig("resnet50", (64, 64), (StageConfig("spatial", 0.5, spatial_granularity=2),
+                                            StageConfig("channel", 0.5, channel_granularity=8),
+                                            StageConfig("spatial+channel", 0.5, spatial_granularity=1,
+                                                        channel_granularity=16, channel_rate=0.5),
+                                            StageConfig()))
+    model = build_model(cfg).eval()
+    per_stage = [0.0] * 4
+    for blk in model.blocks():
+        if blk.paradigm != "static":
+            per_stage[blk.spec.stage] += float(blk.configured_flops()["executed_flops"][0])
+    pred = predict(cfg, _target(), 1)
+    for s in range(3):
+        assert pred.stages[s].expected_gflops * 1e9 == pytest.approx(per_stage[s], rel=1e-9)
+
+
+def test_uncalibrated_work_is_an_error_not_a_zero():
+    t = HardwareTarget(name="unit", description="", kind="cpu", default_batch_size=1, cpu=UNIT, threads=2,
+                       unexercised=("grouped_ms_per_gmac",))
+    predict(ArchConfig.static("resnet18", 64), t, 1)  # no grouped convs: fine
+    with pytest.raises(TargetError, match="never calibrated on grouped_gmac"):
+        predict(ArchConfig.static("regnety_400mf", 64), t, 1)
+
+
+# ----------------------------------------------------------------------------- design and fit
+
+
+def test_calibration_plan_is_stratified_and_balanced():
+    items = list(itertools.islice(calibration_plan(("resnet18", "resnet50"), 64, (1, 8), seed=3), 4 + 2 * 2 * 12))
+    assert all(i.config.stages == ArchConfig.static(i.config.backbone, 64).stages for i in items[:4])
+    rest = items[4:]
+    assert [i.batch_size for i in rest[:4]] == [1, 8, 1, 8]
+    for backbone in ("resnet18", "resnet50"):
+        cfgs = [i.config for i in rest if i.config.backbone == backbone and i.batch_size == 1][:12]
+        for s in range(4):
+            seen = [c.stages[s].paradigm for c in cfgs]
+            assert {p: seen.count(p) for p in PARADIGMS} == {p: 2 for p in PARADIGMS}
+            rates = [c.stages[s].rate for c in cfgs if c.stages[s].paradigm != "static"]
+            assert set(rates) <= set(CALIBRATION_RATES)
+
+
+def test_validation_configs_never_use_a_calibration_rate():
+    items = validation_plan(("resnet18", "regnety_400mf"), 64, (1,), count=20, seed=5)
+    assert len(items) == 20 and {i.config.backbone for i in items} == {"resnet18", "regnety_400mf"}
+    for i in items:
+        for st in i.config.stages:
+            if st.paradigm != "static":
+                assert st.rate in VALIDATION_RATES and st.rate not in CALIBRATION_RATES
+    again = validation_plan(("resnet18", "regnety_400mf"), 64, (1,), count=20, seed=5)
+    assert [i.config for i in items] == [i.config for i in again]
+
+
+def test_fit_recovers_the_costs_that_generated_the_measurements():
+    true = cpu.CpuCosts(*(1.0 + (7 * i) % 11 for i in range(len(cpu.COST_FIELDS))))
+    plan = itertools.islice(calibration_plan(("resnet18", "resnet50", "regnety_400mf"), 64, (1, 4), seed=0), 120)
+    rows = []
+    for net, item in enumerate(plan):
+        p = predict(item.config, _target(true), item.batch_size)
+        parts = [("stem", -1, p.stem_ms), ("head", -1, p.head_ms)] + [(f"stage{s}", s, st.latency_ms)
+                                                                       for s, st in enumerate(p.stages)]
+        for part, stage, ms in parts:
+            rows.append({"network_id": net, "config": item.config.to_json(indent=None), "batch_size": item.batch_size,
+                         "part": part, "stage": stage, "measured_ms": ms})
+    fitted = fit_target(pd.DataFrame(rows), "synthetic", {"threads": 2})
+    assert fitted.fit["parts_mape_pct"] < 1e-3 and fitted.fit["outlier_rows"] == 0
+    cfg = ArchConfig("resnet50", (64, 64), (StageConfig("spatial", 0.35, spatial_granularity=2),) * 4)
+    assert predict(cfg, fitted, 4).latency_ms == pytest.approx(predict(cfg, _target(true), 4).latency_ms, rel=1e-4)
+
+
+def test_fit_rejects_tables_it_cannot_use():
+    with pytest.raises(ConfigError, match="column 'measured_ms' is missing"):
+        fit_target(pd.DataFrame({"config": ["{}"], "batch_size": [1], "part": ["stem"], "stage": [-1]}), "x")
+    with pytest.raises(ConfigError, match="measured_ms=-1.0 is out of range"):
+        fit_target(pd.DataFrame({"config": ["{}"], "batch_size": [1], "part": ["stem"], "stage": [-1],
+                                 "measured_ms": [-1.0]}), "x")
+
+
+# ----------------------------------------------------------------------------- measuring
+
+
+def test_measure_splits_a_pass_into_its_parts():
+    cfg = ArchConfig("resnet18", (32, 32), (StageConfig("layer", 0.5),) + (StageConfig(),) * 3)
+    m = measure(cfg, 2, repeats=2, warmup=0)
+    assert len(m.stages_ms) == 4 and min(m.stages_ms) > 0 and m.stem_ms > 0 and m.head_ms > 0
+    assert m.stem_ms + sum(m.stages_ms) + m.head_ms <= m.network_ms * 1.5  # medians of parts of the same passes
+
+
+def test_run_plan_rows_carry_the_environment_and_stop_at_max_items():
+    rows = run_plan(validation_plan(("resnet18",), 32, (1,), count=3, seed=0), repeats=1, warmup=0, max_items=2)
+    df = pd.DataFrame(rows)
+    assert df["network_id"].nunique() == 2
+    assert set(df["part"]) == {"stem", "stage0", "stage1", "stage2", "stage3", "head", "network"}
+    for col in ("device", "device_name", "torch_version", "threads", "date", "gate_mode"):
+        assert df[col].notna().all()
+
+
+# ----------------------------------------------------------------------------- the commands
+
+
+def test_calibrate_validate_and_search_on_the_calibrated_target(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["calibrate", "-o", "mine.toml", "--backbones", "resnet18", "--input-size", "32", "--batch-size", "1,2",
+                 "--budget-s", "4", "--repeats", "1", "--threads", "1", "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "fit on" in out and Path("mine.toml").is_file() and Path("mine.csv").is_file()
+    t = load_target("./mine.toml")
+    assert t.kind == "cpu" and t.threads == 1 and t.environment["backbones"] == "resnet18"
+    cal = pd.read_csv("mine.csv")
+    assert {"measured_ms", "device_name", "torch_version", "threads", "date", "batch_size"} <= set(cal.columns)
+
+    # refit from the CSV gives the same target
+    assert main(["calibrate", "-o", "again.toml", "--measurements", "mine.csv", "-q"]) == 0
+    assert load_target("./again.toml").cpu == t.cpu
+
+    assert main(["validate", "--target", "mine.toml", "--backbones", "resnet18", "--input-size", "32",
+                 "--count", "2", "--batch-size", "1", "--repeats", "1", "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "networks" in out and "Spearman" in out
+    val = pd.read_csv("validate-mine.csv")
+    assert set(val["part"]) >= {"network", "stage0"} and np.isfinite(val["predicted_ms"]).all()
+    assert "plotly" in Path("validate-mine.html").read_text()[:100000]
+
+    # the measurements can be re-scored without measuring
+    assert main(["validate", "--target", "mine.toml", "--measurements", "validate-mine.csv", "--csv", "re.csv",
+                 "--html", "re.html", "-q"]) == 0
+    np.testing.assert_allclose(pd.read_csv("re.csv")["predicted_ms"], val["predicted_ms"])
+
+    assert main(["predict", json.dumps(ArchConfig.static("resnet18", 32).to_dict()), "--target", "./mine.toml",
+                 "--batch-size", "2"]) == 0
+    assert main(["search", "--backbone", "resnet18", "--input-size", "32", "--target", "./mine.toml", "--trials", "6",
+                 "--batch-size", "1", "--storage", f"sqlite:///{tmp_path / 's.db'}", "-q"]) == 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["calibrate", "-o", "no/such/dir/t.toml"], "does not exist"),
+    (["calibrate", "-o", "t.toml", "--backbones", "resnet7", "--budget-s", "1"], "'resnet7' is unknown"),
+    (["calibrate", "-o", "t.toml", "--measurements", "missing.csv"], "cannot be read as CSV"),
+    (["validate", "--target", "nope"], "target='nope' is unknown"),
+    (["validate", "--target", "v100", "--configs", "missing.json"], "cannot be read"),
+])
+def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, capsys, monkeypatch, argv, message):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("dynas: error:") and "\n" not in err and message in err
+    assert list(tmp_path.iterdir()) == []
