@@ -114,8 +114,14 @@ def bench(config: Any, device: str = "cpu", batch_size: int = 1, threads: int | 
     x = torch.randn(batch_size, 3, h, w, device=dev).contiguous(memory_format=fmt)
     run = _timer(dev)
     with torch.inference_mode():
+        # the same generator state for both paths: random gate mode then draws the same decisions
+        rng = torch.random.get_rng_state()
+        cuda_rng = torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None
         dynamic.set_path("reference")
         ref = dynamic(x)
+        torch.random.set_rng_state(rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state(cuda_rng, dev)
         dynamic.set_path("fast")
         fast = dynamic(x)
         max_abs_err = float((fast - ref).abs().max())

@@ -33,8 +33,18 @@ def test_bench_runs_in_either_memory_format(fmt):
     assert r.memory_format == fmt and r.max_abs_err < 1e-4
 
 
+def test_bench_in_random_gate_mode(capsys, tmp_path):
+    r = bench(CFG, batch_size=4, threads=1, repeats=2, warmup=0, gate_mode="random")
+    assert r.gate_mode == "random" and r.max_abs_err < 1e-4  # the reference path sees the same draws
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(CFG))
+    assert main(["bench", str(path), "--repeats", "1", "--warmup", "0", "--threads", "1", "--gates", "random"]) == 0
+    assert "random gate mode" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("kwargs,match", [({"device": "tpu"}, "device='tpu'"), ({"batch_size": 0}, "batch_size=0"),
-                                          ({"threads": 0}, "threads=0"), ({"memory_format": "nchw"}, "memory_format='nchw'")])
+                                          ({"threads": 0}, "threads=0"), ({"memory_format": "nchw"}, "memory_format='nchw'"),
+                                          ({"gate_mode": "adaptive"}, "gate_mode='adaptive'")])
 def test_bench_rejects_bad_options(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         bench(CFG, **kwargs)
