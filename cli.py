@@ -579,7 +579,7 @@ def _load_config_list(path: str) -> list[Any]:
 def _cmd_validate(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from dynas.kernels.calibrate import PlanItem, run_plan, validation_plan
+    from dynas.kernels.calibrate import PlanItem, run_rounds, validation_plan
     from dynas.predictors.calibration import compare, summarize
     from dynas.predictors.targets import load_target
     from dynas.results.validation import write_validation_csv, write_validation_html
@@ -599,9 +599,9 @@ def _cmd_validate(args: argparse.Namespace) -> int:
             items = [PlanItem(c, n) for c in _load_config_list(args.configs) for n in args.batch_size]
         else:
             items = validation_plan(args.backbones, args.input_size, args.batch_size, args.count, args.seed)
-        _logger.info("measuring %d held-out networks on %s", len(items), args.device)
-        measured = pd.DataFrame(run_plan(items, device=args.device, repeats=args.repeats, warmup=args.warmup,
-                                         seed=args.seed, progress=_progress(None)))
+        _logger.info("measuring %d held-out networks on %s, %d round(s)", len(items), args.device, args.rounds)
+        measured = pd.DataFrame(run_rounds(items, args.rounds, device=args.device, repeats=args.repeats,
+                                           warmup=args.warmup, seed=args.seed, progress=_progress(None)))
     df = compare(measured, target)
     write_validation_csv(df, csv_path)
     write_validation_html(df, html_path, f"dynas validate: target {target.name}")
@@ -833,6 +833,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "backbones of the random configs", repeats=7, seed=1, seed_help="seed of the random configs and weights")
     p.add_argument("--configs", default=None, metavar="FILE", help="JSON config(s) to measure instead of random ones")
     p.add_argument("--count", type=_positive_int, default=24, metavar="N", help="random configs (backbones in turn)")
+    p.add_argument("--rounds", type=_positive_int, default=2, metavar="N",
+                   help="measure the whole plan N times (minutes apart); each network keeps its fastest round")
     p.add_argument("--measurements", default=None, metavar="CSV",
                    help="score an earlier validation CSV against TARGET instead of measuring")
     p.add_argument("--csv", default=None, metavar="FILE", help="output table (default: validate-TARGET.csv)")

@@ -234,6 +234,28 @@ def test_run_plan_rows_carry_the_environment_and_stop_at_max_items():
         assert df[col].notna().all()
 
 
+def test_run_rounds_keeps_each_networks_fastest_round(monkeypatch):
+    import dynas.kernels.calibrate as cal
+
+    items = validation_plan(("resnet18",), 32, (1,), count=3, seed=0)
+    slow = {(0, 0), (1, 2)}  # (round, network) pairs disturbed by "other load"
+    calls = []
+
+    def fake_measure(config, n, device, repeats, warmup, seed):
+        net = [i.config for i in items].index(config)
+        rnd = sum(1 for c in calls if c == net)
+        calls.append(net)
+        t = (10.0 + net) * (3.0 if (rnd, net) in slow else 1.0)
+        return cal.Measurement(1.0, (t / 4,) * 4, 1.0, t, t, t, repeats)
+
+    monkeypatch.setattr(cal, "measure", fake_measure)
+    rows = pd.DataFrame(cal.run_rounds(items, 2, repeats=1, seed=7))
+    net = rows[rows["part"] == "network"].set_index("network_id")["measured_ms"]
+    assert net.to_dict() == {0: 10.0, 1: 11.0, 2: 12.0}
+    assert calls == [0, 1, 2, 2, 1, 0]  # the second round runs in reverse order
+    assert (rows["rounds"] == 2).all() and len(rows) == 3 * 7
+
+
 # ----------------------------------------------------------------------------- the commands
 
 
@@ -253,7 +275,7 @@ def test_calibrate_validate_and_search_on_the_calibrated_target(tmp_path, capsys
     assert load_target("./again.toml").cpu == t.cpu
 
     assert main(["validate", "--target", "mine.toml", "--backbones", "resnet18", "--input-size", "32",
-                 "--count", "2", "--batch-size", "1", "--repeats", "1", "-q"]) == 0
+                 "--count", "2", "--batch-size", "1", "--repeats", "1", "--rounds", "2", "-q"]) == 0
     out = capsys.readouterr().out
     assert "networks" in out and "Spearman" in out
     val = pd.read_csv("validate-mine.csv")
