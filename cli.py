@@ -489,7 +489,7 @@ def _default_path(output: str, suffix: str) -> str:
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from dynas.kernels.calibrate import calibration_plan, environment, run_plan
+    from dynas.kernels.calibrate import calibration_plan, environment, run_rounds
     from dynas.predictors.calibration import check_measurements, cost_comments, fit_target
     from dynas.predictors.targets import write_target
     from dynas.results.pareto import atomic_write_text
@@ -504,9 +504,11 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         _set_threads(args.threads)
         plan = calibration_plan(args.backbones, args.input_size, args.batch_size, args.seed)  # checks the options
         first = next(plan)
-        _logger.info("calibrating on %s for about %.0f s (progress per measured network)", args.device, args.budget_s)
-        rows = run_plan(itertools.chain([first], plan), device=args.device, repeats=args.repeats, warmup=args.warmup,
-                        seed=args.seed, budget_s=args.budget_s, progress=_progress(args.budget_s))
+        _logger.info("calibrating on %s for about %.0f s, %d round(s) (progress per measured network)", args.device,
+                     args.budget_s, args.rounds)
+        rows = run_rounds(itertools.chain([first], plan), args.rounds, device=args.device, repeats=args.repeats,
+                          warmup=args.warmup, seed=args.seed, budget_s=args.budget_s,
+                          progress=_progress(args.budget_s / args.rounds))
         df = pd.DataFrame(rows)
         atomic_write_text(csv_path, df.to_csv(index=False))
     check_measurements(df, "calibration measurements")
@@ -813,6 +815,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "backbones to measure (default: one per block kind)", repeats=5, seed=0,
                     seed_help="seed of the design and the weights")
     p.add_argument("--budget-s", type=_float, default=300.0, metavar="S", help="measurement time budget (seconds)")
+    p.add_argument("--rounds", type=_positive_int, default=2, metavar="N",
+                   help="measure the networks of the first BUDGET/N seconds N times (minutes apart); each keeps its\n"
+                   "fastest round")
     p.add_argument("--name", default=None, help="target name (default: the output file's stem)")
     p.add_argument("--csv", default=None, metavar="FILE", help="measurements CSV (default: TARGET_FILE with .csv)")
     p.add_argument("--measurements", default=None, metavar="CSV",

@@ -318,21 +318,39 @@ def run_plan(items: Iterable[PlanItem], device: str = "cpu", repeats: int = 5, w
     return rows
 
 
-def run_rounds(items: Sequence[PlanItem], rounds: int = 2, progress: Callable[..., None] | None = None,
-               **kwargs: Any) -> list[dict[str, Any]]:
+def run_rounds(items: Iterable[PlanItem], rounds: int = 2, progress: Callable[..., None] | None = None,
+               budget_s: float | None = None, **kwargs: Any) -> list[dict[str, Any]]:
     """:func:`run_plan` over ``items`` ``rounds`` times (odd rounds in reverse order, so a
     network's rounds are minutes apart), keeping for every network the round whose whole pass
     was fastest, with all its parts.  Other load on a shared machine only ever adds time, and
     it comes in bursts that can cover every pass of one measurement; a second round away from
-    the burst is how such a measurement is recognised.  Rows get a ``rounds`` column."""
+    the burst is how such a measurement is recognised.  Rows get a ``rounds`` column.
+
+    ``items`` may be endless when ``budget_s`` is given: the first round measures as many as
+    fit in ``budget_s / rounds``, the later rounds measure those again.
+    """
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise ConfigError(f"rounds={rounds!r} is out of range; allowed: an integer >= 1")
-    items = list(items)
+    base = kwargs.pop("seed", 0)
+    pulled: list[PlanItem] = []
+
+    def record(source: Iterable[PlanItem]) -> Iterator[PlanItem]:
+        for item in source:
+            pulled.append(item)
+            yield item
+
     best: dict[int, list[dict[str, Any]]] = {}
+    first_budget = budget_s / rounds if budget_s is not None else None
     for r in range(rounds):
-        order = list(range(len(items)))[::-1] if r % 2 else list(range(len(items)))
-        base = kwargs.get("seed", 0)
-        rows = run_plan([items[i] for i in order], progress=progress, seeds=[base + i for i in order], **kwargs)
+        if r == 0:
+            rows = run_plan(record(items), progress=progress, budget_s=first_budget,
+                            seeds=_Seeds(base), seed=base, **kwargs)
+            measured = len({row["network_id"] for row in rows})
+            items_list, order = pulled[:measured], list(range(measured))
+        else:
+            order = order[::-1]
+            rows = run_plan([items_list[i] for i in order], progress=progress, seeds=[base + i for i in order],
+                            seed=base, **kwargs)
         by_net: dict[int, list[dict[str, Any]]] = {}
         for row in rows:
             by_net.setdefault(row["network_id"], []).append(row)
@@ -345,3 +363,13 @@ def run_rounds(items: Sequence[PlanItem], rounds: int = 2, progress: Callable[..
             if kept is None or total < next(row["measured_ms"] for row in kept if row["part"] == "network"):
                 best[i] = net_rows
     return [row for i in sorted(best) for row in best[i]]
+
+
+class _Seeds:
+    """``seeds[k] = base + k`` for any ``k`` (an endless plan's first round)."""
+
+    def __init__(self, base: int) -> None:
+        self.base = base
+
+    def __getitem__(self, k: int) -> int:
+        return self.base + k

@@ -256,13 +256,32 @@ def test_run_rounds_keeps_each_networks_fastest_round(monkeypatch):
     assert (rows["rounds"] == 2).all() and len(rows) == 3 * 7
 
 
+def test_run_rounds_on_an_endless_plan_remeasures_the_first_rounds_networks(monkeypatch):
+    import dynas.kernels.calibrate as cal
+
+    seen = []
+
+    def fake_measure(config, n, device, repeats, warmup, seed):
+        seen.append((config, n, seed))
+        return cal.Measurement(1.0, (1.0,) * 4, 1.0, 7.0 + len(seen), 0.0, 0.0, repeats)
+
+    monkeypatch.setattr(cal, "measure", fake_measure)
+    rows = pd.DataFrame(cal.run_rounds(calibration_plan(("resnet18",), 32, (1,), seed=0), 2, repeats=1, seed=3,
+                                       max_items=4))
+    assert sorted(rows["network_id"].unique()) == [0, 1, 2, 3]
+    assert len(seen) == 8 and seen[4:] == seen[:4][::-1]  # the same networks and seeds, reversed
+    assert [s for _, _, s in seen[:4]] == [3, 4, 5, 6]
+    first = rows[rows["part"] == "network"]["measured_ms"].tolist()
+    assert first == [8.0, 9.0, 10.0, 11.0]  # each keeps its faster (first) round
+
+
 # ----------------------------------------------------------------------------- the commands
 
 
 def test_calibrate_validate_and_search_on_the_calibrated_target(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(["calibrate", "-o", "mine.toml", "--backbones", "resnet18", "--input-size", "32", "--batch-size", "1,2",
-                 "--budget-s", "4", "--repeats", "1", "--threads", "1", "-q"]) == 0
+                 "--budget-s", "4", "--rounds", "2", "--repeats", "1", "--threads", "1", "-q"]) == 0
     out = capsys.readouterr().out
     assert "fit on" in out and Path("mine.toml").is_file() and Path("mine.csv").is_file()
     t = load_target("./mine.toml")
