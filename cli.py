@@ -489,7 +489,8 @@ def _default_path(output: str, suffix: str) -> str:
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from dynas.kernels.calibrate import calibration_plan, environment, run_rounds
+    from dynas.kernels.calibrate import environment, run_rounds
+    from dynas.spaces.design import calibration_plan
     from dynas.predictors.calibration import check_measurements, cost_comments, fit_target
     from dynas.predictors.targets import write_target
     from dynas.results.pareto import atomic_write_text
@@ -519,12 +520,12 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     target = fit_target(df, name, {**env, "calibration_csv": Path(args.measurements or csv_path).name,
                                    "backbones": ",".join(backbones), "batch_sizes": ",".join(map(str, batches))},
                         default_batch_size=batches[0])
-    write_target(target, args.output, cost_comments(target.cpu))
+    comments = cost_comments(target.cpu)
+    write_target(target, args.output, comments)
     _print(f"{'read' if args.measurements else 'measured'} {df['config'].nunique()} networks ({len(df)} rows) on "
            f"{env.get('device_name', '?')}, {env.get('threads', '?')} threads, torch {env.get('torch_version', '?')}: "
            f"{args.measurements or csv_path}")
-    rows_out = [{"cost": k, "value": v, "meaning": c} for (k, v), c in
-                zip(target.cpu._asdict().items(), cost_comments(target.cpu).values())]
+    rows_out = [{"cost": k, "value": v, "meaning": comments[k]} for k, v in target.cpu._asdict().items()]
     _print(_table(rows_out, ["cost", "value", "meaning"]))
     f = target.fit
     _print(f"fit on {f['rows']} stem/stage/head rows ({f['outlier_rows']} disturbed rows left out): "
@@ -581,7 +582,8 @@ def _load_config_list(path: str) -> list[Any]:
 def _cmd_validate(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from dynas.kernels.calibrate import PlanItem, run_rounds, validation_plan
+    from dynas.kernels.calibrate import run_rounds
+    from dynas.spaces.design import PlanItem, validation_plan
     from dynas.predictors.calibration import compare, summarize
     from dynas.predictors.targets import load_target
     from dynas.results.validation import write_validation_csv, write_validation_html
@@ -619,8 +621,8 @@ def _cmd_validate(args: argparse.Namespace) -> int:
                          "Kendall": s["kendall"], "max |err| %": s["max_abs_err_pct"]})
     _print(f"target {target.name}: predicted vs measured")
     _print(_table(rows, ["part", "batch", "count", "MAPE %", "within 10%", "Spearman", "Kendall", "max |err| %"]))
-    worst = df[df["part"] == "network"].reindex(df["rel_err"].abs().sort_values(ascending=False).index).dropna(subset=["part"])
-    worst = worst[worst["part"] == "network"].head(5)
+    nets = df[df["part"] == "network"]
+    worst = nets.loc[nets["rel_err"].abs().sort_values(ascending=False).index].head(5)
     if not worst.empty:
         _print("worst networks:")
         _print(_table([{"backbone": r.backbone, "batch": int(r.batch_size), "config": r.choice, "measured ms": r.measured_ms,
@@ -800,7 +802,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_train)
 
     # calibrate
-    from dynas.kernels.calibrate import DEFAULT_CALIBRATION_BACKBONES, DEFAULT_VALIDATION_BACKBONES
+    from dynas.spaces.design import DEFAULT_CALIBRATION_BACKBONES, DEFAULT_VALIDATION_BACKBONES
 
     p = sub.add_parser(
         "calibrate", parents=[common], help="measure dynas's kernels on this device and fit a target file",

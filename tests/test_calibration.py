@@ -14,8 +14,8 @@ import pytest
 
 from dynas.cli import main
 from dynas.errors import ConfigError, TargetError
-from dynas.kernels.calibrate import (CALIBRATION_RATES, VALIDATION_RATES, calibration_plan, measure, run_plan,
-                                     validation_plan)
+from dynas.kernels.calibrate import measure, run_plan
+from dynas.spaces.design import CALIBRATION_RATES, VALIDATION_RATES, calibration_plan, validation_plan
 from dynas.predictors import cpu
 from dynas.predictors.calibration import compare, fit_target, summarize
 from dynas.predictors.latency import predict
@@ -246,7 +246,7 @@ def test_run_rounds_keeps_each_networks_fastest_round(monkeypatch):
         rnd = sum(1 for c in calls if c == net)
         calls.append(net)
         t = (10.0 + net) * (3.0 if (rnd, net) in slow else 1.0)
-        return cal.Measurement(1.0, (t / 4,) * 4, 1.0, t, t, t, repeats)
+        return cal.Measurement(1.0, (t / 4,) * 4, 1.0, t, repeats)
 
     monkeypatch.setattr(cal, "measure", fake_measure)
     rows = pd.DataFrame(cal.run_rounds(items, 2, repeats=1, seed=7))
@@ -263,7 +263,7 @@ def test_run_rounds_on_an_endless_plan_remeasures_the_first_rounds_networks(monk
 
     def fake_measure(config, n, device, repeats, warmup, seed):
         seen.append((config, n, seed))
-        return cal.Measurement(1.0, (1.0,) * 4, 1.0, 7.0 + len(seen), 0.0, 0.0, repeats)
+        return cal.Measurement(1.0, (1.0,) * 4, 1.0, 7.0 + len(seen), repeats)
 
     monkeypatch.setattr(cal, "measure", fake_measure)
     rows = pd.DataFrame(cal.run_rounds(calibration_plan(("resnet18",), 32, (1,), seed=0), 2, repeats=1, seed=3,
