@@ -21,7 +21,7 @@ A target file is TOML::
 A *measured* target (``kind = "cpu"``, written by ``dynas calibrate``) has no ``[hardware]``
 table; its ``[cpu]`` table holds the fitted cost of each unit of work of
 :mod:`dynas.predictors.cpu` (``pointwise_ms_per_gmac``, ..., ``op_call_us``; every field
-required, each a number >= 0), ``threads``, the thread count it was measured with,.  Its
+required, each a number >= 0) and ``threads``, the thread count it was measured with.  Its
 ``[environment]`` (device, torch version, date, ...) and ``[fit]`` (how well the model fits the
 calibration measurements) tables are free-form records.  The device it was measured on
 (``cpu`` or ``cuda``) is ``environment.device``.
@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -46,6 +45,7 @@ else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
 from dynas.errors import TargetError
+from dynas.files import atomic_write_text
 from dynas.predictors.cpu import COST_FIELDS, CpuCosts
 
 __all__ = ["HardwareTarget", "load_target", "list_targets", "write_target", "BUILTIN_DIR", "KINDS"]
@@ -251,17 +251,11 @@ def target_toml(target: HardwareTarget, comments: dict[str, str] | None = None) 
 
 
 def write_target(target: HardwareTarget, path: "str | Path", comments: dict[str, str] | None = None) -> Path:
-    """Write ``target`` as TOML to ``path`` atomically (a temporary file, then a rename)."""
+    """Write ``target`` as TOML to ``path`` atomically, after checking that it reads back."""
     out = Path(path)
-    if not out.parent.is_dir():
-        raise TargetError(f"output={str(out)!r}: directory {str(out.parent)!r} does not exist; allowed: a path in an existing directory")
     text = target_toml(target, comments)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    _from_mapping(tomllib.loads(text), str(out), None)  # round-trip check, before anything is written
     try:
-        tmp.write_text(text)
-        os.replace(tmp, out)
+        return atomic_write_text(out, text, TargetError)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise TargetError(f"output={str(out)!r} cannot be written: {exc.strerror}") from None
-    _from_mapping(tomllib.loads(text), str(out), str(out.resolve()))  # round-trip check
-    return out

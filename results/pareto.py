@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -31,6 +30,7 @@ from optuna._hypervolume import compute_hypervolume
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
+from dynas import files
 from dynas.errors import StudyError
 from dynas.spaces.config import ArchConfig
 
@@ -94,34 +94,13 @@ def complete_trials(study: optuna.Study) -> list[FrozenTrial]:
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
-    """Write ``text`` to ``path`` through a temp file in the same folder and :func:`os.replace`.
-
-    Either the whole new file is there afterwards or the old one (if any) is untouched.
-    """
-    return atomic_write_bytes(path, text.encode("utf-8"))
+    """:func:`dynas.files.atomic_write_text`; a missing folder is a :class:`StudyError`."""
+    return files.atomic_write_text(path, text, StudyError)
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
-    """:func:`atomic_write_text` for bytes."""
-    path = Path(path)
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise StudyError(f"output path={str(path)!r}: folder {str(folder)!r} does not exist; allowed: a path in an existing folder")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the mode a plain open() would
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
+    """:func:`dynas.files.atomic_write_bytes`; a missing folder is a :class:`StudyError`."""
+    return files.atomic_write_bytes(path, data, StudyError)
 
 
 def trial_row(study: optuna.Study, trial: FrozenTrial) -> dict[str, Any]:

@@ -1,0 +1,44 @@
+"""Atomic file writes shared by every layer (results, predictors, the CLI).
+
+Either the whole new file is there afterwards or the old one (if any) is untouched: the data
+goes to a temporary file in the same folder, which then replaces the target by
+:func:`os.replace`.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from dynas.errors import DynasError
+
+__all__ = ["atomic_write_text", "atomic_write_bytes"]
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str, error: type[DynasError] = DynasError) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically; a missing folder raises ``error``."""
+    return atomic_write_bytes(path, text.encode("utf-8"), error)
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, error: type[DynasError] = DynasError) -> Path:
+    """:func:`atomic_write_text` for bytes."""
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise error(f"output path={str(path)!r}: folder {str(folder)!r} does not exist; allowed: a path in an existing folder")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the mode a plain open() would
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
