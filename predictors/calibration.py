@@ -99,7 +99,9 @@ def fit_target(measurements: pd.DataFrame, name: str, environment: Mapping[str, 
     rel = (X @ coef / y - 1)[keep]
     env = dict(environment or {})
     unexercised = [f for f, col in zip(cpu.COST_FIELDS, X[keep].T) if not np.any(col > 0)]
-    fit = {"unexercised": ",".join(unexercised), "rows": int(keep.sum()), "outlier_rows": int((~keep).sum()), "outlier_limit_pct": limit * 100, "networks": int(measurements["network_id"].nunique()) if "network_id" in measurements else 0,
+    networks = int(measurements["network_id"].nunique()) if "network_id" in measurements else 0
+    fit = {"unexercised": ",".join(unexercised), "rows": int(keep.sum()), "outlier_rows": int((~keep).sum()),
+           "outlier_limit_pct": limit * 100, "networks": networks,
            "parts_mape_pct": float(np.mean(np.abs(rel)) * 100), "parts_within_10pct": float(np.mean(np.abs(rel) <= 0.1))}
     threads = int(env.get("threads", 1) or 1)
     return HardwareTarget(name=name, description=description or f"dynas kernels measured on {env.get('device_name', 'this device')}",

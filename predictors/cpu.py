@@ -62,7 +62,7 @@ import numpy as np
 from dynas.spaces.backbones import BlockSpec, StemSpec
 from dynas.spaces.config import StageConfig, budget_count, uses_channel, uses_layer, uses_spatial
 
-__all__ = ["TERMS", "COST_FIELDS", "COMPUTE_TERMS", "MEMORY_TERMS", "CALL_TERMS", "CpuCosts", "block_work", "stem_work", "head_work", "expected_block_flops",
+__all__ = ["TERMS", "COST_FIELDS", "COMPUTE_TERMS", "MEMORY_TERMS", "CALL_TERMS", "TERM_KINDS", "CpuCosts", "block_work", "stem_work", "head_work", "expected_block_flops",
            "work_latency_ms"]
 
 #: work terms, in the order of :data:`COST_FIELDS`
@@ -79,6 +79,11 @@ COST_FIELDS: tuple[str, ...] = ("pointwise_ms_per_gmac", "conv3x3_ms_per_gmac", 
 _TO_MS = np.array([1.0] * 12 + [1e-3] * 3)  # the per-call costs are stored in microseconds
 #: which terms are compute (MACs), memory (elements) and per-call overhead
 COMPUTE_TERMS, MEMORY_TERMS, CALL_TERMS = slice(0, 5), slice(5, 12), slice(12, 15)
+#: [3, len(TERMS)] 0/1 rows selecting the compute, memory and call terms
+TERM_KINDS = np.zeros((3, len(TERMS)))
+for _row, _sl in enumerate((COMPUTE_TERMS, MEMORY_TERMS, CALL_TERMS)):
+    TERM_KINDS[_row, _sl] = 1.0
+TERM_KINDS.setflags(write=False)
 _T = {t: i for i, t in enumerate(TERMS)}
 _SMALL_MAP = 64  # output positions per sample or patch at or below which a conv counts as small-map
 
@@ -149,6 +154,11 @@ class _Work:
 
     def ops(self, calls: float) -> None:
         self._add("op_calls", calls)
+
+    def result(self) -> np.ndarray:
+        """The accumulated terms, read-only (the work functions are memoized and share them)."""
+        self.v.setflags(write=False)
+        return self.v
 
 
 def _mlp_masker(w: _Work, b: BlockSpec, n: int, decisions: int) -> None:
@@ -253,7 +263,7 @@ def _body(w: _Work, b: BlockSpec, rows_in: float, rows_out: float, samples: floa
             w.gather(k * cout)  # rows of the cached transpose
         else:
             w.index(k * cout)  # selected input channels of a channels-last weight: a strided gather
-    w.conv(rows_out, k, cout, 1, k, mm=b.kind == "bottleneck" and (selected or windows > 0), area=out_area)
+    w.conv(rows_out, k, cout, 1, k, mm=rows_mm, area=out_area)
     _bn_relu(w, rows_out * cout, relu=False)
 
 
@@ -306,7 +316,7 @@ def block_work(b: BlockSpec, st: StageConfig, n: int, run_prob: float = 1.0) -> 
         _shortcut(w, b, n)
         _body(w, b, n * hi * wi, n * ho * wo, n, b.width, False, dynamic=False, **areas)
         w.stream(3 * out_elems + 2 * out_elems, 2)  # add, relu
-        return w.v
+        return w.result()
     S = st.spatial_granularity if uses_spatial(p) else None
     grid = (ho // S) * (wo // S) if S else 0
     groups = b.width // st.channel_granularity if uses_channel(p) else 0
@@ -357,7 +367,7 @@ def block_work(b: BlockSpec, st: StageConfig, n: int, run_prob: float = 1.0) -> 
             w.stream(5 * m * b.out_channels * ho * wo, 2 * parts)
         w.weight = 1.0 - p_no_split
         w.stream(2 * out_elems)  # ReLU(shortcut) of the samples that skip
-        return w.v
+        return w.result()
     # spatial: every sample runs `kp` of its `grid` patches; parts = distinct channel selections
     kp = budget_count(st.spatial_rate, grid)
     parts = _distinct(n, M) if groups else 1.0
@@ -388,7 +398,7 @@ def block_work(b: BlockSpec, st: StageConfig, n: int, run_prob: float = 1.0) -> 
     w.gather(2 * rows_out * b.out_channels, 3 * parts)  # shortcut rows, write-back
     w.stream(5 * rows_out * b.out_channels, 2 * parts)  # add_, relu_
     w.stream(2 * out_elems)  # ReLU(shortcut) everywhere
-    return w.v
+    return w.result()
 
 
 @functools.lru_cache(maxsize=None)
@@ -399,7 +409,7 @@ def stem_work(stem: StemSpec, in_hw: tuple[int, int], n: int) -> np.ndarray:
     _bn_relu(w, n * stem.out_channels * ch * cw)
     if stem.maxpool:
         w.stream(n * stem.out_channels * (ch * cw + stem.out_hw[0] * stem.out_hw[1]))
-    return w.v
+    return w.result()
 
 
 @functools.lru_cache(maxsize=None)
@@ -407,7 +417,7 @@ def head_work(head_in: int, head_hw: tuple[int, int], classes: int, n: int) -> n
     w = _Work()
     w.stream(n * head_in * (head_hw[0] * head_hw[1] + 1), 2)  # global pool, flatten
     w.conv(n, head_in, classes, 1, head_in, mm=True)
-    return w.v
+    return w.result()
 
 
 def expected_block_flops(b: BlockSpec, st: StageConfig, dense: dict[str, float], run_prob: float = 1.0) -> float:

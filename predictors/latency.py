@@ -444,7 +444,9 @@ def _stage_work(backbone: str, input_hw: tuple[int, int], s: int, st: StageConfi
     """[terms] work of stage ``s`` under ``st`` (``runs``: per-sample block quota, see stage_runs)."""
     blocks = get_backbone(backbone, input_hw).stage_blocks(s)
     run_prob = runs / len(blocks) if runs is not None else 1.0
-    return sum(cpu.block_work(_block_key(b), st, n, run_prob) for b in blocks)
+    work = sum(cpu.block_work(_block_key(b), st, n, run_prob) for b in blocks)
+    work.setflags(write=False)  # memoized and shared
+    return work
 
 
 @functools.lru_cache(maxsize=65536)
@@ -457,9 +459,7 @@ def _stage_cpu(costs: "cpu.CpuCosts", backbone: str, input_hw: tuple[int, int], 
     work = _stage_work(backbone, input_hw, s, st, n, runs)  # [terms], whole stage
     static = _stage_work(backbone, input_hw, s, _STATIC, n, None)
     per_term = work * costs.vector_ms()  # [terms] ms
-    kinds = np.zeros((3, len(cpu.TERMS)))  # [compute/memory/calls, terms] 0/1
-    for row, sl in enumerate((cpu.COMPUTE_TERMS, cpu.MEMORY_TERMS, cpu.CALL_TERMS)):
-        kinds[row, sl] = 1.0
+    kinds = cpu.TERM_KINDS  # [compute/memory/calls, terms] 0/1
     ops = tuple(OpPrediction(term, float(ms), *(float(ms * kinds[r, i]) for r in range(3)), "")
                 for i, (term, ms) in enumerate(zip(cpu.TERMS, per_term)) if ms > 0)
     compute, memory, launch = (float(v) for v in kinds @ per_term)
