@@ -299,7 +299,8 @@ def _search_options(args: argparse.Namespace) -> Any:
     kw: dict[str, Any] = dict(
         backbone=args.backbone, target=args.target, input_size=args.input_size, batch_size=args.batch_size,
         proxy=args.proxy, trials=args.trials, timeout_s=args.timeout, sampler=args.sampler, seed=args.seed,
-        storage=args.storage, study_name=args.study_name, max_latency_ms=args.max_latency_ms,
+        storage=args.storage, workers=args.workers, heartbeat_s=args.heartbeat_s,
+        study_name=args.study_name, max_latency_ms=args.max_latency_ms,
         max_latency_ratio=args.max_latency_ratio, spatial_granularities=args.spatial_granularities,
         channel_granularities=args.channel_granularities, rate_min=args.rate_min, rate_max=args.rate_max,
         rate_step=args.rate_step, show_progress=not args.no_progress,
@@ -416,7 +417,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _add_study_args(p: argparse.ArgumentParser) -> None:
     from dynas.search.study import DEFAULT_STORAGE
 
-    p.add_argument("--storage", default=DEFAULT_STORAGE, metavar="URL", help="Optuna storage (database URL)")
+    p.add_argument("--storage", default=DEFAULT_STORAGE, metavar="URL",
+                   help="Optuna storage: sqlite:///F.db, journal:///F.journal or postgresql://USER@HOST/DB")
     p.add_argument(
         "--study-name", default=None, metavar="NAME",
         help="study to read (default: the only study in the storage)",
@@ -646,7 +648,7 @@ def _measuring_args(p: argparse.ArgumentParser, threads_help: str, backbones: Se
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from dynas.search.study import DEFAULT_STORAGE, SAMPLERS, SearchOptions
+    from dynas.search.study import DEFAULT_JOURNAL, DEFAULT_STORAGE, SAMPLERS, SearchOptions
     from dynas.spaces.backbones import list_backbones
     from dynas.spaces.config import PARADIGMS
 
@@ -703,7 +705,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--target", default=d.target, metavar="T", help="built-in target name (see 'dynas targets') or a .toml file")
     g.add_argument("--input-size", type=_input_size, default=d.input_size, metavar="N|HxW", help="input resolution")
     g.add_argument("--batch-size", type=_positive_int, default=None, metavar="N", help="images per batch (default: the target's)")
-    g.add_argument("--proxy", default=d.proxy, help="accuracy proxy")
+    g.add_argument("--proxy", default=d.proxy, help="accuracy proxy: prior, or package.module:callable returning a dynas AccuracyProxy")
     g.add_argument("--max-latency-ms", type=_float, default=None, metavar="X",
                    help="constraint: predicted latency of one batch <= X ms")
     g.add_argument("--max-latency-ratio", type=_float, default=None, metavar="X",
@@ -723,10 +725,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--timeout", type=_float, default=None, metavar="S", help="stop this run after S seconds")
     g.add_argument("--sampler", default=d.sampler, choices=sorted(SAMPLERS), help=_sampler_help())
     g.add_argument("--seed", type=_nonneg_int, default=d.seed, metavar="N", help="sampler seed")
-    g.add_argument("--storage", default=DEFAULT_STORAGE, metavar="URL", help="Optuna storage (database URL)")
+    g.add_argument("--storage", default=None, metavar="URL",
+                   help=f"Optuna storage: sqlite:///F.db, journal:///F.journal (many workers, one machine) or "
+                   f"postgresql://USER@HOST/DB (many machines) (default: {DEFAULT_STORAGE}; {DEFAULT_JOURNAL} with --workers > 1)")
     g.add_argument("--study-name", default=None, metavar="NAME",
                    help="study name (default: BACKBONE-TARGET-bBATCH-HxW-PROXY)")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar (with --workers > 1: no progress lines)")
+    g = p.add_argument_group("scale-out")
+    g.add_argument("--workers", type=_positive_int, default=d.workers, metavar="N",
+                   help="worker processes on this machine, sharing one study; --trials stays the study's total. "
+                   "On several machines, run the same command on each with one postgresql:// --storage")
+    g.add_argument("--heartbeat-s", type=_float, default=d.heartbeat_s, metavar="S",
+                   help="database storages: a running trial whose worker is silent for 2*S seconds is failed and retried")
     g = p.add_argument_group("output")
     g.add_argument("--top", type=_nonneg_int, default=20, metavar="N", help="print at most N Pareto rows (0: all)")
     g.add_argument("--html", default=None, metavar="F", help="HTML report (default: dynas-STUDY.html)")

@@ -18,20 +18,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Mapping
 
-import torch
-from torch.utils.flop_counter import FlopCounterMode
-
 from dynas.errors import ConfigError
 from dynas.spaces.backbones import get_backbone
-from dynas.spaces.torch_model import (
-    OPS,
-    block_module_name,
-    block_ops,
-    build_static_model,
-    head_module_names,
-    module_name_for,
-    stem_module_names,
-)
 
 __all__ = ["FlopTable", "dense_flops"]
 
@@ -68,6 +56,8 @@ class FlopTable:
     def op(self, block_name: str, op: str) -> int:
         """FLOPs of operator ``op`` of block ``block_name``; 0 for an operator the block lacks
         (e.g. ``downsample`` of a non-first block, ``se`` of a ResNet block)."""
+        from dynas.spaces.torch_model import OPS
+
         if op not in OPS:
             raise ConfigError(f"op={op!r} is unknown; allowed: {', '.join(OPS)}")
         return self._block(block_name).get(op, 0)
@@ -97,6 +87,20 @@ def _module_flops(counts: Mapping[str, Mapping[object, int]], root: str, name: s
 
 @functools.lru_cache(maxsize=64)
 def _dense_flops(backbone: str, input_hw: tuple[int, int]) -> FlopTable:
+    # torch is imported here, not at module level, so that a FlopTable handed to another
+    # process (dynas.predictors.latency.share_flop_tables) unpickles without torch.
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from dynas.spaces.torch_model import (
+        block_module_name,
+        block_ops,
+        build_static_model,
+        head_module_names,
+        module_name_for,
+        stem_module_names,
+    )
+
     spec = get_backbone(backbone, input_hw)
     model = build_static_model(spec, device="meta").eval()
     x = torch.empty(1, 3, *input_hw, device="meta")  # [1, 3, H, W]

@@ -11,7 +11,8 @@ Lifecycle of a proxy (one small ABC for the whole family, as Optuna does for sam
 3. :meth:`AccuracyProxy.static_top1` gives the score of the static backbone, used as the
    baseline in tables and plots.
 
-Register a new proxy with :func:`register_proxy`.
+Register a new proxy with :func:`register_proxy`, or name it without registering as
+``package.module:callable`` (``dynas search --proxy mypkg.proxies:make``).
 """
 
 from __future__ import annotations
@@ -53,9 +54,37 @@ def register_proxy(name: str) -> Callable[[type[AccuracyProxy]], type[AccuracyPr
 
 
 def get_proxy(name: str) -> AccuracyProxy:
+    """The proxy registered as ``name``, or built by ``package.module:callable`` (a callable
+    with no arguments returning an :class:`AccuracyProxy`: a proxy of your own, without
+    registering it, importable by every worker process)."""
     # Import the built-in proxies so they register themselves.
     from dynas.predictors import accuracy  # noqa: F401
 
+    if not isinstance(name, str) or not name.strip():
+        raise ConfigError(f"proxy={name!r} is not a proxy name; allowed: {', '.join(sorted(PROXIES))} or package.module:callable")
+    if ":" in name:
+        return _entry_point(name)
     if name not in PROXIES:
-        raise ConfigError(f"proxy={name!r} is unknown; allowed: {', '.join(sorted(PROXIES))}")
+        raise ConfigError(
+            f"proxy={name!r} is unknown; allowed: {', '.join(sorted(PROXIES))} or package.module:callable"
+        )
     return PROXIES[name]()
+
+
+def _entry_point(spec: str) -> AccuracyProxy:
+    import importlib
+
+    module, _, attr = spec.partition(":")
+    try:
+        factory = importlib.import_module(module)
+        for part in attr.split("."):
+            factory = getattr(factory, part)
+    except (ImportError, AttributeError, ValueError) as exc:
+        first = str(exc).split("\n")[0]
+        raise ConfigError(f"proxy={spec!r} cannot be loaded ({first}); allowed: package.module:callable on sys.path") from None
+    proxy = factory() if callable(factory) else factory
+    if not isinstance(proxy, AccuracyProxy):
+        raise ConfigError(
+            f"proxy={spec!r} gave a {type(proxy).__name__}; allowed: a callable returning a dynas AccuracyProxy"
+        )
+    return proxy

@@ -51,6 +51,7 @@ import json
 import logging
 import math
 import os
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,6 +73,7 @@ from dynas.spaces.searchspace import SearchSpace
 
 __all__ = [
     "DEFAULT_STORAGE",
+    "DEFAULT_JOURNAL",
     "DIRECTIONS",
     "OBJECTIVE_NAMES",
     "SAMPLERS",
@@ -82,6 +84,7 @@ __all__ = [
     "plan_search",
     "run_search",
     "open_storage",
+    "storage_kind",
     "list_studies",
     "load_study",
 ]
@@ -90,6 +93,8 @@ _logger = logging.getLogger(__name__)
 
 #: storage used when none is given: an SQLite file in the current directory
 DEFAULT_STORAGE = "sqlite:///dynas.db"
+#: storage used when none is given and ``workers > 1``: a journal file in the current directory
+DEFAULT_JOURNAL = "journal:///dynas.journal"
 #: study directions, in the order of the objective values
 DIRECTIONS = ("minimize", "maximize")
 #: names of the objective values (``trial.values[i]``)
@@ -195,7 +200,9 @@ class SearchOptions:
     timeout_s: float | None = None  # stop this run after this many seconds
     sampler: str = "tpe"
     seed: int = 0
-    storage: Any = None  # database URL (or an optuna storage); None: DEFAULT_STORAGE
+    storage: Any = None  # storage URL (or an optuna storage); None: DEFAULT_STORAGE, or DEFAULT_JOURNAL if workers > 1
+    workers: int = 1  # worker processes on this machine (joblib); trials is still the study's total
+    heartbeat_s: float = 10.0  # workers beat this often; a trial silent for 2x this is failed and retried
     study_name: str | None = None  # None: "{backbone}-{target}-b{batch}-{H}x{W}-{proxy}"
     max_latency_ms: float | None = None  # constraint on the predicted latency of one batch
     max_latency_ratio: float | None = None  # constraint on dynamic / static latency
@@ -212,6 +219,8 @@ class SearchOptions:
         # Scalar checks only; the backbone, target, proxy and space are checked by plan_search.
         _check_int("trials", self.trials, minimum=1)
         _check_int("seed", self.seed, minimum=0, maximum=2**32 - 1)
+        _check_int("workers", self.workers, minimum=1, maximum=256)
+        _check_positive("heartbeat_s", self.heartbeat_s)
         if self.batch_size is not None:
             _check_int("batch_size", self.batch_size, minimum=1)
         for name in ("timeout_s", "max_latency_ms", "max_latency_ratio"):
@@ -335,11 +344,16 @@ def plan_search(options: SearchOptions) -> SearchPlan:
     batch = o.batch_size if o.batch_size is not None else int(target.default_batch_size)
     proxy = get_proxy(o.proxy)
     make_sampler(o.sampler, o.seed)  # raises ConfigError when it cannot be built (gp without SciPy)
-    storage = o.storage if o.storage is not None else DEFAULT_STORAGE
+    storage = o.storage if o.storage is not None else (DEFAULT_STORAGE if o.workers == 1 else DEFAULT_JOURNAL)
     if isinstance(storage, str):
         _parse_storage_url(storage)
     elif not isinstance(storage, optuna.storages.BaseStorage):
         raise StudyError(f"storage={storage!r} is not a database URL; allowed: e.g. {DEFAULT_STORAGE}")
+    elif o.workers > 1:
+        raise StudyError(
+            f"workers={o.workers} needs a storage URL that other processes can open; allowed: "
+            f"{DEFAULT_JOURNAL}, postgresql://..., or workers=1 with a storage object"
+        )
     name = o.study_name or f"{o.backbone}-{label}-b{batch}-{hw[0]}x{hw[1]}-{o.proxy}"
     return SearchPlan(o, target, label, batch, hw, space, proxy, storage, name)
 
@@ -370,12 +384,33 @@ def _parse_storage_url(url: str) -> Any:
     return parsed
 
 
-def open_storage(storage: Any = None, *, create: bool = True) -> optuna.storages.BaseStorage:
+def storage_kind(storage: Any) -> str:
+    """``"sqlite"``, ``"journal"``, ``"memory"`` or the database backend (``"postgresql"``, ...)."""
+    if isinstance(storage, optuna.storages.InMemoryStorage):
+        return "memory"
+    if isinstance(storage, optuna.storages.JournalStorage):
+        return "journal"
+    if isinstance(storage, optuna.storages.BaseStorage):
+        url = getattr(storage, "url", "") or ""
+        return url.split(":", 1)[0].split("+", 1)[0] if url else type(storage).__name__
+    url = DEFAULT_STORAGE if storage is None else str(storage)
+    return url.split(":", 1)[0].split("+", 1)[0].lower()
+
+
+def open_storage(storage: Any = None, *, create: bool = True,
+                 heartbeat_s: float | None = None) -> optuna.storages.BaseStorage:
     """Open the Optuna storage at URL ``storage`` (None: :data:`DEFAULT_STORAGE`).
 
-    With ``create=False`` an SQLite file that does not exist is an error instead of being
-    created.  Any problem (malformed URL, missing driver, unreachable or corrupt database)
-    raises :class:`~dynas.errors.StudyError` with a one-line message.
+    URLs are SQLAlchemy database URLs (``sqlite:///dynas.db``, ``postgresql://user@host/db``)
+    or ``journal:///FILE``: Optuna's journal file storage, for many worker processes on one
+    machine (relative path after three slashes, absolute after four, as for SQLite).
+
+    With ``create=False`` a database or journal file that does not exist is an error instead of
+    being created.  ``heartbeat_s`` turns on Optuna's heartbeat for database storages: a running
+    trial whose worker stops beating for ``2 * heartbeat_s`` is marked failed and retried (up to
+    :data:`dynas.search.parallel.MAX_RETRY` times) by the next worker that looks.  Any problem (malformed URL, missing
+    driver, unreachable or corrupt database) raises :class:`~dynas.errors.StudyError` with a
+    one-line message.
     """
     if isinstance(storage, optuna.storages.BaseStorage):
         return storage
@@ -387,17 +422,84 @@ def open_storage(storage: Any = None, *, create: bool = True) -> optuna.storages
         backend = parsed.get_backend_name()
     except Exception:  # noqa: BLE001 - sqlalchemy raises various errors for odd URLs
         backend = ""
-    if backend == "sqlite" and parsed.database not in (None, "", ":memory:"):
+    if backend in ("sqlite", "journal") and parsed.database not in (None, "", ":memory:"):
         db = Path(parsed.database)
+        what = "database" if backend == "sqlite" else "journal"
         if not create and not db.is_file():
-            raise StudyError(f"storage={url!r}: database file {db} does not exist")
+            raise StudyError(f"storage={url!r}: {what} file {db} does not exist")
         if create and not db.parent.is_dir():
             raise StudyError(f"storage={url!r}: directory {db.parent} does not exist")
+    if backend == "journal":
+        return _open_journal(url, parsed.database)
+    kw: dict[str, Any] = {}
+    if heartbeat_s is not None:
+        from dynas.search.parallel import retry_callback
+
+        kw = dict(heartbeat_interval=max(1, round(heartbeat_s)), grace_period=max(2, round(2 * heartbeat_s)),
+                  failed_trial_callback=retry_callback())
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ExperimentalWarning)
-            return optuna.storages.RDBStorage(url)
+            return optuna.storages.RDBStorage(url, **kw)
+    except ImportError:
+        # Optuna turns the driver's ModuleNotFoundError into a generic ImportError.
+        driver = parsed.get_driver_name() if backend else "?"
+        extra = ("; pip install 'dynas[postgres]' installs psycopg 3, for postgresql:// and postgresql+psycopg:// URLs"
+                 if backend == "postgresql" else "")
+        raise StudyError(f"storage={url!r} needs the database driver {driver!r}, which is not installed{extra}") from None
     except Exception as exc:  # noqa: BLE001 - driver, network and schema errors all end here
+        raise StudyError(f"storage={url!r} cannot be opened: {_one_line(exc)}") from None
+
+
+class _FlockLock:
+    """Journal-file lock on ``fcntl.flock``: blocking, no polling, released by the kernel when
+    its holder dies (Optuna's file locks poll with back-off up to 1 s, and a lock left by a
+    killed worker blocks every other one for its 30 s grace period)."""
+
+    def __init__(self, path: str) -> None:
+        self._path = path + ".lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> bool:
+        import fcntl
+
+        fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX)  # blocks until the holder releases it or dies
+        self._fd = fd
+        return True
+
+    def release(self) -> None:
+        import fcntl
+
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+
+def _journal_lock(path: str) -> Any:
+    # JournalFileBackend only calls acquire() and release() on its lock object.
+    try:
+        import fcntl  # noqa: F401 - POSIX only
+    except ImportError:  # Windows: Optuna's own lock
+        from optuna.storages.journal import JournalFileOpenLock
+
+        return JournalFileOpenLock(path)
+    return _FlockLock(path)
+
+
+def _open_journal(url: str, path: str | None) -> optuna.storages.BaseStorage:
+    from optuna.storages.journal import JournalFileBackend
+
+    if not path:
+        raise StudyError(f"storage={url!r} names no file; allowed: journal:///FILE, e.g. journal:///dynas.journal")
+    if Path(path).is_dir():
+        raise StudyError(f"storage={url!r}: {path} is a directory; allowed: journal:///FILE")
+    try:
+        storage = optuna.storages.JournalStorage(JournalFileBackend(path, lock_obj=_journal_lock(path)))
+        storage.get_all_studies()  # reads the whole log: a corrupt file fails here, not mid-search
+        return storage
+    except Exception as exc:  # noqa: BLE001 - I/O and log-format errors
         raise StudyError(f"storage={url!r} cannot be opened: {_one_line(exc)}") from None
 
 
@@ -521,48 +623,33 @@ class _Objective:
         return values
 
 
-#: completed trials are written to a database storage in batches of this many (and at the end)
-FLUSH_EVERY_TRIALS = 25
-
-
 def _optimize_buffered(study: optuna.Study, sampler: optuna.samplers.BaseSampler, plan: SearchPlan,
                        done: Sequence[FrozenTrial], missing: int) -> None:
-    """Run trials against an in-memory copy and write completed ones to ``study`` in batches.
+    """Run trials against an in-memory copy and write each completed one to ``study`` at once.
 
     Optuna's database storages commit every suggested parameter and attribute on its own (about
     4 ms each on SQLite, ~65 ms per dynas trial); the analytical objective takes well under 1 ms.
-    One process owns the study here, so trials run on an in-memory study seeded with the stored
-    complete trials, and every :data:`FLUSH_EVERY_TRIALS` completed trials (and on any exit,
-    Ctrl-C included) they are added to the database with ``Study.add_trials``.  A crash loses at
-    most one unflushed batch; re-running the same command resumes from what was written.
+    One process owns an SQLite study here, so trials run on an in-memory study seeded with the
+    stored complete trials, and each completed trial is added to the database with one
+    ``Study.add_trials`` (one commit, ~20 ms).  Nothing is RUNNING in the database, so a crash,
+    even SIGKILL, loses no completed trial; re-running the same command resumes.
     """
     o = plan.options
     mem = optuna.create_study(storage=optuna.storages.InMemoryStorage(), sampler=sampler,
                               directions=list(DIRECTIONS), study_name=study.study_name)
     mem.add_trials(done)
-    written = len(done)
 
-    def flush() -> None:
-        nonlocal written
-        complete = mem.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if len(complete) > written:
-            study.add_trials(complete[written:])
-            written = len(complete)
+    def write_through(_study: optuna.Study, trial: FrozenTrial) -> None:
+        if trial.state == TrialState.COMPLETE:
+            study.add_trials([trial])
 
-    def every_batch(_study: optuna.Study, trial: FrozenTrial) -> None:
-        if trial.state == TrialState.COMPLETE and trial.number % FLUSH_EVERY_TRIALS == FLUSH_EVERY_TRIALS - 1:
-            flush()
-
-    try:
-        mem.optimize(
-            _Objective(plan, done),
-            n_trials=missing,
-            timeout=o.timeout_s,
-            callbacks=[optuna.study.MaxTrialsCallback(o.trials, states=(TrialState.COMPLETE,)), every_batch],
-            show_progress_bar=o.show_progress,
-        )
-    finally:
-        flush()
+    mem.optimize(
+        _Objective(plan, done),
+        n_trials=missing,
+        timeout=o.timeout_s,
+        callbacks=[write_through, optuna.study.MaxTrialsCallback(o.trials, states=(TrialState.COMPLETE,))],
+        show_progress_bar=o.show_progress,
+    )
 
 
 def run_search(options: SearchOptions | SearchPlan) -> optuna.Study:
@@ -610,6 +697,7 @@ def run_search(options: SearchOptions | SearchPlan) -> optuna.Study:
         "study %s (%s): %d/%d complete trials, running %d more with sampler %s",
         plan.study_name, where, len(done), o.trials, missing, o.sampler,
     )
+    kind = storage_kind(storage)
     if isinstance(storage, optuna.storages.InMemoryStorage):
         study.optimize(
             _Objective(plan, done),
@@ -618,7 +706,7 @@ def run_search(options: SearchOptions | SearchPlan) -> optuna.Study:
             callbacks=[optuna.study.MaxTrialsCallback(o.trials, states=(TrialState.COMPLETE,))],
             show_progress_bar=o.show_progress,
         )
-    else:
+    elif kind == "sqlite" and o.workers == 1:
         # Trials enqueued in the database (Study.enqueue_trial) run first, directly on it, so
         # they are consumed there; the rest run buffered.
         waiting = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
@@ -629,6 +717,23 @@ def run_search(options: SearchOptions | SearchPlan) -> optuna.Study:
             missing = o.trials - len(done)
         if missing > 0:
             _optimize_buffered(study, sampler, plan, done, missing)
+    else:
+        # A storage other processes may share while this runs (journal file, database server),
+        # or several workers: every trial claims its slot in the shared study (dynas.search.parallel).
+        from dynas.search import parallel
+
+        if kind == "sqlite":
+            _logger.warning(
+                "%d workers on SQLite (%s) may fail with 'database is locked'; use %s on one machine "
+                "or postgresql://... on several", o.workers, where, DEFAULT_JOURNAL,
+            )
+        if o.workers == 1:
+            shared = optuna.load_study(study_name=plan.study_name, sampler=sampler,
+                                       storage=open_storage(plan.storage_url, heartbeat_s=o.heartbeat_s))
+            deadline = None if o.timeout_s is None else time.monotonic() + o.timeout_s
+            parallel.worker_loop(shared, _Objective(plan, done), o.trials, deadline, show_progress=o.show_progress)
+        else:
+            parallel.run_workers(plan, n_existing)
     n_done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
     _logger.info("study %s: %d/%d complete trials, %d on the Pareto front", plan.study_name, n_done, o.trials, len(study.best_trials))
     return study

@@ -1,0 +1,319 @@
+"""Many workers on one study: a global trial budget, dead-worker recovery, joblib processes.
+
+Used by :func:`dynas.search.study.run_search` whenever the study lives in a storage that other
+processes can share while it runs: a journal file (``journal:///FILE``, one machine) or a
+database server (``postgresql://...``, many machines), or whenever ``workers > 1``.
+
+Lifecycle of one worker (:func:`worker_loop`; the same in a joblib child process, in the
+``dynas search`` process itself with ``--workers 1``, and on every machine of a multi-machine
+search)::
+
+    loop:
+        recover dead trials     # RUNNING trials whose worker is gone -> FAIL, re-queued once more
+        count trials            # COMPLETE and RUNNING, read from the shared storage
+        COMPLETE >= budget      -> stop
+        COMPLETE + RUNNING >= budget -> wait (a running trial may still fail and need a retry)
+        otherwise run trials with study.optimize; each trial first claims its slot:
+            COMPLETE + (RUNNING trials numbered before it) >= budget -> it is surplus: it is
+            pruned before it suggests anything, with the reason in user attr "stopped"
+
+Optuna numbers the trials of a study atomically (a database transaction, or the order of the
+journal log), so claims are totally ordered: the study ends with exactly ``trials`` complete
+trials however many workers race for the last slots.  A pruned surplus trial holds no config.
+
+Dead workers: database storages use Optuna's heartbeat (a trial whose worker has not beaten for
+``2 * heartbeat_s`` is failed by the next worker that looks, and
+:class:`optuna.storages.RetryFailedTrialCallback` queues a copy of it).  Optuna's journal
+storage has no heartbeat, so each trial records its worker (``host:pid:start-time`` in user
+attr ``worker``), and a trial of this host whose process is gone is failed and re-queued the
+same way.  A journal file shared by several hosts (NFS) cannot tell whether another host's
+worker is alive; such trials are left running.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import socket
+import threading
+import time
+from typing import Any
+
+import numpy as np
+import optuna
+from optuna.trial import FrozenTrial, Trial, TrialState
+
+from dynas.errors import StudyError
+
+__all__ = ["MAX_RESTARTS", "MAX_RETRY", "retry_callback", "worker_id", "recover_dead_trials", "worker_loop", "run_workers"]
+
+_logger = logging.getLogger("dynas.search.study")
+
+#: how often a ``dynas search --workers N`` process restarts its workers after one died
+MAX_RESTARTS = 3
+#: retries of a trial whose worker died (Optuna's RetryFailedTrialCallback)
+MAX_RETRY = 3
+#: a RUNNING journal trial without a ``worker`` attr this old is taken for dead (seconds)
+_UNOWNED_GRACE_S = 60.0
+
+
+# --------------------------------------------------------------------------------------------
+# Worker identity and liveness
+# --------------------------------------------------------------------------------------------
+
+
+def _start_ticks(pid: int) -> str:
+    # Field 22 of /proc/PID/stat: the process start time in clock ticks since boot.  It tells a
+    # reused pid from the original process.  Empty where /proc does not exist.
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read().decode()
+    except OSError:
+        return ""
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def worker_id(pid: int | None = None) -> str:
+    """``host:pid:start`` of this (or process ``pid``): what a trial records as its worker."""
+    pid = os.getpid() if pid is None else pid
+    return f"{socket.gethostname()}:{pid}:{_start_ticks(pid)}"
+
+
+def _alive(worker: str) -> bool:
+    host, _, rest = worker.partition(":")
+    pid_text, _, ticks = rest.partition(":")
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return True  # another host's worker: cannot tell, assume alive
+    pid = int(pid_text)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # exists, owned by someone else
+    return not ticks or _start_ticks(pid) == ticks
+
+
+def recover_dead_trials(study: optuna.Study) -> list[int]:
+    """Fail the RUNNING trials whose worker is gone and re-queue them.
+
+    Returns the numbers of the journal trials it failed (database storages: an empty list;
+    Optuna logs what it fails).
+
+    Database storages with a heartbeat: Optuna's :func:`optuna.storages.fail_stale_trials`.
+    Journal storages: the trial's ``worker`` attr names a process of this host that no longer
+    exists.  Two workers recovering the same trial at once are safe: only the first FAIL is
+    accepted by the storage, and only that worker re-queues the trial.
+    """
+    storage = study._storage  # noqa: SLF001 - the study's storage decides the mechanism
+    if not isinstance(storage, optuna.storages.JournalStorage):
+        # A no-op unless the storage was opened with a heartbeat (open_storage(heartbeat_s=...)).
+        optuna.storages.fail_stale_trials(study)
+        return []
+    recovered = []
+    now = time.time()
+    retry = retry_callback()
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        worker = t.user_attrs.get("worker")
+        if worker is not None:
+            dead = not _alive(str(worker))
+        else:
+            started = t.datetime_start.timestamp() if t.datetime_start else now
+            dead = now - started > _UNOWNED_GRACE_S
+        if not dead:
+            continue
+        try:
+            study.tell(t.number, state=TrialState.FAIL)
+        except Exception:  # noqa: BLE001 - another worker failed it first (or it just finished)
+            continue
+        failed = study.get_trials(deepcopy=False)[t.number]
+        if failed.state != TrialState.FAIL:
+            continue
+        retry(study, failed)
+        recovered.append(t.number)
+        _logger.warning("trial %d: its worker %s is gone; marked failed and queued again", t.number, worker)
+    return recovered
+
+
+def retry_callback() -> Any:
+    """Optuna's callback that queues a copy of a trial failed because its worker died."""
+    import warnings
+
+    from optuna.exceptions import ExperimentalWarning
+
+    cls = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)  # Optuna >= 4.9
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        if cls is None:
+            return optuna.storages.RetryFailedTrialCallback(max_retry=MAX_RETRY)
+        return cls(max_retry=MAX_RETRY)
+
+
+# --------------------------------------------------------------------------------------------
+# One worker
+# --------------------------------------------------------------------------------------------
+
+
+def _count(study: optuna.Study) -> tuple[int, int, list[FrozenTrial]]:
+    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
+    complete = sum(t.state == TrialState.COMPLETE for t in trials)
+    return complete, len(trials) - complete, trials
+
+
+class _Claimed:
+    """Wraps the objective: a trial runs only when its slot is within the study's budget."""
+
+    def __init__(self, objective: Any, study: optuna.Study, budget: int) -> None:
+        self.objective, self.study, self.budget = objective, study, budget
+        self.me = worker_id()
+
+    def __call__(self, trial: Trial) -> Any:
+        trial.set_user_attr("worker", self.me)
+        complete, _, trials = _count(self.study)
+        ahead = sum(t.state == TrialState.RUNNING and t.number < trial.number for t in trials)
+        if complete + ahead >= self.budget:
+            trial.set_user_attr(
+                "stopped",
+                f"surplus: {complete} complete + {ahead} running trials numbered before it fill trials={self.budget}",
+            )
+            self.study.stop()
+            raise optuna.TrialPruned()
+        return self.objective(trial)
+
+
+def worker_loop(study: optuna.Study, objective: Any, budget: int, deadline: float | None,
+                *, poll_s: float = 0.5, show_progress: bool = False) -> int:
+    """Run trials of ``study`` until it holds ``budget`` complete trials (or ``deadline``).
+
+    ``deadline`` is a :func:`time.monotonic` value.  Returns the number of trials this worker
+    completed.  See the module docstring for the rules.
+    """
+    claimed = _Claimed(objective, study, budget)
+    mine = 0
+    waiting_logged = False
+    while True:
+        recover_dead_trials(study)
+        complete, running, _ = _count(study)
+        if complete >= budget:
+            return mine
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:
+            return mine
+        if complete + running >= budget:
+            if not waiting_logged:
+                _logger.info("%d complete + %d running trials fill trials=%d; waiting for the running ones",
+                             complete, running, budget)
+                waiting_logged = True
+            time.sleep(poll_s)
+            continue
+        waiting_logged = False
+        before = complete
+
+        def stop_at_budget(st: optuna.Study, _t: FrozenTrial) -> None:
+            if _count(st)[0] >= budget:
+                st.stop()
+
+        study.optimize(claimed, n_trials=budget - complete - running, timeout=left,
+                       callbacks=[stop_at_budget], show_progress_bar=show_progress, gc_after_trial=False)
+        mine += max(0, _count(study)[0] - before)  # an estimate when other workers run too
+
+
+def _seed(seed: int, n_existing: int, index: int, attempt: int) -> int:
+    # Worker 0 of a fresh study uses the seed as given (one worker: same seed -> same trials);
+    # every other (worker, restart) gets its own stream so that workers do not replay each other.
+    if index == 0 and attempt == 0 and n_existing == 0:
+        return seed
+    return int(np.random.SeedSequence([seed, n_existing, index, attempt]).generate_state(1)[0])
+
+
+def _worker_main(plan: Any, flop_tables: Any, index: int, attempt: int, n_existing: int,
+                 deadline_s: float | None) -> int:
+    """Entry point of one joblib worker process: open the storage, run the loop.
+
+    ``plan`` is the parent's validated :class:`~dynas.search.study.SearchPlan`, pickled with its
+    fitted proxy, and ``flop_tables`` the parent's dense FLOP counts, so that a worker starts in
+    well under a second instead of refitting and recounting (which imports torch).
+    """
+    from dynas.predictors.latency import share_flop_tables
+    from dynas.search.study import _Objective, make_sampler, open_storage
+
+    share_flop_tables(flop_tables)
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    o = plan.options
+    storage = open_storage(plan.storage_url, heartbeat_s=o.heartbeat_s)
+    sampler = make_sampler(o.sampler, _seed(o.seed, n_existing, index, attempt))
+    study = optuna.load_study(study_name=plan.study_name, storage=storage, sampler=sampler)
+    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    deadline = None if deadline_s is None else time.monotonic() + deadline_s
+    return worker_loop(study, _Objective(plan, done), o.trials, deadline, show_progress=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Many workers from one command
+# --------------------------------------------------------------------------------------------
+
+
+def _progress(study_name: str, url: str, budget: int, stop: threading.Event, every_s: float = 5.0) -> None:
+    from dynas.search.study import open_storage
+
+    last = -1
+    study = optuna.load_study(study_name=study_name, storage=open_storage(url))
+    while not stop.wait(every_s):
+        try:
+            complete = _count(study)[0]
+        except Exception:  # noqa: BLE001 - progress is best effort; the workers report real errors
+            continue
+        if complete != last:
+            _logger.info("study %s: %d/%d complete trials", study_name, complete, budget)
+            last = complete
+
+
+def run_workers(plan: Any, n_existing: int) -> None:
+    """Run ``plan.options.workers`` joblib worker processes on the (already created) study.
+
+    A worker that dies (killed, out of memory) takes its running trial with it; the others go
+    on, the dead trial is re-queued, and the workers are restarted up to :data:`MAX_RESTARTS`
+    times.  Raises :class:`~dynas.errors.StudyError` (one line) when they keep dying.
+    """
+    from joblib import Parallel, delayed
+    from joblib.externals.loky.process_executor import TerminatedWorkerError
+
+    from dynas.predictors.latency import share_flop_tables
+    from dynas.search.study import open_storage
+
+    o = plan.options
+    tables = share_flop_tables()  # counted by plan.study_attrs() in this process
+    url = plan.storage_url
+    quiet = dataclasses.replace(plan, options=dataclasses.replace(o, show_progress=False))
+    deadline = None if o.timeout_s is None else time.monotonic() + o.timeout_s
+    stop = threading.Event()
+    reporter = None
+    if o.show_progress:
+        reporter = threading.Thread(target=_progress, args=(plan.study_name, url, o.trials, stop), daemon=True)
+        reporter.start()
+    try:
+        for attempt in range(MAX_RESTARTS + 1):
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                Parallel(n_jobs=o.workers, backend="loky")(
+                    delayed(_worker_main)(quiet, tables, i, attempt, n_existing, left) for i in range(o.workers)
+                )
+                return
+            except TerminatedWorkerError as exc:
+                study = optuna.load_study(study_name=plan.study_name, storage=open_storage(url))
+                complete = _count(study)[0]
+                reason = str(exc).split("\n")[0].split("The exit codes")[0].strip().rstrip(".")
+                if attempt == MAX_RESTARTS:
+                    raise StudyError(
+                        f"workers kept dying ({MAX_RESTARTS + 1} times; last: {reason}); {complete}/{o.trials} "
+                        "complete trials are stored; re-run the same command to resume"
+                    ) from None
+                if complete >= o.trials or (deadline is not None and time.monotonic() >= deadline):
+                    return
+                _logger.warning("a worker process died (%s); %d/%d complete trials are stored; restarting %d workers",
+                                reason, complete, o.trials, o.workers)
+    finally:
+        stop.set()
