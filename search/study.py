@@ -435,8 +435,13 @@ def open_storage(storage: Any = None, *, create: bool = True,
     if heartbeat_s is not None:
         from dynas.search.parallel import retry_callback
 
-        kw = dict(heartbeat_interval=max(1, round(heartbeat_s)), grace_period=max(2, round(2 * heartbeat_s)),
-                  failed_trial_callback=retry_callback())
+        import inspect
+
+        # Optuna 4.9 renamed the callback argument (the old name is deprecated, removed in 6.0).
+        params = inspect.signature(optuna.storages.RDBStorage).parameters
+        callback = "heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback" in params else "failed_trial_callback"
+        kw = {"heartbeat_interval": max(1, round(heartbeat_s)), "grace_period": max(2, round(2 * heartbeat_s)),
+              callback: retry_callback()}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ExperimentalWarning)
@@ -728,7 +733,7 @@ def run_search(options: SearchOptions | SearchPlan) -> optuna.Study:
                 "or postgresql://... on several", o.workers, where, DEFAULT_JOURNAL,
             )
         if o.workers == 1:
-            shared = optuna.load_study(study_name=plan.study_name, sampler=sampler,
+            shared = optuna.load_study(study_name=plan.study_name, sampler=parallel.shared_sampler(sampler),
                                        storage=open_storage(plan.storage_url, heartbeat_s=o.heartbeat_s))
             deadline = None if o.timeout_s is None else time.monotonic() + o.timeout_s
             parallel.worker_loop(shared, _Objective(plan, done), o.trials, deadline, show_progress=o.show_progress)

@@ -92,6 +92,7 @@ def test_four_workers_end_with_exactly_the_requested_trials(storage):
     url, name = storage
     done = subprocess.run(_search_argv(url, name, 40, 4), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
+    assert "Warning" not in done.stderr, done.stderr  # deprecation and experimental warnings are handled
     study = load_study(url, name)
     _check_complete_study(study, 40)
     workers = {t.user_attrs["worker"] for t in study.trials if t.state == TrialState.COMPLETE}
