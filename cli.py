@@ -25,6 +25,7 @@ import io
 import itertools
 import json
 import logging
+import math
 import os
 import re
 import sys
@@ -32,7 +33,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from dynas.errors import DynasError
+from dynas.errors import ConfigError, DynasError
 
 __all__ = ["main", "build_parser", "UsageError"]
 
@@ -121,6 +122,14 @@ def _float(text: str) -> float:
         return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+
+
+def _positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    v = _float(text)
+    if not math.isfinite(v) or v <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is out of range; allowed: a finite number > 0")
+    return v
 
 
 def _safe_name(name: str) -> str:
@@ -224,8 +233,12 @@ def _export_hints(source: str) -> tuple[str | None, int | None]:
     if isinstance(target, dict):
         path = target.get("path")
         target = path if isinstance(path, str) and Path(path).is_file() else target.get("name")
+    if target is not None and not isinstance(target, str):
+        raise ConfigError(f"config target={target!r} is not a target name; allowed: a built-in target name or a .toml path")
     batch = data.get("batch_size")
-    return (target if isinstance(target, str) else None), (batch if isinstance(batch, int) and not isinstance(batch, bool) else None)
+    if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
+        raise ConfigError(f"config batch_size={batch!r} is not allowed; allowed: a positive integer")
+    return target, batch
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
@@ -234,7 +247,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config)
     hint_target, hint_batch = _export_hints(args.config)
-    target = args.target or hint_target or "v100"
+    target = args.target if args.target is not None else (hint_target or "v100")
     batch = args.batch_size if args.batch_size is not None else (hint_batch if args.target is None else None)
     pred = predict(cfg, target, batch)
     if args.json:
@@ -826,7 +839,7 @@ def build_parser() -> argparse.ArgumentParser:
     _measuring_args(p, "CPU threads (default: torch's)", DEFAULT_CALIBRATION_BACKBONES,
                     "backbones to measure (default: one per block kind)", repeats=5, seed=0,
                     seed_help="seed of the design and the weights")
-    p.add_argument("--budget-s", type=_float, default=300.0, metavar="S", help="measurement time budget (seconds)")
+    p.add_argument("--budget-s", type=_positive_float, default=300.0, metavar="S", help="measurement time budget (seconds)")
     p.add_argument("--rounds", type=_positive_int, default=2, metavar="N",
                    help="measure the networks of the first BUDGET/N seconds N times (minutes apart); each keeps its\n"
                    "fastest round")

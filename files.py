@@ -17,17 +17,21 @@ __all__ = ["atomic_write_text", "atomic_write_bytes"]
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str, error: type[DynasError] = DynasError) -> Path:
-    """Write ``text`` (UTF-8) to ``path`` atomically; a missing folder raises ``error``."""
+    """Write ``text`` (UTF-8) to ``path`` atomically; a missing or unwritable folder raises ``error``."""
     return atomic_write_bytes(path, text.encode("utf-8"), error)
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, error: type[DynasError] = DynasError) -> Path:
-    """:func:`atomic_write_text` for bytes."""
+    """:func:`atomic_write_text` for bytes.  A folder or file that cannot be written (read-only,
+    full disk, ...) raises ``error`` too; nothing is left behind."""
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise error(f"output path={str(path)!r}: folder {str(folder)!r} does not exist; allowed: a path in an existing folder")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    except OSError as exc:  # e.g. a read-only folder
+        raise error(_unwritable(path, exc)) from None
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
@@ -35,10 +39,17 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, error: type[Dy
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the mode a plain open() would
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(exc, OSError):  # a full disk, a directory at ``path``, ...
+            raise error(_unwritable(path, exc)) from None
         raise
     return path
+
+
+def _unwritable(path: Path, exc: OSError) -> str:
+    reason = " ".join(str(exc.strerror or exc).split())
+    return f"output path={str(path)!r} cannot be written: {reason}; allowed: a writable file path in a writable folder"

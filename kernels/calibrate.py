@@ -19,6 +19,7 @@ the environment: device name, torch version, threads, gate mode and date.
 from __future__ import annotations
 
 import datetime as _dt
+import math
 import platform
 import statistics
 import time
@@ -127,6 +128,7 @@ def run_plan(items: Iterable[PlanItem], device: str = "cpu", repeats: int = 5, w
     would likely overrun ``budget_s`` (estimated from the items of the same backbone and batch
     size so far; the first item always runs).  Item ``k`` is built and fed from seed
     ``seeds[k]`` (default ``seed + k``).  Returns one row per part of every network."""
+    _check_budget(budget_s)
     env = environment(device)
     rows: list[dict[str, Any]] = []
     t0 = time.perf_counter()
@@ -159,6 +161,14 @@ def run_plan(items: Iterable[PlanItem], device: str = "cpu", repeats: int = 5, w
     return rows
 
 
+def _check_budget(budget_s: Any) -> None:
+    """A time budget is None (no limit) or a finite number of seconds > 0 (NaN would never run out)."""
+    if budget_s is None:
+        return
+    if isinstance(budget_s, bool) or not isinstance(budget_s, (int, float)) or not math.isfinite(budget_s) or budget_s <= 0:
+        raise ConfigError(f"budget_s={budget_s!r} is out of range; allowed: a finite number of seconds > 0, or None")
+
+
 def run_rounds(items: Iterable[PlanItem], rounds: int = 2, progress: Callable[..., None] | None = None,
                budget_s: float | None = None, **kwargs: Any) -> list[dict[str, Any]]:
     """:func:`run_plan` over ``items`` ``rounds`` times (odd rounds in reverse order, so a
@@ -172,6 +182,7 @@ def run_rounds(items: Iterable[PlanItem], rounds: int = 2, progress: Callable[..
     """
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise ConfigError(f"rounds={rounds!r} is out of range; allowed: an integer >= 1")
+    _check_budget(budget_s)
     base = kwargs.pop("seed", 0)
     pulled: list[PlanItem] = []
 

@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -192,10 +194,12 @@ def _read(path: Path, origin: str) -> dict[str, Any]:
         raise TargetError(f"target file {origin!r} cannot be read: {exc.strerror}") from None
 
 
-def load_target(target: "str | Path | HardwareTarget") -> HardwareTarget:
+def load_target(target: "str | os.PathLike[str] | HardwareTarget") -> HardwareTarget:
     """Return a built-in target by name, or read a target TOML file by path."""
     if isinstance(target, HardwareTarget):
         return target
+    if not isinstance(target, (str, os.PathLike)):
+        raise TargetError(f"target={target!r} is not a target name or path; allowed: {', '.join(list_targets())} or a path to a .toml target file")
     text = str(target)
     builtin = BUILTIN_DIR / f"{text}.toml"
     if isinstance(target, str) and "/" not in text and not text.endswith(".toml"):
@@ -225,7 +229,20 @@ def _toml_value(v: Any) -> str:
         return str(v)
     if isinstance(v, float):
         return repr(v) if math.isfinite(v) else ("nan" if v != v else ("inf" if v > 0 else "-inf"))
-    return json.dumps(str(v), ensure_ascii=False)  # a TOML basic string is a JSON string
+    return _toml_string(str(v))
+
+
+def _toml_string(text: str) -> str:
+    """``text`` as a TOML basic string: a JSON string, with DEL escaped too (TOML forbids it raw)."""
+    if any(0xD800 <= ord(c) <= 0xDFFF for c in text):
+        raise TargetError(f"text {text!r} holds a lone surrogate; allowed: valid Unicode text (target names, descriptions, records)")
+    return json.dumps(text, ensure_ascii=False).replace("\x7f", "\\u007f")
+
+
+def _toml_key(key: Any) -> str:
+    """A key of a free-form table: bare when TOML allows it, else quoted."""
+    key = str(key)
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else _toml_string(key)
 
 
 def target_toml(target: HardwareTarget, comments: dict[str, str] | None = None) -> str:
@@ -246,7 +263,7 @@ def target_toml(target: HardwareTarget, comments: dict[str, str] | None = None) 
         lines += [f"{k} = {_toml_value(getattr(target, k))}" for k in _HW_FIELDS]
     for title, table in (("environment", target.environment), ("fit", target.fit), ("sources", target.sources)):
         if table:
-            lines += ["", f"[{title}]"] + [f"{k} = {_toml_value(v)}" for k, v in table.items()]
+            lines += ["", f"[{title}]"] + [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in table.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -254,7 +271,10 @@ def write_target(target: HardwareTarget, path: "str | Path", comments: dict[str,
     """Write ``target`` as TOML to ``path`` atomically, after checking that it reads back."""
     out = Path(path)
     text = target_toml(target, comments)
-    _from_mapping(tomllib.loads(text), str(out), None)  # round-trip check, before anything is written
+    try:
+        _from_mapping(tomllib.loads(text), str(out), None)  # round-trip check, before anything is written
+    except tomllib.TOMLDecodeError as exc:
+        raise TargetError(f"target {target.name!r} cannot be written as TOML: {exc}") from None
     try:
         return atomic_write_text(out, text, TargetError)
     except OSError as exc:

@@ -233,10 +233,10 @@ class SearchOptions:
             raise StudyError(f"study_name={self.study_name!r} is empty; allowed: a non-empty string")
         # Normalise sequences given as lists so that options compare and hash by value.
         for name in ("paradigms", "spatial_granularities", "channel_granularities"):
-            value = getattr(self, name)
+            given = value = getattr(self, name)
             if isinstance(value, str):
                 value = tuple(v.strip() for v in value.split(","))
-            if value is not None and not isinstance(value, tuple):
+            if value is not None and (not isinstance(value, tuple) or value is not given):
                 object.__setattr__(self, name, tuple(value))
 
 

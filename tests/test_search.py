@@ -294,3 +294,9 @@ def test_load_study_lists_available_names(tmp_path):
     with pytest.raises(StudyError, match="2 studies"):
         load_study(url, None)
     assert load_study(url, "beta").study_name == "beta"
+
+
+def test_sequence_options_given_as_comma_text_are_split():
+    o = SearchOptions(backbone="resnet18", paradigms="spatial, layer", spatial_granularities=[1, 2])
+    assert o.paradigms == ("spatial", "layer") and o.spatial_granularities == (1, 2)
+    assert plan_search(o).space.paradigms == ("spatial", "layer")
