@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import inspect
 import json
 import logging
 import math
@@ -431,11 +432,24 @@ def open_storage(storage: Any = None, *, create: bool = True,
             raise StudyError(f"storage={url!r}: directory {db.parent} does not exist")
     if backend == "journal":
         return _open_journal(url, parsed.database)
+    if backend != "sqlite":
+        # Database servers: one storage (one connection pool) per URL and heartbeat per process.
+        # A storage per call would leave a pool of open connections behind every load_study().
+        key = (url, heartbeat_s)
+        if key not in _SERVER_STORAGES:
+            _SERVER_STORAGES[key] = _open_rdb(url, parsed, backend, heartbeat_s)
+        return _SERVER_STORAGES[key]
+    return _open_rdb(url, parsed, backend, heartbeat_s)
+
+
+#: (URL, heartbeat_s) -> open storage of a database server, reused within a process
+_SERVER_STORAGES: dict[tuple[str, float | None], optuna.storages.BaseStorage] = {}
+
+
+def _open_rdb(url: str, parsed: Any, backend: str, heartbeat_s: float | None) -> optuna.storages.BaseStorage:
     kw: dict[str, Any] = {}
     if heartbeat_s is not None:
         from dynas.search.parallel import retry_callback
-
-        import inspect
 
         # Optuna 4.9 renamed the callback argument (the old name is deprecated, removed in 6.0).
         params = inspect.signature(optuna.storages.RDBStorage).parameters
