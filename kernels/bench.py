@@ -86,6 +86,7 @@ def bench(config: Any, device: str = "cpu", batch_size: int = 1, threads: int | 
           repeats: int = 30, warmup: int = 5, seed: int = 0, memory_format: str = "channels_last",
           gate_mode: str = "budget") -> BenchResult:
     """Time static vs dynamic (budget mode, fast path) on ``device``; see the module docstring."""
+    from dynas.kernels.calibrate import keep_freed_memory
     from dynas.kernels.model import build_model
 
     if device not in ("cpu", "cuda"):
@@ -104,6 +105,7 @@ def bench(config: Any, device: str = "cpu", batch_size: int = 1, threads: int | 
             raise ConfigError(f"threads={threads!r} is out of range; allowed: an integer >= 1")
         torch.set_num_threads(threads)
     cfg = load_config(config)
+    keep_freed_memory()  # time what calibration times (see kernels.calibrate.keep_freed_memory)
     dev = torch.device(device)
     torch.manual_seed(seed)
     fmt = MEMORY_FORMATS[memory_format]

@@ -325,3 +325,17 @@ def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, capsys, monkeypa
     err = capsys.readouterr().err.strip()
     assert err.startswith("dynas: error:") and "\n" not in err and message in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_measuring_keeps_freed_memory_and_records_it():
+    import platform
+
+    from dynas.kernels.calibrate import environment, keep_freed_memory
+
+    first = keep_freed_memory()
+    assert keep_freed_memory() == first  # set once per process
+    assert environment()["malloc"] == first
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert first.startswith("glibc: trim off")
+    else:
+        assert first == "default"
