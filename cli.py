@@ -791,7 +791,8 @@ def build_parser() -> argparse.ArgumentParser:
         "bench", parents=[common], help="measure a config's real speed-up (static vs dynamic)", formatter_class=_Formatter,
         description="Build the dynamic network of CONFIG and time it against its static backbone: budget gate\n"
         "mode (exactly the configured rates), fast path (real skipping), inference mode, interleaved\n"
-        "A/B pairs so drift cancels; prints medians, spread, speed-up and the fast-vs-reference error.",
+        "A/B pairs so drift cancels; prints medians, spread, speed-up and the fast-vs-reference error.\n"
+        "Freed memory is kept in the process (glibc), as calibrate and validate do.",
     )
     p.add_argument("config", metavar="CONFIG", help="config or exported JSON file")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run")
@@ -833,7 +834,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Time whole dynamic networks stage by stage (stratified over paradigms, granularities, rates,\n"
         "stage shapes and batch sizes; random gate mode: exact rates, choice independent per sample),\n"
         "save the measurements as CSV with the environment, and fit the work costs of the calibrated\n"
-        "model (throughputs, bandwidths, per-call overheads) into a target file that every command accepts.",
+        "model (throughputs, bandwidths, per-call overheads) into a target file that every command accepts.\n"
+        "Freed memory is kept in the process (glibc mallopt) so big batch-8 tensors are not page-faulted\n"
+        "on every pass; deploy the same way (README, 'Allocator').",
     )
     p.add_argument("-o", "--output", required=True, metavar="TARGET_FILE", help="target file to write (.toml)")
     _measuring_args(p, "CPU threads (default: torch's)", DEFAULT_CALIBRATION_BACKBONES,
@@ -856,7 +859,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Measure networks that were not calibrated on (random configs from a seed, rates on the\n"
         "0.15, 0.25, ... lattice that calibration never uses, or the configs of --configs), predict them\n"
         "with TARGET, and report MAPE, share within +/-10%, Spearman and Kendall for whole networks and\n"
-        "single stages, the worst cases, a predicted-vs-measured HTML plot and a CSV.",
+        "single stages, the worst cases, a predicted-vs-measured HTML plot and a CSV.\n"
+        "Freed memory is kept in the process, as calibrate does.",
     )
     p.add_argument("--target", required=True, metavar="TARGET", help="target name or file (e.g. from dynas calibrate)")
     _measuring_args(p, "CPU threads (default: the calibrated target's, else torch's)", DEFAULT_VALIDATION_BACKBONES,
