@@ -13,15 +13,14 @@ the SE channel scaling are not), which is also how published GFLOPs figures are 
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Mapping
+from typing import Mapping, Sequence
 
 from dynas.errors import ConfigError
 from dynas.spaces.backbones import get_backbone
 
-__all__ = ["FlopTable", "dense_flops"]
+__all__ = ["FlopTable", "dense_flops", "share_flop_tables"]
 
 
 @dataclass(frozen=True)
@@ -85,10 +84,29 @@ def _module_flops(counts: Mapping[str, Mapping[object, int]], root: str, name: s
     return sum(counts.get(f"{root}.{name}", {}).values())
 
 
-@functools.lru_cache(maxsize=64)
+#: (backbone, (H, W)) -> FlopTable counted in this process or adopted by share_flop_tables
+_TABLES: dict[tuple[str, tuple[int, int]], FlopTable] = {}
+
+
 def _dense_flops(backbone: str, input_hw: tuple[int, int]) -> FlopTable:
+    key = (backbone, tuple(input_hw))
+    if key not in _TABLES:
+        _TABLES[key] = _count_flops(backbone, key[1])
+    return _TABLES[key]
+
+
+def share_flop_tables(tables: Sequence[FlopTable] | None = None) -> tuple[FlopTable, ...]:
+    """Hand FLOP tables between processes: returns the tables counted here (no argument), or
+    adopts ``tables`` from another process so that predicting there needs neither torch nor a
+    recount (search worker processes start in well under a second this way)."""
+    for t in tables or ():
+        _TABLES.setdefault((t.backbone, tuple(t.input_hw)), t)
+    return tuple(_TABLES.values())
+
+
+def _count_flops(backbone: str, input_hw: tuple[int, int]) -> FlopTable:
     # torch is imported here, not at module level, so that a FlopTable handed to another
-    # process (dynas.predictors.latency.share_flop_tables) unpickles without torch.
+    # process (share_flop_tables) unpickles without torch.
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 

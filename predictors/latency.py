@@ -26,7 +26,7 @@ import functools
 import math
 
 import numpy as np
-from typing import Any, Iterable, Mapping, NamedTuple, Sequence
+from typing import Any, Iterable, Mapping, NamedTuple
 
 from dynas.predictors import cpu
 from dynas.predictors.gpu import ConvOp, Hardware, OpCost, conv_cost, memory_cost
@@ -37,7 +37,7 @@ from dynas.spaces.config import (ArchConfig, StageConfig, load_config, stage_run
                                  uses_spatial)
 from dynas.errors import ConfigError, TargetError
 
-__all__ = ["predict", "block_ops", "clear_caches", "share_flop_tables", "Ops"]
+__all__ = ["predict", "block_ops", "clear_caches", "Ops"]
 
 Ops = tuple[tuple[str, OpCost], ...]
 _STATIC = StageConfig()
@@ -298,27 +298,10 @@ def _batch(batch_size: Any, target: HardwareTarget) -> int:
     return batch_size
 
 
-#: (backbone, (H, W)) -> FlopTable counted in this process or handed over by share_flop_tables
-_FLOP_TABLES: dict[tuple[str, tuple[int, int]], Any] = {}
-
-
 def _dense_flops_per_op(spec: BackboneSpec):
-    key = (spec.name, tuple(spec.input_hw))
-    table = _FLOP_TABLES.get(key)
-    if table is None:
-        from dynas.predictors.flops import dense_flops  # torch import only when FLOPs are asked for
+    from dynas.predictors.flops import dense_flops  # torch import only when FLOPs are asked for
 
-        table = _FLOP_TABLES[key] = dense_flops(spec.name, spec.input_hw)
-    return table
-
-
-def share_flop_tables(tables: Sequence[Any] | None = None) -> tuple[Any, ...]:
-    """Hand FLOP tables between processes: returns the tables counted here (no argument), or
-    adopts ``tables`` from another process so that predicting there needs neither torch nor a
-    recount (search worker processes start in well under a second this way)."""
-    for t in tables or ():
-        _FLOP_TABLES.setdefault((t.backbone, tuple(t.input_hw)), t)
-    return tuple(_FLOP_TABLES.values())
+    return dense_flops(spec.name, spec.input_hw)
 
 
 def predict(config: "ArchConfig | Mapping[str, Any] | str", target: "str | HardwareTarget",

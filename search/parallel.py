@@ -259,23 +259,26 @@ class _Claimed:
 
 
 def worker_loop(study: optuna.Study, objective: Any, budget: int, deadline: float | None,
-                *, poll_s: float = 0.5, show_progress: bool = False) -> int:
+                *, poll_s: float = 0.5, show_progress: bool = False) -> None:
     """Run trials of ``study`` until it holds ``budget`` complete trials (or ``deadline``).
 
-    ``deadline`` is a :func:`time.monotonic` value.  Returns the number of trials this worker
-    completed.  See the module docstring for the rules.
+    ``deadline`` is a :func:`time.monotonic` value.  See the module docstring for the rules.
     """
     claimed = _Claimed(objective, study, budget)
-    mine = 0
+
+    def stop_at_budget(st: optuna.Study, _t: FrozenTrial) -> None:
+        if _count(st)[0] >= budget:
+            st.stop()
+
     waiting_logged = False
     while True:
         recover_dead_trials(study)
         complete, running, _ = _count(study)
         if complete >= budget:
-            return mine
+            return
         left = None if deadline is None else deadline - time.monotonic()
         if left is not None and left <= 0:
-            return mine
+            return
         if complete + running >= budget:
             if not waiting_logged:
                 _logger.info("%d complete + %d running trials fill trials=%d; waiting for the running ones",
@@ -284,34 +287,29 @@ def worker_loop(study: optuna.Study, objective: Any, budget: int, deadline: floa
             time.sleep(poll_s)
             continue
         waiting_logged = False
-        before = complete
-
-        def stop_at_budget(st: optuna.Study, _t: FrozenTrial) -> None:
-            if _count(st)[0] >= budget:
-                st.stop()
-
         study.optimize(claimed, n_trials=budget - complete - running, timeout=left,
                        callbacks=[stop_at_budget], show_progress_bar=show_progress, gc_after_trial=False)
-        mine += max(0, _count(study)[0] - before)  # an estimate when other workers run too
 
 
 def _seed(seed: int, n_existing: int, index: int, attempt: int) -> int:
-    # Worker 0 of a fresh study uses the seed as given (one worker: same seed -> same trials);
-    # every other (worker, restart) gets its own stream so that workers do not replay each other.
-    if index == 0 and attempt == 0 and n_existing == 0:
-        return seed
+    # Worker 0 seeds like a one-worker run (dynas.search.study._resume_seed); every other
+    # (worker, restart) gets its own stream so that workers do not replay each other.
+    from dynas.search.study import _resume_seed
+
+    if index == 0 and attempt == 0:
+        return _resume_seed(seed, n_existing)
     return int(np.random.SeedSequence([seed, n_existing, index, attempt]).generate_state(1)[0])
 
 
 def _worker_main(plan: Any, flop_tables: Any, index: int, attempt: int, n_existing: int,
-                 deadline_s: float | None) -> int:
+                 deadline_s: float | None) -> None:
     """Entry point of one joblib worker process: open the storage, run the loop.
 
     ``plan`` is the parent's validated :class:`~dynas.search.study.SearchPlan`, pickled with its
     fitted proxy, and ``flop_tables`` the parent's dense FLOP counts, so that a worker starts in
     well under a second instead of refitting and recounting (which imports torch).
     """
-    from dynas.predictors.latency import share_flop_tables
+    from dynas.predictors.flops import share_flop_tables
     from dynas.search.study import _Objective, make_sampler, open_storage
 
     share_flop_tables(flop_tables)
@@ -323,7 +321,7 @@ def _worker_main(plan: Any, flop_tables: Any, index: int, attempt: int, n_existi
     study = optuna.load_study(study_name=plan.study_name, storage=storage, sampler=sampler)
     done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     deadline = None if deadline_s is None else time.monotonic() + deadline_s
-    return worker_loop(study, _Objective(plan, done), o.trials, deadline, show_progress=False)
+    worker_loop(study, _Objective(plan, done), o.trials, deadline, show_progress=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -331,23 +329,21 @@ def _worker_main(plan: Any, flop_tables: Any, index: int, attempt: int, n_existi
 # --------------------------------------------------------------------------------------------
 
 
-def _progress(study_name: str, url: str, budget: int, stop: threading.Event, every_s: float = 5.0) -> None:
-    from dynas.search.study import open_storage
-
+def _progress(study: optuna.Study, budget: int, stop: threading.Event, every_s: float = 5.0) -> None:
     last = -1
-    study = optuna.load_study(study_name=study_name, storage=open_storage(url))
     while not stop.wait(every_s):
         try:
             complete = _count(study)[0]
         except Exception:  # noqa: BLE001 - progress is best effort; the workers report real errors
             continue
         if complete != last:
-            _logger.info("study %s: %d/%d complete trials", study_name, complete, budget)
+            _logger.info("study %s: %d/%d complete trials", study.study_name, complete, budget)
             last = complete
 
 
-def run_workers(plan: Any, n_existing: int) -> None:
-    """Run ``plan.options.workers`` joblib worker processes on the (already created) study.
+def run_workers(plan: Any, study: optuna.Study, n_existing: int) -> None:
+    """Run ``plan.options.workers`` joblib worker processes on ``study`` (already created; this
+    process reads it for progress and after a worker died).
 
     A worker that dies (killed, out of memory) takes its running trial with it; the others go
     on, the dead trial is re-queued, and the workers are restarted up to :data:`MAX_RESTARTS`
@@ -356,18 +352,16 @@ def run_workers(plan: Any, n_existing: int) -> None:
     from joblib import Parallel, delayed
     from joblib.externals.loky.process_executor import TerminatedWorkerError
 
-    from dynas.predictors.latency import share_flop_tables
-    from dynas.search.study import open_storage
+    from dynas.predictors.flops import share_flop_tables
 
     o = plan.options
     tables = share_flop_tables()  # counted by plan.study_attrs() in this process
-    url = plan.storage_url
     quiet = dataclasses.replace(plan, options=dataclasses.replace(o, show_progress=False))
     deadline = None if o.timeout_s is None else time.monotonic() + o.timeout_s
     stop = threading.Event()
     reporter = None
     if o.show_progress:
-        reporter = threading.Thread(target=_progress, args=(plan.study_name, url, o.trials, stop), daemon=True)
+        reporter = threading.Thread(target=_progress, args=(study, o.trials, stop), daemon=True)
         reporter.start()
     try:
         for attempt in range(MAX_RESTARTS + 1):
@@ -378,7 +372,6 @@ def run_workers(plan: Any, n_existing: int) -> None:
                 )
                 return
             except TerminatedWorkerError as exc:
-                study = optuna.load_study(study_name=plan.study_name, storage=open_storage(url))
                 complete = _count(study)[0]
                 reason = str(exc).split("\n")[0].split("The exit codes")[0].strip().rstrip(".")
                 if attempt == MAX_RESTARTS:

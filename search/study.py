@@ -85,7 +85,6 @@ __all__ = [
     "plan_search",
     "run_search",
     "open_storage",
-    "storage_kind",
     "list_studies",
     "load_study",
 ]
@@ -385,17 +384,14 @@ def _parse_storage_url(url: str) -> Any:
     return parsed
 
 
-def storage_kind(storage: Any) -> str:
-    """``"sqlite"``, ``"journal"``, ``"memory"`` or the database backend (``"postgresql"``, ...)."""
+def _storage_kind(storage: optuna.storages.BaseStorage) -> str:
+    """``"memory"``, ``"journal"`` or the database backend of an open storage (``"sqlite"``, ``"postgresql"``, ...)."""
     if isinstance(storage, optuna.storages.InMemoryStorage):
         return "memory"
     if isinstance(storage, optuna.storages.JournalStorage):
         return "journal"
-    if isinstance(storage, optuna.storages.BaseStorage):
-        url = getattr(storage, "url", "") or ""
-        return url.split(":", 1)[0].split("+", 1)[0] if url else type(storage).__name__
-    url = DEFAULT_STORAGE if storage is None else str(storage)
-    return url.split(":", 1)[0].split("+", 1)[0].lower()
+    url = getattr(storage, "url", None)
+    return _parse_storage_url(url).get_backend_name() if isinstance(url, str) else type(storage).__name__
 
 
 def open_storage(storage: Any = None, *, create: bool = True,
@@ -681,7 +677,8 @@ def run_search(options: SearchOptions | SearchPlan) -> optuna.Study:
     plan = options if isinstance(options, SearchPlan) else plan_search(options)
     o = plan.options
     expected = plan.study_attrs()  # before opening the storage: a failure here leaves no file
-    storage = open_storage(plan.storage_url, create=True)
+    # With the heartbeat on, trials left RUNNING by a killed process are failed and retried.
+    storage = open_storage(plan.storage_url, create=True, heartbeat_s=o.heartbeat_s)
     where = plan.storage_url if isinstance(plan.storage_url, str) else type(plan.storage_url).__name__
 
     names = optuna.study.get_all_study_names(storage=storage)
@@ -716,8 +713,8 @@ def run_search(options: SearchOptions | SearchPlan) -> optuna.Study:
         "study %s (%s): %d/%d complete trials, running %d more with sampler %s",
         plan.study_name, where, len(done), o.trials, missing, o.sampler,
     )
-    kind = storage_kind(storage)
-    if isinstance(storage, optuna.storages.InMemoryStorage):
+    kind = _storage_kind(storage)
+    if kind == "memory":
         study.optimize(
             _Objective(plan, done),
             n_trials=missing,
@@ -748,11 +745,11 @@ def run_search(options: SearchOptions | SearchPlan) -> optuna.Study:
             )
         if o.workers == 1:
             shared = optuna.load_study(study_name=plan.study_name, sampler=parallel.shared_sampler(sampler),
-                                       storage=open_storage(plan.storage_url, heartbeat_s=o.heartbeat_s))
+                                       storage=storage)
             deadline = None if o.timeout_s is None else time.monotonic() + o.timeout_s
             parallel.worker_loop(shared, _Objective(plan, done), o.trials, deadline, show_progress=o.show_progress)
         else:
-            parallel.run_workers(plan, n_existing)
+            parallel.run_workers(plan, study, n_existing)
     n_done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
     _logger.info("study %s: %d/%d complete trials, %d on the Pareto front", plan.study_name, n_done, o.trials, len(study.best_trials))
     return study
