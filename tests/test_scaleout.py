@@ -82,7 +82,9 @@ def _check_complete_study(study, trials):
         if t.state == TrialState.PRUNED:
             assert t.user_attrs["stopped"].startswith("surplus") and t.params == {}
         elif t.state == TrialState.FAIL:
-            assert "worker" in t.user_attrs
+            # its worker died: named in the trial, or killed between creating it and claiming
+            # its slot (the claim records the worker first), so it holds no config
+            assert "worker" in t.user_attrs or t.params == {}
 
 
 # ----------------------------------------------------------------------------- many workers
@@ -162,9 +164,9 @@ def test_a_worker_killed_mid_trial_is_replaced_and_its_trial_retried(storage):
     killed = [t for t in study.trials if t.state == TrialState.FAIL
               and t.user_attrs["worker"].split(":")[1] == str(pid)]
     assert killed  # the trial it was running
-    for t in killed:  # ran again, with the same parameters
+    for t in killed:  # ran again, with every parameter it had drawn before the kill
         retries = [r for r in study.trials if r.system_attrs.get("failed_trial") == t.number]
-        assert retries and retries[0].params == t.params
+        assert retries and retries[0].params.items() >= t.params.items()
 
 
 def test_resume_after_the_whole_search_was_killed(storage):
