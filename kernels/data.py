@@ -1,0 +1,184 @@
+"""Data for fine-tuning: the built-in synthetic set, a tensor file, or the user's own loaders.
+
+A data *spec* is one string, as ``dynas search --data SPEC`` takes it:
+
+``synthetic`` (default)
+    :func:`dynas.kernels.train.synthetic_images`: generated from the seed, no download.  Each
+    image is background noise with one coloured square covering about a ninth of it; the class
+    is the colour.  ``synthetic:N`` sets the number of training images (default 2048; the
+    held-out split is a quarter of that, at least 256).
+``PATH`` to a ``torch.save`` file
+    A dict with ``train_images`` (float [N, 3, H, W]), ``train_labels`` (int [N]),
+    ``val_images`` and ``val_labels``; optionally ``num_classes``.  H x W must equal the search's
+    input size.
+``package.module:function``
+    Called as ``function(input_size=(H, W), batch_size=B, seed=S)``; returns
+    ``(train_loader, val_loader)`` or ``(train_loader, val_loader, num_classes)``.  A loader is
+    any re-iterable of ``(images [B, 3, H, W], labels [B])`` batches (a ``torch.utils.data.DataLoader``
+    is one).  Without ``num_classes`` it is read from ``loader.dataset.num_classes`` or
+    ``len(loader.dataset.classes)``, else taken as 1 + the largest label of the held-out split.
+    The module must be importable by every worker process.
+
+:func:`load_data` turns a spec into :class:`DataSplits`; :func:`check_data_spec` validates one
+without loading anything (used before a search writes its first file).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import torch
+
+from dynas.errors import ConfigError
+
+__all__ = ["DEFAULT_DATA", "DataSplits", "check_data_spec", "load_data"]
+
+#: the data spec used when none is given
+DEFAULT_DATA = "synthetic"
+_SYNTHETIC_TRAIN = 2048
+_TENSOR_KEYS = ("train_images", "train_labels", "val_images", "val_labels")
+
+
+@dataclass
+class DataSplits:
+    """Training batches (re-iterable; cycled as long as training needs) and held-out batches."""
+
+    train: Iterable[tuple[torch.Tensor, torch.Tensor]]
+    val: Iterable[tuple[torch.Tensor, torch.Tensor]]
+    num_classes: int
+    seed: int = 0
+
+    def train_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Endless training batches: the train loader, epoch after epoch.
+
+        Every call starts the same sequence: a loader's ``generator`` (a seeded
+        ``torch.Generator``, as a ``DataLoader(generator=...)`` has) is re-seeded first, so
+        every candidate sees the same batches in the same order.  A loader without one
+        shuffles from torch's global generator, which the caller seeds.
+        """
+        g = getattr(self.train, "generator", None)
+        if isinstance(g, torch.Generator):
+            g.manual_seed(self.seed)
+        while True:
+            empty = True
+            for batch in self.train:
+                empty = False
+                yield batch
+            if empty:
+                raise ConfigError("data: the training loader yielded no batch; allowed: a loader with at least one batch")
+
+
+def _kind(spec: str) -> str:
+    if spec == "synthetic" or spec.startswith("synthetic:"):
+        return "synthetic"
+    if os.path.exists(spec):
+        return "file"
+    module, sep, attr = spec.partition(":")
+    if sep and module and attr and all(p.isidentifier() for p in module.split(".") + attr.split(".")):
+        return "entry"
+    return "unknown"
+
+
+_ALLOWED = "synthetic, synthetic:N, a torch.save file, or package.module:function"
+
+
+def check_data_spec(spec: Any) -> str:
+    """``spec`` stripped, or :class:`ConfigError` naming it; loads nothing."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ConfigError(f"data={spec!r} is not a data spec; allowed: {_ALLOWED}")
+    spec = spec.strip()
+    kind = _kind(spec)
+    if kind == "unknown":
+        raise ConfigError(f"data={spec!r} is neither a file nor a known data set; allowed: {_ALLOWED}")
+    if kind == "synthetic" and spec != "synthetic":
+        n = spec.partition(":")[2]
+        if not n.isdigit() or int(n) < 1:
+            raise ConfigError(f"data={spec!r}: the number of training images must be an integer >= 1; allowed: synthetic:N")
+    if kind == "file" and Path(spec).is_dir():
+        raise ConfigError(f"data={spec!r} is a directory; allowed: a torch.save file with keys {', '.join(_TENSOR_KEYS)}")
+    return spec
+
+
+def _loader(x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool, seed: int) -> torch.utils.data.DataLoader:
+    ds = torch.utils.data.TensorDataset(x, y)  # x [N, 3, H, W], y [N]
+    g = torch.Generator().manual_seed(seed)
+    return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=g, drop_last=shuffle and len(ds) >= batch_size)
+
+
+def _synthetic(spec: str, input_size: tuple[int, int], batch_size: int, seed: int) -> DataSplits:
+    from dynas.kernels.train import synthetic_images
+
+    n_train = int(spec.partition(":")[2] or _SYNTHETIC_TRAIN)
+    n_val = max(256, n_train // 4)
+    x, y = synthetic_images(n_train + n_val, input_size, 10, seed)  # [n, 3, H, W], [n]
+    return DataSplits(_loader(x[:n_train], y[:n_train], batch_size, True, seed),
+                      _loader(x[n_train:], y[n_train:], 256, False, seed), 10, seed)
+
+
+def _tensor_file(spec: str, input_size: tuple[int, int], batch_size: int, seed: int) -> DataSplits:
+    try:
+        data = torch.load(spec, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - pickle, zip and I/O errors all mean "not a tensor file"
+        raise ConfigError(f"data={spec!r} cannot be loaded ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
+                          f"allowed: a torch.save file with keys {', '.join(_TENSOR_KEYS)}") from None
+    if not isinstance(data, dict) or any(k not in data for k in _TENSOR_KEYS):
+        have = sorted(data) if isinstance(data, dict) else type(data).__name__
+        raise ConfigError(f"data={spec!r} holds {have}; allowed: a dict with keys {', '.join(_TENSOR_KEYS)}")
+    for split in ("train", "val"):
+        x, y = data[f"{split}_images"], data[f"{split}_labels"]
+        if not (isinstance(x, torch.Tensor) and x.dim() == 4 and x.shape[1] == 3 and x.is_floating_point()):
+            raise ConfigError(f"data={spec!r}: {split}_images has shape {tuple(getattr(x, 'shape', ()))}; "
+                              "allowed: a float tensor [N, 3, H, W]")
+        if tuple(x.shape[2:]) != tuple(input_size):
+            raise ConfigError(f"data={spec!r}: {split}_images are {x.shape[2]}x{x.shape[3]}; allowed: the search's "
+                              f"input size {input_size[0]}x{input_size[1]}")
+        if not (isinstance(y, torch.Tensor) and y.dim() == 1 and len(y) == len(x) and not y.is_floating_point()):
+            raise ConfigError(f"data={spec!r}: {split}_labels must be an integer tensor [N] with N = {len(x)}")
+        if len(x) == 0 or int(y.min()) < 0:
+            raise ConfigError(f"data={spec!r}: {split} split is empty or has negative labels; allowed: N >= 1, labels >= 0")
+    num_classes = int(data.get("num_classes", 1 + max(int(data["train_labels"].max()), int(data["val_labels"].max()))))
+    return DataSplits(_loader(data["train_images"], data["train_labels"], batch_size, True, seed),
+                      _loader(data["val_images"], data["val_labels"], 256, False, seed), num_classes, seed)
+
+
+def _entry(spec: str, input_size: tuple[int, int], batch_size: int, seed: int) -> DataSplits:
+    module, _, attr = spec.partition(":")
+    try:
+        fn: Any = importlib.import_module(module)
+        for part in attr.split("."):
+            fn = getattr(fn, part)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"data={spec!r} cannot be loaded ({str(exc).splitlines()[0]}); allowed: package.module:function on sys.path") from None
+    got = fn(input_size=tuple(input_size), batch_size=batch_size, seed=seed)
+    if not isinstance(got, tuple) or len(got) not in (2, 3):
+        raise ConfigError(f"data={spec!r} returned a {type(got).__name__}; allowed: (train_loader, val_loader[, num_classes])")
+    train, val = got[0], got[1]
+    num_classes = got[2] if len(got) == 3 else _classes_of(train) or _classes_of(val)
+    if num_classes is None:
+        num_classes = 1 + max(int(y.max()) for _, y in val)
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        raise ConfigError(f"data={spec!r}: num_classes={num_classes!r}; allowed: an integer >= 2")
+    return DataSplits(train, val, num_classes, seed)
+
+
+def _classes_of(loader: Any) -> int | None:
+    ds = getattr(loader, "dataset", None)
+    if isinstance(getattr(ds, "num_classes", None), int):
+        return ds.num_classes
+    classes = getattr(ds, "classes", None)
+    return len(classes) if classes is not None else None
+
+
+def load_data(spec: str, input_size: tuple[int, int], batch_size: int, seed: int = 0) -> DataSplits:
+    """The :class:`DataSplits` of ``spec`` (see the module docstring) at ``input_size`` (H, W)."""
+    spec = check_data_spec(spec)
+    kind = _kind(spec)
+    if kind == "synthetic":
+        return _synthetic(spec, input_size, batch_size, seed)
+    if kind == "file":
+        return _tensor_file(spec, input_size, batch_size, seed)
+    return _entry(spec, input_size, batch_size, seed)
