@@ -284,19 +284,28 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _print_front(study: Any, top: int) -> None:
-    from dynas.results import hypervolume, pareto_table
+    from dynas.results import checkpoints_table, hypervolume, pareto_table
 
     a = study.user_attrs
     df = pareto_table(study)
-    n_done = sum(1 for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE")
+    states = [t for t in study.get_trials(deepcopy=False) if t.state.name in ("COMPLETE", "PRUNED")]
+    n_done = sum(1 for t in states if t.state.name == "COMPLETE")
+    n_stopped = sum(1 for t in states if t.state.name == "PRUNED" and "stop_reason" in t.user_attrs)
+    stopped = f" + {n_stopped} stopped early ({(a.get('early_stop') or {}).get('name', '?')})" if n_stopped else ""
     h, w = a.get("input_size", ["?", "?"])
     _print(
         f"study {study.study_name}: {a.get('backbone')} @ {h}x{w} on {a.get('target')}, batch {a.get('batch_size')}, "
-        f"proxy {a.get('proxy')}; {n_done} complete trials, {len(df)} distinct configs on the Pareto front"
+        f"proxy {a.get('proxy')}; {n_done} complete trials{stopped}, {len(df)} distinct configs on the Pareto front"
     )
     static_ms, static_top1 = a.get("static_latency_ms"), a.get("static_top1")
     if static_ms is not None and static_top1 is not None:
         _print(f"static: {static_ms:.4g} ms per batch, top-1 {static_top1:.2f}%; hypervolume {hypervolume(study):.4g}")
+    checkpoints = checkpoints_table(study)
+    if len(checkpoints):
+        shown = checkpoints if top == 0 else checkpoints.tail(top)
+        _print(f"checkpoints (held-out top-1 % after each step count; {len(shown)} of {len(checkpoints)} trials, latest last):")
+        _print(_frame_text(shown))
+        _print()
     if len(df) == 0:
         _print("no feasible trial on the front")
         return
@@ -320,6 +329,18 @@ def _search_options(args: argparse.Namespace) -> Any:
     )
     if args.paradigms is not None:
         kw["paradigms"] = args.paradigms
+    finetune = {"data": args.data, "steps": args.finetune_steps, "batch_size": args.finetune_batch_size,
+                "checkpoints": args.checkpoints, "weights": args.weights, "pretrain_steps": args.pretrain_steps,
+                "distill": False if args.no_distill else None}
+    given = {k: v for k, v in finetune.items() if v is not None}
+    if given:
+        if args.proxy != "finetune":
+            flag = {"steps": "--finetune-steps", "batch_size": "--finetune-batch-size", "distill": "--no-distill",
+                    "pretrain_steps": "--pretrain-steps"}.get(next(iter(given)), "--" + next(iter(given)))
+            raise ConfigError(f"{flag} applies to --proxy finetune only; got --proxy {args.proxy}")
+        kw["proxy_options"] = given
+    kw.update(early_stop=args.early_stop, stop_margin=args.stop_margin, stop_min_trials=args.stop_min_trials,
+              stop_eta=args.stop_eta)
     return SearchOptions(**kw)
 
 
@@ -661,6 +682,7 @@ def _measuring_args(p: argparse.ArgumentParser, threads_help: str, backbones: Se
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from dynas.search.stopping import STOPPERS
     from dynas.search.study import DEFAULT_JOURNAL, DEFAULT_STORAGE, SAMPLERS, SearchOptions
     from dynas.spaces.backbones import list_backbones
     from dynas.spaces.config import PARADIGMS
@@ -718,11 +740,34 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--target", default=d.target, metavar="T", help="built-in target name (see 'dynas targets') or a .toml file")
     g.add_argument("--input-size", type=_input_size, default=d.input_size, metavar="N|HxW", help="input resolution")
     g.add_argument("--batch-size", type=_positive_int, default=None, metavar="N", help="images per batch (default: the target's)")
-    g.add_argument("--proxy", default=d.proxy, help="accuracy proxy: prior, or package.module:callable returning a dynas AccuracyProxy")
+    g.add_argument("--proxy", default=d.proxy,
+                   help="accuracy proxy: prior (published curves, instant), finetune (a short real fine-tune per "
+                   "candidate, see the finetune options), or package.module:callable returning a dynas AccuracyProxy")
     g.add_argument("--max-latency-ms", type=_float, default=None, metavar="X",
                    help="constraint: predicted latency of one batch <= X ms")
     g.add_argument("--max-latency-ratio", type=_float, default=None, metavar="X",
                    help="constraint: dynamic / static latency <= X")
+    g = p.add_argument_group("finetune proxy (--proxy finetune)")
+    g.add_argument("--data", default=None, metavar="SPEC",
+                   help="synthetic (built in, default), synthetic:N (N training images), a torch.save file "
+                   "(train_images, train_labels, val_images, val_labels) or package.module:function returning loaders")
+    g.add_argument("--finetune-steps", type=_positive_int, default=None, metavar="N", help="training steps per candidate (default 40)")
+    g.add_argument("--finetune-batch-size", type=_positive_int, default=None, metavar="N", help="training batch size (default 32)")
+    g.add_argument("--checkpoints", type=_positive_int, default=None, metavar="N",
+                   help="held-out evaluations per candidate, evenly spaced, the last at the end (default 3); early stopping decides at each")
+    g.add_argument("--weights", default=None, metavar="FILE", help="static backbone state dict (torchvision names) to start from")
+    g.add_argument("--pretrain-steps", type=_nonneg_int, default=None, metavar="N",
+                   help="steps training the static backbone on the data once, before the search (default 200); it is the "
+                   "starting point and teacher of every candidate")
+    g.add_argument("--no-distill", action="store_true", help="no distillation from the static backbone")
+    g = p.add_argument_group("early stopping (proxies with checkpoints: finetune)")
+    g.add_argument("--early-stop", default=d.early_stop, choices=sorted(STOPPERS),
+                   help="dominance: stop a candidate when --stop-min-trials complete trials at least as fast score "
+                   "--stop-margin points more at the same checkpoint; halving: keep the best 1/--stop-eta at each checkpoint; none")
+    g.add_argument("--stop-margin", type=_float, default=d.stop_margin, metavar="P", help="top-1 points (dominance)")
+    g.add_argument("--stop-min-trials", type=_positive_int, default=d.stop_min_trials, metavar="N",
+                   help="dominance: dominating complete trials needed; halving: trials at the checkpoint needed before it acts")
+    g.add_argument("--stop-eta", type=_positive_int, default=d.stop_eta, metavar="N", help="halving: keep the best 1/N")
     g = p.add_argument_group("search space")
     g.add_argument("--paradigms", type=_str_list, default=None, metavar="A,B",
                    help=f"paradigms allowed per stage (default: all: {','.join(PARADIGMS)})")
@@ -734,7 +779,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--rate-max", type=_float, default=d.rate_max, metavar="X", help="highest activation rate")
     g.add_argument("--rate-step", type=_float, default=d.rate_step, metavar="X", help="activation-rate grid step")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--trials", type=_positive_int, default=d.trials, metavar="N", help="total complete trials of the study")
+    g.add_argument("--trials", type=_positive_int, default=d.trials, metavar="N",
+                   help="total finished trials of the study (complete, or stopped early)")
     g.add_argument("--timeout", type=_float, default=None, metavar="S", help="stop this run after S seconds")
     g.add_argument("--sampler", default=d.sampler, choices=sorted(SAMPLERS), help=_sampler_help())
     g.add_argument("--seed", type=_nonneg_int, default=d.seed, metavar="N", help="sampler seed")

@@ -4,8 +4,10 @@ from dynas.results.export import export_trial, laudnet_args, select_trial, train
 from dynas.results.pareto import (
     DEFAULT_REFERENCE_LATENCY_RATIO,
     DEFAULT_REFERENCE_TOP1_DROP,
+    CHECKPOINT_COLUMNS,
     PARETO_COLUMNS,
     all_trials_table,
+    checkpoints_table,
     default_reference,
     front_trials,
     hypervolume,
@@ -17,6 +19,8 @@ from dynas.results.plots import write_html
 
 __all__ = [
     "PARETO_COLUMNS",
+    "CHECKPOINT_COLUMNS",
+    "checkpoints_table",
     "DEFAULT_REFERENCE_LATENCY_RATIO",
     "DEFAULT_REFERENCE_TOP1_DROP",
     "pareto_table",

@@ -10,6 +10,10 @@ ignores:
 - ``proxy``: ``{"name", "top1", "static_top1"}``;
 - ``predictions``: the prediction the search stored for the trial (latencies for the whole batch
   and per image, static latency, speed-up, FLOPs, per-stage breakdown);
+- ``realised`` (training proxies only, when the trained gates missed the configured rates):
+  ``{"config", "stages", "latency_ms", "rates"}``: the config at the realised rates and its
+  predicted latency, which is the trial's latency objective; ``predictions`` stay those of
+  the configured rates, which training targets;
 - ``training``: the LAUDNet fine-tuning recipe as data, plus per-stage FLOPs targets;
 - ``laudnet_args``: the closest LAUDNet ``train/main.py`` arguments and a ``lost`` list naming
   what those arguments cannot express.
@@ -388,7 +392,9 @@ def export_trial(study: optuna.Study, trial: FrozenTrial | int, path: str | os.P
         f"{sa.get('target')!r}; latency_ms_per_image divides it by the batch size",
         "rates are activation rates: positions (spatial), channel groups (channel), samples (layer); "
         "channel_rate is the channel-group rate of combined stages",
-        f"top-1 is the {sa.get('proxy')!r} accuracy proxy's estimate, not a measured accuracy",
+        f"top-1 is the {sa.get('proxy')!r} accuracy proxy's estimate, not a measured accuracy"
+        if sa.get("proxy") != "finetune" else
+        "top-1 is held-out accuracy after the finetune proxy's short fine-tune on the search's data, not after full training",
     ]
     if not is_feasible(trial):
         notes.append(f"this trial violates the study's constraints {trial.constraints}")
@@ -410,6 +416,8 @@ def export_trial(study: optuna.Study, trial: FrozenTrial | int, path: str | os.P
             "speedup": prediction.get("speedup", ua.get("speedup")),
             "flops": prediction.get("flops", {"ratio": ua.get("flops_ratio")}),
         },
+        **({"realised": {"config": ua["realised_config"], "stages": ua.get("realised_short"), "latency_ms": latency_ms,
+                         "rates": ua.get("realised_rates")}} if isinstance(ua.get("realised_config"), dict) else {}),
         "training": recipe,
         "laudnet_args": laudnet_args(cfg, recipe["target_flops_ratio"]),
         "notes": notes,

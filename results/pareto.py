@@ -36,6 +36,8 @@ from dynas.spaces.config import ArchConfig
 
 __all__ = [
     "PARETO_COLUMNS",
+    "CHECKPOINT_COLUMNS",
+    "checkpoints_table",
     "DEFAULT_REFERENCE_LATENCY_RATIO",
     "DEFAULT_REFERENCE_TOP1_DROP",
     "pareto_table",
@@ -183,6 +185,36 @@ def all_trials_table(study: optuna.Study) -> pd.DataFrame:
     return df.astype({"feasible": "bool", "pareto": "bool"})
 
 
+#: columns of :func:`checkpoints_table`
+CHECKPOINT_COLUMNS: tuple[str, ...] = ("trial", "state", "latency_ms", "top1_by_step", "stop_reason", "stages")
+
+
+def checkpoints_table(study: optuna.Study) -> pd.DataFrame:
+    """Every finished trial that reported checkpoints (a training proxy), in trial order.
+
+    Columns: ``trial``; ``state`` (``complete`` or ``stopped@STEP``); ``latency_ms`` (the
+    objective, or the predicted latency of a stopped trial); ``top1_by_step`` (the trial's
+    intermediate values, ``"STEP:TOP1"`` pairs); ``stop_reason`` (empty when complete);
+    ``stages``.  Empty for studies whose proxy has no checkpoints (``prior``).
+    """
+    check_study(study)
+    rows = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
+        if not t.intermediate_values or (t.state == TrialState.PRUNED and "stop_reason" not in t.user_attrs):
+            continue
+        ua = t.user_attrs
+        complete = t.state == TrialState.COMPLETE
+        rows.append({
+            "trial": t.number,
+            "state": "complete" if complete else f"stopped@{ua.get('stopped_at_step', '?')}",
+            "latency_ms": float(t.values[0]) if complete else float(ua.get("latency_ms_configured", math.nan)),
+            "top1_by_step": " ".join(f"{k}:{v:.1f}" for k, v in sorted(t.intermediate_values.items())),
+            "stop_reason": "" if complete else str(ua.get("stop_reason", "")),
+            "stages": ua.get("short", ""),
+        })
+    return pd.DataFrame(rows, columns=list(CHECKPOINT_COLUMNS))
+
+
 def write_csv(df: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
     """Write ``df`` as CSV (no index) atomically; returns the path."""
     return atomic_write_text(path, df.to_csv(index=False))
@@ -193,9 +225,13 @@ def write_csv(df: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
 
 def default_reference(study: optuna.Study) -> tuple[float, float]:
     """The documented default reference point ``(latency_ratio, top1)`` in natural units:
-    ``(1.5, static_top1 - 5.0)``.  In the minimisation space it is ``(1.5, -(static_top1 - 5))``."""
-    static_top1 = float(study_attr(study, "static_top1"))
-    return DEFAULT_REFERENCE_LATENCY_RATIO, static_top1 - DEFAULT_REFERENCE_TOP1_DROP
+    latency ratio 1.5, and the study attr ``reference_top1`` that the proxy set (prior:
+    ``static_top1 - 5.0``; finetune: chance level), or ``static_top1 - 5.0`` for studies without
+    it.  In the minimisation space it is ``(1.5, -top1)``."""
+    ref = study.user_attrs.get("reference_top1")
+    if ref is None:
+        ref = float(study_attr(study, "static_top1")) - DEFAULT_REFERENCE_TOP1_DROP
+    return DEFAULT_REFERENCE_LATENCY_RATIO, float(ref)
 
 
 def _reference_point(study: optuna.Study, reference: Sequence[float] | None) -> np.ndarray:

@@ -1,5 +1,6 @@
 """Multi-objective search of dynamic configurations (Optuna studies)."""
 
+from dynas.search.stopping import STOPPERS, EarlyStopper, StopRule, make_stopper, register_stopper
 from dynas.search.study import (
     DEFAULT_STORAGE,
     DIRECTIONS,
@@ -14,6 +15,7 @@ from dynas.search.study import (
     plan_search,
     register_sampler,
     run_search,
+    finished_trials,
 )
 
 __all__ = [
@@ -27,6 +29,12 @@ __all__ = [
     "make_sampler",
     "plan_search",
     "run_search",
+    "finished_trials",
+    "STOPPERS",
+    "EarlyStopper",
+    "StopRule",
+    "make_stopper",
+    "register_stopper",
     "open_storage",
     "list_studies",
     "load_study",

@@ -10,7 +10,7 @@ search)::
 
     loop:
         recover dead trials     # RUNNING trials whose worker is gone -> FAIL, re-queued once more
-        count trials            # COMPLETE and RUNNING, read from the shared storage
+        count trials            # COMPLETE (or stopped early) and RUNNING, read from the shared storage
         COMPLETE >= budget      -> stop
         COMPLETE + RUNNING >= budget -> wait (a running trial may still fail and need a retry)
         otherwise run trials with study.optimize; each trial first claims its slot:
@@ -158,12 +158,33 @@ def retry_callback() -> Any:
         return cls(max_retry=MAX_RETRY)
 
 
+def _as_seen_by_sampler(t: FrozenTrial) -> FrozenTrial:
+    """A trial stopped early (PRUNED with ``stop_reason``) as a COMPLETE one at its last checkpoint.
+
+    Optuna's TPE ranks pruned trials by their last intermediate value through
+    ``study.direction``, which raises for multi-objective studies, so a pruned trial with
+    intermediate values would crash it.  What the stopped trial showed is a point in the
+    objective space: its predicted latency and its top-1 at the checkpoint where it stopped (a
+    dominated point, by the rule that stopped it), and TPE learns from it as from any other.
+    """
+    latency = t.user_attrs.get("latency_ms_configured")
+    if t.state != TrialState.PRUNED or not t.intermediate_values or latency is None:
+        return t
+    seen = copy.copy(t)
+    seen.state = TrialState.COMPLETE
+    seen.values = [float(latency), float(t.intermediate_values[max(t.intermediate_values)])]
+    return seen
+
+
 class _Snapshot:
-    """A study whose trial reads return one snapshot; every other attribute is the study's."""
+    """A study whose trial reads return one snapshot; every other attribute is the study's.
+
+    Trials stopped early appear as COMPLETE at their last checkpoint (:func:`_as_seen_by_sampler`).
+    """
 
     def __init__(self, study: optuna.Study) -> None:
         self._study = study
-        self._trials: list[FrozenTrial] = study.get_trials(deepcopy=False)
+        self._trials: list[FrozenTrial] = [_as_seen_by_sampler(t) for t in study.get_trials(deepcopy=False)]
 
     def _get_trials(self, deepcopy: bool = True, states: Any = None, use_cache: bool = False) -> list[FrozenTrial]:
         trials = self._trials if states is None else [t for t in self._trials if t.state in states]
@@ -177,7 +198,8 @@ class _Snapshot:
 
 
 class SnapshotSampler(optuna.samplers.BaseSampler):
-    """Runs a sampler with one read of the shared study per trial instead of one per decision.
+    """Runs a sampler with one read of the shared study per trial instead of one per decision,
+    and shows it trials stopped early as points it can rank (:func:`_as_seen_by_sampler`).
 
     Optuna 5's TPE (``constant_liar=True`` by default, which keeps parallel workers from
     proposing what the others are running) reads every trial of the study, running ones
@@ -220,7 +242,9 @@ class SnapshotSampler(optuna.samplers.BaseSampler):
 
 
 def shared_sampler(sampler: optuna.samplers.BaseSampler) -> optuna.samplers.BaseSampler:
-    """``sampler`` as it should run on a shared study: TPE on per-trial snapshots, others as they are."""
+    """``sampler`` as it should run on a study: TPE on per-trial snapshots, others as they are.
+
+    Used on every storage (shared or not), so that one seed gives the same trials on each."""
     if isinstance(sampler, optuna.samplers.TPESampler):
         return SnapshotSampler(sampler)
     return sampler
@@ -232,9 +256,12 @@ def shared_sampler(sampler: optuna.samplers.BaseSampler) -> optuna.samplers.Base
 
 
 def _count(study: optuna.Study) -> tuple[int, int, list[FrozenTrial]]:
-    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
-    complete = sum(t.state == TrialState.COMPLETE for t in trials)
-    return complete, len(trials) - complete, trials
+    # "Complete" here means finished: COMPLETE, or stopped early (PRUNED with a stop_reason);
+    # a surplus trial (PRUNED with "stopped") does not count.
+    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING, TrialState.PRUNED))
+    trials = [t for t in trials if t.state != TrialState.PRUNED or "stop_reason" in t.user_attrs]
+    running = sum(t.state == TrialState.RUNNING for t in trials)
+    return len(trials) - running, running, trials
 
 
 class _Claimed:
@@ -310,7 +337,7 @@ def _worker_main(plan: Any, flop_tables: Any, index: int, attempt: int, n_existi
     well under a second instead of refitting and recounting (which imports torch).
     """
     from dynas.predictors.flops import share_flop_tables
-    from dynas.search.study import _Objective, make_sampler, open_storage
+    from dynas.search.study import _Objective, finished_trials, make_sampler, open_storage
 
     share_flop_tables(flop_tables)
 
@@ -319,7 +346,7 @@ def _worker_main(plan: Any, flop_tables: Any, index: int, attempt: int, n_existi
     storage = open_storage(plan.storage_url, heartbeat_s=o.heartbeat_s)
     sampler = shared_sampler(make_sampler(o.sampler, _seed(o.seed, n_existing, index, attempt)))
     study = optuna.load_study(study_name=plan.study_name, storage=storage, sampler=sampler)
-    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    done = finished_trials(study)
     deadline = None if deadline_s is None else time.monotonic() + deadline_s
     worker_loop(study, _Objective(plan, done), o.trials, deadline, show_progress=False)
 

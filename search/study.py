@@ -19,8 +19,9 @@ Lifecycle (the same command both starts and resumes a search)::
   loads it when it exists.  A loaded study must have been created with the same backbone,
   input size, target, batch size, proxy, search space and constraints, otherwise
   :class:`~dynas.errors.StudyError` names the field that differs.  ``trials`` is the total
-  number of *complete* trials the study should hold: only the missing ones are run, so an
-  interrupted search is resumed by re-running the same command.
+  number of *finished* trials the study should hold (complete, or stopped early by
+  :mod:`dynas.search.stopping`): only the missing ones are run, so an interrupted search is
+  resumed by re-running the same command.
 * Every trial stores its config, its prediction (minus the repeated config) and a few scalars
   as trial user attrs; constraints (``max_latency_ms``, ``max_latency_ratio``) are stored with
   :meth:`optuna.trial.Trial.set_constraint`, so the samplers steer away from infeasible
@@ -66,11 +67,13 @@ from optuna.trial import FrozenTrial, Trial, TrialState
 import dynas
 from dynas.errors import ConfigError, StudyError
 from dynas.predictors.latency import predict
-from dynas.predictors.proxy import AccuracyProxy, get_proxy
+from dynas.predictors.proxy import AccuracyProxy, Reporter, StopTrial, get_proxy
 from dynas.predictors.targets import HardwareTarget, load_target
 from dynas.spaces.backbones import parse_input_size
 from dynas.spaces.config import PARADIGMS, ArchConfig
 from dynas.spaces.searchspace import SearchSpace
+from dynas.search import parallel
+from dynas.search.stopping import EarlyStopper, Peer, StopRule, make_stopper
 
 __all__ = [
     "DEFAULT_STORAGE",
@@ -87,6 +90,7 @@ __all__ = [
     "open_storage",
     "list_studies",
     "load_study",
+    "finished_trials",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -107,6 +111,7 @@ _CHECKED_ATTRS = (
     "target",
     "batch_size",
     "proxy",
+    "proxy_options",
     "target_spec",
     "search_space",
     "max_latency_ms",
@@ -196,7 +201,12 @@ class SearchOptions:
     input_size: Any = 224  # int or (H, W)
     batch_size: int | None = None  # None: the target's default batch size
     proxy: str = "prior"
-    trials: int = 500  # total complete trials the study should hold
+    proxy_options: Mapping[str, Any] | None = None  # keyword options of the proxy (finetune: data, steps, ...)
+    early_stop: str = "dominance"  # stopper of dynas.search.stopping.STOPPERS; acts only on proxies with checkpoints
+    stop_margin: float = 2.0  # top-1 points (dominance)
+    stop_min_trials: int = 2  # dominance: dominating trials needed; halving: trials at the checkpoint needed
+    stop_eta: int = 3  # halving: the best 1/eta go on
+    trials: int = 500  # total finished trials (complete, or stopped early) the study should hold
     timeout_s: float | None = None  # stop this run after this many seconds
     sampler: str = "tpe"
     seed: int = 0
@@ -227,6 +237,8 @@ class SearchOptions:
             value = getattr(self, name)
             if value is not None:
                 _check_positive(name, value)
+        if self.proxy_options is not None and not isinstance(self.proxy_options, Mapping):
+            raise ConfigError(f"proxy_options={self.proxy_options!r} is not a mapping; allowed: a dict of keyword options")
         if self.sampler not in SAMPLERS:
             raise ConfigError(f"sampler={self.sampler!r} is unknown; allowed: {', '.join(sorted(SAMPLERS))}")
         if self.study_name is not None and (not isinstance(self.study_name, str) or not self.study_name.strip()):
@@ -266,6 +278,7 @@ class SearchPlan:
     proxy: AccuracyProxy = field(compare=False)
     storage_url: Any  # str URL, or an optuna storage passed through the Python API
     study_name: str
+    stop_rule: StopRule = StopRule()
 
     def study_attrs(self) -> dict[str, Any]:
         """Study user attrs stored at creation (JSON-ready); also the reference for resuming."""
@@ -284,12 +297,15 @@ class SearchPlan:
                 "target_spec": _target_dict(self.target),
                 "batch_size": self.batch_size,
                 "proxy": o.proxy,
+                "proxy_options": self.proxy.options(),
+                "early_stop": self.stop_rule.to_dict(),
                 "search_space": self.space.to_dict(),
                 "max_latency_ms": o.max_latency_ms,
                 "max_latency_ratio": o.max_latency_ratio,
                 "static_latency_ms": static_pred.latency_ms,
                 "static_latency_ms_per_image": static_pred.latency_ms_per_image,
-                "static_top1": float(self.proxy.static_top1(o.backbone)),
+                "static_top1": float(self.proxy.static_score(static)),
+                "reference_top1": float(self.proxy.reference_top1(static)),
                 "sampler": o.sampler,
                 "seed": o.seed,
             }
@@ -342,7 +358,8 @@ def plan_search(options: SearchOptions) -> SearchPlan:
     path = getattr(target, "path", None)
     label = Path(path).stem if path is not None else target.name
     batch = o.batch_size if o.batch_size is not None else int(target.default_batch_size)
-    proxy = get_proxy(o.proxy)
+    proxy = get_proxy(o.proxy, **dict(o.proxy_options or {}))
+    rule = StopRule(o.early_stop, o.stop_margin, o.stop_min_trials, o.stop_eta)
     make_sampler(o.sampler, o.seed)  # raises ConfigError when it cannot be built (gp without SciPy)
     storage = o.storage if o.storage is not None else (DEFAULT_STORAGE if o.workers == 1 else DEFAULT_JOURNAL)
     if isinstance(storage, str):
@@ -355,7 +372,7 @@ def plan_search(options: SearchOptions) -> SearchPlan:
             f"{DEFAULT_JOURNAL}, postgresql://..., or workers=1 with a storage object"
         )
     name = o.study_name or f"{o.backbone}-{label}-b{batch}-{hw[0]}x{hw[1]}-{o.proxy}"
-    return SearchPlan(o, target, label, batch, hw, space, proxy, storage, name)
+    return SearchPlan(o, target, label, batch, hw, space, proxy, storage, name, rule)
 
 
 # --------------------------------------------------------------------------------------------
@@ -591,16 +608,63 @@ def _params_key(params: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
     return tuple(sorted(params.items()))
 
 
+def finished_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """The trials that count towards ``trials``: COMPLETE ones and those stopped early
+    (PRUNED with user attr ``stop_reason``; a trial pruned for another reason does not count)."""
+    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+            if t.state == TrialState.COMPLETE or "stop_reason" in t.user_attrs]
+
+
+def _peers(study: optuna.Study, step: int, number: int) -> list[Peer]:
+    peers = []
+    for t in finished_trials(study):
+        if t.number == number or step not in t.intermediate_values or "duplicate_of" in t.user_attrs:
+            continue
+        complete = t.state == TrialState.COMPLETE
+        latency = t.values[0] if complete else t.user_attrs.get("latency_ms_configured")
+        if latency is not None:
+            peers.append(Peer(t.number, float(latency), float(t.intermediate_values[step]), complete))
+    return peers
+
+
+class _TrialReporter(Reporter):
+    """A proxy's checkpoints -> the trial's intermediate values, and the early-stopping decision."""
+
+    def __init__(self, trial: Trial, latency_ms: float, stopper: EarlyStopper) -> None:
+        self.trial, self.latency_ms, self.stopper = trial, latency_ms, stopper
+
+    def report(self, step: int, top1: float, final: bool = False) -> None:
+        trial = self.trial
+        # Trial.report refuses multi-objective studies; the storage's own method does not, and
+        # it is where optuna-dashboard and `dynas pareto` read intermediate values from.
+        trial.study._storage.set_trial_intermediate_value(trial._trial_id, int(step), float(top1))  # noqa: SLF001
+        if final:
+            return
+        reason = self.stopper.should_stop(int(step), float(top1), self.latency_ms, _peers(trial.study, int(step), trial.number))
+        if reason is not None:
+            raise StopTrial(int(step), reason)
+
+
 class _Objective:
-    """Scores one trial: suggest a config, predict its latency, ask the proxy."""
+    """Scores one trial: suggest a config, predict its latency, ask the proxy.
+
+    A proxy that trains reports checkpoints through :class:`_TrialReporter`; a trial stopped
+    early is pruned with user attrs ``stop_reason`` and ``stopped_at_step`` (its config and
+    predicted latency are stored first).  When the proxy returns the rates the trained gates
+    realise (``ProxyResult.realised``), the latency objective is predicted for that config:
+    user attrs ``realised_config`` and ``latency_ms_configured`` keep both, ``config`` and
+    ``prediction`` stay the configured ones (what a training run targets).
+    """
 
     def __init__(self, plan: SearchPlan, done: Sequence[FrozenTrial]) -> None:
         self.plan = plan
-        # params -> (values, user attrs) of completed trials, to reuse instead of recomputing
-        self.seen: dict[tuple[tuple[str, Any], ...], tuple[tuple[float, float], dict[str, Any], int]] = {}
+        self.stopper = make_stopper(plan.stop_rule)
+        # params -> (values or None if stopped, user attrs, number) of finished trials, reused instead of recomputed
+        self.seen: dict[tuple[tuple[str, Any], ...], tuple[tuple[float, float] | None, dict[str, Any], int]] = {}
         for t in done:
-            if t.values is not None and "config" in t.user_attrs:
-                self.seen.setdefault(_params_key(t.params), (tuple(t.values), dict(t.user_attrs), t.number))
+            if "config" in t.user_attrs and "duplicate_of" not in t.user_attrs:
+                values = tuple(t.values) if t.state == TrialState.COMPLETE else None
+                self.seen.setdefault(_params_key(t.params), (values, dict(t.user_attrs), t.number))
 
     def __call__(self, trial: Trial) -> tuple[float, float]:
         plan, o = self.plan, self.plan.options
@@ -610,16 +674,19 @@ class _Objective:
             values, attrs, number = self.seen[key]
             attrs = {k: v for k, v in attrs.items() if k != "duplicate_of"}
             attrs["duplicate_of"] = number
+            for k, v in attrs.items():
+                trial.set_user_attr(k, v)
+            if values is None:
+                raise optuna.TrialPruned(attrs.get("stop_reason", "stopped"))
         else:
             pred = predict(cfg, plan.target, plan.batch_size)
-            top1 = float(plan.proxy.score(cfg))
             prediction = pred.to_dict()
             prediction.pop("config", None)
-            values = (float(pred.latency_ms), top1)
             attrs = _json_ready(
                 {
                     "config": cfg.to_dict(),
                     "short": cfg.short(),
+                    "latency_ms_configured": pred.latency_ms,
                     "latency_ms_per_image": pred.latency_ms_per_image,
                     "latency_ratio": pred.latency_ratio,
                     "speedup": pred.speedup,
@@ -627,9 +694,30 @@ class _Objective:
                     "prediction": prediction,
                 }
             )
+            for k, v in attrs.items():
+                trial.set_user_attr(k, v)
+            try:
+                result = plan.proxy.evaluate(cfg, _TrialReporter(trial, float(pred.latency_ms), self.stopper))
+            except StopTrial as stop:
+                stopped = {"stop_reason": stop.reason, "stopped_at_step": stop.step}
+                for k, v in stopped.items():
+                    trial.set_user_attr(k, v)
+                self.seen[key] = (None, {**attrs, **stopped}, trial.number)
+                raise optuna.TrialPruned(stop.reason) from None
+            latency_ms = float(pred.latency_ms)
+            extra = dict(result.attrs)
+            if result.realised is not None:
+                real = predict(result.realised, plan.target, plan.batch_size)
+                latency_ms = float(real.latency_ms)
+                extra.update({"realised_config": result.realised.to_dict(), "realised_short": result.realised.short(),
+                              "latency_ms_per_image": real.latency_ms_per_image, "latency_ratio": real.latency_ratio,
+                              "speedup": real.speedup, "flops_ratio": real.flops_ratio})
+            extra = _json_ready(extra)
+            for k, v in extra.items():
+                trial.set_user_attr(k, v)
+            attrs.update(extra)
+            values = (latency_ms, float(result.top1))
             self.seen[key] = (values, attrs, trial.number)
-        for k, v in attrs.items():
-            trial.set_user_attr(k, v)
         latency_ms = values[0]
         if o.max_latency_ms is not None:
             trial.set_constraint("max_latency_ms", latency_ms - o.max_latency_ms)
@@ -655,14 +743,14 @@ def _optimize_buffered(study: optuna.Study, sampler: optuna.samplers.BaseSampler
     mem.add_trials(done)
 
     def write_through(_study: optuna.Study, trial: FrozenTrial) -> None:
-        if trial.state == TrialState.COMPLETE:
+        if trial.state == TrialState.COMPLETE or (trial.state == TrialState.PRUNED and "stop_reason" in trial.user_attrs):
             study.add_trials([trial])
 
     mem.optimize(
         _Objective(plan, done),
         n_trials=missing,
         timeout=o.timeout_s,
-        callbacks=[write_through, optuna.study.MaxTrialsCallback(o.trials, states=(TrialState.COMPLETE,))],
+        callbacks=[write_through, optuna.study.MaxTrialsCallback(o.trials, states=(TrialState.COMPLETE, TrialState.PRUNED))],
         show_progress_bar=o.show_progress,
     )
 
@@ -689,7 +777,9 @@ def run_search(options: SearchOptions | SearchPlan) -> optuna.Study:
         if existing.user_attrs or n_existing:
             _check_resume(existing, expected, where)
 
-    sampler = make_sampler(o.sampler, _resume_seed(o.seed, n_existing))
+    # TPE runs on per-trial snapshots that show trials stopped early as points it can rank
+    # (dynas.search.parallel.SnapshotSampler); the other samplers as they are.
+    sampler = parallel.shared_sampler(make_sampler(o.sampler, _resume_seed(o.seed, n_existing)))
     study = optuna.create_study(
         storage=storage,
         study_name=plan.study_name,
@@ -704,7 +794,7 @@ def run_search(options: SearchOptions | SearchPlan) -> optuna.Study:
             warnings.simplefilter("ignore", ExperimentalWarning)
             study.set_metric_names(list(OBJECTIVE_NAMES))
 
-    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    done = finished_trials(study)
     missing = o.trials - len(done)
     if missing <= 0:
         _logger.info("study %s: %d/%d complete trials already; nothing to run", plan.study_name, len(done), o.trials)
@@ -719,7 +809,7 @@ def run_search(options: SearchOptions | SearchPlan) -> optuna.Study:
             _Objective(plan, done),
             n_trials=missing,
             timeout=o.timeout_s,
-            callbacks=[optuna.study.MaxTrialsCallback(o.trials, states=(TrialState.COMPLETE,))],
+            callbacks=[optuna.study.MaxTrialsCallback(o.trials, states=(TrialState.COMPLETE, TrialState.PRUNED))],
             show_progress_bar=o.show_progress,
         )
     elif kind == "sqlite" and o.workers == 1:
@@ -729,27 +819,25 @@ def run_search(options: SearchOptions | SearchPlan) -> optuna.Study:
         if waiting:
             study.optimize(_Objective(plan, done), n_trials=min(waiting, missing), timeout=o.timeout_s,
                            show_progress_bar=False)
-            done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            done = finished_trials(study)
             missing = o.trials - len(done)
         if missing > 0:
             _optimize_buffered(study, sampler, plan, done, missing)
     else:
         # A storage other processes may share while this runs (journal file, database server),
         # or several workers: every trial claims its slot in the shared study (dynas.search.parallel).
-        from dynas.search import parallel
-
         if kind == "sqlite":
             _logger.warning(
                 "%d workers on SQLite (%s) may fail with 'database is locked'; use %s on one machine "
                 "or postgresql://... on several", o.workers, where, DEFAULT_JOURNAL,
             )
         if o.workers == 1:
-            shared = optuna.load_study(study_name=plan.study_name, sampler=parallel.shared_sampler(sampler),
+            shared = optuna.load_study(study_name=plan.study_name, sampler=sampler,
                                        storage=storage)
             deadline = None if o.timeout_s is None else time.monotonic() + o.timeout_s
             parallel.worker_loop(shared, _Objective(plan, done), o.trials, deadline, show_progress=o.show_progress)
         else:
             parallel.run_workers(plan, study, n_existing)
-    n_done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
-    _logger.info("study %s: %d/%d complete trials, %d on the Pareto front", plan.study_name, n_done, o.trials, len(study.best_trials))
+    n_done = len(finished_trials(study))
+    _logger.info("study %s: %d/%d finished trials, %d on the Pareto front", plan.study_name, n_done, o.trials, len(study.best_trials))
     return study
