@@ -346,7 +346,7 @@ def block_work(b: BlockSpec, st: StageConfig, n: int, run_prob: float = 1.0) -> 
                 w.ops(4)  # unique, nonzero per part
             parts = _distinct(m, M) if groups else 1.0
             # every sample runs with one selection: the whole batch, no gather (P = M^-(n-1))
-            p_whole = (1.0 if not groups else float(M) ** -(n - 1) if M < 1e12 else 0.0) if m == n else 0.0
+            p_whole = (1.0 if not groups or n == 1 else float(M) ** -(n - 1) if M < 1e12 else 0.0) if m == n else 0.0
             if p_whole > 0:
                 p_no_split += pm * p_whole
                 w.weight = pm * p_whole

@@ -254,3 +254,18 @@ def test_cpu_layer_gate_at_rate_one_costs_its_masker(cfg, n):
         if st_.paradigm == "layer":
             extra = sum(_layer_gate_work(b, n) for b in spec.stage_blocks(s.stage))
         assert s.latency_ms == pytest.approx(s.static_latency_ms + float(extra @ costs), rel=1e-12, abs=1e-12)
+
+
+def test_batch_one_channel_stage_runs_whole_however_many_selections():
+    """At batch 1 the one sample's selection runs the stage whole (no gather path), also when a
+    stage has more than 10^12 possible selections (found by the monotonicity property above:
+    C1@0.75 on ResNet-101's stage 0, comb(64, 48) selections, was predicted slower than C1@1.00)."""
+    def at(rate):
+        cfg = ArchConfig.from_dict({"backbone": "resnet101", "input_size": 224, "stages": [
+            {"paradigm": "channel", "channel_granularity": 1, "rate": rate}] + [{"paradigm": "static"}] * 3})
+        return predict(cfg, CPU_TARGET, 1).stages[0]
+
+    low, high = at(0.75), at(1.0)
+    assert low.latency_ms < high.latency_ms
+    gather = {rate: {o.name: o.latency_ms for o in st.ops}["gather_melem"] for rate, st in ((0.75, low), (1.0, high))}
+    assert gather[0.75] <= gather[1.0]  # fewer channels gathered; the old model charged 20x more
