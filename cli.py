@@ -288,9 +288,11 @@ def _print_front(study: Any, top: int) -> None:
 
     a = study.user_attrs
     df = pareto_table(study)
-    states = [t for t in study.get_trials(deepcopy=False) if t.state.name in ("COMPLETE", "PRUNED")]
-    n_done = sum(1 for t in states if t.state.name == "COMPLETE")
-    n_stopped = sum(1 for t in states if t.state.name == "PRUNED" and "stop_reason" in t.user_attrs)
+    from dynas.search.stopping import is_stopped
+
+    trials = study.get_trials(deepcopy=False)
+    n_done = sum(1 for t in trials if t.state.name == "COMPLETE")
+    n_stopped = sum(1 for t in trials if is_stopped(t))
     stopped = f" + {n_stopped} stopped early ({(a.get('early_stop') or {}).get('name', '?')})" if n_stopped else ""
     h, w = a.get("input_size", ["?", "?"])
     _print(

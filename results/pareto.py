@@ -32,6 +32,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from dynas import files
 from dynas.errors import StudyError
+from dynas.search.stopping import is_finished
 from dynas.spaces.config import ArchConfig
 
 __all__ = [
@@ -200,7 +201,7 @@ def checkpoints_table(study: optuna.Study) -> pd.DataFrame:
     check_study(study)
     rows = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
-        if not t.intermediate_values or (t.state == TrialState.PRUNED and "stop_reason" not in t.user_attrs):
+        if not t.intermediate_values or not is_finished(t):
             continue
         ua = t.user_attrs
         complete = t.state == TrialState.COMPLETE

@@ -46,6 +46,7 @@ import optuna
 from optuna.trial import FrozenTrial, Trial, TrialState
 
 from dynas.errors import StudyError
+from dynas.search.stopping import is_finished
 
 __all__ = ["SnapshotSampler", "shared_sampler", "MAX_RESTARTS", "MAX_RETRY", "retry_callback", "worker_id", "recover_dead_trials", "worker_loop", "run_workers"]
 
@@ -256,10 +257,10 @@ def shared_sampler(sampler: optuna.samplers.BaseSampler) -> optuna.samplers.Base
 
 
 def _count(study: optuna.Study) -> tuple[int, int, list[FrozenTrial]]:
-    # "Complete" here means finished: COMPLETE, or stopped early (PRUNED with a stop_reason);
-    # a surplus trial (PRUNED with "stopped") does not count.
+    # "Complete" here means finished (dynas.search.stopping.is_finished): COMPLETE, or stopped
+    # early; a surplus trial (PRUNED with "stopped") does not count.
     trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING, TrialState.PRUNED))
-    trials = [t for t in trials if t.state != TrialState.PRUNED or "stop_reason" in t.user_attrs]
+    trials = [t for t in trials if t.state == TrialState.RUNNING or is_finished(t)]
     running = sum(t.state == TrialState.RUNNING for t in trials)
     return len(trials) - running, running, trials
 

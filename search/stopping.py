@@ -29,9 +29,23 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+from optuna.trial import FrozenTrial, TrialState
+
 from dynas.errors import ConfigError
 
-__all__ = ["Peer", "StopRule", "EarlyStopper", "STOPPERS", "register_stopper", "make_stopper"]
+__all__ = ["Peer", "StopRule", "EarlyStopper", "STOPPERS", "register_stopper", "make_stopper", "is_stopped",
+           "is_finished"]
+
+
+def is_stopped(trial: FrozenTrial) -> bool:
+    """Stopped early: PRUNED with user attr ``stop_reason`` (a trial pruned for another reason,
+    such as a surplus trial of :mod:`dynas.search.parallel`, is not)."""
+    return trial.state == TrialState.PRUNED and "stop_reason" in trial.user_attrs
+
+
+def is_finished(trial: FrozenTrial) -> bool:
+    """Counts towards ``trials``: COMPLETE, or stopped early."""
+    return trial.state == TrialState.COMPLETE or is_stopped(trial)
 
 
 @dataclass(frozen=True)

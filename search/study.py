@@ -73,7 +73,7 @@ from dynas.spaces.backbones import parse_input_size
 from dynas.spaces.config import PARADIGMS, ArchConfig
 from dynas.spaces.searchspace import SearchSpace
 from dynas.search import parallel
-from dynas.search.stopping import EarlyStopper, Peer, StopRule, make_stopper
+from dynas.search.stopping import EarlyStopper, Peer, StopRule, is_finished, make_stopper
 
 __all__ = [
     "DEFAULT_STORAGE",
@@ -611,8 +611,7 @@ def _params_key(params: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
 def finished_trials(study: optuna.Study) -> list[FrozenTrial]:
     """The trials that count towards ``trials``: COMPLETE ones and those stopped early
     (PRUNED with user attr ``stop_reason``; a trial pruned for another reason does not count)."""
-    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
-            if t.state == TrialState.COMPLETE or "stop_reason" in t.user_attrs]
+    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)) if is_finished(t)]
 
 
 def _peers(study: optuna.Study, step: int, number: int) -> list[Peer]:
@@ -743,7 +742,7 @@ def _optimize_buffered(study: optuna.Study, sampler: optuna.samplers.BaseSampler
     mem.add_trials(done)
 
     def write_through(_study: optuna.Study, trial: FrozenTrial) -> None:
-        if trial.state == TrialState.COMPLETE or (trial.state == TrialState.PRUNED and "stop_reason" in trial.user_attrs):
+        if is_finished(trial):
             study.add_trials([trial])
 
     mem.optimize(
