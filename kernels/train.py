@@ -78,13 +78,9 @@ class TrainHistory:
 
 
 def stage_rates(readout: list[dict[str, Any]]) -> dict[int, float]:
-    """Mean realised activation rate per stage (primary decision) from a ``flops_readout()``."""
-    acc: dict[int, list[float]] = {}
-    for r in readout:
-        rates = r.get("rates") or {}
-        if "primary" in rates:
-            acc.setdefault(int(r["stage"]), []).append(float(torch.as_tensor(rates["primary"]).detach().float().mean()))
-    return {s: sum(v) / len(v) for s, v in sorted(acc.items())}
+    """Mean realised activation rate per stage (primary decision) from a ``flops_readout()``:
+    the ``rate`` of :func:`realised_rates` for one forward pass."""
+    return {s: r["rate"] for s, r in realised_rates([readout]).items()}
 
 
 def _configured_rates(cfg) -> dict[int, float]:
@@ -108,7 +104,7 @@ def realised_rates(readouts: list[list[dict[str, Any]]], weights: list[int] | No
             if "primary" not in rates:
                 continue
             acc = sums.setdefault(int(r["stage"]), {"rate": 0.0, "n": 0.0, "channel": 0.0, "executed": 0.0})
-            primary = rates["primary"].detach().float()  # [N]
+            primary = torch.as_tensor(rates["primary"]).detach().float()  # [N]
             acc["rate"] += w * float(primary.mean())
             acc["n"] += w
             if "channel" in rates and ("spatial" in rates or "layer" in rates):
@@ -135,13 +131,14 @@ def evaluate(model: torch.nn.Module, val: Any) -> tuple[float, dict[int, dict[st
     if dynamic:
         model.set_gate_mode("adaptive")
         model.set_path("reference")
+    gated = dynamic and any(b.paradigm != "static" for b in model.blocks())
     correct, total, readouts, sizes = 0, 0, [], []
     with torch.no_grad():
         for x, y in val:
             logits = model(x)  # [B, classes]
             correct += int((logits.argmax(1) == y).sum())
             total += len(y)
-            if dynamic and any(b.paradigm != "static" for b in model.blocks()):
+            if gated:
                 readouts.append(model.flops_readout())
                 sizes.append(len(y))
     if dynamic:
