@@ -153,7 +153,13 @@ def _entry(spec: str, input_size: tuple[int, int], batch_size: int, seed: int) -
             fn = getattr(fn, part)
     except (ImportError, AttributeError) as exc:
         raise ConfigError(f"data={spec!r} cannot be loaded ({str(exc).splitlines()[0]}); allowed: package.module:function on sys.path") from None
-    got = fn(input_size=tuple(input_size), batch_size=batch_size, seed=seed)
+    if not callable(fn):
+        raise ConfigError(f"data={spec!r} is a {type(fn).__name__}; allowed: a function(input_size, batch_size, seed)")
+    try:
+        got = fn(input_size=tuple(input_size), batch_size=batch_size, seed=seed)
+    except TypeError as exc:  # most often a signature that does not take these keywords
+        raise ConfigError(f"data={spec!r} failed when called as function(input_size=(H, W), batch_size=B, seed=S): "
+                          f"{str(exc).splitlines()[0]}") from None
     if not isinstance(got, tuple) or len(got) not in (2, 3):
         raise ConfigError(f"data={spec!r} returned a {type(got).__name__}; allowed: (train_loader, val_loader[, num_classes])")
     train, val = got[0], got[1]

@@ -49,7 +49,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import warnings
 from typing import Any
 
 import torch
@@ -146,28 +145,12 @@ class FinetuneProxy(AccuracyProxy):
         model = self._static_model(backbone, tuple(input_size), splits.num_classes)
         if self.weights is not None:
             try:
-                state = torch.load(self.weights, map_location="cpu", weights_only=True)
-            except Exception as exc:  # noqa: BLE001 - pickle, zip and I/O errors
-                raise ConfigError(f"finetune weights={self.weights!r} cannot be loaded "
-                                  f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
-            if isinstance(state, dict) and isinstance(state.get("state_dict", state.get("model")), dict):
-                state = state.get("state_dict", state.get("model"))
-            if not isinstance(state, dict):
-                raise ConfigError(f"finetune weights={self.weights!r} holds a {type(state).__name__}; allowed: a state dict")
-            own = model.state_dict()
-            head = [k for k, v in state.items() if k.startswith("fc.") and k in own and tuple(v.shape) != tuple(own[k].shape)]
-            if head:
-                _log.info("finetune proxy: the classifier of %s is for %d classes, the data has %d; it starts fresh",
-                          self.weights, state[head[0]].shape[0], splits.num_classes)
-            state = {k: v for k, v in state.items() if k not in head}
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)  # reported below, without the dropped head
-                result = model.load_pretrained(state)
-            missing = [k for k in result.missing_keys if k not in {h for h in own if h.startswith("fc.")} or not head]
-            if missing or result.unexpected_keys:
-                warnings.warn(f"finetune weights {self.weights}: {len(missing)} missing key(s) (first: {missing[:1]}), "
-                              f"{len(result.unexpected_keys)} unexpected key(s) (first: {result.unexpected_keys[:1]})",
-                              stacklevel=2)
+                result = model.load_pretrained(self.weights, new_head=True)  # warns about other missing keys
+            except ConfigError as exc:
+                raise ConfigError(f"finetune weights: {exc}") from None
+            if result.head_keys:
+                _log.info("finetune proxy: the classifier in %s does not fit the %d classes of the data; it starts fresh",
+                          self.weights, splits.num_classes)
         if self.pretrain_steps:
             _log.info("finetune proxy: training the static %s on %s for %d steps (once per search)",
                      backbone, self.data, self.pretrain_steps)

@@ -51,12 +51,14 @@ class LoadResult:
 
     ``missing_keys`` are the model's non-masker parameters/buffers that the state dict lacked,
     ``unexpected_keys`` the state dict's keys the model has no place for, ``masker_keys`` the
-    masker parameters (always freshly initialised: a static checkpoint has none).
+    masker parameters (always freshly initialised: a static checkpoint has none), ``head_keys``
+    the classifier keys left at their initialisation by ``new_head=True``.
     """
 
     missing_keys: list[str]
     unexpected_keys: list[str]
     masker_keys: list[str] = field(default_factory=list)
+    head_keys: list[str] = field(default_factory=list)
 
     def __iter__(self) -> Iterator[list[str]]:
         return iter((self.missing_keys, self.unexpected_keys))
@@ -168,20 +170,24 @@ class DynamicNet(nn.Module):
 
     # -- weights ---------------------------------------------------------------------------
 
-    def load_pretrained(self, source: "str | os.PathLike[str] | Mapping[str, torch.Tensor]", strict: bool = False) -> LoadResult:
+    def load_pretrained(self, source: "str | os.PathLike[str] | Mapping[str, torch.Tensor]", strict: bool = False,
+                        new_head: bool = False) -> LoadResult:
         """Load a static (torchvision-named) state dict; return what did not match.
 
         ``source`` is a state dict or a ``torch.save`` file of one (a ``{"state_dict": ...}`` or
         ``{"model": ...}`` wrapper and ``module.`` / ``_orig_mod.`` key prefixes are accepted).
         Masker parameters are expected to be missing and are reported in ``masker_keys``; any
         other missing or unexpected key is warned about, or raises :class:`ConfigError` when
-        ``strict``.  Shape mismatches always raise :class:`ConfigError`.
+        ``strict``.  Shape mismatches raise :class:`ConfigError`, except, with ``new_head``, a
+        classifier (``fc.*``) of another width: it keeps its initialisation and is reported in
+        ``head_keys`` (a backbone pretrained for other classes).
         """
         if isinstance(source, (str, os.PathLike)):
             try:
                 state = torch.load(source, map_location="cpu", weights_only=True)
-            except (OSError, RuntimeError, EOFError) as exc:
-                raise ConfigError(f"pretrained={str(source)!r} cannot be loaded: {exc}".splitlines()[0]) from None
+            except Exception as exc:  # noqa: BLE001 - a file that is not a checkpoint makes torch.load raise anything
+                raise ConfigError(f"pretrained={str(source)!r} cannot be loaded ({type(exc).__name__}: {exc}); "
+                                  "allowed: a torch.save file of a state dict".splitlines()[0]) from None
         else:
             state = source
         if isinstance(state, Mapping):
@@ -198,13 +204,17 @@ class DynamicNet(nn.Module):
                     k = k[len(p):]
             clean[k] = v
         own = self.state_dict()
+        head = [k for k, v in clean.items() if new_head and k.startswith("fc.") and k in own
+                and isinstance(v, torch.Tensor) and tuple(v.shape) != tuple(own[k].shape)]
+        for k in head:
+            del clean[k]
         for k, v in clean.items():
             if k in own and isinstance(v, torch.Tensor) and tuple(v.shape) != tuple(own[k].shape):
                 raise ConfigError(f"pretrained key {k!r} has shape {tuple(v.shape)}; allowed: {tuple(own[k].shape)} for {self.config.backbone}")
         res = self.load_state_dict(clean, strict=False)
         masker = [k for k in res.missing_keys if "_masker." in k]
-        missing = [k for k in res.missing_keys if "_masker." not in k]
-        result = LoadResult(missing, list(res.unexpected_keys), masker)
+        missing = [k for k in res.missing_keys if "_masker." not in k and k not in head]
+        result = LoadResult(missing, list(res.unexpected_keys), masker, head)
         if missing or result.unexpected_keys:
             msg = (f"pretrained weights: {len(missing)} missing key(s) (first: {missing[:1]}), "
                    f"{len(result.unexpected_keys)} unexpected key(s) (first: {result.unexpected_keys[:1]})")

@@ -452,3 +452,25 @@ def test_every_sampler_runs_on_with_stopped_trials(sampler):
     study = curve_search(optuna.storages.InMemoryStorage(), trials=24, sampler=sampler)
     _check_stopped(study)
     assert len(finished_trials(study)) == 24
+
+
+def loaders_without_keywords():
+    """A --data entry point with the wrong signature."""
+
+
+def test_entry_point_with_the_wrong_signature_is_a_one_line_error():
+    with pytest.raises(ConfigError, match=r"failed when called as function\(input_size=\(H, W\), batch_size=B, seed=S\)"):
+        load_data("tests.test_finetune:loaders_without_keywords", (32, 32), batch_size=4)
+    with pytest.raises(ConfigError, match="is a int; allowed: a function"):
+        load_data("tests.test_finetune:LOADER_CONSTANT", (32, 32), batch_size=4)
+
+
+LOADER_CONSTANT = 3
+
+
+def test_unreadable_weights_file_is_a_one_line_error(tmp_path):
+    path = tmp_path / "w.pt"
+    path.write_bytes(b"not a checkpoint")
+    p = FinetuneProxy(**{**TINY, "pretrain_steps": 0}, weights=str(path))
+    with pytest.raises(ConfigError, match=r"^finetune weights: pretrained=.* cannot be loaded"):
+        p.prepare("resnet18", (32, 32))
