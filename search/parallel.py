@@ -23,7 +23,9 @@ trials however many workers race for the last slots.  A pruned surplus trial hol
 
 Dead workers: database storages use Optuna's heartbeat (a trial whose worker has not beaten for
 ``2 * heartbeat_s`` is failed by the next worker that looks, and
-:class:`optuna.storages.RetryFailedTrialCallback` queues a copy of it).  Optuna's journal
+:class:`optuna.storages.RetryFailedTrialCallback` queues a copy of it; a trial that never beat,
+because its worker died right after creating it, is failed :data:`_UNOWNED_GRACE_S` after it
+started).  Optuna's journal
 storage has no heartbeat, so each trial records its worker (``host:pid:start-time`` in user
 attr ``worker``), and a trial of this host whose process is gone is failed and re-queued the
 same way.  A journal file shared by several hosts (NFS) cannot tell whether another host's
@@ -56,7 +58,7 @@ _logger = logging.getLogger("dynas.search.study")
 MAX_RESTARTS = 3
 #: retries of a trial whose worker died (Optuna's RetryFailedTrialCallback)
 MAX_RETRY = 3
-#: a RUNNING journal trial without a ``worker`` attr this old is taken for dead (seconds)
+#: a RUNNING trial this old that names no worker (journal) or never beat (database) is dead (seconds)
 _UNOWNED_GRACE_S = 60.0
 
 
@@ -100,17 +102,35 @@ def _alive(worker: str) -> bool:
 def recover_dead_trials(study: optuna.Study) -> list[int]:
     """Fail the RUNNING trials whose worker is gone and re-queue them.
 
-    Returns the numbers of the journal trials it failed (database storages: an empty list;
-    Optuna logs what it fails).
+    Returns the numbers of the trials it failed besides those that Optuna's heartbeat check
+    failed (Optuna logs those).
 
-    Database storages with a heartbeat: Optuna's :func:`optuna.storages.fail_stale_trials`.
+    Database storages with a heartbeat: Optuna's :func:`optuna.storages.fail_stale_trials`, and
+    a trial that never beat and started over :data:`_UNOWNED_GRACE_S` ago (Optuna skips those:
+    a worker killed between ``study.ask()`` and its heartbeat thread's first beat leaves a
+    RUNNING trial that no heartbeat check would ever fail, and the study would wait for it).
     Journal storages: the trial's ``worker`` attr names a process of this host that no longer
-    exists.  Two workers recovering the same trial at once are safe: only the first FAIL is
-    accepted by the storage, and only that worker re-queues the trial.
+    exists, or it names no worker and started over :data:`_UNOWNED_GRACE_S` ago.  Two workers
+    recovering the same trial at once are safe: only the first FAIL is accepted by the storage,
+    and only that worker re-queues the trial.
     """
     storage = study._storage  # noqa: SLF001 - the study's storage decides the mechanism
-    if not isinstance(storage, optuna.storages.JournalStorage):
+    now = time.time()
+    if isinstance(storage, optuna.storages.JournalStorage):
+        dead = []
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            worker = t.user_attrs.get("worker")
+            if worker is not None:
+                gone = not _alive(str(worker))
+            else:
+                started = t.datetime_start.timestamp() if t.datetime_start else now
+                gone = now - started > _UNOWNED_GRACE_S
+            if gone:
+                dead.append(t)
+    else:
         # A no-op unless the storage was opened with a heartbeat (open_storage(heartbeat_s=...)).
+        if getattr(storage, "get_heartbeat_interval", lambda: None)() is None:
+            return []
         import warnings
 
         from optuna.exceptions import ExperimentalWarning
@@ -118,19 +138,38 @@ def recover_dead_trials(study: optuna.Study) -> list[int]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ExperimentalWarning)  # stable since Optuna 2.9, still so marked
             optuna.storages.fail_stale_trials(study)
-        return []
-    recovered = []
-    now = time.time()
-    retry = retry_callback()
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        worker = t.user_attrs.get("worker")
-        if worker is not None:
-            dead = not _alive(str(worker))
-        else:
+        dead = []
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             started = t.datetime_start.timestamp() if t.datetime_start else now
-            dead = now - started > _UNOWNED_GRACE_S
-        if not dead:
-            continue
+            if now - started > _UNOWNED_GRACE_S:
+                dead.append(t)
+        if dead:
+            silent = _never_beat(storage, [t._trial_id for t in dead])  # noqa: SLF001
+            dead = [t for t in dead if t._trial_id in silent]  # noqa: SLF001
+    return _fail_and_requeue(study, dead)
+
+
+def _never_beat(storage: Any, trial_ids: list[int]) -> set[int]:
+    """The ids among ``trial_ids`` with no heartbeat row in database ``storage``.
+
+    Reads Optuna's ``trial_heartbeats`` table through its own models (private: pinned by
+    ``tests/test_scaleout.py::test_a_trial_that_never_beat_is_failed_and_queued_again``)."""
+    import sqlalchemy.orm
+    from optuna.storages._rdb import models
+
+    rdb = getattr(storage, "_backend", storage)  # the RDBStorage behind Optuna's _CachedStorage
+    with sqlalchemy.orm.Session(rdb.engine) as session:
+        beat = session.execute(
+            sqlalchemy.select(models.TrialHeartbeatModel.trial_id).where(models.TrialHeartbeatModel.trial_id.in_(trial_ids))
+        ).scalars()
+        return set(trial_ids) - set(beat)
+
+
+def _fail_and_requeue(study: optuna.Study, dead: list[FrozenTrial]) -> list[int]:
+    recovered = []
+    retry = retry_callback()
+    for t in dead:
+        worker = t.user_attrs.get("worker")
         try:
             study.tell(t.number, state=TrialState.FAIL)
         except Exception:  # noqa: BLE001 - another worker failed it first (or it just finished)

@@ -239,6 +239,36 @@ def test_dead_journal_worker_trial_is_failed_and_queued_again(tmp_path):
     assert parallel.recover_dead_trials(study) == []
 
 
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_a_trial_that_never_beat_is_failed_and_queued_again(backend, tmp_path, monkeypatch):
+    # A worker killed between study.ask() and its heartbeat thread's first beat leaves a RUNNING
+    # trial without a heartbeat row; Optuna's stale-trial check skips it, and a resumed search
+    # waited for it forever (CI, the whole-search kill test on PostgreSQL).
+    if backend == "sqlite":
+        url = f"sqlite:///{tmp_path / 's.db'}"
+    elif POSTGRES:
+        url = POSTGRES
+    elif os.environ.get("DYNAS_REQUIRE_POSTGRES"):
+        pytest.fail(f"DYNAS_REQUIRE_POSTGRES is set but there is {NO_POSTGRES}")
+    else:
+        pytest.skip(NO_POSTGRES)
+    study = optuna.create_study(storage=open_storage(url, heartbeat_s=60), study_name=f"t-{uuid.uuid4().hex[:10]}",
+                                directions=["minimize"])
+    silent = study.ask()
+    silent.suggest_int("k", 0, 9)
+    beating = study.ask()
+    study._storage.record_heartbeat(beating._trial_id)
+    assert parallel.recover_dead_trials(study) == []  # younger than the grace: may still beat
+    monkeypatch.setattr(parallel, "_UNOWNED_GRACE_S", 0.0)
+    assert parallel.recover_dead_trials(study) == [silent.number]
+    assert study.trials[silent.number].state == TrialState.FAIL
+    assert study.trials[beating.number].state == TrialState.RUNNING  # its heartbeat is fresh
+    (queued,) = study.get_trials(states=(TrialState.WAITING,))
+    assert queued.params == {"k": silent.params["k"]} and queued.system_attrs["failed_trial"] == silent.number
+    assert parallel.recover_dead_trials(study) == []  # nothing twice
+
+
 def test_worker_identity_tells_a_reused_pid(tmp_path):
     me = parallel.worker_id()
     assert parallel._alive(me)
