@@ -568,6 +568,8 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     f = target.fit
     _print(f"fit on {f['rows']} stem/stage/head rows ({f['outlier_rows']} disturbed rows left out): "
            f"MAPE {f['parts_mape_pct']:.1f}%, {100 * f['parts_within_10pct']:.0f}% within +/-10%")
+    _print(f"column block: {target.column_block} output columns per convolution step (median error by candidate: "
+           f"{f['column_block_median_err_pct']} %)")
     _print(f"target: {args.output}  (use it as --target {args.output}; check it with dynas validate)")
     return 0
 

@@ -160,9 +160,38 @@ def _rows(w: torch.Tensor, sel: torch.Tensor | None) -> torch.Tensor:
     return w if sel is None else w.index_select(0, sel)
 
 
-def _cols(w: torch.Tensor, sel: torch.Tensor | None) -> torch.Tensor:
-    """Weight [C_out, C_in, k, k] restricted to input channels ``sel``."""
-    return w if sel is None else w.index_select(1, sel)
+def _cl_matrix(w: torch.Tensor) -> torch.Tensor:
+    """[C_out, kh * kw * C_in]: each output channel's weights in channels-last order."""
+    return w.permute(0, 2, 3, 1).reshape(w.shape[0], -1).contiguous()  # [C_out, C_in, kh, kw] -> [C_out, kh, kw, C_in] -> 2-D
+
+
+def _conv_rows(conv: nn.Conv2d, sel: torch.Tensor | None) -> torch.Tensor:
+    """``conv``'s weight [C_out, C_in, kh, kw] restricted to output channels ``sel``, channels-last.
+
+    A row gather of the cached channels-last matrix: the convolution then gets the layout of its
+    input and copies nothing (``index_select`` on the channels-last weight itself returned a plain
+    layout that the convolution converted on every call).
+    """
+    w = conv.weight
+    if sel is None:
+        return w
+    _, cin, kh, kw = w.shape
+    m = _derived(conv, "cl_matrix", w, _cl_matrix)  # [C_out, kh * kw * C_in], cached on the conv
+    return m.index_select(0, sel).view(-1, kh, kw, cin).permute(0, 3, 1, 2)  # [|sel|, kh*kw*C_in] -> [|sel|, C_in, kh, kw]
+
+
+def _conv_cols(conv: nn.Conv2d, sel: torch.Tensor | None) -> torch.Tensor:
+    """``conv``'s weight [C_out, C_in, kh, kw] restricted to input channels ``sel``, channels-last.
+
+    A column gather of the cached channels-last matrix seen as [C_out * kh * kw, C_in] (``index_select``
+    along dim 1 of the 4-D channels-last weight first copied all of it to a plain layout).
+    """
+    w = conv.weight
+    if sel is None:
+        return w
+    cout, cin, kh, kw = w.shape
+    m = _derived(conv, "cl_matrix", w, _cl_matrix).view(cout * kh * kw, cin)  # cached on the conv
+    return m.index_select(1, sel).view(cout, kh, kw, -1).permute(0, 3, 1, 2)  # [C_out*kh*kw, |sel|] -> [C_out, |sel|, kh, kw]
 
 
 def _gated_conv(h: torch.Tensor, conv: nn.Conv2d, sel: torch.Tensor | None, stride: int, pad: int) -> torch.Tensor:
@@ -180,11 +209,11 @@ def _gated_conv(h: torch.Tensor, conv: nn.Conv2d, sel: torch.Tensor | None, stri
     full_idx = (touched[:, None] * gw + torch.arange(gw, device=sel.device)).flatten()  # [q * gw]
     if full_idx.numel() == sel.numel():
         # the selection is made of whole conv groups: sel == full_idx
-        return F.conv2d(h, w.index_select(0, sel), None, stride, pad, 1, touched.numel())
+        return F.conv2d(h, _conv_rows(conv, sel), None, stride, pad, 1, touched.numel())
     pos = torch.searchsorted(full_idx, sel)  # [|sel|] position of each selected channel in full_idx
     full = h.new_zeros(h.shape[0], full_idx.numel(), h.shape[2], h.shape[3])  # [B, q * gw, h, w]
     full[:, pos] = h  # unselected members of touched groups stay zero (they are masked in the reference)
-    y = F.conv2d(full, w.index_select(0, full_idx), None, stride, pad, 1, touched.numel())  # [B, q * gw, h', w']
+    y = F.conv2d(full, _conv_rows(conv, full_idx), None, stride, pad, 1, touched.numel())  # [B, q * gw, h', w']
     return y.index_select(1, pos)  # [B, |sel|, h', w']
 
 
@@ -640,10 +669,10 @@ class DynamicBasicBlock(DynamicBlock, BasicBlock):
         return self.bn2(self.conv2(h))  # [N, C_out, H_out, W_out]
 
     def _sparse_body(self, x, sel, geom):
-        h = F.relu(_bn(F.conv2d(x, _rows(self.conv1.weight, sel), None, self.spec.stride, geom.pad), self.bn1, sel), inplace=True)
+        h = F.relu(_bn(F.conv2d(x, _conv_rows(self.conv1, sel), None, self.spec.stride, geom.pad), self.bn1, sel), inplace=True)
         if geom.valid is not None:
             h = h.mul_(geom.valid)  # [P, |sel|, S+2, S+2]: zero where conv2 sees padding
-        return _bn(F.conv2d(h, _cols(self.conv2.weight, sel), None, 1, geom.pad), self.bn2, None)
+        return _bn(F.conv2d(h, _conv_cols(self.conv2, sel), None, 1, geom.pad), self.bn2, None)
 
 
 def _pointwise_3x3_pointwise_terms(b: BlockSpec, se_flops: float) -> dict[str, float]:
@@ -765,7 +794,7 @@ class DynamicRegNetYBlock(DynamicBlock, RegNetYBlock):
 
     def _sparse_body(self, x, sel, geom):
         a = self.f.a
-        h = F.relu(_bn(F.conv2d(x, _rows(a[0].weight, sel)), a[1], sel), inplace=True)
+        h = F.relu(_bn(F.conv2d(x, _conv_rows(a[0], sel)), a[1], sel), inplace=True)
         return self._tail(h, sel, geom)
 
     def _tail(self, h, sel, geom):
@@ -781,7 +810,7 @@ class DynamicRegNetYBlock(DynamicBlock, RegNetYBlock):
             z = F.relu(F.linear(geom.pool(h), w1, se.fc1.bias))  # [n, |sel|] -> [n, se]
             scale = torch.sigmoid(F.linear(z, w2, b2))  # [n, |sel|]
             h = h.mul_(geom.expand(scale)[:, :, None, None])  # [B, |sel|, 1, 1] broadcast over h, w
-        return _bn(F.conv2d(h, _cols(c[0].weight, sel)), c[1], None)
+        return _bn(F.conv2d(h, _conv_cols(c[0], sel)), c[1], None)
 
 
 _KINDS = {"basic": DynamicBasicBlock, "bottleneck": DynamicBottleneck, "regnety": DynamicRegNetYBlock}

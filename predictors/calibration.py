@@ -46,7 +46,7 @@ def check_measurements(df: pd.DataFrame, what: str) -> None:
                           "allowed: a number > 0")
 
 
-def _part_work(config: Any, n: int, part: str, stage: int, cache: dict) -> np.ndarray:
+def _part_work(config: Any, n: int, part: str, stage: int, cache: dict, column_block: int = 1) -> np.ndarray:
     """[len(TERMS)] work of one part of one network (stem, stage ``stage`` or head)."""
     cfg = cache.get(config)
     if cfg is None:
@@ -59,12 +59,12 @@ def _part_work(config: Any, n: int, part: str, stage: int, cache: dict) -> np.nd
     runs = cache.get((config, "runs"))
     if runs is None:
         runs = cache[(config, "runs")] = stage_runs(cfg)
-    return _stage_work(spec.name, spec.input_hw, stage, cfg.stages[stage], n, runs[stage])
+    return _stage_work(spec.name, spec.input_hw, stage, cfg.stages[stage], n, runs[stage], column_block)
 
 
-def _design_matrix(df: pd.DataFrame) -> np.ndarray:
-    cache: dict = {}
-    return np.stack([_part_work(r.config, int(r.batch_size), r.part, int(r.stage), cache)
+def _design_matrix(df: pd.DataFrame, column_block: int = 1, cache: dict | None = None) -> np.ndarray:
+    cache = {} if cache is None else cache
+    return np.stack([_part_work(r.config, int(r.batch_size), r.part, int(r.stage), cache, column_block)
                      for r in df.itertuples(index=False)])  # [rows, terms]
 
 
@@ -79,6 +79,20 @@ def _nnls_relative(X: np.ndarray, y: np.ndarray, rows: np.ndarray) -> np.ndarray
     return coef / scale
 
 
+def _fit_costs(X: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, float]:
+    """Costs fitted to rows ``X`` [rows, terms] -> ``y`` [rows] ms, leaving out disturbed rows.
+
+    Returns ``(X, coef, keep, median_rel_err, limit)``: ``coef`` in ms per unit, ``keep`` the
+    rows used, the median |relative error| over all rows, the outlier limit."""
+    coef = _nnls_relative(X, y, np.ones(len(y), dtype=bool))
+    rel = X @ coef / y - 1
+    # rows disturbed by other load on the machine: drop those far off a first fit, fit again
+    limit = max(0.1, 4.0 * float(np.median(np.abs(rel))))
+    keep = np.abs(rel) <= limit
+    coef = _nnls_relative(X, y, keep)
+    return X, coef, keep, float(np.median(np.abs(X @ coef / y - 1))), limit
+
+
 def fit_target(measurements: pd.DataFrame, name: str, environment: Mapping[str, Any] | None = None,
                default_batch_size: int = 1, description: str = "") -> HardwareTarget:
     """A ``"cpu"`` kind target whose costs best fit the stem/stage/head rows of ``measurements``."""
@@ -87,25 +101,27 @@ def fit_target(measurements: pd.DataFrame, name: str, environment: Mapping[str, 
     if len(parts) < len(cpu.TERMS):
         raise ConfigError(f"calibration measurements: {len(parts)} part rows are too few; allowed: at least "
                           f"{len(cpu.TERMS)} (measure more networks: raise --budget-s)")
-    X = _design_matrix(parts)  # [rows, terms]
     y = parts["measured_ms"].to_numpy(dtype=np.float64)  # [rows]
-    coef = _nnls_relative(X, y, np.ones(len(y), dtype=bool))
-    rel = X @ coef / y - 1
-    # rows disturbed by other load on the machine: drop those far off a first fit, fit again
-    limit = max(0.1, 4.0 * float(np.median(np.abs(rel))))
-    keep = np.abs(rel) <= limit
-    coef = _nnls_relative(X, y, keep)
+    # The column block is not linear in the work: fit the costs for each candidate and keep the
+    # one whose fit has the smallest median relative error over all rows (the median, because
+    # each candidate's fit leaves out a different set of disturbed rows).
+    cache: dict = {}
+    fits = {cb: _fit_costs(_design_matrix(parts, cb, cache), y) for cb in cpu.COLUMN_BLOCKS}
+    column_block = min(fits, key=lambda cb: (fits[cb][3], cb))
+    X, coef, keep, _, limit = fits[column_block]
     costs = cpu.CpuCosts(*(float(c) for c in coef / cpu._TO_MS))
     rel = (X @ coef / y - 1)[keep]
     env = dict(environment or {})
     unexercised = [f for f, col in zip(cpu.COST_FIELDS, X[keep].T) if not np.any(col > 0)]
     networks = int(measurements["network_id"].nunique()) if "network_id" in measurements else 0
     fit = {"unexercised": ",".join(unexercised), "rows": int(keep.sum()), "outlier_rows": int((~keep).sum()),
+           "column_block_median_err_pct": ", ".join(f"{cb}: {fits[cb][3] * 100:.2f}" for cb in fits),
            "outlier_limit_pct": limit * 100, "networks": networks,
            "parts_mape_pct": float(np.mean(np.abs(rel)) * 100), "parts_within_10pct": float(np.mean(np.abs(rel) <= 0.1))}
     threads = int(env.get("threads", 1) or 1)
     return HardwareTarget(name=name, description=description or f"dynas kernels measured on {env.get('device_name', 'this device')}",
                           kind="cpu", default_batch_size=default_batch_size, cpu=costs, threads=threads,
+                          column_block=column_block,
                           unexercised=tuple(unexercised),
                           environment={k: v for k, v in env.items() if isinstance(v, (str, int, float))}, fit=fit)
 

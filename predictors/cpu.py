@@ -62,7 +62,7 @@ import numpy as np
 from dynas.spaces.backbones import BlockSpec, StemSpec
 from dynas.spaces.config import StageConfig, budget_count, uses_channel, uses_layer, uses_spatial
 
-__all__ = ["TERMS", "COST_FIELDS", "COMPUTE_TERMS", "MEMORY_TERMS", "CALL_TERMS", "TERM_KINDS", "CpuCosts", "block_work", "stem_work", "head_work", "expected_block_flops",
+__all__ = ["TERMS", "COST_FIELDS", "COLUMN_BLOCKS", "COMPUTE_TERMS", "MEMORY_TERMS", "CALL_TERMS", "TERM_KINDS", "CpuCosts", "block_work", "stem_work", "head_work", "expected_block_flops",
            "work_latency_ms"]
 
 #: work terms, in the order of :data:`COST_FIELDS`
@@ -86,6 +86,9 @@ for _row, _sl in enumerate((COMPUTE_TERMS, MEMORY_TERMS, CALL_TERMS)):
 TERM_KINDS.setflags(write=False)
 _T = {t: i for i, t in enumerate(TERMS)}
 _SMALL_MAP = 64  # output positions per sample or patch at or below which a conv counts as small-map
+#: candidate widths (output columns a convolution kernel computes at once, see ``_Work.conv``)
+#: among which ``dynas calibrate`` picks the one that fits its measurements best; 1 = no effect
+COLUMN_BLOCKS: tuple[int, ...] = (1, 2, 3, 4, 6, 8)
 
 
 class CpuCosts(NamedTuple):
@@ -115,19 +118,30 @@ class CpuCosts(NamedTuple):
 class _Work:
     """Accumulates the work terms, scaled by ``weight`` (a probability or an expected count)."""
 
-    def __init__(self) -> None:
+    def __init__(self, column_block: int = 1) -> None:
         self.v = np.zeros(len(TERMS))
         self.weight = 1.0
+        self.column_block = column_block
 
     def _add(self, term: str, amount: float) -> None:
         self.v[_T[term]] += self.weight * amount
 
     def conv(self, rows: float, cin_pg: int, cout: int, k: int, cin_total: int, kind: str = "", mm: bool = False,
-             area: int | None = None) -> None:
+             hw: tuple[int, int] | None = None) -> None:
         """A convolution (``mm``: a matrix product of pixel rows): ``rows`` output positions x
         ``cout`` outputs, each reading ``cin_pg x k x k`` inputs; ``cin_total`` input channels
-        stored per position; ``area``: output positions per sample or patch."""
+        stored per position; ``hw``: output rows x columns per sample or patch.
+
+        A convolution kernel computes ``column_block`` output columns of a row at once, so an
+        output narrower than that costs as if it were that wide: its MACs are counted x
+        ``column_block / columns``.  (Measured with oneDNN on a 2-core AMD EPYC: maps one column
+        wide, as 1x1 spatial patches give, ran at ~1/4 of the throughput of wide ones, two
+        columns at ~1/2, four or more at nearly full rate, for 1x1, 3x3 and grouped convolutions
+        alike.)  Matrix products of pixel rows have no columns."""
         macs = rows * cout * cin_pg * k * k
+        if not mm and hw is not None and hw[1] < self.column_block:
+            macs *= self.column_block / hw[1]
+        area = None if hw is None else hw[0] * hw[1]
         if kind == "stem":
             term = "stem_gmac"
         elif not mm and area is not None and area <= _SMALL_MAP:
@@ -170,9 +184,10 @@ def _mlp_masker(w: _Work, b: BlockSpec, n: int, decisions: int) -> None:
     w.ops(4)  # view, score difference, random scores, budget
 
 
-def _spatial_masker(w: _Work, b: BlockSpec, n: int, grid: int) -> None:
+def _spatial_masker(w: _Work, b: BlockSpec, n: int, S: int) -> None:
+    grid = (b.out_hw[0] // S) * (b.out_hw[1] // S)
     w.stream(n * b.in_channels * (b.in_hw[0] * b.in_hw[1] + grid))  # adaptive pool to the grid
-    w.conv(n * grid, b.in_channels, 2, 1, b.in_channels, area=grid)
+    w.conv(n * grid, b.in_channels, 2, 1, b.in_channels, hw=(b.out_hw[0] // S, b.out_hw[1] // S))
     w.ops(4)
 
 
@@ -184,7 +199,7 @@ def _bn_relu(w: _Work, elems: float, relu: bool = True, selected: bool = False) 
 
 def _shortcut(w: _Work, b: BlockSpec, n: int) -> None:
     if b.has_downsample:
-        w.conv(n * b.out_hw[0] * b.out_hw[1], b.in_channels, b.out_channels, 1, b.in_channels, area=b.out_hw[0] * b.out_hw[1])
+        w.conv(n * b.out_hw[0] * b.out_hw[1], b.in_channels, b.out_channels, 1, b.in_channels, hw=b.out_hw)
         _bn_relu(w, n * b.out_channels * b.out_hw[0] * b.out_hw[1], relu=False)
 
 
@@ -194,9 +209,9 @@ def _se(w: _Work, b: BlockSpec, rows: float, samples: float, cw: int, gathered: 
     if not b.se_channels:
         return
     w.stream(rows * cw + samples * cw, 2 if gathered else 1)  # pool (sum + index_add per sample)
-    w.conv(samples, cw, b.se_channels, 1, cw, mm=linear, area=1)
+    w.conv(samples, cw, b.se_channels, 1, cw, mm=linear, hw=(1, 1))
     w.stream(2 * samples * b.se_channels)
-    w.conv(samples, b.se_channels, cw, 1, b.se_channels, mm=linear, area=1)
+    w.conv(samples, b.se_channels, cw, 1, b.se_channels, mm=linear, hw=(1, 1))
     w.stream(2 * samples * cw)  # sigmoid
     w.stream(2 * rows * cw)  # scale
     if cw != b.width:
@@ -218,7 +233,8 @@ def _grouped_touched(b: BlockSpec, G: int, active: int) -> tuple[float, bool]:
 
 def _body(w: _Work, b: BlockSpec, rows_in: float, rows_out: float, samples: float, k: int, selected: bool,
           mid_rows: float | None = None, windows: float = 0.0, gathered_se: bool = False,
-          touched: tuple[float, bool] | None = None, dynamic: bool = True, out_area: int = 0, mid_area: int = 0) -> None:
+          touched: tuple[float, bool] | None = None, dynamic: bool = True, out_hw: tuple[int, int] | None = None,
+          mid_hw: tuple[int, int] | None = None) -> None:
     """A block body (conv chain, BN, ReLU, SE) on ``rows_in`` input positions -> ``rows_out``
     output positions with ``k`` of the gated channels (``selected``: a channel selection, with
     its weight gathers).  ``mid_rows`` / ``windows``: spatial gathering (see callers)."""
@@ -227,27 +243,27 @@ def _body(w: _Work, b: BlockSpec, rows_in: float, rows_out: float, samples: floa
         mid = rows_out if mid_rows is None else mid_rows  # conv1 output positions (with halo)
         if selected:
             w.gather(k * cin * 9)
-        w.conv(mid, cin, k, 3, cin, area=mid_area)
+        w.conv(mid, cin, k, 3, cin, hw=mid_hw)
         _bn_relu(w, mid * k, selected=selected)
         if mid_rows is not None:
             w.stream(2 * mid * k)  # zero the padding positions of every region
         if selected:
-            w.index(k * cout * 9)  # selected *input* channels of a channels-last weight: a strided gather
-        w.conv(rows_out, k, cout, 3, k, area=out_area)
+            w.gather(k * cout * 9)  # selected input channels: columns of the cached channels-last matrix
+        w.conv(rows_out, k, cout, 3, k, hw=out_hw)
         _bn_relu(w, rows_out * cout, relu=False)
         return
     # 1x1 -> 3x3 -> 1x1 (bottleneck, RegNetY)
     rows_mm = b.kind == "bottleneck" and (selected or windows > 0)  # pixel-row products (else F.conv2d)
     if selected:
         w.gather(k * cin)
-    w.conv(rows_in, cin, k, 1, cin, mm=rows_mm or windows > 0, area=mid_area)
+    w.conv(rows_in, cin, k, 1, cin, mm=rows_mm or windows > 0, hw=mid_hw)
     _bn_relu(w, rows_in * k, selected=selected)
     if windows:
         w.index(windows * k)  # the strided windows of the zero-padded buffer, copied for the conv
     if b.groups == 1:
         if selected:
             w.gather(2 * k * k * 9, 3)  # the k x k kernels, then their channels-last copy
-        w.conv(rows_out, k, k, 3, k, area=out_area)
+        w.conv(rows_out, k, k, 3, k, hw=out_hw)
     else:
         gw = width // b.groups
         t_ch, aligned = touched if (selected and touched is not None) else (width, True)
@@ -255,15 +271,15 @@ def _body(w: _Work, b: BlockSpec, rows_in: float, rows_out: float, samples: floa
             w.gather(t_ch * gw * 9, 4)
             if not aligned:  # selected channels scattered into the touched groups, outputs picked back
                 w.gather(2 * (windows if windows else rows_in) * t_ch + rows_out * k, 3)
-        w.conv(rows_out, gw, t_ch, 3, t_ch, kind="grouped", area=out_area)
+        w.conv(rows_out, gw, t_ch, 3, t_ch, kind="grouped", hw=out_hw)
     _bn_relu(w, rows_out * k, selected=selected)
     _se(w, b, rows_out, samples, k, gathered_se, linear=dynamic)
     if selected:
         if b.kind == "bottleneck":
             w.gather(k * cout)  # rows of the cached transpose
         else:
-            w.index(k * cout)  # selected input channels of a channels-last weight: a strided gather
-    w.conv(rows_out, k, cout, 1, k, mm=rows_mm, area=out_area)
+            w.gather(k * cout)  # selected input channels: columns of the cached channels-last matrix
+    w.conv(rows_out, k, cout, 1, k, mm=rows_mm, hw=out_hw)
     _bn_relu(w, rows_out * cout, relu=False)
 
 
@@ -300,18 +316,19 @@ def _covered(b: BlockSpec, S: int, k: int) -> float:
 
 
 @functools.lru_cache(maxsize=None)
-def block_work(b: BlockSpec, st: StageConfig, n: int, run_prob: float = 1.0) -> np.ndarray:
+def block_work(b: BlockSpec, st: StageConfig, n: int, run_prob: float = 1.0, column_block: int = 1) -> np.ndarray:
     """[len(TERMS)] expected work of one block of ``n`` samples under ``st``.
 
     ``run_prob``: probability that a sample runs the block (layer gates and whole-map spatial
-    gates; see the module docstring); 1 otherwise.
+    gates; see the module docstring); 1 otherwise.  ``column_block``: the target's (see
+    ``_Work.conv``).
     """
-    w = _Work()
+    w = _Work(column_block)
     p = st.paradigm
     ho, wo = b.out_hw
     hi, wi = b.in_hw
     out_elems = n * b.out_channels * ho * wo
-    areas = {"out_area": ho * wo, "mid_area": ho * wo if b.kind == "basic" else hi * wi}  # whole maps
+    areas = {"out_hw": (ho, wo), "mid_hw": (ho, wo) if b.kind == "basic" else (hi, wi)}  # whole maps
     if p == "static":
         _shortcut(w, b, n)
         _body(w, b, n * hi * wi, n * ho * wo, n, b.width, False, dynamic=False, **areas)
@@ -325,7 +342,7 @@ def block_work(b: BlockSpec, st: StageConfig, n: int, run_prob: float = 1.0) -> 
     touched = _grouped_touched(b, st.channel_granularity, active) if groups and b.groups > 1 else None
     # maskers
     if S:
-        _spatial_masker(w, b, n, grid)
+        _spatial_masker(w, b, n, S)
     if groups:
         _mlp_masker(w, b, n, groups)
     if uses_layer(p):
@@ -383,7 +400,7 @@ def block_work(b: BlockSpec, st: StageConfig, n: int, run_prob: float = 1.0) -> 
         w.index(P * region * region * b.in_channels, 4)
         w.weight = parts
         _body(w, b, P / parts * region * region, rows_out / parts, n / parts, k, bool(groups),
-              mid_rows=P / parts * mid * mid, gathered_se=True, touched=touched, out_area=S * S, mid_area=mid * mid)
+              mid_rows=P / parts * mid * mid, gathered_se=True, touched=touched, out_hw=(S, S), mid_hw=(mid, mid))
     else:
         need = n * _covered(b, S, kp)  # needed conv1-output pixels
         L = (S - 1) * b.stride + 3
@@ -393,7 +410,7 @@ def block_work(b: BlockSpec, st: StageConfig, n: int, run_prob: float = 1.0) -> 
         w.gather(n * ax[0] * ax[1] * k + need * k, 2)  # zeroed buffer + write-back of conv1 rows
         w.weight = parts
         _body(w, b, need / parts, rows_out / parts, n / parts, k, bool(groups), windows=P / parts * L * L,
-              gathered_se=True, touched=touched, out_area=S * S)
+              gathered_se=True, touched=touched, out_hw=(S, S))
     w.weight = 1.0
     w.gather(2 * rows_out * b.out_channels, 3 * parts)  # shortcut rows, write-back
     w.stream(5 * rows_out * b.out_channels, 2 * parts)  # add_, relu_

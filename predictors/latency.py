@@ -410,7 +410,8 @@ def _predict_cpu(cfg: ArchConfig, tgt: HardwareTarget, n: int) -> Prediction:
     stem_ms = float(cpu.stem_work(spec.stem, spec.input_hw, n) @ cost)
     head_ms = float(cpu.head_work(spec.head_in, spec.blocks[-1].out_hw, spec.num_classes, n) @ cost)
     runs = stage_runs(cfg)
-    stages = tuple(_stage_cpu(tgt.cpu, spec.name, spec.input_hw, s, st, n, runs[s]) for s, st in enumerate(cfg.stages))
+    stages = tuple(_stage_cpu(tgt.cpu, tgt.column_block, spec.name, spec.input_hw, s, st, n, runs[s])
+                   for s, st in enumerate(cfg.stages))
     _check_exercised(tgt, cfg, n, runs)
     flops = _dense_flops_per_op(spec)
     dyn_ms = stem_ms + head_ms + sum(p.latency_ms for p in stages)
@@ -430,7 +431,7 @@ def _check_exercised(tgt: HardwareTarget, cfg: ArchConfig, n: int, runs: tuple[i
         return
     spec = cfg.spec
     for s, st in enumerate(cfg.stages):
-        work = _stage_work(spec.name, spec.input_hw, s, st, n, runs[s])
+        work = _stage_work(spec.name, spec.input_hw, s, st, n, runs[s], tgt.column_block)
         for f in missing:
             if work[cpu.COST_FIELDS.index(f)] > 0:
                 raise TargetError(
@@ -440,24 +441,26 @@ def _check_exercised(tgt: HardwareTarget, cfg: ArchConfig, n: int, runs: tuple[i
 
 
 @functools.lru_cache(maxsize=65536)
-def _stage_work(backbone: str, input_hw: tuple[int, int], s: int, st: StageConfig, n: int, runs: int | None) -> np.ndarray:
-    """[terms] work of stage ``s`` under ``st`` (``runs``: per-sample block quota, see stage_runs)."""
+def _stage_work(backbone: str, input_hw: tuple[int, int], s: int, st: StageConfig, n: int, runs: int | None,
+                column_block: int = 1) -> np.ndarray:
+    """[terms] work of stage ``s`` under ``st`` (``runs``: per-sample block quota, see stage_runs;
+    ``column_block``: the target's, see :func:`dynas.predictors.cpu.block_work`)."""
     blocks = get_backbone(backbone, input_hw).stage_blocks(s)
     run_prob = runs / len(blocks) if runs is not None else 1.0
-    work = sum(cpu.block_work(_block_key(b), st, n, run_prob) for b in blocks)
+    work = sum(cpu.block_work(_block_key(b), st, n, run_prob, column_block) for b in blocks)
     work.setflags(write=False)  # memoized and shared
     return work
 
 
 @functools.lru_cache(maxsize=65536)
-def _stage_cpu(costs: "cpu.CpuCosts", backbone: str, input_hw: tuple[int, int], s: int, st: StageConfig, n: int,
-               runs: int | None) -> StagePrediction:
+def _stage_cpu(costs: "cpu.CpuCosts", column_block: int, backbone: str, input_hw: tuple[int, int], s: int,
+               st: StageConfig, n: int, runs: int | None) -> StagePrediction:
     spec = get_backbone(backbone, input_hw)
     flops = _dense_flops_per_op(spec)
     blocks = spec.stage_blocks(s)
     run_prob = runs / len(blocks) if runs is not None else 1.0
-    work = _stage_work(backbone, input_hw, s, st, n, runs)  # [terms], whole stage
-    static = _stage_work(backbone, input_hw, s, _STATIC, n, None)
+    work = _stage_work(backbone, input_hw, s, st, n, runs, column_block)  # [terms], whole stage
+    static = _stage_work(backbone, input_hw, s, _STATIC, n, None, column_block)
     per_term = work * costs.vector_ms()  # [terms] ms
     kinds = cpu.TERM_KINDS  # [compute/memory/calls, terms] 0/1
     ops = tuple(OpPrediction(term, float(ms), *(float(ms * kinds[r, i]) for r in range(3)), "")

@@ -21,7 +21,9 @@ A target file is TOML::
 A *measured* target (``kind = "cpu"``, written by ``dynas calibrate``) has no ``[hardware]``
 table; its ``[cpu]`` table holds the fitted cost of each unit of work of
 :mod:`dynas.predictors.cpu` (``pointwise_ms_per_gmac``, ..., ``op_call_us``; every field
-required, each a number >= 0) and ``threads``, the thread count it was measured with.  Its
+required, each a number >= 0), ``threads``, the thread count it was measured with, and
+``column_block`` (optional, default 1), the output columns a convolution kernel computes at
+once, which the calibration picks along with the costs.  Its
 ``[environment]`` (device, torch version, date, ...) and ``[fit]`` (how well the model fits the
 calibration measurements) tables are free-form records.  The device it was measured on
 (``cpu`` or ``cuda``) is ``environment.device``.
@@ -78,6 +80,9 @@ class HardwareTarget:
     #: "cpu" targets: fitted costs, measured thread count, and the free-form records
     cpu: CpuCosts | None = None
     threads: int = 0
+    #: output columns a convolution kernel computes at once (dynas.predictors.cpu._Work.conv);
+    #: 1 = narrow maps cost nothing extra (targets written before dynas fitted it)
+    column_block: int = 1
     #: cost fields the calibration never exercised (their cost is 0 for lack of data, not measured)
     unexercised: tuple[str, ...] = ()
     environment: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
@@ -86,7 +91,7 @@ class HardwareTarget:
     @property
     def key(self) -> tuple:
         """Hashable tuple of everything that changes a prediction (used for memoization)."""
-        return tuple(getattr(self, f) for f in _HW_FIELDS) + (self.kind, self.cpu, self.unexercised)
+        return tuple(getattr(self, f) for f in _HW_FIELDS) + (self.kind, self.cpu, self.column_block, self.unexercised)
 
     @property
     def peak_gmacs(self) -> float:
@@ -140,7 +145,7 @@ def _cpu_from_mapping(data: dict[str, Any], origin: str, path: str | None) -> Ha
     table = data.get("cpu")
     if not isinstance(table, dict):
         raise TargetError(f"{origin}: table [cpu] is missing; allowed: a [cpu] table with threads, {', '.join(COST_FIELDS)}")
-    allowed = ("threads",) + COST_FIELDS
+    allowed = ("threads", "column_block") + COST_FIELDS
     unknown = sorted(set(table) - set(allowed))
     if unknown:
         raise TargetError(f"{origin}: cpu.{unknown[0]} is unknown; allowed: {', '.join(allowed)}")
@@ -153,6 +158,9 @@ def _cpu_from_mapping(data: dict[str, Any], origin: str, path: str | None) -> Ha
             raise TargetError(f"{origin}: cpu.{f}={v!r} is out of range; allowed: a number >= 0")
         costs.append(float(v))
     threads = _number(table.get("threads", 1), f"{origin}: cpu.threads", True)
+    column_block = table.get("column_block", 1)
+    if isinstance(column_block, bool) or not isinstance(column_block, int) or column_block < 1:
+        raise TargetError(f"{origin}: cpu.column_block={column_block!r} is out of range; allowed: an integer >= 1")
     env, fit = data.get("environment", {}), data.get("fit", {})
     for tname, t in (("environment", env), ("fit", fit)):
         if not isinstance(t, dict):
@@ -162,7 +170,8 @@ def _cpu_from_mapping(data: dict[str, Any], origin: str, path: str | None) -> Ha
         if f not in COST_FIELDS:
             raise TargetError(f"{origin}: fit.unexercised entry {f!r} is unknown; allowed: {', '.join(COST_FIELDS)}")
     return HardwareTarget(name=name, description=str(data.get("description", "")), kind=kind, default_batch_size=batch,
-                          path=path, sources=sources, cpu=CpuCosts(*costs), threads=int(threads), unexercised=unexercised,
+                          path=path, sources=sources, cpu=CpuCosts(*costs), threads=int(threads), column_block=column_block,
+                          unexercised=unexercised,
                           environment=dict(env), fit=dict(fit))
 
 
@@ -255,6 +264,7 @@ def target_toml(target: HardwareTarget, comments: dict[str, str] | None = None) 
         assert target.cpu is not None
         lines.append("[cpu]")
         lines.append(f"threads = {target.threads}")
+        lines.append(f"column_block = {target.column_block}  # output columns a convolution computes at once")
         for k, v in target.cpu._asdict().items():
             note = f"  # {comments[k]}" if k in comments else ""
             lines.append(f"{k} = {_toml_value(v)}{note}")

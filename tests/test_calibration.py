@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -21,7 +22,7 @@ from dynas.predictors.calibration import compare, fit_target, summarize
 from dynas.predictors.latency import predict
 from dynas.predictors.targets import HardwareTarget, load_target, target_toml, write_target
 from dynas.spaces.backbones import get_backbone
-from dynas.spaces.config import PARADIGMS, ArchConfig, StageConfig, stage_runs
+from dynas.spaces.config import PARADIGMS, ArchConfig, StageConfig, budget_count, stage_runs
 
 UNIT = cpu.CpuCosts(*([1.0] * len(cpu.COST_FIELDS)))
 
@@ -34,10 +35,10 @@ def _target(costs: cpu.CpuCosts = UNIT, **fit) -> HardwareTarget:
 
 
 def test_cpu_target_round_trips_through_toml(tmp_path):
-    t = _target(cpu.CpuCosts(*(0.5 + i for i in range(len(cpu.COST_FIELDS)))))
+    t = dataclasses.replace(_target(cpu.CpuCosts(*(0.5 + i for i in range(len(cpu.COST_FIELDS))))), column_block=4)
     path = write_target(t, tmp_path / "mine.toml")
     back = load_target(str(path))
-    assert back.kind == "cpu" and back.cpu == t.cpu and back.threads == 2
+    assert back.kind == "cpu" and back.cpu == t.cpu and back.threads == 2 and back.column_block == 4
     cfg = ArchConfig.static("resnet18", 64)
     assert predict(cfg, str(path), 1).latency_ms == pytest.approx(predict(cfg, t, 1).latency_ms)
 
@@ -47,6 +48,8 @@ def test_cpu_target_round_trips_through_toml(tmp_path):
     (lambda c: c.update(conv_call_us=-1.0), "cpu.conv_call_us=-1.0 is out of range"),
     (lambda c: c.update(bogus=1.0), "cpu.bogus is unknown"),
     (lambda c: c.update(threads=0), "cpu.threads=0 is out of range"),
+    (lambda c: c.update(column_block=0), "cpu.column_block=0 is out of range"),
+    (lambda c: c.update(column_block=2.5), "cpu.column_block=2.5 is out of range"),
 ])
 def test_cpu_target_file_errors_name_the_field(tmp_path, edit, message):
     import tomllib
@@ -205,6 +208,36 @@ def test_fit_recovers_the_costs_that_generated_the_measurements():
     assert fitted.fit["parts_mape_pct"] < 1e-3 and fitted.fit["outlier_rows"] == 0
     cfg = ArchConfig("resnet50", (64, 64), (StageConfig("spatial", 0.35, spatial_granularity=2),) * 4)
     assert predict(cfg, fitted, 4).latency_ms == pytest.approx(predict(cfg, _target(true), 4).latency_ms, rel=1e-4)
+
+
+def test_narrow_maps_cost_the_column_block_in_macs():
+    # 1x1 spatial patches: conv2 of a bottleneck runs on [P, k, 3, 3] windows -> [P, k, 1, 1],
+    # one output column; with a column block of 4 its MACs count 4x, wide maps' not at all.
+    b = get_backbone("resnet50", (224, 224)).stage_blocks(3)[1]
+    patches = StageConfig("spatial", 0.5, spatial_granularity=1)
+    work = {cb: cpu.block_work(b, patches, 1, 1.0, cb) for cb in (1, 4)}
+    small = cpu.TERMS.index("smallmap_gmac")
+    conv2_gmac = budget_count(0.5, 49) * b.width * b.width * 9 * 1e-9  # [P, k, 3, 3] -> [P, k, 1, 1]
+    assert work[4][small] - work[1][small] == pytest.approx(3 * conv2_gmac)
+    others = np.arange(len(cpu.TERMS)) != small
+    assert np.array_equal(work[4][others], work[1][others])
+    static = StageConfig()
+    assert np.array_equal(cpu.block_work(b, static, 1, 1.0, 4), cpu.block_work(b, static, 1, 1.0, 1))  # 7 columns
+
+
+@pytest.mark.parametrize("true_block", [1, 4])
+def test_fit_picks_the_column_block_that_generated_the_measurements(true_block):
+    true = cpu.CpuCosts(*(1.0 + (7 * i) % 11 for i in range(len(cpu.COST_FIELDS))))
+    gen = dataclasses.replace(_target(true), column_block=true_block)
+    plan = itertools.islice(calibration_plan(("resnet50",), 224, (1,), seed=0), 60)
+    rows = []
+    for net, item in enumerate(plan):
+        p = predict(item.config, gen, item.batch_size)
+        for s, st in enumerate(p.stages):
+            rows.append({"network_id": net, "config": item.config.to_json(indent=None), "batch_size": item.batch_size,
+                         "part": f"stage{s}", "stage": s, "measured_ms": st.latency_ms})
+    fitted = fit_target(pd.DataFrame(rows), "synthetic", {"threads": 2})
+    assert fitted.column_block == true_block and fitted.fit["parts_mape_pct"] < 1e-3
 
 
 def test_fit_rejects_tables_it_cannot_use():
