@@ -194,6 +194,38 @@ def _conv_cols(conv: nn.Conv2d, sel: torch.Tensor | None) -> torch.Tensor:
     return m.index_select(1, sel).view(cout, kh, kw, -1).permute(0, 3, 1, 2)  # [C_out*kh*kw, |sel|] -> [C_out, |sel|, kh, kw]
 
 
+def _conv(x: torch.Tensor, w: torch.Tensor, stride: int = 1, pad: int = 0, groups: int = 1) -> torch.Tensor:
+    """``F.conv2d`` without bias; a k x k (k > 1) convolution on CPU float32 always runs in oneDNN.
+
+    PyTorch sends a batch-1, ungrouped convolution whose input has at most 20480 elements to
+    its native im2col path (``ConvParams::use_mkldnn``): the 3x3 convolutions of channel-gated
+    stages at batch 1 (e.g. 96 of 512 channels on 7x7).  oneDNN ran those 1.2-2x faster here,
+    and it is what every static convolution of the same stage uses.
+    """
+    if (w.shape[-1] > 1 and _ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32
+            and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
+        return torch.ops.aten.mkldnn_convolution(x, w, None, [pad, pad], [stride, stride], [1, 1], groups)
+    return F.conv2d(x, w, None, stride, pad, 1, groups)
+
+
+def _register_onednn_flops() -> bool:
+    """Let ``torch.utils.flop_counter`` count ``aten.mkldnn_convolution`` like any convolution
+    (it has no formula for it); without that, :func:`_conv` keeps to ``F.conv2d``."""
+    try:
+        from torch.utils.flop_counter import conv_flop_count, flop_registry, register_flop_formula
+    except ImportError:
+        return False
+    op = torch.ops.aten.mkldnn_convolution
+    if op not in flop_registry:
+        @register_flop_formula(op)
+        def _flops(x_shape, w_shape, _bias, _padding, _stride, _dilation, _groups, *args, out_shape=None, **kwargs):
+            return conv_flop_count(x_shape, w_shape, out_shape)
+    return True
+
+
+_ONEDNN = torch.backends.mkldnn.is_available() and _register_onednn_flops()
+
+
 def _gated_conv(h: torch.Tensor, conv: nn.Conv2d, sel: torch.Tensor | None, stride: int, pad: int) -> torch.Tensor:
     """``conv`` (width -> width, maybe grouped) on the selected channels only.
 
@@ -201,19 +233,19 @@ def _gated_conv(h: torch.Tensor, conv: nn.Conv2d, sel: torch.Tensor | None, stri
     """
     w = conv.weight
     if sel is None:
-        return F.conv2d(h, w, None, stride, pad, 1, conv.groups)
+        return _conv(h, w, stride, pad, conv.groups)
     if conv.groups == 1:
-        return F.conv2d(h, w.index_select(0, sel).index_select(1, sel), None, stride, pad)
+        return _conv(h, w.index_select(0, sel).index_select(1, sel), stride, pad)
     gw = conv.out_channels // conv.groups  # channels per conv group (in == out for the 3x3 conv)
     touched = torch.unique(sel // gw)  # [q] conv groups with at least one selected channel, sorted
     full_idx = (touched[:, None] * gw + torch.arange(gw, device=sel.device)).flatten()  # [q * gw]
     if full_idx.numel() == sel.numel():
         # the selection is made of whole conv groups: sel == full_idx
-        return F.conv2d(h, _conv_rows(conv, sel), None, stride, pad, 1, touched.numel())
+        return _conv(h, _conv_rows(conv, sel), stride, pad, touched.numel())
     pos = torch.searchsorted(full_idx, sel)  # [|sel|] position of each selected channel in full_idx
     full = h.new_zeros(h.shape[0], full_idx.numel(), h.shape[2], h.shape[3])  # [B, q * gw, h, w]
     full[:, pos] = h  # unselected members of touched groups stay zero (they are masked in the reference)
-    y = F.conv2d(full, _conv_rows(conv, full_idx), None, stride, pad, 1, touched.numel())  # [B, q * gw, h', w']
+    y = _conv(full, _conv_rows(conv, full_idx), stride, pad, touched.numel())  # [B, q * gw, h', w']
     return y.index_select(1, pos)  # [B, |sel|, h', w']
 
 
@@ -669,10 +701,10 @@ class DynamicBasicBlock(DynamicBlock, BasicBlock):
         return self.bn2(self.conv2(h))  # [N, C_out, H_out, W_out]
 
     def _sparse_body(self, x, sel, geom):
-        h = F.relu(_bn(F.conv2d(x, _conv_rows(self.conv1, sel), None, self.spec.stride, geom.pad), self.bn1, sel), inplace=True)
+        h = F.relu(_bn(_conv(x, _conv_rows(self.conv1, sel), self.spec.stride, geom.pad), self.bn1, sel), inplace=True)
         if geom.valid is not None:
             h = h.mul_(geom.valid)  # [P, |sel|, S+2, S+2]: zero where conv2 sees padding
-        return _bn(F.conv2d(h, _conv_cols(self.conv2, sel), None, 1, geom.pad), self.bn2, None)
+        return _bn(_conv(h, _conv_cols(self.conv2, sel), 1, geom.pad), self.bn2, None)
 
 
 def _pointwise_3x3_pointwise_terms(b: BlockSpec, se_flops: float) -> dict[str, float]:
@@ -735,14 +767,14 @@ class DynamicBottleneck(DynamicBlock, Bottleneck):
             h = F.relu(_bn(F.conv2d(h, self.conv2.weight, None, self.spec.stride, geom.pad), self.bn2, None), inplace=True)
             return _bn(F.conv2d(h, self.conv3.weight), self.bn3, None)
         if sel is None:
-            h2 = F.conv2d(h, self.conv2.weight, None, self.spec.stride, geom.pad)
+            h2 = _conv(h, self.conv2.weight, self.spec.stride, geom.pad)
         elif self.conv2.groups == 1:
             w2 = _derived(self, "w2_flat", self.conv2.weight, lambda w: w.reshape(w.shape[0] * w.shape[1], -1).contiguous())
             k, width = sel.numel(), self.conv2.weight.shape[0]
             # one gather of the k x k selected kernels: rows (o * width + i) of [width * width, kh * kw]
             w2 = w2.index_select(0, (sel[:, None] * width + sel).flatten()).view(k, k, *self.conv2.weight.shape[2:])
-            h2 = F.conv2d(h, w2.contiguous(memory_format=torch.channels_last) if _channels_last(h) else w2,
-                          None, self.spec.stride, geom.pad)
+            h2 = _conv(h, w2.contiguous(memory_format=torch.channels_last) if _channels_last(h) else w2,
+                       self.spec.stride, geom.pad)
         else:
             h2 = _gated_conv(h, self.conv2, sel, self.spec.stride, geom.pad)
         h2 = F.relu(_bn(h2, self.bn2, sel), inplace=True)  # [B, |sel|, H', W']
