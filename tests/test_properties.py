@@ -231,13 +231,15 @@ def test_layer_and_channel_gates_at_rate_one_cost_exactly_their_maskers(target, 
     assert p.latency_ms == pytest.approx(p.static_latency_ms + sum(_masker_ms(s) for s in p.stages), rel=1e-12)
 
 
-def _layer_gate_work(b, n: int) -> np.ndarray:
+def _layer_gate_work(b, n: int, column_block: int) -> np.ndarray:
     """[terms] what a layer gate at rate 1 adds to a static block of ``n`` samples (module docstring)."""
-    w = cpu._Work()
+    w = cpu._Work(column_block)
     cpu._mlp_masker(w, b, n, 1)
     w.ops(2)  # sample indices
     rows = n * b.out_hw[0] * b.out_hw[1]
-    linear, conv = cpu._Work(), cpu._Work()
+    # the static SE runs 1x1 convolutions on 1x1 maps (one column: the target's column block
+    # applies), the dynamic one matrix products
+    linear, conv = cpu._Work(column_block), cpu._Work(column_block)
     cpu._se(linear, b, rows, n, b.width, False, linear=True)
     cpu._se(conv, b, rows, n, b.width, False, linear=False)
     return w.v + linear.v - conv.v
@@ -246,13 +248,14 @@ def _layer_gate_work(b, n: int) -> np.ndarray:
 @SETTINGS
 @given(cfg=configs(paradigms=("static", "layer"), rate=1.0), n=st.integers(1, 8))
 def test_cpu_layer_gate_at_rate_one_costs_its_masker(cfg, n):
-    costs = load_target(CPU_TARGET).cpu.vector_ms()
+    target = load_target(CPU_TARGET)
+    costs = target.cpu.vector_ms()
     p = predict(cfg, CPU_TARGET, n)
     spec = cfg.spec
     for st_, s in zip(cfg.stages, p.stages):
         extra = np.zeros(len(cpu.TERMS))
         if st_.paradigm == "layer":
-            extra = sum(_layer_gate_work(b, n) for b in spec.stage_blocks(s.stage))
+            extra = sum(_layer_gate_work(b, n, target.column_block) for b in spec.stage_blocks(s.stage))
         assert s.latency_ms == pytest.approx(s.static_latency_ms + float(extra @ costs), rel=1e-12, abs=1e-12)
 
 
