@@ -117,14 +117,20 @@ def _wait_for(predicate, timeout_s, what):
 
 def _running_worker_pid(url, name, parent_pid):
     """(pid, completed trials) for a worker process of ``parent_pid`` running a trial, once at
-    least 3 trials are complete; None before.  Both come from one read of the study."""
+    least 3 trials are complete; None before.  Both come from one read of the study.
+
+    Only a trial that started at most 0.3 s before the read began counts: the read itself takes
+    a while on PostgreSQL, and a trial seen near its end could complete before the kill lands
+    (CI saw that once with 1 s trials).
+    """
+    read_start = time.time()
     try:
         trials = load_study(url, name).get_trials(deepcopy=False)
     except StudyError:
         return None
     complete = {t.number: (t.params, t.values) for t in trials if t.state == TrialState.COMPLETE}
     for t in trials:
-        if t.state != TrialState.RUNNING:
+        if t.state != TrialState.RUNNING or t.datetime_start is None or t.datetime_start.timestamp() < read_start - 0.3:
             continue
         host, pid, _ = str(t.user_attrs.get("worker", "::")).split(":")
         if pid.isdigit() and int(pid) != parent_pid and _parent_of(int(pid)) == parent_pid and len(complete) >= 3:
