@@ -226,6 +226,36 @@ def _register_onednn_flops() -> bool:
 _ONEDNN = torch.backends.mkldnn.is_available() and _register_onednn_flops()
 
 
+def _one_pixel(h: torch.Tensor, conv: nn.Conv2d, pad: int) -> bool:
+    """Whether ``conv`` (ungrouped, k x k, k > 1) makes one output pixel of each image of ``h``:
+    the 3x3 convolution of 1x1 spatial patches, whose windows are exactly the kernel's size."""
+    kh, kw = conv.weight.shape[-2:]
+    return conv.groups == 1 and pad == 0 and kh * kw > 1 and tuple(h.shape[-2:]) == (kh, kw)
+
+
+def _one_pixel_conv(h: torch.Tensor, conv: nn.Conv2d, rows: torch.Tensor | None,
+                    cols: torch.Tensor | None) -> torch.Tensor:
+    """``conv`` on [P, C, kh, kw] windows -> [P, C_out', 1, 1] (C_out' = |rows| or C_out) as one
+    matrix product, with input channels ``cols`` (the channels ``h`` holds) or all.
+
+    A window of a channels-last ``h`` is one contiguous row of kh * kw * C values, in the order
+    of the cached channels-last weight matrix, so [P, kh*kw*C] @ [kh*kw*C, C_out'] is the
+    convolution.  oneDNN runs a convolution with one output column at about 1/4 of its rate
+    (``benchmarks/conv_columns.py``); the product runs at the rate of the block's other
+    products (1.6-2.2x faster here).
+    """
+    cout, cin, kh, kw = conv.weight.shape
+    m = _derived(conv, "cl_matrix", conv.weight, _cl_matrix)  # [C_out, kh*kw*C_in], cached on the conv
+    if rows is not None:
+        m = m.index_select(0, rows)  # [|rows|, kh*kw*C_in]
+    if cols is not None:
+        # [C_out' * kh * kw, C_in] -> selected inputs [C_out' * kh * kw, |cols|] -> [C_out', kh*kw*|cols|]
+        m = m.reshape(-1, cin).index_select(1, cols).view(m.shape[0], -1)
+    p = h.shape[0]
+    y = torch.mm(h.permute(0, 2, 3, 1).reshape(p, -1), m.t())  # [P, kh, kw, C] -> [P, kh*kw*C] -> [P, C_out']
+    return y.view(p, 1, 1, -1).permute(0, 3, 1, 2)  # [P, C_out', 1, 1], channels-last strides
+
+
 def _gated_conv(h: torch.Tensor, conv: nn.Conv2d, sel: torch.Tensor | None, stride: int, pad: int) -> torch.Tensor:
     """``conv`` (width -> width, maybe grouped) on the selected channels only.
 
@@ -704,6 +734,8 @@ class DynamicBasicBlock(DynamicBlock, BasicBlock):
         h = F.relu(_bn(_conv(x, _conv_rows(self.conv1, sel), self.spec.stride, geom.pad), self.bn1, sel), inplace=True)
         if geom.valid is not None:
             h = h.mul_(geom.valid)  # [P, |sel|, S+2, S+2]: zero where conv2 sees padding
+        if _one_pixel(h, self.conv2, geom.pad):  # 1x1 patches: [P, |sel|, 3, 3] -> [P, C_out, 1, 1]
+            return _bn(_one_pixel_conv(h, self.conv2, None, sel), self.bn2, None)
         return _bn(_conv(h, _conv_cols(self.conv2, sel), 1, geom.pad), self.bn2, None)
 
 
@@ -766,7 +798,9 @@ class DynamicBottleneck(DynamicBlock, Bottleneck):
         if sel is None and geom.pad == 1:  # whole maps, every channel: the static block's own ops
             h = F.relu(_bn(F.conv2d(h, self.conv2.weight, None, self.spec.stride, geom.pad), self.bn2, None), inplace=True)
             return _bn(F.conv2d(h, self.conv3.weight), self.bn3, None)
-        if sel is None:
+        if _one_pixel(h, self.conv2, geom.pad):  # 1x1 patches: [P, k, 3, 3] windows -> [P, k, 1, 1]
+            h2 = _one_pixel_conv(h, self.conv2, sel, sel)
+        elif sel is None:
             h2 = _conv(h, self.conv2.weight, self.spec.stride, geom.pad)
         elif self.conv2.groups == 1:
             w2 = _derived(self, "w2_flat", self.conv2.weight, lambda w: w.reshape(w.shape[0] * w.shape[1], -1).contiguous())

@@ -144,7 +144,9 @@ class _Work:
         area = None if hw is None else hw[0] * hw[1]
         if kind == "stem":
             term = "stem_gmac"
-        elif not mm and area is not None and area <= _SMALL_MAP:
+        elif mm:
+            term = "pointwise_gmac"  # a product of pixel (or window) rows
+        elif area is not None and area <= _SMALL_MAP:
             term = "smallmap_gmac"
         else:
             term = {"": "pointwise_gmac" if k == 1 else "conv3x3_gmac", "grouped": "grouped_gmac"}[kind]
@@ -249,7 +251,8 @@ def _body(w: _Work, b: BlockSpec, rows_in: float, rows_out: float, samples: floa
             w.stream(2 * mid * k)  # zero the padding positions of every region
         if selected:
             w.gather(k * cout * 9)  # selected input channels: columns of the cached channels-last matrix
-        w.conv(rows_out, k, cout, 3, k, hw=out_hw)
+        # 1x1 patches: each window is one output pixel, one matrix product (kernels/blocks.py)
+        w.conv(rows_out, k, cout, 3, k, hw=out_hw, mm=out_hw == (1, 1))
         _bn_relu(w, rows_out * cout, relu=False)
         return
     # 1x1 -> 3x3 -> 1x1 (bottleneck, RegNetY)
@@ -261,9 +264,12 @@ def _body(w: _Work, b: BlockSpec, rows_in: float, rows_out: float, samples: floa
     if windows:
         w.index(windows * k)  # the strided windows of the zero-padded buffer, copied for the conv
     if b.groups == 1:
-        if selected:
+        one_pixel = out_hw == (1, 1)  # 1x1 patches: one matrix product of window rows
+        if selected and one_pixel:
+            w.gather(9 * k * (width + k), 2)  # rows, then columns, of the cached channels-last matrix
+        elif selected:
             w.gather(2 * k * k * 9, 3)  # the k x k kernels, then their channels-last copy
-        w.conv(rows_out, k, k, 3, k, hw=out_hw)
+        w.conv(rows_out, k, k, 3, k, hw=out_hw, mm=one_pixel)
     else:
         gw = width // b.groups
         t_ch, aligned = touched if (selected and touched is not None) else (width, True)

@@ -211,18 +211,21 @@ def test_fit_recovers_the_costs_that_generated_the_measurements():
 
 
 def test_narrow_maps_cost_the_column_block_in_macs():
-    # 1x1 spatial patches: conv2 of a bottleneck runs on [P, k, 3, 3] windows -> [P, k, 1, 1],
-    # one output column; with a column block of 4 its MACs count 4x, wide maps' not at all.
-    b = get_backbone("resnet50", (224, 224)).stage_blocks(3)[1]
-    patches = StageConfig("spatial", 0.5, spatial_granularity=1)
+    # 2x2 spatial patches: conv2 of a bottleneck runs on [P, k, 4, 4] windows -> [P, k, 2, 2],
+    # two output columns; with a column block of 4 its MACs count 2x, wide maps' not at all.
+    b = get_backbone("resnet50", (224, 224)).stage_blocks(2)[1]  # 14 x 14
+    patches = StageConfig("spatial", 0.5, spatial_granularity=2)
     work = {cb: cpu.block_work(b, patches, 1, 1.0, cb) for cb in (1, 4)}
     small = cpu.TERMS.index("smallmap_gmac")
-    conv2_gmac = budget_count(0.5, 49) * b.width * b.width * 9 * 1e-9  # [P, k, 3, 3] -> [P, k, 1, 1]
-    assert work[4][small] - work[1][small] == pytest.approx(3 * conv2_gmac)
+    conv2_gmac = budget_count(0.5, 49) * 4 * b.width * b.width * 9 * 1e-9  # [P, k, 4, 4] -> [P, k, 2, 2]
+    assert work[4][small] - work[1][small] == pytest.approx(conv2_gmac)
     others = np.arange(len(cpu.TERMS)) != small
     assert np.array_equal(work[4][others], work[1][others])
     static = StageConfig()
-    assert np.array_equal(cpu.block_work(b, static, 1, 1.0, 4), cpu.block_work(b, static, 1, 1.0, 1))  # 7 columns
+    assert np.array_equal(cpu.block_work(b, static, 1, 1.0, 4), cpu.block_work(b, static, 1, 1.0, 1))  # 14 columns
+    # 1x1 patches: conv2 is a matrix product of window rows, which has no columns
+    one = StageConfig("spatial", 0.5, spatial_granularity=1)
+    assert np.array_equal(cpu.block_work(b, one, 1, 1.0, 4), cpu.block_work(b, one, 1, 1.0, 1))
 
 
 @pytest.mark.parametrize("true_block", [1, 4])

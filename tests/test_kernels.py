@@ -9,6 +9,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from dynas.errors import ConfigError
+from dynas.kernels import blocks
 from dynas.kernels import (DynamicBlock, DynamicNet, LayerMasker, Masker, SpatialMasker, budget_count, build_block,
                            build_model)
 from dynas.spaces.backbones import get_backbone
@@ -100,6 +101,26 @@ def test_fast_matches_reference(key, paradigm, rate, gi, batch, device):
         # the two paths took the same decisions
         for k, v in ref_flops["rates"].items():
             torch.testing.assert_close(blk.last_flops["rates"][k], v)
+
+
+@pytest.mark.parametrize("paradigm", ["spatial", "spatial+channel"])
+@pytest.mark.parametrize("key", [("resnet18", 1, 0), ("resnet18", 3, 1), ("resnet50", 2, 0), ("resnet50", 1, 1)],
+                         ids=lambda k: f"{k[0]}-s{k[1]}b{k[2]}")
+def test_one_pixel_patches_run_conv2_as_one_matrix_product(key, paradigm, monkeypatch):
+    # 1x1 patches: the 3x3 conv sees windows of exactly its size and runs as [P, 9C] @ [9C, C_out]
+    spec = _block_spec(*key)
+    blk = build_block(spec, _stage(paradigm, 0.5, 1, spec.width // 8))
+    torch.manual_seed(1)
+    _randomize(blk)
+    blk.eval()
+    _set_mode(blk, "budget")
+    calls = []
+    real = blocks._one_pixel_conv
+    monkeypatch.setattr(blocks, "_one_pixel_conv", lambda *a: calls.append(a[0].shape) or real(*a))
+    x = torch.randn(3, spec.in_channels, *spec.in_hw, generator=torch.Generator().manual_seed(2))
+    fast, ref, _ = _both(blk, x)
+    torch.testing.assert_close(fast, ref, atol=ATOL, rtol=RTOL)
+    assert calls and all(tuple(c[-2:]) == (3, 3) for c in calls)  # [P, C, 3, 3] windows
 
 
 @pytest.mark.parametrize("paradigm", DYNAMIC)
