@@ -158,9 +158,7 @@ def _cpu_from_mapping(data: dict[str, Any], origin: str, path: str | None) -> Ha
             raise TargetError(f"{origin}: cpu.{f}={v!r} is out of range; allowed: a number >= 0")
         costs.append(float(v))
     threads = _number(table.get("threads", 1), f"{origin}: cpu.threads", True)
-    column_block = table.get("column_block", 1)
-    if isinstance(column_block, bool) or not isinstance(column_block, int) or column_block < 1:
-        raise TargetError(f"{origin}: cpu.column_block={column_block!r} is out of range; allowed: an integer >= 1")
+    column_block = _number(table.get("column_block", 1), f"{origin}: cpu.column_block", True)
     env, fit = data.get("environment", {}), data.get("fit", {})
     for tname, t in (("environment", env), ("fit", fit)):
         if not isinstance(t, dict):

@@ -49,7 +49,7 @@ def test_cpu_target_round_trips_through_toml(tmp_path):
     (lambda c: c.update(bogus=1.0), "cpu.bogus is unknown"),
     (lambda c: c.update(threads=0), "cpu.threads=0 is out of range"),
     (lambda c: c.update(column_block=0), "cpu.column_block=0 is out of range"),
-    (lambda c: c.update(column_block=2.5), "cpu.column_block=2.5 is out of range"),
+    (lambda c: c.update(column_block=2.5), "cpu.column_block=2.5 is not a positive integer"),
 ])
 def test_cpu_target_file_errors_name_the_field(tmp_path, edit, message):
     import tomllib
