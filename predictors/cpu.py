@@ -187,9 +187,9 @@ def _mlp_masker(w: _Work, b: BlockSpec, n: int, decisions: int) -> None:
 
 
 def _spatial_masker(w: _Work, b: BlockSpec, n: int, S: int) -> None:
-    grid = (b.out_hw[0] // S) * (b.out_hw[1] // S)
-    w.stream(n * b.in_channels * (b.in_hw[0] * b.in_hw[1] + grid))  # adaptive pool to the grid
-    w.conv(n * grid, b.in_channels, 2, 1, b.in_channels, hw=(b.out_hw[0] // S, b.out_hw[1] // S))
+    gh, gw = b.out_hw[0] // S, b.out_hw[1] // S  # the patch grid
+    w.stream(n * b.in_channels * (b.in_hw[0] * b.in_hw[1] + gh * gw))  # adaptive pool to the grid
+    w.conv(n * gh * gw, b.in_channels, 2, 1, b.in_channels, hw=(gh, gw))
     w.ops(4)
 
 
