@@ -357,19 +357,12 @@ def _env():
 
 @pytest.fixture(params=["journal", "postgresql"])
 def shared_storage(request, tmp_path):
-    """A storage URL several processes can share (PostgreSQL: as in tests/test_scaleout.py)."""
-    import os
+    """A storage URL several processes can share (PostgreSQL: tests/conftest.py)."""
     import uuid
 
     if request.param == "journal":
         return f"journal:///{tmp_path / 'w.journal'}", "w"
-    url = os.environ.get("DYNAS_TEST_POSTGRES_URL")
-    if not url:
-        reason = "no PostgreSQL server: set DYNAS_TEST_POSTGRES_URL (.ci/run starts one with .ci/postgres)"
-        if os.environ.get("DYNAS_REQUIRE_POSTGRES"):
-            pytest.fail(f"DYNAS_REQUIRE_POSTGRES is set but there is {reason}")
-        pytest.skip(reason)
-    return url, f"es-{uuid.uuid4().hex[:10]}"
+    return request.getfixturevalue("postgres_url"), f"es-{uuid.uuid4().hex[:10]}"
 
 
 def test_workers_share_early_stopping(shared_storage, tmp_path):

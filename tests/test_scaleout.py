@@ -27,24 +27,12 @@ from dynas.search.study import SearchOptions, load_study, open_storage, run_sear
 
 ROOT = Path(__file__).resolve().parents[1]
 DYNAS = str(Path(sys.executable).with_name("dynas"))
-POSTGRES = os.environ.get("DYNAS_TEST_POSTGRES_URL")
-NO_POSTGRES = (
-    "no PostgreSQL server: set DYNAS_TEST_POSTGRES_URL=postgresql://USER@HOST:PORT/DB "
-    "(.ci/run starts one with .ci/postgres)"
-)
 
 
 @pytest.fixture(params=["journal", "postgresql"])
 def storage(request, tmp_path):
     """A storage URL that several processes can share, and a fresh study name on it."""
-    if request.param == "journal":
-        url = f"journal:///{tmp_path / 'study.journal'}"
-    else:
-        if not POSTGRES:
-            if os.environ.get("DYNAS_REQUIRE_POSTGRES"):
-                pytest.fail(f"DYNAS_REQUIRE_POSTGRES is set but there is {NO_POSTGRES}")
-            pytest.skip(NO_POSTGRES)
-        url = POSTGRES
+    url = f"journal:///{tmp_path / 'study.journal'}" if request.param == "journal" else request.getfixturevalue("postgres_url")
     return url, f"t-{uuid.uuid4().hex[:10]}"
 
 
@@ -247,18 +235,11 @@ def test_dead_journal_worker_trial_is_failed_and_queued_again(tmp_path):
 
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
-def test_a_trial_that_never_beat_is_failed_and_queued_again(backend, tmp_path, monkeypatch):
+def test_a_trial_that_never_beat_is_failed_and_queued_again(backend, tmp_path, monkeypatch, request):
     # A worker killed between study.ask() and its heartbeat thread's first beat leaves a RUNNING
     # trial without a heartbeat row; Optuna's stale-trial check skips it, and a resumed search
     # waited for it forever (CI, the whole-search kill test on PostgreSQL).
-    if backend == "sqlite":
-        url = f"sqlite:///{tmp_path / 's.db'}"
-    elif POSTGRES:
-        url = POSTGRES
-    elif os.environ.get("DYNAS_REQUIRE_POSTGRES"):
-        pytest.fail(f"DYNAS_REQUIRE_POSTGRES is set but there is {NO_POSTGRES}")
-    else:
-        pytest.skip(NO_POSTGRES)
+    url = f"sqlite:///{tmp_path / 's.db'}" if backend == "sqlite" else request.getfixturevalue("postgres_url")
     study = optuna.create_study(storage=open_storage(url, heartbeat_s=60), study_name=f"t-{uuid.uuid4().hex[:10]}",
                                 directions=["minimize"])
     silent = study.ask()

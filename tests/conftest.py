@@ -1,0 +1,27 @@
+"""Fixtures shared by several test files."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+NO_POSTGRES = (
+    "no PostgreSQL server: set DYNAS_TEST_POSTGRES_URL=postgresql://USER@HOST:PORT/DB "
+    "(.ci/run starts one with .ci/postgres)"
+)
+
+
+@pytest.fixture
+def postgres_url() -> str:
+    """The test PostgreSQL server's URL (``DYNAS_TEST_POSTGRES_URL``).
+
+    Without one the test skips and says why, or fails when ``DYNAS_REQUIRE_POSTGRES`` is set
+    (``.ci/run`` sets it, so CI cannot pass without running these tests).
+    """
+    url = os.environ.get("DYNAS_TEST_POSTGRES_URL")
+    if not url:
+        if os.environ.get("DYNAS_REQUIRE_POSTGRES"):
+            pytest.fail(f"DYNAS_REQUIRE_POSTGRES is set but there is {NO_POSTGRES}")
+        pytest.skip(NO_POSTGRES)
+    return url
