@@ -36,12 +36,17 @@ def _median_ms(fn, repeats: int, warmup: int) -> float:
     return statistics.median(times)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def timing_args(doc: str | None, argv: list[str] | None) -> argparse.Namespace:
+    """--threads, --repeats, --warmup of an operator benchmark (this one and ``row_product.py``)."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--warmup", type=int, default=3)
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = timing_args(__doc__, argv)
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} threads; median GMAC/s of F.conv2d on channels-last maps one row "
           f"high, {POSITIONS} output positions per call (ratio to {WIDTHS[-1]} columns)")

@@ -226,6 +226,35 @@ def _register_onednn_flops() -> bool:
 _ONEDNN = torch.backends.mkldnn.is_available() and _register_onednn_flops()
 
 
+#: a row product runs as a folded oneDNN convolution (:func:`_row_product`) from this many rows
+#: and this many multiply-accumulates; ``dynas.predictors.cpu`` counts work by the same rule
+FOLD_MIN_ROWS, FOLD_MIN_MACS = 64, 8_000_000
+
+
+def _row_product(rows: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """rows [M, K] times a 1x1 weight [N, K(, 1, 1)] -> [M, N] (``F.linear`` without bias).
+
+    On CPU float32 a large product runs as a oneDNN 1x1 convolution over the rows folded into a
+    map [1, K, M / f, f] (f = 8 or 7 columns; the rows are zero-padded to a multiple of 8 when
+    neither divides M).  A 1x1 convolution does not care where its pixels sit, and this torch
+    build's matrix product (MKL) ran at 100-110 GMAC/s on the 2-core AMD EPYC host against
+    210-240 for the folded convolution (``benchmarks/row_product.py``).  Small products keep
+    the matrix product: the convolution's fixed cost and its per-call weight re-layout cost more
+    than they save there (``FOLD_MIN_ROWS``, ``FOLD_MIN_MACS``, measured with that script).
+    """
+    m, k = rows.shape
+    w2 = w.reshape(w.shape[0], k)  # [N, K]
+    if (m < FOLD_MIN_ROWS or m * k * w2.shape[0] < FOLD_MIN_MACS or not _ONEDNN or rows.device.type != "cpu"
+            or rows.dtype != torch.float32 or (torch.is_grad_enabled() and (rows.requires_grad or w.requires_grad))):
+        return F.linear(rows, w2)
+    f = 8 if m % 8 == 0 else 7 if m % 7 == 0 else 8
+    padded = rows if m % f == 0 else F.pad(rows, (0, 0, 0, -m % f))  # [M', K], M' a multiple of f
+    x = padded.contiguous().view(1, -1, f, k).permute(0, 3, 1, 2)  # [M', K] -> NHWC [1, M'/f, f, K] -> NCHW view
+    # a [N, K] matrix seen as [N, K, 1, 1] is also channels-last: no copy, oneDNN re-lays it out
+    y = torch.ops.aten.mkldnn_convolution(x, w2.contiguous().view(*w2.shape, 1, 1), None, [0, 0], [1, 1], [1, 1], 1)
+    return y.permute(0, 2, 3, 1).reshape(-1, w2.shape[0])[:m]  # [1, N, M'/f, f] channels-last -> rows [M', N] -> [M, N]
+
+
 def _one_pixel(h: torch.Tensor, conv: nn.Conv2d, pad: int) -> bool:
     """Whether ``conv`` (ungrouped, k x k, k > 1) makes one output pixel of each image of ``h``:
     the 3x3 convolution of 1x1 spatial patches, whose windows are exactly the kernel's size."""
@@ -252,7 +281,7 @@ def _one_pixel_conv(h: torch.Tensor, conv: nn.Conv2d, rows: torch.Tensor | None,
         # [C_out' * kh * kw, C_in] -> selected inputs [C_out' * kh * kw, |cols|] -> [C_out', kh*kw*|cols|]
         m = m.reshape(-1, cin).index_select(1, cols).view(m.shape[0], -1)
     p = h.shape[0]
-    y = torch.mm(h.permute(0, 2, 3, 1).reshape(p, -1), m.t())  # [P, kh, kw, C] -> [P, kh*kw*C] -> [P, C_out']
+    y = _row_product(h.permute(0, 2, 3, 1).reshape(p, -1), m)  # [P, kh, kw, C] -> [P, kh*kw*C] -> [P, C_out']
     return y.view(p, 1, 1, -1).permute(0, 3, 1, 2)  # [P, C_out', 1, 1], channels-last strides
 
 
@@ -782,7 +811,7 @@ class DynamicBottleneck(DynamicBlock, Bottleneck):
 
     def _head_rows(self, rows, sel):
         w = self.conv1.weight.flatten(1)  # [width, C_in, 1, 1] -> [width, C_in]
-        return F.relu(_bn(F.linear(rows, _rows(w, sel)), self.bn1, sel), inplace=True)  # [M, C_in] -> [M, |sel|]
+        return F.relu(_bn(_row_product(rows, _rows(w, sel)), self.bn1, sel), inplace=True)  # [M, C_in] -> [M, |sel|]
 
     def _sparse_body(self, x, sel, geom):
         if sel is None:
@@ -813,9 +842,13 @@ class DynamicBottleneck(DynamicBlock, Bottleneck):
             h2 = _gated_conv(h, self.conv2, sel, self.spec.stride, geom.pad)
         h2 = F.relu(_bn(h2, self.bn2, sel), inplace=True)  # [B, |sel|, H', W']
         b, _, ho, wo = h2.shape
-        # conv3 reads the selected inputs: rows of the cached [width, C_out] transpose
-        w3t = _derived(self, "w3_t", self.conv3.weight, lambda w: w.flatten(1).t().contiguous())  # [width, C_out]
-        y = _bn(torch.mm(_pixels(h2), _rows(w3t, sel)), self.bn3, None)  # [B * H' * W', C_out]
+        # conv3 reads the selected inputs: rows of the cached [width, C_out] transpose (copied back
+        # to [C_out, |sel|] when the product is folded into a convolution)
+        w3 = self.conv3.weight
+        if sel is not None:
+            w3t = _derived(self, "w3_t", w3, lambda w: w.flatten(1).t().contiguous())  # [width, C_out]
+            w3 = _rows(w3t, sel).t()  # [|sel|, C_out] -> [C_out, |sel|] view
+        y = _bn(_row_product(_pixels(h2), w3), self.bn3, None)  # [B * H' * W', C_out]
         return y.view(b, ho, wo, -1).permute(0, 3, 1, 2)  # [B, C_out, H', W'], channels-last strides
 
 
@@ -856,7 +889,7 @@ class DynamicRegNetYBlock(DynamicBlock, RegNetYBlock):
     def _head_rows(self, rows, sel):
         a = self.f.a
         w = a[0].weight.flatten(1)  # [width, C_in, 1, 1] -> [width, C_in]
-        return F.relu(_bn(F.linear(rows, _rows(w, sel)), a[1], sel), inplace=True)  # [M, C_in] -> [M, |sel|]
+        return F.relu(_bn(_row_product(rows, _rows(w, sel)), a[1], sel), inplace=True)  # [M, C_in] -> [M, |sel|]
 
     def _sparse_body(self, x, sel, geom):
         a = self.f.a

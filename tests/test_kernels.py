@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from dynas.errors import ConfigError
@@ -613,3 +614,30 @@ def test_training_readout_has_the_adaptive_rate_and_configured_flops():
     assert rates["primary_adaptive"].shape == (3,) and rates["primary_adaptive"].requires_grad
     conf = blk.configured_flops()
     assert 0 < float(conf["executed_flops"][0]) < conf["dense_flops"]
+
+
+@pytest.mark.parametrize("m", [64, 70, 72, 131, 40])  # folded by 8, by 7, padded to 136; 40: too few rows
+def test_row_product_is_a_matrix_product(m, monkeypatch):
+    # the folded 1x1 convolution gives F.linear's rows, whatever the row count's divisors
+    gen = torch.Generator().manual_seed(3)
+    rows, w = torch.randn(m, 384, generator=gen), torch.randn(512, 384, generator=gen)
+    folded = []
+    real = torch.ops.aten.mkldnn_convolution
+    monkeypatch.setattr(torch.ops.aten, "mkldnn_convolution", lambda x, *a: folded.append(x.shape) or real(x, *a))
+    with torch.no_grad():
+        out = blocks._row_product(rows, w)
+        out_t = blocks._row_product(rows, w.t().contiguous().t())  # a transposed view, as conv3 passes it
+    torch.testing.assert_close(out, F.linear(rows, w), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out_t, F.linear(rows, w), atol=1e-4, rtol=1e-4)
+    will_fold = blocks._ONEDNN and m >= blocks.FOLD_MIN_ROWS
+    assert bool(folded) == will_fold
+    if will_fold:
+        f = folded[0][-1]
+        assert f == (8 if m % 8 == 0 else 7 if m % 7 == 0 else 8) and folded[0][2] * f >= m  # [1, K, M'/f, f]
+
+
+def test_row_product_keeps_the_matrix_product_for_autograd():
+    rows = torch.randn(128, 256, requires_grad=True)
+    w = torch.randn(128, 256)
+    blocks._row_product(rows, w).sum().backward()
+    torch.testing.assert_close(rows.grad, w.sum(0).expand(128, -1))
