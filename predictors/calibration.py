@@ -134,6 +134,8 @@ def cost_comments(costs: cpu.CpuCosts) -> dict[str, str]:
             out[field] = f"{1e3 / v:.1f} GMAC/s effective" if v > 0 else "negligible in the fit"
         elif field.endswith("_ms_per_melem"):
             out[field] = f"{4.0 / v:.1f} GB/s effective (float32)" if v > 0 else "negligible in the fit"
+        elif field.endswith("_ms_per_mrow"):
+            out[field] = f"{v:.1f} ns per row" if v > 0 else "negligible in the fit"
         else:
             out[field] = f"{v:.2f} us per call"
     return out

@@ -9,13 +9,16 @@ fixed cost per dispatched operator.  So this model walks the fast path of
 =====================  ==================================================================
 term                   what is counted (per forward pass of the batch)
 =====================  ==================================================================
-``pointwise_gmac``     multiply-accumulates of 1x1 convolutions and row products (GMAC)
+``pointwise_gmac``     multiply-accumulates of 1x1 convolutions, and of row products large
+                       enough to run folded into one (``FOLD_MIN_ROWS``, ``FOLD_MIN_MACS``) (GMAC)
 ``conv3x3_gmac``       ... of dense 3x3 convolutions, whole maps or gathered windows
 ``grouped_gmac``       ... of grouped 3x3 convolutions (RegNetY)
 ``stem_gmac``          ... of the stem convolution
 ``smallmap_gmac``      ... of convolutions (not row products) whose output per sample or patch
                        is at most 8 x 8 positions: the threads' blocking over positions is
                        then poorly filled (7 x 7 maps, gathered patches)
+``mm_gmac``            ... of the other row products (matrix products: maskers, SE, head,
+                       small gathered products), which run in the BLAS library, not oneDNN
 ``w_pointwise_melem``  weight elements per 1x1-convolution call (M elements): the library
                        re-lays the weights out on every call, so each call reads and writes them
 ``w_conv3x3_melem``    ... per 3x3 (dense, grouped or stem) convolution call
@@ -25,13 +28,15 @@ term                   what is counted (per forward pass of the batch)
 ``gather_melem``       elements moved by row gathers/scatters, zero fills and padding copies
 ``index_melem``        elements moved by multi-dimensional advanced indexing (patch regions
                        of the input, windows of the zero-padded buffer)
+``index_mrows``        contiguous runs (pixel rows of channels) those copies move (M rows):
+                       the indexing kernel costs per run as well as per element
 ``conv_calls``         convolution calls
-``mm_calls``           matrix-product / linear calls (row products, maskers, SE, head)
+``mm_calls``           matrix-product / linear calls (unfolded row products, maskers, SE, head)
 ``op_calls``           every other dispatched operator (index ops, element-wise, masker)
 =====================  ==================================================================
 
 and a target gives one cost per unit of each term (``ms_per_gmac``, ``ms_per_melem``,
-``us_per_call``), fitted to measurements by ``dynas calibrate``
+``ms_per_mrow``, ``us_per_call``), fitted to measurements by ``dynas calibrate``
 (:mod:`dynas.predictors.calibration`).  Latency = the sum of work x cost: linear in the
 costs, so the fit is a non-negative least-squares problem and each fitted cost stays a
 physical quantity (an effective throughput, a bandwidth, an overhead).
@@ -66,19 +71,20 @@ __all__ = ["TERMS", "COST_FIELDS", "COLUMN_BLOCKS", "COMPUTE_TERMS", "MEMORY_TER
            "work_latency_ms"]
 
 #: work terms, in the order of :data:`COST_FIELDS`
-TERMS: tuple[str, ...] = ("pointwise_gmac", "conv3x3_gmac", "grouped_gmac", "stem_gmac", "smallmap_gmac", "w_pointwise_melem",
+TERMS: tuple[str, ...] = ("pointwise_gmac", "conv3x3_gmac", "grouped_gmac", "stem_gmac", "smallmap_gmac", "mm_gmac",
+                          "w_pointwise_melem",
                           "w_conv3x3_melem", "w_mm_melem",
-                          "conv_io_melem", "stream_melem", "gather_melem", "index_melem", "conv_calls", "mm_calls",
+                          "conv_io_melem", "stream_melem", "gather_melem", "index_melem", "index_mrows", "conv_calls", "mm_calls",
                           "op_calls")
 #: target-file field holding the cost of one unit of each term
 COST_FIELDS: tuple[str, ...] = ("pointwise_ms_per_gmac", "conv3x3_ms_per_gmac", "grouped_ms_per_gmac",
-                                "stem_ms_per_gmac", "smallmap_ms_per_gmac", "w_pointwise_ms_per_melem",
+                                "stem_ms_per_gmac", "smallmap_ms_per_gmac", "mm_ms_per_gmac", "w_pointwise_ms_per_melem",
                                 "w_conv3x3_ms_per_melem", "w_mm_ms_per_melem", "conv_io_ms_per_melem",
-                                "stream_ms_per_melem", "gather_ms_per_melem", "index_ms_per_melem", "conv_call_us",
+                                "stream_ms_per_melem", "gather_ms_per_melem", "index_ms_per_melem", "index_ms_per_mrow", "conv_call_us",
                                 "mm_call_us", "op_call_us")
-_TO_MS = np.array([1.0] * 12 + [1e-3] * 3)  # the per-call costs are stored in microseconds
+_TO_MS = np.array([1.0] * 14 + [1e-3] * 3)  # the per-call costs are stored in microseconds
 #: which terms are compute (MACs), memory (elements) and per-call overhead
-COMPUTE_TERMS, MEMORY_TERMS, CALL_TERMS = slice(0, 5), slice(5, 12), slice(12, 15)
+COMPUTE_TERMS, MEMORY_TERMS, CALL_TERMS = slice(0, 6), slice(6, 14), slice(14, 17)
 #: [3, len(TERMS)] 0/1 rows selecting the compute, memory and call terms
 TERM_KINDS = np.zeros((3, len(TERMS)))
 for _row, _sl in enumerate((COMPUTE_TERMS, MEMORY_TERMS, CALL_TERMS)):
@@ -89,6 +95,10 @@ _SMALL_MAP = 64  # output positions per sample or patch at or below which a conv
 #: candidate widths (output columns a convolution kernel computes at once, see ``_Work.conv``)
 #: among which ``dynas calibrate`` picks the one that fits its measurements best; 1 = no effect
 COLUMN_BLOCKS: tuple[int, ...] = (1, 2, 3, 4, 6, 8)
+#: a row product (``mm``) of at least this many rows and multiply-accumulates runs as a 1x1
+#: convolution of the rows folded into 8 columns (``_row_product`` in ``kernels/blocks.py``,
+#: whose constants these mirror; a test checks that they agree)
+FOLD_MIN_ROWS, FOLD_MIN_MACS = 64, 8_000_000
 
 
 class CpuCosts(NamedTuple):
@@ -99,6 +109,7 @@ class CpuCosts(NamedTuple):
     grouped_ms_per_gmac: float
     stem_ms_per_gmac: float
     smallmap_ms_per_gmac: float
+    mm_ms_per_gmac: float
     w_pointwise_ms_per_melem: float
     w_conv3x3_ms_per_melem: float
     w_mm_ms_per_melem: float
@@ -106,6 +117,7 @@ class CpuCosts(NamedTuple):
     stream_ms_per_melem: float
     gather_ms_per_melem: float
     index_ms_per_melem: float
+    index_ms_per_mrow: float
     conv_call_us: float
     mm_call_us: float
     op_call_us: float
@@ -113,6 +125,11 @@ class CpuCosts(NamedTuple):
     def vector_ms(self) -> np.ndarray:
         """[len(TERMS)] milliseconds per unit of each term."""
         return np.asarray(self, dtype=np.float64) * _TO_MS
+
+
+def folds(rows: float, macs: float) -> bool:
+    """Whether a row product of ``rows`` rows and ``macs`` multiply-accumulates runs folded."""
+    return rows >= FOLD_MIN_ROWS and macs >= FOLD_MIN_MACS
 
 
 class _Work:
@@ -137,21 +154,26 @@ class _Work:
         ``column_block / columns``.  (Measured with oneDNN on a 2-core AMD EPYC: maps one column
         wide, as 1x1 spatial patches give, ran at ~1/4 of the throughput of wide ones, two
         columns at ~1/2, four or more at nearly full rate, for 1x1, 3x3 and grouped convolutions
-        alike.)  Matrix products of pixel rows have no columns."""
+        alike.)  Matrix products of pixel rows have no columns; a large one (:func:`folds`)
+        runs as a 1x1 convolution of the rows folded into 8 columns and is counted as one."""
         macs = rows * cout * cin_pg * k * k
+        folded = mm and folds(rows, macs)  # a 1x1 convolution over the rows folded into 8 columns
         if not mm and hw is not None and hw[1] < self.column_block:
             macs *= self.column_block / hw[1]
         area = None if hw is None else hw[0] * hw[1]
         if kind == "stem":
             term = "stem_gmac"
+        elif folded:
+            term = "pointwise_gmac"
         elif mm:
-            term = "pointwise_gmac"  # a product of pixel (or window) rows
+            term = "mm_gmac"  # a product of pixel (or window) rows
         elif area is not None and area <= _SMALL_MAP:
             term = "smallmap_gmac"
         else:
             term = {"": "pointwise_gmac" if k == 1 else "conv3x3_gmac", "grouped": "grouped_gmac"}[kind]
+        mm = mm and not folded
         self._add(term, macs * 1e-9)
-        wterm = "w_mm_melem" if mm else "w_pointwise_melem" if k == 1 else "w_conv3x3_melem"
+        wterm = "w_mm_melem" if mm else "w_pointwise_melem" if k == 1 or folded else "w_conv3x3_melem"
         self._add(wterm, cout * cin_pg * k * k * 1e-6)
         self._add("conv_io_melem", rows * (cin_total + cout) * 1e-6)
         self._add("mm_calls" if mm else "conv_calls", 1)
@@ -164,8 +186,9 @@ class _Work:
         self._add("gather_melem", elems * 1e-6)
         self._add("op_calls", calls)
 
-    def index(self, elems: float, calls: float = 1) -> None:
+    def index(self, elems: float, rows: float, calls: float = 1) -> None:
         self._add("index_melem", elems * 1e-6)
+        self._add("index_mrows", rows * 1e-6)
         self._add("op_calls", calls)
 
     def ops(self, calls: float) -> None:
@@ -262,7 +285,7 @@ def _body(w: _Work, b: BlockSpec, rows_in: float, rows_out: float, samples: floa
     w.conv(rows_in, cin, k, 1, cin, mm=rows_mm or windows > 0, hw=mid_hw)
     _bn_relu(w, rows_in * k, selected=selected)
     if windows:
-        w.index(windows * k)  # the strided windows of the zero-padded buffer, copied for the conv
+        w.index(windows * k, windows)  # the strided windows of the zero-padded buffer, copied for the conv
     if b.groups == 1:
         one_pixel = out_hw == (1, 1)  # 1x1 patches: one matrix product of window rows
         if selected and one_pixel:
@@ -283,6 +306,8 @@ def _body(w: _Work, b: BlockSpec, rows_in: float, rows_out: float, samples: floa
     if selected:
         if b.kind == "bottleneck":
             w.gather(k * cout)  # rows of the cached transpose
+            if rows_mm and folds(rows_out, rows_out * k * cout):
+                w.gather(k * cout)  # ... copied back to [C_out, k] for the folded convolution
         else:
             w.gather(k * cout)  # selected input channels: columns of the cached channels-last matrix
     w.conv(rows_out, k, cout, 1, k, mm=rows_mm, hw=out_hw)
@@ -403,7 +428,7 @@ def block_work(b: BlockSpec, st: StageConfig, n: int, run_prob: float = 1.0, col
         region = (S - 1) * b.stride + 3 + 2 * b.stride  # input region side, halo of both convs
         mid = S + 2
         w.gather(n * b.in_channels * (hi + 2 * b.stride + 2) * (wi + 2 * b.stride + 2))  # F.pad of the input
-        w.index(P * region * region * b.in_channels, 4)
+        w.index(P * region * region * b.in_channels, P * region * region, 4)
         w.weight = parts
         _body(w, b, P / parts * region * region, rows_out / parts, n / parts, k, bool(groups),
               mid_rows=P / parts * mid * mid, gathered_se=True, touched=touched, out_hw=(S, S), mid_hw=(mid, mid))

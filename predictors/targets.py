@@ -20,8 +20,9 @@ A target file is TOML::
 
 A *measured* target (``kind = "cpu"``, written by ``dynas calibrate``) has no ``[hardware]``
 table; its ``[cpu]`` table holds the fitted cost of each unit of work of
-:mod:`dynas.predictors.cpu` (``pointwise_ms_per_gmac``, ..., ``op_call_us``; every field
-required, each a number >= 0), ``threads``, the thread count it was measured with, and
+:mod:`dynas.predictors.cpu` (``pointwise_ms_per_gmac``, ..., ``op_call_us``; each a number >= 0, every
+field required except ``mm_ms_per_gmac`` and ``index_ms_per_mrow``, which files written before
+they existed lack: those read as the file meant them, see ``_LATER_FIELDS``), ``threads``, the thread count it was measured with, and
 ``column_block`` (optional, default 1), the output columns a convolution kernel computes at
 once, which the calibration picks along with the costs.  Its
 ``[environment]`` (device, torch version, date, ...) and ``[fit]`` (how well the model fits the
@@ -140,6 +141,11 @@ def _common(data: dict[str, Any], origin: str) -> tuple[str, str, int, dict[str,
     return kind, name, int(batch), {str(k): str(v) for k, v in sources.items()}
 
 
+#: cost fields added after files were written: what such a file meant for each.  Row products
+#: were counted at the 1x1-convolution rate; indexing cost per element only (no per-row cost).
+_LATER_FIELDS: dict[str, str | None] = {"mm_ms_per_gmac": "pointwise_ms_per_gmac", "index_ms_per_mrow": None}
+
+
 def _cpu_from_mapping(data: dict[str, Any], origin: str, path: str | None) -> HardwareTarget:
     kind, name, batch, sources = _common(data, origin)
     table = data.get("cpu")
@@ -151,9 +157,13 @@ def _cpu_from_mapping(data: dict[str, Any], origin: str, path: str | None) -> Ha
         raise TargetError(f"{origin}: cpu.{unknown[0]} is unknown; allowed: {', '.join(allowed)}")
     costs = []
     for f in COST_FIELDS:
-        if f not in table:
+        if f not in table and f in _LATER_FIELDS:  # a file written before the field existed
+            src = _LATER_FIELDS[f]
+            v = table.get(src, 0.0) if src else 0.0  # a missing source field is reported as itself
+        elif f not in table:
             raise TargetError(f"{origin}: cpu.{f} is missing; allowed: a number >= 0")
-        v = table[f]
+        else:
+            v = table[f]
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
             raise TargetError(f"{origin}: cpu.{f}={v!r} is out of range; allowed: a number >= 0")
         costs.append(float(v))

@@ -120,7 +120,9 @@ def test_channel_rate_one_runs_the_batch_whole():
     whole = cpu.block_work(b, StageConfig("channel", 1.0, channel_granularity=4), 8)
     split = cpu.block_work(b, StageConfig("channel", 0.95, channel_granularity=4), 8)
     conv_calls = cpu.TERMS.index("conv_calls")
-    assert whole[conv_calls] == 1 and split[conv_calls] > 7  # one 3x3 conv call vs one per selection
+    # the whole batch: conv1, the 3x3 conv and conv3 once each (8 x 49 rows: the 1x1s run folded);
+    # split: a 3x3 conv per selection (49 rows each: conv1 and conv3 stay matrix products)
+    assert whole[conv_calls] == 3 and split[conv_calls] > 7
 
 
 def test_static_is_the_rate_one_layer_limit_minus_masker_work():
@@ -226,6 +228,35 @@ def test_narrow_maps_cost_the_column_block_in_macs():
     # 1x1 patches: conv2 is a matrix product of window rows, which has no columns
     one = StageConfig("spatial", 0.5, spatial_granularity=1)
     assert np.array_equal(cpu.block_work(b, one, 1, 1.0, 4), cpu.block_work(b, one, 1, 1.0, 1))
+
+
+def test_the_model_folds_row_products_where_the_kernels_do():
+    from dynas.kernels import blocks
+
+    assert (cpu.FOLD_MIN_ROWS, cpu.FOLD_MIN_MACS) == (blocks.FOLD_MIN_ROWS, blocks.FOLD_MIN_MACS)
+    # a channel-gated bottleneck: conv1 / conv3 are row products on the selected channels; at
+    # batch 8 on 14 x 14 they are folded convolutions, at batch 1 on 7 x 7 (49 rows) BLAS products
+    gated = StageConfig("channel", 0.5, channel_granularity=64)
+    mm, pw = cpu.TERMS.index("mm_gmac"), cpu.TERMS.index("pointwise_gmac")
+    big = get_backbone("resnet50", (224, 224)).stage_blocks(2)[1]  # 1024 -> 256 -> 1024 on 14 x 14
+    small = get_backbone("resnet50", (224, 224)).stage_blocks(3)[1]  # 2048 -> 512 -> 2048 on 7 x 7
+    w_big, w_small = cpu.block_work(big, gated, 8, 1.0, 1), cpu.block_work(small, gated, 1, 1.0, 1)
+    masker_gmac = w_big[mm]  # what stays a BLAS product at batch 8: the masker's two small layers
+    assert masker_gmac < 1e-3 and w_big[pw] > 0.3
+    k = budget_count(0.5, 8) * 64
+    rows_gmac = 49 * k * (2048 + 2048) * 1e-9  # conv1 [49, 2048] -> [49, k], conv3 [49, k] -> [49, 2048]
+    assert w_small[mm] == pytest.approx(rows_gmac, rel=1e-2)
+
+
+def test_old_target_files_keep_their_meaning(tmp_path):
+    # files written before row products and indexed rows had their own costs load as they fitted
+    costs = cpu.CpuCosts(*(0.5 + i for i in range(len(cpu.COST_FIELDS))))
+    text = target_toml(_target(costs))
+    old = "\n".join(l for l in text.splitlines() if not l.startswith(("mm_ms_per_gmac", "index_ms_per_mrow")))
+    (tmp_path / "old.toml").write_text(old)
+    back = load_target(str(tmp_path / "old.toml")).cpu
+    assert back.mm_ms_per_gmac == costs.pointwise_ms_per_gmac and back.index_ms_per_mrow == 0.0
+    assert back._replace(mm_ms_per_gmac=costs.mm_ms_per_gmac, index_ms_per_mrow=costs.index_ms_per_mrow) == costs
 
 
 @pytest.mark.parametrize("true_block", [1, 4])
