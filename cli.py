@@ -28,6 +28,7 @@ import logging
 import math
 import os
 import re
+import statistics
 import sys
 import warnings
 from pathlib import Path
@@ -586,7 +587,7 @@ def _read_csv(option: str, path: str) -> Any:
 def _recorded_environment(df: Any) -> dict[str, Any]:
     """The environment columns of a measurement table (first row)."""
     kinds = {"threads": int}
-    keys = ("device", "device_name", "torch_version", "threads", "date", "python", "gate_mode")
+    keys = ("device", "device_name", "torch_version", "threads", "date", "python", "gate_mode", "malloc")
     return {k: kinds.get(k, str)(df[k].iloc[0]) for k in keys if k in df.columns}
 
 
@@ -643,9 +644,12 @@ def _cmd_validate(args: argparse.Namespace) -> int:
             items = [PlanItem(c, n) for c in _load_config_list(args.configs) for n in args.batch_size]
         else:
             items = validation_plan(args.backbones, args.input_size, args.batch_size, args.count, args.seed)
+        host_ratio = _host_ratio(target, items, args.device)
         _logger.info("measuring %d held-out networks on %s, %d round(s)", len(items), args.device, args.rounds)
         measured = pd.DataFrame(run_rounds(items, args.rounds, device=args.device, repeats=args.repeats,
                                            warmup=args.warmup, seed=args.seed, progress=_progress(None)))
+        if host_ratio is not None:
+            measured["host_ratio"] = host_ratio
     df = compare(measured, target)
     write_validation_csv(df, csv_path)
     write_validation_html(df, html_path, f"dynas validate: target {target.name}")
@@ -659,8 +663,20 @@ def _cmd_validate(args: argparse.Namespace) -> int:
             rows.append({"part": part, "batch": int(n), "count": s["count"], "MAPE %": s["mape_pct"],
                          "within 10%": f"{100 * s['within_10pct']:.0f}%", "Spearman": s["spearman"],
                          "Kendall": s["kendall"], "max |err| %": s["max_abs_err_pct"]})
+    ratio = float(df["host_ratio"].iloc[0]) if "host_ratio" in df and df["host_ratio"].notna().any() else None
+    if ratio is not None:
+        for n in sorted(df["batch_size"].unique()):
+            sub = df[(df["part"] == "network") & (df["batch_size"] == n)].copy()
+            sub["rel_err"] = sub["predicted_ms"] * ratio / sub["measured_ms"] - 1
+            s = summarize(sub)
+            rows.append({"part": "networks x host", "batch": int(n), "count": s["count"], "MAPE %": s["mape_pct"],
+                         "within 10%": f"{100 * s['within_10pct']:.0f}%", "Spearman": s["spearman"],
+                         "Kendall": s["kendall"], "max |err| %": s["max_abs_err_pct"]})
     _print(f"target {target.name}: predicted vs measured")
     _print(_table(rows, ["part", "batch", "count", "MAPE %", "within 10%", "Spearman", "Kendall", "max |err| %"]))
+    if ratio is not None:
+        _print(f"host speed: the calibration's static networks now take {ratio:.3f} x their calibrated time "
+               f"(1 = unchanged); 'networks x host' scores the predictions scaled by it")
     nets = df[df["part"] == "network"]
     worst = nets.loc[nets["rel_err"].abs().sort_values(ascending=False).index].head(5)
     if not worst.empty:
@@ -670,6 +686,25 @@ def _cmd_validate(args: argparse.Namespace) -> int:
                       ["backbone", "batch", "config", "measured ms", "predicted ms", "error %"]))
     _print(f"table: {csv_path}\nplot: {html_path}")
     return 0
+
+
+def _host_ratio(target: Any, items: Sequence[Any], device: str) -> float | None:
+    """Median (now / at calibration) time of the target's recorded static networks of the
+    backbones, input sizes and batch sizes of ``items``; None when it recorded none of them."""
+    from dynas.kernels.calibrate import host_speed
+
+    if target.kind != "cpu" or not target.static_ms:
+        return None
+    refs = host_speed(target.static_ms, sorted({(i.config.backbone, i.config.input_size, i.batch_size) for i in items}),
+                      device)
+    for r in refs:
+        _logger.info("static %s: %.2f ms now, %.2f ms at calibration (x%.3f)", r["key"], r["measured_ms"],
+                     r["calibrated_ms"], r["ratio"])
+    if not refs:
+        _logger.warning("target %s records no static network of these backbones, sizes and batch sizes: "
+                        "host speed not checked", target.name)
+        return None
+    return statistics.median(r["ratio"] for r in refs)
 
 
 def _measuring_args(p: argparse.ArgumentParser, threads_help: str, backbones: Sequence[str], backbones_help: str,
@@ -910,6 +945,9 @@ def build_parser() -> argparse.ArgumentParser:
         "0.15, 0.25, ... lattice that calibration never uses, or the configs of --configs), predict them\n"
         "with TARGET, and report MAPE, share within +/-10%, Spearman and Kendall for whole networks and\n"
         "single stages, the worst cases, a predicted-vs-measured HTML plot and a CSV.\n"
+        "First it times again the static networks the target recorded at calibration and reports\n"
+        "the host's speed now against then (a shared machine drifts), and the network scores with the\n"
+        "predictions scaled by it ('networks x host').\n"
         "Freed memory is kept in the process, as calibrate does.",
     )
     p.add_argument("--target", required=True, metavar="TARGET", help="target name or file (e.g. from dynas calibrate)")

@@ -29,11 +29,12 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import torch
 
 from dynas.errors import ConfigError
+from dynas.predictors.targets import static_key
 from dynas.spaces.config import ArchConfig
 from dynas.spaces.design import PlanItem
 from dynas.spaces.torch_model import block_module_name
 
-__all__ = ["Measurement", "environment", "keep_freed_memory", "measure", "run_plan", "run_rounds"]
+__all__ = ["Measurement", "environment", "host_speed", "keep_freed_memory", "measure", "run_plan", "run_rounds"]
 
 
 @dataclass(frozen=True)
@@ -193,6 +194,30 @@ def run_plan(items: Iterable[PlanItem], device: str = "cpu", repeats: int = 5, w
         done += 1
         if progress is not None:
             progress(done, time.perf_counter() - t0, item, m)
+    return rows
+
+
+def host_speed(static_ms: dict[str, float], networks: Iterable[tuple[str, Any, int]], device: str = "cpu",
+               repeats: int = 5, warmup: int = 2) -> list[dict[str, Any]]:
+    """Time again the static networks a target recorded at calibration (``static_ms``, see
+    :func:`dynas.predictors.targets.static_key`) among ``networks`` (backbone, input size,
+    batch size).
+
+    One row per network: ``key``, ``calibrated_ms``, ``measured_ms`` and ``ratio`` (now / then).
+    A shared machine's speed drifts (other tenants, clock); a ratio away from 1 for all of them
+    says the host no longer runs at the speed its target was fitted at, which shifts every
+    prediction by that factor.  Networks the target has no record of are skipped.
+    """
+    rows = []
+    seen = set()
+    for backbone, input_size, n in networks:
+        cfg = ArchConfig.static(backbone, input_size)
+        key = static_key(cfg.backbone, cfg.input_size, n)
+        if key in seen or key not in static_ms:
+            continue
+        seen.add(key)
+        ms = measure(cfg, n, device, repeats, warmup).network_ms
+        rows.append({"key": key, "calibrated_ms": static_ms[key], "measured_ms": ms, "ratio": ms / static_ms[key]})
     return rows
 
 

@@ -23,7 +23,7 @@ import pandas as pd
 from dynas.errors import ConfigError
 from dynas.predictors import cpu
 from dynas.predictors.latency import _stage_work, predict
-from dynas.predictors.targets import HardwareTarget, load_target
+from dynas.predictors.targets import HardwareTarget, load_target, static_key
 from dynas.spaces.config import load_config, stage_runs
 
 __all__ = ["REQUIRED_COLUMNS", "check_measurements", "fit_target", "compare", "summarize", "cost_comments"]
@@ -119,11 +119,27 @@ def fit_target(measurements: pd.DataFrame, name: str, environment: Mapping[str, 
            "outlier_limit_pct": limit * 100, "networks": networks,
            "parts_mape_pct": float(np.mean(np.abs(rel)) * 100), "parts_within_10pct": float(np.mean(np.abs(rel) <= 0.1))}
     threads = int(env.get("threads", 1) or 1)
+    static_ms = _static_ms(measurements, cache)
     return HardwareTarget(name=name, description=description or f"dynas kernels measured on {env.get('device_name', 'this device')}",
                           kind="cpu", default_batch_size=default_batch_size, cpu=costs, threads=threads,
                           column_block=column_block,
                           unexercised=tuple(unexercised),
-                          environment={k: v for k, v in env.items() if isinstance(v, (str, int, float))}, fit=fit)
+                          environment={k: v for k, v in env.items() if isinstance(v, (str, int, float))}, fit=fit,
+                          static_ms=static_ms)
+
+
+def _static_ms(measurements: pd.DataFrame, cache: dict) -> dict[str, float]:
+    """Median measured latency of each wholly static network in ``measurements`` (by ``static_key``)."""
+    nets = measurements[measurements["part"] == "network"]
+    times: dict[str, list[float]] = {}
+    for r in nets.itertuples(index=False):
+        cfg = cache.get(r.config)
+        if cfg is None:
+            cfg = cache[r.config] = load_config(r.config)
+        if all(st.paradigm == "static" for st in cfg.stages):
+            key = static_key(cfg.backbone, cfg.input_size, int(r.batch_size))
+            times.setdefault(key, []).append(float(r.measured_ms))
+    return {k: float(np.median(v)) for k, v in sorted(times.items())}
 
 
 def cost_comments(costs: cpu.CpuCosts) -> dict[str, str]:

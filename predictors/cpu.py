@@ -17,8 +17,10 @@ term                   what is counted (per forward pass of the batch)
 ``smallmap_gmac``      ... of convolutions (not row products) whose output per sample or patch
                        is at most 8 x 8 positions: the threads' blocking over positions is
                        then poorly filled (7 x 7 maps, gathered patches)
-``mm_gmac``            ... of the other row products (matrix products: maskers, SE, head,
-                       small gathered products), which run in the BLAS library, not oneDNN
+``mm_gmac``            ... of the other row products (matrix products of pixel or window
+                       rows), which run in the BLAS library, not oneDNN
+``vec_gmac``           ... of products of per-sample vectors (maskers, SE, head: one row per
+                       sample, so bound by reading the weights, not by arithmetic)
 ``w_pointwise_melem``  weight elements per 1x1-convolution call (M elements): the library
                        re-lays the weights out on every call, so each call reads and writes them
 ``w_conv3x3_melem``    ... per 3x3 (dense, grouped or stem) convolution call
@@ -71,20 +73,20 @@ __all__ = ["TERMS", "COST_FIELDS", "COLUMN_BLOCKS", "COMPUTE_TERMS", "MEMORY_TER
            "work_latency_ms"]
 
 #: work terms, in the order of :data:`COST_FIELDS`
-TERMS: tuple[str, ...] = ("pointwise_gmac", "conv3x3_gmac", "grouped_gmac", "stem_gmac", "smallmap_gmac", "mm_gmac",
+TERMS: tuple[str, ...] = ("pointwise_gmac", "conv3x3_gmac", "grouped_gmac", "stem_gmac", "smallmap_gmac", "mm_gmac", "vec_gmac",
                           "w_pointwise_melem",
                           "w_conv3x3_melem", "w_mm_melem",
                           "conv_io_melem", "stream_melem", "gather_melem", "index_melem", "index_mrows", "conv_calls", "mm_calls",
                           "op_calls")
 #: target-file field holding the cost of one unit of each term
 COST_FIELDS: tuple[str, ...] = ("pointwise_ms_per_gmac", "conv3x3_ms_per_gmac", "grouped_ms_per_gmac",
-                                "stem_ms_per_gmac", "smallmap_ms_per_gmac", "mm_ms_per_gmac", "w_pointwise_ms_per_melem",
+                                "stem_ms_per_gmac", "smallmap_ms_per_gmac", "mm_ms_per_gmac", "vec_ms_per_gmac", "w_pointwise_ms_per_melem",
                                 "w_conv3x3_ms_per_melem", "w_mm_ms_per_melem", "conv_io_ms_per_melem",
                                 "stream_ms_per_melem", "gather_ms_per_melem", "index_ms_per_melem", "index_ms_per_mrow", "conv_call_us",
                                 "mm_call_us", "op_call_us")
-_TO_MS = np.array([1.0] * 14 + [1e-3] * 3)  # the per-call costs are stored in microseconds
+_TO_MS = np.array([1.0] * 15 + [1e-3] * 3)  # the per-call costs are stored in microseconds
 #: which terms are compute (MACs), memory (elements) and per-call overhead
-COMPUTE_TERMS, MEMORY_TERMS, CALL_TERMS = slice(0, 6), slice(6, 14), slice(14, 17)
+COMPUTE_TERMS, MEMORY_TERMS, CALL_TERMS = slice(0, 7), slice(7, 15), slice(15, 18)
 #: [3, len(TERMS)] 0/1 rows selecting the compute, memory and call terms
 TERM_KINDS = np.zeros((3, len(TERMS)))
 for _row, _sl in enumerate((COMPUTE_TERMS, MEMORY_TERMS, CALL_TERMS)):
@@ -110,6 +112,7 @@ class CpuCosts(NamedTuple):
     stem_ms_per_gmac: float
     smallmap_ms_per_gmac: float
     mm_ms_per_gmac: float
+    vec_ms_per_gmac: float
     w_pointwise_ms_per_melem: float
     w_conv3x3_ms_per_melem: float
     w_mm_ms_per_melem: float
@@ -145,7 +148,8 @@ class _Work:
 
     def conv(self, rows: float, cin_pg: int, cout: int, k: int, cin_total: int, kind: str = "", mm: bool = False,
              hw: tuple[int, int] | None = None) -> None:
-        """A convolution (``mm``: a matrix product of pixel rows): ``rows`` output positions x
+        """A convolution (``mm``: a matrix product of pixel rows; ``kind="vec"``: of per-sample
+        vectors): ``rows`` output positions x
         ``cout`` outputs, each reading ``cin_pg x k x k`` inputs; ``cin_total`` input channels
         stored per position; ``hw``: output rows x columns per sample or patch.
 
@@ -165,6 +169,8 @@ class _Work:
             term = "stem_gmac"
         elif folded:
             term = "pointwise_gmac"
+        elif mm and kind == "vec":
+            term = "vec_gmac"  # a product of per-sample vectors (maskers, SE, head)
         elif mm:
             term = "mm_gmac"  # a product of pixel (or window) rows
         elif area is not None and area <= _SMALL_MAP:
@@ -203,9 +209,9 @@ class _Work:
 def _mlp_masker(w: _Work, b: BlockSpec, n: int, decisions: int) -> None:
     hidden = max(16, b.in_channels // 16)
     w.stream(n * b.in_channels * (b.in_hw[0] * b.in_hw[1] + 1))  # global mean
-    w.conv(n, b.in_channels, hidden, 1, b.in_channels, mm=True)  # fc1
+    w.conv(n, b.in_channels, hidden, 1, b.in_channels, kind="vec", mm=True)  # fc1
     w.stream(2 * n * hidden)  # relu
-    w.conv(n, hidden, 2 * decisions, 1, hidden, mm=True)  # fc2
+    w.conv(n, hidden, 2 * decisions, 1, hidden, kind="vec", mm=True)  # fc2
     w.ops(4)  # view, score difference, random scores, budget
 
 
@@ -234,9 +240,9 @@ def _se(w: _Work, b: BlockSpec, rows: float, samples: float, cw: int, gathered: 
     if not b.se_channels:
         return
     w.stream(rows * cw + samples * cw, 2 if gathered else 1)  # pool (sum + index_add per sample)
-    w.conv(samples, cw, b.se_channels, 1, cw, mm=linear, hw=(1, 1))
+    w.conv(samples, cw, b.se_channels, 1, cw, kind="vec" if linear else "", mm=linear, hw=(1, 1))
     w.stream(2 * samples * b.se_channels)
-    w.conv(samples, b.se_channels, cw, 1, b.se_channels, mm=linear, hw=(1, 1))
+    w.conv(samples, b.se_channels, cw, 1, b.se_channels, kind="vec" if linear else "", mm=linear, hw=(1, 1))
     w.stream(2 * samples * cw)  # sigmoid
     w.stream(2 * rows * cw)  # scale
     if cw != b.width:
@@ -464,7 +470,7 @@ def stem_work(stem: StemSpec, in_hw: tuple[int, int], n: int) -> np.ndarray:
 def head_work(head_in: int, head_hw: tuple[int, int], classes: int, n: int) -> np.ndarray:
     w = _Work()
     w.stream(n * head_in * (head_hw[0] * head_hw[1] + 1), 2)  # global pool, flatten
-    w.conv(n, head_in, classes, 1, head_in, mm=True)
+    w.conv(n, head_in, classes, 1, head_in, kind="vec", mm=True)
     return w.result()
 
 

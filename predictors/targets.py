@@ -21,12 +21,13 @@ A target file is TOML::
 A *measured* target (``kind = "cpu"``, written by ``dynas calibrate``) has no ``[hardware]``
 table; its ``[cpu]`` table holds the fitted cost of each unit of work of
 :mod:`dynas.predictors.cpu` (``pointwise_ms_per_gmac``, ..., ``op_call_us``; each a number >= 0, every
-field required except ``mm_ms_per_gmac`` and ``index_ms_per_mrow``, which files written before
-they existed lack: those read as the file meant them, see ``_LATER_FIELDS``), ``threads``, the thread count it was measured with, and
+field required except ``mm_ms_per_gmac``, ``vec_ms_per_gmac`` and ``index_ms_per_mrow``, which
+files written before they existed lack: those read as the file meant them, see ``_LATER_FIELDS``), ``threads``, the thread count it was measured with, and
 ``column_block`` (optional, default 1), the output columns a convolution kernel computes at
 once, which the calibration picks along with the costs.  Its
 ``[environment]`` (device, torch version, date, ...) and ``[fit]`` (how well the model fits the
-calibration measurements) tables are free-form records.  The device it was measured on
+calibration measurements) tables are free-form records; ``[static_ms]`` (optional) holds the
+measured latency of each wholly static network of the calibration (``static_key``).  The device it was measured on
 (``cpu`` or ``cuda``) is ``environment.device``.
 
 Built-in targets live in ``predictors/data/targets``; a user passes a path to their own file
@@ -53,7 +54,7 @@ from dynas.errors import TargetError
 from dynas.files import atomic_write_text
 from dynas.predictors.cpu import COST_FIELDS, CpuCosts
 
-__all__ = ["HardwareTarget", "load_target", "list_targets", "write_target", "BUILTIN_DIR", "KINDS"]
+__all__ = ["HardwareTarget", "load_target", "list_targets", "write_target", "static_key", "BUILTIN_DIR", "KINDS"]
 
 BUILTIN_DIR = Path(__file__).resolve().parent / "data" / "targets"
 
@@ -88,6 +89,10 @@ class HardwareTarget:
     unexercised: tuple[str, ...] = ()
     environment: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
     fit: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    #: "cpu" targets: measured latency (ms) of the wholly static networks of the calibration,
+    #: keyed by :func:`static_key`; ``dynas validate`` times them again to see whether the host
+    #: still runs at the speed it was calibrated at
+    static_ms: dict[str, float] = field(default_factory=dict, compare=False, hash=False)
 
     @property
     def key(self) -> tuple:
@@ -110,6 +115,11 @@ _HW_FIELDS = ("n_sm", "lanes_per_sm", "clock_hz", "dram_bandwidth_Bps", "l2_spee
               "mem_transaction_floats", "launch_us", "bytes_per_element")
 _INT_FIELDS = ("n_sm", "lanes_per_sm", "fp32_cycles", "mem_transaction_floats", "bytes_per_element")
 _REQUIRED = ("n_sm", "lanes_per_sm", "clock_hz", "dram_bandwidth_Bps")
+
+
+def static_key(backbone: str, input_hw: tuple[int, int], batch_size: int) -> str:
+    """Key of a static network in a target's ``static_ms`` table, e.g. ``resnet50-224x224-b8``."""
+    return f"{backbone}-{input_hw[0]}x{input_hw[1]}-b{batch_size}"
 
 
 def list_targets() -> list[str]:
@@ -142,8 +152,10 @@ def _common(data: dict[str, Any], origin: str) -> tuple[str, str, int, dict[str,
 
 
 #: cost fields added after files were written: what such a file meant for each.  Row products
-#: were counted at the 1x1-convolution rate; indexing cost per element only (no per-row cost).
-_LATER_FIELDS: dict[str, str | None] = {"mm_ms_per_gmac": "pointwise_ms_per_gmac", "index_ms_per_mrow": None}
+#: were counted at the 1x1-convolution rate, per-sample products (maskers, SE, head) at the row
+#: products' rate; indexing cost per element only (no per-row cost).
+_LATER_FIELDS: dict[str, str | None] = {"mm_ms_per_gmac": "pointwise_ms_per_gmac", "vec_ms_per_gmac": "mm_ms_per_gmac",
+                                        "index_ms_per_mrow": None}
 
 
 def _cpu_from_mapping(data: dict[str, Any], origin: str, path: str | None) -> HardwareTarget:
@@ -159,6 +171,8 @@ def _cpu_from_mapping(data: dict[str, Any], origin: str, path: str | None) -> Ha
     for f in COST_FIELDS:
         if f not in table and f in _LATER_FIELDS:  # a file written before the field existed
             src = _LATER_FIELDS[f]
+            while src is not None and src not in table and src in _LATER_FIELDS:
+                src = _LATER_FIELDS[src]  # ... and before the field it stood for
             v = table.get(src, 0.0) if src else 0.0  # a missing source field is reported as itself
         elif f not in table:
             raise TargetError(f"{origin}: cpu.{f} is missing; allowed: a number >= 0")
@@ -177,10 +191,16 @@ def _cpu_from_mapping(data: dict[str, Any], origin: str, path: str | None) -> Ha
     for f in unexercised:
         if f not in COST_FIELDS:
             raise TargetError(f"{origin}: fit.unexercised entry {f!r} is unknown; allowed: {', '.join(COST_FIELDS)}")
+    static = data.get("static_ms", {})
+    if not isinstance(static, dict):
+        raise TargetError(f"{origin}: [static_ms] must be a table")
+    for k, v in static.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise TargetError(f"{origin}: static_ms.{k}={v!r} is out of range; allowed: a number of milliseconds > 0")
     return HardwareTarget(name=name, description=str(data.get("description", "")), kind=kind, default_batch_size=batch,
                           path=path, sources=sources, cpu=CpuCosts(*costs), threads=int(threads), column_block=column_block,
                           unexercised=unexercised,
-                          environment=dict(env), fit=dict(fit))
+                          environment=dict(env), fit=dict(fit), static_ms={str(k): float(v) for k, v in static.items()})
 
 
 def _from_mapping(data: dict[str, Any], origin: str, path: str | None) -> HardwareTarget:
@@ -279,7 +299,8 @@ def target_toml(target: HardwareTarget, comments: dict[str, str] | None = None) 
     else:
         lines.append("[hardware]")
         lines += [f"{k} = {_toml_value(getattr(target, k))}" for k in _HW_FIELDS]
-    for title, table in (("environment", target.environment), ("fit", target.fit), ("sources", target.sources)):
+    for title, table in (("environment", target.environment), ("fit", target.fit), ("static_ms", target.static_ms),
+                         ("sources", target.sources)):
         if table:
             lines += ["", f"[{title}]"] + [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in table.items()]
     return "\n".join(lines) + "\n"

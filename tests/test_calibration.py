@@ -241,8 +241,8 @@ def test_the_model_folds_row_products_where_the_kernels_do():
     big = get_backbone("resnet50", (224, 224)).stage_blocks(2)[1]  # 1024 -> 256 -> 1024 on 14 x 14
     small = get_backbone("resnet50", (224, 224)).stage_blocks(3)[1]  # 2048 -> 512 -> 2048 on 7 x 7
     w_big, w_small = cpu.block_work(big, gated, 8, 1.0, 1), cpu.block_work(small, gated, 1, 1.0, 1)
-    masker_gmac = w_big[mm]  # what stays a BLAS product at batch 8: the masker's two small layers
-    assert masker_gmac < 1e-3 and w_big[pw] > 0.3
+    vec = cpu.TERMS.index("vec_gmac")
+    assert w_big[mm] == 0 and 0 < w_big[vec] < 1e-3 and w_big[pw] > 0.3  # only the masker's small layers stay BLAS
     k = budget_count(0.5, 8) * 64
     rows_gmac = 49 * k * (2048 + 2048) * 1e-9  # conv1 [49, 2048] -> [49, k], conv3 [49, k] -> [49, 2048]
     assert w_small[mm] == pytest.approx(rows_gmac, rel=1e-2)
@@ -252,11 +252,15 @@ def test_old_target_files_keep_their_meaning(tmp_path):
     # files written before row products and indexed rows had their own costs load as they fitted
     costs = cpu.CpuCosts(*(0.5 + i for i in range(len(cpu.COST_FIELDS))))
     text = target_toml(_target(costs))
-    old = "\n".join(l for l in text.splitlines() if not l.startswith(("mm_ms_per_gmac", "index_ms_per_mrow")))
+    later = ("mm_ms_per_gmac", "vec_ms_per_gmac", "index_ms_per_mrow")
+    old = "\n".join(l for l in text.splitlines() if not l.startswith(later))
     (tmp_path / "old.toml").write_text(old)
     back = load_target(str(tmp_path / "old.toml")).cpu
-    assert back.mm_ms_per_gmac == costs.pointwise_ms_per_gmac and back.index_ms_per_mrow == 0.0
-    assert back._replace(mm_ms_per_gmac=costs.mm_ms_per_gmac, index_ms_per_mrow=costs.index_ms_per_mrow) == costs
+    assert back.mm_ms_per_gmac == back.vec_ms_per_gmac == costs.pointwise_ms_per_gmac and back.index_ms_per_mrow == 0.0
+    assert back._replace(**{f: getattr(costs, f) for f in later}) == costs
+    # a file with row products but no per-sample products priced them alike
+    (tmp_path / "mid.toml").write_text("\n".join(l for l in text.splitlines() if not l.startswith("vec_ms_per_gmac")))
+    assert load_target(str(tmp_path / "mid.toml")).cpu.vec_ms_per_gmac == costs.mm_ms_per_gmac
 
 
 @pytest.mark.parametrize("true_block", [1, 4])
@@ -353,6 +357,7 @@ def test_calibrate_validate_and_search_on_the_calibrated_target(tmp_path, capsys
     assert "fit on" in out and Path("mine.toml").is_file() and Path("mine.csv").is_file()
     t = load_target("./mine.toml")
     assert t.kind == "cpu" and t.threads == 1 and t.environment["backbones"] == "resnet18"
+    assert set(t.static_ms) == {"resnet18-32x32-b1", "resnet18-32x32-b2"}  # the plan's static networks
     cal = pd.read_csv("mine.csv")
     assert {"measured_ms", "device_name", "torch_version", "threads", "date", "batch_size"} <= set(cal.columns)
 
@@ -363,8 +368,9 @@ def test_calibrate_validate_and_search_on_the_calibrated_target(tmp_path, capsys
     assert main(["validate", "--target", "mine.toml", "--backbones", "resnet18", "--input-size", "32",
                  "--count", "2", "--batch-size", "1", "--repeats", "1", "--rounds", "2", "-q"]) == 0
     out = capsys.readouterr().out
-    assert "networks" in out and "Spearman" in out
+    assert "networks" in out and "Spearman" in out and "networks x host" in out and "host speed:" in out
     val = pd.read_csv("validate-mine.csv")
+    assert val["host_ratio"].nunique() == 1 and val["host_ratio"].iloc[0] > 0
     assert set(val["part"]) >= {"network", "stage0"} and np.isfinite(val["predicted_ms"]).all()
     assert "plotly" in Path("validate-mine.html").read_text()[:100000]
 
@@ -372,11 +378,40 @@ def test_calibrate_validate_and_search_on_the_calibrated_target(tmp_path, capsys
     assert main(["validate", "--target", "mine.toml", "--measurements", "validate-mine.csv", "--csv", "re.csv",
                  "--html", "re.html", "-q"]) == 0
     np.testing.assert_allclose(pd.read_csv("re.csv")["predicted_ms"], val["predicted_ms"])
+    assert "host speed:" in capsys.readouterr().out  # the recorded ratio is scored again
 
     assert main(["predict", json.dumps(ArchConfig.static("resnet18", 32).to_dict()), "--target", "./mine.toml",
                  "--batch-size", "2"]) == 0
     assert main(["search", "--backbone", "resnet18", "--input-size", "32", "--target", "./mine.toml", "--trials", "6",
                  "--batch-size", "1", "--storage", f"sqlite:///{tmp_path / 's.db'}", "-q"]) == 0
+
+
+def test_host_speed_times_the_recorded_static_networks_again(monkeypatch):
+    from dynas.kernels import calibrate as kc
+
+    timed = []
+
+    def fake_measure(cfg, n, device="cpu", repeats=5, warmup=1, seed=0):
+        timed.append((cfg.backbone, n))
+        return kc.Measurement(0.0, (), 0.0, 12.0 if n == 1 else 30.0, repeats)
+
+    monkeypatch.setattr(kc, "measure", fake_measure)
+    recorded = {"resnet18-64x64-b1": 10.0, "resnet18-64x64-b8": 40.0, "resnet50-64x64-b1": 5.0}
+    rows = kc.host_speed(recorded, [("resnet18", 64, 1), ("resnet18", 64, 1), ("resnet18", 64, 8), ("resnet18", 64, 2),
+                                    ("resnet34", 64, 1)])
+    # each recorded network once; unrecorded ones (batch 2, resnet34) are skipped
+    assert timed == [("resnet18", 1), ("resnet18", 8)]
+    assert [(r["key"], r["ratio"]) for r in rows] == [("resnet18-64x64-b1", 1.2), ("resnet18-64x64-b8", 0.75)]
+
+
+def test_static_ms_round_trips_and_bad_values_name_the_field(tmp_path):
+    t = dataclasses.replace(_target(), static_ms={"resnet50-224x224-b1": 31.5})
+    back = load_target(str(write_target(t, tmp_path / "t.toml")))
+    assert back.static_ms == {"resnet50-224x224-b1": 31.5}
+    bad = target_toml(t).replace("= 31.5", "= -2.0")
+    (tmp_path / "bad.toml").write_text(bad)
+    with pytest.raises(TargetError, match=r"static_ms.resnet50-224x224-b1=-2.0 is out of range"):
+        load_target(str(tmp_path / "bad.toml"))
 
 
 @pytest.mark.parametrize("argv, message", [
