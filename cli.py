@@ -644,12 +644,13 @@ def _cmd_validate(args: argparse.Namespace) -> int:
             items = [PlanItem(c, n) for c in _load_config_list(args.configs) for n in args.batch_size]
         else:
             items = validation_plan(args.backbones, args.input_size, args.batch_size, args.count, args.seed)
-        host_ratio = _host_ratio(target, items, args.device)
+        before = _host_ratio(target, items, args.device, "before")
         _logger.info("measuring %d held-out networks on %s, %d round(s)", len(items), args.device, args.rounds)
         measured = pd.DataFrame(run_rounds(items, args.rounds, device=args.device, repeats=args.repeats,
                                            warmup=args.warmup, seed=args.seed, progress=_progress(None)))
-        if host_ratio is not None:
-            measured["host_ratio"] = host_ratio
+        if before is not None:
+            measured["host_ratio_before"] = before
+            measured["host_ratio_after"] = _host_ratio(target, items, args.device, "after")
     df = compare(measured, target)
     write_validation_csv(df, csv_path)
     write_validation_html(df, html_path, f"dynas validate: target {target.name}")
@@ -663,7 +664,9 @@ def _cmd_validate(args: argparse.Namespace) -> int:
             rows.append({"part": part, "batch": int(n), "count": s["count"], "MAPE %": s["mape_pct"],
                          "within 10%": f"{100 * s['within_10pct']:.0f}%", "Spearman": s["spearman"],
                          "Kendall": s["kendall"], "max |err| %": s["max_abs_err_pct"]})
-    ratio = float(df["host_ratio"].iloc[0]) if "host_ratio" in df and df["host_ratio"].notna().any() else None
+    ratios = [float(df[c].iloc[0]) for c in ("host_ratio_before", "host_ratio_after") if c in df and df[c].notna().any()]
+    steady = len(ratios) == 2 and abs(ratios[0] / ratios[1] - 1) <= HOST_STEADY
+    ratio = math.sqrt(ratios[0] * ratios[1]) if steady else None
     if ratio is not None:
         for n in sorted(df["batch_size"].unique()):
             sub = df[(df["part"] == "network") & (df["batch_size"] == n)].copy()
@@ -674,9 +677,12 @@ def _cmd_validate(args: argparse.Namespace) -> int:
                          "Kendall": s["kendall"], "max |err| %": s["max_abs_err_pct"]})
     _print(f"target {target.name}: predicted vs measured")
     _print(_table(rows, ["part", "batch", "count", "MAPE %", "within 10%", "Spearman", "Kendall", "max |err| %"]))
-    if ratio is not None:
-        _print(f"host speed: the calibration's static networks now take {ratio:.3f} x their calibrated time "
-               f"(1 = unchanged); 'networks x host' scores the predictions scaled by it")
+    if len(ratios) == 2:
+        _print(f"host speed: the calibration's static networks take {ratios[0]:.3f} x their calibrated time before "
+               f"these measurements and {ratios[1]:.3f} x after (1 = unchanged); "
+               + (f"'networks x host' scores the predictions scaled by {ratio:.3f}" if steady else
+                  f"the host's speed moved by more than {100 * HOST_STEADY:.0f}% meanwhile, so differences of that size "
+                  "are the machine's, not the model's"))
     nets = df[df["part"] == "network"]
     worst = nets.loc[nets["rel_err"].abs().sort_values(ascending=False).index].head(5)
     if not worst.empty:
@@ -688,7 +694,11 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _host_ratio(target: Any, items: Sequence[Any], device: str) -> float | None:
+#: validate scales its predictions by the host's speed only when the before and after checks agree this well
+HOST_STEADY = 0.03
+
+
+def _host_ratio(target: Any, items: Sequence[Any], device: str, when: str) -> float | None:
     """Median (now / at calibration) time of the target's recorded static networks of the
     backbones, input sizes and batch sizes of ``items``; None when it recorded none of them."""
     from dynas.kernels.calibrate import host_speed
@@ -698,7 +708,7 @@ def _host_ratio(target: Any, items: Sequence[Any], device: str) -> float | None:
     refs = host_speed(target.static_ms, sorted({(i.config.backbone, i.config.input_size, i.batch_size) for i in items}),
                       device)
     for r in refs:
-        _logger.info("static %s: %.2f ms now, %.2f ms at calibration (x%.3f)", r["key"], r["measured_ms"],
+        _logger.info("static %s, %s: %.2f ms, %.2f ms at calibration (x%.3f)", r["key"], when, r["measured_ms"],
                      r["calibrated_ms"], r["ratio"])
     if not refs:
         _logger.warning("target %s records no static network of these backbones, sizes and batch sizes: "
@@ -945,9 +955,9 @@ def build_parser() -> argparse.ArgumentParser:
         "0.15, 0.25, ... lattice that calibration never uses, or the configs of --configs), predict them\n"
         "with TARGET, and report MAPE, share within +/-10%, Spearman and Kendall for whole networks and\n"
         "single stages, the worst cases, a predicted-vs-measured HTML plot and a CSV.\n"
-        "First it times again the static networks the target recorded at calibration and reports\n"
-        "the host's speed now against then (a shared machine drifts), and the network scores with the\n"
-        "predictions scaled by it ('networks x host').\n"
+        "Before and after, it times again the static networks the target recorded at calibration and\n"
+        "reports the host's speed against then (a shared machine drifts); when both agree within 3%,\n"
+        "it also scores the networks with the predictions scaled by it ('networks x host').\n"
         "Freed memory is kept in the process, as calibrate does.",
     )
     p.add_argument("--target", required=True, metavar="TARGET", help="target name or file (e.g. from dynas calibrate)")

@@ -368,9 +368,11 @@ def test_calibrate_validate_and_search_on_the_calibrated_target(tmp_path, capsys
     assert main(["validate", "--target", "mine.toml", "--backbones", "resnet18", "--input-size", "32",
                  "--count", "2", "--batch-size", "1", "--repeats", "1", "--rounds", "2", "-q"]) == 0
     out = capsys.readouterr().out
-    assert "networks" in out and "Spearman" in out and "networks x host" in out and "host speed:" in out
+    assert "networks" in out and "Spearman" in out and "host speed:" in out
     val = pd.read_csv("validate-mine.csv")
-    assert val["host_ratio"].nunique() == 1 and val["host_ratio"].iloc[0] > 0
+    before, after = val["host_ratio_before"].iloc[0], val["host_ratio_after"].iloc[0]
+    assert before > 0 and after > 0 and val["host_ratio_before"].nunique() == val["host_ratio_after"].nunique() == 1
+    assert ("networks x host" in out) == (abs(before / after - 1) <= 0.03)
     assert set(val["part"]) >= {"network", "stage0"} and np.isfinite(val["predicted_ms"]).all()
     assert "plotly" in Path("validate-mine.html").read_text()[:100000]
 
@@ -402,6 +404,19 @@ def test_host_speed_times_the_recorded_static_networks_again(monkeypatch):
     # each recorded network once; unrecorded ones (batch 2, resnet34) are skipped
     assert timed == [("resnet18", 1), ("resnet18", 8)]
     assert [(r["key"], r["ratio"]) for r in rows] == [("resnet18-64x64-b1", 1.2), ("resnet18-64x64-b8", 0.75)]
+
+
+@pytest.mark.parametrize("before, after, scaled", [(0.95, 0.96, True), (0.90, 1.00, False)])
+def test_validate_scales_by_the_host_speed_only_when_it_held_steady(tmp_path, capsys, before, after, scaled):
+    data = Path(__file__).resolve().parents[1] / "benchmarks" / "data" / "cpu-2core-dec01-fold"
+    df = pd.read_csv(data / "validation-seed12.csv")
+    df = df[df["network_id"] < 6].assign(host_ratio_before=before, host_ratio_after=after)
+    df.to_csv(tmp_path / "m.csv", index=False)
+    assert main(["validate", "--target", str(data / "cpu-2core-dec01-fold.toml"), "--measurements", str(tmp_path / "m.csv"),
+                 "--csv", str(tmp_path / "v.csv"), "--html", str(tmp_path / "v.html"), "-q"]) == 0
+    out = capsys.readouterr().out
+    assert f"{before:.3f} x their calibrated time before" in out and f"{after:.3f} x after" in out
+    assert ("networks x host" in out) == scaled and ("moved by more than 3%" in out) == (not scaled)
 
 
 def test_static_ms_round_trips_and_bad_values_name_the_field(tmp_path):
