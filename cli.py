@@ -623,7 +623,7 @@ def _load_config_list(path: str) -> list[Any]:
 def _cmd_validate(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from dynas.kernels.calibrate import run_rounds
+    from dynas.kernels.calibrate import run_rounds, static_reference
     from dynas.spaces.design import PlanItem, validation_plan
     from dynas.predictors.calibration import compare, summarize
     from dynas.predictors.targets import load_target
@@ -644,10 +644,14 @@ def _cmd_validate(args: argparse.Namespace) -> int:
             items = [PlanItem(c, n) for c in _load_config_list(args.configs) for n in args.batch_size]
         else:
             items = validation_plan(args.backbones, args.input_size, args.batch_size, args.count, args.seed)
-        before = _host_ratio(target, items, args.device, "before")
-        _logger.info("measuring %d held-out networks on %s, %d round(s)", len(items), args.device, args.rounds)
+        check = args.host_check if target.kind == "cpu" and target.static_ms else "none"
+        before = _host_ratio(target, items, args.device, "before") if check != "none" else None
+        reference = static_reference(target.static_ms, args.device) if check == "each" else None
+        _logger.info("measuring %d held-out networks on %s, %d round(s)%s", len(items), args.device, args.rounds,
+                     ", each followed by its static network" if reference else "")
         measured = pd.DataFrame(run_rounds(items, args.rounds, device=args.device, repeats=args.repeats,
-                                           warmup=args.warmup, seed=args.seed, progress=_progress(None)))
+                                           warmup=args.warmup, seed=args.seed, progress=_progress(None),
+                                           reference=reference))
         if before is not None:
             measured["host_ratio_before"] = before
             measured["host_ratio_after"] = _host_ratio(target, items, args.device, "after")
@@ -666,11 +670,14 @@ def _cmd_validate(args: argparse.Namespace) -> int:
                          "Kendall": s["kendall"], "max |err| %": s["max_abs_err_pct"]})
     ratios = [float(df[c].iloc[0]) for c in ("host_ratio_before", "host_ratio_after") if c in df and df[c].notna().any()]
     steady = len(ratios) == 2 and abs(ratios[0] / ratios[1] - 1) <= HOST_STEADY
-    ratio = math.sqrt(ratios[0] * ratios[1]) if steady else None
-    if ratio is not None:
+    host, how = _host_factors(df, target, math.sqrt(ratios[0] * ratios[1]) if steady else None)
+    if host is not None:
         for n in sorted(df["batch_size"].unique()):
-            sub = df[(df["part"] == "network") & (df["batch_size"] == n)].copy()
-            sub["rel_err"] = sub["predicted_ms"] * ratio / sub["measured_ms"] - 1
+            sel = (df["part"] == "network") & (df["batch_size"] == n) & host.notna()
+            sub = df[sel].copy()
+            if sub.empty:
+                continue
+            sub["rel_err"] = sub["predicted_ms"] * host[sel] / sub["measured_ms"] - 1
             s = summarize(sub)
             rows.append({"part": "networks x host", "batch": int(n), "count": s["count"], "MAPE %": s["mape_pct"],
                          "within 10%": f"{100 * s['within_10pct']:.0f}%", "Spearman": s["spearman"],
@@ -679,10 +686,14 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     _print(_table(rows, ["part", "batch", "count", "MAPE %", "within 10%", "Spearman", "Kendall", "max |err| %"]))
     if len(ratios) == 2:
         _print(f"host speed: the calibration's static networks take {ratios[0]:.3f} x their calibrated time before "
-               f"these measurements and {ratios[1]:.3f} x after (1 = unchanged); "
-               + (f"'networks x host' scores the predictions scaled by {ratio:.3f}" if steady else
-                  f"the host's speed moved by more than {100 * HOST_STEADY:.0f}% meanwhile, so differences of that size "
-                  "are the machine's, not the model's"))
+               f"these measurements and {ratios[1]:.3f} x after (1 = unchanged)"
+               + ("" if steady or how == "each" else
+                  f"; the host's speed moved by more than {100 * HOST_STEADY:.0f}% meanwhile, so differences of that "
+                  "size are the machine's, not the model's"))
+    if how == "each":
+        _print("'networks x host': each prediction scaled by its static network's time right after it / at calibration")
+    elif how == "steady":
+        _print(f"'networks x host': the predictions scaled by {math.sqrt(ratios[0] * ratios[1]):.3f}")
     nets = df[df["part"] == "network"]
     worst = nets.loc[nets["rel_err"].abs().sort_values(ascending=False).index].head(5)
     if not worst.empty:
@@ -696,6 +707,23 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 #: validate scales its predictions by the host's speed only when the before and after checks agree this well
 HOST_STEADY = 0.03
+
+
+def _host_factors(df: Any, target: Any, steady_ratio: float | None) -> tuple[Any, str]:
+    """Per-row host speed factors (now / at calibration) for scoring 'networks x host', and how
+    they were found: "each" (the static network timed right after each network, ``reference_ms``),
+    "steady" (the before/after ratio, when it held), or (None, "")."""
+    import pandas as pd
+
+    from dynas.predictors.targets import static_key
+
+    if "reference_ms" in df and df["reference_ms"].notna().any() and target.static_ms:
+        then = pd.Series([target.static_ms.get(static_key(r.backbone, (int(r.input_h), int(r.input_w)), int(r.batch_size)),
+                                               math.nan) for r in df.itertuples()], index=df.index)  # [rows] ms
+        return df["reference_ms"].astype(float) / then, "each"
+    if steady_ratio is not None:
+        return pd.Series(steady_ratio, index=df.index), "steady"
+    return None, ""
 
 
 def _host_ratio(target: Any, items: Sequence[Any], device: str, when: str) -> float | None:
@@ -957,7 +985,9 @@ def build_parser() -> argparse.ArgumentParser:
         "single stages, the worst cases, a predicted-vs-measured HTML plot and a CSV.\n"
         "Before and after, it times again the static networks the target recorded at calibration and\n"
         "reports the host's speed against then (a shared machine drifts); when both agree within 3%,\n"
-        "it also scores the networks with the predictions scaled by it ('networks x host').\n"
+        "it also scores the networks with the predictions scaled by it ('networks x host'). With\n"
+        "--host-check each, every network is followed by its static network, and each prediction is\n"
+        "scaled by that network's own ratio.\n"
         "Freed memory is kept in the process, as calibrate does.",
     )
     p.add_argument("--target", required=True, metavar="TARGET", help="target name or file (e.g. from dynas calibrate)")
@@ -967,6 +997,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=_positive_int, default=24, metavar="N", help="random configs (backbones in turn)")
     p.add_argument("--rounds", type=_positive_int, default=2, metavar="N",
                    help="measure the whole plan N times (minutes apart); each network keeps its fastest round")
+    p.add_argument("--host-check", choices=("ends", "each", "none"), default="ends",
+                   help="time the target's recorded static networks again before and after the plan (ends), also "
+                        "right after every network (each; about twice the time), or not at all")
     p.add_argument("--measurements", default=None, metavar="CSV",
                    help="score an earlier validation CSV against TARGET instead of measuring")
     p.add_argument("--csv", default=None, metavar="FILE", help="output table (default: validate-TARGET.csv)")

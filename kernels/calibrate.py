@@ -34,7 +34,8 @@ from dynas.spaces.config import ArchConfig
 from dynas.spaces.design import PlanItem
 from dynas.spaces.torch_model import block_module_name
 
-__all__ = ["Measurement", "environment", "host_speed", "keep_freed_memory", "measure", "run_plan", "run_rounds"]
+__all__ = ["Measurement", "environment", "host_speed", "keep_freed_memory", "measure", "run_plan", "run_rounds",
+           "static_reference"]
 
 
 @dataclass(frozen=True)
@@ -159,11 +160,15 @@ def measure(config: ArchConfig, batch_size: int, device: str = "cpu", repeats: i
 def run_plan(items: Iterable[PlanItem], device: str = "cpu", repeats: int = 5, warmup: int = 1, seed: int = 0,
              budget_s: float | None = None, max_items: int | None = None,
              progress: Callable[[int, float, PlanItem, Measurement], None] | None = None,
-             seeds: Sequence[int] | None = None) -> list[dict[str, Any]]:
+             seeds: Sequence[int] | None = None,
+             reference: Callable[[PlanItem], float | None] | None = None) -> list[dict[str, Any]]:
     """Measure ``items`` in order until they run out, ``max_items`` are done, or the next item
     would likely overrun ``budget_s`` (estimated from the items of the same backbone and batch
     size so far; the first item always runs).  Item ``k`` is built and fed from seed
-    ``seeds[k]`` (default ``seed + k``).  Returns one row per part of every network."""
+    ``seeds[k]`` (default ``seed + k``).  Returns one row per part of every network.
+
+    ``reference``: timed right after each item (e.g. its static network), kept as the rows'
+    ``reference_ms`` (None: not recorded)."""
     _check_budget(budget_s)
     env = environment(device)
     rows: list[dict[str, Any]] = []
@@ -181,10 +186,12 @@ def run_plan(items: Iterable[PlanItem], device: str = "cpu", repeats: int = 5, w
                 break
         t_item = time.perf_counter()
         m = measure(item.config, item.batch_size, device, repeats, warmup, seeds[done] if seeds is not None else seed + done)
-        cost.setdefault(key, []).append(time.perf_counter() - t_item)
         cfg = item.config
         base = {"network_id": done, "backbone": cfg.backbone, "input_h": cfg.input_size[0], "input_w": cfg.input_size[1],
                 "batch_size": item.batch_size, "config": cfg.to_json(indent=None)}
+        if reference is not None:
+            base["reference_ms"] = reference(item)
+        cost.setdefault(key, []).append(time.perf_counter() - t_item)
         parts = [("stem", -1, "", m.stem_ms)]
         parts += [(f"stage{s}", s, st.short(), m.stages_ms[s]) for s, st in enumerate(cfg.stages)]
         parts += [("head", -1, "", m.head_ms), ("network", -1, cfg.short(), m.network_ms)]
@@ -195,6 +202,20 @@ def run_plan(items: Iterable[PlanItem], device: str = "cpu", repeats: int = 5, w
         if progress is not None:
             progress(done, time.perf_counter() - t0, item, m)
     return rows
+
+
+def static_reference(static_ms: dict[str, float], device: str = "cpu", repeats: int = 3,
+                     warmup: int = 1) -> Callable[[PlanItem], float | None]:
+    """A ``run_plan`` reference: the item's static network timed again (ms), when ``static_ms``
+    (a target's record, see :func:`host_speed`) has it; None otherwise."""
+
+    def time_static(item: PlanItem) -> float | None:
+        cfg = ArchConfig.static(item.config.backbone, item.config.input_size)
+        if static_key(cfg.backbone, cfg.input_size, item.batch_size) not in static_ms:
+            return None
+        return measure(cfg, item.batch_size, device, repeats, warmup).network_ms
+
+    return time_static
 
 
 def host_speed(static_ms: dict[str, float], networks: Iterable[tuple[str, Any, int]], device: str = "cpu",

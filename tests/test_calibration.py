@@ -376,6 +376,18 @@ def test_calibrate_validate_and_search_on_the_calibrated_target(tmp_path, capsys
     assert set(val["part"]) >= {"network", "stage0"} and np.isfinite(val["predicted_ms"]).all()
     assert "plotly" in Path("validate-mine.html").read_text()[:100000]
 
+    # each network followed by its static network: per-network host factors
+    assert main(["validate", "--target", "mine.toml", "--backbones", "resnet18", "--input-size", "32", "--count", "1",
+                 "--batch-size", "2", "--repeats", "1", "--rounds", "1", "--host-check", "each", "--csv", "each.csv",
+                 "--html", "each.html", "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "networks x host" in out and "each prediction scaled by its static network" in out
+    assert (pd.read_csv("each.csv")["reference_ms"] > 0).all()
+    assert main(["validate", "--target", "mine.toml", "--backbones", "resnet18", "--input-size", "32", "--count", "1",
+                 "--batch-size", "1", "--repeats", "1", "--rounds", "1", "--host-check", "none", "--csv", "none.csv",
+                 "--html", "none.html", "-q"]) == 0
+    assert "host" not in capsys.readouterr().out and "host_ratio_before" not in pd.read_csv("none.csv")
+
     # the measurements can be re-scored without measuring
     assert main(["validate", "--target", "mine.toml", "--measurements", "validate-mine.csv", "--csv", "re.csv",
                  "--html", "re.html", "-q"]) == 0
@@ -417,6 +429,18 @@ def test_validate_scales_by_the_host_speed_only_when_it_held_steady(tmp_path, ca
     out = capsys.readouterr().out
     assert f"{before:.3f} x their calibrated time before" in out and f"{after:.3f} x after" in out
     assert ("networks x host" in out) == scaled and ("moved by more than 3%" in out) == (not scaled)
+
+
+def test_run_plan_times_the_reference_after_each_item(monkeypatch):
+    from dynas.kernels import calibrate as kc
+
+    order = []
+    monkeypatch.setattr(kc, "measure", lambda cfg, n, *a, **k: order.append(("net", n)) or kc.Measurement(
+        1.0, tuple(1.0 for _ in cfg.stages), 1.0, 6.0, 1))
+    items = list(itertools.islice(calibration_plan(["resnet18"], 32, (1, 2), seed=0), 3))
+    rows = kc.run_plan(items, reference=lambda item: order.append(("ref", item.batch_size)) or 2.0 * item.batch_size)
+    assert order == [("net", 1), ("ref", 1), ("net", 2), ("ref", 2), ("net", 1), ("ref", 1)]
+    assert [r["reference_ms"] for r in rows if r["part"] == "network"] == [2.0, 4.0, 2.0]
 
 
 def test_static_ms_round_trips_and_bad_values_name_the_field(tmp_path):
