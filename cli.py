@@ -625,7 +625,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
     from dynas.kernels.calibrate import run_rounds, static_reference
     from dynas.spaces.design import PlanItem, validation_plan
-    from dynas.predictors.calibration import compare, summarize
+    from dynas.predictors.calibration import compare
     from dynas.predictors.targets import load_target
     from dynas.results.validation import write_validation_csv, write_validation_html
 
@@ -664,13 +664,11 @@ def _cmd_validate(args: argparse.Namespace) -> int:
             sub = df[sel & (df["batch_size"] == n)]
             if sub.empty:
                 continue
-            s = summarize(sub)
-            rows.append({"part": part, "batch": int(n), "count": s["count"], "MAPE %": s["mape_pct"],
-                         "within 10%": f"{100 * s['within_10pct']:.0f}%", "Spearman": s["spearman"],
-                         "Kendall": s["kendall"], "max |err| %": s["max_abs_err_pct"]})
+            rows.append(_score_row(part, n, sub))
     ratios = [float(df[c].iloc[0]) for c in ("host_ratio_before", "host_ratio_after") if c in df and df[c].notna().any()]
     steady = len(ratios) == 2 and abs(ratios[0] / ratios[1] - 1) <= HOST_STEADY
-    host, how = _host_factors(df, target, math.sqrt(ratios[0] * ratios[1]) if steady else None)
+    steady_ratio = math.sqrt(ratios[0] * ratios[1]) if steady else None
+    host, how = _host_factors(df, target, steady_ratio)
     if host is not None:
         for n in sorted(df["batch_size"].unique()):
             sel = (df["part"] == "network") & (df["batch_size"] == n) & host.notna()
@@ -678,10 +676,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
             if sub.empty:
                 continue
             sub["rel_err"] = sub["predicted_ms"] * host[sel] / sub["measured_ms"] - 1
-            s = summarize(sub)
-            rows.append({"part": "networks x host", "batch": int(n), "count": s["count"], "MAPE %": s["mape_pct"],
-                         "within 10%": f"{100 * s['within_10pct']:.0f}%", "Spearman": s["spearman"],
-                         "Kendall": s["kendall"], "max |err| %": s["max_abs_err_pct"]})
+            rows.append(_score_row("networks x host", n, sub))
     _print(f"target {target.name}: predicted vs measured")
     _print(_table(rows, ["part", "batch", "count", "MAPE %", "within 10%", "Spearman", "Kendall", "max |err| %"]))
     if len(ratios) == 2:
@@ -693,7 +688,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     if how == "each":
         _print("'networks x host': each prediction scaled by its static network's time right after it / at calibration")
     elif how == "steady":
-        _print(f"'networks x host': the predictions scaled by {math.sqrt(ratios[0] * ratios[1]):.3f}")
+        _print(f"'networks x host': the predictions scaled by {steady_ratio:.3f}")
     nets = df[df["part"] == "network"]
     worst = nets.loc[nets["rel_err"].abs().sort_values(ascending=False).index].head(5)
     if not worst.empty:
@@ -707,6 +702,16 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 #: validate scales its predictions by the host's speed only when the before and after checks agree this well
 HOST_STEADY = 0.03
+
+
+def _score_row(part: str, batch: Any, sub: Any) -> dict[str, Any]:
+    """One line of validate's table: ``summarize`` of the rows ``sub`` of one part and batch size."""
+    from dynas.predictors.calibration import summarize
+
+    s = summarize(sub)
+    return {"part": part, "batch": int(batch), "count": s["count"], "MAPE %": s["mape_pct"],
+            "within 10%": f"{100 * s['within_10pct']:.0f}%", "Spearman": s["spearman"], "Kendall": s["kendall"],
+            "max |err| %": s["max_abs_err_pct"]}
 
 
 def _host_factors(df: Any, target: Any, steady_ratio: float | None) -> tuple[Any, str]:
@@ -731,8 +736,6 @@ def _host_ratio(target: Any, items: Sequence[Any], device: str, when: str) -> fl
     backbones, input sizes and batch sizes of ``items``; None when it recorded none of them."""
     from dynas.kernels.calibrate import host_speed
 
-    if target.kind != "cpu" or not target.static_ms:
-        return None
     refs = host_speed(target.static_ms, sorted({(i.config.backbone, i.config.input_size, i.batch_size) for i in items}),
                       device)
     for r in refs:

@@ -202,8 +202,7 @@ def _conv(x: torch.Tensor, w: torch.Tensor, stride: int = 1, pad: int = 0, group
     stages at batch 1 (e.g. 96 of 512 channels on 7x7).  oneDNN ran those 1.2-2x faster here,
     and it is what every static convolution of the same stage uses.
     """
-    if (w.shape[-1] > 1 and _ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32
-            and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
+    if w.shape[-1] > 1 and _onednn_ok(x, w):
         return torch.ops.aten.mkldnn_convolution(x, w, None, [pad, pad], [stride, stride], [1, 1], groups)
     return F.conv2d(x, w, None, stride, pad, 1, groups)
 
@@ -226,6 +225,13 @@ def _register_onednn_flops() -> bool:
 _ONEDNN = torch.backends.mkldnn.is_available() and _register_onednn_flops()
 
 
+def _onednn_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether ``x`` and ``w`` go to ``aten.mkldnn_convolution`` directly: CPU float32 and no
+    autograd through them (training keeps ``F.conv2d`` / ``F.linear``)."""
+    return (_ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32
+            and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)))
+
+
 #: a row product runs as a folded oneDNN convolution (:func:`_row_product`) from this many rows
 #: and this many multiply-accumulates; ``dynas.predictors.cpu`` counts work by the same rule
 FOLD_MIN_ROWS, FOLD_MIN_MACS = 64, 8_000_000
@@ -244,8 +250,7 @@ def _row_product(rows: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """
     m, k = rows.shape
     w2 = w.reshape(w.shape[0], k)  # [N, K]
-    if (m < FOLD_MIN_ROWS or m * k * w2.shape[0] < FOLD_MIN_MACS or not _ONEDNN or rows.device.type != "cpu"
-            or rows.dtype != torch.float32 or (torch.is_grad_enabled() and (rows.requires_grad or w.requires_grad))):
+    if m < FOLD_MIN_ROWS or m * k * w2.shape[0] < FOLD_MIN_MACS or not _onednn_ok(rows, w):
         return F.linear(rows, w2)
     f = 8 if m % 8 == 0 else 7 if m % 7 == 0 else 8
     padded = rows if m % f == 0 else F.pad(rows, (0, 0, 0, -m % f))  # [M', K], M' a multiple of f

@@ -204,16 +204,23 @@ def run_plan(items: Iterable[PlanItem], device: str = "cpu", repeats: int = 5, w
     return rows
 
 
+def _recorded_static(static_ms: dict[str, float], backbone: str, input_size: Any,
+                     batch_size: int) -> tuple[ArchConfig, str] | None:
+    """The static network of ``backbone`` and its key, when ``static_ms`` (a target's record,
+    see :func:`host_speed`) has it at this input and batch size; None otherwise."""
+    cfg = ArchConfig.static(backbone, input_size)
+    key = static_key(cfg.backbone, cfg.input_size, batch_size)
+    return (cfg, key) if key in static_ms else None
+
+
 def static_reference(static_ms: dict[str, float], device: str = "cpu", repeats: int = 3,
                      warmup: int = 1) -> Callable[[PlanItem], float | None]:
     """A ``run_plan`` reference: the item's static network timed again (ms), when ``static_ms``
     (a target's record, see :func:`host_speed`) has it; None otherwise."""
 
     def time_static(item: PlanItem) -> float | None:
-        cfg = ArchConfig.static(item.config.backbone, item.config.input_size)
-        if static_key(cfg.backbone, cfg.input_size, item.batch_size) not in static_ms:
-            return None
-        return measure(cfg, item.batch_size, device, repeats, warmup).network_ms
+        recorded = _recorded_static(static_ms, item.config.backbone, item.config.input_size, item.batch_size)
+        return None if recorded is None else measure(recorded[0], item.batch_size, device, repeats, warmup).network_ms
 
     return time_static
 
@@ -232,10 +239,10 @@ def host_speed(static_ms: dict[str, float], networks: Iterable[tuple[str, Any, i
     rows = []
     seen = set()
     for backbone, input_size, n in networks:
-        cfg = ArchConfig.static(backbone, input_size)
-        key = static_key(cfg.backbone, cfg.input_size, n)
-        if key in seen or key not in static_ms:
+        recorded = _recorded_static(static_ms, backbone, input_size, n)
+        if recorded is None or recorded[1] in seen:
             continue
+        cfg, key = recorded
         seen.add(key)
         ms = measure(cfg, n, device, repeats, warmup).network_ms
         rows.append({"key": key, "calibrated_ms": static_ms[key], "measured_ms": ms, "ratio": ms / static_ms[key]})

@@ -183,17 +183,14 @@ def _cpu_from_mapping(data: dict[str, Any], origin: str, path: str | None) -> Ha
         costs.append(float(v))
     threads = _number(table.get("threads", 1), f"{origin}: cpu.threads", True)
     column_block = _number(table.get("column_block", 1), f"{origin}: cpu.column_block", True)
-    env, fit = data.get("environment", {}), data.get("fit", {})
-    for tname, t in (("environment", env), ("fit", fit)):
+    env, fit, static = data.get("environment", {}), data.get("fit", {}), data.get("static_ms", {})
+    for tname, t in (("environment", env), ("fit", fit), ("static_ms", static)):
         if not isinstance(t, dict):
             raise TargetError(f"{origin}: [{tname}] must be a table")
     unexercised = tuple(f for f in str(fit.get("unexercised", "")).split(",") if f)
     for f in unexercised:
         if f not in COST_FIELDS:
             raise TargetError(f"{origin}: fit.unexercised entry {f!r} is unknown; allowed: {', '.join(COST_FIELDS)}")
-    static = data.get("static_ms", {})
-    if not isinstance(static, dict):
-        raise TargetError(f"{origin}: [static_ms] must be a table")
     for k, v in static.items():
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
             raise TargetError(f"{origin}: static_ms.{k}={v!r} is out of range; allowed: a number of milliseconds > 0")
