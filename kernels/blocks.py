@@ -124,6 +124,14 @@ def _take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return x.index_select(0, idx)
 
 
+def _zeros_like_layout(x: torch.Tensor, channels: int) -> torch.Tensor:
+    """Zeros [N, channels, H, W] (N, H, W of ``x``) in ``x``'s layout: channels-last when ``x`` is."""
+    n, _, h, w = x.shape
+    if _channels_last(x):
+        return x.new_zeros(n, h, w, channels).permute(0, 3, 1, 2)  # [N, H, W, C] -> channels-last [N, C, H, W]
+    return x.new_zeros(n, channels, h, w)
+
+
 def _pixels(x: torch.Tensor) -> torch.Tensor:
     """[N, C, H, W] -> [N * H * W, C] pixel rows (a view when ``x`` is channels-last)."""
     return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
@@ -307,10 +315,17 @@ def _gated_conv(h: torch.Tensor, conv: nn.Conv2d, sel: torch.Tensor | None, stri
         # the selection is made of whole conv groups: sel == full_idx
         return _conv(h, _conv_rows(conv, sel), stride, pad, touched.numel())
     pos = torch.searchsorted(full_idx, sel)  # [|sel|] position of each selected channel in full_idx
-    full = h.new_zeros(h.shape[0], full_idx.numel(), h.shape[2], h.shape[3])  # [B, q * gw, h, w]
-    full[:, pos] = h  # unselected members of touched groups stay zero (they are masked in the reference)
+    # [B, h, w, q * gw] zeros seen as [B, q * gw, h, w]: channels-last like h (``new_zeros`` of the
+    # 4-D shape would be NCHW, and the convolution and the whole rest of the block would follow)
+    full = _zeros_like_layout(h, full_idx.numel())
+    full.index_copy_(1, pos, h)  # unselected members of touched groups stay zero (they are masked in the reference)
     y = _conv(full, _conv_rows(conv, full_idx), stride, pad, touched.numel())  # [B, q * gw, h', w']
-    return y.index_select(1, pos)  # [B, |sel|, h', w']
+    if not _channels_last(y):
+        return y.index_select(1, pos)  # [B, |sel|, h', w']
+    b, _, ho, wo = y.shape
+    # (index_select on dim 1 returns NCHW) pixel rows [B*h'*w', q * gw] -> [B*h'*w', |sel|]
+    # -> [B, h', w', |sel|] -> channels-last [B, |sel|, h', w']
+    return _pixels(y).index_select(1, pos).view(b, ho, wo, -1).permute(0, 3, 1, 2)
 
 
 def _window_table(ax_h: "_Axis", ax_w: "_Axis", gh: int, gw: int) -> torch.Tensor:
@@ -552,7 +567,8 @@ class DynamicBlock:
     def _empty(self, rows: int, h: int, w: int, like: torch.Tensor) -> torch.Tensor:
         """Body output when no gated channel is selected: the last BN applied to zeros."""
         c_out = self.spec.out_channels
-        return _bn(like.new_zeros(rows, c_out, h, w), self._last_bn(), None)  # [rows, C_out, h, w]
+        zeros = like.new_zeros(rows, h, w, c_out).permute(0, 3, 1, 2)  # [rows, C_out, h, w], channels-last
+        return _bn(zeros, self._last_bn(), None)
 
     def _fast_forward(self, x: torch.Tensor, dec: dict[str, torch.Tensor]) -> torch.Tensor:
         # Compute every body first and write the output last: the output may reuse the shortcut's
