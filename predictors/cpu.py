@@ -178,6 +178,17 @@ class _Work:
         else:
             term = {"": "pointwise_gmac" if k == 1 else "conv3x3_gmac", "grouped": "grouped_gmac"}[kind]
         mm = mm and not folded
+        if folded:
+            # rows not a multiple of 8 or 7 are zero-padded to one of 8 first: never when each
+            # sample's or patch's area is such a multiple; an expected row count (gathered
+            # pixels) is taken as a multiple of neither with probability 3/4
+            whole = abs(rows - round(rows)) < 1e-9
+            if area is not None and (area % 8 == 0 or area % 7 == 0):
+                pad = 0.0
+            else:
+                pad = (0.0 if round(rows) % 8 == 0 or round(rows) % 7 == 0 else 1.0) if whole else 0.75
+            self._add("gather_melem", pad * rows * cin_total * 1e-6)
+            self._add("op_calls", pad)
         self._add(term, macs * 1e-9)
         wterm = "w_mm_melem" if mm else "w_pointwise_melem" if k == 1 or folded else "w_conv3x3_melem"
         self._add(wterm, cout * cin_pg * k * k * 1e-6)
@@ -206,20 +217,26 @@ class _Work:
         return self.v
 
 
+#: operators a masker dispatches after its logits in the random gate mode (``kernels/maskers.py``):
+#: score difference and random scores, then a per-sample top-k (top-k, zeros, scatter) or the
+#: stage quota of one-decision gates (full, multiply, compare, two casts, subtract)
+_TOPK_OPS, _QUOTA_OPS = 2 + 3, 2 + 6
+
+
 def _mlp_masker(w: _Work, b: BlockSpec, n: int, decisions: int) -> None:
     hidden = max(16, b.in_channels // 16)
     w.stream(n * b.in_channels * (b.in_hw[0] * b.in_hw[1] + 1))  # global mean
     w.conv(n, b.in_channels, hidden, 1, b.in_channels, kind="vec", mm=True)  # fc1
     w.stream(2 * n * hidden)  # relu
     w.conv(n, hidden, 2 * decisions, 1, hidden, kind="vec", mm=True)  # fc2
-    w.ops(4)  # view, score difference, random scores, budget
+    w.ops(_QUOTA_OPS if decisions == 1 else _TOPK_OPS)
 
 
 def _spatial_masker(w: _Work, b: BlockSpec, n: int, S: int) -> None:
     gh, gw = b.out_hw[0] // S, b.out_hw[1] // S  # the patch grid
     w.stream(n * b.in_channels * (b.in_hw[0] * b.in_hw[1] + gh * gw))  # adaptive pool to the grid
     w.conv(n * gh * gw, b.in_channels, 2, 1, b.in_channels, hw=(gh, gw))
-    w.ops(4)
+    w.ops(_QUOTA_OPS if gh * gw == 1 else _TOPK_OPS)
 
 
 def _bn_relu(w: _Work, elems: float, relu: bool = True, selected: bool = False) -> None:
@@ -239,11 +256,17 @@ def _se(w: _Work, b: BlockSpec, rows: float, samples: float, cw: int, gathered: 
     (``linear``: the dynamic path's F.linear, else the static module's 1x1 convs)."""
     if not b.se_channels:
         return
-    w.stream(rows * cw + samples * cw, 2 if gathered else 1)  # pool (sum + index_add per sample)
-    w.conv(samples, cw, b.se_channels, 1, cw, kind="vec" if linear else "", mm=linear, hw=(1, 1))
+    # pool: the module's mean, or over gathered patches zeros, sum, index_add per sample, scale
+    w.stream(rows * cw + samples * cw, 4 if gathered else 1)
+    # the static module's 1x1 convolutions of one sample's [1, C, 1, 1] take PyTorch's native
+    # path (``use_mkldnn``: batch 1, ungrouped, at most 20480 input values): a BLAS vector product
+    vec = linear or samples == 1
+    w.conv(samples, cw, b.se_channels, 1, cw, kind="vec" if vec else "", mm=vec, hw=(1, 1))
     w.stream(2 * samples * b.se_channels)
-    w.conv(samples, b.se_channels, cw, 1, b.se_channels, kind="vec" if linear else "", mm=linear, hw=(1, 1))
+    w.conv(samples, b.se_channels, cw, 1, b.se_channels, kind="vec" if vec else "", mm=vec, hw=(1, 1))
     w.stream(2 * samples * cw)  # sigmoid
+    if gathered:
+        w.gather(samples * cw)  # each patch's sample's scale
     w.stream(2 * rows * cw)  # scale
     if cw != b.width:
         w.gather(3 * cw * b.se_channels, 3)  # SE weights of the selected channels
@@ -297,15 +320,15 @@ def _body(w: _Work, b: BlockSpec, rows_in: float, rows_out: float, samples: floa
         if selected and one_pixel:
             w.gather(9 * k * (width + k), 2)  # rows, then columns, of the cached channels-last matrix
         elif selected:
-            w.gather(2 * k * k * 9, 3)  # the k x k kernels, then their channels-last copy
+            w.gather(2 * k * k * 9, 4)  # the k x k kernels (index arithmetic, gather), then their channels-last copy
         w.conv(rows_out, k, k, 3, k, hw=out_hw, mm=one_pixel)
     else:
         gw = width // b.groups
         t_ch, aligned = touched if (selected and touched is not None) else (width, True)
         if selected:
-            w.gather(t_ch * gw * 9, 4)
+            w.gather(t_ch * gw * 9, 6)  # touched conv groups (divide, unique, index arithmetic), their kernels
             if not aligned:  # selected channels scattered into the touched groups, outputs picked back
-                w.gather(2 * (windows if windows else rows_in) * t_ch + rows_out * k, 3)
+                w.gather(2 * (windows if windows else rows_in) * t_ch + rows_out * k, 4)
         w.conv(rows_out, gw, t_ch, 3, t_ch, kind="grouped", hw=out_hw)
     _bn_relu(w, rows_out * k, selected=selected)
     _se(w, b, rows_out, samples, k, gathered_se, linear=dynamic)
@@ -384,7 +407,8 @@ def block_work(b: BlockSpec, st: StageConfig, n: int, run_prob: float = 1.0, col
         _mlp_masker(w, b, n, groups)
     if uses_layer(p):
         _mlp_masker(w, b, n, 1)
-    w.ops(2)  # sample indices
+    # sample indices: arange (layer gates: compare, nonzero; a one-patch spatial gate: index_select, compare, index)
+    w.ops(1 + (2 if uses_layer(p) else 0) + (3 if S and grid == 1 else 0))
     _shortcut(w, b, n)
     per_sample_gate = uses_layer(p) or grid == 1
     spatial = bool(S) and grid > 1
@@ -396,9 +420,11 @@ def block_work(b: BlockSpec, st: StageConfig, n: int, run_prob: float = 1.0, col
             if pm < 1e-12 or m == 0:
                 continue
             w.weight = pm
-            if groups:
-                w.ops(4)  # unique, nonzero per part
             parts = _distinct(m, M) if groups else 1.0
+            if groups:
+                w.ops(4)  # the running samples' selections: index_select, compare, unique, arange
+                w.weight = pm * parts
+                w.ops(5)  # per distinct selection: its samples (compare, index), its channels (nonzero, multiply, add)
             # every sample runs with one selection: the whole batch, no gather (P = M^-(n-1))
             p_whole = (1.0 if not groups or n == 1 else float(M) ** -(n - 1) if M < 1e12 else 0.0) if m == n else 0.0
             if p_whole > 0:
@@ -413,11 +439,10 @@ def block_work(b: BlockSpec, st: StageConfig, n: int, run_prob: float = 1.0, col
                 parts = (parts - p_whole) / (1.0 - p_whole)  # distinct selections, given not all equal
             # gather path: every part gathers its samples and writes them back
             w.weight = pm * parts
-            w.ops(3)
             _body(w, b, (m / parts) * hi * wi, (m / parts) * ho * wo, m / parts, k, bool(groups), touched=touched,
                   **areas)
             w.weight = pm
-            w.gather(m * (b.in_channels * hi * wi + 2 * b.out_channels * ho * wo), 3 * parts)
+            w.gather(m * (b.in_channels * hi * wi + 2 * b.out_channels * ho * wo), 3 * parts)  # samples, shortcut rows, write-back
             w.stream(5 * m * b.out_channels * ho * wo, 2 * parts)
         w.weight = 1.0 - p_no_split
         w.stream(2 * out_elems)  # ReLU(shortcut) of the samples that skip
@@ -425,31 +450,41 @@ def block_work(b: BlockSpec, st: StageConfig, n: int, run_prob: float = 1.0, col
     # spatial: every sample runs `kp` of its `grid` patches; parts = distinct channel selections
     kp = budget_count(st.spatial_rate, grid)
     parts = _distinct(n, M) if groups else 1.0
-    w.weight = parts
-    w.ops(8)  # active patches, nonzero, index arithmetic
-    w.weight = 1.0
     P = n * kp  # patches in the batch
     rows_out = P * S * S
+    if groups:
+        w.ops(4)  # the samples' selections: index_select, compare, unique, arange
+    # per part (distinct channel selection): its samples and channels (compare, index, nonzero,
+    # multiply, add), its active patches (index_select, compare, nonzero), their samples and the
+    # flat output pixel of each of their positions (index arithmetic)
+    w.weight = parts
+    w.ops((5 if groups else 0) + 3 + 1 + 7)
     if b.kind == "basic":
         region = (S - 1) * b.stride + 3 + 2 * b.stride  # input region side, halo of both convs
         mid = S + 2
-        w.gather(n * b.in_channels * (hi + 2 * b.stride + 2) * (wi + 2 * b.stride + 2))  # F.pad of the input
-        w.index(P * region * region * b.in_channels, P * region * region, 4)
+        w.gather(n * b.in_channels * (hi + 2 * b.stride + 2) * (wi + 2 * b.stride + 2))  # F.pad of the whole input
+        w.weight = 1.0
+        w.index(P * region * region * b.in_channels, P * region * region)  # the regions, one indexing copy
         w.weight = parts
+        w.ops(23)  # region rows / columns, their samples, the valid-position mask (index arithmetic)
         _body(w, b, P / parts * region * region, rows_out / parts, n / parts, k, bool(groups),
               mid_rows=P / parts * mid * mid, gathered_se=True, touched=touched, out_hw=(S, S), mid_hw=(mid, mid))
     else:
         need = n * _covered(b, S, kp)  # needed conv1-output pixels
         L = (S - 1) * b.stride + 3
         ax = [max(1 + hi, (ho // S - 1) * S * b.stride + L), max(1 + wi, (wo // S - 1) * S * b.stride + L)]
-        w.gather(n * (hi * wi + 1) + P * L * L, 5)  # need map, index fill, nonzero
-        w.gather(need * b.in_channels)  # needed input pixel rows
-        w.gather(n * ax[0] * ax[1] * k + need * k, 2)  # zeroed buffer + write-back of conv1 rows
+        w.weight = 1.0
+        # need map: zeros, window pixels of the active patches (index arithmetic), index fill,
+        # nonzero, row / column of each needed pixel
+        w.gather(n * (hi * wi + 1) + P * L * L, 10 * parts)
+        w.gather(need * b.in_channels, parts)  # needed input pixel rows
+        w.gather(n * ax[0] * ax[1] * k + need * k, 2 * parts)  # zeroed buffer + write-back of conv1 rows
         w.weight = parts
+        w.ops(3 + 6)  # index arithmetic of the pixel rows and of their buffer positions
         _body(w, b, need / parts, rows_out / parts, n / parts, k, bool(groups), windows=P / parts * L * L,
               gathered_se=True, touched=touched, out_hw=(S, S))
     w.weight = 1.0
-    w.gather(2 * rows_out * b.out_channels, 3 * parts)  # shortcut rows, write-back
+    w.gather(2 * rows_out * b.out_channels, 2 * parts)  # shortcut rows, write-back
     w.stream(5 * rows_out * b.out_channels, 2 * parts)  # add_, relu_
     w.stream(2 * out_elems)  # ReLU(shortcut) everywhere
     return w.result()

@@ -135,8 +135,77 @@ def test_static_is_the_rate_one_layer_limit_minus_masker_work():
     assert np.all(extra >= -1e-12)
     masker = cpu._Work()
     cpu._mlp_masker(masker, b, 4, 1)
-    masker.ops(2)
+    masker.ops(3)  # the running samples: arange, compare, nonzero
     np.testing.assert_allclose(extra, masker.v, atol=1e-12)
+
+
+# operators that launch no kernel (views); everything else the fast path dispatches is counted
+_VIEW_OPS = {"view", "_unsafe_view", "permute", "select", "slice", "expand", "as_strided", "t", "detach", "alias",
+             "unsqueeze", "squeeze", "reshape", "_reshape_alias", "transpose", "split", "unbind", "flatten",
+             "view_as", "unflatten", "expand_as", "narrow"}
+_CONV_OPS, _MM_OPS = {"conv2d", "convolution", "mkldnn_convolution"}, {"linear", "mm", "addmm", "matmul"}
+
+
+def _dispatched(spec, st: StageConfig, n: int) -> tuple[int, int, int]:
+    """(convolution, matrix-product, other) operators one fast forward of a block dispatches."""
+    import collections
+
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from dynas.kernels import build_block
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = collections.Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops[func.overloadpacket.__name__] += 1
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    blk = build_block(spec, st).eval().to(memory_format=torch.channels_last)
+    for m in blk.maskers():
+        m.set_gate_mode("random")
+    blk.reuse_input = True  # as in a network
+    x = torch.randn(n, spec.in_channels, *spec.in_hw).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        blk(x.clone())  # fills the cached weight layouts, as the untimed warm-up pass does
+        count = Count()
+        with count:
+            blk(x)
+    ops = {k: v for k, v in count.ops.items() if k not in _VIEW_OPS}
+    conv = sum(v for k, v in ops.items() if k in _CONV_OPS)
+    mm = sum(v for k, v in ops.items() if k in _MM_OPS)
+    return conv, mm, sum(ops.values()) - conv - mm
+
+
+# (backbone, stage, block, choice, batch): paths whose operator count does not depend on the draw
+_COUNTED = [(bb, s, i, st, n) for bb, s, i in (("resnet18", 1, 0), ("resnet50", 1, 1), ("regnety_400mf", 1, 1))
+            for st, n in ((StageConfig(), 8), (StageConfig("channel", 0.5, channel_granularity=8), 1),
+                          (StageConfig("channel", 0.5, channel_granularity=1), 1),
+                          (StageConfig("channel", 1.0, channel_granularity=4), 8),
+                          (StageConfig("layer", 1.0), 8), (StageConfig("layer+channel", 1.0, channel_granularity=8,
+                                                                       channel_rate=0.5), 1),
+                          (StageConfig("spatial", 0.5, spatial_granularity=1), 8),
+                          (StageConfig("spatial", 0.5, spatial_granularity=2), 1),
+                          (StageConfig("spatial", 0.5, spatial_granularity=14), 8),
+                          (StageConfig("spatial+channel", 0.5, spatial_granularity=2, channel_granularity=8,
+                                       channel_rate=0.5), 1))]
+
+
+@pytest.mark.parametrize("bb,s,i,st,n", _COUNTED, ids=lambda v: v.short() if isinstance(v, StageConfig) else str(v))
+def test_work_model_counts_the_operators_the_kernels_dispatch(bb, s, i, st, n):
+    # the per-call costs are fitted per operator: the model must count the operators the fast
+    # path really dispatches (convolutions and matrix products exactly; the rest within one
+    # operator: a folded product of an expected, gathered row count pads with probability 3/4)
+    spec = get_backbone(bb, 112).stage_blocks(s)[i]
+    conv, mm, other = _dispatched(spec, st, n)
+    w = cpu.block_work(spec, st, n)
+    T = cpu.TERMS
+    assert (w[T.index("conv_calls")], w[T.index("mm_calls")]) == (conv, mm)
+    assert abs(w[T.index("op_calls")] - other) <= 1.0, (w[T.index("op_calls")], other)
 
 
 def test_expected_flops_follow_the_kernels_count():

@@ -235,7 +235,7 @@ def _layer_gate_work(b, n: int, column_block: int) -> np.ndarray:
     """[terms] what a layer gate at rate 1 adds to a static block of ``n`` samples (module docstring)."""
     w = cpu._Work(column_block)
     cpu._mlp_masker(w, b, n, 1)
-    w.ops(2)  # sample indices
+    w.ops(3)  # the running samples: arange, compare, nonzero
     rows = n * b.out_hw[0] * b.out_hw[1]
     # the static SE runs 1x1 convolutions on 1x1 maps (one column: the target's column block
     # applies), the dynamic one matrix products
