@@ -34,7 +34,9 @@ term                   what is counted (per forward pass of the batch)
                        the indexing kernel costs per run as well as per element
 ``conv_calls``         convolution calls
 ``mm_calls``           matrix-product / linear calls (unfolded row products, maskers, SE, head)
-``op_calls``           every other dispatched operator (index ops, element-wise, masker)
+``op_calls``           every other dispatched operator (index arithmetic, element-wise, masker
+                       budgets), counted as the fast path dispatches them (``tests/
+                       test_calibration.py`` compares the counts with a dispatch counter)
 =====================  ==================================================================
 
 and a target gives one cost per unit of each term (``ms_per_gmac``, ``ms_per_melem``,

@@ -489,11 +489,11 @@ def test_host_speed_times_the_recorded_static_networks_again(monkeypatch):
 
 @pytest.mark.parametrize("before, after, scaled", [(0.95, 0.96, True), (0.90, 1.00, False)])
 def test_validate_scales_by_the_host_speed_only_when_it_held_steady(tmp_path, capsys, before, after, scaled):
-    data = Path(__file__).resolve().parents[1] / "benchmarks" / "data" / "cpu-2core-dec01-fold"
-    df = pd.read_csv(data / "validation-seed12.csv")
+    data = Path(__file__).resolve().parents[1] / "benchmarks" / "data" / "cpu-2core-dec01-ops"
+    df = pd.read_csv(data / "validation-seed18.csv")
     df = df[df["network_id"] < 6].assign(host_ratio_before=before, host_ratio_after=after)
     df.to_csv(tmp_path / "m.csv", index=False)
-    assert main(["validate", "--target", str(data / "cpu-2core-dec01-fold.toml"), "--measurements", str(tmp_path / "m.csv"),
+    assert main(["validate", "--target", str(data / "cpu-2core-dec01-ops.toml"), "--measurements", str(tmp_path / "m.csv"),
                  "--csv", str(tmp_path / "v.csv"), "--html", str(tmp_path / "v.html"), "-q"]) == 0
     out = capsys.readouterr().out
     assert f"{before:.3f} x their calibrated time before" in out and f"{after:.3f} x after" in out

@@ -1,5 +1,5 @@
 """Property-based tests: config and target-file round trips, and the latency predictor's invariants
-on every built-in target and on the calibrated CPU target of ``benchmarks/data/cpu-2core-dec01-fold``.
+on every built-in target and on the calibrated CPU target of ``benchmarks/data/cpu-2core-dec01-ops``.
 
 The config JSON round trip itself is ``test_spaces.py::test_json_round_trip``; here the round
 trips are the ones a user goes through besides it (a prediction's JSON back to a config, an
@@ -57,7 +57,7 @@ from dynas.spaces.config import (
     uses_spatial,
 )
 
-CPU_TARGET = str(Path(__file__).resolve().parents[1] / "benchmarks" / "data" / "cpu-2core-dec01-fold" / "cpu-2core-dec01-fold.toml")
+CPU_TARGET = str(Path(__file__).resolve().parents[1] / "benchmarks" / "data" / "cpu-2core-dec01-ops" / "cpu-2core-dec01-ops.toml")
 GPU_TARGETS = list_targets()
 ALL_TARGETS = GPU_TARGETS + [CPU_TARGET]
 BACKBONES = list_backbones()
