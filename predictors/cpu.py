@@ -33,10 +33,14 @@ term                   what is counted (per forward pass of the batch)
 ``index_mrows``        contiguous runs (pixel rows of channels) those copies move (M rows):
                        the indexing kernel costs per run as well as per element
 ``conv_calls``         convolution calls
-``mm_calls``           matrix-product / linear calls (unfolded row products, maskers, SE, head)
+``mm_calls``           matrix-product / linear calls of unfolded row products
 ``op_calls``           every other dispatched operator (index arithmetic, element-wise, masker
-                       budgets), counted as the fast path dispatches them (``tests/
+                       budgets, and the products of per-sample vectors: a vector-matrix
+                       product costs ~2 us, like an element-wise call, not a row product's
+                       ~40), counted as the fast path dispatches them (``tests/
                        test_calibration.py`` compares the counts with a dispatch counter)
+``masker_calls``       gate evaluations: the Python around each masker (its module call,
+                       the decisions the fast path derives from it) that no operator count sees
 =====================  ==================================================================
 
 and a target gives one cost per unit of each term (``ms_per_gmac``, ``ms_per_melem``,
@@ -79,16 +83,16 @@ TERMS: tuple[str, ...] = ("pointwise_gmac", "conv3x3_gmac", "grouped_gmac", "ste
                           "w_pointwise_melem",
                           "w_conv3x3_melem", "w_mm_melem",
                           "conv_io_melem", "stream_melem", "gather_melem", "index_melem", "index_mrows", "conv_calls", "mm_calls",
-                          "op_calls")
+                          "op_calls", "masker_calls")
 #: target-file field holding the cost of one unit of each term
 COST_FIELDS: tuple[str, ...] = ("pointwise_ms_per_gmac", "conv3x3_ms_per_gmac", "grouped_ms_per_gmac",
                                 "stem_ms_per_gmac", "smallmap_ms_per_gmac", "mm_ms_per_gmac", "vec_ms_per_gmac", "w_pointwise_ms_per_melem",
                                 "w_conv3x3_ms_per_melem", "w_mm_ms_per_melem", "conv_io_ms_per_melem",
                                 "stream_ms_per_melem", "gather_ms_per_melem", "index_ms_per_melem", "index_ms_per_mrow", "conv_call_us",
-                                "mm_call_us", "op_call_us")
-_TO_MS = np.array([1.0] * 15 + [1e-3] * 3)  # the per-call costs are stored in microseconds
+                                "mm_call_us", "op_call_us", "masker_call_us")
+_TO_MS = np.array([1.0] * 15 + [1e-3] * 4)  # the per-call costs are stored in microseconds
 #: which terms are compute (MACs), memory (elements) and per-call overhead
-COMPUTE_TERMS, MEMORY_TERMS, CALL_TERMS = slice(0, 7), slice(7, 15), slice(15, 18)
+COMPUTE_TERMS, MEMORY_TERMS, CALL_TERMS = slice(0, 7), slice(7, 15), slice(15, 19)
 #: [3, len(TERMS)] 0/1 rows selecting the compute, memory and call terms
 TERM_KINDS = np.zeros((3, len(TERMS)))
 for _row, _sl in enumerate((COMPUTE_TERMS, MEMORY_TERMS, CALL_TERMS)):
@@ -126,6 +130,7 @@ class CpuCosts(NamedTuple):
     conv_call_us: float
     mm_call_us: float
     op_call_us: float
+    masker_call_us: float
 
     def vector_ms(self) -> np.ndarray:
         """[len(TERMS)] milliseconds per unit of each term."""
@@ -195,7 +200,8 @@ class _Work:
         wterm = "w_mm_melem" if mm else "w_pointwise_melem" if k == 1 or folded else "w_conv3x3_melem"
         self._add(wterm, cout * cin_pg * k * k * 1e-6)
         self._add("conv_io_melem", rows * (cin_total + cout) * 1e-6)
-        self._add("mm_calls" if mm else "conv_calls", 1)
+        # a product of per-sample vectors dispatches like an element-wise operator (see TERMS)
+        self._add("op_calls" if mm and kind == "vec" else "mm_calls" if mm else "conv_calls", 1)
 
     def stream(self, elems: float, calls: float = 1) -> None:
         self._add("stream_melem", elems * 1e-6)
@@ -213,6 +219,9 @@ class _Work:
     def ops(self, calls: float) -> None:
         self._add("op_calls", calls)
 
+    def masker(self) -> None:
+        self._add("masker_calls", 1)
+
     def result(self) -> np.ndarray:
         """The accumulated terms, read-only (the work functions are memoized and share them)."""
         self.v.setflags(write=False)
@@ -226,6 +235,7 @@ _TOPK_OPS, _QUOTA_OPS = 2 + 3, 2 + 6
 
 
 def _mlp_masker(w: _Work, b: BlockSpec, n: int, decisions: int) -> None:
+    w.masker()
     hidden = max(16, b.in_channels // 16)
     w.stream(n * b.in_channels * (b.in_hw[0] * b.in_hw[1] + 1))  # global mean
     w.conv(n, b.in_channels, hidden, 1, b.in_channels, kind="vec", mm=True)  # fc1
@@ -235,6 +245,7 @@ def _mlp_masker(w: _Work, b: BlockSpec, n: int, decisions: int) -> None:
 
 
 def _spatial_masker(w: _Work, b: BlockSpec, n: int, S: int) -> None:
+    w.masker()
     gh, gw = b.out_hw[0] // S, b.out_hw[1] // S  # the patch grid
     w.stream(n * b.in_channels * (b.in_hw[0] * b.in_hw[1] + gh * gw))  # adaptive pool to the grid
     w.conv(n * gh * gw, b.in_channels, 2, 1, b.in_channels, hw=(gh, gw))

@@ -155,7 +155,7 @@ def _common(data: dict[str, Any], origin: str) -> tuple[str, str, int, dict[str,
 #: were counted at the 1x1-convolution rate, per-sample products (maskers, SE, head) at the row
 #: products' rate; indexing cost per element only (no per-row cost).
 _LATER_FIELDS: dict[str, str | None] = {"mm_ms_per_gmac": "pointwise_ms_per_gmac", "vec_ms_per_gmac": "mm_ms_per_gmac",
-                                        "index_ms_per_mrow": None}
+                                        "index_ms_per_mrow": None, "masker_call_us": None}
 
 
 def _cpu_from_mapping(data: dict[str, Any], origin: str, path: str | None) -> HardwareTarget:
