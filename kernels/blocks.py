@@ -124,12 +124,12 @@ def _take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return x.index_select(0, idx)
 
 
-def _zeros_like_layout(x: torch.Tensor, channels: int) -> torch.Tensor:
-    """Zeros [N, channels, H, W] (N, H, W of ``x``) in ``x``'s layout: channels-last when ``x`` is."""
-    n, _, h, w = x.shape
-    if _channels_last(x):
-        return x.new_zeros(n, h, w, channels).permute(0, 3, 1, 2)  # [N, H, W, C] -> channels-last [N, C, H, W]
-    return x.new_zeros(n, channels, h, w)
+def _zeros(like: torch.Tensor, n: int, c: int, h: int, w: int) -> torch.Tensor:
+    """Zeros [n, c, h, w] in ``like``'s layout: channels-last when ``like`` is (a 4-D ``new_zeros``
+    is NCHW, and every op after it would follow)."""
+    if _channels_last(like):
+        return like.new_zeros(n, h, w, c).permute(0, 3, 1, 2)  # [n, h, w, c] -> channels-last [n, c, h, w]
+    return like.new_zeros(n, c, h, w)
 
 
 def _pixels(x: torch.Tensor) -> torch.Tensor:
@@ -315,9 +315,7 @@ def _gated_conv(h: torch.Tensor, conv: nn.Conv2d, sel: torch.Tensor | None, stri
         # the selection is made of whole conv groups: sel == full_idx
         return _conv(h, _conv_rows(conv, sel), stride, pad, touched.numel())
     pos = torch.searchsorted(full_idx, sel)  # [|sel|] position of each selected channel in full_idx
-    # [B, h, w, q * gw] zeros seen as [B, q * gw, h, w]: channels-last like h (``new_zeros`` of the
-    # 4-D shape would be NCHW, and the convolution and the whole rest of the block would follow)
-    full = _zeros_like_layout(h, full_idx.numel())
+    full = _zeros(h, h.shape[0], full_idx.numel(), h.shape[2], h.shape[3])  # [B, q * gw, h, w], h's layout
     full.index_copy_(1, pos, h)  # unselected members of touched groups stay zero (they are masked in the reference)
     y = _conv(full, _conv_rows(conv, full_idx), stride, pad, touched.numel())  # [B, q * gw, h', w']
     if not _channels_last(y):
@@ -567,8 +565,7 @@ class DynamicBlock:
     def _empty(self, rows: int, h: int, w: int, like: torch.Tensor) -> torch.Tensor:
         """Body output when no gated channel is selected: the last BN applied to zeros."""
         c_out = self.spec.out_channels
-        zeros = like.new_zeros(rows, h, w, c_out).permute(0, 3, 1, 2)  # [rows, C_out, h, w], channels-last
-        return _bn(zeros, self._last_bn(), None)
+        return _bn(_zeros(like, rows, c_out, h, w), self._last_bn(), None)  # [rows, C_out, h, w]
 
     def _fast_forward(self, x: torch.Tensor, dec: dict[str, torch.Tensor]) -> torch.Tensor:
         # Compute every body first and write the output last: the output may reuse the shortcut's

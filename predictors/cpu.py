@@ -228,6 +228,10 @@ class _Work:
         return self.v
 
 
+#: operators that split a batch by channel selection (``DynamicBlock._channel_parts``): once
+#: (index_select, compare, unique, arange), then per distinct selection its samples (compare,
+#: index) and its channels (nonzero, multiply, add)
+_SELECTION_OPS, _PART_SELECTION_OPS = 4, 5
 #: operators a masker dispatches after its logits in the random gate mode (``kernels/maskers.py``):
 #: score difference and random scores, then a per-sample top-k (top-k, zeros, scatter) or the
 #: stage quota of one-decision gates (full, multiply, compare, two casts, subtract)
@@ -435,9 +439,9 @@ def block_work(b: BlockSpec, st: StageConfig, n: int, run_prob: float = 1.0, col
             w.weight = pm
             parts = _distinct(m, M) if groups else 1.0
             if groups:
-                w.ops(4)  # the running samples' selections: index_select, compare, unique, arange
+                w.ops(_SELECTION_OPS)  # the running samples' selections
                 w.weight = pm * parts
-                w.ops(5)  # per distinct selection: its samples (compare, index), its channels (nonzero, multiply, add)
+                w.ops(_PART_SELECTION_OPS)
             # every sample runs with one selection: the whole batch, no gather (P = M^-(n-1))
             p_whole = (1.0 if not groups or n == 1 else float(M) ** -(n - 1) if M < 1e12 else 0.0) if m == n else 0.0
             if p_whole > 0:
@@ -466,12 +470,12 @@ def block_work(b: BlockSpec, st: StageConfig, n: int, run_prob: float = 1.0, col
     P = n * kp  # patches in the batch
     rows_out = P * S * S
     if groups:
-        w.ops(4)  # the samples' selections: index_select, compare, unique, arange
-    # per part (distinct channel selection): its samples and channels (compare, index, nonzero,
-    # multiply, add), its active patches (index_select, compare, nonzero), their samples and the
-    # flat output pixel of each of their positions (index arithmetic)
+        w.ops(_SELECTION_OPS)  # the samples' selections
+    # per part (distinct channel selection): its samples and channels, its active patches
+    # (index_select, compare, nonzero), their samples and the flat output pixel of each of their
+    # positions (index arithmetic)
     w.weight = parts
-    w.ops((5 if groups else 0) + 3 + 1 + 7)
+    w.ops((_PART_SELECTION_OPS if groups else 0) + 3 + 1 + 7)
     if b.kind == "basic":
         region = (S - 1) * b.stride + 3 + 2 * b.stride  # input region side, halo of both convs
         mid = S + 2

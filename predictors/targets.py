@@ -20,9 +20,10 @@ A target file is TOML::
 
 A *measured* target (``kind = "cpu"``, written by ``dynas calibrate``) has no ``[hardware]``
 table; its ``[cpu]`` table holds the fitted cost of each unit of work of
-:mod:`dynas.predictors.cpu` (``pointwise_ms_per_gmac``, ..., ``op_call_us``; each a number >= 0, every
-field required except ``mm_ms_per_gmac``, ``vec_ms_per_gmac`` and ``index_ms_per_mrow``, which
-files written before they existed lack: those read as the file meant them, see ``_LATER_FIELDS``), ``threads``, the thread count it was measured with, and
+:mod:`dynas.predictors.cpu` (``pointwise_ms_per_gmac``, ..., ``masker_call_us``; each a number >= 0, every
+field required except ``mm_ms_per_gmac``, ``vec_ms_per_gmac``, ``index_ms_per_mrow`` and
+``masker_call_us``, which files written before they existed lack: those read as the file meant
+them, see ``_LATER_FIELDS``), ``threads``, the thread count it was measured with, and
 ``column_block`` (optional, default 1), the output columns a convolution kernel computes at
 once, which the calibration picks along with the costs.  Its
 ``[environment]`` (device, torch version, date, ...) and ``[fit]`` (how well the model fits the
@@ -153,7 +154,8 @@ def _common(data: dict[str, Any], origin: str) -> tuple[str, str, int, dict[str,
 
 #: cost fields added after files were written: what such a file meant for each.  Row products
 #: were counted at the 1x1-convolution rate, per-sample products (maskers, SE, head) at the row
-#: products' rate; indexing cost per element only (no per-row cost).
+#: products' rate; indexing cost per element only (no per-row cost); gate evaluations nothing
+#: beyond their counted operators.
 _LATER_FIELDS: dict[str, str | None] = {"mm_ms_per_gmac": "pointwise_ms_per_gmac", "vec_ms_per_gmac": "mm_ms_per_gmac",
                                         "index_ms_per_mrow": None, "masker_call_us": None}
 
