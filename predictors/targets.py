@@ -193,13 +193,11 @@ def _cpu_from_mapping(data: dict[str, Any], origin: str, path: str | None) -> Ha
     for f in unexercised:
         if f not in COST_FIELDS:
             raise TargetError(f"{origin}: fit.unexercised entry {f!r} is unknown; allowed: {', '.join(COST_FIELDS)}")
-    for k, v in static.items():
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-            raise TargetError(f"{origin}: static_ms.{k}={v!r} is out of range; allowed: a number of milliseconds > 0")
+    static_ms = {str(k): float(_number(v, f"{origin}: static_ms.{k}", False)) for k, v in static.items()}  # ms > 0
     return HardwareTarget(name=name, description=str(data.get("description", "")), kind=kind, default_batch_size=batch,
                           path=path, sources=sources, cpu=CpuCosts(*costs), threads=int(threads), column_block=column_block,
                           unexercised=unexercised,
-                          environment=dict(env), fit=dict(fit), static_ms={str(k): float(v) for k, v in static.items()})
+                          environment=dict(env), fit=dict(fit), static_ms=static_ms)
 
 
 def _from_mapping(data: dict[str, Any], origin: str, path: str | None) -> HardwareTarget:
