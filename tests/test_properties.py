@@ -16,8 +16,14 @@ Invariants of a prediction:
   (and whole-map spatial gates) in more than one stage: a sample's blocks are rounded with the
   remainder carried to the next stage (``spaces.config.stage_runs``), so raising one stage's
   rate can take a block from a later stage; (3) RegNetY with every channel group of a stage
-  on: the grouped 3x3 conv skips its zero-filled copy.  So the CPU strategies draw batch 1, at
-  most one per-sample-gated stage, and no full channel selection on RegNetY.
+  on: the grouped 3x3 conv skips its zero-filled copy; (4) spatial rates, patch by patch: a
+  row product's row count grows with the active patches, and the kernels run it folded into a
+  1x1 convolution from ``FOLD_MIN_ROWS`` rows and ``FOLD_MIN_MACS`` multiply-accumulates, and
+  zero-pad its rows to a multiple of 8 unless 8 or 7 divides them (``_row_product``), so one
+  more patch can switch a product to the faster path or save a padding copy (a stage of
+  RegNetY-400MF with every 1x1 patch on runs without the copies it makes with 31/32 of them).
+  So the CPU strategies draw batch 1, at most one per-sample-gated stage, no full channel
+  selection on RegNetY, and vary no spatial rate of a stage with more than one patch.
 * rate 1 is static plus the gates' own cost.  On a GPU target, a stage whose gate is a layer
   or channel gate (or both) at rate 1 (channel rate 1) predicts exactly its static latency plus
   the latency of its ``masker ...`` ops in the breakdown.  Spatial gates have no such relation:
@@ -180,11 +186,14 @@ def test_prediction_is_finite_positive_and_adds_up(target, data):
 
 def _cpu_domain(cfg: ArchConfig, s: int, field: str, high: float) -> bool:
     """Configs where the calibrated CPU model is monotone (module docstring): at most one stage with
-    a per-sample gate, and no full channel selection on RegNetY in the stage that varies."""
+    a per-sample gate, no full channel selection on RegNetY in the stage that varies, and not the
+    spatial rate of a stage with more than one patch."""
     spec = cfg.spec
     if sum(stage_gate_kind(spec, i, st_) is not None for i, st_ in enumerate(cfg.stages)) > 1:
         return False
     st_ = cfg.stages[s]
+    if field == "rate" and uses_spatial(st_.paradigm) and stage_gate_kind(spec, s, st_) is None:
+        return False
     varies_density = uses_channel(st_.paradigm) and (field == "channel_rate" or st_.paradigm == "channel")
     if spec.family != "resnet" and varies_density:
         groups = spec.stage_width(s) // st_.channel_granularity
