@@ -5,6 +5,12 @@ from __future__ import annotations
 import os
 
 import pytest
+from hypothesis import settings
+
+# CI replays the same examples on every run (``.ci/run`` passes ``--hypothesis-profile=ci``), so a
+# red CI always means a change broke something; a plain ``pytest`` draws new examples each run
+# and keeps exploring.
+settings.register_profile("ci", derandomize=True, print_blob=True)
 
 NO_POSTGRES = (
     "no PostgreSQL server: set DYNAS_TEST_POSTGRES_URL=postgresql://USER@HOST:PORT/DB "
