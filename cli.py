@@ -625,7 +625,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
     from dynas.kernels.calibrate import run_rounds, static_reference
     from dynas.spaces.design import PlanItem, validation_plan
-    from dynas.predictors.calibration import compare
+    from dynas.predictors.calibration import compare, per_sample_gated
     from dynas.predictors.targets import load_target
     from dynas.results.validation import write_validation_csv, write_validation_html
 
@@ -651,7 +651,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
                      ", each followed by its static network" if reference else "")
         measured = pd.DataFrame(run_rounds(items, args.rounds, device=args.device, repeats=args.repeats,
                                            warmup=args.warmup, seed=args.seed, progress=_progress(None),
-                                           reference=reference))
+                                           reference=reference, blocks=not args.no_blocks))
         if before is not None:
             measured["host_ratio_before"] = before
             measured["host_ratio_after"] = _host_ratio(target, items, args.device, "after")
@@ -659,7 +659,11 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     write_validation_csv(df, csv_path)
     write_validation_html(df, html_path, f"dynas validate: target {target.name}")
     rows = []
-    for part, sel in (("networks", df["part"] == "network"), ("stages", df["part"] != "network")):
+    kind = df["part"].astype(str)  # [rows] network, stage<s>, block<s>.<i>
+    blocks = kind.str.startswith("block")
+    gated = per_sample_gated(df) if blocks.any() else blocks
+    for part, sel in (("networks", kind == "network"), ("stages", kind.str.startswith("stage")),
+                      ("blocks", blocks & ~gated)):
         for n in sorted(df["batch_size"].unique()):
             sub = df[sel & (df["batch_size"] == n)]
             if sub.empty:
@@ -685,6 +689,9 @@ def _cmd_validate(args: argparse.Namespace) -> int:
                + ("" if steady or how == "each" else
                   f"; the host's speed moved by more than {100 * HOST_STEADY:.0f}% meanwhile, so differences of that "
                   "size are the machine's, not the model's"))
+    if (blocks & gated).any():
+        _print(f"'blocks': {int((blocks & ~gated).sum())} blocks; the {int((blocks & gated).sum())} of stages whose gates "
+               "choose per sample which blocks run are scored with their stage (which blocks run changes every pass)")
     if how == "each":
         _print("'networks x host': each prediction scaled by its static network's time right after it / at calibration")
     elif how == "steady":
@@ -984,8 +991,10 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_Formatter,
         description="Measure networks that were not calibrated on (random configs from a seed, rates on the\n"
         "0.15, 0.25, ... lattice that calibration never uses, or the configs of --configs), predict them\n"
-        "with TARGET, and report MAPE, share within +/-10%, Spearman and Kendall for whole networks and\n"
-        "single stages, the worst cases, a predicted-vs-measured HTML plot and a CSV.\n"
+        "with TARGET, and report MAPE, share within +/-10%, Spearman and Kendall for whole networks,\n"
+        "single stages and single blocks, the worst cases, a predicted-vs-measured HTML plot and a CSV.\n"
+        "Blocks are timed in extra passes with hooks on every block (--no-blocks skips them); blocks of\n"
+        "stages whose gates choose per sample which blocks run are scored with their stage.\n"
         "Before and after, it times again the static networks the target recorded at calibration and\n"
         "reports the host's speed against then (a shared machine drifts); when both agree within 3%,\n"
         "it also scores the networks with the predictions scaled by it ('networks x host'). With\n"
@@ -1003,6 +1012,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host-check", choices=("ends", "each", "none"), default="ends",
                    help="time the target's recorded static networks again before and after the plan (ends), also "
                         "right after every network (each; about twice the time), or not at all")
+    p.add_argument("--no-blocks", action="store_true",
+                   help="do not time single blocks (their extra passes about double the measuring time)")
     p.add_argument("--measurements", default=None, metavar="CSV",
                    help="score an earlier validation CSV against TARGET instead of measuring")
     p.add_argument("--csv", default=None, metavar="FILE", help="output table (default: validate-TARGET.csv)")

@@ -7,7 +7,10 @@ sample, see :mod:`dynas.kernels.maskers`), channels-last like ``dynas bench``, r
 ``torch.inference_mode`` on one random batch: ``warmup`` untimed passes, then ``repeats`` timed
 passes.  Forward hooks on the stage modules split each pass into the stem (input to the first
 stage), every stage, and the head (last stage to logits); on CUDA every split is synchronised.
-Medians over the repeats are reported per part and for the whole pass.
+Medians over the repeats are reported per part and for the whole pass.  With ``blocks=True``
+(``dynas validate``) ``repeats`` more passes follow with hooks on every block instead, so that
+the block hooks add nothing to the stage and network times; each block's median over them is
+reported too.
 
 What to measure is a plan of :class:`~dynas.spaces.design.PlanItem` s
 (:func:`~dynas.spaces.design.calibration_plan`, :func:`~dynas.spaces.design.validation_plan`).
@@ -40,13 +43,15 @@ __all__ = ["Measurement", "environment", "host_speed", "keep_freed_memory", "mea
 
 @dataclass(frozen=True)
 class Measurement:
-    """Medians (ms) over the timed passes of one network; ``stages_ms[s]`` is stage ``s``."""
+    """Medians (ms) over the timed passes of one network; ``stages_ms[s]`` is stage ``s``,
+    ``blocks_ms[s][i]`` its block ``i``."""
 
     stem_ms: float
     stages_ms: tuple[float, ...]
     head_ms: float
     network_ms: float
     repeats: int
+    blocks_ms: tuple[tuple[float, ...], ...] = ()  # [stage][block]; empty unless measured
 
 
 def _cpu_name() -> str:
@@ -110,8 +115,8 @@ def _stage_modules(model: torch.nn.Module, cfg: ArchConfig) -> list[torch.nn.Mod
 
 
 def measure(config: ArchConfig, batch_size: int, device: str = "cpu", repeats: int = 5, warmup: int = 1,
-            seed: int = 0) -> Measurement:
-    """Time one network; see the module docstring for the method."""
+            seed: int = 0, blocks: bool = False) -> Measurement:
+    """Time one network (and, with ``blocks``, each of its blocks); see the module docstring."""
     from dynas.kernels.model import build_model
 
     keep_freed_memory()
@@ -154,21 +159,72 @@ def measure(config: ArchConfig, batch_size: int, device: str = "cpu", repeats: i
         for hd in handles:
             hd.remove()
     med = [statistics.median(p) * 1e3 for p in parts]
-    return Measurement(med[0], tuple(med[1:1 + n_stages]), med[n_stages + 1], med[-1], repeats)
+    sync = (lambda: torch.cuda.synchronize(dev)) if cuda else None
+    blocks_ms = _time_blocks(model, config, x, repeats, sync) if blocks else ()
+    return Measurement(med[0], tuple(med[1:1 + n_stages]), med[n_stages + 1], med[-1], repeats, blocks_ms)
+
+
+def _time_blocks(model: torch.nn.Module, config: ArchConfig, x: torch.Tensor, repeats: int,
+                 sync: Callable[..., None] | None) -> tuple[tuple[float, ...], ...]:
+    """[stage][block] median ms of each block over ``repeats`` passes of ``model`` on ``x``, timed
+    by hooks on the blocks (``sync``: called at each hook first, e.g. to synchronise CUDA)."""
+    spec = config.spec
+    names = [block_module_name(b) for s in range(spec.num_stages) for b in spec.stage_blocks(s)]  # network order
+    spent = [0.0] * len(names)  # [blocks] s of the current pass
+    started = [0.0] * len(names)
+    handles = []
+
+    def hooks(i: int) -> tuple[Callable[..., None], Callable[..., None]]:
+        def pre(*_: Any) -> None:
+            if sync is not None:
+                sync()
+            started[i] = time.perf_counter()
+
+        def post(*_: Any) -> None:
+            if sync is not None:
+                sync()
+            spent[i] += time.perf_counter() - started[i]
+
+        return pre, post
+
+    for i, name in enumerate(names):
+        pre, post = hooks(i)
+        m = model.get_submodule(name)
+        handles += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
+    per_pass: list[list[float]] = [[] for _ in names]  # [blocks][passes] s
+    try:
+        with torch.inference_mode():
+            for _ in range(repeats):
+                spent[:] = [0.0] * len(names)
+                model(x)
+                for i, t in enumerate(spent):
+                    per_pass[i].append(t)
+    finally:
+        for hd in handles:
+            hd.remove()
+    med = [statistics.median(p) * 1e3 for p in per_pass]  # [blocks] ms, network order
+    out, k = [], 0
+    for s in range(spec.num_stages):
+        d = spec.stage_depth(s)
+        out.append(tuple(med[k:k + d]))
+        k += d
+    return tuple(out)
 
 
 def run_plan(items: Iterable[PlanItem], device: str = "cpu", repeats: int = 5, warmup: int = 1, seed: int = 0,
              budget_s: float | None = None, max_items: int | None = None,
              progress: Callable[[int, float, PlanItem, Measurement], None] | None = None,
              seeds: Sequence[int] | None = None,
-             reference: Callable[[PlanItem], float | None] | None = None) -> list[dict[str, Any]]:
+             reference: Callable[[PlanItem], float | None] | None = None,
+             blocks: bool = False) -> list[dict[str, Any]]:
     """Measure ``items`` in order until they run out, ``max_items`` are done, or the next item
     would likely overrun ``budget_s`` (estimated from the items of the same backbone and batch
     size so far; the first item always runs).  Item ``k`` is built and fed from seed
     ``seeds[k]`` (default ``seed + k``).  Returns one row per part of every network.
 
     ``reference``: timed right after each item (e.g. its static network), kept as the rows'
-    ``reference_ms`` (None: not recorded)."""
+    ``reference_ms`` (None: not recorded).  ``blocks``: also time every block (see
+    :func:`measure`), one row each, part ``block{stage}.{index in the stage}``."""
     _check_budget(budget_s)
     env = environment(device)
     rows: list[dict[str, Any]] = []
@@ -185,7 +241,8 @@ def run_plan(items: Iterable[PlanItem], device: str = "cpu", repeats: int = 5, w
             if elapsed + statistics.mean(seen) > budget_s:
                 break
         t_item = time.perf_counter()
-        m = measure(item.config, item.batch_size, device, repeats, warmup, seeds[done] if seeds is not None else seed + done)
+        m = measure(item.config, item.batch_size, device, repeats, warmup, seeds[done] if seeds is not None else seed + done,
+                    blocks)
         cfg = item.config
         base = {"network_id": done, "backbone": cfg.backbone, "input_h": cfg.input_size[0], "input_w": cfg.input_size[1],
                 "batch_size": item.batch_size, "config": cfg.to_json(indent=None)}
@@ -194,6 +251,8 @@ def run_plan(items: Iterable[PlanItem], device: str = "cpu", repeats: int = 5, w
         cost.setdefault(key, []).append(time.perf_counter() - t_item)
         parts = [("stem", -1, "", m.stem_ms)]
         parts += [(f"stage{s}", s, st.short(), m.stages_ms[s]) for s, st in enumerate(cfg.stages)]
+        parts += [(f"block{s}.{i}", s, cfg.stages[s].short(), ms) for s, row in enumerate(m.blocks_ms)
+                  for i, ms in enumerate(row)]
         parts += [("head", -1, "", m.head_ms), ("network", -1, cfg.short(), m.network_ms)]
         for part, stage, choice, ms in parts:
             rows.append({**base, "part": part, "stage": stage, "choice": choice, "measured_ms": ms,

@@ -2,19 +2,21 @@
 
 Input: the measurement table of ``dynas calibrate`` / ``dynas validate``
 (:func:`dynas.kernels.calibrate.run_plan`; one row per part -- ``stem``, ``stage0`` ...,
-``head``, ``network`` -- of every measured network, with ``config``, ``batch_size`` and
-``measured_ms``).  Kernels measure, predictors fit: nothing here imports ``dynas.kernels``.
+``head``, ``network``, and from ``dynas validate`` ``block0.0`` ... -- of every measured
+network, with ``config``, ``batch_size`` and ``measured_ms``).  Kernels measure, predictors
+fit: nothing here imports ``dynas.kernels``.
 
 Fit (:func:`fit_target`): every stem, stage and head row is a sum of work terms
 (:mod:`dynas.predictors.cpu`) times unknown non-negative costs.  The costs minimise the sum of
 squared *relative* errors (each row divided by its measurement, so a 1 ms stage counts as much
-as a 100 ms one), by non-negative least squares (``scipy.optimize.nnls``).  Whole-network rows
-are left out of the fit; they are what :func:`compare` checks.
+as a 100 ms one), by non-negative least squares (``scipy.optimize.nnls``).  Whole-network and
+block rows are left out of the fit; they are what :func:`compare` checks.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Mapping
 
 import numpy as np
@@ -22,11 +24,12 @@ import pandas as pd
 
 from dynas.errors import ConfigError
 from dynas.predictors import cpu
-from dynas.predictors.latency import _stage_work, predict
+from dynas.predictors.latency import _stage_work, predict, predict_blocks
 from dynas.predictors.targets import HardwareTarget, load_target, static_key
-from dynas.spaces.config import load_config, stage_runs
+from dynas.spaces.config import load_config, stage_gate_kind, stage_runs
 
-__all__ = ["REQUIRED_COLUMNS", "check_measurements", "fit_target", "compare", "summarize", "cost_comments"]
+__all__ = ["REQUIRED_COLUMNS", "check_measurements", "fit_target", "compare", "summarize", "cost_comments",
+           "fitted_parts", "per_sample_gated"]
 
 REQUIRED_COLUMNS: tuple[str, ...] = ("config", "batch_size", "part", "stage", "measured_ms")
 
@@ -97,7 +100,7 @@ def fit_target(measurements: pd.DataFrame, name: str, environment: Mapping[str, 
                default_batch_size: int = 1, description: str = "") -> HardwareTarget:
     """A ``"cpu"`` kind target whose costs best fit the stem/stage/head rows of ``measurements``."""
     check_measurements(measurements, "calibration measurements")
-    parts = measurements[measurements["part"] != "network"]
+    parts = measurements[fitted_parts(measurements)]
     if len(parts) < len(cpu.TERMS):
         raise ConfigError(f"calibration measurements: {len(parts)} part rows are too few; allowed: at least "
                           f"{len(cpu.TERMS)} (measure more networks: raise --budget-s)")
@@ -126,6 +129,28 @@ def fit_target(measurements: pd.DataFrame, name: str, environment: Mapping[str, 
                           unexercised=tuple(unexercised),
                           environment={k: v for k, v in env.items() if isinstance(v, (str, int, float))}, fit=fit,
                           static_ms=static_ms)
+
+
+def fitted_parts(df: pd.DataFrame) -> pd.Series:
+    """[rows] bool: the stem, stage and head rows of a measurement table (what the fit uses)."""
+    part = df["part"].astype(str)
+    return part.isin(("stem", "head")) | part.str.startswith("stage")
+
+
+def per_sample_gated(df: pd.DataFrame) -> pd.Series:
+    """[rows] bool: rows of a stage (or of a block of a stage) whose gates decide per sample
+    which of its blocks run (layer gates, whole-map spatial gates).  Which blocks run changes
+    from pass to pass, so a single block's median time is not its expected cost; such stages
+    are scored whole."""
+    cache: dict[str, Any] = {}
+    out = []
+    for config, stage in zip(df["config"], df["stage"]):
+        cfg = cache.get(config)
+        if cfg is None:
+            cfg = cache[config] = load_config(config)
+        s = int(stage)
+        out.append(s >= 0 and stage_gate_kind(cfg.spec, s, cfg.stages[s]) is not None)
+    return pd.Series(out, index=df.index, dtype=bool)
 
 
 def _static_ms(measurements: pd.DataFrame, cache: dict) -> dict[str, float]:
@@ -161,19 +186,34 @@ def compare(measurements: pd.DataFrame, target: "str | HardwareTarget") -> pd.Da
     """``measurements`` with ``predicted_ms`` and ``rel_err`` (predicted / measured - 1) per row.
 
     Network rows are predicted by :func:`dynas.predict`; stage rows by its per-stage figures;
+    block rows (``block{stage}.{index}``) by :func:`~dynas.predictors.latency.predict_blocks`;
     stem and head rows are dropped.
     """
     check_measurements(measurements, "measurements")
     tgt = load_target(target)
-    df = measurements[measurements["part"].astype(str).str.startswith(("network", "stage"))].copy()
+    df = measurements[measurements["part"].astype(str).str.startswith(("network", "stage", "block"))].copy()
     preds: dict[tuple[str, int], Any] = {}
+    blocks: dict[tuple[str, int], tuple[tuple[float, ...], ...]] = {}
     out = []
     for r in df.itertuples(index=False):
         key = (r.config, int(r.batch_size))
         if key not in preds:
             preds[key] = predict(r.config, tgt, int(r.batch_size))
         p = preds[key]
-        out.append(p.latency_ms if r.part == "network" else p.stages[int(r.stage)].latency_ms)
+        if r.part == "network":
+            out.append(p.latency_ms)
+        elif r.part.startswith("block"):
+            if key not in blocks:
+                blocks[key] = predict_blocks(p.config, tgt, int(r.batch_size))
+            m = re.fullmatch(r"block(\d+)\.(\d+)", r.part)
+            per_stage = blocks[key]
+            if m is None or int(m[1]) >= len(per_stage) or int(m[2]) >= len(per_stage[int(m[1])]):
+                raise ConfigError(f"measurements: part={r.part!r} is not a block of {p.config.backbone}; allowed: "
+                                  f"block<stage>.<index>, stages 0-{len(per_stage) - 1}, blocks per stage "
+                                  f"{'/'.join(str(len(b)) for b in per_stage)}")
+            out.append(per_stage[int(m[1])][int(m[2])])
+        else:
+            out.append(p.stages[int(r.stage)].latency_ms)
     df["predicted_ms"] = out
     df["rel_err"] = df["predicted_ms"] / df["measured_ms"] - 1
     return df

@@ -37,7 +37,7 @@ from dynas.spaces.config import (ArchConfig, StageConfig, load_config, stage_run
                                  uses_spatial)
 from dynas.errors import ConfigError, TargetError
 
-__all__ = ["predict", "block_ops", "clear_caches", "Ops"]
+__all__ = ["predict", "predict_blocks", "block_ops", "clear_caches", "Ops"]
 
 Ops = tuple[tuple[str, OpCost], ...]
 _STATIC = StageConfig()
@@ -316,6 +316,33 @@ def predict(config: "ArchConfig | Mapping[str, Any] | str", target: "str | Hardw
     tgt = load_target(target)
     n = _batch(batch_size, tgt)
     return _predict(cfg, tgt, n)
+
+
+def predict_blocks(config: "ArchConfig | Mapping[str, Any] | str", target: "str | HardwareTarget",
+                   batch_size: int | None = None) -> tuple[tuple[float, ...], ...]:
+    """[stage][block] predicted latency (ms) of every block of ``config`` (arguments as
+    :func:`predict`); each stage's blocks add up to that stage's ``latency_ms``.
+
+    A block with a per-sample gate (layer gates, whole-map spatial gates) is predicted at its
+    expected cost over the random choice of which blocks of its stage run."""
+    cfg = load_config(config)
+    tgt = load_target(target)
+    n = _batch(batch_size, tgt)
+    spec = cfg.spec
+    out = []
+    if tgt.kind == "cpu":
+        assert tgt.cpu is not None
+        cost = tgt.cpu.vector_ms()  # [terms] ms per unit
+        for s, (st, runs) in enumerate(zip(cfg.stages, stage_runs(cfg))):
+            blocks = spec.stage_blocks(s)
+            run_prob = runs / len(blocks) if runs is not None else 1.0
+            out.append(tuple(float(cpu.block_work(_block_key(b), st, n, run_prob, tgt.column_block) @ cost)
+                             for b in blocks))
+        return tuple(out)
+    hw = _hw(tgt)
+    for s, st in enumerate(cfg.stages):
+        out.append(tuple(_total(block_ops(hw, _block_key(b), st, n)[1]) * 1e3 for b in spec.stage_blocks(s)))
+    return tuple(out)
 
 
 @functools.lru_cache(maxsize=4096)

@@ -1,9 +1,10 @@
 """Predicted-vs-measured report of ``dynas validate``: a plotly HTML and a CSV.
 
 Input: the table of :func:`dynas.predictors.calibration.compare` (one row per measured network
-or stage, with ``measured_ms``, ``predicted_ms``, ``rel_err``, ``part``, ``batch_size``,
-``backbone``, ``choice``).  Two panels -- whole networks and single stages -- each a log-log
-scatter per batch size with the y = x line and the +/-10 % band.
+or stage or block, with ``measured_ms``, ``predicted_ms``, ``rel_err``, ``part``, ``batch_size``,
+``backbone``, ``choice``).  One panel per kind of row present -- whole networks, single
+stages, single blocks -- each a log-log scatter per batch size with the y = x line and the
++/-10 % band.
 """
 
 from __future__ import annotations
@@ -22,10 +23,17 @@ from dynas.results.pareto import atomic_write_text
 __all__ = ["validation_figure", "write_validation_html", "write_validation_csv"]
 
 
+#: panels of the figure: title, and the prefix of the ``part`` values it shows
+_PANELS = (("whole networks", "network"), ("single stages", "stage"), ("single blocks", "block"))
+
+
 def validation_figure(df: pd.DataFrame, title: str = "") -> go.Figure:
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("whole networks", "single stages (blocks of one stage)"))
-    for col, is_net in ((1, True), (2, False)):
-        part = df[(df["part"] == "network") == is_net]
+    kind = df["part"].astype(str)
+    panels = [(name, prefix) for name, prefix in _PANELS if kind.str.startswith(prefix).any()] or list(_PANELS[:1])
+    fig = make_subplots(rows=1, cols=len(panels), subplot_titles=[name for name, _ in panels])
+    for col, (_, prefix) in enumerate(panels, start=1):
+        is_net = prefix == "network"
+        part = df[kind.str.startswith(prefix)]
         if part.empty:
             continue
         lo = float(min(part["measured_ms"].min(), part["predicted_ms"].min())) * 0.8
@@ -35,7 +43,8 @@ def validation_figure(df: pd.DataFrame, title: str = "") -> go.Figure:
             fig.add_trace(go.Scatter(x=xs, y=xs * factor, mode="lines", line=dict(color="grey", dash=dash, width=1),
                                      name=name, showlegend=col == 1, legendgroup=name), row=1, col=col)
         for i, (n, g) in enumerate(part.groupby("batch_size")):
-            text = (g["backbone"] + " b" + g["batch_size"].astype(str) + "<br>" + g["choice"].astype(str)
+            text = (g["backbone"] + " b" + g["batch_size"].astype(str) + " " + g["part"].astype(str) + "<br>"
+                    + g["choice"].astype(str)
                     + "<br>error " + (100 * g["rel_err"]).map("{:+.1f} %".format))
             fig.add_trace(go.Scatter(x=g["measured_ms"], y=g["predicted_ms"], mode="markers", text=text,
                                      hoverinfo="text", name=f"batch {n}", legendgroup=f"b{n}", showlegend=col == 1,

@@ -17,10 +17,10 @@ from dynas.cli import main
 from dynas.errors import ConfigError, TargetError
 from dynas.kernels.calibrate import measure, run_plan
 from dynas.kernels import build_block
-from dynas.spaces.design import CALIBRATION_RATES, VALIDATION_RATES, calibration_plan, validation_plan
+from dynas.spaces.design import CALIBRATION_RATES, VALIDATION_RATES, PlanItem, calibration_plan, validation_plan
 from dynas.predictors import cpu
-from dynas.predictors.calibration import compare, fit_target, summarize
-from dynas.predictors.latency import predict
+from dynas.predictors.calibration import compare, fit_target, per_sample_gated, summarize
+from dynas.predictors.latency import predict, predict_blocks
 from dynas.predictors.targets import HardwareTarget, load_target, target_toml, write_target
 from dynas.spaces.backbones import get_backbone
 from dynas.spaces.config import PARADIGMS, ArchConfig, StageConfig, budget_count, stage_runs
@@ -368,6 +368,37 @@ def test_measure_splits_a_pass_into_its_parts():
     assert m.stem_ms + sum(m.stages_ms) + m.head_ms <= m.network_ms * 1.5  # medians of parts of the same passes
 
 
+def test_measure_times_every_block_in_passes_of_their_own():
+    cfg = ArchConfig("resnet18", (32, 32), (StageConfig("channel", 0.5, channel_granularity=8),) + (StageConfig(),) * 3)
+    assert measure(cfg, 1, repeats=1, warmup=0).blocks_ms == ()
+    m = measure(cfg, 2, repeats=3, warmup=1, blocks=True)
+    assert [len(b) for b in m.blocks_ms] == [cfg.spec.stage_depth(s) for s in range(4)]
+    assert min(min(b) for b in m.blocks_ms) > 0
+    rows = pd.DataFrame(run_plan([PlanItem(cfg, 1)], repeats=1, warmup=0, blocks=True))
+    blocks = rows[rows["part"].str.startswith("block")]
+    assert list(blocks["part"]) == [f"block{s}.{i}" for s in range(4) for i in range(cfg.spec.stage_depth(s))]
+    assert (blocks["stage"] == blocks["part"].str[5].astype(int)).all() and (blocks["measured_ms"] > 0).all()
+    assert blocks["choice"].iloc[0] == cfg.stages[0].short()
+
+
+def test_the_fit_and_the_scores_keep_block_rows_apart():
+    data = Path(__file__).resolve().parents[1] / "benchmarks" / "data" / "cpu-2core-dec01-late"
+    cal = pd.read_csv(data / "cpu-2core-dec01-late.csv")
+    cal = cal[cal["network_id"] < 60]
+    first = cal[cal["part"] == "stage0"]
+    junk = first.assign(part="block0.0", measured_ms=first["measured_ms"] * 50)  # would wreck a fit that used them
+    assert fit_target(pd.concat([cal, junk]), "t").cpu == fit_target(cal, "t").cpu
+    scored = compare(pd.concat([cal, junk]), str(data / "cpu-2core-dec01-late.toml"))
+    blocks = scored[scored["part"] == "block0.0"]
+    want = [predict_blocks(c, str(data / "cpu-2core-dec01-late.toml"), int(n))[0][0]
+            for c, n in zip(blocks["config"], blocks["batch_size"])]
+    np.testing.assert_allclose(blocks["predicted_ms"], want, rtol=1e-12)
+    gated = per_sample_gated(blocks)
+    assert gated.any() and not gated.all()  # the calibration design has stage-0 layer gates and others
+    with pytest.raises(ConfigError, match=r"part='block0\.9' is not a block of resnet18; allowed: block<stage>\.<index>"):
+        compare(junk.assign(part="block0.9").head(1), str(data / "cpu-2core-dec01-late.toml"))
+
+
 def test_run_plan_rows_carry_the_environment_and_stop_at_max_items():
     rows = run_plan(validation_plan(("resnet18",), 32, (1,), count=3, seed=0), repeats=1, warmup=0, max_items=2)
     df = pd.DataFrame(rows)
@@ -384,7 +415,7 @@ def test_run_rounds_keeps_each_networks_fastest_round(monkeypatch):
     slow = {(0, 0), (1, 2)}  # (round, network) pairs disturbed by "other load"
     calls = []
 
-    def fake_measure(config, n, device, repeats, warmup, seed):
+    def fake_measure(config, n, device, repeats, warmup, seed, blocks=False):
         net = [i.config for i in items].index(config)
         rnd = sum(1 for c in calls if c == net)
         calls.append(net)
@@ -404,7 +435,7 @@ def test_run_rounds_on_an_endless_plan_remeasures_the_first_rounds_networks(monk
 
     seen = []
 
-    def fake_measure(config, n, device, repeats, warmup, seed):
+    def fake_measure(config, n, device, repeats, warmup, seed, blocks=False):
         seen.append((config, n, seed))
         return cal.Measurement(1.0, (1.0,) * 4, 1.0, 7.0 + len(seen), repeats)
 
@@ -445,8 +476,10 @@ def test_calibrate_validate_and_search_on_the_calibrated_target(tmp_path, capsys
     before, after = val["host_ratio_before"].iloc[0], val["host_ratio_after"].iloc[0]
     assert before > 0 and after > 0 and val["host_ratio_before"].nunique() == val["host_ratio_after"].nunique() == 1
     assert ("networks x host" in out) == (abs(before / after - 1) <= 0.03)
-    assert set(val["part"]) >= {"network", "stage0"} and np.isfinite(val["predicted_ms"]).all()
-    assert "plotly" in Path("validate-mine.html").read_text()[:100000]
+    assert set(val["part"]) >= {"network", "stage0", "block0.0", "block3.1"} and np.isfinite(val["predicted_ms"]).all()
+    assert "\nblocks " in out
+    html = Path("validate-mine.html").read_text()
+    assert "plotly" in html[:100000] and all(t in html for t in ("whole networks", "single stages", "single blocks"))
 
     # each network followed by its static network: per-network host factors
     assert main(["validate", "--target", "mine.toml", "--backbones", "resnet18", "--input-size", "32", "--count", "1",
@@ -457,8 +490,11 @@ def test_calibrate_validate_and_search_on_the_calibrated_target(tmp_path, capsys
     assert (pd.read_csv("each.csv")["reference_ms"] > 0).all()
     assert main(["validate", "--target", "mine.toml", "--backbones", "resnet18", "--input-size", "32", "--count", "1",
                  "--batch-size", "1", "--repeats", "1", "--rounds", "1", "--host-check", "none", "--csv", "none.csv",
-                 "--html", "none.html", "-q"]) == 0
-    assert "host" not in capsys.readouterr().out and "host_ratio_before" not in pd.read_csv("none.csv")
+                 "--html", "none.html", "--no-blocks", "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "host" not in out and "\nblocks " not in out
+    none = pd.read_csv("none.csv")
+    assert "host_ratio_before" not in none and not none["part"].str.startswith("block").any()
 
     # the measurements can be re-scored without measuring
     assert main(["validate", "--target", "mine.toml", "--measurements", "validate-mine.csv", "--csv", "re.csv",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -11,7 +12,7 @@ import dynas
 from dynas.errors import ConfigError, TargetError
 from dynas.predictors.fidelity import compare_reference
 from dynas.predictors.gpu import expected_max_density
-from dynas.predictors.latency import predict
+from dynas.predictors.latency import predict, predict_blocks
 from dynas.predictors.targets import list_targets, load_target
 from dynas.spaces.backbones import list_backbones
 from dynas.spaces.config import ArchConfig, StageConfig
@@ -169,3 +170,27 @@ def test_unknown_target_and_bad_batch():
         load_target("k80")
     with pytest.raises(ConfigError, match="batch_size=0"):
         predict(ArchConfig.static("resnet50"), "v100", batch_size=0)
+
+
+CPU_TARGET = str(Path(__file__).resolve().parents[1] / "benchmarks" / "data" / "cpu-2core-dec01-late" / "cpu-2core-dec01-late.toml")
+
+
+@pytest.mark.parametrize("target", list_targets() + [CPU_TARGET], ids=lambda t: Path(t).stem)
+@pytest.mark.parametrize("backbone", ["resnet18", "resnet50", "regnety_400mf"])
+def test_block_predictions_add_up_to_their_stage(target, backbone):
+    spec = ArchConfig.static(backbone).spec
+    width = [spec.stage_width(s) for s in range(4)]
+    cfg = ArchConfig(backbone, spec.input_hw, (
+        StageConfig("spatial", 0.4, spatial_granularity=2),
+        StageConfig("layer", 0.6),  # per-sample gate: each block at its expected cost
+        StageConfig("channel", 0.3, channel_granularity=width[2] // 8),
+        StageConfig("layer+channel", 0.5, channel_granularity=width[3] // 4, channel_rate=0.5)))
+    for n in (1, 8):
+        pred, blocks = predict(cfg, target, n), predict_blocks(cfg, target, n)
+        assert [len(b) for b in blocks] == [spec.stage_depth(s) for s in range(4)]
+        for s, stage in enumerate(pred.stages):
+            assert min(blocks[s]) > 0
+            assert sum(blocks[s]) == pytest.approx(stage.latency_ms, rel=1e-9)
+    # blocks of one shape cost the same; the first (stride, projection) differs
+    static = predict_blocks(ArchConfig.static(backbone), target, 1)
+    assert len(set(static[1][1:])) == 1 and static[1][0] != static[1][1]
