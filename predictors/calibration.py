@@ -177,6 +177,8 @@ def cost_comments(costs: cpu.CpuCosts) -> dict[str, str]:
             out[field] = f"{4.0 / v:.1f} GB/s effective (float32)" if v > 0 else "negligible in the fit"
         elif field.endswith("_ms_per_mrow"):
             out[field] = f"{v:.1f} ns per row" if v > 0 else "negligible in the fit"
+        elif field.endswith("_stage_us"):
+            out[field] = f"{v:.2f} us per dynamic stage"
         else:
             out[field] = f"{v:.2f} us per call"
     return out

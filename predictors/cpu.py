@@ -41,6 +41,12 @@ term                   what is counted (per forward pass of the batch)
                        test_calibration.py`` compares the counts with a dispatch counter)
 ``masker_calls``       gate evaluations: the Python around each masker (its module call,
                        the decisions the fast path derives from it) that no operator count sees
+``dynamic_stages``     stages with gates: the first gated block of a stage runs the dynamic
+                       path's operators and Python after other code has evicted them from
+                       the instruction caches and branch predictors (timed per block by
+                       ``dynas validate``: ResNet-18's first gated block took 0.1-0.4 ms more
+                       than its identical second one at batch 1, each of its operators about
+                       twice as long), counted once per stage, on its first block
 =====================  ==================================================================
 
 and a target gives one cost per unit of each term (``ms_per_gmac``, ``ms_per_melem``,
@@ -75,7 +81,7 @@ import numpy as np
 from dynas.spaces.backbones import BlockSpec, StemSpec
 from dynas.spaces.config import StageConfig, budget_count, uses_channel, uses_layer, uses_spatial
 
-__all__ = ["TERMS", "COST_FIELDS", "COLUMN_BLOCKS", "COMPUTE_TERMS", "MEMORY_TERMS", "CALL_TERMS", "TERM_KINDS", "CpuCosts", "block_work", "stem_work", "head_work", "expected_block_flops",
+__all__ = ["TERMS", "COST_FIELDS", "COLUMN_BLOCKS", "COMPUTE_TERMS", "MEMORY_TERMS", "CALL_TERMS", "TERM_KINDS", "CpuCosts", "block_work", "stage_entry_work", "stem_work", "head_work", "expected_block_flops",
            "work_latency_ms"]
 
 #: work terms, in the order of :data:`COST_FIELDS`
@@ -83,16 +89,16 @@ TERMS: tuple[str, ...] = ("pointwise_gmac", "conv3x3_gmac", "grouped_gmac", "ste
                           "w_pointwise_melem",
                           "w_conv3x3_melem", "w_mm_melem",
                           "conv_io_melem", "stream_melem", "gather_melem", "index_melem", "index_mrows", "conv_calls", "mm_calls",
-                          "op_calls", "masker_calls")
+                          "op_calls", "masker_calls", "dynamic_stages")
 #: target-file field holding the cost of one unit of each term
 COST_FIELDS: tuple[str, ...] = ("pointwise_ms_per_gmac", "conv3x3_ms_per_gmac", "grouped_ms_per_gmac",
                                 "stem_ms_per_gmac", "smallmap_ms_per_gmac", "mm_ms_per_gmac", "vec_ms_per_gmac", "w_pointwise_ms_per_melem",
                                 "w_conv3x3_ms_per_melem", "w_mm_ms_per_melem", "conv_io_ms_per_melem",
                                 "stream_ms_per_melem", "gather_ms_per_melem", "index_ms_per_melem", "index_ms_per_mrow", "conv_call_us",
-                                "mm_call_us", "op_call_us", "masker_call_us")
-_TO_MS = np.array([1.0] * 15 + [1e-3] * 4)  # the per-call costs are stored in microseconds
+                                "mm_call_us", "op_call_us", "masker_call_us", "dynamic_stage_us")
+_TO_MS = np.array([1.0] * 15 + [1e-3] * 5)  # the per-call costs are stored in microseconds
 #: which terms are compute (MACs), memory (elements) and per-call overhead
-COMPUTE_TERMS, MEMORY_TERMS, CALL_TERMS = slice(0, 7), slice(7, 15), slice(15, 19)
+COMPUTE_TERMS, MEMORY_TERMS, CALL_TERMS = slice(0, 7), slice(7, 15), slice(15, 20)
 #: [3, len(TERMS)] 0/1 rows selecting the compute, memory and call terms
 TERM_KINDS = np.zeros((3, len(TERMS)))
 for _row, _sl in enumerate((COMPUTE_TERMS, MEMORY_TERMS, CALL_TERMS)):
@@ -131,6 +137,7 @@ class CpuCosts(NamedTuple):
     mm_call_us: float
     op_call_us: float
     masker_call_us: float
+    dynamic_stage_us: float
 
     def vector_ms(self) -> np.ndarray:
         """[len(TERMS)] milliseconds per unit of each term."""
@@ -504,6 +511,17 @@ def block_work(b: BlockSpec, st: StageConfig, n: int, run_prob: float = 1.0, col
     w.gather(2 * rows_out * b.out_channels, 2 * parts)  # shortcut rows, write-back
     w.stream(5 * rows_out * b.out_channels, 2 * parts)  # add_, relu_
     w.stream(2 * out_elems)  # ReLU(shortcut) everywhere
+    return w.result()
+
+
+@functools.lru_cache(maxsize=None)
+def stage_entry_work(st: StageConfig) -> np.ndarray:
+    """[len(TERMS)] work of a stage beyond its blocks' (:func:`block_work`): one
+    ``dynamic_stages`` for a stage with gates (the cold start of its first gated block), none
+    for a static one."""
+    w = _Work()
+    if st.paradigm != "static":
+        w._add("dynamic_stages", 1)
     return w.result()
 
 

@@ -336,8 +336,9 @@ def predict_blocks(config: "ArchConfig | Mapping[str, Any] | str", target: "str 
         for s, (st, runs) in enumerate(zip(cfg.stages, stage_runs(cfg))):
             blocks = spec.stage_blocks(s)
             run_prob = runs / len(blocks) if runs is not None else 1.0
-            out.append(tuple(float(cpu.block_work(_block_key(b), st, n, run_prob, tgt.column_block) @ cost)
-                             for b in blocks))
+            entry = cpu.stage_entry_work(st)  # on the stage's first block, where it is spent
+            out.append(tuple(float((cpu.block_work(_block_key(b), st, n, run_prob, tgt.column_block)
+                                    + (entry if i == 0 else 0.0)) @ cost) for i, b in enumerate(blocks)))
         return tuple(out)
     hw = _hw(tgt)
     for s, st in enumerate(cfg.stages):
@@ -474,7 +475,7 @@ def _stage_work(backbone: str, input_hw: tuple[int, int], s: int, st: StageConfi
     ``column_block``: the target's, see :func:`dynas.predictors.cpu.block_work`)."""
     blocks = get_backbone(backbone, input_hw).stage_blocks(s)
     run_prob = runs / len(blocks) if runs is not None else 1.0
-    work = sum(cpu.block_work(_block_key(b), st, n, run_prob, column_block) for b in blocks)
+    work = sum(cpu.block_work(_block_key(b), st, n, run_prob, column_block) for b in blocks) + cpu.stage_entry_work(st)
     work.setflags(write=False)  # memoized and shared
     return work
 
@@ -507,5 +508,5 @@ def clear_caches() -> None:
     from dynas.predictors import gpu
 
     for fn in (gpu.conv_cost, gpu._op_table, gpu._tile_sizes, gpu._lane_rounds, gpu._gate_density, gpu._density_matrix, gpu._max_density_by_wave, gpu._channels_last_coalescing, gpu.memory_cost, gpu._hypergeom_cdf, block_ops, _stem_head, _stage, _predict,
-               cpu.block_work, cpu.stem_work, cpu.head_work, _stage_cpu, _stage_work):
+               cpu.block_work, cpu.stage_entry_work, cpu.stem_work, cpu.head_work, _stage_cpu, _stage_work):
         fn.cache_clear()

@@ -20,9 +20,9 @@ A target file is TOML::
 
 A *measured* target (``kind = "cpu"``, written by ``dynas calibrate``) has no ``[hardware]``
 table; its ``[cpu]`` table holds the fitted cost of each unit of work of
-:mod:`dynas.predictors.cpu` (``pointwise_ms_per_gmac``, ..., ``masker_call_us``; each a number >= 0, every
-field required except ``mm_ms_per_gmac``, ``vec_ms_per_gmac``, ``index_ms_per_mrow`` and
-``masker_call_us``, which files written before they existed lack: those read as the file meant
+:mod:`dynas.predictors.cpu` (``pointwise_ms_per_gmac``, ..., ``dynamic_stage_us``; each a number >= 0, every
+field required except ``mm_ms_per_gmac``, ``vec_ms_per_gmac``, ``index_ms_per_mrow``,
+``masker_call_us`` and ``dynamic_stage_us``, which files written before they existed lack: those read as the file meant
 them, see ``_LATER_FIELDS``), ``threads``, the thread count it was measured with, and
 ``column_block`` (optional, default 1), the output columns a convolution kernel computes at
 once, which the calibration picks along with the costs.  Its
@@ -154,10 +154,10 @@ def _common(data: dict[str, Any], origin: str) -> tuple[str, str, int, dict[str,
 
 #: cost fields added after files were written: what such a file meant for each.  Row products
 #: were counted at the 1x1-convolution rate, per-sample products (maskers, SE, head) at the row
-#: products' rate; indexing cost per element only (no per-row cost); gate evaluations nothing
-#: beyond their counted operators.
+#: products' rate; indexing cost per element only (no per-row cost); gate evaluations and
+#: dynamic stages nothing beyond their counted operators.
 _LATER_FIELDS: dict[str, str | None] = {"mm_ms_per_gmac": "pointwise_ms_per_gmac", "vec_ms_per_gmac": "mm_ms_per_gmac",
-                                        "index_ms_per_mrow": None, "masker_call_us": None}
+                                        "index_ms_per_mrow": None, "masker_call_us": None, "dynamic_stage_us": None}
 
 
 def _cpu_from_mapping(data: dict[str, Any], origin: str, path: str | None) -> HardwareTarget:

@@ -20,6 +20,7 @@ from dynas.kernels import build_block
 from dynas.spaces.design import CALIBRATION_RATES, VALIDATION_RATES, PlanItem, calibration_plan, validation_plan
 from dynas.predictors import cpu
 from dynas.predictors.calibration import compare, fit_target, per_sample_gated, summarize
+from dynas.predictors import latency
 from dynas.predictors.latency import predict, predict_blocks
 from dynas.predictors.targets import HardwareTarget, load_target, target_toml, write_target
 from dynas.spaces.backbones import get_backbone
@@ -323,12 +324,12 @@ def test_old_target_files_keep_their_meaning(tmp_path):
     # files written before row products and indexed rows had their own costs load as they fitted
     costs = cpu.CpuCosts(*(0.5 + i for i in range(len(cpu.COST_FIELDS))))
     text = target_toml(_target(costs))
-    later = ("mm_ms_per_gmac", "vec_ms_per_gmac", "index_ms_per_mrow", "masker_call_us")
+    later = ("mm_ms_per_gmac", "vec_ms_per_gmac", "index_ms_per_mrow", "masker_call_us", "dynamic_stage_us")
     old = "\n".join(l for l in text.splitlines() if not l.startswith(later))
     (tmp_path / "old.toml").write_text(old)
     back = load_target(str(tmp_path / "old.toml")).cpu
     assert back.mm_ms_per_gmac == back.vec_ms_per_gmac == costs.pointwise_ms_per_gmac and back.index_ms_per_mrow == 0.0
-    assert back.masker_call_us == 0.0  # no gate evaluation cost beyond the counted operators
+    assert back.masker_call_us == back.dynamic_stage_us == 0.0  # no gate cost beyond the counted operators
     assert back._replace(**{f: getattr(costs, f) for f in later}) == costs
     # a file with row products but no per-sample products priced them alike
     (tmp_path / "mid.toml").write_text("\n".join(l for l in text.splitlines() if not l.startswith("vec_ms_per_gmac")))
@@ -588,3 +589,17 @@ def test_measuring_keeps_freed_memory_and_records_it():
         assert first.startswith("glibc: trim off")
     else:
         assert first == "default"
+
+
+def test_a_dynamic_stage_pays_one_cold_start_on_its_first_block():
+    target = str(Path(__file__).resolve().parents[1] / "benchmarks" / "data" / "cpu-2core-dec01-late" / "cpu-2core-dec01-late.toml")
+    cold_ms = load_target(target).cpu.dynamic_stage_us * 1e-3
+    assert cold_ms > 0
+    # ResNet-18's stage 0 has two blocks of one shape: they differ by the cold start alone
+    for first in (StageConfig(), StageConfig("channel", 0.5, channel_granularity=8), StageConfig("spatial", 0.5, 4)):
+        cfg = ArchConfig("resnet18", (224, 224), (first,) + (StageConfig(),) * 3)
+        for n in (1, 8):
+            b0, b1 = predict_blocks(cfg, target, n)[0]
+            assert b0 - b1 == pytest.approx(0.0 if first.paradigm == "static" else cold_ms, abs=1e-12)
+            work = latency._stage_work("resnet18", (224, 224), 0, first, n, None, 4)
+            assert work[cpu.TERMS.index("dynamic_stages")] == (first.paradigm != "static")
