@@ -571,6 +571,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
            f"MAPE {f['parts_mape_pct']:.1f}%, {100 * f['parts_within_10pct']:.0f}% within +/-10%")
     _print(f"column block: {target.column_block} output columns per convolution step (median error by candidate: "
            f"{f['column_block_median_err_pct']} %)")
+    _print_round_spread(df)
     _print(f"target: {args.output}  (use it as --target {args.output}; check it with dynas validate)")
     return 0
 
@@ -692,6 +693,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     if (blocks & gated).any():
         _print(f"'blocks': {int((blocks & ~gated).sum())} blocks; the {int((blocks & gated).sum())} of stages whose gates "
                "choose per sample which blocks run are scored with their stage (which blocks run changes every pass)")
+    _print_round_spread(df)
     if how == "each":
         _print("'networks x host': each prediction scaled by its static network's time right after it / at calibration")
     elif how == "steady":
@@ -705,6 +707,17 @@ def _cmd_validate(args: argparse.Namespace) -> int:
                       ["backbone", "batch", "config", "measured ms", "predicted ms", "error %"]))
     _print(f"table: {csv_path}\nplot: {html_path}")
     return 0
+
+
+def _print_round_spread(df: Any) -> None:
+    """One line on the machine's own noise: how far apart the rounds of the same networks came out."""
+    from dynas.predictors.calibration import round_spread
+
+    spread = round_spread(df)
+    if spread is not None:
+        _print(f"rounds: {spread['count']} networks measured more than once; the slowest round of each took a median "
+               f"{spread['median_pct']:.1f}% longer than its fastest (90th percentile {spread['p90_pct']:.1f}%): "
+               "the machine's own noise, kept apart from the model's error by keeping each fastest round")
 
 
 #: validate scales its predictions by the host's speed only when the before and after checks agree this well

@@ -322,7 +322,9 @@ def run_rounds(items: Iterable[PlanItem], rounds: int = 2, progress: Callable[..
     network's rounds are minutes apart), keeping for every network the round whose whole pass
     was fastest, with all its parts.  Other load on a shared machine only ever adds time, and
     it comes in bursts that can cover every pass of one measurement; a second round away from
-    the burst is how such a measurement is recognised.  Rows get a ``rounds`` column.
+    the burst is how such a measurement is recognised.  Rows get a ``rounds`` column, and
+    ``round_spread``: how much longer the network's slowest round took than its fastest (0.05 =
+    5 %; NaN for a network measured once), the machine's own noise.
 
     ``items`` may be endless when ``budget_s`` is given: the first round measures as many as
     fit in ``budget_s / rounds``, the later rounds measure those again.
@@ -339,6 +341,7 @@ def run_rounds(items: Iterable[PlanItem], rounds: int = 2, progress: Callable[..
             yield item
 
     best: dict[int, list[dict[str, Any]]] = {}
+    totals: dict[int, list[float]] = {}  # [network] its whole-pass median in each round
     first_budget = budget_s / rounds if budget_s is not None else None
     for r in range(rounds):
         if r == 0:
@@ -357,8 +360,13 @@ def run_rounds(items: Iterable[PlanItem], rounds: int = 2, progress: Callable[..
             for row in net_rows:
                 row["network_id"], row["rounds"] = i, rounds
             total = next(row["measured_ms"] for row in net_rows if row["part"] == "network")
+            totals.setdefault(i, []).append(total)
             kept = best.get(i)
             if kept is None or total < next(row["measured_ms"] for row in kept if row["part"] == "network"):
                 best[i] = net_rows
+    for i, rows_i in best.items():
+        t = totals[i]
+        for row in rows_i:
+            row["round_spread"] = max(t) / min(t) - 1 if len(t) > 1 else math.nan
     return [row for i in sorted(best) for row in best[i]]
 

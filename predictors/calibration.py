@@ -29,7 +29,7 @@ from dynas.predictors.targets import HardwareTarget, load_target, static_key
 from dynas.spaces.config import load_config, stage_gate_kind, stage_runs
 
 __all__ = ["REQUIRED_COLUMNS", "check_measurements", "fit_target", "compare", "summarize", "cost_comments",
-           "fitted_parts", "per_sample_gated"]
+           "fitted_parts", "per_sample_gated", "round_spread"]
 
 REQUIRED_COLUMNS: tuple[str, ...] = ("config", "batch_size", "part", "stage", "measured_ms")
 
@@ -121,6 +121,9 @@ def fit_target(measurements: pd.DataFrame, name: str, environment: Mapping[str, 
            "column_block_median_err_pct": ", ".join(f"{cb}: {fits[cb][3] * 100:.2f}" for cb in fits),
            "outlier_limit_pct": limit * 100, "networks": networks,
            "parts_mape_pct": float(np.mean(np.abs(rel)) * 100), "parts_within_10pct": float(np.mean(np.abs(rel) <= 0.1))}
+    spread = round_spread(measurements)
+    if spread is not None:
+        fit.update({"round_spread_median_pct": spread["median_pct"], "round_spread_p90_pct": spread["p90_pct"]})
     threads = int(env.get("threads", 1) or 1)
     static_ms = _static_ms(measurements, cache)
     return HardwareTarget(name=name, description=description or f"dynas kernels measured on {env.get('device_name', 'this device')}",
@@ -129,6 +132,20 @@ def fit_target(measurements: pd.DataFrame, name: str, environment: Mapping[str, 
                           unexercised=tuple(unexercised),
                           environment={k: v for k, v in env.items() if isinstance(v, (str, int, float))}, fit=fit,
                           static_ms=static_ms)
+
+
+def round_spread(df: pd.DataFrame) -> dict[str, float] | None:
+    """How far apart the rounds of the same networks came out (``round_spread`` of
+    :func:`dynas.kernels.calibrate.run_rounds`): ``count`` networks measured more than once,
+    the ``median_pct`` and ``p90_pct`` of how much longer their slowest round took.  None when
+    no network was measured twice."""
+    if "round_spread" not in df:
+        return None
+    spread = pd.to_numeric(df.loc[df["part"] == "network", "round_spread"], errors="coerce").dropna()
+    if spread.empty:
+        return None
+    return {"count": int(len(spread)), "median_pct": float(spread.median() * 100),
+            "p90_pct": float(spread.quantile(0.9) * 100)}
 
 
 def fitted_parts(df: pd.DataFrame) -> pd.Series:

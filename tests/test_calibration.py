@@ -19,7 +19,7 @@ from dynas.kernels.calibrate import measure, run_plan
 from dynas.kernels import build_block
 from dynas.spaces.design import CALIBRATION_RATES, VALIDATION_RATES, PlanItem, calibration_plan, validation_plan
 from dynas.predictors import cpu
-from dynas.predictors.calibration import compare, fit_target, per_sample_gated, summarize
+from dynas.predictors.calibration import compare, fit_target, per_sample_gated, round_spread, summarize
 from dynas.predictors import latency
 from dynas.predictors.latency import predict, predict_blocks
 from dynas.predictors.targets import HardwareTarget, load_target, target_toml, write_target
@@ -429,6 +429,11 @@ def test_run_rounds_keeps_each_networks_fastest_round(monkeypatch):
     assert net.to_dict() == {0: 10.0, 1: 11.0, 2: 12.0}
     assert calls == [0, 1, 2, 2, 1, 0]  # the second round runs in reverse order
     assert (rows["rounds"] == 2).all() and len(rows) == 3 * 7
+    # how much longer each network's slower round took: the machine's noise
+    spread = rows.groupby("network_id")["round_spread"].agg(["min", "max"])
+    assert (spread["min"] == spread["max"]).all() and spread["max"].tolist() == pytest.approx([2.0, 0.0, 2.0])
+    assert round_spread(rows) == pytest.approx({"count": 3, "median_pct": 200.0, "p90_pct": 200.0})
+    assert round_spread(rows.drop(columns="round_spread")) is None
 
 
 def test_run_rounds_on_an_endless_plan_remeasures_the_first_rounds_networks(monkeypatch):
@@ -459,8 +464,10 @@ def test_calibrate_validate_and_search_on_the_calibrated_target(tmp_path, capsys
                  "--budget-s", "4", "--rounds", "2", "--repeats", "1", "--threads", "1", "-q"]) == 0
     out = capsys.readouterr().out
     assert "fit on" in out and Path("mine.toml").is_file() and Path("mine.csv").is_file()
+    assert "\nrounds: " in out and "longer than its fastest" in out
     t = load_target("./mine.toml")
     assert t.kind == "cpu" and t.threads == 1 and t.environment["backbones"] == "resnet18"
+    assert t.fit["round_spread_median_pct"] >= 0 and t.fit["round_spread_p90_pct"] >= t.fit["round_spread_median_pct"]
     assert set(t.static_ms) == {"resnet18-32x32-b1", "resnet18-32x32-b2"}  # the plan's static networks
     cal = pd.read_csv("mine.csv")
     assert {"measured_ms", "device_name", "torch_version", "threads", "date", "batch_size"} <= set(cal.columns)
@@ -472,7 +479,7 @@ def test_calibrate_validate_and_search_on_the_calibrated_target(tmp_path, capsys
     assert main(["validate", "--target", "mine.toml", "--backbones", "resnet18", "--input-size", "32",
                  "--count", "2", "--batch-size", "1", "--repeats", "1", "--rounds", "2", "-q"]) == 0
     out = capsys.readouterr().out
-    assert "networks" in out and "Spearman" in out and "host speed:" in out
+    assert "networks" in out and "Spearman" in out and "host speed:" in out and "\nrounds: 2 networks" in out
     val = pd.read_csv("validate-mine.csv")
     before, after = val["host_ratio_before"].iloc[0], val["host_ratio_after"].iloc[0]
     assert before > 0 and after > 0 and val["host_ratio_before"].nunique() == val["host_ratio_after"].nunique() == 1
@@ -493,7 +500,7 @@ def test_calibrate_validate_and_search_on_the_calibrated_target(tmp_path, capsys
                  "--batch-size", "1", "--repeats", "1", "--rounds", "1", "--host-check", "none", "--csv", "none.csv",
                  "--html", "none.html", "--no-blocks", "-q"]) == 0
     out = capsys.readouterr().out
-    assert "host" not in out and "\nblocks " not in out
+    assert "host" not in out and "\nblocks " not in out and "\nrounds: " not in out  # one round
     none = pd.read_csv("none.csv")
     assert "host_ratio_before" not in none and not none["part"].str.startswith("block").any()
 
