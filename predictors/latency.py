@@ -334,11 +334,8 @@ def predict_blocks(config: "ArchConfig | Mapping[str, Any] | str", target: "str 
         assert tgt.cpu is not None
         cost = tgt.cpu.vector_ms()  # [terms] ms per unit
         for s, (st, runs) in enumerate(zip(cfg.stages, stage_runs(cfg))):
-            blocks = spec.stage_blocks(s)
-            run_prob = runs / len(blocks) if runs is not None else 1.0
-            entry = cpu.stage_entry_work(st)  # on the stage's first block, where it is spent
-            out.append(tuple(float((cpu.block_work(_block_key(b), st, n, run_prob, tgt.column_block)
-                                    + (entry if i == 0 else 0.0)) @ cost) for i, b in enumerate(blocks)))
+            works = _block_works(spec.name, spec.input_hw, s, st, n, runs, tgt.column_block)  # [blocks][terms]
+            out.append(tuple(float(w @ cost) for w in works))
         return tuple(out)
     hw = _hw(tgt)
     for s, st in enumerate(cfg.stages):
@@ -473,11 +470,21 @@ def _stage_work(backbone: str, input_hw: tuple[int, int], s: int, st: StageConfi
                 column_block: int = 1) -> np.ndarray:
     """[terms] work of stage ``s`` under ``st`` (``runs``: per-sample block quota, see stage_runs;
     ``column_block``: the target's, see :func:`dynas.predictors.cpu.block_work`)."""
-    blocks = get_backbone(backbone, input_hw).stage_blocks(s)
-    run_prob = runs / len(blocks) if runs is not None else 1.0
-    work = sum(cpu.block_work(_block_key(b), st, n, run_prob, column_block) for b in blocks) + cpu.stage_entry_work(st)
+    work = sum(_block_works(backbone, input_hw, s, st, n, runs, column_block))
     work.setflags(write=False)  # memoized and shared
     return work
+
+
+def _block_works(backbone: str, input_hw: tuple[int, int], s: int, st: StageConfig, n: int, runs: int | None,
+                 column_block: int) -> list[np.ndarray]:
+    """[blocks][terms] work of each block of stage ``s`` (arguments as :func:`_stage_work`), the
+    stage's own work (:func:`dynas.predictors.cpu.stage_entry_work`) on its first block, where
+    it is spent."""
+    blocks = get_backbone(backbone, input_hw).stage_blocks(s)
+    run_prob = runs / len(blocks) if runs is not None else 1.0
+    entry = cpu.stage_entry_work(st)
+    return [cpu.block_work(_block_key(b), st, n, run_prob, column_block) + (entry if i == 0 else 0.0)
+            for i, b in enumerate(blocks)]
 
 
 @functools.lru_cache(maxsize=65536)
