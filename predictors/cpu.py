@@ -326,7 +326,9 @@ def _body(w: _Work, b: BlockSpec, rows_in: float, rows_out: float, samples: floa
         if mid_rows is not None:
             w.stream(2 * mid * k)  # zero the padding positions of every region
         if selected:
-            w.gather(k * cout * 9)  # selected input channels: columns of the cached channels-last matrix
+            # selected input channels: rows of the cached flipped matrix, for a transposed convolution
+            # (``_conv_inputs``; a column gather would read the whole matrix)
+            w.gather(k * cout * 9)
         # 1x1 patches: each window is one output pixel, one matrix product (kernels/blocks.py)
         w.conv(rows_out, k, cout, 3, k, hw=out_hw, mm=out_hw == (1, 1))
         _bn_relu(w, rows_out * cout, relu=False)

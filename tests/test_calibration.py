@@ -145,7 +145,8 @@ def test_static_is_the_rate_one_layer_limit_minus_masker_work():
 _VIEW_OPS = {"view", "_unsafe_view", "permute", "select", "slice", "expand", "as_strided", "t", "detach", "alias",
              "unsqueeze", "squeeze", "reshape", "_reshape_alias", "transpose", "split", "unbind", "flatten",
              "view_as", "unflatten", "expand_as", "narrow"}
-_CONV_OPS, _MM_OPS = {"conv2d", "convolution", "mkldnn_convolution"}, {"linear", "mm", "addmm", "matmul"}
+_CONV_OPS = {"conv2d", "convolution", "mkldnn_convolution", "_convolution_transpose_pointwise"}
+_MM_OPS = {"linear", "mm", "addmm", "matmul"}
 
 
 def _dispatched(spec, st: StageConfig, n: int) -> tuple[int, int, int]:

@@ -569,6 +569,45 @@ def test_fast_matches_reference_in_channels_last(key, paradigm, batch):
     torch.testing.assert_close(fast, ref, atol=ATOL, rtol=RTOL)
 
 
+@pytest.mark.parametrize("pad", [0, 1])
+@pytest.mark.parametrize("layout", ["channels_last", "contiguous_format"])
+def test_input_channel_selection_is_the_column_gather(pad, layout, monkeypatch):
+    # conv2 of a basic block on selected input channels: the transposed convolution over row-gathered
+    # flipped kernels (channels-last, CPU float32) gives the column gather's convolution; NCHW keeps it
+    gen = torch.Generator().manual_seed(4)
+    conv = torch.nn.Conv2d(24, 40, 3, padding=1, bias=False)
+    sel = torch.tensor([0, 3, 4, 9, 17, 23])
+    h = torch.randn(3, sel.numel(), 6, 7, generator=gen).contiguous(memory_format=getattr(torch, layout))
+    calls = []
+    real = blocks._TRANSPOSED
+    if real is not None:
+        monkeypatch.setattr(blocks, "_TRANSPOSED", lambda *a: calls.append(a[1].shape) or real(*a))
+    with torch.no_grad():
+        out = blocks._conv_inputs(h, conv, sel, pad)
+        ref = F.conv2d(h, conv.weight.index_select(1, sel), None, 1, pad)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    assert bool(calls) == (real is not None and layout == "channels_last")
+    if calls:
+        assert tuple(calls[0]) == (sel.numel(), 40, 3, 3)  # [|sel|, C_out, kh, kw]
+
+
+@pytest.mark.skipif(blocks._TRANSPOSED is None, reason="this torch build has no oneDNN transposed convolution")
+@pytest.mark.parametrize("paradigm", ["channel", "spatial+channel", "layer+channel"])
+@pytest.mark.parametrize("batch", [1, 4])
+def test_basic_block_channel_path_uses_the_row_gather(paradigm, batch, monkeypatch):
+    # in channels-last, a basic block's conv2 reads its selected input channels by rows and matches the reference
+    spec, blk = _make(("resnet18", 1, 0), paradigm, 0.5, 1)
+    blk = blk.to(memory_format=torch.channels_last)
+    _set_mode(blk, "budget")
+    calls = []
+    real = blocks._TRANSPOSED
+    monkeypatch.setattr(blocks, "_TRANSPOSED", lambda *a: calls.append(1) or real(*a))
+    x = torch.randn(batch, spec.in_channels, *spec.in_hw).contiguous(memory_format=torch.channels_last)
+    fast, ref, _ = _both(blk, x)
+    torch.testing.assert_close(fast, ref, atol=ATOL, rtol=RTOL)
+    assert calls
+
+
 @pytest.mark.parametrize("paradigm", ["spatial", "channel", "layer"])
 def test_fast_path_never_writes_the_callers_input(paradigm):
     # a standalone block must leave its input alone; a DynamicNet may reuse its own intermediates
