@@ -718,6 +718,14 @@ def _print_round_spread(df: Any) -> None:
         _print(f"rounds: {spread['count']} networks measured more than once; the slowest round of each took a median "
                f"{spread['median_pct']:.1f}% longer than its fastest (90th percentile {spread['p90_pct']:.1f}%): "
                "the machine's own noise, kept apart from the model's error by keeping each fastest round")
+        if spread["median_pct"] > QUIET_SPREAD_PCT:
+            _logger.warning("the machine was busy: a median round spread of %.1f%% is more than %.0f%%, so single "
+                            "measurements are off by about as much as the +/-10%% a target aims at; measure again when "
+                            "it is quiet", spread["median_pct"], QUIET_SPREAD_PCT)
+
+
+#: a median round spread above this (percent) means the machine was too busy to measure on
+QUIET_SPREAD_PCT = 5.0
 
 
 #: validate scales its predictions by the host's speed only when the before and after checks agree this well

@@ -456,6 +456,21 @@ def test_run_rounds_on_an_endless_plan_remeasures_the_first_rounds_networks(monk
     assert first == [8.0, 9.0, 10.0, 11.0]  # each keeps its faster (first) round
 
 
+@pytest.mark.parametrize("spread, busy", [(0.089, True), (0.03, False)])
+def test_a_busy_machine_is_named_next_to_the_scores(tmp_path, capsys, spread, busy):
+    # seed 23 of the late calibration was measured while the host was busy (rounds a median 8.9 % apart)
+    data = Path(__file__).resolve().parents[1] / "benchmarks" / "data" / "cpu-2core-dec01-late"
+    val = pd.read_csv(data / "validation-seed23.csv")
+    val["round_spread"] = spread
+    val.to_csv(tmp_path / "m.csv", index=False)
+    assert main(["validate", "--target", str(data / "cpu-2core-dec01-late.toml"), "--measurements", str(tmp_path / "m.csv"),
+                 "--csv", str(tmp_path / "out.csv"), "--html", str(tmp_path / "out.html"), "-q"]) == 0
+    captured = capsys.readouterr()
+    assert f"a median {100 * spread:.1f}% longer" in captured.out
+    assert ("the machine was busy: a median round spread of 8.9% is more than 5%" in captured.err) == busy
+    assert ("busy" in captured.err) == busy
+
+
 # ----------------------------------------------------------------------------- the commands
 
 
