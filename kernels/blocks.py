@@ -222,7 +222,9 @@ def _transposed_op() -> Any:
         @register_flop_formula(op)
         def _flops(x_shape, w_shape, _bias, _padding, _output_padding, _stride, _dilation, _groups, *args, out_shape=None,
                    **kwargs):
-            return conv_flop_count(x_shape, w_shape, out_shape, transposed=True)
+            # counted as the convolution it stands for here (stride 1): every output position reads
+            # kh x kw x C_in inputs; flop_counter's transposed rule would count the uncropped output
+            return conv_flop_count(x_shape, w_shape, out_shape, transposed=False)
     return op.default
 
 

@@ -586,6 +586,9 @@ def test_input_channel_selection_is_the_column_gather(pad, layout, monkeypatch):
         out = blocks._conv_inputs(h, conv, sel, pad)
         ref = F.conv2d(h, conv.weight.index_select(1, sel), None, 1, pad)
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        blocks._conv_inputs(h, conv, sel, pad)
+    assert fc.get_total_flops() == 2 * out.numel() * sel.numel() * 9  # the convolution's, cropped output only
     assert bool(calls) == (real is not None and layout == "channels_last")
     if calls:
         assert tuple(calls[0]) == (sel.numel(), 40, 3, 3)  # [|sel|, C_out, kh, kw]
