@@ -46,11 +46,12 @@ Fast path (every gather/scatter moves whole pixel rows when maps are channels-la
   is cached until the weight changes), the 3x3 conv uses the k x k selected kernels in one
   gather, BN uses the selected running statistics.  A basic block's second 3x3 conv reads only
   the selected inputs: on CPU, as the equal transposed convolution, whose flipped kernels are
-  cached by input channel so that the selection is a row gather (``_conv_inputs``).  Grouped 3x3 convs (RegNetY): a gate group
-  need not align with the conv groups, so the conv runs over the *touched* conv groups only --
-  selected channels are scattered into a zero tensor holding every channel of the touched
-  groups, the grouped conv runs with ``groups = number of touched groups`` and the selected
-  outputs are picked back; when the selection is made of whole conv groups no copy happens.
+  cached by input channel so that the selection is a row gather (``_conv_inputs``).  Grouped
+  3x3 convs (RegNetY): a gate group need not align with the conv groups, so the conv runs over
+  the *touched* conv groups only -- selected channels are scattered into a zero tensor holding
+  every channel of the touched groups, the grouped conv runs with ``groups = number of touched
+  groups`` and the selected outputs are picked back; when the selection is made of whole conv
+  groups no copy happens.
   SE reads/writes only the selected channels.
 * **layer**: the body runs only on samples whose gate is on (gathered rows); the others output
   ReLU(shortcut(x)); when every sample runs, the static block's own ops run with no gather.
