@@ -721,7 +721,7 @@ def _print_round_spread(df: Any) -> None:
         if spread["median_pct"] > QUIET_SPREAD_PCT:
             _logger.warning("the machine was busy: a median round spread of %.1f%% is more than %.0f%%, so single "
                             "measurements are off by about as much as the +/-10%% a target aims at; measure again when "
-                            "it is quiet", spread["median_pct"], QUIET_SPREAD_PCT)
+                            "it is quiet, or with --rounds 4", spread["median_pct"], QUIET_SPREAD_PCT)
 
 
 #: a median round spread above this (percent) means the machine was too busy to measure on
@@ -999,7 +999,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget-s", type=_positive_float, default=300.0, metavar="S", help="measurement time budget (seconds)")
     p.add_argument("--rounds", type=_positive_int, default=2, metavar="N",
                    help="measure the networks of the first BUDGET/N seconds N times (minutes apart); each keeps its\n"
-                   "fastest round")
+                   "fastest round (4 on a busy machine)")
     p.add_argument("--name", default=None, help="target name (default: the output file's stem)")
     p.add_argument("--csv", default=None, metavar="FILE", help="measurements CSV (default: TARGET_FILE with .csv)")
     p.add_argument("--measurements", default=None, metavar="CSV",
@@ -1029,7 +1029,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--configs", default=None, metavar="FILE", help="JSON config(s) to measure instead of random ones")
     p.add_argument("--count", type=_positive_int, default=24, metavar="N", help="random configs (backbones in turn)")
     p.add_argument("--rounds", type=_positive_int, default=2, metavar="N",
-                   help="measure the whole plan N times (minutes apart); each network keeps its fastest round")
+                   help="measure the whole plan N times (minutes apart); each network keeps its fastest round (4 on a "
+                   "busy machine)")
     p.add_argument("--host-check", choices=("ends", "each", "none"), default="ends",
                    help="time the target's recorded static networks again before and after the plan (ends), also "
                         "right after every network (each; about twice the time), or not at all")
