@@ -127,83 +127,64 @@ def measure(config: ArchConfig, batch_size: int, device: str = "cpu", repeats: i
     h, w = config.input_size
     x = torch.randn(batch_size, 3, h, w, device=dev).contiguous(memory_format=torch.channels_last)
     cuda = dev.type == "cuda"
+
+    def now() -> float:
+        if cuda:
+            torch.cuda.synchronize(dev)
+        return time.perf_counter()
+
+    n_stages = config.spec.num_stages
+    parts: list[list[float]] = [[] for _ in range(n_stages + 3)]  # stem, stages..., head, network
+    for t in _marked_passes(model, _stage_modules(model, config), x, warmup + repeats, now)[warmup:]:
+        # t: [start, (stage pre, stage post) x S, end]
+        parts[0].append(t[1] - t[0])
+        for s in range(n_stages):
+            parts[1 + s].append(t[2 + 2 * s] - t[1 + 2 * s])
+        parts[n_stages + 1].append(t[-1] - t[-2])
+        parts[n_stages + 2].append(t[-1] - t[0])
+    med = [statistics.median(p) * 1e3 for p in parts]
+    blocks_ms = _time_blocks(model, config, x, repeats, now) if blocks else ()
+    return Measurement(med[0], tuple(med[1:1 + n_stages]), med[n_stages + 1], med[-1], repeats, blocks_ms)
+
+
+def _marked_passes(model: torch.nn.Module, modules: Sequence[torch.nn.Module], x: torch.Tensor, passes: int,
+                   now: Callable[[], float]) -> list[list[float]]:
+    """[passes][2 + 2 * len(modules)] times (``now()``) within each of ``passes`` passes of
+    ``model`` on ``x``: its start, the start and end of each of ``modules`` in the order they
+    run (hooks; each must run once per pass), its end."""
     marks: list[float] = []
 
     def mark(*_: Any) -> None:
-        if cuda:
-            torch.cuda.synchronize(dev)
-        marks.append(time.perf_counter())
+        marks.append(now())
 
-    handles = []
-    for m in _stage_modules(model, config):
-        handles.append(m.register_forward_pre_hook(mark))
-        handles.append(m.register_forward_hook(mark))
-    n_stages = config.spec.num_stages
-    parts: list[list[float]] = [[] for _ in range(n_stages + 3)]  # stem, stages..., head, network
+    handles = [h for m in modules for h in (m.register_forward_pre_hook(mark), m.register_forward_hook(mark))]
+    out = []
     try:
         with torch.inference_mode():
-            for i in range(warmup + repeats):
+            for _ in range(passes):
                 marks.clear()
                 mark()
                 model(x)
                 mark()
-                if i < warmup:
-                    continue
-                t = marks  # [start, (stage pre, stage post) x S, end]
-                parts[0].append(t[1] - t[0])
-                for s in range(n_stages):
-                    parts[1 + s].append(t[2 + 2 * s] - t[1 + 2 * s])
-                parts[n_stages + 1].append(t[-1] - t[-2])
-                parts[n_stages + 2].append(t[-1] - t[0])
+                if len(marks) != 2 + 2 * len(modules):
+                    raise RuntimeError(f"timing hooks: {len(marks) - 2} marks in one pass for {len(modules)} modules; "
+                                       "each hooked module must run exactly once per pass")
+                out.append(list(marks))
     finally:
         for hd in handles:
             hd.remove()
-    med = [statistics.median(p) * 1e3 for p in parts]
-    sync = (lambda: torch.cuda.synchronize(dev)) if cuda else None
-    blocks_ms = _time_blocks(model, config, x, repeats, sync) if blocks else ()
-    return Measurement(med[0], tuple(med[1:1 + n_stages]), med[n_stages + 1], med[-1], repeats, blocks_ms)
+    return out
 
 
 def _time_blocks(model: torch.nn.Module, config: ArchConfig, x: torch.Tensor, repeats: int,
-                 sync: Callable[..., None] | None) -> tuple[tuple[float, ...], ...]:
+                 now: Callable[[], float]) -> tuple[tuple[float, ...], ...]:
     """[stage][block] median ms of each block over ``repeats`` passes of ``model`` on ``x``, timed
-    by hooks on the blocks (``sync``: called at each hook first, e.g. to synchronise CUDA)."""
+    by hooks on the blocks (:func:`_marked_passes`)."""
     spec = config.spec
-    names = [block_module_name(b) for s in range(spec.num_stages) for b in spec.stage_blocks(s)]  # network order
-    spent = [0.0] * len(names)  # [blocks] s of the current pass
-    started = [0.0] * len(names)
-    handles = []
-
-    def hooks(i: int) -> tuple[Callable[..., None], Callable[..., None]]:
-        def pre(*_: Any) -> None:
-            if sync is not None:
-                sync()
-            started[i] = time.perf_counter()
-
-        def post(*_: Any) -> None:
-            if sync is not None:
-                sync()
-            spent[i] += time.perf_counter() - started[i]
-
-        return pre, post
-
-    for i, name in enumerate(names):
-        pre, post = hooks(i)
-        m = model.get_submodule(name)
-        handles += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
-    per_pass: list[list[float]] = [[] for _ in names]  # [blocks][passes] s
-    try:
-        with torch.inference_mode():
-            for _ in range(repeats):
-                spent[:] = [0.0] * len(names)
-                model(x)
-                for i, t in enumerate(spent):
-                    per_pass[i].append(t)
-    finally:
-        for hd in handles:
-            hd.remove()
-    med = [statistics.median(p) * 1e3 for p in per_pass]  # [blocks] ms, network order
-    out, k = [], 0
+    modules = [model.get_submodule(block_module_name(b)) for s in range(spec.num_stages) for b in spec.stage_blocks(s)]
+    passes = _marked_passes(model, modules, x, repeats, now)  # [passes][start, (pre, post) x blocks, end]
+    med = [statistics.median(t[2 + 2 * i] - t[1 + 2 * i] for t in passes) * 1e3 for i in range(len(modules))]
+    out, k = [], 0  # med: [blocks] ms, network order
     for s in range(spec.num_stages):
         d = spec.stage_depth(s)
         out.append(tuple(med[k:k + d]))
