@@ -211,24 +211,6 @@ def _flipped_in_matrix(w: torch.Tensor) -> torch.Tensor:
     return w.flip(2, 3).permute(1, 2, 3, 0).reshape(w.shape[1], -1).contiguous()  # [C_out, C_in, kh, kw] -> [C_in, kh, kw, C_out] -> 2-D
 
 
-def _transposed_op() -> Any:
-    """oneDNN's transposed convolution (``mkldnn::_convolution_transpose_pointwise``, the op
-    TorchInductor lowers to on CPU), registered for ``torch.utils.flop_counter``; None without it."""
-    try:
-        op = torch.ops.mkldnn._convolution_transpose_pointwise
-        from torch.utils.flop_counter import conv_flop_count, flop_registry, register_flop_formula
-    except (AttributeError, RuntimeError, ImportError):
-        return None
-    if op.default not in flop_registry:
-        @register_flop_formula(op)
-        def _flops(x_shape, w_shape, _bias, _padding, _output_padding, _stride, _dilation, _groups, *args, out_shape=None,
-                   **kwargs):
-            # counted as the convolution it stands for here (stride 1): every output position reads
-            # kh x kw x C_in inputs; flop_counter's transposed rule would count the uncropped output
-            return conv_flop_count(x_shape, w_shape, out_shape, transposed=False)
-    return op.default
-
-
 def _conv_inputs(h: torch.Tensor, conv: nn.Conv2d, sel: torch.Tensor | None, pad: int) -> torch.Tensor:
     """``conv`` (stride 1, ungrouped) on ``h`` [B, |sel|, H, W], which holds input channels
     ``sel`` only -> [B, C_out, H', W'].
@@ -265,23 +247,35 @@ def _conv(x: torch.Tensor, w: torch.Tensor, stride: int = 1, pad: int = 0, group
     return F.conv2d(x, w, None, stride, pad, 1, groups)
 
 
-def _register_onednn_flops() -> bool:
-    """Let ``torch.utils.flop_counter`` count ``aten.mkldnn_convolution`` like any convolution
-    (it has no formula for it); without that, :func:`_conv` keeps to ``F.conv2d``."""
+def _onednn_ops() -> tuple[bool, Any]:
+    """Whether :func:`_conv` may call ``aten.mkldnn_convolution``, and oneDNN's transposed
+    convolution (``mkldnn::_convolution_transpose_pointwise``, the op TorchInductor lowers to on
+    CPU; None where this build lacks it).
+
+    Both are registered with ``torch.utils.flop_counter`` (it has no formula for them), counted
+    as the convolution they compute: for the transposed one, as used here (stride 1), every
+    output position reads kh x kw x C_in inputs, where flop_counter's transposed rule would count
+    the uncropped output.  Without flop_counter, the kernels keep to ``F.conv2d``.
+    """
+    if not torch.backends.mkldnn.is_available():
+        return False, None
     try:
         from torch.utils.flop_counter import conv_flop_count, flop_registry, register_flop_formula
     except ImportError:
-        return False
-    op = torch.ops.aten.mkldnn_convolution
-    if op not in flop_registry:
-        @register_flop_formula(op)
-        def _flops(x_shape, w_shape, _bias, _padding, _stride, _dilation, _groups, *args, out_shape=None, **kwargs):
-            return conv_flop_count(x_shape, w_shape, out_shape)
-    return True
+        return False, None
+    try:
+        transposed = torch.ops.mkldnn._convolution_transpose_pointwise
+    except (AttributeError, RuntimeError):
+        transposed = None
+    for op in (torch.ops.aten.mkldnn_convolution, transposed):
+        if op is not None and op not in flop_registry:
+            @register_flop_formula(op)
+            def _flops(x_shape, w_shape, *args, out_shape=None, **kwargs):
+                return conv_flop_count(x_shape, w_shape, out_shape)
+    return True, None if transposed is None else transposed.default
 
 
-_ONEDNN = torch.backends.mkldnn.is_available() and _register_onednn_flops()
-_TRANSPOSED = _transposed_op() if _ONEDNN else None
+_ONEDNN, _TRANSPOSED = _onednn_ops()
 
 
 def _onednn_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
