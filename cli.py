@@ -544,11 +544,12 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         _set_threads(args.threads)
         plan = calibration_plan(args.backbones, args.input_size, args.batch_size, args.seed)  # checks the options
         first = next(plan)
-        _logger.info("calibrating on %s for about %.0f s, %d round(s) (progress per measured network)", args.device,
-                     args.budget_s, args.rounds)
+        _logger.info("calibrating on %s for about %.0f s, %d round(s)%s (progress per measured network)", args.device,
+                     args.budget_s, args.rounds, ", each pass paired with the static network's"
+                     if args.host_check == "pairs" else "")
         rows = run_rounds(itertools.chain([first], plan), args.rounds, device=args.device, repeats=args.repeats,
                           warmup=args.warmup, seed=args.seed, budget_s=args.budget_s,
-                          progress=_progress(args.budget_s / args.rounds))
+                          progress=_progress(args.budget_s / args.rounds), paired=args.host_check == "pairs")
         df = pd.DataFrame(rows)
         atomic_write_text(csv_path, df.to_csv(index=False))
     check_measurements(df, "calibration measurements")
@@ -572,6 +573,10 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     _print(f"column block: {target.column_block} output columns per convolution step (median error by candidate: "
            f"{f['column_block_median_err_pct']} %)")
     _print_round_spread(df)
+    _print_round_spread(df, "paired_spread")
+    if f.get("host_normalized_networks"):
+        _print(f"pairs: {f['host_normalized_networks']} networks fitted in units of the quietest host seen (their times x "
+               "their static network's fastest paired time / its time alongside them)")
     _print(f"target: {args.output}  (use it as --target {args.output}; check it with dynas validate)")
     return 0
 
@@ -649,10 +654,11 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         before = _host_ratio(target, items, args.device, "before") if check != "none" else None
         reference = static_reference(target.static_ms, args.device) if check == "each" else None
         _logger.info("measuring %d held-out networks on %s, %d round(s)%s", len(items), args.device, args.rounds,
-                     ", each followed by its static network" if reference else "")
+                     {"each": ", each followed by its static network",
+                      "pairs": ", each pass paired with the static network's"}.get(check, ""))
         measured = pd.DataFrame(run_rounds(items, args.rounds, device=args.device, repeats=args.repeats,
                                            warmup=args.warmup, seed=args.seed, progress=_progress(None),
-                                           reference=reference, blocks=not args.no_blocks))
+                                           reference=reference, blocks=not args.no_blocks, paired=check == "pairs"))
         if before is not None:
             measured["host_ratio_before"] = before
             measured["host_ratio_after"] = _host_ratio(target, items, args.device, "after")
@@ -675,13 +681,17 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     steady_ratio = math.sqrt(ratios[0] * ratios[1]) if steady else None
     host, how = _host_factors(df, target, steady_ratio)
     if host is not None:
-        for n in sorted(df["batch_size"].unique()):
-            sel = (df["part"] == "network") & (df["batch_size"] == n) & host.notna()
-            sub = df[sel].copy()
-            if sub.empty:
+        for part, sel_part in (("networks", kind == "network"), ("stages", kind.str.startswith("stage")),
+                               ("blocks", blocks & ~gated)):
+            if how == "steady" and part != "networks":
                 continue
-            sub["rel_err"] = sub["predicted_ms"] * host[sel] / sub["measured_ms"] - 1
-            rows.append(_score_row("networks x host", n, sub))
+            for n in sorted(df["batch_size"].unique()):
+                sel = sel_part & (df["batch_size"] == n) & host.notna()
+                sub = df[sel].copy()
+                if sub.empty:
+                    continue
+                sub["rel_err"] = sub["predicted_ms"] * host[sel] / sub["measured_ms"] - 1
+                rows.append(_score_row(f"{part} x host", n, sub))
     _print(f"target {target.name}: predicted vs measured")
     _print(_table(rows, ["part", "batch", "count", "MAPE %", "within 10%", "Spearman", "Kendall", "max |err| %"]))
     if len(ratios) == 2:
@@ -694,8 +704,12 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         _print(f"'blocks': {int((blocks & ~gated).sum())} blocks; the {int((blocks & gated).sum())} of stages whose gates "
                "choose per sample which blocks run are scored with their stage (which blocks run changes every pass)")
     _print_round_spread(df)
+    _print_round_spread(df, "paired_spread")
     if how == "each":
-        _print("'networks x host': each prediction scaled by its static network's time right after it / at calibration")
+        _print("'x host': each prediction scaled by its static network's time right after it / at calibration")
+    elif how == "pairs":
+        _print("'x host': each prediction scaled by its static network's time, timed pass by pass alongside it, / at "
+               "calibration")
     elif how == "steady":
         _print(f"'networks x host': the predictions scaled by {steady_ratio:.3f}")
     nets = df[df["part"] == "network"]
@@ -709,12 +723,17 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_round_spread(df: Any) -> None:
-    """One line on the machine's own noise: how far apart the rounds of the same networks came out."""
+def _print_round_spread(df: Any, column: str = "round_spread") -> None:
+    """One line on the machine's own noise: how far apart the rounds of the same networks came
+    out (``column="paired_spread"``: their times relative to their paired static networks)."""
     from dynas.predictors.calibration import round_spread
 
-    spread = round_spread(df)
-    if spread is not None:
+    spread = round_spread(df, column)
+    if spread is not None and column == "paired_spread":
+        _print(f"pairs: relative to its static network, the slowest round of each took a median "
+               f"{spread['median_pct']:.1f}% longer than its fastest (90th percentile {spread['p90_pct']:.1f}%): "
+               "the noise the pairs leave")
+    elif spread is not None:
         _print(f"rounds: {spread['count']} networks measured more than once; the slowest round of each took a median "
                f"{spread['median_pct']:.1f}% longer than its fastest (90th percentile {spread['p90_pct']:.1f}%): "
                "the machine's own noise, kept apart from the model's error by keeping each fastest round")
@@ -745,6 +764,7 @@ def _score_row(part: str, batch: Any, sub: Any) -> dict[str, Any]:
 def _host_factors(df: Any, target: Any, steady_ratio: float | None) -> tuple[Any, str]:
     """Per-row host speed factors (now / at calibration) for scoring 'networks x host', and how
     they were found: "each" (the static network timed right after each network, ``reference_ms``),
+    "pairs" (the same, timed pass by pass alongside it),
     "steady" (the before/after ratio, when it held), or (None, "")."""
     import pandas as pd
 
@@ -753,7 +773,8 @@ def _host_factors(df: Any, target: Any, steady_ratio: float | None) -> tuple[Any
     if "reference_ms" in df and df["reference_ms"].notna().any() and target.static_ms:
         then = pd.Series([target.static_ms.get(static_key(r.backbone, (int(r.input_h), int(r.input_w)), int(r.batch_size)),
                                                math.nan) for r in df.itertuples()], index=df.index)  # [rows] ms
-        return df["reference_ms"].astype(float) / then, "each"
+        paired = "host_check" in df and (df["host_check"].astype(str) == "pairs").any()
+        return pd.to_numeric(df["reference_ms"], errors="coerce") / then, "pairs" if paired else "each"
     if steady_ratio is not None:
         return pd.Series(steady_ratio, index=df.index), "steady"
     return None, ""
@@ -990,7 +1011,9 @@ def build_parser() -> argparse.ArgumentParser:
         "save the measurements as CSV with the environment, and fit the work costs of the calibrated\n"
         "model (throughputs, bandwidths, per-call overheads) into a target file that every command accepts.\n"
         "Freed memory is kept in the process (glibc mallopt) so big batch-8 tensors are not page-faulted\n"
-        "on every pass; deploy the same way (README, 'Allocator').",
+        "on every pass; deploy the same way (README, 'Allocator').\n"
+        "On a shared machine whose speed moves, --host-check pairs runs a pass of each network's static\n"
+        "network after each of its passes and fits times put in units of the quietest host seen.",
     )
     p.add_argument("-o", "--output", required=True, metavar="TARGET_FILE", help="target file to write (.toml)")
     _measuring_args(p, "CPU threads (default: torch's)", DEFAULT_CALIBRATION_BACKBONES,
@@ -1000,6 +1023,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=_positive_int, default=2, metavar="N",
                    help="measure the networks of the first BUDGET/N seconds N times (minutes apart); each keeps its\n"
                    "fastest round (4 on a busy machine)")
+    p.add_argument("--host-check", choices=("none", "pairs"), default="none",
+                   help="pairs: pass by pass, alternate each network with its static network and fit its times\n"
+                   "relative to it (about twice the time per network; for a machine whose speed moves)")
     p.add_argument("--name", default=None, help="target name (default: the output file's stem)")
     p.add_argument("--csv", default=None, metavar="FILE", help="measurements CSV (default: TARGET_FILE with .csv)")
     p.add_argument("--measurements", default=None, metavar="CSV",
@@ -1020,7 +1046,8 @@ def build_parser() -> argparse.ArgumentParser:
         "reports the host's speed against then (a shared machine drifts); when both agree within 3%,\n"
         "it also scores the networks with the predictions scaled by it ('networks x host'). With\n"
         "--host-check each, every network is followed by its static network, and each prediction is\n"
-        "scaled by that network's own ratio.\n"
+        "scaled by that network's own ratio ('networks/stages/blocks x host'); with pairs, a pass of\n"
+        "the static network follows every pass of the network, so the ratio comes from the same seconds.\n"
         "Freed memory is kept in the process, as calibrate does.",
     )
     p.add_argument("--target", required=True, metavar="TARGET", help="target name or file (e.g. from dynas calibrate)")
@@ -1031,9 +1058,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=_positive_int, default=2, metavar="N",
                    help="measure the whole plan N times (minutes apart); each network keeps its fastest round (4 on a "
                    "busy machine)")
-    p.add_argument("--host-check", choices=("ends", "each", "none"), default="ends",
+    p.add_argument("--host-check", choices=("ends", "each", "pairs", "none"), default="ends",
                    help="time the target's recorded static networks again before and after the plan (ends), also "
-                        "right after every network (each; about twice the time), or not at all")
+                        "right after every network (each; about twice the time), also after every pass of every "
+                        "network (pairs; about twice the time), or not at all")
     p.add_argument("--no-blocks", action="store_true",
                    help="do not time single blocks (their extra passes about double the measuring time)")
     p.add_argument("--measurements", default=None, metavar="CSV",

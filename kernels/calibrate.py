@@ -12,6 +12,15 @@ Medians over the repeats are reported per part and for the whole pass.  With ``b
 the block hooks add nothing to the stage and network times; each block's median over them is
 reported too.
 
+Paired with a reference (``reference`` model, :func:`run_plan` ``paired=True``): after every
+pass of the network, warm-up ones included, one pass of the reference (the network's static
+backbone) runs, timed whole; its median is the rows' ``reference_ms``.  A shared machine's
+speed moves within seconds (other tenants' load on the caches, memory and clock); the two
+medians come from the same seconds, so ``measured_ms / reference_ms`` keeps the network's time
+in units of the host's current speed (:func:`dynas.predictors.calibration.host_normalized`).
+The reference's passes also push the network's weights out of the caches between its passes,
+so paired times describe a network that shares the machine, not one run back to back.
+
 What to measure is a plan of :class:`~dynas.spaces.design.PlanItem` s
 (:func:`~dynas.spaces.design.calibration_plan`, :func:`~dynas.spaces.design.validation_plan`).
 
@@ -52,6 +61,7 @@ class Measurement:
     network_ms: float
     repeats: int
     blocks_ms: tuple[tuple[float, ...], ...] = ()  # [stage][block]; empty unless measured
+    reference_ms: float = math.nan  # median pass of the paired reference; NaN unless paired
 
 
 def _cpu_name() -> str:
@@ -115,8 +125,9 @@ def _stage_modules(model: torch.nn.Module, cfg: ArchConfig) -> list[torch.nn.Mod
 
 
 def measure(config: ArchConfig, batch_size: int, device: str = "cpu", repeats: int = 5, warmup: int = 1,
-            seed: int = 0, blocks: bool = False) -> Measurement:
-    """Time one network (and, with ``blocks``, each of its blocks); see the module docstring."""
+            seed: int = 0, blocks: bool = False, reference: torch.nn.Module | None = None) -> Measurement:
+    """Time one network (and, with ``blocks``, each of its blocks; with a ``reference`` model on
+    ``device``, one pass of it after each pass of the network); see the module docstring."""
     from dynas.kernels.model import build_model
 
     keep_freed_memory()
@@ -133,9 +144,17 @@ def measure(config: ArchConfig, batch_size: int, device: str = "cpu", repeats: i
             torch.cuda.synchronize(dev)
         return time.perf_counter()
 
+    ref_s: list[float] = []  # [passes] seconds of each reference pass
+
+    def reference_pass() -> None:
+        t = now()
+        reference(x)
+        ref_s.append(now() - t)
+
     n_stages = config.spec.num_stages
     parts: list[list[float]] = [[] for _ in range(n_stages + 3)]  # stem, stages..., head, network
-    for t in _marked_passes(model, _stage_modules(model, config), x, warmup + repeats, now)[warmup:]:
+    for t in _marked_passes(model, _stage_modules(model, config), x, warmup + repeats, now,
+                            reference_pass if reference is not None else None)[warmup:]:
         # t: [start, (stage pre, stage post) x S, end]
         parts[0].append(t[1] - t[0])
         for s in range(n_stages):
@@ -144,14 +163,16 @@ def measure(config: ArchConfig, batch_size: int, device: str = "cpu", repeats: i
         parts[n_stages + 2].append(t[-1] - t[0])
     med = [statistics.median(p) * 1e3 for p in parts]
     blocks_ms = _time_blocks(model, config, x, repeats, now) if blocks else ()
-    return Measurement(med[0], tuple(med[1:1 + n_stages]), med[n_stages + 1], med[-1], repeats, blocks_ms)
+    ref_ms = statistics.median(ref_s[warmup:]) * 1e3 if ref_s else math.nan
+    return Measurement(med[0], tuple(med[1:1 + n_stages]), med[n_stages + 1], med[-1], repeats, blocks_ms, ref_ms)
 
 
 def _marked_passes(model: torch.nn.Module, modules: Sequence[torch.nn.Module], x: torch.Tensor, passes: int,
-                   now: Callable[[], float]) -> list[list[float]]:
+                   now: Callable[[], float], after: Callable[[], None] | None = None) -> list[list[float]]:
     """[passes][2 + 2 * len(modules)] times (``now()``) within each of ``passes`` passes of
     ``model`` on ``x``: its start, the start and end of each of ``modules`` in the order they
-    run (hooks; each must run once per pass), its end."""
+    run (hooks; each must run once per pass), its end.  ``after`` runs after each pass, outside
+    the marks (under the same inference mode)."""
     marks: list[float] = []
 
     def mark(*_: Any) -> None:
@@ -170,6 +191,8 @@ def _marked_passes(model: torch.nn.Module, modules: Sequence[torch.nn.Module], x
                     raise RuntimeError(f"timing hooks: {len(marks) - 2} marks in one pass for {len(modules)} modules; "
                                        "each hooked module must run exactly once per pass")
                 out.append(list(marks))
+                if after is not None:
+                    after()
     finally:
         for hd in handles:
             hd.remove()
@@ -197,16 +220,21 @@ def run_plan(items: Iterable[PlanItem], device: str = "cpu", repeats: int = 5, w
              progress: Callable[[int, float, PlanItem, Measurement], None] | None = None,
              seeds: Sequence[int] | None = None,
              reference: Callable[[PlanItem], float | None] | None = None,
-             blocks: bool = False) -> list[dict[str, Any]]:
+             blocks: bool = False, paired: bool = False) -> list[dict[str, Any]]:
     """Measure ``items`` in order until they run out, ``max_items`` are done, or the next item
     would likely overrun ``budget_s`` (estimated from the items of the same backbone and batch
     size so far; the first item always runs).  Item ``k`` is built and fed from seed
     ``seeds[k]`` (default ``seed + k``).  Returns one row per part of every network.
 
     ``reference``: timed right after each item (e.g. its static network), kept as the rows'
-    ``reference_ms`` (None: not recorded).  ``blocks``: also time every block (see
+    ``reference_ms`` (None: not recorded).  ``paired``: instead, each item's static network runs
+    a pass after each of its passes (:func:`measure`), its median kept as ``reference_ms`` and
+    the rows marked ``host_check`` = ``"pairs"``.  ``blocks``: also time every block (see
     :func:`measure`), one row each, part ``block{stage}.{index in the stage}``."""
     _check_budget(budget_s)
+    if paired and reference is not None:
+        raise ConfigError("paired=True with a reference is out of range; allowed: one way to time the host, not both")
+    static_models: dict[tuple[str, tuple[int, int]], torch.nn.Module] = {}  # (backbone, input hw) -> static model
     env = environment(device)
     rows: list[dict[str, Any]] = []
     t0 = time.perf_counter()
@@ -222,13 +250,22 @@ def run_plan(items: Iterable[PlanItem], device: str = "cpu", repeats: int = 5, w
             if elapsed + statistics.mean(seen) > budget_s:
                 break
         t_item = time.perf_counter()
-        m = measure(item.config, item.batch_size, device, repeats, warmup, seeds[done] if seeds is not None else seed + done,
-                    blocks)
         cfg = item.config
+        ref_model = static_models.get((cfg.backbone, cfg.input_size)) if paired else None
+        if paired and ref_model is None:
+            from dynas.kernels.model import build_model
+
+            ref_model = build_model(ArchConfig.static(cfg.backbone, cfg.input_size))
+            ref_model = ref_model.to(torch.device(device), memory_format=torch.channels_last).eval()
+            static_models[(cfg.backbone, cfg.input_size)] = ref_model
+        m = measure(cfg, item.batch_size, device, repeats, warmup, seeds[done] if seeds is not None else seed + done,
+                    blocks, reference=ref_model)
         base = {"network_id": done, "backbone": cfg.backbone, "input_h": cfg.input_size[0], "input_w": cfg.input_size[1],
                 "batch_size": item.batch_size, "config": cfg.to_json(indent=None)}
         if reference is not None:
             base["reference_ms"] = reference(item)
+        if paired:
+            base.update(reference_ms=m.reference_ms, host_check="pairs")
         cost.setdefault(key, []).append(time.perf_counter() - t_item)
         parts = [("stem", -1, "", m.stem_ms)]
         parts += [(f"stage{s}", s, st.short(), m.stages_ms[s]) for s, st in enumerate(cfg.stages)]
@@ -305,7 +342,8 @@ def run_rounds(items: Iterable[PlanItem], rounds: int = 2, progress: Callable[..
     it comes in bursts that can cover every pass of one measurement; a second round away from
     the burst is how such a measurement is recognised.  Rows get a ``rounds`` column, and
     ``round_spread``: how much longer the network's slowest round took than its fastest (0.05 =
-    5 %; NaN for a network measured once), the machine's own noise.
+    5 %; NaN for a network measured once), the machine's own noise; with ``paired=True`` also
+    ``paired_spread``, the same for its time over its paired reference's.
 
     ``items`` may be endless when ``budget_s`` is given: the first round measures as many as
     fit in ``budget_s / rounds``, the later rounds measure those again.
@@ -323,6 +361,7 @@ def run_rounds(items: Iterable[PlanItem], rounds: int = 2, progress: Callable[..
 
     best: dict[int, list[dict[str, Any]]] = {}
     totals: dict[int, list[float]] = {}  # [network] its whole-pass median in each round
+    ratios: dict[int, list[float]] = {}  # [network] whole pass / paired reference in each round (paired only)
     first_budget = budget_s / rounds if budget_s is not None else None
     for r in range(rounds):
         if r == 0:
@@ -342,6 +381,9 @@ def run_rounds(items: Iterable[PlanItem], rounds: int = 2, progress: Callable[..
                 row["network_id"], row["rounds"] = i, rounds
             total = next(row["measured_ms"] for row in net_rows if row["part"] == "network")
             totals.setdefault(i, []).append(total)
+            ref = net_rows[0].get("reference_ms")
+            if net_rows[0].get("host_check") == "pairs" and ref is not None and ref > 0:
+                ratios.setdefault(i, []).append(total / ref)
             kept = best.get(i)
             if kept is None or total < next(row["measured_ms"] for row in kept if row["part"] == "network"):
                 best[i] = net_rows
@@ -349,5 +391,8 @@ def run_rounds(items: Iterable[PlanItem], rounds: int = 2, progress: Callable[..
         t = totals[i]
         for row in rows_i:
             row["round_spread"] = max(t) / min(t) - 1 if len(t) > 1 else math.nan
+            if i in ratios:
+                q = ratios[i]
+                row["paired_spread"] = max(q) / min(q) - 1 if len(q) > 1 else math.nan
     return [row for i in sorted(best) for row in best[i]]
 

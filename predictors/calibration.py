@@ -11,6 +11,11 @@ Fit (:func:`fit_target`): every stem, stage and head row is a sum of work terms
 squared *relative* errors (each row divided by its measurement, so a 1 ms stage counts as much
 as a 100 ms one), by non-negative least squares (``scipy.optimize.nnls``).  Whole-network and
 block rows are left out of the fit; they are what :func:`compare` checks.
+
+Paired measurements (``host_check`` = ``"pairs"``: each network's passes alternate with passes
+of its static network, whose median is ``reference_ms``) are first put in units of the quiet
+host (:func:`host_normalized`), so that the fit sees one machine, not a machine whose speed
+moved while it was measured.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from dynas.predictors.targets import HardwareTarget, load_target, static_key
 from dynas.spaces.config import load_config, stage_gate_kind, stage_runs
 
 __all__ = ["REQUIRED_COLUMNS", "check_measurements", "fit_target", "compare", "summarize", "cost_comments",
-           "fitted_parts", "per_sample_gated", "round_spread"]
+           "fitted_parts", "host_normalized", "paired_rows", "per_sample_gated", "round_spread"]
 
 REQUIRED_COLUMNS: tuple[str, ...] = ("config", "batch_size", "part", "stage", "measured_ms")
 
@@ -96,10 +101,51 @@ def _fit_costs(X: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np
     return X, coef, keep, float(np.median(np.abs(X @ coef / y - 1))), limit
 
 
+def paired_rows(df: pd.DataFrame) -> pd.Series:
+    """[rows] bool: rows measured in pairs with their static network (``host_check`` =
+    ``"pairs"``) that have a usable ``reference_ms``."""
+    if "host_check" not in df or "reference_ms" not in df:
+        return pd.Series(False, index=df.index, dtype=bool)
+    ref = pd.to_numeric(df["reference_ms"], errors="coerce")
+    return (df["host_check"].astype(str) == "pairs") & np.isfinite(ref) & (ref > 0)
+
+
+def host_normalized(measurements: pd.DataFrame) -> pd.DataFrame:
+    """``measurements`` with every paired row's ``measured_ms`` put in units of the quiet host.
+
+    Rule: the quiet time of a static network (backbone, input size, batch size) is the fastest
+    of its ``reference_ms`` over the table; a paired row's time is multiplied by that over its
+    own ``reference_ms``.  A network measured while the host ran 20 % slow had its static
+    network paired with it 20 % slow too, and comes out as if the host had been quiet.  Rows
+    without a pair are returned unchanged; the raw time is kept as ``raw_measured_ms``."""
+    paired = paired_rows(measurements)
+    if not paired.any():
+        return measurements
+    df = measurements.copy()
+    ref = pd.to_numeric(df["reference_ms"], errors="coerce")
+    cache: dict = {}
+
+    def key(config: str, n: Any) -> str:
+        cfg = cache.get(config)
+        if cfg is None:
+            cfg = cache[config] = load_config(config)
+        return static_key(cfg.backbone, cfg.input_size, int(n))
+
+    keys = pd.Series([key(c, n) for c, n in zip(df["config"], df["batch_size"])], index=df.index)  # [rows] static network
+    quiet = ref.where(paired).groupby(keys).transform("min")  # [rows] fastest reference of the row's static network
+    df["raw_measured_ms"] = df["measured_ms"]
+    df.loc[paired, "measured_ms"] = df.loc[paired, "measured_ms"].astype(float) * quiet[paired] / ref[paired]
+    return df
+
+
 def fit_target(measurements: pd.DataFrame, name: str, environment: Mapping[str, Any] | None = None,
                default_batch_size: int = 1, description: str = "") -> HardwareTarget:
-    """A ``"cpu"`` kind target whose costs best fit the stem/stage/head rows of ``measurements``."""
+    """A ``"cpu"`` kind target whose costs best fit the stem/stage/head rows of ``measurements``
+    (paired ones first normalised to the quiet host, :func:`host_normalized`)."""
     check_measurements(measurements, "calibration measurements")
+    n_paired = int(measurements.loc[paired_rows(measurements), "network_id"].nunique()) \
+        if "network_id" in measurements else int(paired_rows(measurements).sum())
+    measurements = host_normalized(measurements)
     parts = measurements[fitted_parts(measurements)]
     if len(parts) < len(cpu.TERMS):
         raise ConfigError(f"calibration measurements: {len(parts)} part rows are too few; allowed: at least "
@@ -124,6 +170,11 @@ def fit_target(measurements: pd.DataFrame, name: str, environment: Mapping[str, 
     spread = round_spread(measurements)
     if spread is not None:
         fit.update({"round_spread_median_pct": spread["median_pct"], "round_spread_p90_pct": spread["p90_pct"]})
+    paired_spread = round_spread(measurements, "paired_spread")
+    if paired_spread is not None:
+        fit.update({"paired_spread_median_pct": paired_spread["median_pct"], "paired_spread_p90_pct": paired_spread["p90_pct"]})
+    if n_paired:
+        fit["host_normalized_networks"] = n_paired
     threads = int(env.get("threads", 1) or 1)
     static_ms = _static_ms(measurements, cache)
     return HardwareTarget(name=name, description=description or f"dynas kernels measured on {env.get('device_name', 'this device')}",
@@ -134,14 +185,15 @@ def fit_target(measurements: pd.DataFrame, name: str, environment: Mapping[str, 
                           static_ms=static_ms)
 
 
-def round_spread(df: pd.DataFrame) -> dict[str, float] | None:
+def round_spread(df: pd.DataFrame, column: str = "round_spread") -> dict[str, float] | None:
     """How far apart the rounds of the same networks came out (``round_spread`` of
-    :func:`dynas.kernels.calibrate.run_rounds`): ``count`` networks measured more than once,
-    the ``median_pct`` and ``p90_pct`` of how much longer their slowest round took.  None when
-    no network was measured twice."""
-    if "round_spread" not in df:
+    :func:`dynas.kernels.calibrate.run_rounds`; ``column="paired_spread"``: their times over
+    their paired static networks'): ``count`` networks measured more than once, the
+    ``median_pct`` and ``p90_pct`` of how much longer their slowest round took.  None when no
+    network was measured twice."""
+    if column not in df:
         return None
-    spread = pd.to_numeric(df.loc[df["part"] == "network", "round_spread"], errors="coerce").dropna()
+    spread = pd.to_numeric(df.loc[df["part"] == "network", column], errors="coerce").dropna()
     if spread.empty:
         return None
     return {"count": int(len(spread)), "median_pct": float(spread.median() * 100),

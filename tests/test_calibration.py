@@ -417,7 +417,7 @@ def test_run_rounds_keeps_each_networks_fastest_round(monkeypatch):
     slow = {(0, 0), (1, 2)}  # (round, network) pairs disturbed by "other load"
     calls = []
 
-    def fake_measure(config, n, device, repeats, warmup, seed, blocks=False):
+    def fake_measure(config, n, device, repeats, warmup, seed, blocks=False, reference=None):
         net = [i.config for i in items].index(config)
         rnd = sum(1 for c in calls if c == net)
         calls.append(net)
@@ -442,7 +442,7 @@ def test_run_rounds_on_an_endless_plan_remeasures_the_first_rounds_networks(monk
 
     seen = []
 
-    def fake_measure(config, n, device, repeats, warmup, seed, blocks=False):
+    def fake_measure(config, n, device, repeats, warmup, seed, blocks=False, reference=None):
         seen.append((config, n, seed))
         return cal.Measurement(1.0, (1.0,) * 4, 1.0, 7.0 + len(seen), repeats)
 
@@ -573,6 +573,100 @@ def test_run_plan_times_the_reference_after_each_item(monkeypatch):
     rows = kc.run_plan(items, reference=lambda item: order.append(("ref", item.batch_size)) or 2.0 * item.batch_size)
     assert order == [("net", 1), ("ref", 1), ("net", 2), ("ref", 2), ("net", 1), ("ref", 1)]
     assert [r["reference_ms"] for r in rows if r["part"] == "network"] == [2.0, 4.0, 2.0]
+
+
+def test_measure_runs_a_reference_pass_after_every_pass():
+    import torch
+
+    cfg = ArchConfig("resnet18", (32, 32), (StageConfig("layer", 0.5),) + (StageConfig(),) * 3)
+
+    class Reference(torch.nn.Module):
+        def forward(self, x):
+            return x
+
+    order = []
+    hook = torch.nn.modules.module.register_module_forward_hook(
+        lambda mod, args, out: order.append(type(mod).__name__) if type(mod).__name__ in ("DynamicNet", "Reference") else None)
+    try:
+        m = measure(cfg, 2, repeats=3, warmup=2, reference=Reference())
+    finally:
+        hook.remove()
+    assert order == ["DynamicNet", "Reference"] * 5  # after each of 2 warm-up and 3 timed passes
+    assert m.reference_ms > 0
+    assert math.isnan(measure(cfg, 1, repeats=1, warmup=0).reference_ms)
+
+
+def test_run_plan_pairs_each_network_with_its_static_network(monkeypatch):
+    from dynas.kernels import calibrate as kc
+    from dynas.kernels import model as km
+
+    built = []
+    real_build = km.build_model
+    monkeypatch.setattr(km, "build_model", lambda cfg: built.append(cfg) or real_build(cfg))
+    items = validation_plan(("resnet18",), 32, (1, 2), count=2, seed=0)
+    rows = pd.DataFrame(kc.run_plan(items, repeats=1, warmup=0, paired=True))
+    nets = rows[rows["part"] == "network"]
+    assert len(nets) == 4 and (nets["reference_ms"] > 0).all() and (rows["host_check"] == "pairs").all()
+    # one static model serves every network of its backbone and input size, at every batch size
+    assert [c for c in built if c == ArchConfig.static("resnet18", 32)] == [ArchConfig.static("resnet18", 32)]
+    with pytest.raises(ConfigError, match=r"paired=True with a reference is out of range"):
+        kc.run_plan(items, paired=True, reference=lambda item: 1.0)
+
+
+def test_paired_times_are_fitted_in_units_of_the_quiet_host():
+    from dynas.predictors.calibration import host_normalized
+
+    true = cpu.CpuCosts(*(1.0 + (7 * i) % 11 for i in range(len(cpu.COST_FIELDS))))
+    plan = list(itertools.islice(calibration_plan(("resnet18", "regnety_400mf"), 64, (1, 4), seed=0), 100))
+    assert all(all(st.paradigm == "static" for st in i.config.stages) for i in plan[:4])  # static ones come first
+    rng = random.Random(0)
+    rows, quiet_ms = [], []
+    for net, item in enumerate(plan):
+        slow = 1.0 if net < 4 else 1.0 + 0.6 * rng.random()  # other load slowed the host while it ran
+        p = predict(item.config, _target(true), item.batch_size)
+        ref = predict(ArchConfig.static(item.config.backbone, 64), _target(true), item.batch_size).latency_ms
+        parts = [("stem", -1, p.stem_ms), ("head", -1, p.head_ms), ("network", -1, p.latency_ms)]
+        parts += [(f"stage{s}", s, st.latency_ms) for s, st in enumerate(p.stages)]
+        for part, stage, ms in parts:
+            rows.append({"network_id": net, "backbone": item.config.backbone, "input_h": 64, "input_w": 64,
+                         "config": item.config.to_json(indent=None), "batch_size": item.batch_size, "part": part,
+                         "stage": stage, "measured_ms": ms * slow, "reference_ms": ref * slow, "host_check": "pairs"})
+            quiet_ms.append(ms)
+    df = pd.DataFrame(rows)
+    norm = host_normalized(df)
+    np.testing.assert_allclose(norm["raw_measured_ms"], df["measured_ms"])
+    np.testing.assert_allclose(norm["measured_ms"], quiet_ms)  # the slow-down divided out
+    unpaired = df.assign(host_check="each")
+    pd.testing.assert_frame_equal(host_normalized(unpaired), unpaired)
+    fitted = fit_target(df, "paired", {"threads": 2})
+    assert fitted.fit["parts_mape_pct"] < 1e-3 and fitted.fit["host_normalized_networks"] == len(plan)
+    cfg = ArchConfig("resnet18", (64, 64), (StageConfig("spatial", 0.35, spatial_granularity=2),) * 4)
+    assert predict(cfg, fitted, 4).latency_ms == pytest.approx(predict(cfg, _target(true), 4).latency_ms, rel=1e-4)
+    static = ArchConfig.static("regnety_400mf", 64)
+    assert fitted.static_ms["regnety_400mf-64x64-b4"] == pytest.approx(predict(static, _target(true), 4).latency_ms)
+    # the same times without their pairs: the host's drift lands in the fit
+    assert fit_target(df.drop(columns="host_check"), "raw").fit["parts_mape_pct"] > 1.0
+
+
+def test_calibrate_and_validate_in_pairs(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["calibrate", "-o", "p.toml", "--backbones", "resnet18", "--input-size", "32", "--batch-size", "1",
+                 "--budget-s", "3", "--rounds", "2", "--repeats", "1", "--threads", "1", "--host-check", "pairs",
+                 "-q"]) == 0
+    out = capsys.readouterr().out
+    t = load_target("./p.toml")
+    n = t.fit["host_normalized_networks"]
+    assert n >= 1 and f"pairs: {n} networks fitted in units of the quietest host seen" in out
+    assert "relative to its static network" in out and t.fit["paired_spread_median_pct"] >= 0
+    cal = pd.read_csv("p.csv")
+    assert (cal["host_check"] == "pairs").all() and (cal["reference_ms"] > 0).all()
+    assert main(["validate", "--target", "p.toml", "--backbones", "resnet18", "--input-size", "32", "--count", "1",
+                 "--batch-size", "1", "--repeats", "1", "--rounds", "1", "--host-check", "pairs", "--csv", "v.csv",
+                 "--html", "v.html", "-q"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"{part} x host" in out for part in ("networks", "stages", "blocks"))
+    assert "timed pass by pass alongside it" in out
+    assert (pd.read_csv("v.csv")["host_check"] == "pairs").all()
 
 
 def test_static_ms_round_trips_and_bad_values_name_the_field(tmp_path):
