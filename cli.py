@@ -530,7 +530,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
     from dynas.kernels.calibrate import environment, run_rounds
     from dynas.spaces.design import calibration_plan
-    from dynas.predictors.calibration import check_measurements, cost_comments, fit_target
+    from dynas.predictors.calibration import CV_FOLDS, check_measurements, cost_comments, fit_target
     from dynas.predictors.targets import write_target
     from dynas.results.pareto import atomic_write_text
 
@@ -570,10 +570,13 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     f = target.fit
     _print(f"fit on {f['rows']} stem/stage/head rows ({f['outlier_rows']} disturbed rows left out): "
            f"MAPE {f['parts_mape_pct']:.1f}%, {100 * f['parts_within_10pct']:.0f}% within +/-10%")
-    _print(f"column block: {target.column_block} output columns per convolution step (median error by candidate: "
-           f"{f['column_block_median_err_pct']} %)")
+    if f.get("column_block_network_cv_mape_pct"):
+        _print(f"column block: {target.column_block} output columns per convolution step (held-out networks' MAPE by "
+               f"candidate, {CV_FOLDS}-fold: {f['column_block_network_cv_mape_pct']} %)")
+    else:
+        _print(f"column block: {target.column_block} output columns per convolution step (median error by candidate: "
+               f"{f['column_block_median_err_pct']} %)")
     _print_round_spread(df)
-    _print_round_spread(df, "paired_spread")
     if f.get("host_normalized_networks"):
         _print(f"pairs: {f['host_normalized_networks']} networks fitted in units of the quietest host seen (their times x "
                "their static network's fastest paired time / its time alongside them)")
@@ -704,7 +707,6 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         _print(f"'blocks': {int((blocks & ~gated).sum())} blocks; the {int((blocks & gated).sum())} of stages whose gates "
                "choose per sample which blocks run are scored with their stage (which blocks run changes every pass)")
     _print_round_spread(df)
-    _print_round_spread(df, "paired_spread")
     if how == "each":
         _print("'x host': each prediction scaled by its static network's time right after it / at calibration")
     elif how == "pairs":
@@ -723,24 +725,30 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_round_spread(df: Any, column: str = "round_spread") -> None:
-    """One line on the machine's own noise: how far apart the rounds of the same networks came
-    out (``column="paired_spread"``: their times relative to their paired static networks)."""
+def _print_round_spread(df: Any) -> None:
+    """The machine's own noise: how far apart the rounds of the same networks came out, and
+    with pairs how far apart relative to their static networks; a warning when it was too busy."""
     from dynas.predictors.calibration import round_spread
 
-    spread = round_spread(df, column)
-    if spread is not None and column == "paired_spread":
+    spread = round_spread(df)
+    paired = round_spread(df, "paired_spread")
+    if spread is None:
+        return
+    _print(f"rounds: {spread['count']} networks measured more than once; the slowest round of each took a median "
+           f"{spread['median_pct']:.1f}% longer than its fastest (90th percentile {spread['p90_pct']:.1f}%): "
+           "the machine's own noise, kept apart from the model's error by keeping each fastest round")
+    if paired is not None:
         _print(f"pairs: relative to its static network, the slowest round of each took a median "
-               f"{spread['median_pct']:.1f}% longer than its fastest (90th percentile {spread['p90_pct']:.1f}%): "
+               f"{paired['median_pct']:.1f}% longer than its fastest (90th percentile {paired['p90_pct']:.1f}%): "
                "the noise the pairs leave")
-    elif spread is not None:
-        _print(f"rounds: {spread['count']} networks measured more than once; the slowest round of each took a median "
-               f"{spread['median_pct']:.1f}% longer than its fastest (90th percentile {spread['p90_pct']:.1f}%): "
-               "the machine's own noise, kept apart from the model's error by keeping each fastest round")
-        if spread["median_pct"] > QUIET_SPREAD_PCT:
-            _logger.warning("the machine was busy: a median round spread of %.1f%% is more than %.0f%%, so single "
-                            "measurements are off by about as much as the +/-10%% a target aims at; measure again when "
-                            "it is quiet, or with --rounds 4", spread["median_pct"], QUIET_SPREAD_PCT)
+        if paired["median_pct"] > QUIET_SPREAD_PCT:
+            _logger.warning("the machine was busy even for pairs: relative to their static networks, the rounds came "
+                            "out a median %.1f%% apart (more than %.0f%%); measure again when it is quieter",
+                            paired["median_pct"], QUIET_SPREAD_PCT)
+    elif spread["median_pct"] > QUIET_SPREAD_PCT:
+        _logger.warning("the machine was busy: a median round spread of %.1f%% is more than %.0f%%, so single "
+                        "measurements are off by about as much as the +/-10%% a target aims at; measure again when "
+                        "it is quiet, or with --host-check pairs (or --rounds 4)", spread["median_pct"], QUIET_SPREAD_PCT)
 
 
 #: a median round spread above this (percent) means the machine was too busy to measure on

@@ -338,18 +338,40 @@ def test_old_target_files_keep_their_meaning(tmp_path):
 
 
 @pytest.mark.parametrize("true_block", [1, 4])
-def test_fit_picks_the_column_block_that_generated_the_measurements(true_block):
+@pytest.mark.parametrize("whole", [False, True], ids=["stages", "whole-networks"])
+def test_fit_picks_the_column_block_that_generated_the_measurements(true_block, whole):
     true = cpu.CpuCosts(*(1.0 + (7 * i) % 11 for i in range(len(cpu.COST_FIELDS))))
     gen = dataclasses.replace(_target(true), column_block=true_block)
     plan = itertools.islice(calibration_plan(("resnet50",), 224, (1,), seed=0), 60)
     rows = []
     for net, item in enumerate(plan):
         p = predict(item.config, gen, item.batch_size)
-        for s, st in enumerate(p.stages):
+        parts = [(f"stage{s}", s, st.latency_ms) for s, st in enumerate(p.stages)]
+        if whole:  # every part and the network: the block is chosen by cross-validated networks
+            parts += [("stem", -1, p.stem_ms), ("head", -1, p.head_ms), ("network", -1, p.latency_ms)]
+        for part, stage, ms in parts:
             rows.append({"network_id": net, "config": item.config.to_json(indent=None), "batch_size": item.batch_size,
-                         "part": f"stage{s}", "stage": s, "measured_ms": st.latency_ms})
+                         "part": part, "stage": stage, "measured_ms": ms})
     fitted = fit_target(pd.DataFrame(rows), "synthetic", {"threads": 2})
     assert fitted.column_block == true_block and fitted.fit["parts_mape_pct"] < 1e-3
+    cv = fitted.fit["column_block_network_cv_mape_pct"]
+    assert (cv != "") == whole and (not whole or f"{true_block}: 0.00" in cv)
+
+
+def test_the_column_block_is_the_one_that_predicts_held_out_networks_best(monkeypatch):
+    from dynas.predictors import calibration as cal
+
+    data = Path(__file__).resolve().parents[1] / "benchmarks" / "data" / "cpu-2core-dec01-pairs"
+    table = pd.read_csv(data / "cpu-2core-dec01-pairs.csv")
+    table = table[table["network_id"] < 120]
+    fitted = fit_target(table, "t")
+    cv = {int(k): float(v) for k, v in (kv.split(": ") for kv in fitted.fit["column_block_network_cv_mape_pct"].split(", "))}
+    assert set(cv) == set(cpu.COLUMN_BLOCKS) and fitted.column_block == min(cv, key=cv.get)
+    # too few whole networks to cross-validate: the part rows' median error decides
+    monkeypatch.setattr(cal, "CV_MIN_NETWORKS", 10_000)
+    few = fit_target(table, "t")
+    med = {int(k): float(v) for k, v in (kv.split(": ") for kv in few.fit["column_block_median_err_pct"].split(", "))}
+    assert few.fit["column_block_network_cv_mape_pct"] == "" and few.column_block == min(med, key=med.get)
 
 
 def test_fit_rejects_tables_it_cannot_use():
@@ -469,6 +491,21 @@ def test_a_busy_machine_is_named_next_to_the_scores(tmp_path, capsys, spread, bu
     assert f"a median {100 * spread:.1f}% longer" in captured.out
     assert ("the machine was busy: a median round spread of 8.9% is more than 5%" in captured.err) == busy
     assert ("busy" in captured.err) == busy
+    assert ("--host-check pairs" in captured.err) == busy
+
+
+@pytest.mark.parametrize("paired, busy", [(0.021, False), (0.083, True)])
+def test_pairs_that_held_the_drift_silence_the_busy_warning(tmp_path, capsys, paired, busy):
+    data = Path(__file__).resolve().parents[1] / "benchmarks" / "data" / "cpu-2core-dec01-pairs"
+    val = pd.read_csv(data / "validation-seed28.csv")
+    val = val[val["network_id"] < 8].assign(round_spread=0.171, paired_spread=paired)
+    val.to_csv(tmp_path / "m.csv", index=False)
+    assert main(["validate", "--target", str(data / "cpu-2core-dec01-pairs.toml"), "--measurements", str(tmp_path / "m.csv"),
+                 "--csv", str(tmp_path / "out.csv"), "--html", str(tmp_path / "out.html"), "-q"]) == 0
+    captured = capsys.readouterr()
+    assert "a median 17.1% longer" in captured.out and f"a median {100 * paired:.1f}% longer" in captured.out
+    assert "networks x host" in captured.out and "timed pass by pass alongside it" in captured.out
+    assert ("the machine was busy even for pairs" in captured.err) == busy and ("round spread" not in captured.err)
 
 
 # ----------------------------------------------------------------------------- the commands
