@@ -653,7 +653,8 @@ def _cmd_validate(args: argparse.Namespace) -> int:
             items = [PlanItem(c, n) for c in _load_config_list(args.configs) for n in args.batch_size]
         else:
             items = validation_plan(args.backbones, args.input_size, args.batch_size, args.count, args.seed)
-        check = args.host_check if target.kind == "cpu" and target.static_ms else "none"
+        check = args.host_check or ("pairs" if target.fit.get("host_normalized_networks") else "ends")
+        check = check if target.kind == "cpu" and target.static_ms else "none"
         before = _host_ratio(target, items, args.device, "before") if check != "none" else None
         reference = static_reference(target.static_ms, args.device) if check == "each" else None
         _logger.info("measuring %d held-out networks on %s, %d round(s)%s", len(items), args.device, args.rounds,
@@ -1066,10 +1067,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=_positive_int, default=2, metavar="N",
                    help="measure the whole plan N times (minutes apart); each network keeps its fastest round (4 on a "
                    "busy machine)")
-    p.add_argument("--host-check", choices=("ends", "each", "pairs", "none"), default="ends",
+    p.add_argument("--host-check", choices=("ends", "each", "pairs", "none"), default=None,
                    help="time the target's recorded static networks again before and after the plan (ends), also "
                         "right after every network (each; about twice the time), also after every pass of every "
-                        "network (pairs; about twice the time), or not at all")
+                        "network (pairs; about twice the time), or not at all (default: pairs for a target calibrated "
+                        "in pairs, else ends)")
     p.add_argument("--no-blocks", action="store_true",
                    help="do not time single blocks (their extra passes about double the measuring time)")
     p.add_argument("--measurements", default=None, metavar="CSV",

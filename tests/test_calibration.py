@@ -704,6 +704,12 @@ def test_calibrate_and_validate_in_pairs(tmp_path, capsys, monkeypatch):
     assert all(f"{part} x host" in out for part in ("networks", "stages", "blocks"))
     assert "timed pass by pass alongside it" in out
     assert (pd.read_csv("v.csv")["host_check"] == "pairs").all()
+    # a target calibrated in pairs is validated in pairs unless told otherwise
+    assert main(["validate", "--target", "p.toml", "--backbones", "resnet18", "--input-size", "32", "--count", "1",
+                 "--batch-size", "1", "--repeats", "1", "--rounds", "1", "--no-blocks", "--csv", "d.csv",
+                 "--html", "d.html", "-q"]) == 0
+    assert "timed pass by pass alongside it" in capsys.readouterr().out
+    assert (pd.read_csv("d.csv")["host_check"] == "pairs").all()
 
 
 def test_static_ms_round_trips_and_bad_values_name_the_field(tmp_path):
