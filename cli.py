@@ -538,7 +538,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     _check_output("--output", args.output)
     _check_output("--csv", csv_path)
     if args.measurements:
-        df = _read_csv("--measurements", args.measurements)
+        df = _read_calibrations(args.measurements)
     else:
         _check_device(args.device)
         _set_threads(args.threads)
@@ -557,12 +557,14 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     name = args.name or Path(args.output).stem
     backbones = sorted(df["backbone"].astype(str).unique()) if "backbone" in df else list(args.backbones)
     batches = sorted(int(b) for b in df["batch_size"].unique())
-    target = fit_target(df, name, {**env, "calibration_csv": Path(args.measurements or csv_path).name,
+    sources = ",".join(Path(f).name for f in args.measurements.split(",")) if args.measurements else Path(csv_path).name
+    target = fit_target(df, name, {**env, "calibration_csv": sources,
                                    "backbones": ",".join(backbones), "batch_sizes": ",".join(map(str, batches))},
                         default_batch_size=batches[0])
     comments = cost_comments(target.cpu)
     write_target(target, args.output, comments)
-    _print(f"{'read' if args.measurements else 'measured'} {df['config'].nunique()} networks ({len(df)} rows) on "
+    n_nets = df["network_id"].nunique() if "network_id" in df else df["config"].nunique()
+    _print(f"{'read' if args.measurements else 'measured'} {n_nets} networks ({len(df)} rows) on "
            f"{env.get('device_name', '?')}, {env.get('threads', '?')} threads, torch {env.get('torch_version', '?')}: "
            f"{args.measurements or csv_path}")
     rows_out = [{"cost": k, "value": v, "meaning": comments[k]} for k, v in target.cpu._asdict().items()]
@@ -582,6 +584,26 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
                "their static network's fastest paired time / its time alongside them)")
     _print(f"target: {args.output}  (use it as --target {args.output}; check it with dynas validate)")
     return 0
+
+
+def _read_calibrations(paths: str) -> Any:
+    """The calibration CSVs of ``--measurements A.csv[,B.csv...]`` as one table; each later
+    file's ``network_id`` s are shifted past the earlier ones' so that networks stay apart
+    (pooled paired tables share one quietest-host reference per static network)."""
+    import pandas as pd
+
+    tables, offset = [], 0
+    for path in paths.split(","):
+        df = _read_csv("--measurements", path)
+        if "network_id" in df:
+            ids = pd.to_numeric(df["network_id"], errors="coerce")
+            if ids.isna().any():
+                raise UsageError(f"--measurements={path!r}: network_id={df['network_id'][ids.isna()].iloc[0]!r} is not "
+                                 "an integer; allowed: the integer ids dynas calibrate writes")
+            df["network_id"] = ids.astype(int) + offset
+            offset = int(df["network_id"].max()) + 1
+        tables.append(df)
+    return pd.concat(tables, ignore_index=True) if len(tables) > 1 else tables[0]
 
 
 def _read_csv(option: str, path: str) -> Any:
@@ -1037,8 +1059,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "relative to it (about twice the time per network; for a machine whose speed moves)")
     p.add_argument("--name", default=None, help="target name (default: the output file's stem)")
     p.add_argument("--csv", default=None, metavar="FILE", help="measurements CSV (default: TARGET_FILE with .csv)")
-    p.add_argument("--measurements", default=None, metavar="CSV",
-                   help="fit an earlier calibration CSV instead of measuring (the measuring options are ignored)")
+    p.add_argument("--measurements", default=None, metavar="CSV[,CSV...]",
+                   help="fit earlier calibration CSVs instead of measuring, pooled when several (the measuring options "
+                        "are ignored)")
     p.set_defaults(func=_cmd_calibrate)
 
     # validate

@@ -712,6 +712,26 @@ def test_calibrate_and_validate_in_pairs(tmp_path, capsys, monkeypatch):
     assert (pd.read_csv("d.csv")["host_check"] == "pairs").all()
 
 
+def test_calibrate_pools_several_calibration_csvs(tmp_path, capsys):
+    data = Path(__file__).resolve().parents[1] / "benchmarks" / "data"
+    a = pd.read_csv(data / "cpu-2core-dec01-pairs" / "cpu-2core-dec01-pairs.csv")
+    b = pd.read_csv(data / "cpu-2core-dec02-pairs" / "cpu-2core-dec02-pairs.csv")
+    a, b = a[a["network_id"] < 40], b[b["network_id"] < 40]  # both start at id 0
+    a.to_csv(tmp_path / "a.csv", index=False)
+    b.to_csv(tmp_path / "b.csv", index=False)
+    assert main(["calibrate", "--measurements", f"{tmp_path / 'a.csv'},{tmp_path / 'b.csv'}", "-o",
+                 str(tmp_path / "pooled.toml"), "-q"]) == 0
+    assert "read 80 networks" in capsys.readouterr().out
+    pooled = load_target(str(tmp_path / "pooled.toml"))
+    by_hand = fit_target(pd.concat([a, b.assign(network_id=b["network_id"] + 40)]), "by-hand")
+    assert pooled.cpu == by_hand.cpu and pooled.static_ms == by_hand.static_ms
+    assert pooled.fit["host_normalized_networks"] == 80 and pooled.environment["calibration_csv"] == "a.csv,b.csv"
+    # the quiet reference is the fastest over both tables
+    both = pd.concat([a, b])
+    quiet = both[(both["backbone"] == "resnet18") & (both["batch_size"] == 1)]["reference_ms"].min()
+    assert pooled.static_ms["resnet18-224x224-b1"] == pytest.approx(quiet, rel=0.1)
+
+
 def test_static_ms_round_trips_and_bad_values_name_the_field(tmp_path):
     t = dataclasses.replace(_target(), static_ms={"resnet50-224x224-b1": 31.5})
     back = load_target(str(write_target(t, tmp_path / "t.toml")))
