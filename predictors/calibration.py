@@ -54,11 +54,17 @@ def check_measurements(df: pd.DataFrame, what: str) -> None:
                           "allowed: a number > 0")
 
 
-def _part_work(config: Any, n: int, part: str, stage: int, cache: dict, column_block: int = 1) -> np.ndarray:
-    """[len(TERMS)] work of one part of one network (stem, stage ``stage`` or head)."""
+def _loaded(config: str, cache: dict) -> Any:
+    """The :class:`ArchConfig` of a table's ``config`` JSON, parsed once per ``cache``."""
     cfg = cache.get(config)
     if cfg is None:
         cfg = cache[config] = load_config(config)
+    return cfg
+
+
+def _part_work(config: Any, n: int, part: str, stage: int, cache: dict, column_block: int = 1) -> np.ndarray:
+    """[len(TERMS)] work of one part of one network (stem, stage ``stage`` or head)."""
+    cfg = _loaded(config, cache)
     spec = cfg.spec
     if part == "stem":
         return cpu.stem_work(spec.stem, spec.input_hw, n)
@@ -110,7 +116,7 @@ def paired_rows(df: pd.DataFrame) -> pd.Series:
     return (df["host_check"].astype(str) == "pairs") & np.isfinite(ref) & (ref > 0)
 
 
-def host_normalized(measurements: pd.DataFrame) -> pd.DataFrame:
+def host_normalized(measurements: pd.DataFrame, cache: dict | None = None) -> pd.DataFrame:
     """``measurements`` with every paired row's ``measured_ms`` put in units of the quiet host.
 
     Rule: the quiet time of a static network (backbone, input size, batch size) is the fastest
@@ -123,15 +129,9 @@ def host_normalized(measurements: pd.DataFrame) -> pd.DataFrame:
         return measurements
     df = measurements.copy()
     ref = pd.to_numeric(df["reference_ms"], errors="coerce")
-    cache: dict = {}
-
-    def key(config: str, n: Any) -> str:
-        cfg = cache.get(config)
-        if cfg is None:
-            cfg = cache[config] = load_config(config)
-        return static_key(cfg.backbone, cfg.input_size, int(n))
-
-    keys = pd.Series([key(c, n) for c, n in zip(df["config"], df["batch_size"])], index=df.index)  # [rows] static network
+    cache = {} if cache is None else cache
+    keys = pd.Series([_static_key_of(_loaded(c, cache), n) for c, n in zip(df["config"], df["batch_size"])],
+                     index=df.index)  # [rows] key of the row's static network
     quiet = ref.where(paired).groupby(keys).transform("min")  # [rows] fastest reference of the row's static network
     df["raw_measured_ms"] = df["measured_ms"]
     df.loc[paired, "measured_ms"] = df.loc[paired, "measured_ms"].astype(float) * quiet[paired] / ref[paired]
@@ -142,27 +142,35 @@ def host_normalized(measurements: pd.DataFrame) -> pd.DataFrame:
 CV_FOLDS, CV_MIN_NETWORKS = 5, 20
 
 
-def _network_cv_mape(X: np.ndarray, y: np.ndarray, parts: pd.DataFrame, measurements: pd.DataFrame) -> float | None:
-    """Mean |relative error| of whole networks predicted by costs fitted without them.
+def _cv_folds(parts: pd.DataFrame, measurements: pd.DataFrame, cache: dict) -> tuple[np.ndarray, pd.Series] | None:
+    """The folds of :func:`_network_cv_mape`: ``row_fold`` [rows of ``parts``] (-1 for a
+    network without all its part rows) and the measured ms of each network by ``network_id``.
 
-    ``X`` [rows, terms] / ``y`` [rows] are the part rows ``parts`` of ``measurements``.  The
-    networks (``network_id``) whose stem, stages, head and network rows are all there are split
-    into :data:`CV_FOLDS` folds (a fixed shuffle, so a refit gives the same target); each
-    fold's network times are predicted as the sum of their parts' work times costs fitted on
-    the other folds.  None when fewer than :data:`CV_MIN_NETWORKS` such networks exist."""
+    The networks whose stem, stages, head and network rows are all in ``measurements`` are split
+    into :data:`CV_FOLDS` folds by a fixed shuffle, so a refit gives the same target.  None when
+    fewer than :data:`CV_MIN_NETWORKS` such networks exist."""
     if "network_id" not in measurements:
         return None
     nets = measurements[measurements["part"] == "network"]
     ids = parts["network_id"].to_numpy()  # [rows]
     n_parts = pd.Series(ids).value_counts()
-    expected = {int(i): 2 + load_config(c).spec.num_stages for i, c in zip(nets["network_id"], nets["config"])}
+    expected = {int(i): 2 + _loaded(c, cache).spec.num_stages for i, c in zip(nets["network_id"], nets["config"])}
     whole = sorted(i for i, k in expected.items() if n_parts.get(i, 0) == k)  # networks with every part row
     if len(whole) < CV_MIN_NETWORKS:
         return None
     order = np.random.default_rng(0).permutation(len(whole))
     fold = {whole[j]: k % CV_FOLDS for k, j in enumerate(order)}  # network id -> fold
-    row_fold = np.array([fold.get(int(i), -1) for i in ids])  # [rows]; -1: a network without all its parts
-    measured = nets.drop_duplicates("network_id").set_index("network_id")["measured_ms"].astype(float)
+    row_fold = np.array([fold.get(int(i), -1) for i in ids])  # [rows]
+    return row_fold, nets.drop_duplicates("network_id").set_index("network_id")["measured_ms"].astype(float)
+
+
+def _network_cv_mape(X: np.ndarray, y: np.ndarray, ids: np.ndarray, folds: tuple[np.ndarray, pd.Series]) -> float:
+    """Mean |relative error| of whole networks predicted by costs fitted without them.
+
+    ``X`` [rows, terms] / ``y`` [rows] are part rows, ``ids`` [rows] their ``network_id``,
+    ``folds`` from :func:`_cv_folds`; each fold's network times are predicted as the sum of
+    their parts' work times costs fitted on the other folds."""
+    row_fold, measured = folds
     errs = []
     for f in range(CV_FOLDS):
         _, coef, _, _, _ = _fit_costs(X[row_fold != f], y[row_fold != f])
@@ -179,7 +187,8 @@ def fit_target(measurements: pd.DataFrame, name: str, environment: Mapping[str, 
     check_measurements(measurements, "calibration measurements")
     n_paired = int(measurements.loc[paired_rows(measurements), "network_id"].nunique()) \
         if "network_id" in measurements else int(paired_rows(measurements).sum())
-    measurements = host_normalized(measurements)
+    cache: dict = {}
+    measurements = host_normalized(measurements, cache)
     parts = measurements[fitted_parts(measurements)]
     if len(parts) < len(cpu.TERMS):
         raise ConfigError(f"calibration measurements: {len(parts)} part rows are too few; allowed: at least "
@@ -191,11 +200,12 @@ def fit_target(measurements: pd.DataFrame, name: str, environment: Mapping[str, 
     # part rows (the median, because each candidate's fit leaves out a different set of
     # disturbed rows).  The part medians of the candidates differ by hundredths of a percent on
     # real tables, less than the noise; the network error is what a target is used for.
-    cache: dict = {}
     designs = {cb: _design_matrix(parts, cb, cache) for cb in cpu.COLUMN_BLOCKS}  # {cb: [rows, terms]}
     fits = {cb: _fit_costs(designs[cb], y) for cb in cpu.COLUMN_BLOCKS}
-    cv = {cb: _network_cv_mape(designs[cb], y, parts, measurements) for cb in cpu.COLUMN_BLOCKS}
-    if all(v is not None for v in cv.values()):
+    folds = _cv_folds(parts, measurements, cache)
+    cv = {} if folds is None else {cb: _network_cv_mape(designs[cb], y, parts["network_id"].to_numpy(), folds)
+                                   for cb in cpu.COLUMN_BLOCKS}
+    if cv:
         column_block = min(cv, key=lambda cb: (cv[cb], cb))
     else:
         column_block = min(fits, key=lambda cb: (fits[cb][3], cb))
@@ -207,7 +217,7 @@ def fit_target(measurements: pd.DataFrame, name: str, environment: Mapping[str, 
     networks = int(measurements["network_id"].nunique()) if "network_id" in measurements else 0
     fit = {"unexercised": ",".join(unexercised), "rows": int(keep.sum()), "outlier_rows": int((~keep).sum()),
            "column_block_median_err_pct": ", ".join(f"{cb}: {fits[cb][3] * 100:.2f}" for cb in fits),
-           "column_block_network_cv_mape_pct": ", ".join(f"{cb}: {v * 100:.2f}" for cb, v in cv.items() if v is not None),
+           "column_block_network_cv_mape_pct": ", ".join(f"{cb}: {v * 100:.2f}" for cb, v in cv.items()),
            "outlier_limit_pct": limit * 100, "networks": networks,
            "parts_mape_pct": float(np.mean(np.abs(rel)) * 100), "parts_within_10pct": float(np.mean(np.abs(rel) <= 0.1))}
     spread = round_spread(measurements)
@@ -257,12 +267,15 @@ def per_sample_gated(df: pd.DataFrame) -> pd.Series:
     cache: dict[str, Any] = {}
     out = []
     for config, stage in zip(df["config"], df["stage"]):
-        cfg = cache.get(config)
-        if cfg is None:
-            cfg = cache[config] = load_config(config)
+        cfg = _loaded(config, cache)
         s = int(stage)
         out.append(s >= 0 and stage_gate_kind(cfg.spec, s, cfg.stages[s]) is not None)
     return pd.Series(out, index=df.index, dtype=bool)
+
+
+def _static_key_of(cfg: Any, batch_size: Any) -> str:
+    """The :func:`static_key` of ``cfg`` 's static network at ``batch_size``."""
+    return static_key(cfg.backbone, cfg.input_size, int(batch_size))
 
 
 def _static_ms(measurements: pd.DataFrame, cache: dict) -> dict[str, float]:
@@ -270,12 +283,9 @@ def _static_ms(measurements: pd.DataFrame, cache: dict) -> dict[str, float]:
     nets = measurements[measurements["part"] == "network"]
     times: dict[str, list[float]] = {}
     for r in nets.itertuples(index=False):
-        cfg = cache.get(r.config)
-        if cfg is None:
-            cfg = cache[r.config] = load_config(r.config)
+        cfg = _loaded(r.config, cache)
         if all(st.paradigm == "static" for st in cfg.stages):
-            key = static_key(cfg.backbone, cfg.input_size, int(r.batch_size))
-            times.setdefault(key, []).append(float(r.measured_ms))
+            times.setdefault(_static_key_of(cfg, r.batch_size), []).append(float(r.measured_ms))
     return {k: float(np.median(v)) for k, v in sorted(times.items())}
 
 
