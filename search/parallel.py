@@ -27,8 +27,11 @@ Dead workers: database storages use Optuna's heartbeat (a trial whose worker has
 because its worker died right after creating it, is failed :data:`_UNOWNED_GRACE_S` after it
 started).  Optuna's journal
 storage has no heartbeat, so each trial records its worker (``host:pid:start-time`` in user
-attr ``worker``), and a trial of this host whose process is gone is failed and re-queued the
-same way.  A journal file shared by several hosts (NFS) cannot tell whether another host's
+attr ``worker``, and its own number in ``worker_trial``), and a trial of this host whose process
+is gone is failed and re-queued the same way.  Optuna's retry copies a failed trial's user attrs
+into the queued copy, so a copy holds its dead original's ``worker`` until its new worker writes
+its own; ``worker_trial`` tells the two apart, and a copy not yet claimed counts as naming no
+worker.  A journal file shared by several hosts (NFS) cannot tell whether another host's
 worker is alive; such trials are left running.
 """
 
@@ -110,7 +113,8 @@ def recover_dead_trials(study: optuna.Study) -> list[int]:
     a worker killed between ``study.ask()`` and its heartbeat thread's first beat leaves a
     RUNNING trial that no heartbeat check would ever fail, and the study would wait for it).
     Journal storages: the trial's ``worker`` attr names a process of this host that no longer
-    exists, or it names no worker and started over :data:`_UNOWNED_GRACE_S` ago.  Two workers
+    exists, or it names no worker of its own (none, or one inherited by a retry copy: its
+    ``worker_trial`` is another trial's number) and started over :data:`_UNOWNED_GRACE_S` ago.  Two workers
     recovering the same trial at once are safe: only the first FAIL is accepted by the storage,
     and only that worker re-queues the trial.
     """
@@ -119,9 +123,9 @@ def recover_dead_trials(study: optuna.Study) -> list[int]:
     if isinstance(storage, optuna.storages.JournalStorage):
         dead = []
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            worker = t.user_attrs.get("worker")
+            worker = _own_worker(t)
             if worker is not None:
-                gone = not _alive(str(worker))
+                gone = not _alive(worker)
             else:
                 started = t.datetime_start.timestamp() if t.datetime_start else now
                 gone = now - started > _UNOWNED_GRACE_S
@@ -147,6 +151,17 @@ def recover_dead_trials(study: optuna.Study) -> list[int]:
             silent = _never_beat(storage, [t._trial_id for t in dead])  # noqa: SLF001
             dead = [t for t in dead if t._trial_id in silent]  # noqa: SLF001
     return _fail_and_requeue(study, dead)
+
+
+def _own_worker(t: FrozenTrial) -> str | None:
+    """The worker that ran trial ``t`` itself (``host:pid:start``), or None if it names none.
+
+    A retry copy starts with its failed original's user attrs (Optuna's retry callback copies
+    them), so a ``worker`` written for another trial number is not this trial's."""
+    worker = t.user_attrs.get("worker")
+    if worker is None or t.user_attrs.get("worker_trial") != t.number:
+        return None
+    return str(worker)
 
 
 def _never_beat(storage: Any, trial_ids: list[int]) -> set[int]:
@@ -313,6 +328,7 @@ class _Claimed:
 
     def __call__(self, trial: Trial) -> Any:
         trial.set_user_attr("worker", self.me)
+        trial.set_user_attr("worker_trial", trial.number)  # see _own_worker
         complete, _, trials = _count(self.study)
         ahead = sum(t.state == TrialState.RUNNING and t.number < trial.number for t in trials)
         if complete + ahead >= self.budget:

@@ -217,7 +217,8 @@ def test_dead_journal_worker_trial_is_failed_and_queued_again(tmp_path):
     code = (
         "import os, optuna; from dynas.search.study import open_storage; from dynas.search.parallel import worker_id\n"
         f"s = optuna.create_study(storage=open_storage({url!r}), study_name='x', directions=['minimize'])\n"
-        "t = s.ask(); t.suggest_int('k', 0, 9); t.set_user_attr('worker', worker_id()); os._exit(0)\n"
+        "t = s.ask(); t.suggest_int('k', 0, 9); t.set_user_attr('worker', worker_id())\n"
+        "t.set_user_attr('worker_trial', t.number); os._exit(0)\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
     study = optuna.load_study(study_name="x", storage=open_storage(url))
@@ -227,9 +228,15 @@ def test_dead_journal_worker_trial_is_failed_and_queued_again(tmp_path):
     (queued,) = study.get_trials(states=(TrialState.WAITING,))
     assert queued.params == dead.params and queued.system_attrs["failed_trial"] == dead.number
     assert parallel.recover_dead_trials(study) == []  # nothing twice
-    # a live worker's trial is left alone
+    # The copy carries the dead worker's attr (Optuna copies user attrs).  Popped by a new
+    # worker, it is RUNNING under that attr until the worker writes its own: not dead (CI once
+    # failed it there, and the worker then crashed telling its trial).
     mine = study.ask()
+    assert mine.number == queued.number and study.trials[mine.number].user_attrs["worker"] == dead.user_attrs["worker"]
+    assert parallel.recover_dead_trials(study) == []
+    # a live worker's trial is left alone
     mine.set_user_attr("worker", parallel.worker_id())
+    mine.set_user_attr("worker_trial", mine.number)
     assert parallel.recover_dead_trials(study) == []
 
 
