@@ -31,7 +31,9 @@ attr ``worker``, and its own number in ``worker_trial``), and a trial of this ho
 is gone is failed and re-queued the same way.  Optuna's retry copies a failed trial's user attrs
 into the queued copy, so a copy holds its dead original's ``worker`` until its new worker writes
 its own; ``worker_trial`` tells the two apart, and a copy not yet claimed counts as naming no
-worker.  A journal file shared by several hosts (NFS) cannot tell whether another host's
+worker.  A worker that was only slow (a heartbeat late on a stalled machine) finds its trial
+failed and queued again by another; Optuna refuses its report of that trial, and it logs so and
+goes on with the next.  A journal file shared by several hosts (NFS) cannot tell whether another host's
 worker is alive; such trials are left running.
 """
 
@@ -320,25 +322,47 @@ def _count(study: optuna.Study) -> tuple[int, int, list[FrozenTrial]]:
 
 
 class _Claimed:
-    """Wraps the objective: a trial runs only when its slot is within the study's budget."""
+    """Wraps the objective: a trial runs only when its slot is within the study's budget.
+
+    It also remembers how its last trial ended here (:meth:`lost_trial`): another worker may
+    fail a trial that still runs here, and Optuna then refuses this worker's report of it."""
 
     def __init__(self, objective: Any, study: optuna.Study, budget: int) -> None:
         self.objective, self.study, self.budget = objective, study, budget
         self.me = worker_id()
+        self.current: int | None = None  # number of the last trial started here
+        self.trial_id: int | None = None
+        self.ended_cleanly = False  # its objective returned (or stopped it), or its storage refused an update
 
     def __call__(self, trial: Trial) -> Any:
-        trial.set_user_attr("worker", self.me)
-        trial.set_user_attr("worker_trial", trial.number)  # see _own_worker
-        complete, _, trials = _count(self.study)
-        ahead = sum(t.state == TrialState.RUNNING and t.number < trial.number for t in trials)
-        if complete + ahead >= self.budget:
-            trial.set_user_attr(
-                "stopped",
-                f"surplus: {complete} complete + {ahead} running trials numbered before it fill trials={self.budget}",
-            )
-            self.study.stop()
-            raise optuna.TrialPruned()
-        return self.objective(trial)
+        self.current, self.trial_id, self.ended_cleanly = trial.number, trial._trial_id, False  # noqa: SLF001
+        try:
+            trial.set_user_attr("worker", self.me)
+            trial.set_user_attr("worker_trial", trial.number)  # see _own_worker
+            complete, _, trials = _count(self.study)
+            ahead = sum(t.state == TrialState.RUNNING and t.number < trial.number for t in trials)
+            if complete + ahead >= self.budget:
+                trial.set_user_attr(
+                    "stopped",
+                    f"surplus: {complete} complete + {ahead} running trials numbered before it fill trials={self.budget}",
+                )
+                self.study.stop()
+                self.ended_cleanly = True
+                raise optuna.TrialPruned()
+            value = self.objective(trial)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            self.ended_cleanly = True
+            raise
+        self.ended_cleanly = True
+        return value
+
+    def lost_trial(self) -> int | None:
+        """The number of the last trial if another worker finished it while it ran here (so
+        Optuna refused to record how it ended here); None otherwise."""
+        if self.trial_id is None or not self.ended_cleanly:
+            return None  # the objective itself raised: its own error, not a lost trial
+        state = self.study._storage.get_trial(self.trial_id).state  # noqa: SLF001 - one trial, by id
+        return self.current if state.is_finished() else None
 
 
 def worker_loop(study: optuna.Study, objective: Any, budget: int, deadline: float | None,
@@ -370,8 +394,21 @@ def worker_loop(study: optuna.Study, objective: Any, budget: int, deadline: floa
             time.sleep(poll_s)
             continue
         waiting_logged = False
-        study.optimize(claimed, n_trials=budget - complete - running, timeout=left,
-                       callbacks=[stop_at_budget], show_progress_bar=show_progress, gc_after_trial=False)
+        try:
+            study.optimize(claimed, n_trials=budget - complete - running, timeout=left,
+                           callbacks=[stop_at_budget], show_progress_bar=show_progress, gc_after_trial=False)
+        except (ValueError, AssertionError):
+            # Another worker took this trial for dead (a heartbeat late by over 2 x heartbeat_s
+            # on a stalled machine) and has failed it and queued it again.  Optuna then refuses
+            # to record how it ended here: "Cannot tell a FAIL trial" (ValueError) when an
+            # update inside the objective was refused first, and its own "Should not reach"
+            # assertion when the objective returned (Optuna 5).  Anything else, or either of
+            # them without a trial finished elsewhere, is an error and stops the worker.
+            lost = claimed.lost_trial()
+            if lost is None:
+                raise
+            _logger.warning("trial %d was failed by another worker while it ran here (its heartbeat came too late); "
+                            "it was queued again, and this worker goes on", lost)
 
 
 def _seed(seed: int, n_existing: int, index: int, attempt: int) -> int:

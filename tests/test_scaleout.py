@@ -212,6 +212,38 @@ def test_a_claim_beyond_the_budget_is_pruned_before_it_suggests(tmp_path):
     assert study.trials[-1].state == TrialState.COMPLETE
 
 
+@pytest.mark.parametrize("kind", ["journal", "sqlite"])
+@pytest.mark.parametrize("then", ["returns", "writes"])
+def test_a_worker_whose_trial_was_failed_by_another_goes_on(tmp_path, caplog, then, kind):
+    # Another worker may fail a trial that is still running here (a heartbeat that came late on
+    # a stalled machine): Optuna then refuses this worker's tell with a ValueError.  The trial
+    # is already queued again by whoever failed it, so this worker logs it and goes on.
+    url = f"journal:///{tmp_path / 's.journal'}" if kind == "journal" else f"sqlite:///{tmp_path / 's.db'}"
+    study = optuna.create_study(storage=open_storage(url), study_name="x", directions=["minimize", "maximize"])
+    other = optuna.load_study(study_name="x", storage=open_storage(url))  # "another worker"
+    calls = []
+
+    def objective(trial):
+        calls.append(trial.number)
+        x = trial.suggest_float("x", 0, 1)
+        if len(calls) == 1:
+            other.tell(trial.number, state=TrialState.FAIL)
+            if then == "writes":  # the objective's next write is refused (what CI once saw)
+                trial.set_user_attr("proxy", "x")
+        return x, 1.0
+
+    parallel.worker_loop(study, objective, 3, None, poll_s=0.01)
+    states = [t.state for t in study.trials]
+    assert states[0] == TrialState.FAIL and states.count(TrialState.COMPLETE) == 3
+    assert "trial 0 was failed by another worker while it ran here" in caplog.text
+    # the objective's own ValueError still stops the worker
+    def broken(trial):
+        raise ValueError("bad objective")
+
+    with pytest.raises(ValueError, match="bad objective"):
+        parallel.worker_loop(optuna.create_study(directions=["minimize", "maximize"]), broken, 3, None)
+
+
 def test_dead_journal_worker_trial_is_failed_and_queued_again(tmp_path):
     url = f"journal:///{tmp_path / 's.journal'}"
     code = (
