@@ -356,11 +356,16 @@ class _Claimed:
         self.ended_cleanly = True
         return value
 
+    def told(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        """Optuna callback, run once a trial's end is recorded here: that trial is not lost."""
+        if trial.number == self.current:
+            self.trial_id = None
+
     def lost_trial(self) -> int | None:
         """The number of the last trial if another worker finished it while it ran here (so
         Optuna refused to record how it ended here); None otherwise."""
         if self.trial_id is None or not self.ended_cleanly:
-            return None  # the objective itself raised: its own error, not a lost trial
+            return None  # recorded here (told), or the objective raised: its own error
         state = self.study._storage.get_trial(self.trial_id).state  # noqa: SLF001 - one trial, by id
         return self.current if state.is_finished() else None
 
@@ -396,7 +401,8 @@ def worker_loop(study: optuna.Study, objective: Any, budget: int, deadline: floa
         waiting_logged = False
         try:
             study.optimize(claimed, n_trials=budget - complete - running, timeout=left,
-                           callbacks=[stop_at_budget], show_progress_bar=show_progress, gc_after_trial=False)
+                           callbacks=[claimed.told, stop_at_budget], show_progress_bar=show_progress,
+                           gc_after_trial=False)
         except (ValueError, AssertionError):
             # Another worker took this trial for dead (a heartbeat late by over 2 x heartbeat_s
             # on a stalled machine) and has failed it and queued it again.  Optuna then refuses

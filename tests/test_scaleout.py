@@ -243,6 +243,20 @@ def test_a_worker_whose_trial_was_failed_by_another_goes_on(tmp_path, caplog, th
     with pytest.raises(ValueError, match="bad objective"):
         parallel.worker_loop(optuna.create_study(directions=["minimize", "maximize"]), broken, 3, None)
 
+    # ... and so does one raised between trials, after the last trial was recorded here
+    class Refuses(optuna.samplers.RandomSampler):
+        def before_trial(self, study, trial):
+            if trial.number == 1:
+                raise ValueError("sampler refuses")
+
+    def fine(trial):
+        return trial.suggest_float("x", 0, 1), 1.0
+
+    with pytest.raises(ValueError, match="sampler refuses"):
+        # (swallowed, it would leave trial 1 running and the worker waiting for it: the deadline)
+        parallel.worker_loop(optuna.create_study(directions=["minimize", "maximize"], sampler=Refuses()), fine, 3,
+                             time.monotonic() + 20, poll_s=0.05)
+
 
 def test_dead_journal_worker_trial_is_failed_and_queued_again(tmp_path):
     url = f"journal:///{tmp_path / 's.journal'}"
