@@ -7,6 +7,7 @@ import itertools
 import json
 import math
 import random
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -783,3 +784,34 @@ def test_a_dynamic_stage_pays_one_cold_start_on_its_first_block():
             assert b0 - b1 == pytest.approx(0.0 if first.paradigm == "static" else cold_ms, abs=1e-12)
             work = latency._stage_work("resnet18", (224, 224), 0, first, n, None, 4)
             assert work[cpu.TERMS.index("dynamic_stages")] == (first.paradigm != "static")
+
+
+def test_retest_separates_the_hosts_noise_from_the_models_error(tmp_path, capsys):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks.retest import main as retest
+
+    data = Path(__file__).resolve().parents[1] / "benchmarks" / "data" / "cpu-2core-dec01-pairs"
+    first = pd.read_csv(data / "validation-seed32.csv")
+    first = first[first["network_id"] < 12]  # 12 networks: 6 configs at batch 1 and 8
+    first.to_csv(tmp_path / "a.csv", index=False)
+    # the same networks "measured again": 10 % slower, alongside a static network 10 % slower
+    # (the host's drift, divided out), and one network 21 % slower (noise)
+    second = first.assign(measured_ms=first["measured_ms"] * 1.1, reference_ms=first["reference_ms"] * 1.1)
+    second.loc[second["network_id"] == 0, "measured_ms"] *= 1.1
+    second.to_csv(tmp_path / "b.csv", index=False)
+    target = str(data / "cpu-2core-dec01-pairs.toml")
+    assert retest(["--target", target, str(tmp_path / "a.csv"), str(tmp_path / "a.csv")]) == 0
+    same = capsys.readouterr().out
+    assert "12 networks in both tables" in same
+    noise = {int(line.split()[0]): float(line.split()[2]) for line in same.splitlines()[2:]}
+    assert noise == {1: 0.0, 8: 0.0}  # a table against itself: no noise, errors correlate fully
+    assert all(line.split()[5] == "1.00" for line in same.splitlines()[2:])
+    assert retest(["--target", target, str(tmp_path / "a.csv"), str(tmp_path / "b.csv")]) == 0
+    moved = {int(line.split()[0]): float(line.split()[2]) for line in capsys.readouterr().out.splitlines()[2:]}
+    n0 = int(first.loc[first["network_id"] == 0, "batch_size"].iloc[0])
+    other = ({1, 8} - {n0}).pop()
+    assert moved[n0] > 0 and moved[other] == 0  # network 0 moved, the rest only with the host
+    # a table without pairs is refused in one line
+    first.drop(columns="reference_ms").to_csv(tmp_path / "c.csv", index=False)
+    assert retest(["--target", target, str(tmp_path / "a.csv"), str(tmp_path / "c.csv")]) == 2
+    assert "reference_ms" in capsys.readouterr().err
