@@ -647,6 +647,7 @@ class DynamicBlock:
         s = self.granularity
         gh, gw = self.grid_hw
         ys = []
+        padded = None  # the zero-padded input that region reads use, made once for all parts
         for idx, sel in parts:
             active = dec["spatial"].index_select(0, idx) > 0.5  # [n_u, gh, gw]
             pn, pi, pj = active.nonzero(as_tuple=True)  # [P] each: local sample, grid row, grid col
@@ -657,7 +658,9 @@ class DynamicBlock:
             elif self._chain()[0] == (1, 1, 0):
                 y = self._spatial_mid(x, idx, active, pn, pi, pj, sel)
             else:
-                y = self._spatial_regions(x, idx, pn, pi, pj, sel)
+                if padded is None:
+                    padded = self._padded_input(x)
+                y = self._spatial_regions(padded, idx, pn, pi, pj, sel)
             ys.append((idx[pn], pi, pj, y))
         base_pix = _pixels(base)  # [N * H_out * W_out, C_out]; a view when channels-last
         offsets = self._patch_pix  # [S*S]
@@ -695,26 +698,30 @@ class DynamicBlock:
 
         return _Geom(0, valid, pool, lambda sc: sc.index_select(0, pn))  # expand: [n_u, C] -> [P, C]
 
-    def _spatial_regions(self, x: torch.Tensor, idx: torch.Tensor, pn: torch.Tensor, pi: torch.Tensor,
+    def _padded_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` zero-padded for region reads: [N, C_in, H_in + lo + hi, W_in + lo + hi]."""
+        ax_h, ax_w = self._axes
+        return F.pad(x, (ax_w.pad_lo, ax_w.pad_hi, ax_h.pad_lo, ax_h.pad_hi))
+
+    def _spatial_regions(self, xp: torch.Tensor, idx: torch.Tensor, pn: torch.Tensor, pi: torch.Tensor,
                          pj: torch.Tensor, sel: torch.Tensor | None) -> torch.Tensor:
         """Active patches [P, C_out, S, S] from regions of the *input* that carry the whole halo.
 
         Used when conv1 is not a 1x1 stride-1 conv (basic blocks): conv1 runs on each region,
-        halo included, so overlapping halos are computed once per patch.
+        halo included, so overlapping halos are computed once per patch.  ``xp``: the whole
+        batch's input, zero-padded once per block (:meth:`_padded_input`) for every channel part.
         """
         ax_h, ax_w = self._axes
-        # zero-pad: [N, C_in, H_in + lo + hi, W_in + lo + hi]
-        xp = F.pad(x, (ax_w.pad_lo, ax_w.pad_hi, ax_h.pad_lo, ax_h.pad_hi))
         nb = idx[pn]  # [P] batch index of each patch
-        rows = (pi * ax_h.step)[:, None] + torch.arange(ax_h.region, device=x.device)  # [P, R_h]
-        cols = (pj * ax_w.step)[:, None] + torch.arange(ax_w.region, device=x.device)  # [P, R_w]
+        rows = (pi * ax_h.step)[:, None] + torch.arange(ax_h.region, device=xp.device)  # [P, R_h]
+        cols = (pj * ax_w.step)[:, None] + torch.arange(ax_w.region, device=xp.device)  # [P, R_w]
         # advanced indices around a slice go first: [P, R_h, R_w, C_in] -> [P, C_in, R_h, R_w]
         regions = xp[nb[:, None, None], :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
-        mrow = (pi * ax_h.mid_step - ax_h.mid_off)[:, None] + torch.arange(ax_h.mid_len, device=x.device)  # [P, M_h]
-        mcol = (pj * ax_w.mid_step - ax_w.mid_off)[:, None] + torch.arange(ax_w.mid_len, device=x.device)  # [P, M_w]
+        mrow = (pi * ax_h.mid_step - ax_h.mid_off)[:, None] + torch.arange(ax_h.mid_len, device=xp.device)  # [P, M_h]
+        mcol = (pj * ax_w.mid_step - ax_w.mid_off)[:, None] + torch.arange(ax_w.mid_len, device=xp.device)  # [P, M_w]
         vr = (mrow >= 0) & (mrow < ax_h.mid_size)
         vc = (mcol >= 0) & (mcol < ax_w.mid_size)
-        valid = (vr[:, :, None] & vc[:, None, :])[:, None].to(x.dtype)  # [P, 1, M_h, M_w]
+        valid = (vr[:, :, None] & vc[:, None, :])[:, None].to(xp.dtype)  # [P, 1, M_h, M_w]
         return self._sparse_body(regions, sel, self._se_geom(pn, idx.numel(), valid))  # [P, C_out, S, S]
 
     def _spatial_mid(self, x: torch.Tensor, idx: torch.Tensor, active: torch.Tensor, pn: torch.Tensor,

@@ -488,9 +488,9 @@ def block_work(b: BlockSpec, st: StageConfig, n: int, run_prob: float = 1.0, col
     if b.kind == "basic":
         region = (S - 1) * b.stride + 3 + 2 * b.stride  # input region side, halo of both convs
         mid = S + 2
-        w.gather(n * b.in_channels * (hi + 2 * b.stride + 2) * (wi + 2 * b.stride + 2))  # F.pad of the whole input
         w.weight = 1.0
-        w.index(P * region * region * b.in_channels, P * region * region)  # the regions, one indexing copy
+        w.gather(n * b.in_channels * (hi + 2 * b.stride + 2) * (wi + 2 * b.stride + 2))  # F.pad of the whole input, once
+        w.index(P * region * region * b.in_channels, P * region * region, parts)  # the regions: one indexing copy per part
         w.weight = parts
         w.ops(23)  # region rows / columns, their samples, the valid-position mask (index arithmetic)
         _body(w, b, P / parts * region * region, rows_out / parts, n / parts, k, bool(groups),

@@ -194,7 +194,10 @@ _COUNTED = [(bb, s, i, st, n) for bb, s, i in (("resnet18", 1, 0), ("resnet50", 
                           (StageConfig("spatial", 0.5, spatial_granularity=2), 1),
                           (StageConfig("spatial", 0.5, spatial_granularity=14), 8),
                           (StageConfig("spatial+channel", 0.5, spatial_granularity=2, channel_granularity=8,
-                                       channel_rate=0.5), 1))]
+                                       channel_rate=0.5), 1),
+                          # one channel part per sample: C(width, width / 2) selections never repeat
+                          (StageConfig("spatial+channel", 0.5, spatial_granularity=2, channel_granularity=1,
+                                       channel_rate=0.5), 8))]
 
 
 @pytest.mark.parametrize("bb,s,i,st,n", _COUNTED, ids=lambda v: v.short() if isinstance(v, StageConfig) else str(v))
