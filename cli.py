@@ -799,11 +799,10 @@ def _host_factors(df: Any, target: Any, steady_ratio: float | None) -> tuple[Any
     "steady" (the before/after ratio, when it held), or (None, "")."""
     import pandas as pd
 
-    from dynas.predictors.targets import static_key
+    from dynas.predictors.calibration import calibrated_static_ms
 
     if "reference_ms" in df and df["reference_ms"].notna().any() and target.static_ms:
-        then = pd.Series([target.static_ms.get(static_key(r.backbone, (int(r.input_h), int(r.input_w)), int(r.batch_size)),
-                                               math.nan) for r in df.itertuples()], index=df.index)  # [rows] ms
+        then = calibrated_static_ms(df, target)  # [rows] ms
         paired = "host_check" in df and (df["host_check"].astype(str) == "pairs").any()
         return pd.to_numeric(df["reference_ms"], errors="coerce") / then, "pairs" if paired else "each"
     if steady_ratio is not None:

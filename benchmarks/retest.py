@@ -27,8 +27,8 @@ import numpy as np
 import pandas as pd
 
 from dynas.errors import DynasError
-from dynas.predictors.calibration import compare
-from dynas.predictors.targets import load_target, static_key
+from dynas.predictors.calibration import calibrated_static_ms, compare
+from dynas.predictors.targets import load_target
 
 
 def normalised_networks(path: str, target) -> pd.DataFrame:
@@ -38,11 +38,8 @@ def normalised_networks(path: str, target) -> pd.DataFrame:
     df = pd.read_csv(path)
     if "reference_ms" not in df or df["reference_ms"].isna().all():
         raise DynasError(f"{path}: reference_ms is empty; allowed: a table measured with --host-check pairs")
-    df = df[df["part"] == "network"].drop(columns=["predicted_ms", "rel_err"], errors="ignore")
-    df = compare(df, target)
-    then = np.array([target.static_ms.get(static_key(r.backbone, (int(r.input_h), int(r.input_w)), int(r.batch_size)),
-                                          np.nan) for r in df.itertuples()])  # [networks] ms at calibration
-    df["quiet_ms"] = df["measured_ms"] * then / df["reference_ms"]
+    df = compare(df[df["part"] == "network"], target)  # predicted_ms by this target
+    df["quiet_ms"] = df["measured_ms"] * calibrated_static_ms(df, target) / df["reference_ms"]
     return df.set_index(["config", "batch_size"])[["backbone", "predicted_ms", "quiet_ms"]]
 
 

@@ -34,7 +34,7 @@ from dynas.predictors.targets import HardwareTarget, load_target, static_key
 from dynas.spaces.config import load_config, stage_gate_kind, stage_runs
 
 __all__ = ["REQUIRED_COLUMNS", "check_measurements", "fit_target", "compare", "summarize", "cost_comments",
-           "fitted_parts", "host_normalized", "paired_rows", "per_sample_gated", "round_spread"]
+           "calibrated_static_ms", "fitted_parts", "host_normalized", "paired_rows", "per_sample_gated", "round_spread"]
 
 REQUIRED_COLUMNS: tuple[str, ...] = ("config", "batch_size", "part", "stage", "measured_ms")
 
@@ -276,6 +276,15 @@ def per_sample_gated(df: pd.DataFrame) -> pd.Series:
 def _static_key_of(cfg: Any, batch_size: Any) -> str:
     """The :func:`static_key` of ``cfg`` 's static network at ``batch_size``."""
     return static_key(cfg.backbone, cfg.input_size, int(batch_size))
+
+
+def calibrated_static_ms(df: pd.DataFrame, target: HardwareTarget) -> pd.Series:
+    """[rows] the time ``target`` recorded at calibration (``static_ms``) for the static network
+    of each row's backbone, input size and batch size; NaN where it recorded none.  A row's
+    ``reference_ms`` over it is how much slower the host ran than at calibration."""
+    return pd.Series([target.static_ms.get(static_key(b, (int(h), int(w)), int(n)), math.nan)
+                      for b, h, w, n in zip(df["backbone"], df["input_h"], df["input_w"], df["batch_size"])],
+                     index=df.index, dtype=float)
 
 
 def _static_ms(measurements: pd.DataFrame, cache: dict) -> dict[str, float]:
