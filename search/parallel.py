@@ -330,12 +330,11 @@ class _Claimed:
     def __init__(self, objective: Any, study: optuna.Study, budget: int) -> None:
         self.objective, self.study, self.budget = objective, study, budget
         self.me = worker_id()
-        self.current: int | None = None  # number of the last trial started here
-        self.trial_id: int | None = None
+        self.trial_id: int | None = None  # storage id of the last trial started here, until it is told
         self.ended_cleanly = False  # its objective returned (or stopped it), or its storage refused an update
 
     def __call__(self, trial: Trial) -> Any:
-        self.current, self.trial_id, self.ended_cleanly = trial.number, trial._trial_id, False  # noqa: SLF001
+        self.trial_id, self.ended_cleanly = trial._trial_id, False  # noqa: SLF001
         try:
             trial.set_user_attr("worker", self.me)
             trial.set_user_attr("worker_trial", trial.number)  # see _own_worker
@@ -358,7 +357,7 @@ class _Claimed:
 
     def told(self, study: optuna.Study, trial: FrozenTrial) -> None:
         """Optuna callback, run once a trial's end is recorded here: that trial is not lost."""
-        if trial.number == self.current:
+        if trial._trial_id == self.trial_id:  # noqa: SLF001
             self.trial_id = None
 
     def lost_trial(self) -> int | None:
@@ -366,8 +365,8 @@ class _Claimed:
         Optuna refused to record how it ended here); None otherwise."""
         if self.trial_id is None or not self.ended_cleanly:
             return None  # recorded here (told), or the objective raised: its own error
-        state = self.study._storage.get_trial(self.trial_id).state  # noqa: SLF001 - one trial, by id
-        return self.current if state.is_finished() else None
+        last = self.study._storage.get_trial(self.trial_id)  # noqa: SLF001 - one trial, by id
+        return last.number if last.state.is_finished() else None
 
 
 def worker_loop(study: optuna.Study, objective: Any, budget: int, deadline: float | None,
