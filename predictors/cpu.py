@@ -32,7 +32,13 @@ term                   what is counted (per forward pass of the batch)
                        of the input, windows of the zero-padded buffer)
 ``index_mrows``        contiguous runs (pixel rows of channels) those copies move (M rows):
                        the indexing kernel costs per run as well as per element
+``regather_melem``     weight elements that a block's second and later channel parts gather
+                       (samples with other channel selections, at batch > 1): the same cached
+                       weight matrix read again right after the part before, from cache;
+                       the first part's count as ``gather_melem``
 ``conv_calls``         convolution calls
+``repeat_conv_calls``  ... of those later parts: the same shapes as the part just before,
+                       back to back (fitted here at about a third of a first call's cost)
 ``mm_calls``           matrix-product / linear calls of unfolded row products
 ``op_calls``           every other dispatched operator (index arithmetic, element-wise, masker
                        budgets, and the products of per-sample vectors: a vector-matrix
@@ -74,7 +80,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import numpy as np
 
@@ -88,17 +94,19 @@ __all__ = ["TERMS", "COST_FIELDS", "COLUMN_BLOCKS", "COMPUTE_TERMS", "MEMORY_TER
 TERMS: tuple[str, ...] = ("pointwise_gmac", "conv3x3_gmac", "grouped_gmac", "stem_gmac", "smallmap_gmac", "mm_gmac", "vec_gmac",
                           "w_pointwise_melem",
                           "w_conv3x3_melem", "w_mm_melem",
-                          "conv_io_melem", "stream_melem", "gather_melem", "index_melem", "index_mrows", "conv_calls", "mm_calls",
+                          "conv_io_melem", "stream_melem", "gather_melem", "index_melem", "index_mrows", "regather_melem",
+                          "conv_calls", "repeat_conv_calls", "mm_calls",
                           "op_calls", "masker_calls", "dynamic_stages")
 #: target-file field holding the cost of one unit of each term
 COST_FIELDS: tuple[str, ...] = ("pointwise_ms_per_gmac", "conv3x3_ms_per_gmac", "grouped_ms_per_gmac",
                                 "stem_ms_per_gmac", "smallmap_ms_per_gmac", "mm_ms_per_gmac", "vec_ms_per_gmac", "w_pointwise_ms_per_melem",
                                 "w_conv3x3_ms_per_melem", "w_mm_ms_per_melem", "conv_io_ms_per_melem",
-                                "stream_ms_per_melem", "gather_ms_per_melem", "index_ms_per_melem", "index_ms_per_mrow", "conv_call_us",
+                                "stream_ms_per_melem", "gather_ms_per_melem", "index_ms_per_melem", "index_ms_per_mrow",
+                                "regather_ms_per_melem", "conv_call_us", "repeat_conv_call_us",
                                 "mm_call_us", "op_call_us", "masker_call_us", "dynamic_stage_us")
-_TO_MS = np.array([1.0] * 15 + [1e-3] * 5)  # the per-call costs are stored in microseconds
+_TO_MS = np.array([1.0] * 16 + [1e-3] * 6)  # the per-call costs are stored in microseconds
 #: which terms are compute (MACs), memory (elements) and per-call overhead
-COMPUTE_TERMS, MEMORY_TERMS, CALL_TERMS = slice(0, 7), slice(7, 15), slice(15, 20)
+COMPUTE_TERMS, MEMORY_TERMS, CALL_TERMS = slice(0, 7), slice(7, 16), slice(16, 22)
 #: [3, len(TERMS)] 0/1 rows selecting the compute, memory and call terms
 TERM_KINDS = np.zeros((3, len(TERMS)))
 for _row, _sl in enumerate((COMPUTE_TERMS, MEMORY_TERMS, CALL_TERMS)):
@@ -133,7 +141,9 @@ class CpuCosts(NamedTuple):
     gather_ms_per_melem: float
     index_ms_per_melem: float
     index_ms_per_mrow: float
+    regather_ms_per_melem: float
     conv_call_us: float
+    repeat_conv_call_us: float
     mm_call_us: float
     op_call_us: float
     masker_call_us: float
@@ -156,6 +166,9 @@ class _Work:
         self.v = np.zeros(len(TERMS))
         self.weight = 1.0
         self.column_block = column_block
+        #: counting a channel part after the first of a block (see :data:`TERMS`): its weight
+        #: gathers count as ``regather_melem`` and its convolutions as ``repeat_conv_calls``
+        self.repeat = False
 
     def _add(self, term: str, amount: float) -> None:
         self.v[_T[term]] += self.weight * amount
@@ -208,14 +221,16 @@ class _Work:
         self._add(wterm, cout * cin_pg * k * k * 1e-6)
         self._add("conv_io_melem", rows * (cin_total + cout) * 1e-6)
         # a product of per-sample vectors dispatches like an element-wise operator (see TERMS)
-        self._add("op_calls" if mm and kind == "vec" else "mm_calls" if mm else "conv_calls", 1)
+        self._add("op_calls" if mm and kind == "vec" else "mm_calls" if mm else "repeat_conv_calls" if self.repeat else "conv_calls", 1)
 
     def stream(self, elems: float, calls: float = 1) -> None:
         self._add("stream_melem", elems * 1e-6)
         self._add("op_calls", calls)
 
-    def gather(self, elems: float, calls: float = 1) -> None:
-        self._add("gather_melem", elems * 1e-6)
+    def gather(self, elems: float, calls: float = 1, weights: bool = False) -> None:
+        """``elems`` elements moved by ``calls`` gathers; ``weights``: rows or columns of a
+        cached weight matrix (selected channels), which a repeated part reads from cache."""
+        self._add("regather_melem" if weights and self.repeat else "gather_melem", elems * 1e-6)
         self._add("op_calls", calls)
 
     def index(self, elems: float, rows: float, calls: float = 1) -> None:
@@ -293,7 +308,7 @@ def _se(w: _Work, b: BlockSpec, rows: float, samples: float, cw: int, gathered: 
         w.gather(samples * cw)  # each patch's sample's scale
     w.stream(2 * rows * cw)  # scale
     if cw != b.width:
-        w.gather(3 * cw * b.se_channels, 3)  # SE weights of the selected channels
+        w.gather(3 * cw * b.se_channels, 3, weights=True)  # SE weights of the selected channels
 
 
 def _grouped_touched(b: BlockSpec, G: int, active: int) -> tuple[float, bool]:
@@ -320,7 +335,7 @@ def _body(w: _Work, b: BlockSpec, rows_in: float, rows_out: float, samples: floa
     if b.kind == "basic":
         mid = rows_out if mid_rows is None else mid_rows  # conv1 output positions (with halo)
         if selected:
-            w.gather(k * cin * 9)
+            w.gather(k * cin * 9, weights=True)
         w.conv(mid, cin, k, 3, cin, hw=mid_hw)
         _bn_relu(w, mid * k, selected=selected)
         if mid_rows is not None:
@@ -328,7 +343,7 @@ def _body(w: _Work, b: BlockSpec, rows_in: float, rows_out: float, samples: floa
         if selected:
             # selected input channels: rows of the cached flipped matrix, for a transposed convolution
             # (``_conv_inputs``; a column gather would read the whole matrix)
-            w.gather(k * cout * 9)
+            w.gather(k * cout * 9, weights=True)
         # 1x1 patches: each window is one output pixel, one matrix product (kernels/blocks.py)
         w.conv(rows_out, k, cout, 3, k, hw=out_hw, mm=out_hw == (1, 1))
         _bn_relu(w, rows_out * cout, relu=False)
@@ -336,7 +351,7 @@ def _body(w: _Work, b: BlockSpec, rows_in: float, rows_out: float, samples: floa
     # 1x1 -> 3x3 -> 1x1 (bottleneck, RegNetY)
     rows_mm = b.kind == "bottleneck" and (selected or windows > 0)  # pixel-row products (else F.conv2d)
     if selected:
-        w.gather(k * cin)
+        w.gather(k * cin, weights=True)
     w.conv(rows_in, cin, k, 1, cin, mm=rows_mm or windows > 0, hw=mid_hw)
     _bn_relu(w, rows_in * k, selected=selected)
     if windows:
@@ -344,15 +359,15 @@ def _body(w: _Work, b: BlockSpec, rows_in: float, rows_out: float, samples: floa
     if b.groups == 1:
         one_pixel = out_hw == (1, 1)  # 1x1 patches: one matrix product of window rows
         if selected and one_pixel:
-            w.gather(9 * k * (width + k), 2)  # rows, then columns, of the cached channels-last matrix
+            w.gather(9 * k * (width + k), 2, weights=True)  # rows, then columns, of the cached channels-last matrix
         elif selected:
-            w.gather(2 * k * k * 9, 4)  # the k x k kernels (index arithmetic, gather), then their channels-last copy
+            w.gather(2 * k * k * 9, 4, weights=True)  # the k x k kernels (index arithmetic, gather), then their channels-last copy
         w.conv(rows_out, k, k, 3, k, hw=out_hw, mm=one_pixel)
     else:
         gw = width // b.groups
         t_ch, aligned = touched if (selected and touched is not None) else (width, True)
         if selected:
-            w.gather(t_ch * gw * 9, 6)  # touched conv groups (divide, unique, index arithmetic), their kernels
+            w.gather(t_ch * gw * 9, 6, weights=True)  # touched conv groups (divide, unique, index arithmetic), their kernels
             if not aligned:  # selected channels scattered into the touched groups, outputs picked back
                 w.gather(2 * (windows if windows else rows_in) * t_ch + rows_out * k, 4)
         w.conv(rows_out, gw, t_ch, 3, t_ch, kind="grouped", hw=out_hw)
@@ -360,13 +375,23 @@ def _body(w: _Work, b: BlockSpec, rows_in: float, rows_out: float, samples: floa
     _se(w, b, rows_out, samples, k, gathered_se, linear=dynamic)
     if selected:
         if b.kind == "bottleneck":
-            w.gather(k * cout)  # rows of the cached transpose
+            w.gather(k * cout, weights=True)  # rows of the cached transpose
             if rows_mm and folds(rows_out, rows_out * k * cout):
-                w.gather(k * cout)  # ... copied back to [C_out, k] for the folded convolution
+                w.gather(k * cout, weights=True)  # ... copied back to [C_out, k] for the folded convolution
         else:
-            w.gather(k * cout)  # selected input channels: columns of the cached channels-last matrix
+            w.gather(k * cout, weights=True)  # selected input channels: columns of the cached channels-last matrix
     w.conv(rows_out, k, cout, 1, k, mm=rows_mm, hw=out_hw)
     _bn_relu(w, rows_out * cout, relu=False)
+
+
+def _per_part(w: _Work, weight: float, parts: float, body: Callable[[], None]) -> None:
+    """Count ``body`` (one part's work) for ``parts`` expected parts of a block, each x
+    ``weight``: the first part as it is, the others as repeats (:attr:`_Work.repeat`)."""
+    for repeat, share in ((False, min(parts, 1.0)), (True, max(parts - 1.0, 0.0))):
+        if share > 0:
+            w.weight, w.repeat = weight * share, repeat
+            body()
+    w.repeat = False
 
 
 def _binomial(n: int, p: float) -> np.ndarray:
@@ -464,9 +489,8 @@ def block_work(b: BlockSpec, st: StageConfig, n: int, run_prob: float = 1.0, col
             if groups and m == n:
                 parts = (parts - p_whole) / (1.0 - p_whole)  # distinct selections, given not all equal
             # gather path: every part gathers its samples and writes them back
-            w.weight = pm * parts
-            _body(w, b, (m / parts) * hi * wi, (m / parts) * ho * wo, m / parts, k, bool(groups), touched=touched,
-                  **areas)
+            _per_part(w, pm, parts, lambda: _body(w, b, (m / parts) * hi * wi, (m / parts) * ho * wo, m / parts, k,
+                                                  bool(groups), touched=touched, **areas))
             w.weight = pm
             w.gather(m * (b.in_channels * hi * wi + 2 * b.out_channels * ho * wo), 3 * parts)  # samples, shortcut rows, write-back
             w.stream(5 * m * b.out_channels * ho * wo, 2 * parts)
@@ -493,8 +517,9 @@ def block_work(b: BlockSpec, st: StageConfig, n: int, run_prob: float = 1.0, col
         w.index(P * region * region * b.in_channels, P * region * region, parts)  # the regions: one indexing copy per part
         w.weight = parts
         w.ops(23)  # region rows / columns, their samples, the valid-position mask (index arithmetic)
-        _body(w, b, P / parts * region * region, rows_out / parts, n / parts, k, bool(groups),
-              mid_rows=P / parts * mid * mid, gathered_se=True, touched=touched, out_hw=(S, S), mid_hw=(mid, mid))
+        _per_part(w, 1.0, parts, lambda: _body(w, b, P / parts * region * region, rows_out / parts, n / parts, k,
+                                               bool(groups), mid_rows=P / parts * mid * mid, gathered_se=True,
+                                               touched=touched, out_hw=(S, S), mid_hw=(mid, mid)))
     else:
         need = n * _covered(b, S, kp)  # needed conv1-output pixels
         L = (S - 1) * b.stride + 3
@@ -507,8 +532,9 @@ def block_work(b: BlockSpec, st: StageConfig, n: int, run_prob: float = 1.0, col
         w.gather(n * ax[0] * ax[1] * k + need * k, 2 * parts)  # zeroed buffer + write-back of conv1 rows
         w.weight = parts
         w.ops(3 + 6)  # index arithmetic of the pixel rows and of their buffer positions
-        _body(w, b, need / parts, rows_out / parts, n / parts, k, bool(groups), windows=P / parts * L * L,
-              gathered_se=True, touched=touched, out_hw=(S, S))
+        _per_part(w, 1.0, parts, lambda: _body(w, b, need / parts, rows_out / parts, n / parts, k, bool(groups),
+                                               windows=P / parts * L * L, gathered_se=True, touched=touched,
+                                               out_hw=(S, S)))
     w.weight = 1.0
     w.gather(2 * rows_out * b.out_channels, 2 * parts)  # shortcut rows, write-back
     w.stream(5 * rows_out * b.out_channels, 2 * parts)  # add_, relu_

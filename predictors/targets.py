@@ -155,9 +155,12 @@ def _common(data: dict[str, Any], origin: str) -> tuple[str, str, int, dict[str,
 #: cost fields added after files were written: what such a file meant for each.  Row products
 #: were counted at the 1x1-convolution rate, per-sample products (maskers, SE, head) at the row
 #: products' rate; indexing cost per element only (no per-row cost); gate evaluations and
-#: dynamic stages nothing beyond their counted operators.
+#: dynamic stages nothing beyond their counted operators; a block's later channel parts
+#: (weights gathered again, their convolution calls) like its first.
 _LATER_FIELDS: dict[str, str | None] = {"mm_ms_per_gmac": "pointwise_ms_per_gmac", "vec_ms_per_gmac": "mm_ms_per_gmac",
-                                        "index_ms_per_mrow": None, "masker_call_us": None, "dynamic_stage_us": None}
+                                        "index_ms_per_mrow": None, "masker_call_us": None, "dynamic_stage_us": None,
+                                        "regather_ms_per_melem": "gather_ms_per_melem",
+                                        "repeat_conv_call_us": "conv_call_us"}
 
 
 def _cpu_from_mapping(data: dict[str, Any], origin: str, path: str | None) -> HardwareTarget:

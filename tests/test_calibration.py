@@ -122,10 +122,26 @@ def test_channel_rate_one_runs_the_batch_whole():
     b = get_backbone("resnet50", 112).stage_blocks(2)[1]
     whole = cpu.block_work(b, StageConfig("channel", 1.0, channel_granularity=4), 8)
     split = cpu.block_work(b, StageConfig("channel", 0.95, channel_granularity=4), 8)
-    conv_calls = cpu.TERMS.index("conv_calls")
+    conv_calls, repeats = cpu.TERMS.index("conv_calls"), cpu.TERMS.index("repeat_conv_calls")
     # the whole batch: conv1, the 3x3 conv and conv3 once each (8 x 49 rows: the 1x1s run folded);
-    # split: a 3x3 conv per selection (49 rows each: conv1 and conv3 stay matrix products)
-    assert whole[conv_calls] == 3 and split[conv_calls] > 7
+    # split: a 3x3 conv per selection (49 rows each: conv1 and conv3 stay matrix products), the
+    # first selection's a first call, the others' repeats of it
+    assert whole[conv_calls] == 3 and whole[repeats] == 0
+    assert split[conv_calls] == 1 and split[repeats] > 6
+
+
+def test_later_channel_parts_gather_the_weights_again():
+    # C(256, 128) selections never repeat: at batch 8 every sample is its own part; the first
+    # gathers its weights as batch 1 does, the other 7 gather the same rows again (from cache)
+    b = get_backbone("resnet18", 64).stage_blocks(2)[1]
+    st = StageConfig("channel", 0.5, channel_granularity=1)
+    one, eight = cpu.block_work(b, st, 1), cpu.block_work(b, st, 8)
+    T = cpu.TERMS
+    assert one[T.index("regather_melem")] == 0 and one[T.index("repeat_conv_calls")] == 0
+    weights = one[T.index("gather_melem")]  # batch 1 runs whole: its only gathers are the two convs' weights
+    assert weights > 0
+    assert eight[T.index("regather_melem")] == pytest.approx(7 * weights)
+    assert eight[T.index("conv_calls")] == 2 and eight[T.index("repeat_conv_calls")] == pytest.approx(7 * 2)
 
 
 def test_static_is_the_rate_one_layer_limit_minus_masker_work():
@@ -210,7 +226,7 @@ def test_work_model_counts_the_operators_the_kernels_dispatch(bb, s, i, st, n):
     conv, mm, other = _dispatched(spec, st, n)
     w = cpu.block_work(spec, st, n)
     T = cpu.TERMS
-    assert w[T.index("conv_calls")] == conv and w[T.index("mm_calls")] <= mm
+    assert w[T.index("conv_calls")] + w[T.index("repeat_conv_calls")] == conv and w[T.index("mm_calls")] <= mm
     counted = w[T.index("mm_calls")] + w[T.index("op_calls")]
     assert abs(counted - (mm + other)) <= 1.0, (counted, mm + other)
     assert w[T.index("masker_calls")] == len(build_block(spec, st).maskers())

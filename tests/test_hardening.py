@@ -36,7 +36,7 @@ from dynas.spaces.backbones import get_backbone, list_backbones
 from dynas.spaces.config import ArchConfig, channel_granularities, spatial_granularities
 
 REPO = Path(__file__).resolve().parents[1]
-CPU_TARGET = REPO / "benchmarks" / "data" / "cpu-2core-dec01-ops" / "cpu-2core-dec01-ops.toml"
+CPU_TARGET = REPO / "benchmarks" / "data" / "cpu-2core-dec02-padonce" / "cpu-2core-dec02-padonce.toml"
 CALIBRATION_CSV = REPO / "benchmarks" / "data" / "cpu-2core" / "calibration.csv"
 VALIDATION_CSV = REPO / "benchmarks" / "data" / "cpu-2core" / "validation-seed1.csv"
 

@@ -72,7 +72,8 @@ from dynas.spaces.config import (
 
 _DATA = Path(__file__).resolve().parents[1] / "benchmarks" / "data"
 CPU_TARGET = str(_DATA / "cpu-2core-dec01-ops" / "cpu-2core-dec01-ops.toml")
-CPU_TARGETS = [CPU_TARGET, str(_DATA / "cpu-2core-dec01-night" / "cpu-2core-dec01-night.toml")]
+CPU_TARGETS = [CPU_TARGET, str(_DATA / "cpu-2core-dec01-night" / "cpu-2core-dec01-night.toml"),
+               str(_DATA / "cpu-2core-dec02-padonce" / "cpu-2core-dec02-padonce.toml")]
 GPU_TARGETS = list_targets()
 ALL_TARGETS = GPU_TARGETS + CPU_TARGETS
 BACKBONES = list_backbones()
