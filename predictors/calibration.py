@@ -210,10 +210,14 @@ def fit_target(measurements: pd.DataFrame, name: str, environment: Mapping[str, 
     else:
         column_block = min(fits, key=lambda cb: (fits[cb][3], cb))
     X, coef, keep, _, limit = fits[column_block]
-    costs = cpu.CpuCosts(*(float(c) for c in coef / cpu._TO_MS))
     rel = (X @ coef / y - 1)[keep]
     env = dict(environment or {})
     unexercised = [f for f, col in zip(cpu.COST_FIELDS, X[keep].T) if not np.any(col > 0)]
+    costs = cpu.CpuCosts(*(float(c) for c in coef / cpu._TO_MS))
+    # no channel part ran after another (batch 1 only): later parts cost what a first part does
+    later = {f: getattr(costs, src) for f, src in cpu.LATER_PART_FIELDS.items() if f in unexercised}
+    costs = costs._replace(**later)
+    unexercised = [f for f in unexercised if f not in later]
     networks = int(measurements["network_id"].nunique()) if "network_id" in measurements else 0
     fit = {"unexercised": ",".join(unexercised), "rows": int(keep.sum()), "outlier_rows": int((~keep).sum()),
            "column_block_median_err_pct": ", ".join(f"{cb}: {fits[cb][3] * 100:.2f}" for cb in fits),

@@ -87,7 +87,7 @@ import numpy as np
 from dynas.spaces.backbones import BlockSpec, StemSpec
 from dynas.spaces.config import StageConfig, budget_count, uses_channel, uses_layer, uses_spatial
 
-__all__ = ["TERMS", "COST_FIELDS", "COLUMN_BLOCKS", "COMPUTE_TERMS", "MEMORY_TERMS", "CALL_TERMS", "TERM_KINDS", "CpuCosts", "block_work", "stage_entry_work", "stem_work", "head_work", "expected_block_flops",
+__all__ = ["TERMS", "COST_FIELDS", "LATER_PART_FIELDS", "COLUMN_BLOCKS", "COMPUTE_TERMS", "MEMORY_TERMS", "CALL_TERMS", "TERM_KINDS", "CpuCosts", "block_work", "stage_entry_work", "stem_work", "head_work", "expected_block_flops",
            "work_latency_ms"]
 
 #: work terms, in the order of :data:`COST_FIELDS`
@@ -105,6 +105,9 @@ COST_FIELDS: tuple[str, ...] = ("pointwise_ms_per_gmac", "conv3x3_ms_per_gmac", 
                                 "regather_ms_per_melem", "conv_call_us", "repeat_conv_call_us",
                                 "mm_call_us", "op_call_us", "masker_call_us", "dynamic_stage_us")
 _TO_MS = np.array([1.0] * 16 + [1e-3] * 6)  # the per-call costs are stored in microseconds
+#: costs of a block's later channel parts, and the first part's cost that stands for each where
+#: nothing measured them (a calibration at batch 1 only; target files written before them)
+LATER_PART_FIELDS: dict[str, str] = {"regather_ms_per_melem": "gather_ms_per_melem", "repeat_conv_call_us": "conv_call_us"}
 #: which terms are compute (MACs), memory (elements) and per-call overhead
 COMPUTE_TERMS, MEMORY_TERMS, CALL_TERMS = slice(0, 7), slice(7, 16), slice(16, 22)
 #: [3, len(TERMS)] 0/1 rows selecting the compute, memory and call terms

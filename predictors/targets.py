@@ -53,7 +53,7 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 
 from dynas.errors import TargetError
 from dynas.files import atomic_write_text
-from dynas.predictors.cpu import COST_FIELDS, CpuCosts
+from dynas.predictors.cpu import COST_FIELDS, LATER_PART_FIELDS, CpuCosts
 
 __all__ = ["HardwareTarget", "load_target", "list_targets", "write_target", "static_key", "BUILTIN_DIR", "KINDS"]
 
@@ -159,8 +159,7 @@ def _common(data: dict[str, Any], origin: str) -> tuple[str, str, int, dict[str,
 #: (weights gathered again, their convolution calls) like its first.
 _LATER_FIELDS: dict[str, str | None] = {"mm_ms_per_gmac": "pointwise_ms_per_gmac", "vec_ms_per_gmac": "mm_ms_per_gmac",
                                         "index_ms_per_mrow": None, "masker_call_us": None, "dynamic_stage_us": None,
-                                        "regather_ms_per_melem": "gather_ms_per_melem",
-                                        "repeat_conv_call_us": "conv_call_us"}
+                                        **LATER_PART_FIELDS}
 
 
 def _cpu_from_mapping(data: dict[str, Any], origin: str, path: str | None) -> HardwareTarget:

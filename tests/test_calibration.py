@@ -288,9 +288,9 @@ def test_validation_configs_never_use_a_calibration_rate():
     assert [i.config for i in items] == [i.config for i in again]
 
 
-def test_fit_recovers_the_costs_that_generated_the_measurements():
-    true = cpu.CpuCosts(*(1.0 + (7 * i) % 11 for i in range(len(cpu.COST_FIELDS))))
-    plan = itertools.islice(calibration_plan(("resnet18", "resnet50", "regnety_400mf"), 64, (1, 4), seed=0), 120)
+def _synthetic_table(true: cpu.CpuCosts, batch_sizes: tuple[int, ...], count: int = 120) -> pd.DataFrame:
+    """Calibration rows whose times are ``true``'s predictions of the calibration plan's networks."""
+    plan = itertools.islice(calibration_plan(("resnet18", "resnet50", "regnety_400mf"), 64, batch_sizes, seed=0), count)
     rows = []
     for net, item in enumerate(plan):
         p = predict(item.config, _target(true), item.batch_size)
@@ -299,10 +299,27 @@ def test_fit_recovers_the_costs_that_generated_the_measurements():
         for part, stage, ms in parts:
             rows.append({"network_id": net, "config": item.config.to_json(indent=None), "batch_size": item.batch_size,
                          "part": part, "stage": stage, "measured_ms": ms})
-    fitted = fit_target(pd.DataFrame(rows), "synthetic", {"threads": 2})
+    return pd.DataFrame(rows)
+
+
+def test_fit_recovers_the_costs_that_generated_the_measurements():
+    true = cpu.CpuCosts(*(1.0 + (7 * i) % 11 for i in range(len(cpu.COST_FIELDS))))
+    fitted = fit_target(_synthetic_table(true, (1, 4)), "synthetic", {"threads": 2})
     assert fitted.fit["parts_mape_pct"] < 1e-3 and fitted.fit["outlier_rows"] == 0
     cfg = ArchConfig("resnet50", (64, 64), (StageConfig("spatial", 0.35, spatial_granularity=2),) * 4)
     assert predict(cfg, fitted, 4).latency_ms == pytest.approx(predict(cfg, _target(true), 4).latency_ms, rel=1e-4)
+
+
+def test_a_batch_1_calibration_prices_later_channel_parts_like_the_first():
+    # at batch 1 a block never runs a second channel part: nothing measures those costs, so the
+    # fit gives them the first part's instead of leaving them unexercised (an error at batch 8)
+    true = cpu.CpuCosts(*(1.0 + (7 * i) % 11 for i in range(len(cpu.COST_FIELDS))))
+    fitted = fit_target(_synthetic_table(true, (1,), 60), "batch1", {"threads": 2})
+    assert fitted.unexercised == ()
+    for later, first in cpu.LATER_PART_FIELDS.items():
+        assert getattr(fitted.cpu, later) == getattr(fitted.cpu, first) == pytest.approx(getattr(true, first), rel=1e-4)
+    cfg = ArchConfig("resnet18", (64, 64), (StageConfig("channel", 0.5, channel_granularity=4),) + (StageConfig(),) * 3)
+    assert predict(cfg, fitted, 8).latency_ms > 0
 
 
 def test_narrow_maps_cost_the_column_block_in_macs():
