@@ -346,11 +346,10 @@ class _Claimed:
                     f"surplus: {complete} complete + {ahead} running trials numbered before it fill trials={self.budget}",
                 )
                 self.study.stop()
-                self.ended_cleanly = True
                 raise optuna.TrialPruned()
             value = self.objective(trial)
-        except optuna.exceptions.UpdateFinishedTrialError:
-            self.ended_cleanly = True
+        except (optuna.TrialPruned, optuna.exceptions.UpdateFinishedTrialError):
+            self.ended_cleanly = True  # stopped (surplus, early stopping), or an update refused
             raise
         self.ended_cleanly = True
         return value

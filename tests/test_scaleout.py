@@ -213,7 +213,7 @@ def test_a_claim_beyond_the_budget_is_pruned_before_it_suggests(tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["journal", "sqlite"])
-@pytest.mark.parametrize("then", ["returns", "writes"])
+@pytest.mark.parametrize("then", ["returns", "writes", "stops"])
 def test_a_worker_whose_trial_was_failed_by_another_goes_on(tmp_path, caplog, then, kind):
     # Another worker may fail a trial that is still running here (a heartbeat that came late on
     # a stalled machine): Optuna then refuses this worker's tell with a ValueError.  The trial
@@ -230,6 +230,8 @@ def test_a_worker_whose_trial_was_failed_by_another_goes_on(tmp_path, caplog, th
             other.tell(trial.number, state=TrialState.FAIL)
             if then == "writes":  # the objective's next write is refused (what CI once saw)
                 trial.set_user_attr("proxy", "x")
+            if then == "stops":  # early stopping ends its trial as pruned
+                raise optuna.TrialPruned("stopped early")
         return x, 1.0
 
     parallel.worker_loop(study, objective, 3, None, poll_s=0.01)
