@@ -405,9 +405,10 @@ def worker_loop(study: optuna.Study, objective: Any, budget: int, deadline: floa
             # Another worker took this trial for dead (a heartbeat late by over 2 x heartbeat_s
             # on a stalled machine) and has failed it and queued it again.  Optuna then refuses
             # to record how it ended here: "Cannot tell a FAIL trial" (ValueError) when an
-            # update inside the objective was refused first, and its own "Should not reach"
-            # assertion when the objective returned (Optuna 5).  Anything else, or either of
-            # them without a trial finished elsewhere, is an error and stops the worker.
+            # update inside the objective was refused first or the objective stopped its trial
+            # (TrialPruned), and its own "Should not reach" assertion when the objective
+            # returned (Optuna 5).  Anything else, or either of them without a trial finished
+            # elsewhere, is an error and stops the worker.
             lost = claimed.lost_trial()
             if lost is None:
                 raise
