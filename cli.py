@@ -482,7 +482,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from dynas.kernels.train import train
+    from dynas.kernels.trainer import train
 
     _check_output("--output", args.output)
     model, hist = train(args.config, steps=args.steps, batch_size=args.batch_size, lr=args.lr,

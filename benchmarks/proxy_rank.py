@@ -26,7 +26,7 @@ import torch
 
 from dynas.predictors.accuracy import PriorProxy
 from dynas.kernels.finetune import FinetuneProxy
-from dynas.kernels.train import synthetic_images
+from dynas.kernels.trainer import synthetic_images
 from dynas.spaces.config import ArchConfig
 from dynas.spaces.searchspace import SearchSpace
 

@@ -3,7 +3,7 @@
 A data *spec* is one string, as ``dynas search --data SPEC`` takes it:
 
 ``synthetic`` (default)
-    :func:`dynas.kernels.train.synthetic_images`: generated from the seed, no download.  Each
+    :func:`dynas.kernels.trainer.synthetic_images`: generated from the seed, no download.  Each
     image is background noise with one coloured square covering about a ninth of it; the class
     is the colour.  ``synthetic:N`` sets the number of training images (default 2048; the
     held-out split is a quarter of that, at least 256).
@@ -110,7 +110,7 @@ def _loader(x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool, se
 
 
 def _synthetic(spec: str, input_size: tuple[int, int], batch_size: int, seed: int) -> DataSplits:
-    from dynas.kernels.train import synthetic_images
+    from dynas.kernels.trainer import synthetic_images
 
     n_train = int(spec.partition(":")[2] or _SYNTHETIC_TRAIN)
     n_val = max(256, n_train // 4)

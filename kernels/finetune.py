@@ -2,7 +2,7 @@
 
 What it is
     A *measurement* on the user's data (or the built-in synthetic set): held-out top-1 (%) of
-    the candidate after ``steps`` steps of LAUDNet's recipe (:mod:`dynas.kernels.training`),
+    the candidate after ``steps`` steps of LAUDNet's recipe (:mod:`dynas.kernels.recipe`),
     starting from the static backbone's weights, with adaptive gates at evaluation.
 
 What it is not
@@ -29,7 +29,7 @@ dict; a classifier of another width is dropped) or a fresh initialisation, then
 worker processes, so workers do not redo it.
 
 Per candidate: :func:`dynas.kernels.model.build_model`, the prepared weights loaded (maskers
-keep their initialisation), ``steps`` steps of :func:`dynas.kernels.train.finetune` (per-stage
+keep their initialisation), ``steps`` steps of :func:`dynas.kernels.trainer.finetune` (per-stage
 FLOPs and rate targets, Gumbel temperature 5 -> 0.1 over the ``steps``, distillation), top-1 on
 the held-out split at ``checkpoints`` evenly spaced points (each reported; the search may stop
 the trial there), and the per-stage rates the adaptive gates realise on the held-out split.
@@ -56,7 +56,7 @@ import torch
 from dynas.errors import ConfigError
 from dynas.kernels.data import DataSplits, check_data_spec, load_data
 from dynas.kernels.model import DynamicNet, build_model
-from dynas.kernels.train import evaluate, finetune
+from dynas.kernels.trainer import evaluate, finetune
 from dynas.predictors.proxy import AccuracyProxy, ProxyResult, Reporter
 from dynas.spaces.config import ArchConfig, load_config
 

@@ -10,7 +10,7 @@ import torch
 from dynas.cli import main
 from dynas.errors import ConfigError
 from dynas.kernels.bench import bench
-from dynas.kernels.train import synthetic_images, train
+from dynas.kernels.trainer import synthetic_images, train
 
 CFG = {"backbone": "resnet18", "input_size": 32, "stages": [
     {"paradigm": "spatial", "spatial_granularity": 2, "rate": 0.5},

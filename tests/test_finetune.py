@@ -16,7 +16,7 @@ from optuna.trial import TrialState
 
 from dynas.errors import ConfigError
 from dynas.kernels.data import DataSplits, check_data_spec, load_data
-from dynas.kernels.train import realised_rates
+from dynas.kernels.trainer import realised_rates
 from dynas.kernels.finetune import MIN_REALISED_RATE, FinetuneProxy
 from dynas.predictors.proxy import Reporter, StopTrial, get_proxy
 from dynas.results import checkpoints_table, export_trial, hypervolume

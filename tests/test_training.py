@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dynas.errors import ConfigError
-from dynas.kernels.training import (TrainingRecipe, distillation_loss, gumbel_temperature, relaxation,
+from dynas.kernels.recipe import (TrainingRecipe, distillation_loss, gumbel_temperature, relaxation,
                                     sparsity_loss, stage_flops_ratios)
 
 

@@ -1,7 +1,7 @@
 """Fine-tune a dynamic network from a config: ``dynas train`` and :func:`train`.
 
 A small loop that shows the recipe working end to end on CPU; for real training, plug the
-pieces of :mod:`dynas.kernels.training` into your own loop the same way.
+pieces of :mod:`dynas.kernels.recipe` into your own loop the same way.
 
 Per step: Gumbel temperature from :func:`gumbel_temperature`; loss = cross-entropy +
 ``lambda_act`` x :func:`sparsity_loss` (per-stage targets) [+ ``alpha_kd`` x distillation when
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from dynas.errors import ConfigError
-from dynas.kernels.training import TrainingRecipe, distillation_loss, gumbel_temperature, sparsity_loss, stage_flops_ratios
+from dynas.kernels.recipe import TrainingRecipe, distillation_loss, gumbel_temperature, sparsity_loss, stage_flops_ratios
 from dynas.spaces.config import load_config
 
 __all__ = ["synthetic_images", "TrainHistory", "train", "finetune", "evaluate", "stage_rates", "realised_rates"]
