@@ -95,10 +95,11 @@ class AccuracyProxy(abc.ABC):
 
 PROXIES: dict[str, Callable[[], AccuracyProxy]] = {}
 
-#: built-in proxies that live outside this package, by import path, imported only when asked
-#: for: ``finetune`` trains, so it is a plugin of :mod:`dynas.kernels` (which runs configs for
-#: real and feeds what it measures back here); nothing in ``predictors`` imports ``kernels``.
-PLUGINS: dict[str, str] = {"finetune": "dynas.kernels.finetune:FinetuneProxy"}
+#: built-in proxies by import path, imported only when first asked for, so that this module
+#: imports none of them (they import it to subclass :class:`AccuracyProxy`).  ``finetune``
+#: trains, so it is a plugin of :mod:`dynas.kernels` (which runs configs for real and feeds
+#: what it measures back here); nothing in ``predictors`` imports ``kernels``.
+PLUGINS: dict[str, str] = {"prior": "dynas.predictors.accuracy:PriorProxy", "finetune": "dynas.kernels.finetune:FinetuneProxy"}
 
 
 def register_proxy(name: str) -> Callable[[type[AccuracyProxy]], type[AccuracyProxy]]:
@@ -114,11 +115,8 @@ def get_proxy(name: str, **options: Any) -> AccuracyProxy:
     """The proxy registered as ``name``, or built by ``package.module:callable`` (a callable
     returning an :class:`AccuracyProxy`: a proxy of your own, without registering it,
     importable by every worker process).  ``options`` are passed to the factory as keywords."""
-    # Import the built-in proxies so they register themselves.
-    from dynas.predictors import accuracy  # noqa: F401
-
     if not isinstance(name, str) or not name.strip():
-        raise ConfigError(f"proxy={name!r} is not a proxy name; allowed: {', '.join(sorted(PROXIES))} or package.module:callable")
+        raise ConfigError(f"proxy={name!r} is not a proxy name; allowed: {', '.join(sorted({*PROXIES, *PLUGINS}))} or package.module:callable")
     if ":" in name:
         return _entry_point(name, options)
     if name in PLUGINS and name not in PROXIES:
