@@ -34,7 +34,7 @@ RUN_ROUNDS = "dynas.kernels.calibrate:run_rounds"
 #: the command line's own choices (the library functions have no such default)
 TRAIN_INPUT_SIZE = 64  # image side of ``dynas train`` 's synthetic data: small, for a CPU demo
 CALIBRATE_BUDGET_S = 300.0  # ``dynas calibrate`` 's measurement time budget (seconds)
-VALIDATE_REPEATS = 7  # timed passes per network of ``dynas validate`` (more than calibrate's: fewer networks)
+VALIDATE_REPEATS = 7  # timed passes per network of ``dynas validate``
 
 
 # --------------------------------------------------------------------------------------------
