@@ -213,6 +213,36 @@ def test_help_shows_defaults(capsys):
     assert "(default: resnet101)" in out and "(default: 500)" in out and "sqlite:///dynas.db" in out
 
 
+def test_defaults_restated_for_torch_are_the_librarys():
+    # TORCH_DEFAULTS restates defaults of functions whose modules import torch; each must match
+    import importlib
+
+    from dynas.cli.common import TORCH_DEFAULTS, default_of
+
+    for (owner, name), value in TORCH_DEFAULTS.items():
+        module, attr = owner.split(":")
+        assert default_of(getattr(importlib.import_module(module), attr), name) == value, (owner, name)
+
+
+def test_building_the_parser_does_not_import_torch():
+    code = "import sys; from dynas.cli import build_parser; build_parser(); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
+def test_default_of_reads_dataclass_fields_and_parameters():
+    from dynas.cli.common import default_of
+    from dynas.search.study import SearchOptions
+    from dynas.spaces.design import validation_plan
+
+    assert default_of(SearchOptions, "trials") == SearchOptions().trials
+    assert default_of(validation_plan, "count") == 24
+    with pytest.raises(LookupError):
+        default_of(SearchOptions, "no_such_option")
+    with pytest.raises(LookupError):
+        default_of(validation_plan, "backbones_typo")
+
+
 @pytest.mark.parametrize(
     "argv, word",
     [

@@ -25,8 +25,7 @@ from pathlib import Path
 import pytest
 
 import dynas.files
-from dynas import cli
-from dynas.cli import build_parser, main
+from dynas.cli import build_parser, common, main
 from dynas.errors import ConfigError, DynasError, StudyError, TargetError
 from dynas.files import atomic_write_bytes, atomic_write_text
 from dynas.predictors import cpu
@@ -245,8 +244,8 @@ def test_exported_file_with_a_bad_target_or_batch_size(capsys, tmp_path, hint, f
 
 
 def _numeric_options():
-    floats = {getattr(cli, n) for n in ("_float", "_positive_float") if hasattr(cli, n)}
-    numeric = floats | {cli._positive_int, cli._nonneg_int, cli._int_list, cli._input_size}
+    floats = {common.number, common.positive_number}
+    numeric = floats | {common.positive_int, common.nonneg_int, common.int_list, common.image_size}
     for name, p in _subcommands().items():
         for a in p._actions:
             if a.option_strings and a.type in numeric:

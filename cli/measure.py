@@ -1,0 +1,526 @@
+"""The commands that run networks on this machine: ``dynas bench`` (a config's real speed-up),
+``dynas train`` (a CPU fine-tuning demo), ``dynas calibrate`` (measure, fit a target file) and
+``dynas validate`` (held-out measurements vs a target's predictions).
+
+Scoring lives in the library (:mod:`dynas.results.validation`); this module measures, calls it
+and prints.  torch is imported only inside the commands, so that building the parser stays cheap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import io
+import itertools
+import json
+import logging
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from dynas.cli.common import (UsageError, add_command, check_output, default_of, echo, int_list, nonneg_int, number,
+                              positive_int, positive_number, safe_name, str_list, table, torch_default)
+from dynas.spaces.design import calibration_plan, validation_plan
+
+__all__ = ["add_parsers"]
+
+_logger = logging.getLogger("dynas")
+
+#: the library functions whose defaults the options show (see common.TORCH_DEFAULTS)
+BENCH = "dynas.kernels.bench:bench"
+TRAIN = "dynas.kernels.trainer:train"
+RUN_PLAN = "dynas.kernels.calibrate:run_plan"
+RUN_ROUNDS = "dynas.kernels.calibrate:run_rounds"
+
+#: the command line's own choices (the library functions have no such default)
+TRAIN_INPUT_SIZE = 64  # image side of ``dynas train`` 's synthetic data: small, for a CPU demo
+CALIBRATE_BUDGET_S = 300.0  # ``dynas calibrate`` 's measurement time budget (seconds)
+VALIDATE_REPEATS = 7  # timed passes per network of ``dynas validate``
+
+
+# --------------------------------------------------------------------------------------------
+# bench, train
+# --------------------------------------------------------------------------------------------
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from dynas.kernels.bench import bench
+
+    r = bench(args.config, device=args.device, batch_size=args.batch_size, threads=args.threads,
+              repeats=args.repeats, warmup=args.warmup, memory_format=args.memory_format, gate_mode=args.gates)
+    if args.json:
+        echo(json.dumps(r.to_dict(), indent=2))
+        return 0
+    h, w = r.input_size
+    echo(f"{r.backbone} @ {h}x{w}, batch {r.batch_size}, {r.device}, {r.threads} threads, {r.memory_format}, torch {r.torch_version}")
+    how = {"budget": "exactly the configured rates, learned choice",
+           "random": "exactly the configured rates, random choice per sample"}[r.gate_mode]
+    echo(f"config: {r.config}  ({r.gate_mode} gate mode: {how})")
+    echo(f"static  {r.static_ms:9.3f} ms  (p10-p90 spread {r.static_spread_ms:.3f} ms)")
+    echo(f"dynamic {r.dynamic_ms:9.3f} ms  (p10-p90 spread {r.dynamic_spread_ms:.3f} ms)")
+    echo(f"speed-up x{r.speedup:.2f} over {r.repeats} interleaved pairs; fast vs reference path max abs err {r.max_abs_err:.2e}")
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from dynas.kernels.trainer import train
+
+    check_output("--output", args.output)
+    model, hist = train(args.config, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                        input_size=args.input_size, seed=args.seed, log=echo, log_every=args.log_every)
+    echo()
+    echo(f"held-out top-1 {100 * hist.final_accuracy:.1f}% (synthetic, {len(hist.stage_targets)} dynamic stages)")
+    for s, target in hist.stage_targets.items():
+        got = hist.final_rates.get(s, float("nan"))
+        echo(f"stage {s}: realised rate {got:.3f}  target {target:.3f}  |diff| {abs(got - target):.3f}")
+    if args.output:
+        import torch
+
+        from dynas.results.pareto import atomic_write_bytes
+
+        buf = io.BytesIO()
+        torch.save(model.state_dict(), buf)
+        atomic_write_bytes(args.output, buf.getvalue())
+        echo(f"weights: {args.output}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# helpers of calibrate and validate
+# --------------------------------------------------------------------------------------------
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def _check_device(device: str) -> None:
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError("--device='cuda' is not available on this machine; allowed: cpu")
+
+
+def _progress(budget_s: float | None) -> Callable[..., None]:
+    """A ``run_rounds`` progress callback that logs each measured network."""
+
+    def report(done: int, elapsed: float, item: Any, m: Any) -> None:
+        left = f"/{budget_s:.0f}" if budget_s is not None else ""
+        _logger.info("[%d networks, %.0f%s s] %s b%d %s: %.1f ms", done, elapsed, left, item.config.backbone,
+                     item.batch_size, item.config.short(), m.network_ms)
+
+    return report
+
+
+def _read_csv(option: str, path: str) -> Any:
+    import pandas as pd
+
+    try:
+        return pd.read_csv(path)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{option}={path!r} cannot be read as CSV: {exc}".splitlines()[0]) from None
+
+
+def _read_calibrations(paths: str) -> Any:
+    """The calibration CSVs of ``--measurements A.csv[,B.csv...]`` as one table; each later
+    file's ``network_id`` s are shifted past the earlier ones' so that networks stay apart
+    (pooled paired tables share one quietest-host reference per static network)."""
+    import pandas as pd
+
+    tables, offset = [], 0
+    for path in paths.split(","):
+        df = _read_csv("--measurements", path)
+        if "network_id" in df:
+            ids = pd.to_numeric(df["network_id"], errors="coerce")
+            if ids.isna().any():
+                raise UsageError(f"--measurements={path!r}: network_id={df['network_id'][ids.isna()].iloc[0]!r} is not "
+                                 "an integer; allowed: the integer ids dynas calibrate writes")
+            df["network_id"] = ids.astype(int) + offset
+            offset = int(df["network_id"].max()) + 1
+        tables.append(df)
+    return pd.concat(tables, ignore_index=True) if len(tables) > 1 else tables[0]
+
+
+def _recorded_environment(df: Any) -> dict[str, Any]:
+    """The environment columns of a measurement table (first row)."""
+    kinds = {"threads": int}
+    keys = ("device", "device_name", "torch_version", "threads", "date", "python", "gate_mode", "malloc")
+    return {k: kinds.get(k, str)(df[k].iloc[0]) for k in keys if k in df.columns}
+
+
+def _load_config_list(path: str) -> list[Any]:
+    from dynas.spaces.config import load_config
+
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise UsageError(f"--configs={path!r} cannot be read: {exc.strerror}") from None
+    try:
+        data = json.loads(text)
+    except ValueError:
+        try:
+            data = [json.loads(line) for line in text.splitlines() if line.strip()]
+        except ValueError as exc:
+            raise UsageError(f"--configs={path!r} is not JSON or JSON lines: {exc}") from None
+    if isinstance(data, dict):
+        data = [data]
+    if not isinstance(data, list) or not data:
+        raise UsageError(f"--configs={path!r} holds no configs; allowed: a JSON config, a JSON list of configs, or JSON lines")
+    return [load_config(d) for d in data]
+
+
+def _print_round_spread(df: Any) -> None:
+    """The machine's own noise (:func:`~dynas.results.validation.round_noise`): how far apart the
+    rounds of the same networks came out, and with pairs how far apart relative to their static
+    networks; a warning when it was too busy."""
+    from dynas.results.validation import QUIET_SPREAD_PCT, round_noise
+
+    noise = round_noise(df)
+    if noise is None:
+        return
+    spread, paired = noise.spread, noise.paired
+    echo(f"rounds: {spread['count']} networks measured more than once; the slowest round of each took a median "
+         f"{spread['median_pct']:.1f}% longer than its fastest (90th percentile {spread['p90_pct']:.1f}%): "
+         "the machine's own noise, kept apart from the model's error by keeping each fastest round")
+    if paired is not None:
+        echo(f"pairs: relative to its static network, the slowest round of each took a median "
+             f"{paired['median_pct']:.1f}% longer than its fastest (90th percentile {paired['p90_pct']:.1f}%): "
+             "the noise the pairs leave")
+        if noise.busy:
+            _logger.warning("the machine was busy even for pairs: relative to their static networks, the rounds came "
+                            "out a median %.1f%% apart (more than %.0f%%); measure again when it is quieter",
+                            paired["median_pct"], QUIET_SPREAD_PCT)
+    elif noise.busy:
+        _logger.warning("the machine was busy: a median round spread of %.1f%% is more than %.0f%%, so single "
+                        "measurements are off by about as much as the +/-10%% a target aims at; measure again when "
+                        "it is quiet, or with --host-check pairs (or --rounds 4)", spread["median_pct"], QUIET_SPREAD_PCT)
+
+
+# --------------------------------------------------------------------------------------------
+# calibrate
+# --------------------------------------------------------------------------------------------
+
+
+def _measure_calibration(args: argparse.Namespace, csv_path: str) -> Any:
+    """Measure the calibration design on this machine; the table, also written to ``csv_path``."""
+    import pandas as pd
+
+    from dynas.kernels.calibrate import run_rounds
+    from dynas.results.pareto import atomic_write_text
+
+    _check_device(args.device)
+    _set_threads(args.threads)
+    plan = calibration_plan(args.backbones, args.input_size, args.batch_size, args.seed)  # checks the options
+    first = next(plan)
+    _logger.info("calibrating on %s for about %.0f s, %d round(s)%s (progress per measured network)", args.device,
+                 args.budget_s, args.rounds, ", each pass paired with the static network's"
+                 if args.host_check == "pairs" else "")
+    rows = run_rounds(itertools.chain([first], plan), args.rounds, device=args.device, repeats=args.repeats,
+                      warmup=args.warmup, seed=args.seed, budget_s=args.budget_s,
+                      progress=_progress(args.budget_s / args.rounds), paired=args.host_check == "pairs")
+    df = pd.DataFrame(rows)
+    atomic_write_text(csv_path, df.to_csv(index=False))
+    return df
+
+
+def _print_fit(target: Any, comments: dict[str, str]) -> None:
+    """The fitted costs of a calibrated target and how well they fit."""
+    from dynas.predictors.calibration import CV_FOLDS
+
+    rows_out = [{"cost": k, "value": v, "meaning": comments[k]} for k, v in target.cpu._asdict().items()]
+    echo(table(rows_out, ["cost", "value", "meaning"]))
+    f = target.fit
+    echo(f"fit on {f['rows']} stem/stage/head rows ({f['outlier_rows']} disturbed rows left out): "
+         f"MAPE {f['parts_mape_pct']:.1f}%, {100 * f['parts_within_10pct']:.0f}% within +/-10%")
+    if f.get("column_block_network_cv_mape_pct"):
+        echo(f"column block: {target.column_block} output columns per convolution step (held-out networks' MAPE by "
+             f"candidate, {CV_FOLDS}-fold: {f['column_block_network_cv_mape_pct']} %)")
+    else:
+        echo(f"column block: {target.column_block} output columns per convolution step (median error by candidate: "
+             f"{f['column_block_median_err_pct']} %)")
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from dynas.kernels.calibrate import environment
+    from dynas.predictors.calibration import check_measurements, cost_comments, fit_target
+    from dynas.predictors.targets import write_target
+
+    csv_path = args.csv or str(Path(args.output).with_name(Path(args.output).stem + ".csv"))
+    check_output("--output", args.output)
+    check_output("--csv", csv_path)
+    df = _read_calibrations(args.measurements) if args.measurements else _measure_calibration(args, csv_path)
+    check_measurements(df, "calibration measurements")
+    env = _recorded_environment(df) if args.measurements else environment(args.device)
+    name = args.name or Path(args.output).stem
+    backbones = sorted(df["backbone"].astype(str).unique()) if "backbone" in df else list(args.backbones)
+    batches = sorted(int(b) for b in df["batch_size"].unique())
+    sources = ",".join(Path(f).name for f in args.measurements.split(",")) if args.measurements else Path(csv_path).name
+    target = fit_target(df, name, {**env, "calibration_csv": sources,
+                                   "backbones": ",".join(backbones), "batch_sizes": ",".join(map(str, batches))},
+                        default_batch_size=batches[0])
+    comments = cost_comments(target.cpu)
+    write_target(target, args.output, comments)
+    n_nets = df["network_id"].nunique() if "network_id" in df else df["config"].nunique()
+    echo(f"{'read' if args.measurements else 'measured'} {n_nets} networks ({len(df)} rows) on "
+         f"{env.get('device_name', '?')}, {env.get('threads', '?')} threads, torch {env.get('torch_version', '?')}: "
+         f"{args.measurements or csv_path}")
+    _print_fit(target, comments)
+    _print_round_spread(df)
+    if target.fit.get("host_normalized_networks"):
+        echo(f"pairs: {target.fit['host_normalized_networks']} networks fitted in units of the quietest host seen "
+             "(their times x their static network's fastest paired time / its time alongside them)")
+    echo(f"target: {args.output}  (use it as --target {args.output}; check it with dynas validate)")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# validate
+# --------------------------------------------------------------------------------------------
+
+
+def _host_ratio(target: Any, items: Sequence[Any], device: str, when: str) -> float | None:
+    """Time the target's recorded static networks of the backbones, input sizes and batch sizes
+    of ``items`` again; their median now / at calibration, None when it recorded none of them."""
+    from dynas.kernels.calibrate import host_speed
+    from dynas.results.validation import host_ratio
+
+    refs = host_speed(target.static_ms, sorted({(i.config.backbone, i.config.input_size, i.batch_size) for i in items}),
+                      device)
+    for r in refs:
+        _logger.info("static %s, %s: %.2f ms, %.2f ms at calibration (x%.3f)", r["key"], when, r["measured_ms"],
+                     r["calibrated_ms"], r["ratio"])
+    if not refs:
+        _logger.warning("target %s records no static network of these backbones, sizes and batch sizes: "
+                        "host speed not checked", target.name)
+    return host_ratio(refs)
+
+
+def _measure_validation(args: argparse.Namespace, target: Any) -> Any:
+    """Measure the held-out networks (with the host checks ``--host-check`` asks for); the table."""
+    import pandas as pd
+
+    from dynas.kernels.calibrate import run_rounds, static_reference
+    from dynas.spaces.design import PlanItem
+
+    _check_device(args.device)
+    threads = args.threads or (target.threads if target.kind == "cpu" else None)
+    _set_threads(threads)
+    if args.configs:
+        items = [PlanItem(c, n) for c in _load_config_list(args.configs) for n in args.batch_size]
+    else:
+        items = validation_plan(args.backbones, args.input_size, args.batch_size, args.count, args.seed)
+    check = args.host_check or ("pairs" if target.fit.get("host_normalized_networks") else "ends")
+    check = check if target.kind == "cpu" and target.static_ms else "none"
+    before = _host_ratio(target, items, args.device, "before") if check != "none" else None
+    reference = static_reference(target.static_ms, args.device) if check == "each" else None
+    _logger.info("measuring %d held-out networks on %s, %d round(s)%s", len(items), args.device, args.rounds,
+                 {"each": ", each followed by its static network",
+                  "pairs": ", each pass paired with the static network's"}.get(check, ""))
+    measured = pd.DataFrame(run_rounds(items, args.rounds, device=args.device, repeats=args.repeats,
+                                       warmup=args.warmup, seed=args.seed, progress=_progress(None),
+                                       reference=reference, blocks=not args.no_blocks, paired=check == "pairs"))
+    if before is not None:
+        measured["host_ratio_before"] = before
+        measured["host_ratio_after"] = _host_ratio(target, items, args.device, "after")
+    return measured
+
+
+def _print_scores(df: Any, target: Any) -> None:
+    """validate's score table and the notes that read it (host speed, gated blocks, noise, scaling)."""
+    from dynas.results.validation import HOST_STEADY, score_validation
+
+    scores = score_validation(df, target)
+    rows = [{"part": r["part"], "batch": r["batch_size"], "count": r["count"], "MAPE %": r["mape_pct"],
+             "within 10%": f"{100 * r['within_10pct']:.0f}%", "Spearman": r["spearman"], "Kendall": r["kendall"],
+             "max |err| %": r["max_abs_err_pct"]} for r in scores.table.to_dict("records")]
+    how, ratios = scores.host_scaling, scores.host_ratios
+    echo(f"target {target.name}: predicted vs measured")
+    echo(table(rows, ["part", "batch", "count", "MAPE %", "within 10%", "Spearman", "Kendall", "max |err| %"]))
+    if len(ratios) == 2:
+        echo(f"host speed: the calibration's static networks take {ratios[0]:.3f} x their calibrated time before "
+             f"these measurements and {ratios[1]:.3f} x after (1 = unchanged)"
+             + ("" if scores.steady_ratio is not None or how == "each" else
+                f"; the host's speed moved by more than {100 * HOST_STEADY:.0f}% meanwhile, so differences of that "
+                "size are the machine's, not the model's"))
+    if scores.gated_blocks:
+        echo(f"'blocks': {scores.blocks} blocks; the {scores.gated_blocks} of stages whose gates "
+             "choose per sample which blocks run are scored with their stage (which blocks run changes every pass)")
+    _print_round_spread(df)
+    if how == "each":
+        echo("'x host': each prediction scaled by its static network's time right after it / at calibration")
+    elif how == "pairs":
+        echo("'x host': each prediction scaled by its static network's time, timed pass by pass alongside it, / at "
+             "calibration")
+    elif how == "steady":
+        echo(f"'networks x host': the predictions scaled by {scores.steady_ratio:.3f}")
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from dynas.predictors.calibration import compare
+    from dynas.predictors.targets import load_target
+    from dynas.results.validation import worst_networks, write_validation_csv, write_validation_html
+
+    target = load_target(args.target)
+    stem = f"validate-{safe_name(target.name)}"
+    csv_path, html_path = args.csv or f"{stem}.csv", args.html or f"{stem}.html"
+    check_output("--csv", csv_path)
+    check_output("--html", html_path)
+    measured = _read_csv("--measurements", args.measurements) if args.measurements else _measure_validation(args, target)
+    df = compare(measured, target)
+    write_validation_csv(df, csv_path)
+    write_validation_html(df, html_path, f"dynas validate: target {target.name}")
+    _print_scores(df, target)
+    worst = worst_networks(df)
+    if not worst.empty:
+        echo("worst networks:")
+        echo(table([{"backbone": r.backbone, "batch": int(r.batch_size), "config": r.choice, "measured ms": r.measured_ms,
+                     "predicted ms": r.predicted_ms, "error %": 100 * r.rel_err} for r in worst.itertuples()],
+                   ["backbone", "batch", "config", "measured ms", "predicted ms", "error %"]))
+    echo(f"table: {csv_path}\nplot: {html_path}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# parsers
+# --------------------------------------------------------------------------------------------
+
+
+def _add_bench_parser(sub: Any, parent: argparse.ArgumentParser) -> None:
+    default = functools.partial(torch_default, BENCH)  # default("repeats"): bench()'s default
+
+    p = add_command(
+        sub, parent, "bench", _cmd_bench, help="measure a config's real speed-up (static vs dynamic)",
+        description="Build the dynamic network of CONFIG and time it against its static backbone: budget gate\n"
+        "mode (exactly the configured rates), fast path (real skipping), inference mode, interleaved\n"
+        "A/B pairs so drift cancels; prints medians, spread, speed-up and the fast-vs-reference error.\n"
+        "Freed memory is kept in the process (glibc), as calibrate and validate do.",
+    )
+    p.add_argument("config", metavar="CONFIG", help="config or exported JSON file")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=default("device"), help="where to run")
+    p.add_argument("--batch-size", type=positive_int, default=default("batch_size"), metavar="N", help="images per batch")
+    p.add_argument("--threads", type=positive_int, default=None, metavar="N", help="CPU threads (default: torch's)")
+    p.add_argument("--repeats", type=positive_int, default=default("repeats"), metavar="N", help="timed pairs")
+    p.add_argument("--warmup", type=nonneg_int, default=default("warmup"), metavar="N", help="untimed runs of each first")
+    p.add_argument("--memory-format", choices=("channels_last", "contiguous"), default=default("memory_format"),
+                   help="layout of both networks and the input")
+    p.add_argument("--gates", choices=("budget", "random"), default=default("gate_mode"),
+                   help="budget: the (untrained) gates choose; random: uniform choice per sample, as a trained\n"
+                   "network's input-dependent gates and the calibrated model assume")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _add_train_parser(sub: Any, parent: argparse.ArgumentParser) -> None:
+    default = functools.partial(torch_default, TRAIN)  # default("steps"): train()'s default
+
+    p = add_command(
+        sub, parent, "train", _cmd_train, help="fine-tune a config on the built-in synthetic data (CPU demo)",
+        description="Fine-tune the dynamic network of CONFIG on the built-in synthetic image set with the\n"
+        "LAUDNet recipe and per-stage sparsity targets; logs the loss and each stage's realised rate.",
+    )
+    p.add_argument("config", metavar="CONFIG", help="config or exported JSON file")
+    p.add_argument("--steps", type=positive_int, default=default("steps"), metavar="N", help="optimisation steps")
+    p.add_argument("--batch-size", type=positive_int, default=default("batch_size"), metavar="N", help="images per step")
+    p.add_argument("--lr", type=number, default=default("lr"), metavar="X", help="initial learning rate (cosine decay)")
+    p.add_argument("--input-size", type=positive_int, default=TRAIN_INPUT_SIZE, metavar="N",
+                   help="image side of the synthetic data")
+    p.add_argument("--seed", type=nonneg_int, default=default("seed"), metavar="N", help="seed of data and initialisation")
+    p.add_argument("--log-every", type=positive_int, default=default("log_every"), metavar="N", help="log every N steps")
+    p.add_argument("-o", "--output", default=None, metavar="FILE", help="save the trained state dict here")
+
+
+def _measuring_args(p: argparse.ArgumentParser, plan: Callable[..., Any], threads_help: str, backbones_help: str,
+                    repeats: int, seed_help: str) -> None:
+    """Options shared by the commands that time networks (calibrate, validate); ``plan`` is the
+    function of :mod:`dynas.spaces.design` that picks their networks (its defaults are theirs)."""
+    p.add_argument("--device", choices=("cpu", "cuda"), default=torch_default(RUN_PLAN, "device"), help="where to measure")
+    p.add_argument("--threads", type=positive_int, default=None, metavar="N", help=threads_help)
+    p.add_argument("--batch-size", type=int_list, default=tuple(default_of(plan, "batch_sizes")), metavar="N[,N...]",
+                   help="batch sizes to measure")
+    p.add_argument("--backbones", type=str_list, default=tuple(default_of(plan, "backbones")), metavar="A,B",
+                   help=backbones_help)
+    p.add_argument("--input-size", type=positive_int, default=default_of(plan, "input_size"), metavar="N", help="image side")
+    p.add_argument("--repeats", type=positive_int, default=repeats, metavar="N", help="timed passes per network (median)")
+    p.add_argument("--warmup", type=nonneg_int, default=torch_default(RUN_PLAN, "warmup"), metavar="N",
+                   help="untimed passes per network first")
+    p.add_argument("--seed", type=nonneg_int, default=default_of(plan, "seed"), metavar="N", help=seed_help)
+
+
+def _add_calibrate_parser(sub: Any, parent: argparse.ArgumentParser) -> None:
+    p = add_command(
+        sub, parent, "calibrate", _cmd_calibrate, help="measure dynas's kernels on this device and fit a target file",
+        description="Time whole dynamic networks stage by stage (stratified over paradigms, granularities, rates,\n"
+        "stage shapes and batch sizes; random gate mode: exact rates, choice independent per sample),\n"
+        "save the measurements as CSV with the environment, and fit the work costs of the calibrated\n"
+        "model (throughputs, bandwidths, per-call overheads) into a target file that every command accepts.\n"
+        "Freed memory is kept in the process (glibc mallopt) so big batch-8 tensors are not page-faulted\n"
+        "on every pass; deploy the same way (README, 'Allocator').\n"
+        "On a shared machine whose speed moves, --host-check pairs runs a pass of each network's static\n"
+        "network after each of its passes and fits times put in units of the quietest host seen.",
+    )
+    p.add_argument("-o", "--output", required=True, metavar="TARGET_FILE", help="target file to write (.toml)")
+    _measuring_args(p, calibration_plan, "CPU threads (default: torch's)", "backbones to measure (default: one per block kind)",
+                    repeats=torch_default(RUN_PLAN, "repeats"), seed_help="seed of the design and the weights")
+    p.add_argument("--budget-s", type=positive_number, default=CALIBRATE_BUDGET_S, metavar="S",
+                   help="measurement time budget (seconds)")
+    p.add_argument("--rounds", type=positive_int, default=torch_default(RUN_ROUNDS, "rounds"), metavar="N",
+                   help="measure the networks of the first BUDGET/N seconds N times (minutes apart); each keeps its\n"
+                   "fastest round (4 on a busy machine)")
+    p.add_argument("--host-check", choices=("none", "pairs"), default="none",
+                   help="pairs: pass by pass, alternate each network with its static network and fit its times\n"
+                   "relative to it (about twice the time per network; for a machine whose speed moves)")
+    p.add_argument("--name", default=None, help="target name (default: the output file's stem)")
+    p.add_argument("--csv", default=None, metavar="FILE", help="measurements CSV (default: TARGET_FILE with .csv)")
+    p.add_argument("--measurements", default=None, metavar="CSV[,CSV...]",
+                   help="fit earlier calibration CSVs instead of measuring, pooled when several (the measuring options "
+                        "are ignored)")
+
+
+def _add_validate_parser(sub: Any, parent: argparse.ArgumentParser) -> None:
+    p = add_command(
+        sub, parent, "validate", _cmd_validate, help="compare a target's predictions with held-out measurements",
+        description="Measure networks that were not calibrated on (random configs from a seed, rates on the\n"
+        "0.15, 0.25, ... lattice that calibration never uses, or the configs of --configs), predict them\n"
+        "with TARGET, and report MAPE, share within +/-10%, Spearman and Kendall for whole networks,\n"
+        "single stages and single blocks, the worst cases, a predicted-vs-measured HTML plot and a CSV.\n"
+        "Blocks are timed in extra passes with hooks on every block (--no-blocks skips them); blocks of\n"
+        "stages whose gates choose per sample which blocks run are scored with their stage.\n"
+        "Before and after, it times again the static networks the target recorded at calibration and\n"
+        "reports the host's speed against then (a shared machine drifts); when both agree within 3%,\n"
+        "it also scores the networks with the predictions scaled by it ('networks x host'). With\n"
+        "--host-check each, every network is followed by its static network, and each prediction is\n"
+        "scaled by that network's own ratio ('networks/stages/blocks x host'); with pairs, a pass of\n"
+        "the static network follows every pass of the network, so the ratio comes from the same seconds.\n"
+        "Freed memory is kept in the process, as calibrate does.",
+    )
+    p.add_argument("--target", required=True, metavar="TARGET", help="target name or file (e.g. from dynas calibrate)")
+    _measuring_args(p, validation_plan, "CPU threads (default: the calibrated target's, else torch's)",
+                    "backbones of the random configs", repeats=VALIDATE_REPEATS, seed_help="seed of the random configs and weights")
+    p.add_argument("--configs", default=None, metavar="FILE", help="JSON config(s) to measure instead of random ones")
+    p.add_argument("--count", type=positive_int, default=default_of(validation_plan, "count"), metavar="N",
+                   help="random configs (backbones in turn)")
+    p.add_argument("--rounds", type=positive_int, default=torch_default(RUN_ROUNDS, "rounds"), metavar="N",
+                   help="measure the whole plan N times (minutes apart); each network keeps its fastest round (4 on a "
+                   "busy machine)")
+    p.add_argument("--host-check", choices=("ends", "each", "pairs", "none"), default=None,
+                   help="time the target's recorded static networks again before and after the plan (ends), also "
+                        "right after every network (each; about twice the time), also after every pass of every "
+                        "network (pairs; about twice the time), or not at all (default: pairs for a target calibrated "
+                        "in pairs, else ends)")
+    p.add_argument("--no-blocks", action="store_true",
+                   help="do not time single blocks (their extra passes about double the measuring time)")
+    p.add_argument("--measurements", default=None, metavar="CSV",
+                   help="score an earlier validation CSV against TARGET instead of measuring")
+    p.add_argument("--csv", default=None, metavar="FILE", help="output table (default: validate-TARGET.csv)")
+    p.add_argument("--html", default=None, metavar="FILE", help="output plot (default: validate-TARGET.html)")
+
+
+def add_parsers(sub: Any, parent: argparse.ArgumentParser) -> None:
+    """Register ``bench``, ``train``, ``calibrate`` and ``validate`` with ``sub`` (shared flags
+    from ``parent``)."""
+    _add_bench_parser(sub, parent)
+    _add_train_parser(sub, parent)
+    _add_calibrate_parser(sub, parent)
+    _add_validate_parser(sub, parent)
