@@ -1,11 +1,12 @@
 """Deliberately slow accuracy proxies, for scale-out and early-stopping tests and benchmarks.
 
-``--proxy benchmarks.slow_proxy:sleep_50ms`` (run from the repository root, or with it on
-``PYTHONPATH``) scores like the prior and then sleeps, standing in for an expensive proxy (a
-short fine-tune) whose cost dominates the storage's.  The sleep releases the CPU, so on a
-2-core machine several workers can overlap their waits the way they would overlap GPU work.
+``--proxy tests.slow_proxy:sleep_50ms`` (run from the repository root, or with it on
+``PYTHONPATH``: ``tests`` is a namespace package) scores like the prior and then sleeps,
+standing in for an expensive proxy (a short fine-tune) whose cost dominates the storage's.  The
+sleep releases the CPU, so on a 2-core machine several workers can overlap their waits the way
+they would overlap GPU work.
 
-``--proxy benchmarks.slow_proxy:curve`` (and ``curve_200ms``) stands in for a training proxy:
+``--proxy tests.slow_proxy:curve`` (and ``curve_200ms``) stands in for a training proxy:
 it reports three checkpoints, at which the score grows linearly to a final top-1 that is a
 fixed pseudo-random function of the config, so the early-stopping rules have something to
 decide and tests can predict what they decide.
