@@ -10,7 +10,7 @@ N`` runs) and times it from the call to the return: worker start-up, the storage
 the claims of the trial budget included, the proxy fit excluded (done once, before timing).
 
 Proxies: ``prior`` (the analytical proxy, well under 1 ms per trial, so the storage and the
-sampler are what is measured) and ``benchmarks.slow_proxy:sleep_200ms`` (the same plus 200 ms
+sampler are what is measured) and ``tests.slow_proxy:sleep_200ms`` (the same plus 200 ms
 of sleep per trial, standing in for an expensive proxy; sleeping frees the CPU, so this shows
 how workers overlap slow trials even on a 2-core machine).
 
@@ -30,7 +30,7 @@ import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # benchmarks.slow_proxy, for this process and its workers
+sys.path.insert(0, str(ROOT))  # tests.slow_proxy, for this process and its workers
 os.environ["PYTHONPATH"] = str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")
 
 import optuna  # noqa: E402
@@ -39,7 +39,7 @@ from optuna.trial import TrialState  # noqa: E402
 
 from dynas.search.study import SearchOptions, plan_search, run_search  # noqa: E402
 
-PROXIES = {"prior": 120, "benchmarks.slow_proxy:sleep_200ms": 40}  # proxy -> trials per study
+PROXIES = {"prior": 120, "tests.slow_proxy:sleep_200ms": 40}  # proxy -> trials per study
 WORKERS = (1, 2, 4)
 
 

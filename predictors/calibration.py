@@ -34,7 +34,8 @@ from dynas.predictors.targets import HardwareTarget, load_target, static_key
 from dynas.spaces.config import load_config, stage_gate_kind, stage_runs
 
 __all__ = ["REQUIRED_COLUMNS", "check_measurements", "fit_target", "compare", "summarize", "cost_comments",
-           "calibrated_static_ms", "fitted_parts", "host_normalized", "paired_rows", "per_sample_gated", "round_spread"]
+           "calibrated_static_ms", "fitted_parts", "host_normalized", "paired_rows", "per_sample_gated", "round_spread",
+           "quiet_networks", "retest_summary"]
 
 REQUIRED_COLUMNS: tuple[str, ...] = ("config", "batch_size", "part", "stage", "measured_ms")
 
@@ -369,3 +370,50 @@ def summarize(df: pd.DataFrame) -> dict[str, float]:
         tau = float(kendalltau(df["measured_ms"], df["predicted_ms"]).statistic)
     return {"count": n, "mape_pct": float(np.mean(np.abs(rel)) * 100), "within_10pct": float(np.mean(np.abs(rel) <= 0.1)),
             "spearman": rho, "kendall": tau, "max_abs_err_pct": float(np.max(np.abs(rel)) * 100)}
+
+
+def quiet_networks(table: pd.DataFrame, target: "str | HardwareTarget", what: str = "measurements") -> pd.DataFrame:
+    """The network rows of a validation table measured in pairs (``--host-check pairs``), indexed
+    by (``config``, ``batch_size``), with ``backbone``, ``predicted_ms`` (by ``target``) and
+    ``quiet_ms``: the measured time in units of the host at calibration (measured x the target's
+    ``static_ms`` / the ``reference_ms`` measured alongside it)."""
+    if "reference_ms" not in table or table["reference_ms"].isna().all():
+        raise ConfigError(f"{what}: column 'reference_ms' is empty; allowed: a table measured with --host-check pairs")
+    tgt = load_target(target)
+    df = compare(table[table["part"] == "network"], tgt)  # [networks] with predicted_ms
+    df["quiet_ms"] = df["measured_ms"] * calibrated_static_ms(df, tgt) / df["reference_ms"]
+    return df.set_index(["config", "batch_size"])[["backbone", "predicted_ms", "quiet_ms"]]
+
+
+def retest_summary(first: pd.DataFrame, second: pd.DataFrame, target: "str | HardwareTarget") -> pd.DataFrame:
+    """How much of a target's held-out error is the host's and how much the model's: two
+    validation tables of the same configs measured in pairs at different times, compared per
+    batch size over the networks in both (in units of the host at calibration,
+    :func:`quiet_networks`).  One row per batch size:
+
+    * ``networks``: networks in both tables;
+    * ``noise_pct``: the standard deviation of the log ratio of the two measurements of a
+      network, over sqrt(2): the noise of one measurement;
+    * ``error_std_pct_first`` / ``_second``: the standard deviation of log(predicted / measured);
+    * ``error_corr``: the correlation of those errors between the tables (near 1: each config
+      keeps its error, so it is the model's; near 0: it is the host's); NaN under 3 networks;
+    * ``within_10pct_first`` / ``_second`` / ``_mean``: the share within +/-10 % in each table
+      and against the geometric mean of both measurements.
+    """
+    tgt = load_target(target)
+    a, b = quiet_networks(first, tgt, "first table"), quiet_networks(second, tgt, "second table")
+    both = a.join(b[["quiet_ms"]].rename(columns={"quiet_ms": "quiet_ms_2"}), how="inner")  # [networks in both]
+    if both.empty:
+        raise ConfigError("second table: no network of the first table; allowed: tables of the same --seed and --count")
+    rows = []
+    for n, x in both.groupby(level="batch_size"):
+        drift = np.log(x["quiet_ms_2"] / x["quiet_ms"])  # [networks]
+        errors = {k: np.log(x["predicted_ms"] / q) for k, q in  # [networks] each
+                  (("first", x["quiet_ms"]), ("second", x["quiet_ms_2"]),
+                   ("mean", np.sqrt(x["quiet_ms"] * x["quiet_ms_2"])))}
+        corr = float(np.corrcoef(errors["first"], errors["second"])[0, 1]) if len(x) > 2 else math.nan
+        rows.append({"batch_size": int(n), "networks": len(x), "noise_pct": 100 * drift.std() / math.sqrt(2),
+                     "error_std_pct_first": 100 * errors["first"].std(),
+                     "error_std_pct_second": 100 * errors["second"].std(), "error_corr": corr,
+                     **{f"within_10pct_{k}": float((np.abs(np.expm1(e)) <= 0.1).mean()) for k, e in errors.items()}})
+    return pd.DataFrame(rows)

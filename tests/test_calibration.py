@@ -7,7 +7,6 @@ import itertools
 import json
 import math
 import random
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,13 +19,16 @@ from dynas.kernels.calibrate import measure, run_plan
 from dynas.kernels import build_block
 from dynas.spaces.design import CALIBRATION_RATES, VALIDATION_RATES, PlanItem, calibration_plan, validation_plan
 from dynas.predictors import cpu
-from dynas.predictors.calibration import compare, fit_target, per_sample_gated, round_spread, summarize
+from dynas.predictors.calibration import (compare, fit_target, per_sample_gated, retest_summary, round_spread,
+                                         summarize)
 from dynas.predictors import latency
 from dynas.predictors.latency import predict, predict_blocks
 from dynas.predictors.targets import HardwareTarget, load_target, target_toml, write_target
 from dynas.spaces.backbones import get_backbone
 from dynas.spaces.config import PARADIGMS, ArchConfig, StageConfig, budget_count, stage_runs
 
+#: trimmed copies of benchmark measurements (tests/data/README.md says which rows of which run)
+DATA = Path(__file__).resolve().parent / "data"
 UNIT = cpu.CpuCosts(*([1.0] * len(cpu.COST_FIELDS)))
 
 
@@ -398,7 +400,7 @@ def test_fit_picks_the_column_block_that_generated_the_measurements(true_block, 
 def test_the_column_block_is_the_one_that_predicts_held_out_networks_best(monkeypatch):
     from dynas.predictors import calibration as cal
 
-    data = Path(__file__).resolve().parents[1] / "benchmarks" / "data" / "cpu-2core-dec01-pairs"
+    data = DATA / "cpu-2core-dec01-pairs"
     table = pd.read_csv(data / "cpu-2core-dec01-pairs.csv")
     table = table[table["network_id"] < 120]
     fitted = fit_target(table, "t")
@@ -443,7 +445,7 @@ def test_measure_times_every_block_in_passes_of_their_own():
 
 
 def test_the_fit_and_the_scores_keep_block_rows_apart():
-    data = Path(__file__).resolve().parents[1] / "benchmarks" / "data" / "cpu-2core-dec01-late"
+    data = DATA / "cpu-2core-dec01-late"
     cal = pd.read_csv(data / "cpu-2core-dec01-late.csv")
     cal = cal[cal["network_id"] < 60]
     first = cal[cal["part"] == "stage0"]
@@ -518,7 +520,7 @@ def test_run_rounds_on_an_endless_plan_remeasures_the_first_rounds_networks(monk
 @pytest.mark.parametrize("spread, busy", [(0.089, True), (0.03, False)])
 def test_a_busy_machine_is_named_next_to_the_scores(tmp_path, capsys, spread, busy):
     # seed 23 of the late calibration was measured while the host was busy (rounds a median 8.9 % apart)
-    data = Path(__file__).resolve().parents[1] / "benchmarks" / "data" / "cpu-2core-dec01-late"
+    data = DATA / "cpu-2core-dec01-late"
     val = pd.read_csv(data / "validation-seed23.csv")
     val["round_spread"] = spread
     val.to_csv(tmp_path / "m.csv", index=False)
@@ -533,7 +535,7 @@ def test_a_busy_machine_is_named_next_to_the_scores(tmp_path, capsys, spread, bu
 
 @pytest.mark.parametrize("paired, busy", [(0.021, False), (0.083, True)])
 def test_pairs_that_held_the_drift_silence_the_busy_warning(tmp_path, capsys, paired, busy):
-    data = Path(__file__).resolve().parents[1] / "benchmarks" / "data" / "cpu-2core-dec01-pairs"
+    data = DATA / "cpu-2core-dec01-pairs"
     val = pd.read_csv(data / "validation-seed28.csv")
     val = val[val["network_id"] < 8].assign(round_spread=0.171, paired_spread=paired)
     val.to_csv(tmp_path / "m.csv", index=False)
@@ -626,7 +628,7 @@ def test_host_speed_times_the_recorded_static_networks_again(monkeypatch):
 
 @pytest.mark.parametrize("before, after, scaled", [(0.95, 0.96, True), (0.90, 1.00, False)])
 def test_validate_scales_by_the_host_speed_only_when_it_held_steady(tmp_path, capsys, before, after, scaled):
-    data = Path(__file__).resolve().parents[1] / "benchmarks" / "data" / "cpu-2core-dec01-ops"
+    data = DATA / "cpu-2core-dec01-ops"
     df = pd.read_csv(data / "validation-seed18.csv")
     df = df[df["network_id"] < 6].assign(host_ratio_before=before, host_ratio_after=after)
     df.to_csv(tmp_path / "m.csv", index=False)
@@ -750,9 +752,8 @@ def test_calibrate_and_validate_in_pairs(tmp_path, capsys, monkeypatch):
 
 
 def test_calibrate_pools_several_calibration_csvs(tmp_path, capsys):
-    data = Path(__file__).resolve().parents[1] / "benchmarks" / "data"
-    a = pd.read_csv(data / "cpu-2core-dec01-pairs" / "cpu-2core-dec01-pairs.csv")
-    b = pd.read_csv(data / "cpu-2core-dec02-pairs" / "cpu-2core-dec02-pairs.csv")
+    a = pd.read_csv(DATA / "cpu-2core-dec01-pairs" / "cpu-2core-dec01-pairs.csv")
+    b = pd.read_csv(DATA / "cpu-2core-dec02-pairs" / "cpu-2core-dec02-pairs.csv")
     a, b = a[a["network_id"] < 40], b[b["network_id"] < 40]  # both start at id 0
     a.to_csv(tmp_path / "a.csv", index=False)
     b.to_csv(tmp_path / "b.csv", index=False)
@@ -809,7 +810,7 @@ def test_measuring_keeps_freed_memory_and_records_it():
 
 
 def test_a_dynamic_stage_pays_one_cold_start_on_its_first_block():
-    target = str(Path(__file__).resolve().parents[1] / "benchmarks" / "data" / "cpu-2core-dec01-late" / "cpu-2core-dec01-late.toml")
+    target = str(DATA / "cpu-2core-dec01-late" / "cpu-2core-dec01-late.toml")
     cold_ms = load_target(target).cpu.dynamic_stage_us * 1e-3
     assert cold_ms > 0
     # ResNet-18's stage 0 has two blocks of one shape: they differ by the cold start alone
@@ -822,32 +823,26 @@ def test_a_dynamic_stage_pays_one_cold_start_on_its_first_block():
             assert work[cpu.TERMS.index("dynamic_stages")] == (first.paradigm != "static")
 
 
-def test_retest_separates_the_hosts_noise_from_the_models_error(tmp_path, capsys):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from benchmarks.retest import main as retest
-
-    data = Path(__file__).resolve().parents[1] / "benchmarks" / "data" / "cpu-2core-dec01-pairs"
+def test_retest_separates_the_hosts_noise_from_the_models_error():
+    data = DATA / "cpu-2core-dec01-pairs"
     first = pd.read_csv(data / "validation-seed32.csv")
     first = first[first["network_id"] < 12]  # 12 networks: 6 configs at batch 1 and 8
-    first.to_csv(tmp_path / "a.csv", index=False)
     # the same networks "measured again": 10 % slower, alongside a static network 10 % slower
     # (the host's drift, divided out), and one network 21 % slower (noise)
     second = first.assign(measured_ms=first["measured_ms"] * 1.1, reference_ms=first["reference_ms"] * 1.1)
     second.loc[second["network_id"] == 0, "measured_ms"] *= 1.1
-    second.to_csv(tmp_path / "b.csv", index=False)
     target = str(data / "cpu-2core-dec01-pairs.toml")
-    assert retest(["--target", target, str(tmp_path / "a.csv"), str(tmp_path / "a.csv")]) == 0
-    same = capsys.readouterr().out
-    assert "12 networks in both tables" in same
-    noise = {int(line.split()[0]): float(line.split()[2]) for line in same.splitlines()[2:]}
-    assert noise == {1: 0.0, 8: 0.0}  # a table against itself: no noise, errors correlate fully
-    assert all(line.split()[5] == "1.00" for line in same.splitlines()[2:])
-    assert retest(["--target", target, str(tmp_path / "a.csv"), str(tmp_path / "b.csv")]) == 0
-    moved = {int(line.split()[0]): float(line.split()[2]) for line in capsys.readouterr().out.splitlines()[2:]}
+    same = retest_summary(first, first, target)
+    assert same["networks"].sum() == 12
+    # a table against itself: no noise, errors correlate fully (to the 2 decimals benchmarks/retest.py prints)
+    assert same.set_index("batch_size")["noise_pct"].round(2).to_dict() == {1: 0.0, 8: 0.0}
+    assert (same["error_corr"].round(2) == 1.0).all()
+    moved = retest_summary(first, second, target).set_index("batch_size")["noise_pct"].round(2)
     n0 = int(first.loc[first["network_id"] == 0, "batch_size"].iloc[0])
     other = ({1, 8} - {n0}).pop()
     assert moved[n0] > 0 and moved[other] == 0  # network 0 moved, the rest only with the host
     # a table without pairs is refused in one line
-    first.drop(columns="reference_ms").to_csv(tmp_path / "c.csv", index=False)
-    assert retest(["--target", target, str(tmp_path / "a.csv"), str(tmp_path / "c.csv")]) == 2
-    assert "reference_ms" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=r"^second table: column 'reference_ms' is empty; allowed: .*pairs$"):
+        retest_summary(first, first.drop(columns="reference_ms"), target)
+    with pytest.raises(ConfigError, match=r"^second table: no network of the first table; allowed: .*--seed"):
+        retest_summary(first, first.assign(batch_size=first["batch_size"] * 2), target)

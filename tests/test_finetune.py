@@ -27,7 +27,7 @@ from dynas.spaces.config import ArchConfig, load_config
 ROOT = Path(__file__).resolve().parents[1]
 DYNAS = str(Path(sys.executable).with_name("dynas"))
 sys.path.insert(0, str(ROOT))
-from benchmarks.slow_proxy import CurveProxy  # noqa: E402
+from tests.slow_proxy import CurveProxy  # noqa: E402
 
 TINY = dict(data="synthetic:64", steps=4, batch_size=8, checkpoints=2, pretrain_steps=2)
 CFG = load_config({"backbone": "resnet18", "input_size": 32, "stages": [
@@ -267,7 +267,7 @@ def test_bad_stop_rules(kw, match):
 
 
 def curve_search(storage, trials=30, early_stop="dominance", **kw):
-    return run_search(SearchOptions(backbone="resnet18", target="a100", proxy="benchmarks.slow_proxy:curve",
+    return run_search(SearchOptions(backbone="resnet18", target="a100", proxy="tests.slow_proxy:curve",
                                     trials=trials, storage=storage, early_stop=early_stop, show_progress=False,
                                     seed=1, **kw))
 
@@ -330,7 +330,7 @@ def test_stop_decisions_follow_the_rule():
 
 def test_duplicate_of_a_stopped_trial_is_stopped_again():
     # A space of 4 configs: the sampler must repeat itself.
-    study = run_search(SearchOptions(backbone="resnet18", target="a100", proxy="benchmarks.slow_proxy:curve",
+    study = run_search(SearchOptions(backbone="resnet18", target="a100", proxy="tests.slow_proxy:curve",
                                      trials=12, storage=optuna.storages.InMemoryStorage(), show_progress=False,
                                      paradigms=("layer",), rate_min=0.5, rate_max=1.0, rate_step=0.5, seed=0,
                                      stop_min_trials=1, stop_margin=0.0))
@@ -371,7 +371,7 @@ def test_workers_share_early_stopping(shared_storage, tmp_path):
     url, name = shared_storage
     r = subprocess.run([DYNAS, "-q", "search", "--backbone", "resnet18", "--target", "a100", "--trials", "16",
                         "--workers", "2", "--storage", url, "--study-name", name, "--no-progress",
-                        "--proxy", "benchmarks.slow_proxy:curve_200ms", "--stop-min-trials", "1",
+                        "--proxy", "tests.slow_proxy:curve_200ms", "--stop-min-trials", "1",
                         "--html", str(tmp_path / "w.html"), "--export", str(tmp_path / "w.json")],
                        capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=600)
     assert r.returncode == 0, r.stderr

@@ -34,10 +34,10 @@ from dynas.predictors.targets import _LATER_FIELDS, _REQUIRED, BUILTIN_DIR, Hard
 from dynas.spaces.backbones import get_backbone, list_backbones
 from dynas.spaces.config import ArchConfig, channel_granularities, spatial_granularities
 
-REPO = Path(__file__).resolve().parents[1]
-CPU_TARGET = REPO / "benchmarks" / "data" / "cpu-2core-dec02-padonce" / "cpu-2core-dec02-padonce.toml"
-CALIBRATION_CSV = REPO / "benchmarks" / "data" / "cpu-2core" / "calibration.csv"
-VALIDATION_CSV = REPO / "benchmarks" / "data" / "cpu-2core" / "validation-seed1.csv"
+DATA = Path(__file__).resolve().parent / "data"  # trimmed copies of benchmark measurements (tests/data/README.md)
+CPU_TARGET = DATA / "cpu-2core-dec02-padonce" / "cpu-2core-dec02-padonce.toml"
+CALIBRATION_CSV = DATA / "cpu-2core-dec01-late" / "cpu-2core-dec01-late.csv"
+VALIDATION_CSV = DATA / "cpu-2core-dec01-ops" / "validation-seed18.csv"
 
 GOOD = {"backbone": "resnet18", "input_size": 224,
         "stages": [{"paradigm": "layer", "rate": 0.5}] + [{"paradigm": "static"}] * 3}

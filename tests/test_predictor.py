@@ -172,7 +172,7 @@ def test_unknown_target_and_bad_batch():
         predict(ArchConfig.static("resnet50"), "v100", batch_size=0)
 
 
-CPU_TARGET = str(Path(__file__).resolve().parents[1] / "benchmarks" / "data" / "cpu-2core-dec01-late" / "cpu-2core-dec01-late.toml")
+CPU_TARGET = str(Path(__file__).resolve().parent / "data" / "cpu-2core-dec01-late" / "cpu-2core-dec01-late.toml")
 
 
 @pytest.mark.parametrize("target", list_targets() + [CPU_TARGET], ids=lambda t: Path(t).stem)

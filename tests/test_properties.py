@@ -1,5 +1,5 @@
 """Property-based tests: config and target-file round trips, and the latency predictor's invariants
-on every built-in target and on the calibrated CPU targets of ``benchmarks/data/cpu-2core-dec01-ops``
+on every built-in target and on the calibrated CPU targets ``tests/data/cpu-2core-dec01-ops``
 and ``cpu-2core-dec01-night`` (the kernels before and after the basic block's row-gathered conv2).
 
 The config JSON round trip itself is ``test_spaces.py::test_json_round_trip``; here the round
@@ -70,7 +70,7 @@ from dynas.spaces.config import (
     uses_spatial,
 )
 
-_DATA = Path(__file__).resolve().parents[1] / "benchmarks" / "data"
+_DATA = Path(__file__).resolve().parent / "data"
 CPU_TARGET = str(_DATA / "cpu-2core-dec01-ops" / "cpu-2core-dec01-ops.toml")
 CPU_TARGETS = [CPU_TARGET, str(_DATA / "cpu-2core-dec01-night" / "cpu-2core-dec01-night.toml"),
                str(_DATA / "cpu-2core-dec02-padonce" / "cpu-2core-dec02-padonce.toml")]

@@ -45,7 +45,7 @@ def _search_argv(url, name, trials, workers, *extra, out=None):
 
 
 def _env():
-    # benchmarks.slow_proxy must be importable by the command and by its worker processes
+    # tests.slow_proxy must be importable by the command and by its worker processes
     return {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
 
 
@@ -141,7 +141,7 @@ def _snapshot(url, name):
 def test_a_worker_killed_mid_trial_is_replaced_and_its_trial_retried(storage):
     url, name = storage
     # 1 s trials: the worker is killed within microseconds of being seen mid-trial
-    argv = _search_argv(url, name, 12, 2, "--proxy", "benchmarks.slow_proxy:sleep_1s", "--heartbeat-s", "1")
+    argv = _search_argv(url, name, 12, 2, "--proxy", "tests.slow_proxy:sleep_1s", "--heartbeat-s", "1")
     proc = subprocess.Popen(argv, env=_env(), stderr=subprocess.PIPE, text=True)
     try:
         pid, before = _wait_for(lambda: _running_worker_pid(url, name, proc.pid), 120, "a running trial of a worker")
@@ -165,7 +165,7 @@ def test_a_worker_killed_mid_trial_is_replaced_and_its_trial_retried(storage):
 
 def test_resume_after_the_whole_search_was_killed(storage):
     url, name = storage
-    argv = _search_argv(url, name, 20, 2, "--proxy", "benchmarks.slow_proxy:sleep_200ms", "--heartbeat-s", "1")
+    argv = _search_argv(url, name, 20, 2, "--proxy", "tests.slow_proxy:sleep_200ms", "--heartbeat-s", "1")
     proc = subprocess.Popen(argv, env=_env(), stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         _wait_for(lambda: _running_worker_pid(url, name, proc.pid), 120, "a running trial of a worker")
@@ -400,10 +400,10 @@ def test_journal_directory_and_missing_file(tmp_path):
 
 
 def test_proxy_entry_points():
-    proxy = get_proxy("benchmarks.slow_proxy:sleep_50ms")
+    proxy = get_proxy("tests.slow_proxy:sleep_50ms")
     assert proxy.delay_s == 0.05 and proxy.static_top1("resnet50") > 70
-    for spec, word in [("no.such.module:f", "cannot be loaded"), ("benchmarks.slow_proxy:nothing", "cannot be loaded"),
-                       ("benchmarks.slow_proxy:__doc__", "gave a str"), ("", "not a proxy name")]:
+    for spec, word in [("no.such.module:f", "cannot be loaded"), ("tests.slow_proxy:nothing", "cannot be loaded"),
+                       ("tests.slow_proxy:__doc__", "gave a str"), ("", "not a proxy name")]:
         with pytest.raises(ConfigError) as info:
             get_proxy(spec)
         assert word in str(info.value) and "\n" not in str(info.value)
