@@ -213,7 +213,7 @@ def fit_target(measurements: pd.DataFrame, name: str, environment: Mapping[str, 
     rel = (X @ coef / y - 1)[keep]
     env = dict(environment or {})
     unexercised = [f for f, col in zip(cpu.COST_FIELDS, X[keep].T) if not np.any(col > 0)]
-    costs = cpu.CpuCosts(*(float(c) for c in coef / cpu._TO_MS))
+    costs = cpu.CpuCosts.from_vector_ms(coef)
     # no channel part ran after another (batch 1 only): later parts cost what a first part does
     later = {f: getattr(costs, src) for f, src in cpu.LATER_PART_FIELDS.items() if f in unexercised}
     costs = costs._replace(**later)
@@ -304,19 +304,7 @@ def _static_ms(measurements: pd.DataFrame, cache: dict) -> dict[str, float]:
 
 def cost_comments(costs: cpu.CpuCosts) -> dict[str, str]:
     """A human reading of each fitted cost (an effective throughput, a bandwidth, an overhead)."""
-    out = {}
-    for field, v in costs._asdict().items():
-        if field.endswith("_ms_per_gmac"):
-            out[field] = f"{1e3 / v:.1f} GMAC/s effective" if v > 0 else "negligible in the fit"
-        elif field.endswith("_ms_per_melem"):
-            out[field] = f"{4.0 / v:.1f} GB/s effective (float32)" if v > 0 else "negligible in the fit"
-        elif field.endswith("_ms_per_mrow"):
-            out[field] = f"{v:.1f} ns per row" if v > 0 else "negligible in the fit"
-        elif field.endswith("_stage_us"):
-            out[field] = f"{v:.2f} us per dynamic stage"
-        else:
-            out[field] = f"{v:.2f} us per call"
-    return out
+    return costs.readings()
 
 
 def compare(measurements: pd.DataFrame, target: "str | HardwareTarget") -> pd.DataFrame:

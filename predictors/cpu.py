@@ -4,62 +4,14 @@ The GPU model (``gpu.py``) simulates tiles on SMs from a spec sheet.  A CPU runs
 on a few threads through caches, and what costs time there is what ``dynas.kernels`` actually
 does: dense convolutions, products of gathered pixel rows, gathers and scatters of rows, and a
 fixed cost per dispatched operator.  So this model walks the fast path of
-``kernels/blocks.py`` operator by operator and counts *work*:
-
-=====================  ==================================================================
-term                   what is counted (per forward pass of the batch)
-=====================  ==================================================================
-``pointwise_gmac``     multiply-accumulates of 1x1 convolutions, and of row products large
-                       enough to run folded into one (``FOLD_MIN_ROWS``, ``FOLD_MIN_MACS``) (GMAC)
-``conv3x3_gmac``       ... of dense 3x3 convolutions, whole maps or gathered windows
-``grouped_gmac``       ... of grouped 3x3 convolutions (RegNetY)
-``stem_gmac``          ... of the stem convolution
-``smallmap_gmac``      ... of convolutions (not row products) whose output per sample or patch
-                       is at most 8 x 8 positions: the threads' blocking over positions is
-                       then poorly filled (7 x 7 maps, gathered patches)
-``mm_gmac``            ... of the other row products (matrix products of pixel or window
-                       rows), which run in the BLAS library, not oneDNN
-``vec_gmac``           ... of products of per-sample vectors (maskers, SE, head: one row per
-                       sample, so bound by reading the weights, not by arithmetic)
-``w_pointwise_melem``  weight elements per 1x1-convolution call (M elements): the library
-                       re-lays the weights out on every call, so each call reads and writes them
-``w_conv3x3_melem``    ... per 3x3 (dense, grouped or stem) convolution call
-``w_mm_melem``         ... per matrix-product / linear call (no re-layout; read once)
-``conv_io_melem``      input + output elements of convolutions and row products
-``stream_melem``       elements read + written by element-wise ops (BN, ReLU, add, pooling)
-``gather_melem``       elements moved by row gathers/scatters, zero fills and padding copies
-``index_melem``        elements moved by multi-dimensional advanced indexing (patch regions
-                       of the input, windows of the zero-padded buffer)
-``index_mrows``        contiguous runs (pixel rows of channels) those copies move (M rows):
-                       the indexing kernel costs per run as well as per element
-``regather_melem``     weight elements that a block's second and later channel parts gather
-                       (samples with other channel selections, at batch > 1): the same cached
-                       weight matrix read again right after the part before, from cache;
-                       the first part's count as ``gather_melem``
-``conv_calls``         convolution calls
-``repeat_conv_calls``  ... of those later parts: the same shapes as the part just before,
-                       back to back (fitted here at about a third of a first call's cost)
-``mm_calls``           matrix-product / linear calls of unfolded row products
-``op_calls``           every other dispatched operator (index arithmetic, element-wise, masker
-                       budgets, and the products of per-sample vectors: a vector-matrix
-                       product costs ~2 us, like an element-wise call, not a row product's
-                       ~40), counted as the fast path dispatches them (``tests/
-                       test_calibration.py`` compares the counts with a dispatch counter)
-``masker_calls``       gate evaluations: the Python around each masker (its module call,
-                       the decisions the fast path derives from it) that no operator count sees
-``dynamic_stages``     stages with gates: the first gated block of a stage runs the dynamic
-                       path's operators and Python after other code has evicted them from
-                       the instruction caches and branch predictors (timed per block by
-                       ``dynas validate``: ResNet-18's first gated block took 0.1-0.4 ms more
-                       than its identical second one at batch 1, each of its operators about
-                       twice as long), counted once per stage, on its first block
-=====================  ==================================================================
-
-and a target gives one cost per unit of each term (``ms_per_gmac``, ``ms_per_melem``,
-``ms_per_mrow``, ``us_per_call``), fitted to measurements by ``dynas calibrate``
-(:mod:`dynas.predictors.calibration`).  Latency = the sum of work x cost: linear in the
-costs, so the fit is a non-negative least-squares problem and each fitted cost stays a
-physical quantity (an effective throughput, a bandwidth, an overhead).
+``kernels/blocks.py`` operator by operator and counts *work*, in the terms of
+:data:`~dynas.predictors.cpu_terms.COST_TERMS` (multiply-accumulates of each kind of
+convolution or product, elements moved by each kind of copy, calls of each kind of operator;
+one row per term, with what it counts).  A target gives one cost per unit of each term
+(``ms_per_gmac``, ``ms_per_melem``, ``ms_per_mrow``, ``us_per_call``), fitted to measurements
+by ``dynas calibrate`` (:mod:`dynas.predictors.calibration`).  Latency = the sum of work x
+cost: linear in the costs, so the fit is a non-negative least-squares problem and each fitted
+cost stays a physical quantity (an effective throughput, a bandwidth, an overhead).
 
 Decisions are those of the ``random`` gate mode: exact budget counts, chosen uniformly and
 independently per sample.  Work that depends on the choice is taken as an exact expectation:
@@ -80,41 +32,19 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable, NamedTuple
+from typing import Callable
 
 import numpy as np
 
+from dynas.predictors.cpu_terms import (CALL_TERMS, COMPUTE_TERMS, COST_FIELDS, COST_TERMS, LATER_PART_FIELDS,
+                                        MEMORY_TERMS, TERM_KINDS, TERMS, CpuCosts)
 from dynas.spaces.backbones import BlockSpec, StemSpec
 from dynas.spaces.config import StageConfig, budget_count, uses_channel, uses_layer, uses_spatial
 
-__all__ = ["TERMS", "COST_FIELDS", "LATER_PART_FIELDS", "COLUMN_BLOCKS", "COMPUTE_TERMS", "MEMORY_TERMS", "CALL_TERMS", "TERM_KINDS", "CpuCosts", "block_work", "stage_entry_work", "stem_work", "head_work", "expected_block_flops",
-           "work_latency_ms"]
+__all__ = ["COST_TERMS", "TERMS", "COST_FIELDS", "LATER_PART_FIELDS", "COLUMN_BLOCKS", "COMPUTE_TERMS", "MEMORY_TERMS",
+           "CALL_TERMS", "TERM_KINDS", "CpuCosts", "block_work", "stage_entry_work", "stem_work", "head_work",
+           "expected_block_flops", "work_latency_ms"]
 
-#: work terms, in the order of :data:`COST_FIELDS`
-TERMS: tuple[str, ...] = ("pointwise_gmac", "conv3x3_gmac", "grouped_gmac", "stem_gmac", "smallmap_gmac", "mm_gmac", "vec_gmac",
-                          "w_pointwise_melem",
-                          "w_conv3x3_melem", "w_mm_melem",
-                          "conv_io_melem", "stream_melem", "gather_melem", "index_melem", "index_mrows", "regather_melem",
-                          "conv_calls", "repeat_conv_calls", "mm_calls",
-                          "op_calls", "masker_calls", "dynamic_stages")
-#: target-file field holding the cost of one unit of each term
-COST_FIELDS: tuple[str, ...] = ("pointwise_ms_per_gmac", "conv3x3_ms_per_gmac", "grouped_ms_per_gmac",
-                                "stem_ms_per_gmac", "smallmap_ms_per_gmac", "mm_ms_per_gmac", "vec_ms_per_gmac", "w_pointwise_ms_per_melem",
-                                "w_conv3x3_ms_per_melem", "w_mm_ms_per_melem", "conv_io_ms_per_melem",
-                                "stream_ms_per_melem", "gather_ms_per_melem", "index_ms_per_melem", "index_ms_per_mrow",
-                                "regather_ms_per_melem", "conv_call_us", "repeat_conv_call_us",
-                                "mm_call_us", "op_call_us", "masker_call_us", "dynamic_stage_us")
-_TO_MS = np.array([1.0] * 16 + [1e-3] * 6)  # the per-call costs are stored in microseconds
-#: costs of a block's later channel parts, and the first part's cost that stands for each where
-#: nothing measured them (a calibration at batch 1 only; target files written before them)
-LATER_PART_FIELDS: dict[str, str] = {"regather_ms_per_melem": "gather_ms_per_melem", "repeat_conv_call_us": "conv_call_us"}
-#: which terms are compute (MACs), memory (elements) and per-call overhead
-COMPUTE_TERMS, MEMORY_TERMS, CALL_TERMS = slice(0, 7), slice(7, 16), slice(16, 22)
-#: [3, len(TERMS)] 0/1 rows selecting the compute, memory and call terms
-TERM_KINDS = np.zeros((3, len(TERMS)))
-for _row, _sl in enumerate((COMPUTE_TERMS, MEMORY_TERMS, CALL_TERMS)):
-    TERM_KINDS[_row, _sl] = 1.0
-TERM_KINDS.setflags(write=False)
 _T = {t: i for i, t in enumerate(TERMS)}
 _SMALL_MAP = 64  # output positions per sample or patch at or below which a conv counts as small-map
 #: candidate widths (output columns a convolution kernel computes at once, see ``_Work.conv``)
@@ -124,37 +54,6 @@ COLUMN_BLOCKS: tuple[int, ...] = (1, 2, 3, 4, 6, 8)
 #: convolution of the rows folded into 8 columns (``_row_product`` in ``kernels/blocks.py``,
 #: whose constants these mirror; a test checks that they agree)
 FOLD_MIN_ROWS, FOLD_MIN_MACS = 64, 8_000_000
-
-
-class CpuCosts(NamedTuple):
-    """Cost of one unit of each work term (fields as in :data:`COST_FIELDS`; >= 0)."""
-
-    pointwise_ms_per_gmac: float
-    conv3x3_ms_per_gmac: float
-    grouped_ms_per_gmac: float
-    stem_ms_per_gmac: float
-    smallmap_ms_per_gmac: float
-    mm_ms_per_gmac: float
-    vec_ms_per_gmac: float
-    w_pointwise_ms_per_melem: float
-    w_conv3x3_ms_per_melem: float
-    w_mm_ms_per_melem: float
-    conv_io_ms_per_melem: float
-    stream_ms_per_melem: float
-    gather_ms_per_melem: float
-    index_ms_per_melem: float
-    index_ms_per_mrow: float
-    regather_ms_per_melem: float
-    conv_call_us: float
-    repeat_conv_call_us: float
-    mm_call_us: float
-    op_call_us: float
-    masker_call_us: float
-    dynamic_stage_us: float
-
-    def vector_ms(self) -> np.ndarray:
-        """[len(TERMS)] milliseconds per unit of each term."""
-        return np.asarray(self, dtype=np.float64) * _TO_MS
 
 
 def folds(rows: float, macs: float) -> bool:
@@ -169,7 +68,7 @@ class _Work:
         self.v = np.zeros(len(TERMS))
         self.weight = 1.0
         self.column_block = column_block
-        #: counting a channel part after the first of a block (see :data:`TERMS`): its weight
+        #: counting a channel part after the first of a block (see :data:`COST_TERMS`): its weight
         #: gathers count as ``regather_melem`` and its convolutions as ``repeat_conv_calls``
         self.repeat = False
 
