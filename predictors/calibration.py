@@ -29,7 +29,7 @@ import pandas as pd
 
 from dynas.errors import ConfigError
 from dynas.predictors import cpu
-from dynas.predictors.latency import _stage_work, predict, predict_blocks
+from dynas.predictors.latency import predict, predict_blocks, stage_work
 from dynas.predictors.targets import HardwareTarget, load_target, static_key
 from dynas.spaces.config import load_config, stage_gate_kind, stage_runs
 
@@ -73,7 +73,7 @@ def _part_work(config: Any, n: int, part: str, stage: int, cache: dict, column_b
     runs = cache.get((config, "runs"))
     if runs is None:
         runs = cache[(config, "runs")] = stage_runs(cfg)
-    return _stage_work(spec.name, spec.input_hw, stage, cfg.stages[stage], n, runs[stage], column_block)
+    return stage_work(spec.name, spec.input_hw, stage, cfg.stages[stage], n, runs[stage], column_block)
 
 
 def _design_matrix(df: pd.DataFrame, column_block: int = 1, cache: dict | None = None) -> np.ndarray:

@@ -214,10 +214,10 @@ def _cpu_varies(cfg: ArchConfig, s: int, field: str) -> bool:
 def _same_unfolded_products(target: str, low: ArchConfig, high: ArchConfig, s: int) -> bool:
     """Whether stage ``s`` runs as many row products unfolded at batch 1 under ``low`` as under
     ``high`` (place 5: no product crossed the folding threshold)."""
-    from dynas.predictors.latency import _stage_work
+    from dynas.predictors.latency import stage_work
 
     block = load_target(target).column_block
-    calls = [_stage_work(c.backbone, c.input_size, s, c.stages[s], 1, stage_runs(c)[s], block)[cpu.TERMS.index("mm_calls")]
+    calls = [stage_work(c.backbone, c.input_size, s, c.stages[s], 1, stage_runs(c)[s], block)[cpu.TERMS.index("mm_calls")]
              for c in (low, high)]
     return calls[0] == calls[1]
 
