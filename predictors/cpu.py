@@ -51,7 +51,7 @@ _SMALL_MAP = 64  # output positions per sample or patch at or below which a conv
 #: among which ``dynas calibrate`` picks the one that fits its measurements best; 1 = no effect
 COLUMN_BLOCKS: tuple[int, ...] = (1, 2, 3, 4, 6, 8)
 #: a row product (``mm``) of at least this many rows and multiply-accumulates runs as a 1x1
-#: convolution of the rows folded into 8 columns (``_row_product`` in ``kernels/blocks.py``,
+#: convolution of the rows folded into 8 columns (``row_product`` in ``kernels/convs.py``,
 #: whose constants these mirror; a test checks that they agree)
 FOLD_MIN_ROWS, FOLD_MIN_MACS = 64, 8_000_000
 
@@ -244,9 +244,9 @@ def _body(w: _Work, b: BlockSpec, rows_in: float, rows_out: float, samples: floa
             w.stream(2 * mid * k)  # zero the padding positions of every region
         if selected:
             # selected input channels: rows of the cached flipped matrix, for a transposed convolution
-            # (``_conv_inputs``; a column gather would read the whole matrix)
+            # (``conv_inputs`` in kernels/convs.py; a column gather would read the whole matrix)
             w.gather(k * cout * 9, weights=True)
-        # 1x1 patches: each window is one output pixel, one matrix product (kernels/blocks.py)
+        # 1x1 patches: each window is one output pixel, one matrix product (``one_pixel_conv`` in kernels/convs.py)
         w.conv(rows_out, k, cout, 3, k, hw=out_hw, mm=out_hw == (1, 1))
         _bn_relu(w, rows_out * cout, relu=False)
         return

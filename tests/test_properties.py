@@ -20,7 +20,7 @@ Invariants of a prediction:
   on: the grouped 3x3 conv skips its zero-filled copy; (4) spatial rates, patch by patch: a
   row product's row count grows with the active patches, and the kernels run it folded into a
   1x1 convolution from ``FOLD_MIN_ROWS`` rows and ``FOLD_MIN_MACS`` multiply-accumulates, and
-  zero-pad its rows to a multiple of 8 unless 8 or 7 divides them (``_row_product``), so one
+  zero-pad its rows to a multiple of 8 unless 8 or 7 divides them (``kernels.convs.row_product``), so one
   more patch can switch a product to the faster path or save a padding copy (a stage of
   RegNetY-400MF with every 1x1 patch on runs without the copies it makes with 31/32 of them).
   (5) channel rates of bottleneck stages: conv1 and conv3 on the selected channels are row
