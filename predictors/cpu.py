@@ -328,77 +328,54 @@ def _covered(b: BlockSpec, S: int, k: int) -> float:
     return float(sum(1.0 - off[c] for c in cov))
 
 
-@functools.lru_cache(maxsize=None)
-def block_work(b: BlockSpec, st: StageConfig, n: int, run_prob: float = 1.0, column_block: int = 1) -> np.ndarray:
-    """[len(TERMS)] expected work of one block of ``n`` samples under ``st``.
-
-    ``run_prob``: probability that a sample runs the block (layer gates and whole-map spatial
-    gates; see the module docstring); 1 otherwise.  ``column_block``: the target's (see
-    ``_Work.conv``).
-    """
-    w = _Work(column_block)
-    p = st.paradigm
+def _whole_sample_work(w: _Work, b: BlockSpec, n: int, run_prob: float | None, groups: int, M: int, k: int,
+                       touched: tuple[float, bool] | None, areas: dict[str, tuple[int, int]]) -> None:
+    """Work of a block whose gates pick whole samples (layer gates, one-patch spatial gates; each
+    sample runs with probability ``run_prob``, None: every sample runs) and channels (``groups``
+    gate groups, ``M`` equally likely selections of ``k`` channels), beyond maskers and shortcut."""
     ho, wo = b.out_hw
     hi, wi = b.in_hw
     out_elems = n * b.out_channels * ho * wo
-    areas = {"out_hw": (ho, wo), "mid_hw": (ho, wo) if b.kind == "basic" else (hi, wi)}  # whole maps
-    if p == "static":
-        _shortcut(w, b, n)
-        _body(w, b, n * hi * wi, n * ho * wo, n, b.width, False, dynamic=False, **areas)
-        w.stream(3 * out_elems + 2 * out_elems, 2)  # add, relu
-        return w.result()
-    S = st.spatial_granularity if uses_spatial(p) else None
-    grid = (ho // S) * (wo // S) if S else 0
-    groups = b.width // st.channel_granularity if uses_channel(p) else 0
-    active = budget_count(st.channel_density, groups) if groups else 0
-    k = active * st.channel_granularity if groups else b.width
-    touched = _grouped_touched(b, st.channel_granularity, active) if groups and b.groups > 1 else None
-    # maskers
-    if S:
-        _spatial_masker(w, b, n, S)
-    if groups:
-        _mlp_masker(w, b, n, groups)
-    if uses_layer(p):
-        _mlp_masker(w, b, n, 1)
-    # sample indices: arange (layer gates: compare, nonzero; a one-patch spatial gate: index_select, compare, index)
-    w.ops(1 + (2 if uses_layer(p) else 0) + (3 if S and grid == 1 else 0))
-    _shortcut(w, b, n)
-    per_sample_gate = uses_layer(p) or grid == 1
-    spatial = bool(S) and grid > 1
-    M = math.comb(groups, active) if groups else 1
-    if not spatial:
-        dist = _binomial(n, run_prob) if per_sample_gate else np.eye(n + 1)[n]  # P(m samples run)
-        p_no_split = 0.0  # probability of the whole-batch path (no ReLU(shortcut) pass of its own)
-        for m, pm in enumerate(dist):
-            if pm < 1e-12 or m == 0:
-                continue
-            w.weight = pm
-            parts = _distinct(m, M) if groups else 1.0
-            if groups:
-                w.ops(_SELECTION_OPS)  # the running samples' selections
-                w.weight = pm * parts
-                w.ops(_PART_SELECTION_OPS)
-            # every sample runs with one selection: the whole batch, no gather (P = M^-(n-1))
-            p_whole = (1.0 if not groups or n == 1 else float(M) ** -(n - 1) if M < 1e12 else 0.0) if m == n else 0.0
-            if p_whole > 0:
-                p_no_split += pm * p_whole
-                w.weight = pm * p_whole
-                _body(w, b, n * hi * wi, n * ho * wo, n, k, bool(groups), touched=touched, **areas)
-                w.stream(5 * out_elems, 2)  # add_, relu_
-            if p_whole >= 1.0:
-                continue
-            pm *= 1.0 - p_whole
-            if groups and m == n:
-                parts = (parts - p_whole) / (1.0 - p_whole)  # distinct selections, given not all equal
-            # gather path: every part gathers its samples and writes them back
-            _per_part(w, pm, parts, lambda: _body(w, b, (m / parts) * hi * wi, (m / parts) * ho * wo, m / parts, k,
-                                                  bool(groups), touched=touched, **areas))
-            w.weight = pm
-            w.gather(m * (b.in_channels * hi * wi + 2 * b.out_channels * ho * wo), 3 * parts)  # samples, shortcut rows, write-back
-            w.stream(5 * m * b.out_channels * ho * wo, 2 * parts)
-        w.weight = 1.0 - p_no_split
-        w.stream(2 * out_elems)  # ReLU(shortcut) of the samples that skip
-        return w.result()
+    dist = _binomial(n, run_prob) if run_prob is not None else np.eye(n + 1)[n]  # P(m samples run)
+    p_no_split = 0.0  # probability of the whole-batch path (no ReLU(shortcut) pass of its own)
+    for m, pm in enumerate(dist):
+        if pm < 1e-12 or m == 0:
+            continue
+        w.weight = pm
+        parts = _distinct(m, M) if groups else 1.0
+        if groups:
+            w.ops(_SELECTION_OPS)  # the running samples' selections
+            w.weight = pm * parts
+            w.ops(_PART_SELECTION_OPS)
+        # every sample runs with one selection: the whole batch, no gather (P = M^-(n-1))
+        p_whole = (1.0 if not groups or n == 1 else float(M) ** -(n - 1) if M < 1e12 else 0.0) if m == n else 0.0
+        if p_whole > 0:
+            p_no_split += pm * p_whole
+            w.weight = pm * p_whole
+            _body(w, b, n * hi * wi, n * ho * wo, n, k, bool(groups), touched=touched, **areas)
+            w.stream(5 * out_elems, 2)  # add_, relu_
+        if p_whole >= 1.0:
+            continue
+        pm *= 1.0 - p_whole
+        if groups and m == n:
+            parts = (parts - p_whole) / (1.0 - p_whole)  # distinct selections, given not all equal
+        # gather path: every part gathers its samples and writes them back
+        _per_part(w, pm, parts, lambda: _body(w, b, (m / parts) * hi * wi, (m / parts) * ho * wo, m / parts, k,
+                                              bool(groups), touched=touched, **areas))
+        w.weight = pm
+        w.gather(m * (b.in_channels * hi * wi + 2 * b.out_channels * ho * wo), 3 * parts)  # samples, shortcut rows, write-back
+        w.stream(5 * m * b.out_channels * ho * wo, 2 * parts)
+    w.weight = 1.0 - p_no_split
+    w.stream(2 * out_elems)  # ReLU(shortcut) of the samples that skip
+
+
+def _patch_work(w: _Work, b: BlockSpec, st: StageConfig, n: int, S: int, grid: int, groups: int, M: int, k: int,
+                touched: tuple[float, bool] | None) -> None:
+    """Work of a block whose spatial gates pick ``S`` x ``S`` patches of a ``grid``-patch map
+    (channels as in :func:`_whole_sample_work`), beyond maskers and shortcut."""
+    ho, wo = b.out_hw
+    hi, wi = b.in_hw
+    out_elems = n * b.out_channels * ho * wo
     # spatial: every sample runs `kp` of its `grid` patches; parts = distinct channel selections
     kp = budget_count(st.spatial_rate, grid)
     parts = _distinct(n, M) if groups else 1.0
@@ -441,6 +418,50 @@ def block_work(b: BlockSpec, st: StageConfig, n: int, run_prob: float = 1.0, col
     w.gather(2 * rows_out * b.out_channels, 2 * parts)  # shortcut rows, write-back
     w.stream(5 * rows_out * b.out_channels, 2 * parts)  # add_, relu_
     w.stream(2 * out_elems)  # ReLU(shortcut) everywhere
+
+
+@functools.lru_cache(maxsize=None)
+def block_work(b: BlockSpec, st: StageConfig, n: int, run_prob: float = 1.0, column_block: int = 1) -> np.ndarray:
+    """[len(TERMS)] expected work of one block of ``n`` samples under ``st``.
+
+    ``run_prob``: probability that a sample runs the block (layer gates and whole-map spatial
+    gates; see the module docstring); 1 otherwise.  ``column_block``: the target's (see
+    ``_Work.conv``).
+    """
+    w = _Work(column_block)
+    p = st.paradigm
+    ho, wo = b.out_hw
+    hi, wi = b.in_hw
+    out_elems = n * b.out_channels * ho * wo
+    areas = {"out_hw": (ho, wo), "mid_hw": (ho, wo) if b.kind == "basic" else (hi, wi)}  # whole maps
+    if p == "static":
+        _shortcut(w, b, n)
+        _body(w, b, n * hi * wi, n * ho * wo, n, b.width, False, dynamic=False, **areas)
+        w.stream(3 * out_elems + 2 * out_elems, 2)  # add, relu
+        return w.result()
+    S = st.spatial_granularity if uses_spatial(p) else None
+    grid = (ho // S) * (wo // S) if S else 0
+    groups = b.width // st.channel_granularity if uses_channel(p) else 0
+    active = budget_count(st.channel_density, groups) if groups else 0
+    k = active * st.channel_granularity if groups else b.width
+    touched = _grouped_touched(b, st.channel_granularity, active) if groups and b.groups > 1 else None
+    # maskers
+    if S:
+        _spatial_masker(w, b, n, S)
+    if groups:
+        _mlp_masker(w, b, n, groups)
+    if uses_layer(p):
+        _mlp_masker(w, b, n, 1)
+    # sample indices: arange (layer gates: compare, nonzero; a one-patch spatial gate: index_select, compare, index)
+    w.ops(1 + (2 if uses_layer(p) else 0) + (3 if S and grid == 1 else 0))
+    _shortcut(w, b, n)
+    per_sample_gate = uses_layer(p) or grid == 1
+    spatial = bool(S) and grid > 1
+    M = math.comb(groups, active) if groups else 1
+    if not spatial:
+        _whole_sample_work(w, b, n, run_prob if per_sample_gate else None, groups, M, k, touched, areas)
+    else:
+        _patch_work(w, b, st, n, S, grid, groups, M, k, touched)
     return w.result()
 
 
