@@ -2,7 +2,7 @@
 
 In a channel-gated ResNet-18/34 block, conv2 reads only the channels conv1 computed.  Its
 weight restricted to them is a column gather of the cached [C_out * 9, C_in] matrix, and a
-column gather reads the whole matrix; on CPU, ``kernels/blocks.py`` (``_conv_inputs``) runs the
+column gather reads the whole matrix; on CPU, ``kernels/convs.py`` (``conv_inputs``) runs the
 equal transposed convolution instead, whose flipped kernels are cached by input channel, so the
 selection is a row gather.  This script times whole networks (fresh weights, random gate mode,
 fast path, channels-last, freed memory kept, as ``dynas calibrate`` runs them) with each way in
@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from dynas.kernels import blocks
+from dynas.kernels import convs
 from dynas.kernels.calibrate import keep_freed_memory
 from dynas.kernels.model import build_model
 from dynas.spaces.config import load_config
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8])
     args = ap.parse_args(argv)
-    row_gather = blocks._TRANSPOSED
+    row_gather = convs.TRANSPOSED_CONV
     if row_gather is None:
         print("this torch build has no oneDNN transposed convolution: conv2 keeps the column gather", file=sys.stderr)
         return 1
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
                 with torch.inference_mode():
                     for i in range(args.warmup + args.repeats):
                         for way in times:
-                            blocks._TRANSPOSED = row_gather if way == "row" else None
+                            convs.TRANSPOSED_CONV = row_gather if way == "row" else None
                             torch.manual_seed(i)  # the same draws for both ways
                             t0 = time.perf_counter()
                             model(x)
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"| {backbone} | {stage} | `{cfg.stages[stage].short()}` | {n} | {col_ms:.2f} | {row_ms:.2f} | "
                       f"{col_ms / row_ms:.2f} |", flush=True)
     finally:
-        blocks._TRANSPOSED = row_gather
+        convs.TRANSPOSED_CONV = row_gather
     return 0
 
 

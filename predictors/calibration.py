@@ -29,7 +29,7 @@ import pandas as pd
 
 from dynas.errors import ConfigError
 from dynas.predictors import cpu
-from dynas.predictors.latency import _stage_work, predict, predict_blocks
+from dynas.predictors.latency import predict, predict_blocks, stage_work
 from dynas.predictors.targets import HardwareTarget, load_target, static_key
 from dynas.spaces.config import load_config, stage_gate_kind, stage_runs
 
@@ -74,7 +74,7 @@ def _part_work(config: Any, n: int, part: str, stage: int, cache: dict, column_b
     runs = cache.get((config, "runs"))
     if runs is None:
         runs = cache[(config, "runs")] = stage_runs(cfg)
-    return _stage_work(spec.name, spec.input_hw, stage, cfg.stages[stage], n, runs[stage], column_block)
+    return stage_work(spec.name, spec.input_hw, stage, cfg.stages[stage], n, runs[stage], column_block)
 
 
 def _design_matrix(df: pd.DataFrame, column_block: int = 1, cache: dict | None = None) -> np.ndarray:
@@ -214,7 +214,7 @@ def fit_target(measurements: pd.DataFrame, name: str, environment: Mapping[str, 
     rel = (X @ coef / y - 1)[keep]
     env = dict(environment or {})
     unexercised = [f for f, col in zip(cpu.COST_FIELDS, X[keep].T) if not np.any(col > 0)]
-    costs = cpu.CpuCosts(*(float(c) for c in coef / cpu._TO_MS))
+    costs = cpu.CpuCosts.from_vector_ms(coef)
     # no channel part ran after another (batch 1 only): later parts cost what a first part does
     later = {f: getattr(costs, src) for f, src in cpu.LATER_PART_FIELDS.items() if f in unexercised}
     costs = costs._replace(**later)
@@ -305,19 +305,7 @@ def _static_ms(measurements: pd.DataFrame, cache: dict) -> dict[str, float]:
 
 def cost_comments(costs: cpu.CpuCosts) -> dict[str, str]:
     """A human reading of each fitted cost (an effective throughput, a bandwidth, an overhead)."""
-    out = {}
-    for field, v in costs._asdict().items():
-        if field.endswith("_ms_per_gmac"):
-            out[field] = f"{1e3 / v:.1f} GMAC/s effective" if v > 0 else "negligible in the fit"
-        elif field.endswith("_ms_per_melem"):
-            out[field] = f"{4.0 / v:.1f} GB/s effective (float32)" if v > 0 else "negligible in the fit"
-        elif field.endswith("_ms_per_mrow"):
-            out[field] = f"{v:.1f} ns per row" if v > 0 else "negligible in the fit"
-        elif field.endswith("_stage_us"):
-            out[field] = f"{v:.2f} us per dynamic stage"
-        else:
-            out[field] = f"{v:.2f} us per call"
-    return out
+    return costs.readings()
 
 
 def compare(measurements: pd.DataFrame, target: "str | HardwareTarget") -> pd.DataFrame:

@@ -4,62 +4,14 @@ The GPU model (``gpu.py``) simulates tiles on SMs from a spec sheet.  A CPU runs
 on a few threads through caches, and what costs time there is what ``dynas.kernels`` actually
 does: dense convolutions, products of gathered pixel rows, gathers and scatters of rows, and a
 fixed cost per dispatched operator.  So this model walks the fast path of
-``kernels/blocks.py`` operator by operator and counts *work*:
-
-=====================  ==================================================================
-term                   what is counted (per forward pass of the batch)
-=====================  ==================================================================
-``pointwise_gmac``     multiply-accumulates of 1x1 convolutions, and of row products large
-                       enough to run folded into one (``FOLD_MIN_ROWS``, ``FOLD_MIN_MACS``) (GMAC)
-``conv3x3_gmac``       ... of dense 3x3 convolutions, whole maps or gathered windows
-``grouped_gmac``       ... of grouped 3x3 convolutions (RegNetY)
-``stem_gmac``          ... of the stem convolution
-``smallmap_gmac``      ... of convolutions (not row products) whose output per sample or patch
-                       is at most 8 x 8 positions: the threads' blocking over positions is
-                       then poorly filled (7 x 7 maps, gathered patches)
-``mm_gmac``            ... of the other row products (matrix products of pixel or window
-                       rows), which run in the BLAS library, not oneDNN
-``vec_gmac``           ... of products of per-sample vectors (maskers, SE, head: one row per
-                       sample, so bound by reading the weights, not by arithmetic)
-``w_pointwise_melem``  weight elements per 1x1-convolution call (M elements): the library
-                       re-lays the weights out on every call, so each call reads and writes them
-``w_conv3x3_melem``    ... per 3x3 (dense, grouped or stem) convolution call
-``w_mm_melem``         ... per matrix-product / linear call (no re-layout; read once)
-``conv_io_melem``      input + output elements of convolutions and row products
-``stream_melem``       elements read + written by element-wise ops (BN, ReLU, add, pooling)
-``gather_melem``       elements moved by row gathers/scatters, zero fills and padding copies
-``index_melem``        elements moved by multi-dimensional advanced indexing (patch regions
-                       of the input, windows of the zero-padded buffer)
-``index_mrows``        contiguous runs (pixel rows of channels) those copies move (M rows):
-                       the indexing kernel costs per run as well as per element
-``regather_melem``     weight elements that a block's second and later channel parts gather
-                       (samples with other channel selections, at batch > 1): the same cached
-                       weight matrix read again right after the part before, from cache;
-                       the first part's count as ``gather_melem``
-``conv_calls``         convolution calls
-``repeat_conv_calls``  ... of those later parts: the same shapes as the part just before,
-                       back to back (fitted here at about a third of a first call's cost)
-``mm_calls``           matrix-product / linear calls of unfolded row products
-``op_calls``           every other dispatched operator (index arithmetic, element-wise, masker
-                       budgets, and the products of per-sample vectors: a vector-matrix
-                       product costs ~2 us, like an element-wise call, not a row product's
-                       ~40), counted as the fast path dispatches them (``tests/
-                       test_calibration.py`` compares the counts with a dispatch counter)
-``masker_calls``       gate evaluations: the Python around each masker (its module call,
-                       the decisions the fast path derives from it) that no operator count sees
-``dynamic_stages``     stages with gates: the first gated block of a stage runs the dynamic
-                       path's operators and Python after other code has evicted them from
-                       the instruction caches and branch predictors (timed per block by
-                       ``dynas validate``: ResNet-18's first gated block took 0.1-0.4 ms more
-                       than its identical second one at batch 1, each of its operators about
-                       twice as long), counted once per stage, on its first block
-=====================  ==================================================================
-
-and a target gives one cost per unit of each term (``ms_per_gmac``, ``ms_per_melem``,
-``ms_per_mrow``, ``us_per_call``), fitted to measurements by ``dynas calibrate``
-(:mod:`dynas.predictors.calibration`).  Latency = the sum of work x cost: linear in the
-costs, so the fit is a non-negative least-squares problem and each fitted cost stays a
-physical quantity (an effective throughput, a bandwidth, an overhead).
+``kernels/blocks.py`` operator by operator and counts *work*, in the terms of
+:data:`~dynas.predictors.cpu_terms.COST_TERMS` (multiply-accumulates of each kind of
+convolution or product, elements moved by each kind of copy, calls of each kind of operator;
+one row per term, with what it counts).  A target gives one cost per unit of each term
+(``ms_per_gmac``, ``ms_per_melem``, ``ms_per_mrow``, ``us_per_call``), fitted to measurements
+by ``dynas calibrate`` (:mod:`dynas.predictors.calibration`).  Latency = the sum of work x
+cost: linear in the costs, so the fit is a non-negative least-squares problem and each fitted
+cost stays a physical quantity (an effective throughput, a bandwidth, an overhead).
 
 Decisions are those of the ``random`` gate mode: exact budget counts, chosen uniformly and
 independently per sample.  Work that depends on the choice is taken as an exact expectation:
@@ -80,81 +32,28 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable, NamedTuple
+from typing import Callable
 
 import numpy as np
 
+from dynas.predictors.cpu_terms import (CALL_TERMS, COMPUTE_TERMS, COST_FIELDS, COST_TERMS, LATER_PART_FIELDS,
+                                        MEMORY_TERMS, TERM_KINDS, TERMS, CpuCosts)
 from dynas.spaces.backbones import BlockSpec, StemSpec
 from dynas.spaces.config import StageConfig, budget_count, uses_channel, uses_layer, uses_spatial
 
-__all__ = ["TERMS", "COST_FIELDS", "LATER_PART_FIELDS", "COLUMN_BLOCKS", "COMPUTE_TERMS", "MEMORY_TERMS", "CALL_TERMS", "TERM_KINDS", "CpuCosts", "block_work", "stage_entry_work", "stem_work", "head_work", "expected_block_flops",
-           "work_latency_ms"]
+__all__ = ["COST_TERMS", "TERMS", "COST_FIELDS", "LATER_PART_FIELDS", "COLUMN_BLOCKS", "COMPUTE_TERMS", "MEMORY_TERMS",
+           "CALL_TERMS", "TERM_KINDS", "CpuCosts", "block_work", "stage_entry_work", "stem_work", "head_work",
+           "expected_block_flops", "work_latency_ms"]
 
-#: work terms, in the order of :data:`COST_FIELDS`
-TERMS: tuple[str, ...] = ("pointwise_gmac", "conv3x3_gmac", "grouped_gmac", "stem_gmac", "smallmap_gmac", "mm_gmac", "vec_gmac",
-                          "w_pointwise_melem",
-                          "w_conv3x3_melem", "w_mm_melem",
-                          "conv_io_melem", "stream_melem", "gather_melem", "index_melem", "index_mrows", "regather_melem",
-                          "conv_calls", "repeat_conv_calls", "mm_calls",
-                          "op_calls", "masker_calls", "dynamic_stages")
-#: target-file field holding the cost of one unit of each term
-COST_FIELDS: tuple[str, ...] = ("pointwise_ms_per_gmac", "conv3x3_ms_per_gmac", "grouped_ms_per_gmac",
-                                "stem_ms_per_gmac", "smallmap_ms_per_gmac", "mm_ms_per_gmac", "vec_ms_per_gmac", "w_pointwise_ms_per_melem",
-                                "w_conv3x3_ms_per_melem", "w_mm_ms_per_melem", "conv_io_ms_per_melem",
-                                "stream_ms_per_melem", "gather_ms_per_melem", "index_ms_per_melem", "index_ms_per_mrow",
-                                "regather_ms_per_melem", "conv_call_us", "repeat_conv_call_us",
-                                "mm_call_us", "op_call_us", "masker_call_us", "dynamic_stage_us")
-_TO_MS = np.array([1.0] * 16 + [1e-3] * 6)  # the per-call costs are stored in microseconds
-#: costs of a block's later channel parts, and the first part's cost that stands for each where
-#: nothing measured them (a calibration at batch 1 only; target files written before them)
-LATER_PART_FIELDS: dict[str, str] = {"regather_ms_per_melem": "gather_ms_per_melem", "repeat_conv_call_us": "conv_call_us"}
-#: which terms are compute (MACs), memory (elements) and per-call overhead
-COMPUTE_TERMS, MEMORY_TERMS, CALL_TERMS = slice(0, 7), slice(7, 16), slice(16, 22)
-#: [3, len(TERMS)] 0/1 rows selecting the compute, memory and call terms
-TERM_KINDS = np.zeros((3, len(TERMS)))
-for _row, _sl in enumerate((COMPUTE_TERMS, MEMORY_TERMS, CALL_TERMS)):
-    TERM_KINDS[_row, _sl] = 1.0
-TERM_KINDS.setflags(write=False)
 _T = {t: i for i, t in enumerate(TERMS)}
 _SMALL_MAP = 64  # output positions per sample or patch at or below which a conv counts as small-map
 #: candidate widths (output columns a convolution kernel computes at once, see ``_Work.conv``)
 #: among which ``dynas calibrate`` picks the one that fits its measurements best; 1 = no effect
 COLUMN_BLOCKS: tuple[int, ...] = (1, 2, 3, 4, 6, 8)
 #: a row product (``mm``) of at least this many rows and multiply-accumulates runs as a 1x1
-#: convolution of the rows folded into 8 columns (``_row_product`` in ``kernels/blocks.py``,
+#: convolution of the rows folded into 8 columns (``row_product`` in ``kernels/convs.py``,
 #: whose constants these mirror; a test checks that they agree)
 FOLD_MIN_ROWS, FOLD_MIN_MACS = 64, 8_000_000
-
-
-class CpuCosts(NamedTuple):
-    """Cost of one unit of each work term (fields as in :data:`COST_FIELDS`; >= 0)."""
-
-    pointwise_ms_per_gmac: float
-    conv3x3_ms_per_gmac: float
-    grouped_ms_per_gmac: float
-    stem_ms_per_gmac: float
-    smallmap_ms_per_gmac: float
-    mm_ms_per_gmac: float
-    vec_ms_per_gmac: float
-    w_pointwise_ms_per_melem: float
-    w_conv3x3_ms_per_melem: float
-    w_mm_ms_per_melem: float
-    conv_io_ms_per_melem: float
-    stream_ms_per_melem: float
-    gather_ms_per_melem: float
-    index_ms_per_melem: float
-    index_ms_per_mrow: float
-    regather_ms_per_melem: float
-    conv_call_us: float
-    repeat_conv_call_us: float
-    mm_call_us: float
-    op_call_us: float
-    masker_call_us: float
-    dynamic_stage_us: float
-
-    def vector_ms(self) -> np.ndarray:
-        """[len(TERMS)] milliseconds per unit of each term."""
-        return np.asarray(self, dtype=np.float64) * _TO_MS
 
 
 def folds(rows: float, macs: float) -> bool:
@@ -169,7 +68,7 @@ class _Work:
         self.v = np.zeros(len(TERMS))
         self.weight = 1.0
         self.column_block = column_block
-        #: counting a channel part after the first of a block (see :data:`TERMS`): its weight
+        #: counting a channel part after the first of a block (see :data:`COST_TERMS`): its weight
         #: gathers count as ``regather_melem`` and its convolutions as ``repeat_conv_calls``
         self.repeat = False
 
@@ -345,9 +244,9 @@ def _body(w: _Work, b: BlockSpec, rows_in: float, rows_out: float, samples: floa
             w.stream(2 * mid * k)  # zero the padding positions of every region
         if selected:
             # selected input channels: rows of the cached flipped matrix, for a transposed convolution
-            # (``_conv_inputs``; a column gather would read the whole matrix)
+            # (``conv_inputs`` in kernels/convs.py; a column gather would read the whole matrix)
             w.gather(k * cout * 9, weights=True)
-        # 1x1 patches: each window is one output pixel, one matrix product (kernels/blocks.py)
+        # 1x1 patches: each window is one output pixel, one matrix product (``one_pixel_conv`` in kernels/convs.py)
         w.conv(rows_out, k, cout, 3, k, hw=out_hw, mm=out_hw == (1, 1))
         _bn_relu(w, rows_out * cout, relu=False)
         return
@@ -429,77 +328,54 @@ def _covered(b: BlockSpec, S: int, k: int) -> float:
     return float(sum(1.0 - off[c] for c in cov))
 
 
-@functools.lru_cache(maxsize=None)
-def block_work(b: BlockSpec, st: StageConfig, n: int, run_prob: float = 1.0, column_block: int = 1) -> np.ndarray:
-    """[len(TERMS)] expected work of one block of ``n`` samples under ``st``.
-
-    ``run_prob``: probability that a sample runs the block (layer gates and whole-map spatial
-    gates; see the module docstring); 1 otherwise.  ``column_block``: the target's (see
-    ``_Work.conv``).
-    """
-    w = _Work(column_block)
-    p = st.paradigm
+def _whole_sample_work(w: _Work, b: BlockSpec, n: int, run_prob: float | None, groups: int, M: int, k: int,
+                       touched: tuple[float, bool] | None, areas: dict[str, tuple[int, int]]) -> None:
+    """Work of a block whose gates pick whole samples (layer gates, one-patch spatial gates; each
+    sample runs with probability ``run_prob``, None: every sample runs) and channels (``groups``
+    gate groups, ``M`` equally likely selections of ``k`` channels), beyond maskers and shortcut."""
     ho, wo = b.out_hw
     hi, wi = b.in_hw
     out_elems = n * b.out_channels * ho * wo
-    areas = {"out_hw": (ho, wo), "mid_hw": (ho, wo) if b.kind == "basic" else (hi, wi)}  # whole maps
-    if p == "static":
-        _shortcut(w, b, n)
-        _body(w, b, n * hi * wi, n * ho * wo, n, b.width, False, dynamic=False, **areas)
-        w.stream(3 * out_elems + 2 * out_elems, 2)  # add, relu
-        return w.result()
-    S = st.spatial_granularity if uses_spatial(p) else None
-    grid = (ho // S) * (wo // S) if S else 0
-    groups = b.width // st.channel_granularity if uses_channel(p) else 0
-    active = budget_count(st.channel_density, groups) if groups else 0
-    k = active * st.channel_granularity if groups else b.width
-    touched = _grouped_touched(b, st.channel_granularity, active) if groups and b.groups > 1 else None
-    # maskers
-    if S:
-        _spatial_masker(w, b, n, S)
-    if groups:
-        _mlp_masker(w, b, n, groups)
-    if uses_layer(p):
-        _mlp_masker(w, b, n, 1)
-    # sample indices: arange (layer gates: compare, nonzero; a one-patch spatial gate: index_select, compare, index)
-    w.ops(1 + (2 if uses_layer(p) else 0) + (3 if S and grid == 1 else 0))
-    _shortcut(w, b, n)
-    per_sample_gate = uses_layer(p) or grid == 1
-    spatial = bool(S) and grid > 1
-    M = math.comb(groups, active) if groups else 1
-    if not spatial:
-        dist = _binomial(n, run_prob) if per_sample_gate else np.eye(n + 1)[n]  # P(m samples run)
-        p_no_split = 0.0  # probability of the whole-batch path (no ReLU(shortcut) pass of its own)
-        for m, pm in enumerate(dist):
-            if pm < 1e-12 or m == 0:
-                continue
-            w.weight = pm
-            parts = _distinct(m, M) if groups else 1.0
-            if groups:
-                w.ops(_SELECTION_OPS)  # the running samples' selections
-                w.weight = pm * parts
-                w.ops(_PART_SELECTION_OPS)
-            # every sample runs with one selection: the whole batch, no gather (P = M^-(n-1))
-            p_whole = (1.0 if not groups or n == 1 else float(M) ** -(n - 1) if M < 1e12 else 0.0) if m == n else 0.0
-            if p_whole > 0:
-                p_no_split += pm * p_whole
-                w.weight = pm * p_whole
-                _body(w, b, n * hi * wi, n * ho * wo, n, k, bool(groups), touched=touched, **areas)
-                w.stream(5 * out_elems, 2)  # add_, relu_
-            if p_whole >= 1.0:
-                continue
-            pm *= 1.0 - p_whole
-            if groups and m == n:
-                parts = (parts - p_whole) / (1.0 - p_whole)  # distinct selections, given not all equal
-            # gather path: every part gathers its samples and writes them back
-            _per_part(w, pm, parts, lambda: _body(w, b, (m / parts) * hi * wi, (m / parts) * ho * wo, m / parts, k,
-                                                  bool(groups), touched=touched, **areas))
-            w.weight = pm
-            w.gather(m * (b.in_channels * hi * wi + 2 * b.out_channels * ho * wo), 3 * parts)  # samples, shortcut rows, write-back
-            w.stream(5 * m * b.out_channels * ho * wo, 2 * parts)
-        w.weight = 1.0 - p_no_split
-        w.stream(2 * out_elems)  # ReLU(shortcut) of the samples that skip
-        return w.result()
+    dist = _binomial(n, run_prob) if run_prob is not None else np.eye(n + 1)[n]  # P(m samples run)
+    p_no_split = 0.0  # probability of the whole-batch path (no ReLU(shortcut) pass of its own)
+    for m, pm in enumerate(dist):
+        if pm < 1e-12 or m == 0:
+            continue
+        w.weight = pm
+        parts = _distinct(m, M) if groups else 1.0
+        if groups:
+            w.ops(_SELECTION_OPS)  # the running samples' selections
+            w.weight = pm * parts
+            w.ops(_PART_SELECTION_OPS)
+        # every sample runs with one selection: the whole batch, no gather (P = M^-(n-1))
+        p_whole = (1.0 if not groups or n == 1 else float(M) ** -(n - 1) if M < 1e12 else 0.0) if m == n else 0.0
+        if p_whole > 0:
+            p_no_split += pm * p_whole
+            w.weight = pm * p_whole
+            _body(w, b, n * hi * wi, n * ho * wo, n, k, bool(groups), touched=touched, **areas)
+            w.stream(5 * out_elems, 2)  # add_, relu_
+        if p_whole >= 1.0:
+            continue
+        pm *= 1.0 - p_whole
+        if groups and m == n:
+            parts = (parts - p_whole) / (1.0 - p_whole)  # distinct selections, given not all equal
+        # gather path: every part gathers its samples and writes them back
+        _per_part(w, pm, parts, lambda: _body(w, b, (m / parts) * hi * wi, (m / parts) * ho * wo, m / parts, k,
+                                              bool(groups), touched=touched, **areas))
+        w.weight = pm
+        w.gather(m * (b.in_channels * hi * wi + 2 * b.out_channels * ho * wo), 3 * parts)  # samples, shortcut rows, write-back
+        w.stream(5 * m * b.out_channels * ho * wo, 2 * parts)
+    w.weight = 1.0 - p_no_split
+    w.stream(2 * out_elems)  # ReLU(shortcut) of the samples that skip
+
+
+def _patch_work(w: _Work, b: BlockSpec, st: StageConfig, n: int, S: int, grid: int, groups: int, M: int, k: int,
+                touched: tuple[float, bool] | None) -> None:
+    """Work of a block whose spatial gates pick ``S`` x ``S`` patches of a ``grid``-patch map
+    (channels as in :func:`_whole_sample_work`), beyond maskers and shortcut."""
+    ho, wo = b.out_hw
+    hi, wi = b.in_hw
+    out_elems = n * b.out_channels * ho * wo
     # spatial: every sample runs `kp` of its `grid` patches; parts = distinct channel selections
     kp = budget_count(st.spatial_rate, grid)
     parts = _distinct(n, M) if groups else 1.0
@@ -542,6 +418,50 @@ def block_work(b: BlockSpec, st: StageConfig, n: int, run_prob: float = 1.0, col
     w.gather(2 * rows_out * b.out_channels, 2 * parts)  # shortcut rows, write-back
     w.stream(5 * rows_out * b.out_channels, 2 * parts)  # add_, relu_
     w.stream(2 * out_elems)  # ReLU(shortcut) everywhere
+
+
+@functools.lru_cache(maxsize=None)
+def block_work(b: BlockSpec, st: StageConfig, n: int, run_prob: float = 1.0, column_block: int = 1) -> np.ndarray:
+    """[len(TERMS)] expected work of one block of ``n`` samples under ``st``.
+
+    ``run_prob``: probability that a sample runs the block (layer gates and whole-map spatial
+    gates; see the module docstring); 1 otherwise.  ``column_block``: the target's (see
+    ``_Work.conv``).
+    """
+    w = _Work(column_block)
+    p = st.paradigm
+    ho, wo = b.out_hw
+    hi, wi = b.in_hw
+    out_elems = n * b.out_channels * ho * wo
+    areas = {"out_hw": (ho, wo), "mid_hw": (ho, wo) if b.kind == "basic" else (hi, wi)}  # whole maps
+    if p == "static":
+        _shortcut(w, b, n)
+        _body(w, b, n * hi * wi, n * ho * wo, n, b.width, False, dynamic=False, **areas)
+        w.stream(3 * out_elems + 2 * out_elems, 2)  # add, relu
+        return w.result()
+    S = st.spatial_granularity if uses_spatial(p) else None
+    grid = (ho // S) * (wo // S) if S else 0
+    groups = b.width // st.channel_granularity if uses_channel(p) else 0
+    active = budget_count(st.channel_density, groups) if groups else 0
+    k = active * st.channel_granularity if groups else b.width
+    touched = _grouped_touched(b, st.channel_granularity, active) if groups and b.groups > 1 else None
+    # maskers
+    if S:
+        _spatial_masker(w, b, n, S)
+    if groups:
+        _mlp_masker(w, b, n, groups)
+    if uses_layer(p):
+        _mlp_masker(w, b, n, 1)
+    # sample indices: arange (layer gates: compare, nonzero; a one-patch spatial gate: index_select, compare, index)
+    w.ops(1 + (2 if uses_layer(p) else 0) + (3 if S and grid == 1 else 0))
+    _shortcut(w, b, n)
+    per_sample_gate = uses_layer(p) or grid == 1
+    spatial = bool(S) and grid > 1
+    M = math.comb(groups, active) if groups else 1
+    if not spatial:
+        _whole_sample_work(w, b, n, run_prob if per_sample_gate else None, groups, M, k, touched, areas)
+    else:
+        _patch_work(w, b, st, n, S, grid, groups, M, k, touched)
     return w.result()
 
 

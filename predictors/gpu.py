@@ -27,7 +27,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["Hardware", "OpCost", "ConvOp", "conv_cost", "memory_cost", "expected_max_density"]
+__all__ = ["Hardware", "OpCost", "ConvOp", "conv_cost", "memory_cost", "expected_max_density", "clear_caches"]
 
 
 class Hardware(NamedTuple):
@@ -286,3 +286,10 @@ def conv_cost(hw: Hardware, op: ConvOp) -> OpCost:
     memory = dram_elems * bpe / hw.dram_bandwidth_Bps + float(l2[i])
     sched = f"c{int(t.C[i])} h{int(t.H[i])} w{int(t.W[i])} p{int(P[i])}"
     return OpCost(float(compute[i]), memory, hw.launch_us * 1e-6, op.units * out_per_unit * cin_pg * op.k * op.k, sched)
+
+
+def clear_caches() -> None:
+    """Drop the memoized operator costs and the tables behind them (benchmarks, calibration)."""
+    for fn in (conv_cost, _op_table, _tile_sizes, _lane_rounds, _gate_density, _density_matrix, _max_density_by_wave,
+               _channels_last_coalescing, memory_cost, _hypergeom_cdf):
+        fn.cache_clear()

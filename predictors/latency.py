@@ -28,7 +28,7 @@ import math
 import numpy as np
 from typing import Any, Iterable, Mapping, NamedTuple
 
-from dynas.predictors import cpu
+from dynas.predictors import cpu, gpu
 from dynas.predictors.gpu import ConvOp, Hardware, OpCost, conv_cost, memory_cost
 from dynas.predictors.result import OpPrediction, Prediction, StagePrediction
 from dynas.predictors.targets import HardwareTarget, load_target
@@ -37,7 +37,7 @@ from dynas.spaces.config import (ArchConfig, StageConfig, load_config, stage_run
                                  uses_spatial)
 from dynas.errors import ConfigError, TargetError
 
-__all__ = ["predict", "predict_blocks", "block_ops", "clear_caches", "Ops"]
+__all__ = ["predict", "predict_blocks", "block_ops", "stage_work", "block_works", "clear_caches", "Ops"]
 
 Ops = tuple[tuple[str, OpCost], ...]
 _STATIC = StageConfig()
@@ -334,7 +334,7 @@ def predict_blocks(config: "ArchConfig | Mapping[str, Any] | str", target: "str 
         assert tgt.cpu is not None
         cost = tgt.cpu.vector_ms()  # [terms] ms per unit
         for s, (st, runs) in enumerate(zip(cfg.stages, stage_runs(cfg))):
-            works = _block_works(spec.name, spec.input_hw, s, st, n, runs, tgt.column_block)  # [blocks][terms]
+            works = block_works(spec.name, spec.input_hw, s, st, n, runs, tgt.column_block)  # [blocks][terms]
             out.append(tuple(float(w @ cost) for w in works))
         return tuple(out)
     hw = _hw(tgt)
@@ -456,7 +456,7 @@ def _check_exercised(tgt: HardwareTarget, cfg: ArchConfig, n: int, runs: tuple[i
         return
     spec = cfg.spec
     for s, st in enumerate(cfg.stages):
-        work = _stage_work(spec.name, spec.input_hw, s, st, n, runs[s], tgt.column_block)
+        work = stage_work(spec.name, spec.input_hw, s, st, n, runs[s], tgt.column_block)
         for f in missing:
             if work[cpu.COST_FIELDS.index(f)] > 0:
                 raise TargetError(
@@ -466,18 +466,18 @@ def _check_exercised(tgt: HardwareTarget, cfg: ArchConfig, n: int, runs: tuple[i
 
 
 @functools.lru_cache(maxsize=65536)
-def _stage_work(backbone: str, input_hw: tuple[int, int], s: int, st: StageConfig, n: int, runs: int | None,
+def stage_work(backbone: str, input_hw: tuple[int, int], s: int, st: StageConfig, n: int, runs: int | None,
                 column_block: int = 1) -> np.ndarray:
     """[terms] work of stage ``s`` under ``st`` (``runs``: per-sample block quota, see stage_runs;
     ``column_block``: the target's, see :func:`dynas.predictors.cpu.block_work`)."""
-    work = sum(_block_works(backbone, input_hw, s, st, n, runs, column_block))
+    work = sum(block_works(backbone, input_hw, s, st, n, runs, column_block))
     work.setflags(write=False)  # memoized and shared
     return work
 
 
-def _block_works(backbone: str, input_hw: tuple[int, int], s: int, st: StageConfig, n: int, runs: int | None,
+def block_works(backbone: str, input_hw: tuple[int, int], s: int, st: StageConfig, n: int, runs: int | None,
                  column_block: int) -> list[np.ndarray]:
-    """[blocks][terms] work of each block of stage ``s`` (arguments as :func:`_stage_work`), the
+    """[blocks][terms] work of each block of stage ``s`` (arguments as :func:`stage_work`), the
     stage's own work (:func:`dynas.predictors.cpu.stage_entry_work`) on its first block, where
     it is spent."""
     blocks = get_backbone(backbone, input_hw).stage_blocks(s)
@@ -494,8 +494,8 @@ def _stage_cpu(costs: "cpu.CpuCosts", column_block: int, backbone: str, input_hw
     flops = _dense_flops_per_op(spec)
     blocks = spec.stage_blocks(s)
     run_prob = runs / len(blocks) if runs is not None else 1.0
-    work = _stage_work(backbone, input_hw, s, st, n, runs, column_block)  # [terms], whole stage
-    static = _stage_work(backbone, input_hw, s, _STATIC, n, None, column_block)
+    work = stage_work(backbone, input_hw, s, st, n, runs, column_block)  # [terms], whole stage
+    static = stage_work(backbone, input_hw, s, _STATIC, n, None, column_block)
     per_term = work * costs.vector_ms()  # [terms] ms
     kinds = cpu.TERM_KINDS  # [compute/memory/calls, terms] 0/1
     ops = tuple(OpPrediction(term, float(ms), *(float(ms * kinds[r, i]) for r in range(3)), "")
@@ -512,8 +512,7 @@ def _stage_cpu(costs: "cpu.CpuCosts", column_block: int, backbone: str, input_hw
 
 def clear_caches() -> None:
     """Drop every memoized operator, block and network result (benchmarks, calibration)."""
-    from dynas.predictors import gpu
-
-    for fn in (gpu.conv_cost, gpu._op_table, gpu._tile_sizes, gpu._lane_rounds, gpu._gate_density, gpu._density_matrix, gpu._max_density_by_wave, gpu._channels_last_coalescing, gpu.memory_cost, gpu._hypergeom_cdf, block_ops, _stem_head, _stage, _predict,
-               cpu.block_work, cpu.stage_entry_work, cpu.stem_work, cpu.head_work, _stage_cpu, _stage_work):
+    gpu.clear_caches()
+    for fn in (block_ops, _stem_head, _stage, _predict, cpu.block_work, cpu.stage_entry_work, cpu.stem_work,
+               cpu.head_work, _stage_cpu, stage_work):
         fn.cache_clear()

@@ -20,10 +20,10 @@ A target file is TOML::
 
 A *measured* target (``kind = "cpu"``, written by ``dynas calibrate``) has no ``[hardware]``
 table; its ``[cpu]`` table holds the fitted cost of each unit of work of
-:mod:`dynas.predictors.cpu` (``pointwise_ms_per_gmac``, ..., ``dynamic_stage_us``; each a number >= 0, every
-field required except ``mm_ms_per_gmac``, ``vec_ms_per_gmac``, ``index_ms_per_mrow``,
-``masker_call_us`` and ``dynamic_stage_us``, which files written before they existed lack: those read as the file meant
-them, see ``_LATER_FIELDS``), ``threads``, the thread count it was measured with, and
+:mod:`dynas.predictors.cpu` (``pointwise_ms_per_gmac``, ..., ``dynamic_stage_us``: the
+``cost_field`` of each row of :data:`dynas.predictors.cpu_terms.COST_TERMS`; each a number >= 0,
+every field required except those that files written before they existed lack, which read as
+the file meant them: ``absent_as`` of the row), ``threads``, the thread count it was measured with, and
 ``column_block`` (optional, default 1), the output columns a convolution kernel computes at
 once, which the calibration picks along with the costs.  Its
 ``[environment]`` (device, torch version, date, ...) and ``[fit]`` (how well the model fits the
@@ -53,7 +53,7 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 
 from dynas.errors import TargetError
 from dynas.files import atomic_write_text
-from dynas.predictors.cpu import COST_FIELDS, LATER_PART_FIELDS, CpuCosts
+from dynas.predictors.cpu_terms import ABSENT_FIELDS, COST_FIELDS, CpuCosts
 
 __all__ = ["HardwareTarget", "load_target", "list_targets", "write_target", "static_key", "BUILTIN_DIR", "KINDS"]
 
@@ -83,7 +83,7 @@ class HardwareTarget:
     #: "cpu" targets: fitted costs, measured thread count, and the free-form records
     cpu: CpuCosts | None = None
     threads: int = 0
-    #: output columns a convolution kernel computes at once (dynas.predictors.cpu._Work.conv);
+    #: output columns a convolution kernel computes at once (the work counting of dynas.predictors.cpu);
     #: 1 = narrow maps cost nothing extra (targets written before dynas fitted it)
     column_block: int = 1
     #: cost fields the calibration never exercised (their cost is 0 for lack of data, not measured)
@@ -152,16 +152,6 @@ def _common(data: dict[str, Any], origin: str) -> tuple[str, str, int, dict[str,
     return kind, name, int(batch), {str(k): str(v) for k, v in sources.items()}
 
 
-#: cost fields added after files were written: what such a file meant for each.  Row products
-#: were counted at the 1x1-convolution rate, per-sample products (maskers, SE, head) at the row
-#: products' rate; indexing cost per element only (no per-row cost); gate evaluations and
-#: dynamic stages nothing beyond their counted operators; a block's later channel parts
-#: (weights gathered again, their convolution calls) like its first.
-_LATER_FIELDS: dict[str, str | None] = {"mm_ms_per_gmac": "pointwise_ms_per_gmac", "vec_ms_per_gmac": "mm_ms_per_gmac",
-                                        "index_ms_per_mrow": None, "masker_call_us": None, "dynamic_stage_us": None,
-                                        **LATER_PART_FIELDS}
-
-
 def _cpu_from_mapping(data: dict[str, Any], origin: str, path: str | None) -> HardwareTarget:
     kind, name, batch, sources = _common(data, origin)
     table = data.get("cpu")
@@ -173,10 +163,10 @@ def _cpu_from_mapping(data: dict[str, Any], origin: str, path: str | None) -> Ha
         raise TargetError(f"{origin}: cpu.{unknown[0]} is unknown; allowed: {', '.join(allowed)}")
     costs = []
     for f in COST_FIELDS:
-        if f not in table and f in _LATER_FIELDS:  # a file written before the field existed
-            src = _LATER_FIELDS[f]
-            while src is not None and src not in table and src in _LATER_FIELDS:
-                src = _LATER_FIELDS[src]  # ... and before the field it stood for
+        if f not in table and f in ABSENT_FIELDS:  # a file written before the field existed
+            src = ABSENT_FIELDS[f]
+            while src is not None and src not in table and src in ABSENT_FIELDS:
+                src = ABSENT_FIELDS[src]  # ... and before the field it stood for
             v = table.get(src, 0.0) if src else 0.0  # a missing source field is reported as itself
         elif f not in table:
             raise TargetError(f"{origin}: cpu.{f} is missing; allowed: a number >= 0")

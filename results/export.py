@@ -35,7 +35,7 @@ import dynas
 from dynas.errors import StudyError
 from dynas.results.pareto import atomic_write_text, check_study, complete_trials, is_feasible, study_attr
 from dynas.spaces.backbones import get_backbone
-from dynas.spaces.config import ArchConfig
+from dynas.spaces.config import ArchConfig, StageConfig
 
 __all__ = ["select_trial", "export_trial", "training_recipe", "laudnet_args", "LAUDNET_ARCHS"]
 
@@ -260,6 +260,36 @@ def _dash(values: Sequence[Any]) -> str:
     return "-".join(str(v) for v in values)
 
 
+def _laudnet_stage(st: StageConfig, whole: int, has_layer: bool) -> tuple[str, int, int, str]:
+    """LAUDNet's ``dyn_mode``, mask spatial granularity and channel granularity closest to stage
+    choice ``st`` (``whole``: the stage's map side; ``has_layer``: the family has a layer mode),
+    and what the mapping loses ("" when it is exact)."""
+    p = st.paradigm
+    note = ""
+    if p == "spatial":
+        mode, sg, cg = "spatial", st.spatial_granularity, 1
+    elif p == "channel":
+        mode, sg, cg = "channel", 1, st.channel_granularity
+    elif p == "spatial+channel":
+        mode, sg, cg = "both", st.spatial_granularity, st.channel_granularity
+    elif p == "layer":
+        if has_layer:
+            mode, sg, cg = "layer", whole, 1
+        else:
+            mode, sg, cg = "spatial", whole, 1
+            note = "layer skipping emulated by a spatial mask at whole-map granularity (one decision per sample); the downsample conv stays"
+    elif p == "layer+channel":
+        mode, sg, cg = "both", whole, st.channel_granularity
+        note = ("layer+channel has no LAUDNet equivalent; approximated by 'both' with a whole-map spatial mask "
+                "(one gate per sample) plus channel groups, which LAUDNet neither tests nor counts as layer skipping")
+    else:  # static
+        mode, sg, cg = ("layer" if has_layer else "spatial"), whole, 1
+        note = (f"static stage has no LAUDNet equivalent (every stage gets a masker); approximated by "
+                f"{mode!r} at whole-map granularity, which the global FLOPs target may sparsify; "
+                "keep it static by forcing its gates on")
+    return mode, sg, cg, note
+
+
 def laudnet_args(cfg: ArchConfig, target_flops_ratio: float | None) -> dict[str, Any]:
     """The closest LAUDNet ``train/main.py`` arguments for ``cfg`` and what they lose.
 
@@ -289,29 +319,7 @@ def laudnet_args(cfg: ArchConfig, target_flops_ratio: float | None) -> dict[str,
         whole = h  # LAUDNet sizes masks from one int per stage (square maps)
         if h != w:
             lost.append(f"stage {i}: map {h}x{w} is not square; LAUDNet's mask sizes assume square maps")
-        p = st.paradigm
-        note = ""
-        if p == "spatial":
-            mode, sg, cg = "spatial", st.spatial_granularity, 1
-        elif p == "channel":
-            mode, sg, cg = "channel", 1, st.channel_granularity
-        elif p == "spatial+channel":
-            mode, sg, cg = "both", st.spatial_granularity, st.channel_granularity
-        elif p == "layer":
-            if has_layer:
-                mode, sg, cg = "layer", whole, 1
-            else:
-                mode, sg, cg = "spatial", whole, 1
-                note = "layer skipping emulated by a spatial mask at whole-map granularity (one decision per sample); the downsample conv stays"
-        elif p == "layer+channel":
-            mode, sg, cg = "both", whole, st.channel_granularity
-            note = ("layer+channel has no LAUDNet equivalent; approximated by 'both' with a whole-map spatial mask "
-                    "(one gate per sample) plus channel groups, which LAUDNet neither tests nor counts as layer skipping")
-        else:  # static
-            mode, sg, cg = ("layer" if has_layer else "spatial"), whole, 1
-            note = (f"static stage has no LAUDNet equivalent (every stage gets a masker); approximated by "
-                    f"{mode!r} at whole-map granularity, which the global FLOPs target may sparsify; "
-                    "keep it static by forcing its gates on")
+        mode, sg, cg, note = _laudnet_stage(st, whole, has_layer)
         if note:
             lost.append(f"stage {i} ({st.short()}): {note}")
         modes.append(mode)

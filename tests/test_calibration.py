@@ -819,7 +819,7 @@ def test_a_dynamic_stage_pays_one_cold_start_on_its_first_block():
         for n in (1, 8):
             b0, b1 = predict_blocks(cfg, target, n)[0]
             assert b0 - b1 == pytest.approx(0.0 if first.paradigm == "static" else cold_ms, abs=1e-12)
-            work = latency._stage_work("resnet18", (224, 224), 0, first, n, None, 4)
+            work = latency.stage_work("resnet18", (224, 224), 0, first, n, None, 4)
             assert work[cpu.TERMS.index("dynamic_stages")] == (first.paradigm != "static")
 
 

@@ -28,9 +28,9 @@ import dynas.files
 from dynas.cli import build_parser, common, main
 from dynas.errors import ConfigError, DynasError, StudyError, TargetError
 from dynas.files import atomic_write_bytes, atomic_write_text
-from dynas.predictors import cpu
+from dynas.predictors import cpu, cpu_terms
 from dynas.predictors.latency import predict
-from dynas.predictors.targets import _LATER_FIELDS, _REQUIRED, BUILTIN_DIR, HardwareTarget, list_targets, write_target
+from dynas.predictors.targets import _REQUIRED, BUILTIN_DIR, HardwareTarget, list_targets, write_target
 from dynas.spaces.backbones import get_backbone, list_backbones
 from dynas.spaces.config import ArchConfig, channel_granularities, spatial_granularities
 
@@ -199,7 +199,7 @@ def _cpu_file_cases():
     lines = text.splitlines()
     for field in cpu.COST_FIELDS:
         i = next(i for i, line in enumerate(lines) if line.split("=")[0].strip() == field)
-        if field not in _LATER_FIELDS:  # those may be missing (test_calibration: old files keep their meaning)
+        if field not in cpu_terms.ABSENT_FIELDS:  # those may be missing (test_calibration: old files keep their meaning)
             yield pytest.param("\n".join(lines[:i] + lines[i + 1:]) + "\n", f"cpu.{field} is missing",
                                id=f"cpu-{field}-missing")
         yield pytest.param("\n".join(lines[:i] + [f"{field} = -1.5"] + lines[i + 1:]) + "\n",

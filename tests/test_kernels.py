@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from dynas.errors import ConfigError
-from dynas.kernels import blocks
+from dynas.kernels import blocks, convs
 from dynas.kernels import (DynamicBlock, DynamicNet, LayerMasker, Masker, SpatialMasker, budget_count, build_block,
                            build_model)
 from dynas.spaces.backbones import get_backbone
@@ -116,8 +116,8 @@ def test_one_pixel_patches_run_conv2_as_one_matrix_product(key, paradigm, monkey
     blk.eval()
     _set_mode(blk, "budget")
     calls = []
-    real = blocks._one_pixel_conv
-    monkeypatch.setattr(blocks, "_one_pixel_conv", lambda *a: calls.append(a[0].shape) or real(*a))
+    real = blocks.one_pixel_conv
+    monkeypatch.setattr(blocks, "one_pixel_conv", lambda *a: calls.append(a[0].shape) or real(*a))
     x = torch.randn(3, spec.in_channels, *spec.in_hw, generator=torch.Generator().manual_seed(2))
     fast, ref, _ = _both(blk, x)
     torch.testing.assert_close(fast, ref, atol=ATOL, rtol=RTOL)
@@ -205,7 +205,7 @@ def test_grouped_channel_selection_keeps_channels_last(g):
     sel = torch.arange(0, spec.width, 3)  # every third channel: straddles conv groups
     h = torch.randn(2, spec.width, *spec.in_hw)[:, sel].contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
-        y = blocks._gated_conv(h, conv, sel, 1, 1)  # [2, |sel|, H, W]
+        y = convs.gated_conv(h, conv, sel, 1, 1)  # [2, |sel|, H, W]
         full = torch.zeros(2, spec.width, *spec.in_hw)
         full[:, sel] = h
         ref = F.conv2d(full, conv.weight, None, 1, 1, 1, conv.groups)[:, sel]
@@ -579,22 +579,22 @@ def test_input_channel_selection_is_the_column_gather(pad, layout, monkeypatch):
     sel = torch.tensor([0, 3, 4, 9, 17, 23])
     h = torch.randn(3, sel.numel(), 6, 7, generator=gen).contiguous(memory_format=getattr(torch, layout))
     calls = []
-    real = blocks._TRANSPOSED
+    real = convs.TRANSPOSED_CONV
     if real is not None:
-        monkeypatch.setattr(blocks, "_TRANSPOSED", lambda *a: calls.append(a[1].shape) or real(*a))
+        monkeypatch.setattr(convs, "TRANSPOSED_CONV", lambda *a: calls.append(a[1].shape) or real(*a))
     with torch.no_grad():
-        out = blocks._conv_inputs(h, conv, sel, pad)
+        out = convs.conv_inputs(h, conv, sel, pad)
         ref = F.conv2d(h, conv.weight.index_select(1, sel), None, 1, pad)
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
     with FlopCounterMode(display=False) as fc, torch.no_grad():
-        blocks._conv_inputs(h, conv, sel, pad)
+        convs.conv_inputs(h, conv, sel, pad)
     assert fc.get_total_flops() == 2 * out.numel() * sel.numel() * 9  # the convolution's, cropped output only
     assert bool(calls) == (real is not None and layout == "channels_last")
     if calls:
         assert tuple(calls[0]) == (sel.numel(), 40, 3, 3)  # [|sel|, C_out, kh, kw]
 
 
-@pytest.mark.skipif(blocks._TRANSPOSED is None, reason="this torch build has no oneDNN transposed convolution")
+@pytest.mark.skipif(convs.TRANSPOSED_CONV is None, reason="this torch build has no oneDNN transposed convolution")
 @pytest.mark.parametrize("paradigm", ["channel", "spatial+channel", "layer+channel"])
 @pytest.mark.parametrize("batch", [1, 4])
 def test_basic_block_channel_path_uses_the_row_gather(paradigm, batch, monkeypatch):
@@ -603,8 +603,8 @@ def test_basic_block_channel_path_uses_the_row_gather(paradigm, batch, monkeypat
     blk = blk.to(memory_format=torch.channels_last)
     _set_mode(blk, "budget")
     calls = []
-    real = blocks._TRANSPOSED
-    monkeypatch.setattr(blocks, "_TRANSPOSED", lambda *a: calls.append(1) or real(*a))
+    real = convs.TRANSPOSED_CONV
+    monkeypatch.setattr(convs, "TRANSPOSED_CONV", lambda *a: calls.append(1) or real(*a))
     x = torch.randn(batch, spec.in_channels, *spec.in_hw).contiguous(memory_format=torch.channels_last)
     fast, ref, _ = _both(blk, x)
     torch.testing.assert_close(fast, ref, atol=ATOL, rtol=RTOL)
@@ -693,11 +693,11 @@ def test_row_product_is_a_matrix_product(m, monkeypatch):
     real = torch.ops.aten.mkldnn_convolution
     monkeypatch.setattr(torch.ops.aten, "mkldnn_convolution", lambda x, *a: folded.append(x.shape) or real(x, *a))
     with torch.no_grad():
-        out = blocks._row_product(rows, w)
-        out_t = blocks._row_product(rows, w.t().contiguous().t())  # a transposed view, as conv3 passes it
+        out = convs.row_product(rows, w)
+        out_t = convs.row_product(rows, w.t().contiguous().t())  # a transposed view, as conv3 passes it
     torch.testing.assert_close(out, F.linear(rows, w), atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(out_t, F.linear(rows, w), atol=1e-4, rtol=1e-4)
-    will_fold = blocks._ONEDNN and m >= blocks.FOLD_MIN_ROWS
+    will_fold = convs.ONEDNN and m >= convs.FOLD_MIN_ROWS
     assert bool(folded) == will_fold
     if will_fold:
         f = folded[0][-1]
@@ -707,5 +707,5 @@ def test_row_product_is_a_matrix_product(m, monkeypatch):
 def test_row_product_keeps_the_matrix_product_for_autograd():
     rows = torch.randn(128, 256, requires_grad=True)
     w = torch.randn(128, 256)
-    blocks._row_product(rows, w).sum().backward()
+    convs.row_product(rows, w).sum().backward()
     torch.testing.assert_close(rows.grad, w.sum(0).expand(128, -1))

@@ -20,7 +20,7 @@ Invariants of a prediction:
   on: the grouped 3x3 conv skips its zero-filled copy; (4) spatial rates, patch by patch: a
   row product's row count grows with the active patches, and the kernels run it folded into a
   1x1 convolution from ``FOLD_MIN_ROWS`` rows and ``FOLD_MIN_MACS`` multiply-accumulates, and
-  zero-pad its rows to a multiple of 8 unless 8 or 7 divides them (``_row_product``), so one
+  zero-pad its rows to a multiple of 8 unless 8 or 7 divides them (``kernels.convs.row_product``), so one
   more patch can switch a product to the faster path or save a padding copy (a stage of
   RegNetY-400MF with every 1x1 patch on runs without the copies it makes with 31/32 of them).
   (5) channel rates of bottleneck stages: conv1 and conv3 on the selected channels are row
@@ -214,10 +214,10 @@ def _cpu_varies(cfg: ArchConfig, s: int, field: str) -> bool:
 def _same_unfolded_products(target: str, low: ArchConfig, high: ArchConfig, s: int) -> bool:
     """Whether stage ``s`` runs as many row products unfolded at batch 1 under ``low`` as under
     ``high`` (place 5: no product crossed the folding threshold)."""
-    from dynas.predictors.latency import _stage_work
+    from dynas.predictors.latency import stage_work
 
     block = load_target(target).column_block
-    calls = [_stage_work(c.backbone, c.input_size, s, c.stages[s], 1, stage_runs(c)[s], block)[cpu.TERMS.index("mm_calls")]
+    calls = [stage_work(c.backbone, c.input_size, s, c.stages[s], 1, stage_runs(c)[s], block)[cpu.TERMS.index("mm_calls")]
              for c in (low, high)]
     return calls[0] == calls[1]
 

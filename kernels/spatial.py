@@ -1,0 +1,225 @@
+"""The spatial fast path of a dynamic block (:mod:`dynas.kernels.blocks`): patches of S x S
+output positions, gathered, run through the block's body, and written back.
+
+Geometry first: which region of the block input, and which window of the intermediate map
+(conv1's output), each patch of the grid needs (:class:`Axis`, :func:`patch_axis`,
+:func:`window_table`), and how a body sees a batch of gathered patches (:class:`Geom`).  Then
+:class:`SpatialPatches`, the part of :class:`~dynas.kernels.dynamic.DynamicBlock` that runs
+the active patches: blocks whose conv1 is 1x1 run conv1 once per needed pixel
+(:meth:`SpatialPatches._spatial_mid`), basic blocks recompute conv1 on input regions that carry
+the whole halo (:meth:`SpatialPatches._spatial_regions`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from dynas.errors import ConfigError
+from dynas.kernels.gather import pixel_rows, put_pixel_rows
+from dynas.kernels.maskers import SpatialMasker
+from dynas.spaces.backbones import BlockSpec, conv_out
+
+__all__ = ["Axis", "patch_axis", "window_table", "Geom", "DENSE_POOL", "SpatialPatches"]
+
+
+def window_table(ax_h: "Axis", ax_w: "Axis", gh: int, gw: int) -> torch.Tensor:
+    """[gh * gw, L_h * L_w] flat intermediate-map pixel of each window position of each patch;
+    positions in the zero padding map to H_m * W_m (a dump slot)."""
+    hm, wm = ax_h.mid_size, ax_w.mid_size
+    r = torch.arange(gh)[:, None] * ax_h.mid_step - ax_h.mid_off + torch.arange(ax_h.mid_len)  # [gh, L_h]
+    c = torch.arange(gw)[:, None] * ax_w.mid_step - ax_w.mid_off + torch.arange(ax_w.mid_len)  # [gw, L_w]
+    rr = r[:, None, :, None].expand(gh, gw, ax_h.mid_len, ax_w.mid_len)  # [gh, gw, L_h, L_w]
+    cc = c[None, :, None, :].expand(gh, gw, ax_h.mid_len, ax_w.mid_len)
+    inside = (rr >= 0) & (rr < hm) & (cc >= 0) & (cc < wm)
+    return torch.where(inside, rr * wm + cc, hm * wm).reshape(gh * gw, -1)
+
+
+@dataclass
+class Geom:
+    """How a sparse body sees its input.
+
+    ``pad``: padding of the 3x3 convs (1 on whole maps, 0 on gathered regions that carry their
+    halo); ``valid``: [P, 1, h_mid, w_mid] 0/1 mask of region positions inside the intermediate
+    map (None on whole maps); ``pool``: [B, C, h, w] -> [n, C] SE squeeze per sample;
+    ``expand``: [n, C] -> [B, C] SE scale per row of the batch.
+    """
+
+    pad: int
+    valid: torch.Tensor | None
+    pool: Callable[[torch.Tensor], torch.Tensor]
+    expand: Callable[[torch.Tensor], torch.Tensor]
+
+
+DENSE_POOL = Geom(1, None, lambda t: t.mean(dim=(2, 3)), lambda s: s)
+
+
+@dataclass(frozen=True)
+class Axis:
+    """Gather geometry along one axis for patches of side S (see ``patch_axis``)."""
+
+    step: int  # region start of patch i in the padded input = i * step
+    region: int  # region length in the input
+    pad_lo: int
+    pad_hi: int
+    mid_step: int  # intermediate (after conv1) start of patch i = i * mid_step - mid_off
+    mid_off: int
+    mid_len: int
+    mid_size: int  # size of the intermediate map along this axis
+
+    def grid_len(self, grid: int) -> int:
+        """Length of the zero-padded intermediate map that holds every patch's window."""
+        return max(self.mid_off + self.mid_size, (grid - 1) * self.mid_step + self.mid_len)
+
+
+def patch_axis(size_in: int, patch: int, grid: int, chain: tuple[tuple[int, int, int], ...]) -> Axis:
+    """Region of the input that patch ``i`` (outputs ``[i*S, i*S+S)``) needs through ``chain``.
+
+    ``chain`` = ((k1, s1, p1), (k2, s2, p2)): conv1 then the conv that yields the block output.
+    Through a conv (k, s, p), outputs [a, a + L) need inputs [a*s - p, a*s - p + (L-1)*s + k).
+    """
+    (k1, s1, p1), (k2, s2, p2) = chain
+    mid_len = (patch - 1) * s2 + k2
+    region = (mid_len - 1) * s1 + k1
+    pad_lo = p2 * s1 + p1  # input start of patch 0 is -pad_lo
+    step = patch * s2 * s1
+    end = (grid - 1) * step + region  # in padded coordinates
+    pad_hi = max(0, end - (size_in + pad_lo))
+    mid_size = conv_out(size_in, k1, s1, p1)
+    return Axis(step, region, pad_lo, pad_hi, patch * s2, p2, mid_len, mid_size)
+
+
+class SpatialPatches:
+    """The spatial gates' part of :class:`~dynas.kernels.dynamic.DynamicBlock` (a mixin of it).
+
+    It uses the block's ``spec``, ``_chain``, ``_sparse_body`` / ``_tail`` / ``_head_rows``
+    (the block kind's body on gathered rows) and ``_empty`` / ``_relu_shortcut`` (the mixin's).
+    """
+
+    spec: BlockSpec
+
+    def _init_spatial(self, spec: BlockSpec, s: object, rate: float) -> None:
+        """Patches of side ``s``: the masker, the gather geometry and its index tables."""
+        ho, wo = spec.out_hw
+        if not isinstance(s, int) or s < 1 or ho % s or wo % s:
+            raise ConfigError(f"spatial_granularity={s!r} does not divide block {spec.name}'s {ho}x{wo} output map")
+        self.granularity = s
+        self.grid_hw = (ho // s, wo // s)
+        self.spatial_masker = SpatialMasker(spec.in_channels, self.grid_hw, rate)
+        chain = self._chain()
+        self._axes = (patch_axis(spec.in_hw[0], s, self.grid_hw[0], chain), patch_axis(spec.in_hw[1], s, self.grid_hw[1], chain))
+        # flat output pixel offsets of one SxS patch, [S*S] (row-major inside the patch)
+        self.register_buffer("_patch_pix", (torch.arange(s)[:, None] * wo + torch.arange(s)).flatten(), persistent=False)
+        self.register_buffer("_window_pix", window_table(*self._axes, *self.grid_hw), persistent=False)
+
+    def _spatial_forward(self, x: torch.Tensor, dec: dict[str, torch.Tensor], parts: list[tuple[torch.Tensor, torch.Tensor | None]],
+                         base: torch.Tensor) -> torch.Tensor:
+        """Block output [N, C_out, H_out, W_out]: the active patches of each channel part
+        (``parts``: batch indices, selected channels) through the body, plus ``base`` (the
+        shortcut), ReLU(shortcut) elsewhere."""
+        ho, wo = self.spec.out_hw
+        s = self.granularity
+        ys = []
+        padded = None  # the zero-padded input that region reads use, made once for all parts
+        for idx, sel in parts:
+            active = dec["spatial"].index_select(0, idx) > 0.5  # [n_u, gh, gw]
+            pn, pi, pj = active.nonzero(as_tuple=True)  # [P] each: local sample, grid row, grid col
+            if pn.numel() == 0:
+                continue
+            if sel is not None and sel.numel() == 0:
+                y = self._empty(pn.numel(), s, s, x)  # [P, C_out, S, S]
+            elif self._chain()[0] == (1, 1, 0):
+                y = self._spatial_mid(x, idx, active, pn, pi, pj, sel)
+            else:
+                if padded is None:
+                    padded = self._padded_input(x)
+                y = self._spatial_regions(padded, idx, pn, pi, pj, sel)
+            ys.append((idx[pn], pi, pj, y))
+        base_pix = pixel_rows(base)  # [N * H_out * W_out, C_out]; a view when channels-last
+        offsets = self._patch_pix  # [S*S]
+        writes = []
+        for nb, pi, pj, y in ys:
+            # pixel rows of the active patches: [P, 1] + [S*S] -> [P * S * S], in y's (p, a, b) order
+            pix = (((nb * ho + pi * s) * wo + pj * s)[:, None] + offsets).flatten()
+            y_pix = pixel_rows(y)  # [P, C_out, S, S] -> [P * S * S, C_out]
+            writes.append((pix, y_pix.add_(base_pix.index_select(0, pix)).relu_()))
+        out = self._relu_shortcut(base, x)  # positions whose body does not run: ReLU(shortcut)
+        for pix, y_pix in writes:
+            put_pixel_rows(out, pix, y_pix)  # patches are disjoint: a plain copy
+        return out
+
+    def _se_geom(self, pn: torch.Tensor, n_u: int, valid: torch.Tensor | None = None) -> Geom:
+        """SE squeeze/expand over the P gathered patches of ``n_u`` samples (``pn``: [P] local sample)."""
+        inv_area = 1.0 / (self.spec.out_hw[0] * self.spec.out_hw[1])
+
+        def pool(t: torch.Tensor) -> torch.Tensor:
+            # [P, C, S, S] -> [P, C] -> per sample [n_u, C]: mean over the whole masked map
+            return t.new_zeros(n_u, t.shape[1]).index_add_(0, pn, t.sum(dim=(2, 3))) * inv_area
+
+        return Geom(0, valid, pool, lambda sc: sc.index_select(0, pn))  # expand: [n_u, C] -> [P, C]
+
+    def _padded_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` zero-padded for region reads: [N, C_in, H_in + lo + hi, W_in + lo + hi]."""
+        ax_h, ax_w = self._axes
+        return F.pad(x, (ax_w.pad_lo, ax_w.pad_hi, ax_h.pad_lo, ax_h.pad_hi))
+
+    def _spatial_regions(self, xp: torch.Tensor, idx: torch.Tensor, pn: torch.Tensor, pi: torch.Tensor,
+                         pj: torch.Tensor, sel: torch.Tensor | None) -> torch.Tensor:
+        """Active patches [P, C_out, S, S] from regions of the *input* that carry the whole halo.
+
+        Used when conv1 is not a 1x1 stride-1 conv (basic blocks): conv1 runs on each region,
+        halo included, so overlapping halos are computed once per patch.  ``xp``: the whole
+        batch's input, zero-padded once per block (:meth:`_padded_input`) for every channel part.
+        """
+        ax_h, ax_w = self._axes
+        nb = idx[pn]  # [P] batch index of each patch
+        rows = (pi * ax_h.step)[:, None] + torch.arange(ax_h.region, device=xp.device)  # [P, R_h]
+        cols = (pj * ax_w.step)[:, None] + torch.arange(ax_w.region, device=xp.device)  # [P, R_w]
+        # advanced indices around a slice go first: [P, R_h, R_w, C_in] -> [P, C_in, R_h, R_w]
+        regions = xp[nb[:, None, None], :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+        mrow = (pi * ax_h.mid_step - ax_h.mid_off)[:, None] + torch.arange(ax_h.mid_len, device=xp.device)  # [P, M_h]
+        mcol = (pj * ax_w.mid_step - ax_w.mid_off)[:, None] + torch.arange(ax_w.mid_len, device=xp.device)  # [P, M_w]
+        vr = (mrow >= 0) & (mrow < ax_h.mid_size)
+        vc = (mcol >= 0) & (mcol < ax_w.mid_size)
+        valid = (vr[:, :, None] & vc[:, None, :])[:, None].to(xp.dtype)  # [P, 1, M_h, M_w]
+        return self._sparse_body(regions, sel, self._se_geom(pn, idx.numel(), valid))  # [P, C_out, S, S]
+
+    def _spatial_mid(self, x: torch.Tensor, idx: torch.Tensor, active: torch.Tensor, pn: torch.Tensor,
+                     pi: torch.Tensor, pj: torch.Tensor, sel: torch.Tensor | None) -> torch.Tensor:
+        """Active patches [P, C_out, S, S] for blocks whose conv1 is 1x1, stride 1.
+
+        conv1 runs once per needed pixel (the union of the active patches' windows of the 3x3
+        conv's input, halo included) as a matrix product on gathered pixel rows; its output is
+        scattered into a zeroed channels-last buffer (zero = the 3x3 conv's padding), and each
+        active patch's window is read from that buffer as a strided view.
+        """
+        ax_h, ax_w = self._axes
+        n_u = idx.numel()
+        hm, wm = ax_h.mid_size, ax_w.mid_size  # conv1 output = block input size
+        # needed[n, r, c]: some active window covers mid pixel (r, c); windows start at i*step - off
+        gw = self.grid_hw[1]
+        # mark the mid pixels of every active window: slot H_m*W_m of each sample is the dump
+        # for window positions in the padding
+        need = torch.zeros(n_u, hm * wm + 1, dtype=torch.bool, device=x.device)
+        hits = (pn[:, None] * (hm * wm + 1) + self._window_pix.index_select(0, pi * gw + pj)).flatten()  # [P * L_h * L_w]
+        need.view(-1).index_fill_(0, hits, True)
+        mn, mflat = need[:, :-1].nonzero(as_tuple=True)  # [M] each: local sample, flat mid pixel
+        mr, mc = mflat // wm, mflat % wm
+        rows = pixel_rows(x).index_select(0, idx[mn] * (hm * wm) + mflat)  # [M, C_in]
+        h = self._head_rows(rows, sel)  # [M, k], k = |sel|
+        k = h.shape[1]
+        hp, wp = ax_h.grid_len(self.grid_hw[0]), ax_w.grid_len(self.grid_hw[1])
+        # zero-padded channels-last intermediate map [n_u, H_p, W_p, k] as rows [n_u * H_p * W_p, k]
+        buf = x.new_zeros(n_u * hp * wp, k)
+        buf.index_copy_(0, (mn * hp + mr + ax_h.mid_off) * wp + mc + ax_w.mid_off, h)
+        # window (i, j) of sample n starts at row i * step_h, col j * step_w of the padded map:
+        # strided view [n_u, gh, gw, L_h, L_w, k]; the active ones -> [P, L_h, L_w, k]
+        # -> [P, k, L_h, L_w] with channels-last strides
+        gh, gw = self.grid_hw
+        win = buf.as_strided((n_u, gh, gw, ax_h.mid_len, ax_w.mid_len, k),
+                             (hp * wp * k, ax_h.mid_step * wp * k, ax_w.mid_step * k, wp * k, k, 1))
+        regions = win[pn, pi, pj].permute(0, 3, 1, 2)
+        return self._tail(regions, sel, self._se_geom(pn, n_u))  # [P, C_out, S, S]
