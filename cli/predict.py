@@ -29,9 +29,13 @@ def _cmd_targets(args: argparse.Namespace) -> int:
             "clock GHz": t.clock_hz / 1e9,
             "DRAM GB/s": t.dram_bandwidth_Bps / 1e9,
             "batch": t.default_batch_size,
+            **({"static W": t.energy.static_power_w, "pJ/FLOP": t.energy.pj_per_flop, "pJ/B DRAM": t.energy.pj_per_dram_byte}
+               if t.energy is not None else {}),
             "description": t.description,
         })
-    echo(table(rows, ["name", "SMs", "lanes/SM", "clock GHz", "DRAM GB/s", "batch", "description"]))
+    echo(table(rows, ["name", "SMs", "lanes/SM", "clock GHz", "DRAM GB/s", "batch", "static W", "pJ/FLOP", "pJ/B DRAM",
+                      "description"]))
+    echo("energy figures: [energy] of each target file, their sources in its [sources] (docs/energy.md)")
     return 0
 
 
@@ -78,17 +82,24 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         f"FLOPs {pred.dense_gflops:.4g} -> {pred.expected_gflops:.4g} GFLOPs per image "
         f"({pred.flops_ratio:.3f} of dense)"
     )
+    if pred.energy_mj is not None:
+        echo(f"energy {pred.energy_mj:.4g} mJ per batch ({pred.energy_mj_per_image:.4g} mJ per image); "
+             f"static {pred.static_energy_mj:.4g} mJ")
     echo()
     rows: list[dict[str, Any]] = [{"stage": "stem", "choice": "", "latency ms": pred.stem_ms, "static ms": pred.stem_ms}]
     for s in pred.stages:
         rows.append({
             "stage": str(s.stage), "choice": s.choice, "latency ms": s.latency_ms, "static ms": s.static_latency_ms,
             "compute ms": s.compute_ms, "memory ms": s.memory_ms, "launch ms": s.launch_ms,
-            "masker": s.masker, "bound": s.bound,
+            "masker": s.masker, "bound": s.bound, "energy mJ": s.energy_mj,
         })
-    rows.append({"stage": "head", "choice": "", "latency ms": pred.head_ms, "static ms": pred.head_ms})
-    rows.append({"stage": "total", "choice": "", "latency ms": pred.latency_ms, "static ms": pred.static_latency_ms})
+    rows[0]["energy mJ"] = pred.stem_energy_mj
+    rows.append({"stage": "head", "choice": "", "latency ms": pred.head_ms, "static ms": pred.head_ms,
+                 "energy mJ": pred.head_energy_mj})
+    rows.append({"stage": "total", "choice": "", "latency ms": pred.latency_ms, "static ms": pred.static_latency_ms,
+                 "energy mJ": pred.energy_mj})
     cols = ["stage", "choice", "latency ms", "static ms", "compute ms", "memory ms", "launch ms", "masker", "bound"]
+    cols += ["energy mJ"] if pred.energy_mj is not None else []
     echo(table(rows, cols))
     return 0
 

@@ -31,6 +31,7 @@ the environment: device name, torch version, threads, gate mode and date.
 from __future__ import annotations
 
 import datetime as _dt
+import logging
 import math
 import platform
 import statistics
@@ -41,10 +42,13 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import torch
 
 from dynas.errors import ConfigError
+from dynas.kernels.energy_counter import rapl_status
 from dynas.predictors.targets import static_key
 from dynas.spaces.config import ArchConfig
 from dynas.spaces.design import PlanItem
 from dynas.spaces.torch_model import block_module_name
+
+_log = logging.getLogger(__name__)
 
 __all__ = ["Measurement", "environment", "host_speed", "keep_freed_memory", "measure", "run_plan", "run_rounds",
            "static_reference"]
@@ -110,12 +114,14 @@ def keep_freed_memory() -> str:
 
 
 def environment(device: str = "cpu", threads: int | None = None) -> dict[str, Any]:
-    """Where measurements are taken: device name, torch version, threads, date (UTC), allocator."""
+    """Where measurements are taken: device name, torch version, threads, date (UTC), allocator,
+    and why no energy is measured (:func:`dynas.kernels.energy_counter.rapl_status`)."""
     name = torch.cuda.get_device_name(0) if device == "cuda" else _cpu_name()
     return {"device": device, "device_name": name, "torch_version": torch.__version__,
             "threads": threads if threads is not None else torch.get_num_threads(),
             "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "python": platform.python_version(), "gate_mode": "random", "malloc": keep_freed_memory()}
+            "python": platform.python_version(), "gate_mode": "random", "malloc": keep_freed_memory(),
+            "energy_counters": rapl_status(device=device).line}
 
 
 def _stage_modules(model: torch.nn.Module, cfg: ArchConfig) -> list[torch.nn.Module]:
@@ -351,6 +357,7 @@ def run_rounds(items: Iterable[PlanItem], rounds: int = 2, progress: Callable[..
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise ConfigError(f"rounds={rounds!r} is out of range; allowed: an integer >= 1")
     _check_budget(budget_s)
+    _log.info("%s", rapl_status(device=kwargs.get("device", "cpu")).line)  # the rows hold times only
     base = kwargs.pop("seed", 0)
     pulled: list[PlanItem] = []
 

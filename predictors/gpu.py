@@ -51,6 +51,7 @@ class OpCost:
     launch_s: float
     macs: float  # multiply-accumulates actually executed (whole batch)
     schedule: str = ""
+    dram_bytes: float = 0.0  # unique bytes moved to and from DRAM (whole batch): the DRAM term of memory_s
 
     @property
     def total_s(self) -> float:
@@ -127,7 +128,8 @@ def expected_max_density(groups: int, active: int, per_tile: int, tiles: np.ndar
 @functools.lru_cache(maxsize=None)
 def memory_cost(hw: Hardware, elements: int) -> OpCost:
     """An element-wise / pooling / copy kernel that streams ``elements`` floats through DRAM."""
-    return OpCost(0.0, elements * hw.bytes_per_element / hw.dram_bandwidth_Bps, hw.launch_us * 1e-6, 0.0)
+    nbytes = elements * hw.bytes_per_element
+    return OpCost(0.0, nbytes / hw.dram_bandwidth_Bps, hw.launch_us * 1e-6, 0.0, dram_bytes=float(nbytes))
 
 
 def _coalescing(row: np.ndarray, gap: np.ndarray, transaction: int) -> np.ndarray:
@@ -285,7 +287,8 @@ def conv_cost(hw: Hardware, op: ConvOp) -> OpCost:
     dram_elems = weights + op.dram_in_per_channel * op.cin_active + op.units * out_per_unit
     memory = dram_elems * bpe / hw.dram_bandwidth_Bps + float(l2[i])
     sched = f"c{int(t.C[i])} h{int(t.H[i])} w{int(t.W[i])} p{int(P[i])}"
-    return OpCost(float(compute[i]), memory, hw.launch_us * 1e-6, op.units * out_per_unit * cin_pg * op.k * op.k, sched)
+    return OpCost(float(compute[i]), memory, hw.launch_us * 1e-6, op.units * out_per_unit * cin_pg * op.k * op.k, sched,
+                  dram_bytes=float(dram_elems * bpe))
 
 
 def clear_caches() -> None:

@@ -18,6 +18,12 @@ decomposes a block (LAUDNet's inference kernels, anchors section 2):
 
 Rates are budget-mode rates (exactly the configured fraction per sample), so predictions are
 deterministic.  Every result is memoized per (target, block shape, stage choice, batch).
+
+On a target with an ``[energy]`` table every stage, the stem, the head and the whole network
+also get an energy: their operators' FLOPs and DRAM bytes priced by :mod:`dynas.predictors.energy`
+plus the constant power over their latency.  A block with a spatial gate is priced at the masker
+placement that costs it the least energy (``block_energy_mj``); ``masker`` and the op breakdown
+are the fastest placement's, which the latency is.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import numpy as np
 from typing import Any, Iterable, Mapping, NamedTuple
 
 from dynas.predictors import cpu, gpu
+from dynas.predictors.energy import EnergyConstants, ops_energy_mj, static_energy_mj
 from dynas.predictors.gpu import ConvOp, Hardware, OpCost, conv_cost, memory_cost
 from dynas.predictors.result import OpPrediction, Prediction, StagePrediction
 from dynas.predictors.targets import HardwareTarget, load_target
@@ -37,7 +44,8 @@ from dynas.spaces.config import (ArchConfig, StageConfig, load_config, stage_run
                                  uses_spatial)
 from dynas.errors import ConfigError, TargetError
 
-__all__ = ["predict", "predict_blocks", "block_ops", "stage_work", "block_works", "clear_caches", "Ops"]
+__all__ = ["predict", "predict_blocks", "block_ops", "block_alternatives", "block_energy_mj", "stage_work", "block_works",
+           "clear_caches", "Ops"]
 
 Ops = tuple[tuple[str, OpCost], ...]
 _STATIC = StageConfig()
@@ -232,7 +240,8 @@ def _interpolate(lo: list[tuple[str, OpCost]], hi: list[tuple[str, OpCost]], fra
         out.append((name, OpCost(low.compute_s + frac * (h.compute_s - low.compute_s),
                                  low.memory_s + frac * (h.memory_s - low.memory_s),
                                  low.launch_s + frac * (h.launch_s - low.launch_s),
-                                 low.macs + frac * (h.macs - low.macs), h.schedule)))
+                                 low.macs + frac * (h.macs - low.macs), h.schedule,
+                                 low.dram_bytes + frac * (h.dram_bytes - low.dram_bytes))))
     return out
 
 
@@ -241,30 +250,48 @@ def _total(ops: Iterable[tuple[str, OpCost]]) -> float:
 
 
 @functools.lru_cache(maxsize=None)
-def block_ops(hw: Hardware, b: BlockSpec, st: StageConfig, n: int) -> tuple[str, Ops]:
-    """(masker placement, ops) of one block of ``n`` samples under stage choice ``st``."""
+def block_alternatives(hw: Hardware, b: BlockSpec, st: StageConfig, n: int) -> tuple[tuple[str, Ops], ...]:
+    """Every (masker placement, ops) one block of ``n`` samples can run as under stage choice
+    ``st``: a spatial gate's two masker placements ("fused into conv1" first), else one."""
     p = st.paradigm
     gate = _gate(b, st)
     if p == "static":
-        return "none", tuple(_downsample(hw, b, n) + _dense_body(hw, b, n, gate))
+        return (("none", tuple(_downsample(hw, b, n) + _dense_body(hw, b, n, gate))),)
     if p == "channel":
         masker = _channel_masker(hw, b, n, 2 * gate.groups)
-        return "separate", tuple(masker + _downsample(hw, b, n) + _dense_body(hw, b, n, gate))
+        return (("separate", tuple(masker + _downsample(hw, b, n) + _dense_body(hw, b, n, gate))),)
     if uses_layer(p):
         outputs = 2 + (2 * gate.groups if gate.groups else 0)
         masker = _channel_masker(hw, b, n, outputs)
         executed = st.rate * n  # expected executed samples
         lo, hi = math.floor(executed), math.ceil(executed)
         body = _interpolate(_dense_body(hw, b, lo, gate), _dense_body(hw, b, hi, gate), executed - lo)
-        return "separate", tuple(masker + _downsample(hw, b, n) + body)
-    # spatial / spatial+channel: pick the cheaper masker placement.
+        return (("separate", tuple(masker + _downsample(hw, b, n) + body)),)
     chan = _channel_masker(hw, b, n, 2 * gate.groups, pool=False) if gate.groups else []
     fused = chan + _spatial_body(hw, b, n, st, gate, fused=True)
     separate = _spatial_masker(hw, b, n, st) + chan + _spatial_body(hw, b, n, st, gate, fused=False)
     ds = _downsample(hw, b, n)
-    if _total(fused) <= _total(separate):
-        return "fused into conv1", tuple(ds + fused)
-    return "separate", tuple(ds + separate)
+    return ("fused into conv1", tuple(ds + fused)), ("separate", tuple(ds + separate))
+
+
+@functools.lru_cache(maxsize=None)
+def block_ops(hw: Hardware, b: BlockSpec, st: StageConfig, n: int) -> tuple[str, Ops]:
+    """(masker placement, ops) of one block of ``n`` samples under stage choice ``st``: the
+    faster of :func:`block_alternatives` (fused into conv1 on a tie)."""
+    alts = block_alternatives(hw, b, st, n)
+    if len(alts) == 1:
+        return alts[0]
+    nds = int(b.has_downsample)  # both start with the downsample; compare the rest, as they differ
+    return alts[0] if _total(alts[0][1][nds:]) <= _total(alts[1][1][nds:]) else alts[1]
+
+
+@functools.lru_cache(maxsize=None)
+def block_energy_mj(hw: Hardware, energy: EnergyConstants, b: BlockSpec, st: StageConfig, n: int) -> float:
+    """Energy (mJ) of one block of ``n`` samples, constant power over its latency included, run
+    as the one of :func:`block_alternatives` that costs the least energy (which need not be the
+    fastest: a placement tuned for energy; each is non-decreasing in every rate, so is the least)."""
+    return min(ops_energy_mj(ops, energy) + static_energy_mj(_total(ops) * 1e3, energy)
+               for _, ops in block_alternatives(hw, b, st, n))
 
 
 def _block_key(b: BlockSpec) -> BlockSpec:
@@ -352,7 +379,7 @@ def _predict(cfg: ArchConfig, tgt: HardwareTarget, n: int) -> Prediction:
     stem_ops, head_ops = _stem_head(hw, spec.stem, spec.head_in, spec.blocks[-1].out_hw, spec.num_classes, n)
     stem_s, head_s = _total(stem_ops), _total(head_ops)
     flops = _dense_flops_per_op(spec)
-    stages = tuple(_stage(hw, spec.name, spec.input_hw, s, st, n) for s, st in enumerate(cfg.stages))
+    stages = tuple(_stage(hw, tgt.energy, spec.name, spec.input_hw, s, st, n) for s, st in enumerate(cfg.stages))
     dyn_ms = (stem_s + head_s) * 1e3 + sum(p.latency_ms for p in stages)
     sta_ms = (stem_s + head_s) * 1e3 + sum(p.static_latency_ms for p in stages)
     expected = (flops.stem_flops + flops.head_flops) / 1e9 + sum(p.expected_gflops for p in stages)
@@ -360,17 +387,33 @@ def _predict(cfg: ArchConfig, tgt: HardwareTarget, n: int) -> Prediction:
         config=cfg, target=tgt.name, batch_size=n, latency_ms=dyn_ms, latency_ms_per_image=dyn_ms / n,
         static_latency_ms=sta_ms, static_latency_ms_per_image=sta_ms / n, speedup=sta_ms / dyn_ms,
         latency_ratio=dyn_ms / sta_ms, stem_ms=stem_s * 1e3, head_ms=head_s * 1e3,
-        dense_gflops=flops.total_flops / 1e9, expected_gflops=expected, stages=stages)
+        dense_gflops=flops.total_flops / 1e9, expected_gflops=expected, stages=stages,
+        **_network_energy(tgt.energy, stem_ops, head_ops, stem_s * 1e3, head_s * 1e3, stages, n))
+
+
+def _network_energy(energy: EnergyConstants | None, stem_ops: Ops, head_ops: Ops, stem_ms: float, head_ms: float,
+                    stages: tuple[StagePrediction, ...], n: int) -> dict[str, float]:
+    """The energy fields of a Prediction (none without energy constants: they stay None)."""
+    if energy is None:
+        return {}
+    stem = ops_energy_mj(stem_ops, energy) + static_energy_mj(stem_ms, energy)
+    head = ops_energy_mj(head_ops, energy) + static_energy_mj(head_ms, energy)
+    dyn = stem + head + sum(p.energy_mj for p in stages)  # type: ignore[misc]  # set with energy
+    sta = stem + head + sum(p.static_energy_mj for p in stages)  # type: ignore[misc]
+    return dict(energy_mj=dyn, energy_mj_per_image=dyn / n, static_energy_mj=sta, static_energy_mj_per_image=sta / n,
+                stem_energy_mj=stem, head_energy_mj=head)
 
 
 @functools.lru_cache(maxsize=65536)
-def _stage(hw: Hardware, backbone: str, input_hw: tuple[int, int], s: int, st: StageConfig, n: int) -> StagePrediction:
-    """One stage's prediction; memoized (by name, not by the spec, which is slow to hash)."""
+def _stage(hw: Hardware, energy: EnergyConstants | None, backbone: str, input_hw: tuple[int, int], s: int,
+           st: StageConfig, n: int) -> StagePrediction:
+    """One stage's prediction (with energy when ``energy`` is given); memoized (by name, not by
+    the spec, which is slow to hash)."""
     spec = get_backbone(backbone, input_hw)
     flops = _dense_flops_per_op(spec)
     agg: dict[str, list[float]] = {}
     sched: dict[str, str] = {}
-    lat = sta = dense_gf = exp_gf = 0.0
+    lat = sta = dense_gf = exp_gf = e_mj = e_static_mj = 0.0
     masker = "none"
     # Blocks with equal shapes cost the same: visit each distinct shape once, with its count.
     distinct: dict[BlockSpec, tuple[BlockSpec, int]] = {}
@@ -393,15 +436,21 @@ def _stage(hw: Hardware, backbone: str, input_hw: tuple[int, int], s: int, st: S
             sched.setdefault(name, c.schedule)
         lat += count * _total(ops)
         sta += count * _total(static_ops)
+        if energy is not None:
+            e_mj += count * block_energy_mj(hw, energy, key, st, n)
+            e_static_mj += count * block_energy_mj(hw, energy, key, _STATIC, n)
     op_preds = tuple(OpPrediction(name, a[0] * 1e3, a[1] * 1e3, a[2] * 1e3, a[3] * 1e3, sched[name])
                      for name, a in agg.items())
     compute = sum(o.compute_ms for o in op_preds)
     memory = sum(o.memory_ms for o in op_preds)
+    joules: dict[str, float] = {}
+    if energy is not None:
+        joules = dict(energy_mj=e_mj, energy_mj_per_image=e_mj / n, static_energy_mj=e_static_mj)
     return StagePrediction(
         stage=s, choice=st.short(), blocks=spec.stage_depth(s), latency_ms=lat * 1e3, static_latency_ms=sta * 1e3,
         compute_ms=compute, memory_ms=memory, launch_ms=sum(o.launch_ms for o in op_preds),
         bound="compute" if compute >= memory else "memory", masker=masker,
-        dense_gflops=dense_gf / 1e9, expected_gflops=exp_gf / 1e9, ops=op_preds)
+        dense_gflops=dense_gf / 1e9, expected_gflops=exp_gf / 1e9, ops=op_preds, **joules)
 
 
 def _expected_block_flops(ops: Ops, static_macs: dict[str, float], block_flops: dict[str, float], n: int) -> float:
@@ -513,6 +562,6 @@ def _stage_cpu(costs: "cpu.CpuCosts", column_block: int, backbone: str, input_hw
 def clear_caches() -> None:
     """Drop every memoized operator, block and network result (benchmarks, calibration)."""
     gpu.clear_caches()
-    for fn in (block_ops, _stem_head, _stage, _predict, cpu.block_work, cpu.stage_entry_work, cpu.stem_work,
-               cpu.head_work, _stage_cpu, stage_work):
+    for fn in (block_alternatives, block_energy_mj, block_ops, _stem_head, _stage, _predict, cpu.block_work,
+               cpu.stage_entry_work, cpu.stem_work, cpu.head_work, _stage_cpu, stage_work):
         fn.cache_clear()

@@ -1,4 +1,7 @@
-"""Result types of a latency prediction (the shape of ``dynas predict --json``)."""
+"""Result types of a latency (and energy) prediction (the shape of ``dynas predict --json``).
+
+Energy fields are None on a target that predicts no energy (no ``[energy]`` table, or a
+calibrated "cpu" target): unknown, not zero.  See :mod:`dynas.predictors.energy`."""
 
 from __future__ import annotations
 
@@ -37,14 +40,18 @@ class StagePrediction:
     dense_gflops: float  # per image
     expected_gflops: float  # per image, at the configured rates
     ops: tuple[OpPrediction, ...] = field(default_factory=tuple)
+    energy_mj: float | None = None  # whole batch, constant power over latency_ms included
+    energy_mj_per_image: float | None = None
+    static_energy_mj: float | None = None  # the same stage static, whole batch
 
 
 @dataclass(frozen=True)
 class Prediction:
-    """Predicted latency of one config on one target at one batch size.
+    """Predicted latency (and energy) of one config on one target at one batch size.
 
-    Latencies are for one forward pass of the whole batch unless the name says ``per_image``.
-    FLOPs are per image (multiply-accumulate counted as 2 FLOPs), stem and head included.
+    Latencies and energies are for one forward pass of the whole batch unless the name says
+    ``per_image``.  FLOPs are per image (multiply-accumulate counted as 2 FLOPs), stem and head
+    included.  Energies are None where the target predicts none (module docstring).
     """
 
     config: ArchConfig
@@ -61,6 +68,12 @@ class Prediction:
     dense_gflops: float
     expected_gflops: float
     stages: tuple[StagePrediction, ...]
+    energy_mj: float | None = None
+    energy_mj_per_image: float | None = None
+    static_energy_mj: float | None = None  # the static network's, whole batch
+    static_energy_mj_per_image: float | None = None
+    stem_energy_mj: float | None = None
+    head_energy_mj: float | None = None
 
     @property
     def flops_ratio(self) -> float:

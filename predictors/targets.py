@@ -16,7 +16,13 @@ A target file is TOML::
     mem_transaction_floats = 8
     launch_us = 8.0
     bytes_per_element = 4
+    [energy]                  # optional: without it the target predicts latency only
+    pj_per_flop = 20.0        # picojoules per FLOP (multiply-accumulate = 2 FLOPs)
+    pj_per_dram_byte = 60.0   # picojoules per byte to and from DRAM
+    static_power_w = 40.0     # watts drawn while the board runs, whatever it computes
     [sources]                 # where each number comes from (free text, one entry per field)
+
+The ``[energy]`` prices turn the latency model's FLOPs, DRAM bytes and latency into joules (:mod:`dynas.predictors.energy`); each is a number >= 0, all four or none.
 
 A *measured* target (``kind = "cpu"``, written by ``dynas calibrate``) has no ``[hardware]``
 table; its ``[cpu]`` table holds the fitted cost of each unit of work of
@@ -54,6 +60,7 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 from dynas.errors import TargetError
 from dynas.files import atomic_write_text
 from dynas.predictors.cpu_terms import ABSENT_FIELDS, COST_FIELDS, CpuCosts
+from dynas.predictors.energy import ENERGY_FIELDS, EnergyConstants, energy_from_table
 
 __all__ = ["HardwareTarget", "load_target", "list_targets", "write_target", "static_key", "BUILTIN_DIR", "KINDS"]
 
@@ -80,6 +87,8 @@ class HardwareTarget:
     bytes_per_element: int = 4
     path: str | None = None
     sources: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
+    #: "gpu" targets: energy prices of the [energy] table; None = the target predicts no energy
+    energy: EnergyConstants | None = None
     #: "cpu" targets: fitted costs, measured thread count, and the free-form records
     cpu: CpuCosts | None = None
     threads: int = 0
@@ -98,15 +107,17 @@ class HardwareTarget:
     @property
     def key(self) -> tuple:
         """Hashable tuple of everything that changes a prediction (used for memoization)."""
-        return tuple(getattr(self, f) for f in _HW_FIELDS) + (self.kind, self.cpu, self.column_block, self.unexercised)
+        return tuple(getattr(self, f) for f in _HW_FIELDS) + (self.kind, self.cpu, self.column_block, self.unexercised,
+                                                              self.energy)
 
     @property
     def peak_gmacs(self) -> float:
         return self.n_sm * self.lanes_per_sm * self.clock_hz / 1e9
 
     def to_dict(self) -> dict[str, Any]:
-        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("sources", "path", "cpu")}
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("sources", "path", "cpu", "energy")}
         d["sources"] = dict(self.sources)
+        d["energy"] = self.energy.as_dict() if self.energy is not None else None
         if self.cpu is not None:
             d["cpu"] = self.cpu._asdict()
         return d
@@ -154,6 +165,9 @@ def _common(data: dict[str, Any], origin: str) -> tuple[str, str, int, dict[str,
 
 def _cpu_from_mapping(data: dict[str, Any], origin: str, path: str | None) -> HardwareTarget:
     kind, name, batch, sources = _common(data, origin)
+    if "energy" in data:
+        raise TargetError(f"{origin}: [energy] is not allowed on a cpu target; allowed: [energy] on gpu targets "
+                          "(a calibration measures time only, see dynas.kernels.energy_counter)")
     table = data.get("cpu")
     if not isinstance(table, dict):
         raise TargetError(f"{origin}: table [cpu] is missing; allowed: a [cpu] table with threads, {', '.join(COST_FIELDS)}")
@@ -206,8 +220,9 @@ def _from_mapping(data: dict[str, Any], origin: str, path: str | None) -> Hardwa
             raise TargetError(f"{origin}: hardware.{name} is missing; allowed: a positive number")
     values = {k: _number(v, f"{origin}: hardware.{k}", k in _INT_FIELDS) for k, v in hw.items()}
     kind, name, batch, sources = _common(data, origin)
+    energy = energy_from_table(data["energy"], origin) if "energy" in data else None
     return HardwareTarget(name=name, description=str(data.get("description", "")), kind=kind,
-                          default_batch_size=batch, path=path, sources=sources, **values)
+                          default_batch_size=batch, path=path, sources=sources, energy=energy, **values)
 
 
 def _read(path: Path, origin: str) -> dict[str, Any]:
@@ -288,6 +303,8 @@ def target_toml(target: HardwareTarget, comments: dict[str, str] | None = None) 
     else:
         lines.append("[hardware]")
         lines += [f"{k} = {_toml_value(getattr(target, k))}" for k in _HW_FIELDS]
+        if target.energy is not None:
+            lines += ["", "[energy]"] + [f"{k} = {_toml_value(getattr(target.energy, k))}" for k in ENERGY_FIELDS]
     for title, table in (("environment", target.environment), ("fit", target.fit), ("static_ms", target.static_ms),
                          ("sources", target.sources)):
         if table:

@@ -8,7 +8,8 @@ exported file, a target file written by ``dynas calibrate`` read back).
 
 Invariants of a prediction:
 
-* finite and positive, and its breakdown adds up (stages + stem + head = total; ops = stage);
+* finite and positive, and its breakdown adds up (stages + stem + head = total; ops = stage); on
+  a target with energy prices, so does its energy (more in ``test_energy.py``), else it has none;
 * non-decreasing in each stage's rate and channel rate, everything else fixed.  On a GPU target
   this holds everywhere.  The calibrated CPU model walks the real kernels, which are faster in
   four places where more work is *on*, so there the property is checked off those places:
@@ -53,6 +54,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from dynas.predictors import cpu
+from dynas.predictors.energy import EnergyConstants
 from dynas.predictors.latency import predict
 from dynas.predictors.targets import HardwareTarget, list_targets, load_target, write_target
 from dynas.spaces.backbones import get_backbone, list_backbones
@@ -150,7 +152,8 @@ def hardware_targets(draw) -> HardwareTarget:
     return HardwareTarget(kind="gpu", n_sm=draw(ints), lanes_per_sm=draw(ints), clock_hz=draw(_positive),
                           dram_bandwidth_Bps=draw(_positive), l2_speed_frac=draw(_positive), fp32_cycles=draw(ints),
                           mem_transaction_floats=draw(ints), launch_us=draw(_positive),
-                          bytes_per_element=draw(st.integers(1, 16)), **common)
+                          bytes_per_element=draw(st.integers(1, 16)),
+                          energy=draw(st.none() | st.builds(EnergyConstants, _cost, _cost, _cost)), **common)
 
 
 @settings(max_examples=60, deadline=None)
@@ -180,6 +183,12 @@ def _check_sound(p, n: int) -> None:
         assert all(math.isfinite(o.latency_ms) and o.latency_ms >= 0 for o in s.ops)
         assert sum(o.latency_ms for o in s.ops) == pytest.approx(s.latency_ms, rel=1e-9)
     assert math.isfinite(p.expected_gflops) and p.expected_gflops > 0
+    energy = load_target(p.target).energy if p.target in GPU_TARGETS else None
+    if energy is None:  # no [energy] table (the calibrated CPU targets): unknown, not 0
+        assert p.energy_mj is None and all(s.energy_mj is None for s in p.stages)
+        return
+    assert math.isfinite(p.energy_mj) and p.energy_mj >= energy.static_power_w * p.latency_ms * (1 - 1e-12) > 0
+    assert p.energy_mj == pytest.approx(p.stem_energy_mj + p.head_energy_mj + sum(s.energy_mj for s in p.stages), rel=1e-9)
 
 
 @pytest.mark.parametrize("target", ALL_TARGETS, ids=_target_id)
