@@ -44,9 +44,9 @@ __all__ = [
 
 PARADIGMS: tuple[str, ...] = ("static", "spatial", "channel", "layer", "spatial+channel", "layer+channel")
 
-#: keys of an exported file that are not part of the architecture
+#: keys of an exported file that are not part of the architecture ("trained": what dynas train adds in RUN/config.json)
 _EXPORT_KEYS = frozenset({"dynas_version", "target", "batch_size", "predictions", "training", "laudnet_args",
-                          "study", "trial", "proxy", "notes"})
+                          "study", "trial", "proxy", "notes", "trained"})
 _STAGE_KEYS = ("paradigm", "rate", "spatial_granularity", "channel_granularity", "channel_rate")
 
 
