@@ -9,7 +9,8 @@ Subcommands::
     dynas pareto --study-name NAME     Pareto front of a stored study, CSV / HTML
     dynas export --study-name NAME     one trial as a training config (JSON)
     dynas bench CONFIG                 real speed-up of a config (static vs dynamic)
-    dynas train CONFIG                 fine-tune a config on synthetic data (CPU demo)
+    dynas train CONFIG --data DIR      train a config on an image folder (torchrun: many GPUs)
+    dynas evaluate CONFIG --weights F  accuracy, realised rates and latency of a trained model
     dynas calibrate -o TARGET.toml     measure this device, fit a target file
     dynas validate --target T          held-out measurements vs predictions
 
@@ -21,7 +22,6 @@ checked before any long work starts, so a bad path costs nothing.
 from __future__ import annotations
 
 import argparse
-import io
 import itertools
 import json
 import logging
@@ -478,29 +478,6 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     _print(f"static  {r.static_ms:9.3f} ms  (p10-p90 spread {r.static_spread_ms:.3f} ms)")
     _print(f"dynamic {r.dynamic_ms:9.3f} ms  (p10-p90 spread {r.dynamic_spread_ms:.3f} ms)")
     _print(f"speed-up x{r.speedup:.2f} over {r.repeats} interleaved pairs; fast vs reference path max abs err {r.max_abs_err:.2e}")
-    return 0
-
-
-def _cmd_train(args: argparse.Namespace) -> int:
-    from dynas.kernels.trainer import train
-
-    _check_output("--output", args.output)
-    model, hist = train(args.config, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                        input_size=args.input_size, seed=args.seed, log=_print, log_every=args.log_every)
-    _print()
-    _print(f"held-out top-1 {100 * hist.final_accuracy:.1f}% (synthetic, {len(hist.stage_targets)} dynamic stages)")
-    for s, target in hist.stage_targets.items():
-        got = hist.final_rates.get(s, float("nan"))
-        _print(f"stage {s}: realised rate {got:.3f}  target {target:.3f}  |diff| {abs(got - target):.3f}")
-    if args.output:
-        import torch
-
-        buf = io.BytesIO()
-        torch.save(model.state_dict(), buf)
-        from dynas.results.pareto import atomic_write_bytes
-
-        atomic_write_bytes(args.output, buf.getvalue())
-        _print(f"weights: {args.output}")
     return 0
 
 
@@ -1013,22 +990,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_cmd_bench)
 
-    # train
-    p = sub.add_parser(
-        "train", parents=[common], help="fine-tune a config on the built-in synthetic data (CPU demo)",
-        formatter_class=_Formatter,
-        description="Fine-tune the dynamic network of CONFIG on the built-in synthetic image set with the\n"
-        "LAUDNet recipe and per-stage sparsity targets; logs the loss and each stage's realised rate.",
-    )
-    p.add_argument("config", metavar="CONFIG", help="config or exported JSON file")
-    p.add_argument("--steps", type=_positive_int, default=300, metavar="N", help="optimisation steps")
-    p.add_argument("--batch-size", type=_positive_int, default=32, metavar="N", help="images per step")
-    p.add_argument("--lr", type=_float, default=0.05, metavar="X", help="initial learning rate (cosine decay)")
-    p.add_argument("--input-size", type=_positive_int, default=64, metavar="N", help="image side of the synthetic data")
-    p.add_argument("--seed", type=_nonneg_int, default=0, metavar="N", help="seed of data and initialisation")
-    p.add_argument("--log-every", type=_positive_int, default=25, metavar="N", help="log every N steps")
-    p.add_argument("-o", "--output", default=None, metavar="FILE", help="save the trained state dict here")
-    p.set_defaults(func=_cmd_train)
+    # train, evaluate
+    from dynas.train_cli import add_parsers as add_train_parsers
+
+    add_train_parsers(sub, common)
 
     # calibrate
     from dynas.spaces.design import DEFAULT_CALIBRATION_BACKBONES, DEFAULT_VALIDATION_BACKBONES
