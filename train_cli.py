@@ -238,7 +238,7 @@ def _add_train(sub: Any, common: argparse.ArgumentParser) -> None:
     g.add_argument("--gumbel-end", type=_positive_float, default=r.gumbel_end, metavar="X",
                    help="Gumbel temperature at the last step")
     g.add_argument("--relax-fraction", type=_positive_float, default=r.relax_fraction, metavar="X",
-                   help="share of the run over which the per-block sparsity bounds relax to [0, 1]")
+                   help="share of the run over which the per-block sparsity bounds relax to [0, 1] (default: %(default).4g)")
     g.add_argument("--weights", default=None, metavar="FILE",
                    help="static pretrained weights (torchvision names); without: from scratch, no distillation")
     g.add_argument("--teacher", default=None, metavar="FILE", help="static teacher weights (default: --weights)")
