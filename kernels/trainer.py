@@ -1,7 +1,10 @@
-"""Fine-tune a dynamic network from a config: ``dynas train`` and :func:`train`.
+"""The short fine-tuning loop of the finetune proxy (:func:`finetune`) and its pieces.
 
-A small loop that shows the recipe working end to end on CPU; for real training, plug the
-pieces of :mod:`dynas.kernels.recipe` into your own loop the same way.
+:func:`finetune` runs a given number of steps in one process; :func:`train` wraps it on the
+synthetic data set (a CPU demo of the recipe).  Full training (epochs, image folders, torchrun,
+checkpoints) is ``dynas train``, :mod:`dynas.kernels.fulltrain`, which shares the loss
+(:func:`~dynas.kernels.recipe.recipe_loss`), the targets (:func:`stage_targets`) and the rate
+sums (:func:`rate_sums`) with this loop.
 
 Per step: Gumbel temperature from :func:`gumbel_temperature`; loss = cross-entropy +
 ``lambda_act`` x :func:`sparsity_loss` (per-stage targets) [+ ``alpha_kd`` x distillation when

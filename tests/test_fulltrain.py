@@ -378,3 +378,41 @@ def test_warmup_then_cosine():
     f = [warmup_cosine(s, 10, 2) for s in range(10)]
     assert f[0] == 0.5 and f[1] == 1.0 and f[2] == 1.0 and f[-1] < 0.05
     assert all(a >= b for a, b in zip(f[1:], f[2:]))
+
+
+def test_exports_and_run_configs_are_configs(tmp_path):
+    from dynas.spaces.config import load_config
+
+    # an export of a finetune-proxy search has a "realised" block; RUN/config.json a "trained" one
+    for extra in ({"realised": {"config": CONFIG, "rates": {"0": {"rate": 0.3}}}}, {"trained": {"num_classes": 4}}):
+        path = tmp_path / "c.json"
+        path.write_text(json.dumps({**CONFIG, "target": {"name": "a100"}, **extra}))
+        assert load_config(path).to_dict() == CONFIG
+    assert build_model(path).fc.out_features == 4  # trained.num_classes
+
+
+@pytest.mark.parametrize("tty", [True, False])
+def test_progress_is_a_bar_on_a_terminal_and_lines_otherwise(capsys, caplog, tty):
+    import logging
+
+    from dynas.kernels.progress import Progress
+
+    parts = {"loss": 1.5, "ce": 1.0, "sparsity": 0.05, "kd": 0.0, "lr": 0.1, "temperature": 2.0}
+    with caplog.at_level(logging.INFO, logger="dynas.train"):
+        p = Progress(True, epochs=2, images_per_step=16, log_every=2, tty=tty)
+        p.start(0, steps=4, done=1)  # resumed after step 1
+        for _ in range(3):
+            p.step(lambda: parts)
+        p.close()
+    err = capsys.readouterr().err
+    lines = [r.getMessage() for r in caplog.records if r.name == "dynas.train"]
+    if tty:
+        assert "epoch 1/2" in err and "4/4" in err and "loss 1.5000" in err and not lines
+    else:
+        assert err == "" and len(lines) == 2 and lines[-1].startswith("epoch 1/2 step 4/4: loss 1.5000")
+    with caplog.at_level(logging.WARNING, logger="dynas.train"):  # -q
+        quiet = Progress(True, epochs=1, images_per_step=16, log_every=1, tty=tty)
+        quiet.start(0, steps=1, done=0)
+        quiet.step(lambda: parts)
+        quiet.close()
+    assert capsys.readouterr().err == ""
