@@ -229,7 +229,7 @@ def _prepare(config: Any, opts: TrainOptions, env: DistEnv) -> tuple[ArchConfig,
         data = load_datasets(opts.data, cfg.input_size, opts.seed, check=False)
         _batches(len(data.train), opts.batch_size, env)
         identity = _identity(cfg, data)
-        if opts.output_dir and ck.check_run_dir(opts.output_dir) and env.is_main:
+        if opts.output_dir and env.is_main and ck.check_run_dir(opts.output_dir):  # RUN is rank 0's alone
             ckpt = ck.load_checkpoint(os.path.join(opts.output_dir, ck.CHECKPOINT))
             ck.check_resume(ckpt, identity, opts.fingerprint(), opts.output_dir)
     images = len(data.val) + len(data.train)
@@ -422,7 +422,7 @@ def _write_outputs(run: _Run, raw: dict[str, Any], summary: dict[str, Any]) -> N
                "classes": data.classes, "num_classes": data.num_classes, "train_images": len(data.train),
                "val_images": len(data.val), "skipped_images": len(data.skipped), "steps": run.total_steps,
                "steps_per_epoch": run.steps_per_epoch, "processes": env.world, "device": env.device.type,
-               "precision": {None: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[run.amp_dtype],
+               "precision": str(run.amp_dtype or torch.float32).replace("torch.", ""),
                "recipe": recipe, "final": summary, "torch_version": torch.__version__}
     ck.write_json({**raw, "trained": trained}, os.path.join(opts.output_dir, ck.CONFIG))
 
@@ -438,12 +438,14 @@ def _start(run: _Run, state: _State, ckpt: dict[str, Any] | None) -> None:
         for name in os.listdir(opts.output_dir):
             if ck.is_temporary(name):  # left by a run killed while writing
                 os.unlink(os.path.join(opts.output_dir, name))
+        if ckpt is not None:  # a kill between checkpoint.pt and metrics.jsonl left the latter behind
+            ck.write_metrics(state.history, os.path.join(opts.output_dir, ck.METRICS))
     if not env.is_main:
         return
-    precision = {None: "float32", torch.bfloat16: "bfloat16 autocast", torch.float16: "float16 autocast"}[run.amp_dtype]
+    numbers = f"{str(run.amp_dtype).replace('torch.', '')} autocast" if run.amp_dtype else "float32"
     _log.info("training %s %s on %s: %d step(s) of %d images (%d per process x %d), lr %.4g, %s, %s%s",
               run.cfg.backbone, run.cfg.short(), run.data.source, run.total_steps, opts.batch_size,
-              run.loader.batch_size, env.world, opts.lr * opts.batch_size / LR_BATCH, env.device, precision,
+              run.loader.batch_size, env.world, opts.lr * opts.batch_size / LR_BATCH, env.device, numbers,
               "" if run.teacher is not None else ", no distillation")
     if ckpt is not None:
         _log.info("resuming %s at step %d (epoch %d, step %d)", opts.output_dir, state.global_step, state.epoch + 1,
