@@ -35,13 +35,7 @@ def atomic_write_with(path: str | os.PathLike[str], write: Callable[[BinaryIO], 
     the data reaches the disk before the rename, so even a power cut leaves the old file or
     the whole new one (a killed process does either way)."""
     path = Path(path)
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise error(f"output path={str(path)!r}: folder {str(folder)!r} does not exist; allowed: a path in an existing folder")
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    except OSError as exc:  # e.g. a read-only folder
-        raise error(_unwritable(path, exc)) from None
+    fd, tmp = _temporary_beside(path, error)
     try:
         with os.fdopen(fd, "wb") as fh:
             write(fh)
@@ -66,16 +60,20 @@ def atomic_write_with(path: str | os.PathLike[str], write: Callable[[BinaryIO], 
 def check_writable(path: str | os.PathLike[str], error: type[DynasError] = DynasError) -> None:
     """Raise ``error`` now if an atomic write of ``path`` would fail for its folder (missing,
     read-only): a temporary file is created there and removed, before long work starts."""
-    path = Path(path)
+    fd, tmp = _temporary_beside(Path(path), error)
+    os.close(fd)
+    os.unlink(tmp)
+
+
+def _temporary_beside(path: Path, error: type[DynasError]) -> tuple[int, str]:
+    """A new temporary file (descriptor, path) in ``path``'s folder; ``error`` if there cannot be one."""
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise error(f"output path={str(path)!r}: folder {str(folder)!r} does not exist; allowed: a path in an existing folder")
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    except OSError as exc:
+        return tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    except OSError as exc:  # e.g. a read-only folder
         raise error(_unwritable(path, exc)) from None
-    os.close(fd)
-    os.unlink(tmp)
 
 
 def _unwritable(path: Path, exc: OSError) -> str:
