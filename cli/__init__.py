@@ -9,7 +9,8 @@ Subcommands::
     dynas pareto --study-name NAME     Pareto front of a stored study, CSV / HTML
     dynas export --study-name NAME     one trial as a training config (JSON)
     dynas bench CONFIG                 real speed-up of a config (static vs dynamic)
-    dynas train CONFIG                 fine-tune a config on synthetic data (CPU demo)
+    dynas train CONFIG --data DIR      train a config on an image folder (torchrun: many GPUs)
+    dynas evaluate CONFIG --weights F  accuracy, realised rates and latency of a trained model
     dynas calibrate -o TARGET.toml     measure this device, fit a target file
     dynas validate --target T          held-out measurements vs predictions
 
@@ -20,7 +21,8 @@ checked before any long work starts, so a bad path costs nothing.
 This module holds the root parser, logging and :func:`main`; each group of subcommands is a
 module with an ``add_parsers(sub, parent)`` that registers them: :mod:`~dynas.cli.predict`
 (targets, predict), :mod:`~dynas.cli.search` (search, pareto, export) and
-:mod:`~dynas.cli.measure` (bench, train, calibrate, validate).  :mod:`~dynas.cli.common` holds
+:mod:`~dynas.cli.measure` (bench, calibrate, validate) and :mod:`~dynas.cli.train` (train,
+evaluate).  :mod:`~dynas.cli.common` holds
 what they share (argument types, defaults, output checks, tables).
 """
 
@@ -33,7 +35,7 @@ import sys
 import warnings
 from typing import Any, Callable, Sequence
 
-from dynas.cli import measure, predict, search
+from dynas.cli import measure, predict, search, train
 from dynas.cli.common import Formatter, Parser, UsageError
 from dynas.errors import DynasError
 
@@ -63,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also log every Optuna trial")
     parser.add_argument("--version", action="version", version=f"dynas {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for commands in (predict, search, measure):
+    for commands in (predict, search, measure, train):
         commands.add_parsers(sub, parent)
     return parser
 

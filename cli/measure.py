@@ -1,5 +1,5 @@
 """The commands that run networks on this machine: ``dynas bench`` (a config's real speed-up),
-``dynas train`` (a CPU fine-tuning demo), ``dynas calibrate`` (measure, fit a target file) and
+``dynas calibrate`` (measure, fit a target file) and
 ``dynas validate`` (held-out measurements vs a target's predictions).
 
 Scoring lives in the library (:mod:`dynas.results.validation`); this module measures, calls it
@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import argparse
 import functools
-import io
 import itertools
 import json
 import logging
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from dynas.cli.common import (UsageError, add_command, check_output, default_of, echo, int_list, nonneg_int, number,
-                              positive_int, positive_number, safe_name, str_list, table, torch_default)
+from dynas.cli.common import (UsageError, add_command, check_output, default_of, echo, int_list, nonneg_int, positive_int, positive_number, safe_name, str_list, table, torch_default)
 from dynas.spaces.design import calibration_plan, validation_plan
 
 __all__ = ["add_parsers"]
@@ -27,18 +25,16 @@ _logger = logging.getLogger("dynas")
 
 #: the library functions whose defaults the options show (see common.TORCH_DEFAULTS)
 BENCH = "dynas.kernels.bench:bench"
-TRAIN = "dynas.kernels.trainer:train"
 RUN_PLAN = "dynas.kernels.calibrate:run_plan"
 RUN_ROUNDS = "dynas.kernels.calibrate:run_rounds"
 
 #: the command line's own choices (the library functions have no such default)
-TRAIN_INPUT_SIZE = 64  # image side of ``dynas train`` 's synthetic data: small, for a CPU demo
 CALIBRATE_BUDGET_S = 300.0  # ``dynas calibrate`` 's measurement time budget (seconds)
 VALIDATE_REPEATS = 7  # timed passes per network of ``dynas validate``
 
 
 # --------------------------------------------------------------------------------------------
-# bench, train
+# bench
 # --------------------------------------------------------------------------------------------
 
 
@@ -58,29 +54,6 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     echo(f"static  {r.static_ms:9.3f} ms  (p10-p90 spread {r.static_spread_ms:.3f} ms)")
     echo(f"dynamic {r.dynamic_ms:9.3f} ms  (p10-p90 spread {r.dynamic_spread_ms:.3f} ms)")
     echo(f"speed-up x{r.speedup:.2f} over {r.repeats} interleaved pairs; fast vs reference path max abs err {r.max_abs_err:.2e}")
-    return 0
-
-
-def _cmd_train(args: argparse.Namespace) -> int:
-    from dynas.kernels.trainer import train
-
-    check_output("--output", args.output)
-    model, hist = train(args.config, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                        input_size=args.input_size, seed=args.seed, log=echo, log_every=args.log_every)
-    echo()
-    echo(f"held-out top-1 {100 * hist.final_accuracy:.1f}% (synthetic, {len(hist.stage_targets)} dynamic stages)")
-    for s, target in hist.stage_targets.items():
-        got = hist.final_rates.get(s, float("nan"))
-        echo(f"stage {s}: realised rate {got:.3f}  target {target:.3f}  |diff| {abs(got - target):.3f}")
-    if args.output:
-        import torch
-
-        from dynas.results.pareto import atomic_write_bytes
-
-        buf = io.BytesIO()
-        torch.save(model.state_dict(), buf)
-        atomic_write_bytes(args.output, buf.getvalue())
-        echo(f"weights: {args.output}")
     return 0
 
 
@@ -412,25 +385,6 @@ def _add_bench_parser(sub: Any, parent: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
-def _add_train_parser(sub: Any, parent: argparse.ArgumentParser) -> None:
-    default = functools.partial(torch_default, TRAIN)  # default("steps"): train()'s default
-
-    p = add_command(
-        sub, parent, "train", _cmd_train, help="fine-tune a config on the built-in synthetic data (CPU demo)",
-        description="Fine-tune the dynamic network of CONFIG on the built-in synthetic image set with the\n"
-        "LAUDNet recipe and per-stage sparsity targets; logs the loss and each stage's realised rate.",
-    )
-    p.add_argument("config", metavar="CONFIG", help="config or exported JSON file")
-    p.add_argument("--steps", type=positive_int, default=default("steps"), metavar="N", help="optimisation steps")
-    p.add_argument("--batch-size", type=positive_int, default=default("batch_size"), metavar="N", help="images per step")
-    p.add_argument("--lr", type=number, default=default("lr"), metavar="X", help="initial learning rate (cosine decay)")
-    p.add_argument("--input-size", type=positive_int, default=TRAIN_INPUT_SIZE, metavar="N",
-                   help="image side of the synthetic data")
-    p.add_argument("--seed", type=nonneg_int, default=default("seed"), metavar="N", help="seed of data and initialisation")
-    p.add_argument("--log-every", type=positive_int, default=default("log_every"), metavar="N", help="log every N steps")
-    p.add_argument("-o", "--output", default=None, metavar="FILE", help="save the trained state dict here")
-
-
 def _measuring_args(p: argparse.ArgumentParser, plan: Callable[..., Any], threads_help: str, backbones_help: str,
                     repeats: int, seed_help: str) -> None:
     """Options shared by the commands that time networks (calibrate, validate); ``plan`` is the
@@ -521,6 +475,5 @@ def add_parsers(sub: Any, parent: argparse.ArgumentParser) -> None:
     """Register ``bench``, ``train``, ``calibrate`` and ``validate`` with ``sub`` (shared flags
     from ``parent``)."""
     _add_bench_parser(sub, parent)
-    _add_train_parser(sub, parent)
     _add_calibrate_parser(sub, parent)
     _add_validate_parser(sub, parent)

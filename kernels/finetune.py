@@ -60,7 +60,7 @@ from dynas.kernels.trainer import evaluate, finetune
 from dynas.predictors.proxy import AccuracyProxy, ProxyResult, Reporter
 from dynas.spaces.config import ArchConfig, load_config
 
-__all__ = ["FinetuneProxy", "MIN_REALISED_RATE"]
+__all__ = ["FinetuneProxy", "MIN_REALISED_RATE", "realised_config"]
 
 _log = logging.getLogger("dynas.search.study")  # the search's logger: its progress lines
 
@@ -208,13 +208,15 @@ class FinetuneProxy(AccuracyProxy):
         finetune(model, splits.train_batches(), self.steps, lr=self.lr, teacher=teacher,
                  checkpoints=self.checkpoint_steps(), on_checkpoint=checkpoint)
         top1 = curve[self.steps]
-        realised = _realised_config(cfg, rates)
+        realised = realised_config(cfg, rates)
         attrs = {"realised_rates": {str(s): r for s, r in rates.items()},
                  "top1_by_step": {str(k): v for k, v in curve.items()}}
         return ProxyResult(top1, None if realised == cfg else realised, attrs)
 
 
-def _realised_config(cfg: ArchConfig, rates: dict[int, dict[str, float]]) -> ArchConfig:
+def realised_config(cfg: ArchConfig, rates: dict[int, dict[str, float]]) -> ArchConfig:
+    """``cfg`` with each dynamic stage's ``rate`` / ``channel_rate`` replaced by the realised one
+    (``{stage: {"rate": r, "channel_rate": c}}``), clipped to [MIN_REALISED_RATE, 1], 3 decimals."""
     stages = []
     for s, st in enumerate(cfg.stages):
         d = st.to_dict()

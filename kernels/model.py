@@ -22,10 +22,12 @@ the temperature given by :meth:`DynamicNet.set_temperature`.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import torch
@@ -225,10 +227,34 @@ class DynamicNet(nn.Module):
         return result
 
 
-def build_model(config: "ArchConfig | Mapping[str, Any] | str | os.PathLike[str]") -> DynamicNet:
+def build_model(config: "ArchConfig | Mapping[str, Any] | str | os.PathLike[str]", num_classes: int | None = None) -> DynamicNet:
     """The dynamic network of ``config`` (ArchConfig, dict, JSON string or path, exports included).
 
-    Freshly initialised, in training mode like any ``nn.Module``; call ``.eval()`` for the
-    inference paths (fast path and adaptive gates by default).
+    ``num_classes``: the classifier's width; by default the ``trained.num_classes`` that
+    ``dynas train`` writes into ``RUN/config.json`` (so ``build_model("RUN/config.json")`` takes
+    ``RUN/model.pt``), else the backbone's (1000).  Freshly initialised, in training mode like
+    any ``nn.Module``; call ``.eval()`` for the inference paths (fast path and adaptive gates
+    by default).
     """
-    return DynamicNet(load_config(config))
+    cfg = load_config(config)
+    if num_classes is None:
+        num_classes = _trained_classes(config)
+    if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1):
+        raise ConfigError(f"num_classes={num_classes!r} is out of range; allowed: an integer >= 1")
+    model = DynamicNet(cfg)
+    if num_classes is not None and num_classes != model.fc.out_features:
+        model.fc = nn.Linear(model.fc.in_features, num_classes)
+    return model
+
+
+def _trained_classes(source: Any) -> Any:
+    """``trained.num_classes`` of a config written by ``dynas train`` (dict, JSON text or file), else None."""
+    data = source
+    if isinstance(source, (str, os.PathLike)):
+        try:
+            text = str(source) if str(source).lstrip().startswith("{") else Path(source).read_text()
+            data = json.loads(text)
+        except (OSError, ValueError):
+            return None  # load_config has read it already, so this does not happen
+    trained = data.get("trained") if isinstance(data, Mapping) else None
+    return trained.get("num_classes") if isinstance(trained, Mapping) else None

@@ -28,13 +28,13 @@ Tensor[N], "dense_flops": float}`` (executed FLOPs per sample, masker included).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from dynas.errors import ConfigError
+from dynas.kernels.options import TrainingRecipe
 
 __all__ = [
     "TrainingRecipe",
@@ -43,31 +43,9 @@ __all__ = [
     "sparsity_loss",
     "distillation_loss",
     "stage_flops_ratios",
+    "recipe_loss",
+    "warmup_cosine",
 ]
-
-
-@dataclass(frozen=True)
-class TrainingRecipe:
-    """LAUDNet's fine-tuning recipe (anchors section 5) as plain data."""
-
-    lambda_act: float = 10.0  # weight of the sparsity loss
-    alpha_kd: float = 0.5  # weight of the distillation loss
-    kd_temperature: float = 4.0
-    gumbel_start: float = 5.0
-    gumbel_end: float = 0.1
-    relax_fraction: float = 1.0 / 3.0  # bounds relax to [0, 1] over this share of training
-
-    def __post_init__(self) -> None:
-        for name in ("lambda_act", "alpha_kd"):
-            v = getattr(self, name)
-            if not (math.isfinite(v) and v >= 0):
-                raise ConfigError(f"{name}={v!r} is out of range; allowed: a number >= 0")
-        for name in ("kd_temperature", "gumbel_start", "gumbel_end"):
-            v = getattr(self, name)
-            if not (math.isfinite(v) and v > 0):
-                raise ConfigError(f"{name}={v!r} is out of range; allowed: a number > 0")
-        if not 0 < self.relax_fraction <= 1:
-            raise ConfigError(f"relax_fraction={self.relax_fraction!r} is out of range; allowed: (0, 1]")
 
 
 def _progress(step: int, total_steps: int) -> float:
@@ -160,3 +138,32 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     log_p = F.log_softmax(student_logits / t, dim=1)  # [N, classes]
     q = F.softmax(teacher_logits.detach() / t, dim=1)  # [N, classes]
     return F.kl_div(log_p, q, reduction="batchmean") * t * t
+
+
+def recipe_loss(logits: torch.Tensor, labels: torch.Tensor, readout: Sequence[Mapping], step: int, total_steps: int,
+                flops_targets: Sequence[float], rate_targets: Sequence[float], recipe: TrainingRecipe = TrainingRecipe(),
+                teacher_logits: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The whole training loss of one step and its parts (detached): ``ce``, ``sparsity``, ``kd``.
+
+    loss = CE + ``lambda_act`` x :func:`sparsity_loss` (when the readout has dynamic blocks)
+    + ``alpha_kd`` x :func:`distillation_loss` (when ``teacher_logits`` are given).
+    """
+    logits = logits.float()  # [N, classes]; the loss in float32 under mixed precision too
+    ce = F.cross_entropy(logits, labels)
+    zero = ce.new_zeros(())
+    sp = sparsity_loss(readout, flops_targets, step, total_steps, recipe=recipe, rate_targets=rate_targets) if readout else zero
+    loss = ce + recipe.lambda_act * sp
+    kd = zero
+    if teacher_logits is not None and recipe.alpha_kd > 0:
+        kd = distillation_loss(logits, teacher_logits.float(), recipe.kd_temperature)
+        loss = loss + recipe.alpha_kd * kd
+    return loss, {"ce": ce.detach(), "sparsity": sp.detach(), "kd": kd.detach()}
+
+
+def warmup_cosine(step: int, total_steps: int, warmup_steps: int) -> float:
+    """Learning-rate factor at ``step`` (0-based): linear warm-up over ``warmup_steps`` (from
+    1/warmup_steps to 1), then cosine decay to 0 at ``total_steps``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    p = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(p, 1.0)))

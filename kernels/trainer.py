@@ -1,7 +1,10 @@
-"""Fine-tune a dynamic network from a config: ``dynas train`` and :func:`train`.
+"""The short fine-tuning loop of the finetune proxy (:func:`finetune`) and its pieces.
 
-A small loop that shows the recipe working end to end on CPU; for real training, plug the
-pieces of :mod:`dynas.kernels.recipe` into your own loop the same way.
+:func:`finetune` runs a given number of steps in one process; :func:`train` wraps it on the
+synthetic data set (a CPU demo of the recipe).  Full training (epochs, image folders, torchrun,
+checkpoints) is ``dynas train``, :mod:`dynas.kernels.fulltrain`, which shares the loss
+(:func:`~dynas.kernels.recipe.recipe_loss`), the targets (:func:`stage_targets`) and the rate
+sums (:func:`rate_sums`) with this loop.
 
 Per step: Gumbel temperature from :func:`gumbel_temperature`; loss = cross-entropy +
 ``lambda_act`` x :func:`sparsity_loss` (per-stage targets) [+ ``alpha_kd`` x distillation when
@@ -23,13 +26,13 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from dynas.errors import ConfigError
-from dynas.kernels.recipe import TrainingRecipe, distillation_loss, gumbel_temperature, sparsity_loss, stage_flops_ratios
+from dynas.kernels.recipe import TrainingRecipe, gumbel_temperature, recipe_loss, stage_flops_ratios
 from dynas.spaces.config import load_config
 
-__all__ = ["synthetic_images", "TrainHistory", "train", "finetune", "evaluate", "stage_rates", "realised_rates"]
+__all__ = ["synthetic_images", "TrainHistory", "train", "finetune", "evaluate", "stage_rates", "realised_rates", "rate_sums",
+           "rates_from_sums", "stage_targets"]
 
 #: RGB colours of the classes of the synthetic data set
 _PALETTE = torch.tensor([
@@ -87,6 +90,38 @@ def _configured_rates(cfg) -> dict[int, float]:
     return {s: st.rate for s, st in enumerate(cfg.stages) if st.paradigm != "static"}
 
 
+def rate_sums(readout: list[dict[str, Any]], weight: float, num_stages: int) -> torch.Tensor:
+    """Running sums behind :func:`realised_rates` for one forward pass: float64 [num_stages, 4] on
+    the readout's device, columns (weight x mean primary rate, weight, weight x executed channel
+    rate sum, weight x executed samples).  Sums of several passes (or processes) add up."""
+    device = next((r["rates"]["primary"].device for r in readout if "primary" in (r.get("rates") or {})), torch.device("cpu"))
+    out = torch.zeros(num_stages, 4, dtype=torch.float64, device=device)  # [S, 4]
+    for r in readout:
+        rates = r.get("rates") or {}
+        if "primary" not in rates:
+            continue
+        s = int(r["stage"])
+        primary = torch.as_tensor(rates["primary"]).detach().double()  # [N]
+        out[s, 0] += weight * primary.mean()
+        out[s, 1] += weight
+        if "channel" in rates and ("spatial" in rates or "layer" in rates):
+            on = rates["layer"].detach().double() if "layer" in rates else torch.ones_like(primary)  # [N]
+            out[s, 2] += weight * (rates["channel"].detach().double() * on).sum()
+            out[s, 3] += weight * on.sum()
+    return out
+
+
+def rates_from_sums(sums: torch.Tensor) -> dict[int, dict[str, float]]:
+    """``{stage: {"rate": r[, "channel_rate": c]}}`` from :func:`rate_sums` [S, 4] (stages with none left out)."""
+    out: dict[int, dict[str, float]] = {}
+    for s, (rate, n, channel, executed) in enumerate(sums.double().cpu().tolist()):
+        if n > 0:
+            out[s] = {"rate": rate / n}
+            if executed > 0:
+                out[s]["channel_rate"] = channel / executed
+    return out
+
+
 def realised_rates(readouts: list[list[dict[str, Any]]], weights: list[int] | None = None) -> dict[int, dict[str, float]]:
     """Per stage, the activation rates the gates realised over one or more forward passes.
 
@@ -97,26 +132,20 @@ def realised_rates(readouts: list[list[dict[str, Any]]], weights: list[int] | No
     all samples under a spatial gate.
     """
     weights = weights or [1] * len(readouts)
-    sums: dict[int, dict[str, float]] = {}
+    num_stages = 1 + max((int(r["stage"]) for readout in readouts for r in readout), default=-1)
+    total = torch.zeros(num_stages, 4, dtype=torch.float64)
     for readout, w in zip(readouts, weights):
-        for r in readout:
-            rates = r.get("rates") or {}
-            if "primary" not in rates:
-                continue
-            acc = sums.setdefault(int(r["stage"]), {"rate": 0.0, "n": 0.0, "channel": 0.0, "executed": 0.0})
-            primary = torch.as_tensor(rates["primary"]).detach().float()  # [N]
-            acc["rate"] += w * float(primary.mean())
-            acc["n"] += w
-            if "channel" in rates and ("spatial" in rates or "layer" in rates):
-                on = rates["layer"].detach().float() if "layer" in rates else torch.ones_like(primary)  # [N]
-                acc["channel"] += w * float((rates["channel"].detach().float() * on).sum())
-                acc["executed"] += w * float(on.sum())
-    out: dict[int, dict[str, float]] = {}
-    for s, acc in sorted(sums.items()):
-        out[s] = {"rate": acc["rate"] / acc["n"]}
-        if acc["executed"] > 0:
-            out[s]["channel_rate"] = acc["channel"] / acc["executed"]
-    return out
+        total += rate_sums(readout, w, num_stages).cpu()
+    return rates_from_sums(total)
+
+
+def stage_targets(model: torch.nn.Module) -> tuple[list[float], list[float]]:
+    """Per stage of ``model``'s config: the FLOPs ratio at exactly the configured rates (1 for a
+    static stage) and the configured rate: the two targets of :func:`~dynas.kernels.recipe.sparsity_loss`."""
+    cfg = model.config
+    dynamic = [b for b in model.blocks() if b.paradigm != "static"]
+    ratios = stage_flops_ratios([{"stage": b.spec.stage, **b.configured_flops()} for b in dynamic])
+    return [float(ratios[s]) if s in ratios else 1.0 for s in range(len(cfg.stages))], [st.rate for st in cfg.stages]
 
 
 def evaluate(model: torch.nn.Module, val: Any) -> tuple[float, dict[int, dict[str, float]]]:
@@ -160,10 +189,8 @@ def finetune(model: torch.nn.Module, batches: Iterator[tuple[torch.Tensor, torch
     steps) ``on_checkpoint(step)`` is called; it may raise to end training there.
     """
     cfg = model.config
-    dynamic = [b for b in model.blocks() if b.paradigm != "static"]
-    ratios = stage_flops_ratios([{"stage": b.spec.stage, **b.configured_flops()} for b in dynamic])
-    targets = [float(ratios[s]) if s in ratios else 1.0 for s in range(len(cfg.stages))]
-    rate_targets = [st.rate for st in cfg.stages]
+    dynamic = any(b.paradigm != "static" for b in model.blocks())
+    targets, rate_targets = stage_targets(model)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-5)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
     hist = TrainHistory(stage_targets=_configured_rates(cfg), flops_targets=targets)
@@ -174,13 +201,12 @@ def finetune(model: torch.nn.Module, batches: Iterator[tuple[torch.Tensor, torch
         model.set_temperature(gumbel_temperature(step, steps, recipe))
         logits = model(x)
         readout = model.flops_readout() if dynamic else []
-        ce = F.cross_entropy(logits, y)
-        sp = sparsity_loss(readout, targets, step, steps, recipe=recipe, rate_targets=rate_targets) if readout else ce.new_zeros(())
-        loss = ce + recipe.lambda_act * sp
+        t_logits = None
         if teacher is not None and recipe.alpha_kd > 0:
             with torch.no_grad():
                 t_logits = teacher(x)
-            loss = loss + recipe.alpha_kd * distillation_loss(logits, t_logits, recipe.kd_temperature)
+        loss, parts = recipe_loss(logits, y, readout, step, steps, targets, rate_targets, recipe, t_logits)
+        ce, sp = parts["ce"], parts["sparsity"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -44,9 +44,10 @@ __all__ = [
 
 PARADIGMS: tuple[str, ...] = ("static", "spatial", "channel", "layer", "spatial+channel", "layer+channel")
 
-#: keys of an exported file that are not part of the architecture
+#: keys of an exported file that are not part of the architecture ("realised": what a finetune-proxy search's
+#: export adds; "trained": what dynas train adds in RUN/config.json)
 _EXPORT_KEYS = frozenset({"dynas_version", "target", "batch_size", "predictions", "training", "laudnet_args",
-                          "study", "trial", "proxy", "notes"})
+                          "study", "trial", "proxy", "notes", "realised", "trained"})
 _STAGE_KEYS = ("paradigm", "rate", "spatial_granularity", "channel_granularity", "channel_rate")
 
 

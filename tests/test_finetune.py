@@ -118,9 +118,13 @@ def test_bad_data_specs(spec, match):
         load_data(spec, (32, 32), batch_size=4)
 
 
-def test_directory_is_not_data(tmp_path):
-    with pytest.raises(ConfigError, match="is a directory"):
-        check_data_spec(str(tmp_path))
+def test_a_directory_is_an_image_folder(tmp_path):
+    # a folder is the ImageFolder layout (tests/test_fulltrain.py trains on one); an empty one is refused on load
+    assert check_data_spec(str(tmp_path)) == str(tmp_path)
+    with pytest.raises(ConfigError, match="is an empty folder"):
+        load_data(str(tmp_path), (32, 32), batch_size=4)
+    with pytest.raises(ConfigError, match="does not exist"):
+        check_data_spec(str(tmp_path / "missing"))
 
 
 # ----------------------------------------------------------------------------- realised rates
