@@ -319,19 +319,24 @@ def _print_front(study: Any, top: int) -> None:
 
 
 def _search_options(args: argparse.Namespace) -> Any:
+    from dynas.search.stopping import StopRule
     from dynas.search.study import SearchOptions
+    from dynas.spaces.searchspace import SpaceOptions
 
     kw: dict[str, Any] = dict(
         backbone=args.backbone, target=args.target, input_size=args.input_size, batch_size=args.batch_size,
         proxy=args.proxy, trials=args.trials, timeout_s=args.timeout, sampler=args.sampler, seed=args.seed,
         storage=args.storage, workers=args.workers, heartbeat_s=args.heartbeat_s,
         study_name=args.study_name, max_latency_ms=args.max_latency_ms,
-        max_latency_ratio=args.max_latency_ratio, spatial_granularities=args.spatial_granularities,
-        channel_granularities=args.channel_granularities, rate_min=args.rate_min, rate_max=args.rate_max,
-        rate_step=args.rate_step, show_progress=not args.no_progress,
+        max_latency_ratio=args.max_latency_ratio, show_progress=not args.no_progress,
+    )
+    space: dict[str, Any] = dict(
+        spatial_granularities=args.spatial_granularities, channel_granularities=args.channel_granularities,
+        rate_min=args.rate_min, rate_max=args.rate_max, rate_step=args.rate_step,
     )
     if args.paradigms is not None:
-        kw["paradigms"] = args.paradigms
+        space["paradigms"] = args.paradigms
+    kw["space"] = SpaceOptions(**space)
     finetune = {"data": args.data, "steps": args.finetune_steps, "batch_size": args.finetune_batch_size,
                 "checkpoints": args.checkpoints, "weights": args.weights, "pretrain_steps": args.pretrain_steps,
                 "distill": False if args.no_distill else None}
@@ -342,8 +347,7 @@ def _search_options(args: argparse.Namespace) -> Any:
                     "pretrain_steps": "--pretrain-steps"}.get(next(iter(given)), "--" + next(iter(given)))
             raise ConfigError(f"{flag} applies to --proxy finetune only; got --proxy {args.proxy}")
         kw["proxy_options"] = given
-    kw.update(early_stop=args.early_stop, stop_margin=args.stop_margin, stop_min_trials=args.stop_min_trials,
-              stop_eta=args.stop_eta)
+    kw["stop"] = StopRule(args.early_stop, args.stop_margin, args.stop_min_trials, args.stop_eta)
     return SearchOptions(**kw)
 
 
