@@ -10,6 +10,7 @@ from typing import Any
 from dynas.cli.common import (add_command, check_output, default_of, echo, frame_text, image_size, int_list,
                               nonneg_int, number, positive_int, safe_name, str_list, table, torch_default)
 from dynas.errors import ConfigError
+from dynas.search.options import FLAT_OPTIONS
 from dynas.search.study import DEFAULT_JOURNAL, DEFAULT_STORAGE, SAMPLERS, SearchOptions
 
 __all__ = ["add_parsers", "search_default", "search_options", "print_front"]
@@ -26,8 +27,12 @@ _FINETUNE_FLAGS = {"steps": "--finetune-steps", "batch_size": "--finetune-batch-
 
 
 def search_default(name: str) -> Any:
-    """The default of search option ``name`` (a :class:`~dynas.search.study.SearchOptions` field):
+    """The default of search option ``name`` (a :class:`~dynas.search.study.SearchOptions` field,
+    or a flat name of its space and stopping options, :data:`~dynas.search.options.FLAT_OPTIONS`):
     the one place the search flags read their defaults from."""
+    if name in FLAT_OPTIONS:
+        owner, field = FLAT_OPTIONS[name]
+        return getattr(default_of(SearchOptions, owner), field)
     return default_of(SearchOptions, name)
 
 

@@ -27,6 +27,7 @@ from typing import Any, Callable
 
 import torch
 
+from dynas.checks import check_choice, check_int
 from dynas.errors import ConfigError
 from dynas.spaces.config import load_config
 from dynas.spaces.torch_model import build_static_model
@@ -89,21 +90,15 @@ def bench(config: Any, device: str = "cpu", batch_size: int = 1, threads: int | 
     from dynas.kernels.calibrate import keep_freed_memory
     from dynas.kernels.model import build_model
 
-    if device not in ("cpu", "cuda"):
-        raise ConfigError(f"device={device!r} is not supported; allowed: cpu, cuda")
-    if gate_mode not in ("budget", "random"):
-        raise ConfigError(f"gate_mode={gate_mode!r} is not allowed; allowed: budget, random")
-    if memory_format not in MEMORY_FORMATS:
-        raise ConfigError(f"memory_format={memory_format!r} is unknown; allowed: {', '.join(MEMORY_FORMATS)}")
+    check_choice("device", device, ("cpu", "cuda"), problem="is not supported")
+    check_choice("gate_mode", gate_mode, ("budget", "random"), problem="is not allowed")
+    check_choice("memory_format", memory_format, MEMORY_FORMATS)
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device='cuda' is not available on this machine; allowed: cpu")
     for name, value, minimum in (("batch_size", batch_size, 1), ("repeats", repeats, 1), ("warmup", warmup, 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ConfigError(f"{name}={value!r} is out of range; allowed: an integer >= {minimum}")
+        check_int(name, value, minimum)
     if threads is not None:
-        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-            raise ConfigError(f"threads={threads!r} is out of range; allowed: an integer >= 1")
-        torch.set_num_threads(threads)
+        torch.set_num_threads(check_int("threads", threads, 1))
     cfg = load_config(config)
     keep_freed_memory()  # time what calibration times (see kernels.calibrate.keep_freed_memory)
     dev = torch.device(device)

@@ -41,6 +41,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
+from dynas.checks import check_int, check_positive
 from dynas.errors import ConfigError
 from dynas.kernels.energy_counter import rapl_status
 from dynas.predictors.targets import static_key
@@ -334,10 +335,8 @@ def host_speed(static_ms: dict[str, float], networks: Iterable[tuple[str, Any, i
 
 def _check_budget(budget_s: Any) -> None:
     """A time budget is None (no limit) or a finite number of seconds > 0 (NaN would never run out)."""
-    if budget_s is None:
-        return
-    if isinstance(budget_s, bool) or not isinstance(budget_s, (int, float)) or not math.isfinite(budget_s) or budget_s <= 0:
-        raise ConfigError(f"budget_s={budget_s!r} is out of range; allowed: a finite number of seconds > 0, or None")
+    if budget_s is not None:
+        check_positive("budget_s", budget_s, allowed="a finite number of seconds > 0, or None")
 
 
 def run_rounds(items: Iterable[PlanItem], rounds: int = 2, progress: Callable[..., None] | None = None,
@@ -354,8 +353,7 @@ def run_rounds(items: Iterable[PlanItem], rounds: int = 2, progress: Callable[..
     ``items`` may be endless when ``budget_s`` is given: the first round measures as many as
     fit in ``budget_s / rounds``, the later rounds measure those again.
     """
-    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
-        raise ConfigError(f"rounds={rounds!r} is out of range; allowed: an integer >= 1")
+    check_int("rounds", rounds, 1)
     _check_budget(budget_s)
     _log.info("%s", rapl_status(device=kwargs.get("device", "cpu")).line)  # the rows hold times only
     base = kwargs.pop("seed", 0)

@@ -47,12 +47,12 @@ differ in the last bits across machines).
 from __future__ import annotations
 
 import logging
-import math
 import os
 from typing import Any
 
 import torch
 
+from dynas.checks import check_int, check_positive
 from dynas.errors import ConfigError
 from dynas.kernels.data import DataSplits, check_data_spec, load_data
 from dynas.kernels.model import DynamicNet, build_model
@@ -68,12 +68,6 @@ _log = logging.getLogger("dynas.search.study")  # the search's logger: its progr
 MIN_REALISED_RATE = 0.01
 
 
-def _int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"finetune {name}={value!r} is out of range; allowed: an integer >= {minimum}")
-    return value
-
-
 class FinetuneProxy(AccuracyProxy):
     """MEASURED accuracy proxy: top-1 after a short fine-tune of each candidate (see module doc)."""
 
@@ -85,16 +79,14 @@ class FinetuneProxy(AccuracyProxy):
                  checkpoints: int = 3, weights: str | None = None, pretrain_steps: int = 200,
                  distill: bool = True, seed: int = 0) -> None:
         self.data = check_data_spec(data)
-        self.steps = _int("steps", steps, 1)
-        self.batch_size = _int("batch_size", batch_size, 1)
-        self.checkpoints = _int("checkpoints", checkpoints, 1)
+        self.steps = check_int("finetune steps", steps, 1)
+        self.batch_size = check_int("finetune batch_size", batch_size, 1)
+        self.checkpoints = check_int("finetune checkpoints", checkpoints, 1)
         if self.checkpoints > self.steps:
             raise ConfigError(f"finetune checkpoints={checkpoints!r} exceeds steps={steps}; allowed: 1..steps")
-        self.pretrain_steps = _int("pretrain_steps", pretrain_steps, 0)
-        self.seed = _int("seed", seed, 0)
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
-            raise ConfigError(f"finetune lr={lr!r} is out of range; allowed: a number > 0")
-        self.lr = float(lr)
+        self.pretrain_steps = check_int("finetune pretrain_steps", pretrain_steps, 0)
+        self.seed = check_int("finetune seed", seed, 0)
+        self.lr = float(check_positive("finetune lr", lr))
         if not isinstance(distill, bool):
             raise ConfigError(f"finetune distill={distill!r} is not a bool; allowed: true or false")
         self.distill = distill

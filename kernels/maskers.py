@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dynas.checks import check_choice
 from dynas.errors import ConfigError
 from dynas.spaces.config import budget_count
 
@@ -95,9 +96,7 @@ class Masker(nn.Module):
         raise NotImplementedError
 
     def set_gate_mode(self, mode: str) -> None:
-        if mode not in GATE_MODES:
-            raise ConfigError(f"gate mode={mode!r} is unknown; allowed: {', '.join(GATE_MODES)}")
-        self.gate_mode = mode
+        self.gate_mode = check_choice("gate mode", mode, GATE_MODES)
 
     def set_force(self, force: str | None) -> None:
         if force not in _FORCE:

@@ -33,6 +33,7 @@ from typing import Any, Iterator, Mapping
 import torch
 from torch import nn
 
+from dynas.checks import check_choice
 from dynas.errors import ConfigError
 from dynas.kernels.blocks import PATHS, DynamicBlock, build_block
 from dynas.kernels.maskers import GATE_MODES, Masker, StageQuota
@@ -123,16 +124,14 @@ class DynamicNet(nn.Module):
     def set_gate_mode(self, mode: str) -> "DynamicNet":
         """Inference decisions: ``"adaptive"`` (argmax per input), ``"budget"`` (exact rates) or
         ``"random"`` (exact rates, uniformly random choice per sample; see :mod:`dynas.kernels.maskers`)."""
-        if mode not in GATE_MODES:
-            raise ConfigError(f"gate mode={mode!r} is unknown; allowed: {', '.join(GATE_MODES)}")
+        check_choice("gate mode", mode, GATE_MODES)
         for m in self.maskers():
             m.set_gate_mode(mode)
         return self
 
     def set_path(self, path: str) -> "DynamicNet":
         """Eval compute path: ``"fast"`` (skips work) or ``"reference"`` (dense, then masked)."""
-        if path not in PATHS:
-            raise ConfigError(f"path={path!r} is unknown; allowed: {', '.join(PATHS)}")
+        check_choice("path", path, PATHS)
         for b in self.blocks():
             b.set_path(path)
         return self

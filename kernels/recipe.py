@@ -33,6 +33,7 @@ from typing import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
+from dynas.checks import check_number
 from dynas.errors import ConfigError
 from dynas.kernels.options import TrainingRecipe
 
@@ -71,8 +72,7 @@ def _check_targets(targets: Sequence[float], stages: set[int], name: str = "stag
         if s >= len(targets):
             raise ConfigError(f"{name} has {len(targets)} entries; the readout has stage {s}")
     for s, t in enumerate(targets):
-        if not (isinstance(t, (int, float)) and math.isfinite(t) and 0 <= t <= 1):
-            raise ConfigError(f"{name}[{s}]={t!r} is out of range; allowed: a number in [0, 1]")
+        check_number(f"{name}[{s}]", t, 0, 1, allowed="a number in [0, 1]")
 
 
 def stage_flops_ratios(readout: Sequence[Mapping]) -> dict[int, torch.Tensor]:

@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
+from dynas.checks import check_int
 from dynas.errors import ConfigError
 from dynas.kernels.recipe import TrainingRecipe, gumbel_temperature, recipe_loss, stage_flops_ratios
 from dynas.spaces.config import load_config
@@ -52,8 +53,7 @@ def synthetic_images(n: int, size: tuple[int, int], num_classes: int = 10, seed:
     """
     if not 2 <= num_classes <= len(_PALETTE):
         raise ConfigError(f"num_classes={num_classes!r} is out of range; allowed: 2..{len(_PALETTE)}")
-    if isinstance(side_fraction, bool) or not isinstance(side_fraction, int) or side_fraction < 1:
-        raise ConfigError(f"side_fraction={side_fraction!r} is out of range; allowed: an integer >= 1")
+    check_int("side_fraction", side_fraction, 1)
     g = torch.Generator().manual_seed(seed)
     h, w = size
     x = noise * torch.randn(n, 3, h, w, generator=g)  # background noise, [n, 3, H, W]
@@ -233,8 +233,7 @@ def train(config: Any, *, steps: int = 300, batch_size: int = 32, lr: float = 0.
 
     for name, value, minimum in (("steps", steps, 1), ("batch_size", batch_size, 1), ("train_size", train_size, 1),
                                  ("val_size", val_size, 1), ("log_every", log_every, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ConfigError(f"{name}={value!r} is out of range; allowed: an integer >= {minimum}")
+        check_int(name, value, minimum)
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise ConfigError(f"lr={lr!r} is out of range; allowed: a number > 0")
     cfg = load_config(config)

@@ -32,6 +32,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 import dynas
+from dynas.checks import check_positive
 from dynas.errors import StudyError
 from dynas.results.pareto import atomic_write_text, check_study, complete_trials, is_feasible, study_attr
 from dynas.spaces.backbones import get_backbone
@@ -93,9 +94,7 @@ def _most_accurate(trials: Sequence[FrozenTrial]) -> FrozenTrial:
 
 
 def _positive(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise StudyError(f"{name}={value!r} is invalid; allowed: a positive number")
-    return float(value)
+    return float(check_positive(name, value, problem="is invalid", allowed="a positive number", error=StudyError))
 
 
 def select_trial(

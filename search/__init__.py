@@ -1,6 +1,7 @@
 """Multi-objective search of dynamic configurations (Optuna studies)."""
 
 from dynas.search.stopping import STOPPERS, EarlyStopper, StopRule, make_stopper, register_stopper
+from dynas.spaces.searchspace import SpaceOptions
 from dynas.search.study import (
     DEFAULT_STORAGE,
     DIRECTIONS,
@@ -25,6 +26,7 @@ __all__ = [
     "SAMPLERS",
     "SearchOptions",
     "SearchPlan",
+    "SpaceOptions",
     "register_sampler",
     "make_sampler",
     "plan_search",

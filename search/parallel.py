@@ -53,7 +53,10 @@ import optuna
 from optuna.trial import FrozenTrial, Trial, TrialState
 
 from dynas.errors import StudyError
-from dynas.search.stopping import is_finished
+from dynas.search.objective import Objective
+from dynas.search.samplers import make_sampler, resume_seed
+from dynas.search.stopping import finished_trials, is_finished
+from dynas.search.storage import MAX_RETRY, open_storage, retry_callback
 
 __all__ = ["SnapshotSampler", "shared_sampler", "MAX_RESTARTS", "MAX_RETRY", "retry_callback", "worker_id", "recover_dead_trials", "worker_loop", "run_workers"]
 
@@ -61,8 +64,6 @@ _logger = logging.getLogger("dynas.search.study")
 
 #: how often a ``dynas search --workers N`` process restarts its workers after one died
 MAX_RESTARTS = 3
-#: retries of a trial whose worker died (Optuna's RetryFailedTrialCallback)
-MAX_RETRY = 3
 #: a RUNNING trial this old that names no worker (journal) or never beat (database) is dead (seconds)
 _UNOWNED_GRACE_S = 60.0
 
@@ -198,21 +199,6 @@ def _fail_and_requeue(study: optuna.Study, dead: list[FrozenTrial]) -> list[int]
         recovered.append(t.number)
         _logger.warning("trial %d: its worker %s is gone; marked failed and queued again", t.number, worker)
     return recovered
-
-
-def retry_callback() -> Any:
-    """Optuna's callback that queues a copy of a trial failed because its worker died."""
-    import warnings
-
-    from optuna.exceptions import ExperimentalWarning
-
-    cls = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)  # Optuna >= 4.9
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ExperimentalWarning)
-        warnings.simplefilter("ignore", FutureWarning)
-        if cls is None:
-            return optuna.storages.RetryFailedTrialCallback(max_retry=MAX_RETRY)
-        return cls(max_retry=MAX_RETRY)
 
 
 def _as_seen_by_sampler(t: FrozenTrial) -> FrozenTrial:
@@ -417,12 +403,10 @@ def worker_loop(study: optuna.Study, objective: Any, budget: int, deadline: floa
 
 
 def _seed(seed: int, n_existing: int, index: int, attempt: int) -> int:
-    # Worker 0 seeds like a one-worker run (dynas.search.study._resume_seed); every other
+    # Worker 0 seeds like a one-worker run (dynas.search.samplers.resume_seed); every other
     # (worker, restart) gets its own stream so that workers do not replay each other.
-    from dynas.search.study import _resume_seed
-
     if index == 0 and attempt == 0:
-        return _resume_seed(seed, n_existing)
+        return resume_seed(seed, n_existing)
     return int(np.random.SeedSequence([seed, n_existing, index, attempt]).generate_state(1)[0])
 
 
@@ -430,12 +414,11 @@ def _worker_main(plan: Any, flop_tables: Any, index: int, attempt: int, n_existi
                  deadline_s: float | None) -> None:
     """Entry point of one joblib worker process: open the storage, run the loop.
 
-    ``plan`` is the parent's validated :class:`~dynas.search.study.SearchPlan`, pickled with its
+    ``plan`` is the parent's validated :class:`~dynas.search.options.SearchPlan`, pickled with its
     fitted proxy, and ``flop_tables`` the parent's dense FLOP counts, so that a worker starts in
     well under a second instead of refitting and recounting (which imports torch).
     """
     from dynas.predictors.flops import share_flop_tables
-    from dynas.search.study import _Objective, finished_trials, make_sampler, open_storage
 
     share_flop_tables(flop_tables)
 
@@ -446,7 +429,7 @@ def _worker_main(plan: Any, flop_tables: Any, index: int, attempt: int, n_existi
     study = optuna.load_study(study_name=plan.study_name, storage=storage, sampler=sampler)
     done = finished_trials(study)
     deadline = None if deadline_s is None else time.monotonic() + deadline_s
-    worker_loop(study, _Objective(plan, done), o.trials, deadline, show_progress=False)
+    worker_loop(study, Objective(plan, done), o.trials, deadline, show_progress=False)
 
 
 # --------------------------------------------------------------------------------------------

@@ -29,12 +29,13 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from dynas.errors import ConfigError
+from dynas.checks import check_choice, check_int, check_number
 
 __all__ = ["Peer", "StopRule", "EarlyStopper", "STOPPERS", "register_stopper", "make_stopper", "is_stopped",
-           "is_finished"]
+           "is_finished", "finished_trials"]
 
 
 def is_stopped(trial: FrozenTrial) -> bool:
@@ -46,6 +47,12 @@ def is_stopped(trial: FrozenTrial) -> bool:
 def is_finished(trial: FrozenTrial) -> bool:
     """Counts towards ``trials``: COMPLETE, or stopped early."""
     return trial.state == TrialState.COMPLETE or is_stopped(trial)
+
+
+def finished_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """The trials that count towards ``trials``: COMPLETE ones and those stopped early
+    (PRUNED with user attr ``stop_reason``; a trial pruned for another reason does not count)."""
+    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)) if is_finished(t)]
 
 
 @dataclass(frozen=True)
@@ -68,14 +75,11 @@ class StopRule:
     eta: int = 3  # halving: keep the best 1/eta at each checkpoint
 
     def __post_init__(self) -> None:
-        if self.name not in STOPPERS:
-            raise ConfigError(f"early_stop={self.name!r} is unknown; allowed: {', '.join(sorted(STOPPERS))}")
-        if isinstance(self.margin, bool) or not isinstance(self.margin, (int, float)) or not math.isfinite(self.margin) or self.margin < 0:
-            raise ConfigError(f"stop_margin={self.margin!r} is out of range; allowed: a number >= 0 (top-1 points)")
-        for name, minimum in (("min_trials", 1), ("eta", 2)):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-                raise ConfigError(f"stop_{name}={v!r} is out of range; allowed: an integer >= {minimum}")
+        # Messages name the options as SearchOptions and ``dynas search`` spell them.
+        check_choice("early_stop", self.name, sorted(STOPPERS))
+        check_number("stop_margin", self.margin, 0, math.inf, allowed="a number >= 0 (top-1 points)")
+        check_int("stop_min_trials", self.min_trials, 1)
+        check_int("stop_eta", self.eta, 2)
 
     def to_dict(self) -> dict[str, object]:
         return {"name": self.name, "margin": self.margin, "min_trials": self.min_trials, "eta": self.eta}

@@ -19,6 +19,7 @@ import random
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
+from dynas.checks import check_int
 from dynas.errors import ConfigError
 from dynas.spaces.backbones import get_backbone, list_backbones
 from dynas.spaces.config import (
@@ -70,10 +71,7 @@ def _check_backbones(backbones: Sequence[str], field: str) -> tuple[str, ...]:
 def _check_batches(batch_sizes: Sequence[int]) -> tuple[int, ...]:
     if not batch_sizes:
         raise ConfigError("batch_size=[] is not allowed; allowed: one or more integers >= 1")
-    for n in batch_sizes:
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ConfigError(f"batch_size={n!r} is out of range; allowed: an integer >= 1")
-    return tuple(batch_sizes)
+    return tuple(check_int("batch_size", n, 1) for n in batch_sizes)
 
 
 def _stage_choice(paradigm: str, rate: float, channel_rate: float, spatial: int | None, channel: int | None) -> StageConfig:
@@ -154,8 +152,7 @@ def validation_plan(backbones: Sequence[str] = DEFAULT_VALIDATION_BACKBONES, inp
     :data:`VALIDATION_RATES`, so no dynamic stage repeats a calibration stage."""
     backbones = _check_backbones(backbones, "backbones")
     batch_sizes = _check_batches(batch_sizes)
-    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-        raise ConfigError(f"count={count!r} is out of range; allowed: an integer >= 1")
+    check_int("count", count, 1)
     rng = random.Random(seed)
     items = []
     for i in range(count):

@@ -28,10 +28,11 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from functools import cached_property
 from typing import Any, Callable, Mapping, Sequence
 
+from dynas.checks import check_choice
 from dynas.errors import ConfigError
 from dynas.spaces.backbones import get_backbone
 from dynas.spaces.config import (
@@ -45,7 +46,7 @@ from dynas.spaces.config import (
     uses_spatial,
 )
 
-__all__ = ["SearchSpace", "StageOptions", "param_name"]
+__all__ = ["SearchSpace", "SpaceOptions", "StageOptions", "param_name"]
 
 _COMBINED = ("spatial+channel", "layer+channel")
 _RATE_DECIMALS = 4
@@ -108,20 +109,19 @@ def _granularities(value: Any, name: str) -> tuple[int, ...] | None:
     return tuple(sorted(set(int(g) for g in value)))
 
 
-@dataclass(frozen=True)
-class SearchSpace:
-    """Options of the search over dynamic configs of ``backbone`` at ``input_size``.
+@dataclass(frozen=True, kw_only=True)
+class SpaceOptions:
+    """What a search may choose from, for any backbone (``dynas search --paradigms``,
+    ``--spatial-granularities``, ``--channel-granularities``, ``--rate-min/max/step``).
 
     ``paradigms`` are allowed everywhere they are possible; ``spatial_granularities`` /
     ``channel_granularities`` (``None`` = all valid values) restrict the granularities to the
     listed values where they are valid for a stage; rates are searched on the grid
-    ``rate_min .. rate_max`` with ``rate_step`` (at most 4 decimals each).  Options are checked
-    and normalised on construction (``input_size`` becomes ``(H, W)``, lists become sorted
-    tuples); a bad option raises :class:`ConfigError`.
+    ``rate_min .. rate_max`` with ``rate_step`` (at most 4 decimals each).  Kept as given, except
+    that lists and comma-separated strings become tuples (so that options compare and hash by
+    value); :class:`SearchSpace` checks them against a backbone.
     """
 
-    backbone: str
-    input_size: Any = 224
     paradigms: tuple[str, ...] = PARADIGMS
     spatial_granularities: tuple[int, ...] | None = None
     channel_granularities: tuple[int, ...] | None = None
@@ -130,6 +130,32 @@ class SearchSpace:
     rate_step: float = 0.05
 
     def __post_init__(self) -> None:
+        for name in ("paradigms", "spatial_granularities", "channel_granularities"):
+            given = value = getattr(self, name)
+            if isinstance(value, str):
+                value = tuple(v.strip() for v in value.split(","))
+            if value is not None and (not isinstance(value, tuple) or value is not given):
+                object.__setattr__(self, name, tuple(value))
+
+    def to_kwargs(self) -> dict[str, Any]:
+        """These options as keyword arguments (``SearchSpace(backbone, input_size, **options.to_kwargs())``)."""
+        return {f.name: getattr(self, f.name) for f in fields(SpaceOptions)}
+
+
+@dataclass(frozen=True)
+class SearchSpace(SpaceOptions):
+    """The search over dynamic configs of ``backbone`` at ``input_size`` with the options of
+    :class:`SpaceOptions` (keyword arguments: ``SearchSpace("resnet50", paradigms=...)``).
+
+    Options are checked and normalised on construction (``input_size`` becomes ``(H, W)``, lists
+    become sorted tuples); a bad option raises :class:`ConfigError`.
+    """
+
+    backbone: str
+    input_size: Any = 224
+
+    def __post_init__(self) -> None:
+        # Replaces SpaceOptions.__post_init__: a space takes lists only, not comma-separated text.
         if not isinstance(self.backbone, str):
             raise ConfigError(f"backbone={self.backbone!r} is not a string; allowed: a backbone name")
         spec = get_backbone(self.backbone, self.input_size)  # checks name and size
@@ -292,9 +318,7 @@ class SearchSpace:
 
     def _check(self, name: str, value: Any, choices: tuple | None) -> Any:
         if choices is not None:
-            if value not in choices or isinstance(value, bool):
-                raise ConfigError(f"{name}={value!r} is not in the search space; allowed: {_fmt(choices)}")
-            return choices[choices.index(value)]
+            return check_choice(name, value, choices, problem="is not in the search space")
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ConfigError(f"{name}={value!r} is not a number; allowed: {self._grid_text()}")
         k = (value - self.rate_min) / self.rate_step

@@ -37,7 +37,7 @@ from dynas.spaces.config import ArchConfig, StageConfig
 from dynas.spaces.design import validation_plan
 
 TARGETS = list_targets()
-CPU_TARGET = Path(__file__).resolve().parents[1] / "benchmarks" / "data" / "cpu-2core-dec02-padonce" / "cpu-2core-dec02-padonce.toml"
+CPU_TARGET = Path(__file__).resolve().parent / "data" / "cpu-2core-dec02-padonce" / "cpu-2core-dec02-padonce.toml"
 SETTINGS = settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 SIZES = [224, 160, 64, (97, 113)]
 rates = st.floats(min_value=0.0, max_value=1.0, exclude_min=True, allow_nan=False)

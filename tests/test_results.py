@@ -453,7 +453,7 @@ def test_repeated_configs_appear_once_on_the_front(tmp_path):
 
 # ----------------------------------------------------------------------------- validation scores
 
-DATA = Path(__file__).resolve().parents[1] / "benchmarks" / "data"
+DATA = Path(__file__).resolve().parent / "data"
 
 
 def _compared(folder: str, csv: str, networks: int, **columns):

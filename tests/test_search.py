@@ -15,7 +15,9 @@ import dynas
 from dynas.errors import ConfigError, StudyError, TargetError
 from dynas.predictors.latency import predict
 from dynas.predictors.targets import BUILTIN_DIR, load_target
-from dynas.search import study as study_mod
+from dynas.search import objective as objective_mod
+from dynas.search import options as options_mod
+from dynas.search.stopping import StopRule
 from dynas.search.study import (
     SAMPLERS,
     SearchOptions,
@@ -26,7 +28,7 @@ from dynas.search.study import (
     run_search,
 )
 from dynas.spaces.config import ArchConfig
-from dynas.spaces.searchspace import SearchSpace
+from dynas.spaces.searchspace import SearchSpace, SpaceOptions
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -47,13 +49,25 @@ def _complete(study):
 # ----------------------------------------------------------------------------- options
 
 
-def test_defaults_are_the_embedded_search_and_match_searchspace():
+def test_defaults_are_the_embedded_search():
     o = SearchOptions()
     assert (o.backbone, o.target, o.trials, o.sampler, o.proxy, o.input_size) == ("resnet101", "v100", 500, "tpe", "prior", 224)
-    space_defaults = {f.name: f.default for f in dataclasses.fields(SearchSpace) if f.default is not dataclasses.MISSING}
-    for name, default in space_defaults.items():
-        if name != "input_size":
-            assert getattr(o, name) == default, name
+    assert (o.space, o.stop) == (SpaceOptions(), StopRule())
+
+
+def test_flat_names_set_and_read_the_nested_options():
+    flat = SearchOptions(paradigms="spatial, layer", rate_min=0.2, early_stop="halving", stop_eta=4)
+    nested = SearchOptions(space=SpaceOptions(paradigms=("spatial", "layer"), rate_min=0.2), stop=StopRule("halving", eta=4))
+    assert flat == nested
+    assert (flat.paradigms, flat.rate_min, flat.rate_max, flat.early_stop, flat.stop_eta) == (("spatial", "layer"), 0.2, 1.0, "halving", 4)
+    # a flat name replaces that field of nested options given with it, and works with dataclasses.replace
+    assert SearchOptions(stop=StopRule("halving", eta=4), stop_margin=1.0).stop == StopRule("halving", 1.0, 2, 4)
+    changed = dataclasses.replace(nested, early_stop="none", rate_step=0.1, trials=3)
+    assert (changed.stop, changed.space.rate_step, changed.space.paradigms, changed.trials) == (StopRule("none", eta=4), 0.1, ("spatial", "layer"), 3)
+    with pytest.raises(ConfigError, match="stop_eta=1 is out of range"):
+        SearchOptions(stop_eta=1)
+    with pytest.raises(ConfigError, match=r"space=\{'rate_min': 0.2\} is not a SpaceOptions"):
+        SearchOptions(space={"rate_min": 0.2})
 
 
 @pytest.mark.parametrize(
@@ -187,7 +201,8 @@ def test_duplicate_params_reuse_values_without_predicting(tmp_path, monkeypatch)
         calls.append(cfg)
         return predict(cfg, target, batch_size)
 
-    monkeypatch.setattr(study_mod, "predict", counting_predict)
+    monkeypatch.setattr(objective_mod, "predict", counting_predict)
+    monkeypatch.setattr(options_mod, "predict", counting_predict)  # the static reference
     # 3 choices per stage (static, layer@0.5, layer@1.0) -> 81 configs; 40 random trials repeat some.
     opts = _opts(tmp_path, paradigms=("static", "layer"), rate_min=0.5, rate_max=1.0, rate_step=0.5, trials=40)
     study = run_search(opts)

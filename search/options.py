@@ -1,0 +1,239 @@
+"""What a search is told (:class:`SearchOptions`) and what it resolves to (:class:`SearchPlan`).
+
+::
+
+    options = SearchOptions(backbone="resnet50", target="a100", trials=200)
+    plan = plan_search(options)   # validates everything; touches no file
+
+:class:`SearchOptions` is a plain frozen dataclass.  The options of the search space are one
+:class:`~dynas.spaces.searchspace.SpaceOptions` (``space``) and those of early stopping one
+:class:`~dynas.search.stopping.StopRule` (``stop``); their fields may also be given and read by
+their flat names (:data:`FLAT_OPTIONS`), as ``dynas search`` spells them::
+
+    SearchOptions(rate_min=0.2, early_stop="halving")
+    SearchOptions(space=SpaceOptions(rate_min=0.2), stop=StopRule("halving"))   # the same options
+
+:func:`plan_search` resolves the target, batch size, search space, proxy, storage URL and study
+name and raises a one-line :class:`~dynas.errors.DynasError` for any bad option, before anything
+is written.  :meth:`SearchPlan.study_attrs` is what a study stores about how it was run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+from dataclasses import dataclass, field
+from operator import attrgetter
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import optuna
+
+import dynas
+from dynas.checks import check_choice, check_int, check_positive
+from dynas.errors import ConfigError, StudyError
+from dynas.predictors.latency import predict
+from dynas.predictors.proxy import AccuracyProxy, get_proxy
+from dynas.predictors.targets import HardwareTarget, load_target
+from dynas.search.samplers import SAMPLERS, make_sampler
+from dynas.search.stopping import StopRule
+from dynas.search.storage import DEFAULT_JOURNAL, DEFAULT_STORAGE, parse_storage_url
+from dynas.spaces.backbones import parse_input_size
+from dynas.spaces.config import ArchConfig
+from dynas.spaces.searchspace import SearchSpace, SpaceOptions
+
+__all__ = ["DIRECTIONS", "OBJECTIVE_NAMES", "FLAT_OPTIONS", "SearchOptions", "SearchPlan", "plan_search", "json_ready"]
+
+#: study directions, in the order of the objective values
+DIRECTIONS = ("minimize", "maximize")
+#: names of the objective values (``trial.values[i]``)
+OBJECTIVE_NAMES = ("latency_ms", "top1")
+
+#: flat name -> (field of SearchOptions, field of that one): the names ``SearchOptions(...)``
+#: also takes, and reads, for the options of the search space and of early stopping
+FLAT_OPTIONS: dict[str, tuple[str, str]] = {
+    **{f.name: ("space", f.name) for f in dataclasses.fields(SpaceOptions)},
+    "early_stop": ("stop", "name"),  # stopper of dynas.search.stopping.STOPPERS; acts only on proxies with checkpoints
+    "stop_margin": ("stop", "margin"),  # top-1 points (dominance)
+    "stop_min_trials": ("stop", "min_trials"),  # dominance: dominating trials needed; halving: trials at the checkpoint needed
+    "stop_eta": ("stop", "eta"),  # halving: the best 1/eta go on
+}
+
+
+def _takes_flat_names(cls: type) -> type:
+    """Let ``cls(...)`` and ``dataclasses.replace`` take the names of :data:`FLAT_OPTIONS`
+    (each replaces that field of the nested options, given or default), and make them readable
+    attributes."""
+    generated = cls.__init__
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+
+    @functools.wraps(generated)
+    def __init__(self: Any, *args: Any, **kw: Any) -> None:
+        nested: dict[str, dict[str, Any]] = {}
+        for flat, (outer, inner) in FLAT_OPTIONS.items():
+            if flat in kw:
+                nested.setdefault(outer, {})[inner] = kw.pop(flat)
+        for outer, changes in nested.items():
+            kw[outer] = dataclasses.replace(kw.get(outer, defaults[outer]), **changes)
+        generated(self, *args, **kw)
+
+    cls.__init__ = __init__  # type: ignore[misc]
+    for flat, (outer, inner) in FLAT_OPTIONS.items():
+        setattr(cls, flat, property(attrgetter(f"{outer}.{inner}"), doc=f"``{outer}.{inner}``"))
+    return cls
+
+
+@_takes_flat_names
+@dataclass(frozen=True)
+class SearchOptions:
+    """Everything ``dynas search`` can be told.  Defaults are the embedded default search."""
+
+    backbone: str = "resnet101"
+    target: str = "v100"  # built-in name or path to a target TOML file
+    input_size: Any = 224  # int or (H, W)
+    batch_size: int | None = None  # None: the target's default batch size
+    proxy: str = "prior"
+    proxy_options: Mapping[str, Any] | None = None  # keyword options of the proxy (finetune: data, steps, ...)
+    stop: StopRule = StopRule()  # early stopping (flat names: early_stop, stop_margin, stop_min_trials, stop_eta)
+    trials: int = 500  # total finished trials (complete, or stopped early) the study should hold
+    timeout_s: float | None = None  # stop this run after this many seconds
+    sampler: str = "tpe"
+    seed: int = 0
+    storage: Any = None  # storage URL (or an optuna storage); None: DEFAULT_STORAGE, or DEFAULT_JOURNAL if workers > 1
+    workers: int = 1  # worker processes on this machine (joblib); trials is still the study's total
+    heartbeat_s: float = 10.0  # workers beat this often; a trial silent for 2x this is failed and retried
+    study_name: str | None = None  # None: "{backbone}-{target}-b{batch}-{H}x{W}-{proxy}"
+    max_latency_ms: float | None = None  # constraint on the predicted latency of one batch
+    max_latency_ratio: float | None = None  # constraint on dynamic / static latency
+    space: SpaceOptions = SpaceOptions()  # search-space options (flat names: paradigms, ..., rate_step)
+    show_progress: bool = True
+
+    def __post_init__(self) -> None:
+        # Scalar checks only; the backbone, target, proxy and space are checked by plan_search.
+        check_int("trials", self.trials, minimum=1, numpy=True)
+        check_int("seed", self.seed, minimum=0, maximum=2**32 - 1, numpy=True)
+        check_int("workers", self.workers, minimum=1, maximum=256, numpy=True)
+        _check_positive("heartbeat_s", self.heartbeat_s)
+        if self.batch_size is not None:
+            check_int("batch_size", self.batch_size, minimum=1, numpy=True)
+        for name in ("timeout_s", "max_latency_ms", "max_latency_ratio"):
+            value = getattr(self, name)
+            if value is not None:
+                _check_positive(name, value)
+        if self.proxy_options is not None and not isinstance(self.proxy_options, Mapping):
+            raise ConfigError(f"proxy_options={self.proxy_options!r} is not a mapping; allowed: a dict of keyword options")
+        check_choice("sampler", self.sampler, sorted(SAMPLERS))
+        if self.study_name is not None and (not isinstance(self.study_name, str) or not self.study_name.strip()):
+            raise StudyError(f"study_name={self.study_name!r} is empty; allowed: a non-empty string")
+        for name, kind in (("space", SpaceOptions), ("stop", StopRule)):
+            if not isinstance(getattr(self, name), kind):
+                raise ConfigError(f"{name}={getattr(self, name)!r} is not a {kind.__name__}; allowed: {kind.__name__}(...)")
+
+
+def _check_positive(name: str, value: Any) -> None:
+    check_positive(name, value, problem="is not a positive number", allowed="a finite number > 0")
+
+
+@dataclass(frozen=True)
+class SearchPlan:
+    """A validated search: what :func:`~dynas.search.study.run_search` will do, resolved from
+    :class:`SearchOptions`."""
+
+    options: SearchOptions
+    target: HardwareTarget
+    target_label: str  # the target's name in the study name (a target file's stem)
+    batch_size: int
+    input_size: tuple[int, int]
+    space: SearchSpace
+    proxy: AccuracyProxy = field(compare=False)
+    storage_url: Any  # str URL, or an optuna storage passed through the Python API
+    study_name: str
+    stop_rule: StopRule = StopRule()
+
+    def study_attrs(self) -> dict[str, Any]:
+        """Study user attrs stored at creation (JSON-ready); also the reference for resuming."""
+        o = self.options
+        static = ArchConfig.static(o.backbone, self.input_size)
+        static_pred = predict(static, self.target, self.batch_size)
+        path = getattr(self.target, "path", None)
+        return json_ready(
+            {
+                "dynas_version": dynas.__version__,
+                "objectives": list(OBJECTIVE_NAMES),
+                "backbone": o.backbone,
+                "input_size": list(self.input_size),
+                "target": self.target_label,
+                "target_path": str(Path(path).resolve()) if path is not None else None,
+                "target_spec": _target_dict(self.target),
+                "batch_size": self.batch_size,
+                "proxy": o.proxy,
+                "proxy_options": self.proxy.options(),
+                "early_stop": self.stop_rule.to_dict(),
+                "search_space": self.space.to_dict(),
+                "max_latency_ms": o.max_latency_ms,
+                "max_latency_ratio": o.max_latency_ratio,
+                "static_latency_ms": static_pred.latency_ms,
+                "static_latency_ms_per_image": static_pred.latency_ms_per_image,
+                "static_top1": float(self.proxy.static_score(static)),
+                "reference_top1": float(self.proxy.reference_top1(static)),
+                "sampler": o.sampler,
+                "seed": o.seed,
+            }
+        )
+
+
+def json_ready(obj: Any) -> Any:
+    """``obj`` as stored in a study's attrs (JSON): tuples become lists, paths strings, NumPy
+    scalars Python numbers, so that a stored value compares equal to a freshly computed one."""
+
+    def default(x: Any) -> Any:
+        if isinstance(x, np.generic):
+            return x.item()
+        if isinstance(x, os.PathLike):
+            return os.fspath(x)
+        return str(x)
+
+    return json.loads(json.dumps(obj, default=default))
+
+
+def _target_dict(target: Any) -> dict[str, Any]:
+    if hasattr(target, "to_dict"):
+        d = dict(target.to_dict())
+    elif dataclasses.is_dataclass(target):
+        d = dataclasses.asdict(target)
+    else:
+        d = dict(vars(target))
+    # Where the file lives is not part of what the target is (stored as target_path instead).
+    d.pop("path", None)
+    return d
+
+
+def plan_search(options: SearchOptions) -> SearchPlan:
+    """Validate ``options`` and resolve every default; writes nothing.
+
+    Raises :class:`~dynas.errors.DynasError` (one line) for any bad option.
+    """
+    o = options
+    hw = parse_input_size(o.input_size)
+    space = SearchSpace(o.backbone, hw, **o.space.to_kwargs())
+    target = o.target if not isinstance(o.target, (str, os.PathLike)) else load_target(o.target)
+    path = getattr(target, "path", None)
+    label = Path(path).stem if path is not None else target.name
+    batch = o.batch_size if o.batch_size is not None else int(target.default_batch_size)
+    proxy = get_proxy(o.proxy, **dict(o.proxy_options or {}))
+    make_sampler(o.sampler, o.seed)  # raises ConfigError when it cannot be built (gp without SciPy)
+    storage = o.storage if o.storage is not None else (DEFAULT_STORAGE if o.workers == 1 else DEFAULT_JOURNAL)
+    if isinstance(storage, str):
+        parse_storage_url(storage)
+    elif not isinstance(storage, optuna.storages.BaseStorage):
+        raise StudyError(f"storage={storage!r} is not a database URL; allowed: e.g. {DEFAULT_STORAGE}")
+    elif o.workers > 1:
+        raise StudyError(
+            f"workers={o.workers} needs a storage URL that other processes can open; allowed: "
+            f"{DEFAULT_JOURNAL}, postgresql://..., or workers=1 with a storage object"
+        )
+    name = o.study_name or f"{o.backbone}-{label}-b{batch}-{hw[0]}x{hw[1]}-{o.proxy}"
+    return SearchPlan(o, target, label, batch, hw, space, proxy, storage, name, o.stop)
