@@ -87,7 +87,7 @@ import numpy as np
 from dynas.spaces.backbones import BlockSpec, StemSpec
 from dynas.spaces.config import StageConfig, budget_count, uses_channel, uses_layer, uses_spatial
 
-__all__ = ["TERMS", "COST_FIELDS", "LATER_PART_FIELDS", "COLUMN_BLOCKS", "COMPUTE_TERMS", "MEMORY_TERMS", "CALL_TERMS", "TERM_KINDS", "CpuCosts", "block_work", "stage_entry_work", "stem_work", "head_work", "expected_block_flops",
+__all__ = ["TERMS", "COST_FIELDS", "LATER_PART_FIELDS", "COLUMN_BLOCKS", "COMPUTE_TERMS", "MEMORY_TERMS", "CALL_TERMS", "TERM_KINDS", "CpuCosts", "block_work", "stage_entry_work", "stem_work", "head_work", "exit_head_work", "expected_block_flops",
            "work_latency_ms"]
 
 #: work terms, in the order of :data:`COST_FIELDS`
@@ -573,6 +573,22 @@ def head_work(head_in: int, head_hw: tuple[int, int], classes: int, n: int) -> n
     w.stream(n * head_in * (head_hw[0] * head_hw[1] + 1), 2)  # global pool, flatten
     w.conv(n, head_in, classes, 1, head_in, kind="vec", mm=True)
     return w.result()
+
+
+@functools.lru_cache(maxsize=None)
+def exit_head_work(cin: int, head_hw: tuple[int, int], classes: int, n: int, width: int = 0) -> np.ndarray:
+    """An exit head on a ``cin``-channel map: the own head's work (:func:`head_work`), after a
+    1x1 conv + BN + ReLU to ``width`` channels when ``width`` > 0 (the ``"conv"`` head)."""
+    head = head_work(width or cin, head_hw, classes, n)
+    if not width:
+        return head
+    w = _Work()
+    rows = n * head_hw[0] * head_hw[1]
+    w.conv(rows, cin, width, 1, cin, hw=head_hw)
+    _bn_relu(w, rows * width)
+    out = w.v + head
+    out.setflags(write=False)
+    return out
 
 
 def expected_block_flops(b: BlockSpec, st: StageConfig, dense: dict[str, float], run_prob: float = 1.0) -> float:

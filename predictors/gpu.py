@@ -27,7 +27,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["Hardware", "OpCost", "ConvOp", "conv_cost", "memory_cost", "expected_max_density"]
+__all__ = ["Hardware", "OpCost", "ConvOp", "conv_cost", "fc_cost", "memory_cost", "expected_max_density"]
 
 
 class Hardware(NamedTuple):
@@ -286,3 +286,8 @@ def conv_cost(hw: Hardware, op: ConvOp) -> OpCost:
     memory = dram_elems * bpe / hw.dram_bandwidth_Bps + float(l2[i])
     sched = f"c{int(t.C[i])} h{int(t.H[i])} w{int(t.W[i])} p{int(P[i])}"
     return OpCost(float(compute[i]), memory, hw.launch_us * 1e-6, op.units * out_per_unit * cin_pg * op.k * op.k, sched)
+
+
+def fc_cost(hw: Hardware, n: int, cin: int, cout: int) -> OpCost:
+    """A fully connected layer on ``n`` vectors, as a 1x1 conv on a 1x1 map."""
+    return conv_cost(hw, ConvOp(n, cin, cout, 1, 1, 1, 1, 1, 1, n, cin, 0, 0, False))
