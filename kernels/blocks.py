@@ -100,6 +100,7 @@ __all__ = [
     "DynamicBottleneck",
     "DynamicRegNetYBlock",
     "build_block",
+    "take_samples",
 ]
 
 #: inference paths
@@ -120,7 +121,7 @@ def _channels_last(t: torch.Tensor) -> bool:
     return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)
 
 
-def _take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+def take_samples(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """Samples ``idx`` of ``x`` [N, C, H, W] -> [n, C, H, W], keeping a channels-last layout."""
     if _channels_last(x) and not x.is_contiguous():
         return x.permute(0, 2, 3, 1).index_select(0, idx).permute(0, 3, 1, 2)  # gather whole NHWC samples
@@ -638,8 +639,8 @@ class DynamicBlock:
                 if sel is not None and sel.numel() == 0:
                     y = self._empty(idx.numel(), ho, wo, x)
                 else:
-                    y = self._sparse_body(_take(x, idx), sel, _DENSE_POOL)  # [n_u, C_out, H_out, W_out]
-                ys.append((idx, y.add_(_take(base, idx)).relu_()))
+                    y = self._sparse_body(take_samples(x, idx), sel, _DENSE_POOL)  # [n_u, C_out, H_out, W_out]
+                ys.append((idx, y.add_(take_samples(base, idx)).relu_()))
             out = self._relu_shortcut(base, x)  # samples whose body does not run: ReLU(shortcut)
             for idx, y in ys:
                 out.index_copy_(0, idx, y)
