@@ -37,8 +37,8 @@ def run(data: str, steps: int, size: int, batch: int, lr: float, head: str, seed
         loss.backward()
         opt.step()
         sched.step()
-        if step % 100 == 0 or step == steps - 1:
-            print(f"  {data} step {step:4d} loss {float(loss):.3f}", flush=True)
+        if step % 50 == 0 or step == steps - 1:
+            print(f"  {data} step {step:4d} loss {float(loss.detach()):.3f}", flush=True)
     return exit_accuracies(model, splits.val)
 
 

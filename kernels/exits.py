@@ -101,6 +101,11 @@ def _answer(model: "DynamicNet", k: int, h: torch.Tensor) -> torch.Tensor:
     return model.exit_heads[k](h) if k < len(model.exit_heads) else model.forward_head(h)
 
 
+def _all_at(x: torch.Tensor, k: int) -> torch.Tensor:
+    """[N] int64, every sample answered at exit ``k``."""
+    return torch.full((x.shape[0],), k, dtype=torch.long, device=x.device)
+
+
 def forward_exits(model: "DynamicNet", x: torch.Tensor) -> list[torch.Tensor]:
     """Every exit's logits, [N, classes] each, own head last (training, and the ``"all"`` policy)."""
     at = _stage_exits(model)
@@ -132,7 +137,7 @@ class FinalPolicy(ExitPolicy):
     name = "final"
 
     def run(self, model: "DynamicNet", x: torch.Tensor) -> torch.Tensor:
-        model.last_exit = torch.full((x.shape[0],), len(model.config.exits), dtype=torch.long)
+        model.last_exit = _all_at(x, len(model.config.exits))
         return model.forward_without_exits(x)
 
 
@@ -140,7 +145,7 @@ class AllExitsPolicy(ExitPolicy):
     name = "all"
 
     def run(self, model: "DynamicNet", x: torch.Tensor) -> list[torch.Tensor]:
-        model.last_exit = torch.full((x.shape[0],), len(model.config.exits), dtype=torch.long)
+        model.last_exit = _all_at(x, len(model.config.exits))
         return forward_exits(model, x)
 
 
@@ -194,7 +199,7 @@ class BudgetPolicy(_Predicted):
         for s in range(last_stage + 1):  # stages after the exit are never run
             for blk in model.stage_modules(s):
                 h = blk(h)
-        model.last_exit = torch.full((x.shape[0],), k, dtype=torch.long)
+        model.last_exit = _all_at(x, k)
         return _answer(model, k, h)
 
 
@@ -261,7 +266,7 @@ class DeadlinePolicy(_Predicted):
         assert answer is not None  # the first exit always runs
         k, logits = answer
         model.last_trace = trace
-        model.last_exit = torch.full((logits.shape[0],), k, dtype=torch.long)
+        model.last_exit = _all_at(logits, k)
         return logits
 
 

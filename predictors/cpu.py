@@ -577,18 +577,12 @@ def head_work(head_in: int, head_hw: tuple[int, int], classes: int, n: int) -> n
 
 @functools.lru_cache(maxsize=None)
 def exit_head_work(cin: int, head_hw: tuple[int, int], classes: int, n: int, width: int = 0) -> np.ndarray:
-    """An exit head on a ``cin``-channel map: the own head's work (:func:`head_work`), after a
-    1x1 conv + BN + ReLU to ``width`` channels when ``width`` > 0 (the ``"conv"`` head)."""
-    head = head_work(width or cin, head_hw, classes, n)
-    if not width:
-        return head
-    w = _Work()
-    rows = n * head_hw[0] * head_hw[1]
-    w.conv(rows, cin, width, 1, cin, hw=head_hw)
-    _bn_relu(w, rows * width)
-    out = w.v + head
-    out.setflags(write=False)
-    return out
+    """An exit head: :func:`head_work`, after a 1x1 conv + BN + ReLU to ``width`` channels if > 0."""
+    w, rows = _Work(), n * head_hw[0] * head_hw[1]
+    if width:
+        w.conv(rows, cin, width, 1, cin, hw=head_hw)
+        _bn_relu(w, rows * width)
+    return w.v + head_work(width or cin, head_hw, classes, n)
 
 
 def expected_block_flops(b: BlockSpec, st: StageConfig, dense: dict[str, float], run_prob: float = 1.0) -> float:
