@@ -15,6 +15,10 @@ A data *spec* is one string, as ``dynas search --data SPEC`` and ``dynas train -
     image is background noise with one coloured square covering about a ninth of it; the class
     is the colour.  ``synthetic:N`` sets the number of training images (default 2048; the
     held-out split is a quarter of that, at least 256).
+``synthetic-hard`` / ``synthetic-hard:N``
+    :func:`dynas.kernels.synthetic.hard_synthetic_images`: the harder built-in set where depth
+    pays (8 classes: shape x stripe orientation x image half of one target among clutter), for
+    telling early exits from late ones.  Generated from the seed; ``N`` as for ``synthetic``.
 ``PATH`` to a ``torch.save`` file
     A dict with ``train_images`` (float [N, 3, H, W]), ``train_labels`` (int [N]),
     ``val_images`` and ``val_labels``; optionally ``num_classes``.  H x W must equal the search's
@@ -82,8 +86,12 @@ class DataSplits:
                 raise ConfigError("data: the training loader yielded no batch; allowed: a loader with at least one batch")
 
 
+#: built-in generated data sets (``NAME`` or ``NAME:N``; see _synthetic)
+SYNTHETIC_SETS = ("synthetic", "synthetic-hard")
+
+
 def _kind(spec: str) -> str:
-    if spec == "synthetic" or spec.startswith("synthetic:"):
+    if any(spec == name or spec.startswith(name + ":") for name in SYNTHETIC_SETS):
         return "synthetic"
     if os.path.isdir(spec):
         return "imagefolder"
@@ -95,7 +103,8 @@ def _kind(spec: str) -> str:
     return "unknown"
 
 
-_ALLOWED = "an image folder DIR (DIR/train/<class>/*, DIR/val/<class>/*), synthetic, synthetic:N, a torch.save file, or package.module:function"
+_ALLOWED = ("an image folder DIR (DIR/train/<class>/*, DIR/val/<class>/*), synthetic[:N], synthetic-hard[:N], "
+            "a torch.save file, or package.module:function")
 
 
 def check_data_spec(spec: Any) -> str:
@@ -108,10 +117,10 @@ def check_data_spec(spec: Any) -> str:
         raise ConfigError(f"data={spec!r} does not exist; allowed: {_ALLOWED}")
     if kind == "unknown":
         raise ConfigError(f"data={spec!r} is neither a file nor a known data set; allowed: {_ALLOWED}")
-    if kind == "synthetic" and spec != "synthetic":
-        n = spec.partition(":")[2]
+    if kind == "synthetic" and ":" in spec:
+        name, _, n = spec.partition(":")
         if not n.isdigit() or int(n) < 1:
-            raise ConfigError(f"data={spec!r}: the number of training images must be an integer >= 1; allowed: synthetic:N")
+            raise ConfigError(f"data={spec!r}: the number of training images must be an integer >= 1; allowed: {name}:N")
     return spec
 
 
@@ -122,19 +131,27 @@ def _loader(x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool, se
 
 
 def _synthetic_tensors(spec: str, input_size: tuple[int, int], seed: int) -> dict[str, Any]:
-    from dynas.kernels.trainer import synthetic_images
-
-    n_train = int(spec.partition(":")[2] or _SYNTHETIC_TRAIN)
+    name, _, n = spec.partition(":")
+    n_train = int(n or _SYNTHETIC_TRAIN)
     n_val = max(256, n_train // 4)
-    x, y = synthetic_images(n_train + n_val, input_size, 10, seed)  # [n, 3, H, W], [n]
+    if name == "synthetic-hard":
+        from dynas.kernels.synthetic import HARD_CLASSES, hard_synthetic_images
+
+        x, y = hard_synthetic_images(n_train + n_val, input_size, seed)  # [n, 3, H, W], [n]
+        classes = HARD_CLASSES
+    else:
+        from dynas.kernels.trainer import synthetic_images
+
+        x, y = synthetic_images(n_train + n_val, input_size, 10, seed)  # [n, 3, H, W], [n]
+        classes = 10
     return {"train_images": x[:n_train], "train_labels": y[:n_train], "val_images": x[n_train:],
-            "val_labels": y[n_train:], "num_classes": 10}
+            "val_labels": y[n_train:], "num_classes": classes}
 
 
 def _synthetic(spec: str, input_size: tuple[int, int], batch_size: int, seed: int) -> DataSplits:
     data = _synthetic_tensors(spec, input_size, seed)
     return DataSplits(_loader(data["train_images"], data["train_labels"], batch_size, True, seed),
-                      _loader(data["val_images"], data["val_labels"], 256, False, seed), 10, seed)
+                      _loader(data["val_images"], data["val_labels"], 256, False, seed), data["num_classes"], seed)
 
 
 def _tensor_file(spec: str, input_size: tuple[int, int], batch_size: int, seed: int) -> DataSplits:

@@ -33,6 +33,8 @@ keep their initialisation), ``steps`` steps of :func:`dynas.kernels.trainer.fine
 FLOPs and rate targets, Gumbel temperature 5 -> 0.1 over the ``steps``, distillation), top-1 on
 the held-out split at ``checkpoints`` evenly spaced points (each reported; the search may stop
 the trial there), and the per-stage rates the adaptive gates realise on the held-out split.
+A config with exits also records each exit's held-out top-1 (``attrs["exit_top1"]``: one
+``{"after_stage", "top1"}`` per exit, own head last).
 
 Realised rates: the gates are trained towards the configured rates but need not reach them.
 :meth:`evaluate` returns the config with each dynamic stage's ``rate`` (and ``channel_rate``)
@@ -55,6 +57,7 @@ import torch
 from dynas.checks import check_int, check_positive
 from dynas.errors import ConfigError
 from dynas.kernels.data import DataSplits, check_data_spec, load_data
+from dynas.kernels.exits import exit_accuracies
 from dynas.kernels.model import DynamicNet, build_model
 from dynas.kernels.trainer import evaluate, finetune
 from dynas.predictors.proxy import AccuracyProxy, ProxyResult, Reporter
@@ -177,9 +180,8 @@ class FinetuneProxy(AccuracyProxy):
         prepared = self.prepare(cfg.backbone, tuple(cfg.input_size))
         splits = self._splits(tuple(cfg.input_size))
         torch.manual_seed(self.seed)
-        model = build_model(cfg)
-        model.fc = torch.nn.Linear(model.fc.in_features, prepared["num_classes"])
-        model.load_state_dict(prepared["state"], strict=False)  # masker parameters keep their initialisation
+        model = build_model(cfg).set_num_classes(prepared["num_classes"])
+        model.load_state_dict(prepared["state"], strict=False)  # masker and exit heads keep their initialisation
         teacher = None
         if self.distill:
             teacher = self._static_model(cfg.backbone, tuple(cfg.input_size), prepared["num_classes"])
@@ -187,12 +189,17 @@ class FinetuneProxy(AccuracyProxy):
             teacher.eval()
         curve: dict[int, float] = {}
         rates: dict[int, dict[str, float]] = {}
+        exit_top1: list[dict[str, float]] = []
 
         def checkpoint(step: int) -> None:
             accuracy, realised_rates = evaluate(model, splits.val)
             curve[step] = 100.0 * accuracy
             if step == self.steps:
                 rates.update(realised_rates)
+                if cfg.exits:  # each exit's top-1, every sample answered there
+                    stages = list(cfg.exits) + [cfg.spec.num_stages - 1]
+                    exit_top1.extend({"after_stage": s, "top1": 100.0 * a}
+                                     for s, a in zip(stages, exit_accuracies(model, splits.val)))
             if reporter is not None:
                 reporter.report(step, curve[step], final=step == self.steps)  # may raise StopTrial
 
@@ -203,6 +210,8 @@ class FinetuneProxy(AccuracyProxy):
         realised = realised_config(cfg, rates)
         attrs = {"realised_rates": {str(s): r for s, r in rates.items()},
                  "top1_by_step": {str(k): v for k, v in curve.items()}}
+        if exit_top1:
+            attrs["exit_top1"] = exit_top1
         return ProxyResult(top1, None if realised == cfg else realised, attrs)
 
 

@@ -14,10 +14,15 @@ Usage::
     model.set_gate_mode("budget")              # or "adaptive"
     model.set_path("fast")                     # or "reference" (dense compute, then mask)
     logits = model(images)
+    model.set_exit_policy("budget", budget_ms=5.0, target="cpu.toml")  # configs with exits only
     readout = model.flops_readout()            # per dynamic block: executed / dense FLOPs, rates
 
 In training (``model.train()``) the maskers sample straight-through hard Gumbel decisions at
 the temperature given by :meth:`DynamicNet.set_temperature`.
+
+A config with ``exits`` adds ``exit_heads`` (one :class:`~dynas.kernels.exits.ExitHead` per
+exit): in training the model returns a list of every exit's logits (own head last), in eval
+what its exit policy gives (:meth:`DynamicNet.set_exit_policy`, :mod:`dynas.kernels.exits`).
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ from torch import nn
 from dynas.checks import check_choice
 from dynas.errors import ConfigError
 from dynas.kernels.blocks import PATHS, DynamicBlock, build_block
+from dynas.kernels.exits import ExitHead, ExitPolicy, FinalPolicy, forward_exits, make_policy
+from dynas.predictors.exits import exit_inputs
 from dynas.kernels.maskers import GATE_MODES, Masker, StageQuota
 from dynas.spaces.config import ArchConfig, load_config, stage_runs
 from dynas.spaces.torch_model import block_module_name, build_static_model
@@ -55,13 +62,15 @@ class LoadResult:
     ``missing_keys`` are the model's non-masker parameters/buffers that the state dict lacked,
     ``unexpected_keys`` the state dict's keys the model has no place for, ``masker_keys`` the
     masker parameters (always freshly initialised: a static checkpoint has none), ``head_keys``
-    the classifier keys left at their initialisation by ``new_head=True``.
+    the classifier keys left at their initialisation by ``new_head=True``, ``exit_keys`` the
+    exit heads' keys the state dict lacked (a static checkpoint has none).
     """
 
     missing_keys: list[str]
     unexpected_keys: list[str]
     masker_keys: list[str] = field(default_factory=list)
     head_keys: list[str] = field(default_factory=list)
+    exit_keys: list[str] = field(default_factory=list)
 
     def __iter__(self) -> Iterator[list[str]]:
         return iter((self.missing_keys, self.unexpected_keys))
@@ -103,6 +112,12 @@ class DynamicNet(nn.Module):
             quota = StageQuota(runs)
             for j, m in enumerate(gates):
                 m.slot, m.quota = (j, len(gates)), quota
+        # Exit heads last, so that a config without exits draws the same initial weights as before.
+        self.exit_heads = nn.ModuleList(ExitHead(exit_inputs(spec, s)[0], spec.num_classes, config.exit_head,
+                                                 config.exit_width) for s in config.exits)
+        self.exit_policy: ExitPolicy = FinalPolicy()
+        self.last_exit: torch.Tensor | None = None  # [N] exit each sample answered from (policies)
+        self.last_trace: list[tuple[str, float, float, float]] | None = None  # deadline policy
 
     # -- forward ---------------------------------------------------------------------------
 
@@ -110,8 +125,31 @@ class DynamicNet(nn.Module):
         """[N, 3, H, W] -> last stage map [N, C_last, h, w]."""
         return self._static_cls.forward_features(self, x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._static_cls.forward(self, x)  # [N, 3, H, W] -> [N, num_classes]
+    def forward(self, x: torch.Tensor) -> "torch.Tensor | list[torch.Tensor]":
+        """[N, 3, H, W] -> [N, num_classes]; with exits, a list per exit in training (module doc)."""
+        if not self.config.exits:
+            return self.forward_without_exits(x)
+        if self.training:
+            return forward_exits(self, x)
+        return self.exit_policy.run(self, x)
+
+    def forward_without_exits(self, x: torch.Tensor) -> torch.Tensor:
+        """The backbone to its own head, exit heads unused: [N, 3, H, W] -> [N, num_classes]."""
+        return self._static_cls.forward(self, x)
+
+    def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
+        """[N, 3, H, W] -> the first stage's input."""
+        if self.spec.family == "regnety":
+            return self.stem(x)
+        return self.maxpool(self.relu(self.bn1(self.conv1(x))))
+
+    def stage_modules(self, stage: int) -> list[DynamicBlock]:
+        """The blocks of ``stage``, in order."""
+        return [blk for blk in self.blocks() if blk.spec.stage == stage]
+
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+        """The own head: last stage map [N, C, h, w] -> [N, num_classes]."""
+        return self.fc(torch.flatten(self.avgpool(x), 1))  # [N, C, 1, 1] -> [N, C] -> [N, num_classes]
 
     # -- control ---------------------------------------------------------------------------
 
@@ -148,6 +186,22 @@ class DynamicNet(nn.Module):
         """Override every decision: ``"on"``, ``"off"`` or ``None`` (normal gating)."""
         for m in self.maskers():
             m.set_force(force)
+        return self
+
+    def set_exit_policy(self, policy: "str | ExitPolicy", **options: Any) -> "DynamicNet":
+        """How eval forward passes use the exits: ``"final"`` (default), ``"all"``, ``"budget"``
+        (``budget_ms``, ``target``), ``"deadline"`` (``deadline_ms``, ``target``, ``clock``) or
+        ``"confidence"`` (``thresholds``, default the config's); see :mod:`dynas.kernels.exits`."""
+        self.exit_policy = policy if isinstance(policy, ExitPolicy) else make_policy(self.config, policy, **options)
+        return self
+
+    def set_num_classes(self, classes: int) -> "DynamicNet":
+        """Fresh classifiers for ``classes`` classes: the own head's ``fc`` and every exit head's."""
+        if isinstance(classes, bool) or not isinstance(classes, int) or classes < 2:
+            raise ConfigError(f"classes={classes!r} is out of range; allowed: an integer >= 2")
+        self.fc = nn.Linear(self.fc.in_features, classes)
+        for head in self.exit_heads:
+            head.fc = nn.Linear(head.fc.in_features, classes)
         return self
 
     def flops_readout(self) -> list[dict[str, Any]]:
@@ -214,8 +268,9 @@ class DynamicNet(nn.Module):
                 raise ConfigError(f"pretrained key {k!r} has shape {tuple(v.shape)}; allowed: {tuple(own[k].shape)} for {self.config.backbone}")
         res = self.load_state_dict(clean, strict=False)
         masker = [k for k in res.missing_keys if "_masker." in k]
-        missing = [k for k in res.missing_keys if "_masker." not in k and k not in head]
-        result = LoadResult(missing, list(res.unexpected_keys), masker, head)
+        exit_keys = [k for k in res.missing_keys if k.startswith("exit_heads.")]
+        missing = [k for k in res.missing_keys if "_masker." not in k and k not in head and k not in exit_keys]
+        result = LoadResult(missing, list(res.unexpected_keys), masker, head, exit_keys)
         if missing or result.unexpected_keys:
             msg = (f"pretrained weights: {len(missing)} missing key(s) (first: {missing[:1]}), "
                    f"{len(result.unexpected_keys)} unexpected key(s) (first: {result.unexpected_keys[:1]})")

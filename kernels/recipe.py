@@ -21,6 +21,11 @@ Sparsity, given each block's executed FLOPs in the last forward (``model.flops_r
   little about the argmax rate at inference (scores just above 0 sample on half the time but
   are always on at inference); the two terms pin both.
 
+Early exits (configs with ``exits``; the model returns one logits tensor per exit in training):
+:func:`exit_loss` replaces the cross-entropy term: the exits' cross-entropies summed with
+weights (1 each by default, as MSDNet trains its classifiers) plus ``kd_weight`` x distillation
+of every early exit from the final exit (its logits detached) or from a given teacher.
+
 A readout is a list of dicts, one per dynamic block: ``{"stage": int, "executed_flops":
 Tensor[N], "dense_flops": float}`` (executed FLOPs per sample, masker included).
 """
@@ -46,7 +51,12 @@ __all__ = [
     "stage_flops_ratios",
     "recipe_loss",
     "warmup_cosine",
+    "EXIT_KD_WEIGHT",
+    "exit_loss",
 ]
+
+#: weight of the early exits' distillation in :func:`exit_loss` (ours: the recipe's ``alpha_kd``)
+EXIT_KD_WEIGHT = 0.5
 
 
 def _progress(step: int, total_steps: int) -> float:
@@ -167,3 +177,29 @@ def warmup_cosine(step: int, total_steps: int, warmup_steps: int) -> float:
         return (step + 1) / warmup_steps
     p = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return 0.5 * (1.0 + math.cos(math.pi * min(p, 1.0)))
+def exit_loss(outputs: Sequence[torch.Tensor], targets: torch.Tensor, *, weights: Sequence[float] | None = None,
+              teacher_logits: torch.Tensor | None = None, kd_weight: float = EXIT_KD_WEIGHT,
+              temperature: float = TrainingRecipe.kd_temperature) -> torch.Tensor:
+    """Loss of a model with early exits: ``sum_k w_k CE(outputs[k], targets)`` + ``kd_weight`` x
+    the mean over early exits of :func:`distillation_loss` from the teacher.
+
+    ``outputs``: every exit's logits [N, classes], final exit last (what the model returns in
+    training); ``weights``: one per exit, default 1 each (MSDNet's choice); ``teacher_logits``:
+    [N, classes] of a static teacher, default the final exit's own logits (self-distillation;
+    detached, so the final exit learns from the labels only).  Distillation weight and
+    temperature default to the recipe's ``alpha_kd`` and ``kd_temperature``.
+    """
+    if isinstance(outputs, torch.Tensor) or len(outputs) < 2:
+        raise ConfigError("exit_loss needs the list of every exit's logits (at least one early exit and the final one); "
+                          "allowed: the training output of a model whose config has exits")
+    w = [1.0] * len(outputs) if weights is None else [float(v) for v in weights]
+    if len(w) != len(outputs) or any(not math.isfinite(v) or v < 0 for v in w):
+        raise ConfigError(f"exit weights={list(weights or [])!r} are not allowed; allowed: {len(outputs)} numbers >= 0, one per exit")
+    if not (math.isfinite(kd_weight) and kd_weight >= 0):
+        raise ConfigError(f"kd_weight={kd_weight!r} is out of range; allowed: a number >= 0")
+    loss = sum(wk * F.cross_entropy(o, targets) for wk, o in zip(w, outputs))
+    if kd_weight > 0:
+        teacher = outputs[-1] if teacher_logits is None else teacher_logits
+        kd = torch.stack([distillation_loss(o, teacher, temperature) for o in outputs[:-1]]).mean()
+        loss = loss + kd_weight * kd
+    return loss

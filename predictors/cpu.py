@@ -43,7 +43,7 @@ from dynas.spaces.config import StageConfig, budget_count, uses_channel, uses_la
 
 __all__ = ["COST_TERMS", "TERMS", "COST_FIELDS", "LATER_PART_FIELDS", "COLUMN_BLOCKS", "COMPUTE_TERMS", "MEMORY_TERMS",
            "CALL_TERMS", "TERM_KINDS", "CpuCosts", "block_work", "stage_entry_work", "stem_work", "head_work",
-           "expected_block_flops", "work_latency_ms"]
+           "exit_head_work",           "expected_block_flops", "work_latency_ms"]
 
 _T = {t: i for i, t in enumerate(TERMS)}
 _SMALL_MAP = 64  # output positions per sample or patch at or below which a conv counts as small-map
@@ -493,6 +493,16 @@ def head_work(head_in: int, head_hw: tuple[int, int], classes: int, n: int) -> n
     w.stream(n * head_in * (head_hw[0] * head_hw[1] + 1), 2)  # global pool, flatten
     w.conv(n, head_in, classes, 1, head_in, kind="vec", mm=True)
     return w.result()
+
+
+@functools.lru_cache(maxsize=None)
+def exit_head_work(cin: int, head_hw: tuple[int, int], classes: int, n: int, width: int = 0) -> np.ndarray:
+    """An exit head: :func:`head_work`, after a 1x1 conv + BN + ReLU to ``width`` channels if > 0."""
+    w, rows = _Work(), n * head_hw[0] * head_hw[1]
+    if width:
+        w.conv(rows, cin, width, 1, cin, hw=head_hw)
+        _bn_relu(w, rows * width)
+    return w.v + head_work(width or cin, head_hw, classes, n)
 
 
 def expected_block_flops(b: BlockSpec, st: StageConfig, dense: dict[str, float], run_prob: float = 1.0) -> float:

@@ -27,7 +27,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["Hardware", "OpCost", "ConvOp", "conv_cost", "memory_cost", "expected_max_density", "clear_caches"]
+__all__ = ["Hardware", "OpCost", "ConvOp", "conv_cost", "memory_cost", "expected_max_density", "clear_caches", "fc_cost"]
 
 
 class Hardware(NamedTuple):
@@ -289,6 +289,11 @@ def conv_cost(hw: Hardware, op: ConvOp) -> OpCost:
     sched = f"c{int(t.C[i])} h{int(t.H[i])} w{int(t.W[i])} p{int(P[i])}"
     return OpCost(float(compute[i]), memory, hw.launch_us * 1e-6, op.units * out_per_unit * cin_pg * op.k * op.k, sched,
                   dram_bytes=float(dram_elems * bpe))
+
+
+def fc_cost(hw: Hardware, n: int, cin: int, cout: int) -> OpCost:
+    """A fully connected layer on ``n`` vectors, as a 1x1 conv on a 1x1 map."""
+    return conv_cost(hw, ConvOp(n, cin, cout, 1, 1, 1, 1, 1, 1, n, cin, 0, 0, False))
 
 
 def clear_caches() -> None:

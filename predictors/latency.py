@@ -36,7 +36,9 @@ from typing import Any, Iterable, Mapping, NamedTuple
 
 from dynas.predictors import cpu, gpu
 from dynas.predictors.energy import EnergyConstants, ops_energy_mj, static_energy_mj
+from dynas.predictors.exits import attach_exits, gpu_head_ms
 from dynas.predictors.gpu import ConvOp, Hardware, OpCost, conv_cost, memory_cost
+from dynas.predictors.gpu import fc_cost as _fc
 from dynas.predictors.result import OpPrediction, Prediction, StagePrediction
 from dynas.predictors.targets import HardwareTarget, load_target
 from dynas.spaces.backbones import BackboneSpec, BlockSpec, StemSpec, get_backbone
@@ -138,11 +140,6 @@ def _gathered_conv(hw: Hardware, cv: _Conv, n: int, patches: int, out_side: int,
         groups=cv.groups, in_row=row, dram_in_per_channel=dram_in, cin_active=cin_active,
         gate_groups=gate.groups if gated_out else 0, gate_active=gate.active if gated_out else 0,
         weights_scale_with_gates=n == 1 and bool(gate.groups), channels_last=True))
-
-
-def _fc(hw: Hardware, n: int, cin: int, cout: int) -> OpCost:
-    """A fully connected layer as a 1x1 conv on a 1x1 map."""
-    return conv_cost(hw, ConvOp(n, cin, cout, 1, 1, 1, 1, 1, 1, n, cin, 0, 0, False))
 
 
 def _mlp(hw: Hardware, n: int, cin: int, cout: int) -> tuple[OpCost, OpCost]:
@@ -383,12 +380,13 @@ def _predict(cfg: ArchConfig, tgt: HardwareTarget, n: int) -> Prediction:
     dyn_ms = (stem_s + head_s) * 1e3 + sum(p.latency_ms for p in stages)
     sta_ms = (stem_s + head_s) * 1e3 + sum(p.static_latency_ms for p in stages)
     expected = (flops.stem_flops + flops.head_flops) / 1e9 + sum(p.expected_gflops for p in stages)
-    return Prediction(
+    pred = Prediction(
         config=cfg, target=tgt.name, batch_size=n, latency_ms=dyn_ms, latency_ms_per_image=dyn_ms / n,
         static_latency_ms=sta_ms, static_latency_ms_per_image=sta_ms / n, speedup=sta_ms / dyn_ms,
         latency_ratio=dyn_ms / sta_ms, stem_ms=stem_s * 1e3, head_ms=head_s * 1e3,
         dense_gflops=flops.total_flops / 1e9, expected_gflops=expected, stages=stages,
         **_network_energy(tgt.energy, stem_ops, head_ops, stem_s * 1e3, head_s * 1e3, stages, n))
+    return attach_exits(pred, flops.stem_flops, lambda cin, m, w: gpu_head_ms(hw, cin, m, spec.num_classes, n, w))
 
 
 def _network_energy(energy: EnergyConstants | None, stem_ops: Ops, head_ops: Ops, stem_ms: float, head_ms: float,
@@ -491,11 +489,13 @@ def _predict_cpu(cfg: ArchConfig, tgt: HardwareTarget, n: int) -> Prediction:
     dyn_ms = stem_ms + head_ms + sum(p.latency_ms for p in stages)
     sta_ms = stem_ms + head_ms + sum(p.static_latency_ms for p in stages)
     expected = (flops.stem_flops + flops.head_flops) / 1e9 + sum(p.expected_gflops for p in stages)
-    return Prediction(
+    pred = Prediction(
         config=cfg, target=tgt.name, batch_size=n, latency_ms=dyn_ms, latency_ms_per_image=dyn_ms / n,
         static_latency_ms=sta_ms, static_latency_ms_per_image=sta_ms / n, speedup=sta_ms / dyn_ms,
         latency_ratio=dyn_ms / sta_ms, stem_ms=stem_ms, head_ms=head_ms,
         dense_gflops=flops.total_flops / 1e9, expected_gflops=expected, stages=stages)
+    return attach_exits(pred, flops.stem_flops,
+                        lambda cin, m, w: float(cpu.exit_head_work(cin, m, spec.num_classes, n, w) @ cost))
 
 
 def _check_exercised(tgt: HardwareTarget, cfg: ArchConfig, n: int, runs: tuple[int | None, ...]) -> None:
@@ -563,5 +563,6 @@ def clear_caches() -> None:
     """Drop every memoized operator, block and network result (benchmarks, calibration)."""
     gpu.clear_caches()
     for fn in (block_alternatives, block_energy_mj, block_ops, _stem_head, _stage, _predict, cpu.block_work,
-               cpu.stage_entry_work, cpu.stem_work, cpu.head_work, _stage_cpu, stage_work):
+               cpu.stage_entry_work, cpu.stem_work, cpu.head_work, _stage_cpu, stage_work,
+               cpu.exit_head_work, gpu_head_ms):
         fn.cache_clear()

@@ -10,7 +10,7 @@ from typing import Any
 
 from dynas.spaces.config import ArchConfig
 
-__all__ = ["OpPrediction", "StagePrediction", "Prediction"]
+__all__ = ["OpPrediction", "StagePrediction", "ExitPrediction", "Prediction"]
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,28 @@ class StagePrediction:
 
 
 @dataclass(frozen=True)
+class ExitPrediction:
+    """One exit of an early-exit config: cumulative cost from the input to its output.
+
+    ``latency_ms`` / ``flops`` go straight to this exit (stem, stages up to ``after_stage``, this
+    exit's head: what the budget policy runs); ``anytime_latency_ms`` adds the heads of the
+    exits before it (what the deadline and confidence policies run to answer here).  The last
+    exit is the network's own head (``head="own"``): its ``latency_ms`` is the prediction's.
+    FLOPs are per image, like :attr:`Prediction.expected_gflops`.
+    """
+
+    exit: int  # 0-based, in network order; the last is the own head
+    after_stage: int
+    head: str  # "light", "conv" or "own"
+    latency_ms: float
+    latency_ms_per_image: float
+    flops: float
+    head_ms: float
+    anytime_latency_ms: float
+    anytime_latency_ms_per_image: float
+
+
+@dataclass(frozen=True)
 class Prediction:
     """Predicted latency (and energy) of one config on one target at one batch size.
 
@@ -74,14 +96,17 @@ class Prediction:
     static_energy_mj_per_image: float | None = None
     stem_energy_mj: float | None = None
     head_energy_mj: float | None = None
+    exits: tuple[ExitPrediction, ...] = ()  # only for configs with exits; the last is the own head
 
     @property
     def flops_ratio(self) -> float:
         return self.expected_gflops / self.dense_gflops
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict: what ``dynas predict --json`` prints."""
+        """JSON-ready dict: what ``dynas predict --json`` prints (``exits`` only for configs with exits)."""
         d = asdict(self)
+        if not self.exits:
+            del d["exits"]  # configs without exits print exactly what they always did
         d["config"] = self.config.to_dict()
         d["input_size"] = list(self.config.input_size)
         d["backbone"] = self.config.backbone

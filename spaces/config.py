@@ -8,6 +8,18 @@ User-facing JSON::
                 {"paradigm": "layer", "rate": 0.5},
                 {"paradigm": "static"}]}
 
+Early exits (optional; see ``docs/early-exits.md``)::
+
+    {..., "exits": [0, 2], "exit_head": "conv", "exit_width": 128, "exit_thresholds": [0.9, 0.8]}
+
+``exits`` lists the 0-based stages after which an exit classifier sits, in increasing order; the
+network's own head is always the last exit, so the last stage cannot be listed.  ``exit_head`` is
+``"light"`` (the default: global average pool + linear, like the network's own head) or
+``"conv"`` (1x1 conv + BN + ReLU to ``exit_width`` channels, default 128, then pool + linear).
+``exit_thresholds`` (written by the threshold tool) holds one confidence threshold in [0, 1] per
+entry of ``exits``: a sample leaves at the first exit whose top softmax probability reaches it.
+A config without exits has none of these keys, in JSON or in memory.
+
 ``rate`` is the activation rate of the stage's *primary* decision: positions for ``spatial`` and
 ``spatial+channel``, channel groups for ``channel``, samples for ``layer`` and ``layer+channel``.
 The combined paradigms carry the channel-group rate in ``channel_rate``.  Exported files add
@@ -40,6 +52,9 @@ __all__ = [
     "budget_count",
     "stage_gate_kind",
     "stage_runs",
+    "EXIT_HEADS",
+    "DEFAULT_EXIT_HEAD",
+    "DEFAULT_EXIT_WIDTH",
 ]
 
 PARADIGMS: tuple[str, ...] = ("static", "spatial", "channel", "layer", "spatial+channel", "layer+channel")
@@ -48,6 +63,13 @@ PARADIGMS: tuple[str, ...] = ("static", "spatial", "channel", "layer", "spatial+
 #: export adds; "trained": what dynas train adds in RUN/config.json)
 _EXPORT_KEYS = frozenset({"dynas_version", "target", "batch_size", "predictions", "training", "laudnet_args",
                           "study", "trial", "proxy", "notes", "realised", "trained"})
+_EXIT_KEYS = ("exits", "exit_head", "exit_width", "exit_thresholds")
+#: exit head types: "light" = global average pool + linear; "conv" = 1x1 conv + BN + ReLU to
+#: ``exit_width`` channels, then global average pool + linear
+EXIT_HEADS: tuple[str, ...] = ("light", "conv")
+DEFAULT_EXIT_HEAD = "light"
+#: width of the "conv" exit head's 1x1 conv (128: the width of MSDNet's CIFAR classifier convs)
+DEFAULT_EXIT_WIDTH = 128
 _STAGE_KEYS = ("paradigm", "rate", "spatial_granularity", "channel_granularity", "channel_rate")
 
 
@@ -201,6 +223,12 @@ class ArchConfig:
     backbone: str
     input_size: tuple[int, int]
     stages: tuple[StageConfig, ...]
+    #: stages (0-based, increasing) followed by an exit classifier; the own head is the last exit
+    exits: tuple[int, ...] = ()
+    exit_head: str = DEFAULT_EXIT_HEAD
+    exit_width: int = DEFAULT_EXIT_WIDTH  # used by exit_head "conv" only
+    #: one confidence threshold per entry of ``exits`` (None: not computed yet)
+    exit_thresholds: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         # Validate eagerly so that an ArchConfig in hand is always a valid one.
@@ -212,17 +240,29 @@ class ArchConfig:
 
     def to_dict(self) -> dict[str, Any]:
         h, w = self.input_size
-        return {
+        d: dict[str, Any] = {
             "backbone": self.backbone,
             "input_size": h if h == w else [h, w],
             "stages": [s.to_dict() for s in self.stages],
         }
+        if self.exits:  # a config without exits keeps exactly the keys it always had
+            d["exits"] = list(self.exits)
+            d["exit_head"] = self.exit_head
+            if self.exit_head == "conv":
+                d["exit_width"] = self.exit_width
+            if self.exit_thresholds is not None:
+                d["exit_thresholds"] = list(self.exit_thresholds)
+        return d
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent)
 
     def short(self) -> str:
-        return " | ".join(s.short() for s in self.stages)
+        """One part per stage (``S8@0.50 | static | ...``), then ``[exits 0,2 light]`` if any."""
+        base = " | ".join(s.short() for s in self.stages)
+        if not self.exits:
+            return base
+        return f"{base} [exits {','.join(str(e) for e in self.exits)} {self.exit_head}]"
 
     @classmethod
     def static(cls, backbone: str, input_size: Any = 224) -> "ArchConfig":
@@ -233,9 +273,10 @@ class ArchConfig:
     def from_dict(cls, data: Mapping[str, Any]) -> "ArchConfig":
         if not isinstance(data, Mapping):
             raise ConfigError(f"config={type(data).__name__} is not an object; allowed: a JSON object with backbone, input_size, stages")
-        unknown = sorted(set(data) - {"backbone", "input_size", "stages"} - _EXPORT_KEYS)
+        unknown = sorted(set(data) - {"backbone", "input_size", "stages"} - set(_EXIT_KEYS) - _EXPORT_KEYS)
         if unknown:
-            raise ConfigError(f"config key {unknown[0]!r} is unknown; allowed: backbone, input_size, stages (exports may add {', '.join(sorted(_EXPORT_KEYS))})")
+            raise ConfigError(f"config key {unknown[0]!r} is unknown; allowed: backbone, input_size, stages, "
+                              f"{', '.join(_EXIT_KEYS)} (exports may add {', '.join(sorted(_EXPORT_KEYS))})")
         backbone = data.get("backbone")
         if not isinstance(backbone, str):
             raise ConfigError(f"backbone={backbone!r} is missing or not a string; allowed: {', '.join(list_backbones())}")
@@ -244,7 +285,7 @@ class ArchConfig:
         if not isinstance(stages_raw, list):
             raise ConfigError(f"stages={stages_raw!r} is not a list; allowed: a list of {spec.num_stages} stage objects")
         stages = tuple(_stage_from_dict(i, s) for i, s in enumerate(stages_raw))
-        return cls(backbone, spec.input_hw, stages)
+        return cls(backbone, spec.input_hw, stages, **_exits_from_dict(data))
 
     @classmethod
     def from_json(cls, text: str) -> "ArchConfig":
@@ -277,6 +318,65 @@ def _stage_from_dict(i: int, raw: Any) -> StageConfig:
         channel_granularity=raw.get("channel_granularity"),
         channel_rate=raw.get("channel_rate"),
     )
+
+
+def _exits_from_dict(data: Mapping[str, Any]) -> dict[str, Any]:
+    """The exit fields of a config dict (JSON lists become tuples; validation is ``_validate_exits``)."""
+    if "exits" not in data:
+        extra = [k for k in _EXIT_KEYS if k in data]
+        if extra:
+            raise ConfigError(f"config key {extra[0]!r} needs 'exits'; allowed: {extra[0]} only with a list of exits")
+        return {}
+    out: dict[str, Any] = {}
+    for key in ("exits", "exit_thresholds"):
+        raw = data.get(key)
+        if key in data and raw is not None:
+            if not isinstance(raw, (list, tuple)):
+                what = "stage indices" if key == "exits" else "numbers in [0, 1], one per exit"
+                raise ConfigError(f"{key}={raw!r} is not a list; allowed: a list of {what}")
+            out[key] = tuple(raw)
+    for key in ("exit_head", "exit_width"):
+        if key in data:
+            out[key] = data[key]
+    return out
+
+
+def _validate_exits(cfg: ArchConfig, spec: BackboneSpec) -> None:
+    last = spec.num_stages - 1
+    allowed = f"stages 0..{last - 1} ({cfg.backbone}'s stage {last} is followed by its own head, the last exit)"
+    if not isinstance(cfg.exits, tuple):
+        raise ConfigError(f"exits={cfg.exits!r} is not a tuple; allowed: a list of {allowed}")
+    for e in cfg.exits:
+        if isinstance(e, bool) or not isinstance(e, int):
+            raise ConfigError(f"exits: {e!r} is not a stage index; allowed: {allowed}")
+        if e == last:
+            raise ConfigError(f"exits: stage {e} is the last stage, whose exit is the network's own head; allowed: {allowed}")
+        if not 0 <= e < last:
+            raise ConfigError(f"exits: stage {e} does not exist in {cfg.backbone}; allowed: {allowed}")
+    if len(set(cfg.exits)) != len(cfg.exits):
+        twice = next(e for e in cfg.exits if cfg.exits.count(e) > 1)
+        raise ConfigError(f"exits={list(cfg.exits)} lists stage {twice} twice; allowed: distinct stages")
+    if list(cfg.exits) != sorted(cfg.exits):
+        raise ConfigError(f"exits={list(cfg.exits)} is not in increasing order; allowed: {sorted(cfg.exits)}")
+    if cfg.exit_head not in EXIT_HEADS:
+        raise ConfigError(f"exit_head={cfg.exit_head!r} is unknown; allowed: {', '.join(EXIT_HEADS)}")
+    w = cfg.exit_width
+    if isinstance(w, bool) or not isinstance(w, int) or w < 1:
+        raise ConfigError(f"exit_width={w!r} is not allowed; allowed: an integer >= 1")
+    if cfg.exit_head != "conv" and w != DEFAULT_EXIT_WIDTH:
+        raise ConfigError(f"exit_width={w!r} is not used by exit_head {cfg.exit_head!r}; allowed: only with exit_head 'conv'")
+    if not cfg.exits and (cfg.exit_head != DEFAULT_EXIT_HEAD or w != DEFAULT_EXIT_WIDTH or cfg.exit_thresholds is not None):
+        raise ConfigError("exit_head, exit_width and exit_thresholds need exits; allowed: them only with a list of exits")
+    t = cfg.exit_thresholds
+    if t is None:
+        return
+    if not isinstance(t, tuple) or len(t) != len(cfg.exits):
+        n = len(t) if isinstance(t, (tuple, list)) else t
+        raise ConfigError(f"exit_thresholds has {n} entries; allowed: exactly {len(cfg.exits)}, one per entry of exits "
+                          "(the network's own head takes every sample left)")
+    for i, v in enumerate(t):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not 0.0 <= v <= 1.0:
+            raise ConfigError(f"exit_thresholds[{i}]={v!r} is out of range; allowed: a number in [0, 1]")
 
 
 def _validate(cfg: ArchConfig) -> None:
@@ -315,6 +415,7 @@ def _validate(cfg: ArchConfig) -> None:
             _rate(st.channel_rate, f"{where}: channel_rate")
         elif st.channel_rate is not None:
             raise ConfigError(f"{where}: field 'channel_rate' is not used by paradigm {p!r}; allowed: only with spatial+channel, layer+channel")
+    _validate_exits(cfg, spec)
 
 
 def load_config(source: "ArchConfig | Mapping[str, Any] | str | os.PathLike[str]") -> ArchConfig:

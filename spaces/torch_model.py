@@ -34,6 +34,7 @@ from dynas.spaces.backbones import BackboneSpec, BlockSpec
 __all__ = [
     "OPS",
     "build_static_model",
+    "init_weights",
     "block_ops",
     "module_name_for",
     "block_module_name",
@@ -217,7 +218,8 @@ class RegNetYBlock(nn.Module):
 # ----------------------------------------------------------------------------- networks
 
 
-def _init_weights(model: nn.Module) -> None:
+def init_weights(model: nn.Module) -> None:
+    """torchvision's initialisation: Kaiming-normal convs, unit BN, small-normal linear layers."""
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -309,5 +311,5 @@ def build_static_model(spec: BackboneSpec, *, device: torch.device | str | None 
         with torch.device(device):
             model = cls(spec)
     if next(model.parameters()).device.type != "meta":
-        _init_weights(model)
+        init_weights(model)
     return model

@@ -5,7 +5,8 @@ included):
 
 * a package may import only the packages upstream of it;
 * no two modules of the package import each other, directly or round a longer loop (a lazy
-  import inside a function counts: it hides a cycle, it does not remove it);
+  import inside a function counts: it hides a cycle, it does not remove it; an import under
+  ``if TYPE_CHECKING:`` never runs and does not count);
 * no module imports another module's private (``_name``) functions, classes or caches.
 """
 
@@ -41,9 +42,21 @@ def _package_modules() -> dict[str, Path]:
             if not _SKIP & set(p.relative_to(ROOT).parts) and not p.name.startswith(".")}
 
 
+def _type_checking_only(tree: ast.AST) -> set[int]:
+    """ids of the nodes under ``if TYPE_CHECKING:`` (never run, so no import at run time)."""
+    skip = set()
+    for node in ast.walk(tree):
+        test = getattr(node, "test", None)
+        if isinstance(node, ast.If) and (getattr(test, "id", None) == "TYPE_CHECKING" or getattr(test, "attr", None) == "TYPE_CHECKING"):
+            skip |= {id(n) for child in node.body for n in ast.walk(child)}
+    return skip
+
+
 def _import_nodes(path: Path) -> list[ast.Import | ast.ImportFrom]:
-    return [n for n in ast.walk(ast.parse(path.read_text()))
-            if isinstance(n, ast.Import) or (isinstance(n, ast.ImportFrom) and n.level == 0 and n.module)]
+    tree = ast.parse(path.read_text())
+    skip = _type_checking_only(tree)
+    return [n for n in ast.walk(tree) if id(n) not in skip and
+            (isinstance(n, ast.Import) or (isinstance(n, ast.ImportFrom) and n.level == 0 and n.module))]
 
 
 def _imports(path: Path) -> set[str]:
