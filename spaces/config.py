@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from dynas.errors import ConfigError
-from dynas.spaces.backbones import BackboneSpec, get_backbone, list_backbones, parse_input_size
+from dynas.spaces.backbones import ALL_PARADIGMS, BackboneSpec, get_backbone, list_backbones, parse_input_size
 
 __all__ = [
     "PARADIGMS",
@@ -40,9 +40,10 @@ __all__ = [
     "budget_count",
     "stage_gate_kind",
     "stage_runs",
+    "check_paradigm",
 ]
 
-PARADIGMS: tuple[str, ...] = ("static", "spatial", "channel", "layer", "spatial+channel", "layer+channel")
+PARADIGMS: tuple[str, ...] = ALL_PARADIGMS
 
 #: keys of an exported file that are not part of the architecture
 _EXPORT_KEYS = frozenset({"dynas_version", "target", "batch_size", "predictions", "training", "laudnet_args",
@@ -76,6 +77,13 @@ def channel_granularities(spec: BackboneSpec, stage: int) -> tuple[int, ...]:
     """Channels per group G that divide the stage's gated width (and leave at least 2 groups)."""
     width = spec.stage_width(stage)
     return tuple(d for d in _divisors(width) if width // d >= 2)
+
+
+def check_paradigm(spec: BackboneSpec, paradigm: str, where: str) -> None:
+    """Raise :class:`ConfigError` (one line) when ``spec``'s backbone does not offer ``paradigm``."""
+    if paradigm not in spec.paradigms:
+        raise ConfigError(f"{where}: paradigm={paradigm!r} is not offered on {spec.name} ({spec.paradigm_note}); "
+                          f"allowed: {', '.join(spec.paradigms)}")
 
 
 def _rate(value: Any, where: str) -> float:
@@ -291,6 +299,7 @@ def _validate(cfg: ArchConfig) -> None:
         p = st.paradigm
         if p not in PARADIGMS:
             raise ConfigError(f"{where}: paradigm={p!r} is unknown; allowed: {', '.join(PARADIGMS)}")
+        check_paradigm(spec, p, where)
         if p == "static":
             if (st.rate, st.spatial_granularity, st.channel_granularity, st.channel_rate) != (1.0, None, None, None):
                 raise ConfigError(f"{where}: paradigm 'static' takes no rate or granularity; got {st!r}")
