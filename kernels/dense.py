@@ -191,9 +191,9 @@ class DynamicDenseBlock(DenseBlock):
         pooled = x.new_zeros(n, buf.shape[1])  # [N, C] global pool of each feature so far
         pooled[:, :c0] = x.mean(dim=(2, 3))
         ran = torch.zeros(n, len(layers), dtype=torch.bool, device=x.device)  # [N, L] layer j ran for sample
-        rows_all = pixel_rows(buf)  # [N * H * W, C] (a view when buf is channels-last)
         for i, layer in enumerate(layers):
             ci = c0 + i * k
+            rows_all = pixel_rows(buf)  # [N * H * W, C]: a view when buf is channels-last, else a copy of now
             dec = layer.decide(pooled[:, :ci, None, None])  # [N, ci, 1, 1] -> decisions
             samples = torch.arange(n, device=x.device)
             if "layer" in dec:
