@@ -59,6 +59,7 @@ from dynas.kernels.model import DynamicNet, build_model
 from dynas.kernels.trainer import evaluate, finetune
 from dynas.predictors.proxy import AccuracyProxy, ProxyResult, Reporter
 from dynas.spaces.config import ArchConfig, load_config
+from dynas.spaces.torch_model import replace_classifier
 
 __all__ = ["FinetuneProxy", "MIN_REALISED_RATE"]
 
@@ -133,7 +134,7 @@ class FinetuneProxy(AccuracyProxy):
     def _static_model(self, backbone: str, input_size: tuple[int, int], num_classes: int) -> DynamicNet:
         torch.manual_seed(self.seed)
         model = build_model(ArchConfig.static(backbone, input_size))
-        model.fc = torch.nn.Linear(model.fc.in_features, num_classes)
+        replace_classifier(model, num_classes)
         return model
 
     def prepare(self, backbone: str, input_size: tuple[int, int]) -> dict[str, Any]:
@@ -186,7 +187,7 @@ class FinetuneProxy(AccuracyProxy):
         splits = self._splits(tuple(cfg.input_size))
         torch.manual_seed(self.seed)
         model = build_model(cfg)
-        model.fc = torch.nn.Linear(model.fc.in_features, prepared["num_classes"])
+        replace_classifier(model, prepared["num_classes"])
         model.load_state_dict(prepared["state"], strict=False)  # masker parameters keep their initialisation
         teacher = None
         if self.distill:

@@ -141,8 +141,8 @@ class BackboneSpec:
 
 _NO_LAYER = ("static", "spatial", "channel", "spatial+channel")
 _NO_SPATIAL = ("static", "channel", "layer", "layer+channel")
-_REGNET_NOTE = ("no layer skipping on RegNet, as in LAUDNet's RegNet code (RegNetY-400MF and -800MF keep it: "
-                "dynas measured and calibrated it there)")
+_REGNET_NOTE = ("no layer skipping on RegNet, as in LAUDNet's RegNet code; RegNetY-400MF and -800MF keep it, "
+                "measured and calibrated there")
 _DENSENET_NOTE = ("no spatial skipping on DenseNet: a position a layer skips would still reach every later layer "
                   "of its dense block through that layer's BN, so no later layer could skip it")
 

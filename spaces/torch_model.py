@@ -43,6 +43,7 @@ __all__ = [
     "block_module_name",
     "stem_module_names",
     "head_module_names",
+    "replace_classifier",
     "ResNet",
     "RegNetY",
     "BasicBlock",
@@ -115,6 +116,15 @@ def stem_module_names(spec: BackboneSpec) -> tuple[str, ...]:
 def head_module_names(spec: BackboneSpec) -> tuple[str, ...]:
     """Top-level modules that make up the classifier head."""
     return ("features.norm5", "classifier") if spec.family == "densenet" else ("avgpool", "fc")
+
+
+def replace_classifier(model: nn.Module, num_classes: int) -> nn.Module:
+    """Give ``model`` (a static or dynamic network of any family) a fresh classifier for
+    ``num_classes`` classes: ``fc``, or DenseNet's ``classifier``; returns the new layer."""
+    name = "classifier" if model.spec.family == "densenet" else "fc"
+    layer = nn.Linear(getattr(model, name).in_features, num_classes)
+    setattr(model, name, layer)
+    return layer
 
 
 # ----------------------------------------------------------------------------- layers
