@@ -1,6 +1,6 @@
 """Cost of a DenseNet layer (and the transition after a dense block) under a stage choice: the
-GPU operators (:func:`dense_alternatives`, for :mod:`dynas.predictors.latency`) and the
-executed FLOPs (:func:`expected_dense_flops`).
+GPU operators (:func:`dense_alternatives`, for :mod:`dynas.predictors.latency`; the expected
+FLOPs follow from their executed multiply-accumulates there).
 
 What the kernels of :mod:`dynas.kernels.dense` do, operator by operator:
 
@@ -15,8 +15,7 @@ What the kernels of :mod:`dynas.kernels.dense` do, operator by operator:
 * the input channels a layer reads: those of the block input and of the earlier layers that some
   of its ``m`` running samples ran.  With every layer run independently with probability ``r``,
   an earlier layer's channels are unread with probability ``(1 - r)^m`` (a model assumption: the
-  kernels' stage quota makes the choices of one sample dependent; ``predictors/cpu_dense.py``
-  uses the exact quota form);
+  kernels' stage quota makes the choices of one sample dependent);
 * the transition after a dense block (the last layer's ``downsample``): BN + ReLU of the
   channels some sample of the batch produced, the 1x1 conv to half the channels, a 2x2 average
   pool.
@@ -32,7 +31,7 @@ from dynas.predictors.latency import ChainConv, Gate, channel_masker, dense_conv
 from dynas.spaces.backbones import BlockSpec, transition_of
 from dynas.spaces.config import StageConfig, uses_layer
 
-__all__ = ["dense_alternatives", "live_inputs", "expected_dense_flops"]
+__all__ = ["dense_alternatives", "live_inputs"]
 
 Ops = tuple[tuple[str, OpCost], ...]
 
@@ -89,25 +88,3 @@ def dense_alternatives(hw: Hardware, b: BlockSpec, st: StageConfig, n: int) -> t
     lo, hi = math.floor(executed), math.ceil(executed)
     body = interpolate(_body(hw, b, lo, gate, rate), _body(hw, b, hi, gate, rate), executed - lo)
     return (("separate", tuple(masker + body + _transition(hw, b, n, rate))),)
-
-
-def expected_dense_flops(b: BlockSpec, st: StageConfig, dense: dict[str, float], run_prob: float = 1.0) -> float:
-    """Executed FLOPs per image of dense layer ``b``, as ``DynamicDenseLayer.configured_flops``
-    counts them with layer rate ``run_prob``: maskers + l d (conv1 live / C_in + conv2) +
-    transition live_out / C_out, every earlier layer run with probability ``l``."""
-    p = st.paradigm
-    if p == "static":
-        return float(sum(dense.values()))
-    hidden = max(16, b.in_channels // 16)
-    gate = gate_of(b, st)
-    d = gate.active / gate.groups if gate.groups else 1.0
-    lg = run_prob if uses_layer(p) else 1.0
-    # one MLP masker per gate kind (kernels/maskers.py): 2 logits per channel group, 2 for the layer
-    masker = sum(2.0 * (b.in_channels * hidden + hidden * outputs)
-                 for outputs in ((2 * gate.groups) if gate.groups else 0, 2 if uses_layer(p) else 0) if outputs)
-    c0 = b.in_channels - b.index * b.out_channels
-    live = c0 + b.index * b.out_channels * lg
-    flops = masker + lg * d * (dense.get("conv1", 0.0) * live / b.in_channels + dense.get("conv2", 0.0))
-    if b.has_downsample:
-        flops += dense.get("downsample", 0.0) * (live + b.out_channels * lg) / (b.in_channels + b.out_channels)
-    return flops

@@ -577,7 +577,10 @@ def _stage_cpu(costs: "cpu.CpuCosts", column_block: int, backbone: str, input_hw
 
 def clear_caches() -> None:
     """Drop every memoized operator, block and network result (benchmarks, calibration)."""
+    from dynas.predictors.dense_cost import dense_alternatives
+
     gpu.clear_caches()
+    dense_alternatives.cache_clear()
     for fn in (block_alternatives, block_energy_mj, block_ops, _stem_head, _stage, _predict, cpu.block_work,
                cpu.stage_entry_work, cpu.stem_work, cpu.head_work, _stage_cpu, stage_work):
         fn.cache_clear()
