@@ -62,6 +62,7 @@ from dynas.kernels.model import DynamicNet, build_model
 from dynas.kernels.trainer import evaluate, finetune
 from dynas.predictors.proxy import AccuracyProxy, ProxyResult, Reporter
 from dynas.spaces.config import ArchConfig, load_config
+from dynas.spaces.torch_model import replace_classifier
 
 __all__ = ["FinetuneProxy", "MIN_REALISED_RATE", "realised_config"]
 
@@ -128,7 +129,7 @@ class FinetuneProxy(AccuracyProxy):
     def _static_model(self, backbone: str, input_size: tuple[int, int], num_classes: int) -> DynamicNet:
         torch.manual_seed(self.seed)
         model = build_model(ArchConfig.static(backbone, input_size))
-        model.fc = torch.nn.Linear(model.fc.in_features, num_classes)
+        replace_classifier(model, num_classes)
         return model
 
     def prepare(self, backbone: str, input_size: tuple[int, int]) -> dict[str, Any]:

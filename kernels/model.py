@@ -2,8 +2,10 @@
 
 :func:`build_model` returns a :class:`DynamicNet`: the static backbone of
 :mod:`dynas.spaces.torch_model` (torchvision module names: ``conv1``/``bn1``/``layer1.0.conv2``
-for ResNet, ``stem``/``trunk_output.block2.block2-0.f.b`` for RegNetY) whose residual blocks
-are replaced by the dynamic blocks of :mod:`dynas.kernels.blocks`.  Masker parameters live
+for ResNet, ``stem``/``trunk_output.block2.block2-0.f.b`` for RegNetY,
+``features.denseblock2.denselayer3.conv1`` for DenseNet) whose residual blocks are replaced by
+the dynamic blocks of :mod:`dynas.kernels.blocks` (dense layers, blocks and transitions by
+those of :mod:`dynas.kernels.dense`).  Masker parameters live
 under each block (``layer2.0.spatial_masker.conv.weight``), so a static or torchvision state
 dict loads with exactly the masker parameters missing.
 
@@ -41,11 +43,12 @@ from torch import nn
 from dynas.checks import check_choice
 from dynas.errors import ConfigError
 from dynas.kernels.blocks import PATHS, DynamicBlock, build_block
+from dynas.kernels.dense import DynamicDenseLayer, make_dense_dynamic
 from dynas.kernels.exits import ExitHead, ExitPolicy, FinalPolicy, forward_exits, make_policy
 from dynas.predictors.exits import exit_inputs
 from dynas.kernels.maskers import GATE_MODES, Masker, StageQuota
 from dynas.spaces.config import ArchConfig, load_config, stage_runs
-from dynas.spaces.torch_model import block_module_name, build_static_model
+from dynas.spaces.torch_model import block_module_name, build_static_model, replace_classifier
 
 __all__ = ["DynamicNet", "LoadResult", "build_model"]
 
@@ -95,12 +98,14 @@ class DynamicNet(nn.Module):
             path = block_module_name(b)
             parent_path, _, leaf = path.rpartition(".")
             parent = self.get_submodule(parent_path)
-            dyn = build_block(b, config.stages[b.stage])
+            dyn = (DynamicDenseLayer if b.kind == "dense" else build_block)(b, config.stages[b.stage])
             old = getattr(parent, leaf)
             dyn.load_state_dict(old.state_dict(), strict=False)  # keep the static init of shared weights
             dyn.reuse_input = True  # block inputs are this network's intermediates (fast path only)
             setattr(parent, leaf, dyn)
             self.block_names.append(path)
+        if spec.family == "densenet":
+            make_dense_dynamic(self)  # dense blocks run their layers; transitions skip unproduced channels
         # Budget mode: the per-sample gates of one stage (layer gates, and spatial gates whose one
         # patch is the whole map) share a per-sample quota of blocks to run, rounded with the
         # remainder carried to the next such stage (spaces.config.stage_runs).
@@ -199,7 +204,7 @@ class DynamicNet(nn.Module):
         """Fresh classifiers for ``classes`` classes: the own head's ``fc`` and every exit head's."""
         if isinstance(classes, bool) or not isinstance(classes, int) or classes < 2:
             raise ConfigError(f"classes={classes!r} is out of range; allowed: an integer >= 2")
-        self.fc = nn.Linear(self.fc.in_features, classes)
+        replace_classifier(self, classes)  # fc, or DenseNet's classifier
         for head in self.exit_heads:
             head.fc = nn.Linear(head.fc.in_features, classes)
         return self
@@ -234,7 +239,7 @@ class DynamicNet(nn.Module):
         Masker parameters are expected to be missing and are reported in ``masker_keys``; any
         other missing or unexpected key is warned about, or raises :class:`ConfigError` when
         ``strict``.  Shape mismatches raise :class:`ConfigError`, except, with ``new_head``, a
-        classifier (``fc.*``) of another width: it keeps its initialisation and is reported in
+        classifier (``fc.*``, DenseNet's ``classifier.*``) of another width: it keeps its initialisation and is reported in
         ``head_keys`` (a backbone pretrained for other classes).
         """
         if isinstance(source, (str, os.PathLike)):
@@ -259,7 +264,7 @@ class DynamicNet(nn.Module):
                     k = k[len(p):]
             clean[k] = v
         own = self.state_dict()
-        head = [k for k, v in clean.items() if new_head and k.startswith("fc.") and k in own
+        head = [k for k, v in clean.items() if new_head and k.startswith(("fc.", "classifier.")) and k in own
                 and isinstance(v, torch.Tensor) and tuple(v.shape) != tuple(own[k].shape)]
         for k in head:
             del clean[k]
@@ -296,8 +301,9 @@ def build_model(config: "ArchConfig | Mapping[str, Any] | str | os.PathLike[str]
     if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1):
         raise ConfigError(f"num_classes={num_classes!r} is out of range; allowed: an integer >= 1")
     model = DynamicNet(cfg)
-    if num_classes is not None and num_classes != model.fc.out_features:
-        model.fc = nn.Linear(model.fc.in_features, num_classes)
+    head = model.classifier if cfg.spec.family == "densenet" else model.fc
+    if num_classes is not None and num_classes != head.out_features:
+        model.set_num_classes(num_classes)
     return model
 
 

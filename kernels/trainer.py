@@ -31,6 +31,7 @@ from dynas.checks import check_int
 from dynas.errors import ConfigError
 from dynas.kernels.recipe import TrainingRecipe, gumbel_temperature, recipe_loss, stage_flops_ratios
 from dynas.spaces.config import load_config
+from dynas.spaces.torch_model import replace_classifier
 
 __all__ = ["synthetic_images", "TrainHistory", "train", "finetune", "evaluate", "stage_rates", "realised_rates", "rate_sums",
            "rates_from_sums", "stage_targets"]
@@ -241,7 +242,7 @@ def train(config: Any, *, steps: int = 300, batch_size: int = 32, lr: float = 0.
         cfg = load_config({**cfg.to_dict(), "input_size": input_size})
     torch.manual_seed(seed)
     model = build_model(cfg)
-    model.fc = torch.nn.Linear(model.fc.in_features, num_classes)
+    replace_classifier(model, num_classes)
     x_all, y_all = synthetic_images(train_size + val_size, cfg.input_size, num_classes, seed)
     x_train, y_train = x_all[:train_size], y_all[:train_size]  # [train_size, 3, H, W], [train_size]
     x_val, y_val = x_all[train_size:], y_all[train_size:]

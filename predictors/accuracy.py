@@ -38,6 +38,14 @@ Model (all terms in top-1 percentage points)::
               static error loses proportionally more per skipped FLOP share (ResNet-18: 1.36x
               ResNet-101's loss).  The bonus B_p is not scaled.
 
+Other backbones (transfer rule).  Every backbone's static top-1 is a cited figure in the data
+file; its dynamic deltas are the ResNet-101 curves above moved by the same three factors: stage
+FLOPs shares ``w_s`` (of that backbone at that input size), the error-ratio sensitivity ``lam_b``
+and the granularity factor ``m`` (decisions per block at the published granularity of the same
+stage position).  A DenseNet layer gate uses the layer curve, its bottleneck channel gate the
+channel curve.  No dynamic DenseNet, RegNetX or RegNetY >= 1.6GF point is published in the
+anchors and none was fitted: those predictions are the transfer rule alone.
+
 Combined paradigms compose the two effects: the primary decision (positions for
 ``spatial+channel``, samples for ``layer+channel``) gives the bonus and its loss, and the
 channel decision adds its own loss (zero when ``channel_rate`` is 1).  A stage at rate 1.0 of

@@ -28,7 +28,9 @@ class FlopTable:
     """Dense FLOPs of one backbone at one input size (per image).
 
     ``blocks`` maps a block name (``BlockSpec.name``, e.g. ``"stages.2.0"``) to the FLOPs of each
-    operator the block has (a subset of ``conv1``, ``conv2``, ``se``, ``conv3``, ``downsample``).
+    operator the block has (a subset of ``conv1``, ``conv2``, ``se``, ``conv3``, ``downsample``;
+    a DenseNet layer's ``downsample`` is the transition after its dense block, which its block
+    total includes).
     """
 
     backbone: str
@@ -131,7 +133,8 @@ def _count_flops(backbone: str, input_hw: tuple[int, int]) -> FlopTable:
     for b in spec.blocks:
         ops = {op: _module_flops(counts, root, module_name_for(b, op)) for op in block_ops(b)}
         blocks[b.name] = MappingProxyType(ops)
-        totals[b.name] = _module_flops(counts, root, block_module_name(b))
+        # a dense layer's "downsample" is the transition after it, a module of its own
+        totals[b.name] = _module_flops(counts, root, block_module_name(b)) + (ops.get("downsample", 0) if b.kind == "dense" else 0)
     return FlopTable(
         backbone=backbone,
         input_hw=spec.input_hw,

@@ -32,22 +32,22 @@ import functools
 import math
 
 import numpy as np
-from typing import Any, Iterable, Mapping, NamedTuple
+from typing import Any, Mapping
 
 from dynas.predictors import cpu, gpu
 from dynas.predictors.energy import EnergyConstants, ops_energy_mj, static_energy_mj
+from dynas.predictors.conv_chain import (ChainConv, Gate, channel_masker, dense_conv, gate_of, interpolate, ops_total_s)
 from dynas.predictors.exits import attach_exits, gpu_head_ms
-from dynas.predictors.gpu import ConvOp, Hardware, OpCost, conv_cost, memory_cost
-from dynas.predictors.gpu import fc_cost as _fc
+from dynas.predictors.gpu import ConvOp, Hardware, OpCost, conv_cost, fc_cost, memory_cost
 from dynas.predictors.result import OpPrediction, Prediction, StagePrediction
 from dynas.predictors.targets import HardwareTarget, load_target
 from dynas.spaces.backbones import BackboneSpec, BlockSpec, StemSpec, get_backbone
-from dynas.spaces.config import (ArchConfig, StageConfig, load_config, stage_runs, uses_channel, uses_layer,
-                                 uses_spatial)
+from dynas.spaces.config import (ArchConfig, StageConfig, load_config, stage_runs, uses_layer)
 from dynas.errors import ConfigError, TargetError
 
 __all__ = ["predict", "predict_blocks", "block_ops", "block_alternatives", "block_energy_mj", "stage_work", "block_works",
-           "clear_caches", "Ops"]
+           "clear_caches", "Ops", "ChainConv", "Gate", "gate_of", "dense_conv", "channel_masker", "interpolate",
+           "ops_total_s"]
 
 Ops = tuple[tuple[str, OpCost], ...]
 _STATIC = StageConfig()
@@ -60,25 +60,14 @@ def _hw(target: HardwareTarget) -> Hardware:
 
 
 # ----------------------------------------------------------------------------- conv chains
-class _Conv(NamedTuple):
-    name: str
-    cin: int
-    cout: int
-    k: int
-    stride: int
-    groups: int
-    gate_in: bool  # input channels are the gated width
-    gate_out: bool  # output channels are the gated width
-
-
-def _chain(b: BlockSpec) -> tuple[_Conv, ...]:
+def _chain(b: BlockSpec) -> tuple[ChainConv, ...]:
     """The block's main-path convs in order (downsample and SE are handled separately)."""
     if b.kind == "basic":
-        return (_Conv("conv1", b.in_channels, b.width, 3, b.stride, 1, False, True),
-                _Conv("conv2", b.width, b.out_channels, 3, 1, 1, True, False))
-    return (_Conv("conv1", b.in_channels, b.width, 1, 1, 1, False, True),
-            _Conv("conv2", b.width, b.width, 3, b.stride, b.groups, True, True),
-            _Conv("conv3", b.width, b.out_channels, 1, 1, 1, True, False))
+        return (ChainConv("conv1", b.in_channels, b.width, 3, b.stride, 1, False, True),
+                ChainConv("conv2", b.width, b.out_channels, 3, 1, 1, True, False))
+    return (ChainConv("conv1", b.in_channels, b.width, 1, 1, 1, False, True),
+            ChainConv("conv2", b.width, b.width, 3, b.stride, b.groups, True, True),
+            ChainConv("conv3", b.width, b.out_channels, 1, 1, 1, True, False))
 
 
 def _chain_maps(b: BlockSpec) -> list[tuple[int, int]]:
@@ -88,36 +77,8 @@ def _chain_maps(b: BlockSpec) -> list[tuple[int, int]]:
     return [b.in_hw, b.in_hw, b.out_hw]
 
 
-class _Gate(NamedTuple):
-    groups: int  # 0 = no channel gating
-    active: int
-
-
-def _gate(b: BlockSpec, st: StageConfig) -> _Gate:
-    if not uses_channel(st.paradigm):
-        return _Gate(0, 0)
-    groups = b.width // st.channel_granularity
-    active = max(1, min(groups, math.ceil(st.channel_density * groups - 1e-9)))
-    return _Gate(groups, active)
-
-
-def _dense_conv(hw: Hardware, cv: _Conv, n: int, in_hw: tuple[int, int], gate: _Gate, extra_out: int = 0) -> OpCost:
-    """A conv over whole maps of ``n`` samples, possibly channel-gated."""
-    out_h = (in_hw[0] + 2 * (cv.k // 2) - cv.k) // cv.stride + 1
-    out_w = (in_hw[1] + 2 * (cv.k // 2) - cv.k) // cv.stride + 1
-    cin_active = cv.cin
-    if cv.gate_in and gate.groups:
-        cin_active = cv.cin * gate.active // gate.groups
-    gated_out = cv.gate_out and gate.groups
-    return conv_cost(hw, ConvOp(
-        units=n, cin=cv.cin, cout=cv.cout + extra_out, out_h=out_h, out_w=out_w, k=cv.k, stride=cv.stride,
-        groups=cv.groups, in_row=in_hw[1] + 2 * (cv.k // 2), dram_in_per_channel=n * in_hw[0] * in_hw[1],
-        cin_active=cin_active, gate_groups=gate.groups if gated_out else 0,
-        gate_active=gate.active if gated_out else 0, weights_scale_with_gates=n == 1 and bool(gate.groups)))
-
-
-def _gathered_conv(hw: Hardware, cv: _Conv, n: int, patches: int, out_side: int, from_map: tuple[int, int] | None,
-                   gate: _Gate) -> OpCost:
+def _gathered_conv(hw: Hardware, cv: ChainConv, n: int, patches: int, out_side: int, from_map: tuple[int, int] | None,
+                   gate: Gate) -> OpCost:
     """A conv on ``n x patches`` gathered units of ``out_side``^2 outputs each.
 
     ``from_map`` is the dense input map when the gather is fused into this conv's loads (input
@@ -142,38 +103,33 @@ def _gathered_conv(hw: Hardware, cv: _Conv, n: int, patches: int, out_side: int,
         weights_scale_with_gates=n == 1 and bool(gate.groups), channels_last=True))
 
 
-def _mlp(hw: Hardware, n: int, cin: int, cout: int) -> tuple[OpCost, OpCost]:
-    hidden = max(cin // 16, 16)  # LAUDNet masker MLP: reduction 16, hidden at least 16
-    return _fc(hw, n, cin, hidden), _fc(hw, n, hidden, cout)
-
-
 def _se(hw: Hardware, b: BlockSpec, units_elems: int, n: int, cw: int) -> list[tuple[str, OpCost]]:
     """Squeeze-excitation on ``units_elems`` positions x ``cw`` channels (pool, 2 FCs, scale)."""
     return [("se pool", memory_cost(hw, units_elems * cw)),
-            ("se fc1", _fc(hw, n, cw, b.se_channels)),
-            ("se fc2", _fc(hw, n, b.se_channels, cw)),
+            ("se fc1", fc_cost(hw, n, cw, b.se_channels)),
+            ("se fc2", fc_cost(hw, n, b.se_channels, cw)),
             ("se scale", memory_cost(hw, 2 * units_elems * cw))]
 
 
 def _downsample(hw: Hardware, b: BlockSpec, n: int) -> list[tuple[str, OpCost]]:
     if not b.has_downsample:
         return []
-    cv = _Conv("downsample", b.in_channels, b.out_channels, 1, b.stride, 1, False, False)
-    return [("downsample", _dense_conv(hw, cv, n, b.in_hw, _Gate(0, 0)))]
+    cv = ChainConv("downsample", b.in_channels, b.out_channels, 1, b.stride, 1, False, False)
+    return [("downsample", dense_conv(hw, cv, n, b.in_hw, Gate(0, 0)))]
 
 
-def _active_cw(b: BlockSpec, gate: _Gate) -> int:
+def _active_cw(b: BlockSpec, gate: Gate) -> int:
     return b.width * gate.active // gate.groups if gate.groups else b.width
 
 
-def _dense_body(hw: Hardware, b: BlockSpec, n: int, gate: _Gate) -> list[tuple[str, OpCost]]:
+def _dense_body(hw: Hardware, b: BlockSpec, n: int, gate: Gate) -> list[tuple[str, OpCost]]:
     """conv chain (+SE) on whole maps of ``n`` samples, channel-gated if ``gate``, + residual add."""
     if n <= 0:
         return []
     ops = []
     chain, maps = _chain(b), _chain_maps(b)
     for i, (cv, m) in enumerate(zip(chain, maps)):
-        ops.append((cv.name, _dense_conv(hw, cv, n, m, gate)))
+        ops.append((cv.name, dense_conv(hw, cv, n, m, gate)))
         if b.se_channels and cv.name == "conv2":
             ops += _se(hw, b, n * b.out_hw[0] * b.out_hw[1], n, _active_cw(b, gate))
     out_elems = n * b.out_channels * b.out_hw[0] * b.out_hw[1]
@@ -181,7 +137,7 @@ def _dense_body(hw: Hardware, b: BlockSpec, n: int, gate: _Gate) -> list[tuple[s
     return ops
 
 
-def _spatial_body(hw: Hardware, b: BlockSpec, n: int, st: StageConfig, gate: _Gate, fused: bool) -> list[tuple[str, OpCost]]:
+def _spatial_body(hw: Hardware, b: BlockSpec, n: int, st: StageConfig, gate: Gate, fused: bool) -> list[tuple[str, OpCost]]:
     S = st.spatial_granularity
     gh, gw = b.out_hw[0] // S, b.out_hw[1] // S  # mask grid
     patches = max(1, math.ceil(st.rate * gh * gw - 1e-9))  # active patches per sample
@@ -193,7 +149,7 @@ def _spatial_body(hw: Hardware, b: BlockSpec, n: int, st: StageConfig, gate: _Ga
     ops: list[tuple[str, OpCost]] = []
     if fused:
         first = chain[0]
-        ops.append((f"{first.name} (dense, + masker channel)", _dense_conv(hw, first, n, maps[0], gate, extra_out=1)))
+        ops.append((f"{first.name} (dense, + masker channel)", dense_conv(hw, first, n, maps[0], gate, extra_out=1)))
         ops.append(("masker pool + indices", memory_cost(hw, n * maps[1][0] * maps[1][1] + 2 * n * gh * gw)))
         start, src = 1, maps[1]
     else:
@@ -220,51 +176,29 @@ def _spatial_masker(hw: Hardware, b: BlockSpec, n: int, st: StageConfig) -> list
             ("masker indices", memory_cost(hw, 2 * n * gh * gw))]
 
 
-def _channel_masker(hw: Hardware, b: BlockSpec, n: int, outputs: int, pool: bool = True) -> list[tuple[str, OpCost]]:
-    fc1, fc2 = _mlp(hw, n, b.in_channels, outputs)
-    ops = [("masker fc1", fc1), ("masker fc2", fc2)]
-    if pool:
-        ops.insert(0, ("masker pool", memory_cost(hw, n * b.in_channels * b.in_hw[0] * b.in_hw[1])))
-    return ops
-
-
-def _interpolate(lo: list[tuple[str, OpCost]], hi: list[tuple[str, OpCost]], frac: float) -> list[tuple[str, OpCost]]:
-    """Per-op linear interpolation between the op lists at floor and ceil of the sample count."""
-    lo_map = dict(lo)
-    out = []
-    for name, h in hi:
-        low = lo_map.get(name, OpCost(0.0, 0.0, 0.0, 0.0))
-        out.append((name, OpCost(low.compute_s + frac * (h.compute_s - low.compute_s),
-                                 low.memory_s + frac * (h.memory_s - low.memory_s),
-                                 low.launch_s + frac * (h.launch_s - low.launch_s),
-                                 low.macs + frac * (h.macs - low.macs), h.schedule,
-                                 low.dram_bytes + frac * (h.dram_bytes - low.dram_bytes))))
-    return out
-
-
-def _total(ops: Iterable[tuple[str, OpCost]]) -> float:
-    return sum(c.total_s for _, c in ops)
-
-
 @functools.lru_cache(maxsize=None)
 def block_alternatives(hw: Hardware, b: BlockSpec, st: StageConfig, n: int) -> tuple[tuple[str, Ops], ...]:
     """Every (masker placement, ops) one block of ``n`` samples can run as under stage choice
     ``st``: a spatial gate's two masker placements ("fused into conv1" first), else one."""
+    if b.kind == "dense":
+        from dynas.predictors.dense_cost import dense_alternatives  # it builds on this module's pieces
+
+        return dense_alternatives(hw, b, st, n)
     p = st.paradigm
-    gate = _gate(b, st)
+    gate = gate_of(b, st)
     if p == "static":
         return (("none", tuple(_downsample(hw, b, n) + _dense_body(hw, b, n, gate))),)
     if p == "channel":
-        masker = _channel_masker(hw, b, n, 2 * gate.groups)
+        masker = channel_masker(hw, b, n, 2 * gate.groups)
         return (("separate", tuple(masker + _downsample(hw, b, n) + _dense_body(hw, b, n, gate))),)
     if uses_layer(p):
         outputs = 2 + (2 * gate.groups if gate.groups else 0)
-        masker = _channel_masker(hw, b, n, outputs)
+        masker = channel_masker(hw, b, n, outputs)
         executed = st.rate * n  # expected executed samples
         lo, hi = math.floor(executed), math.ceil(executed)
-        body = _interpolate(_dense_body(hw, b, lo, gate), _dense_body(hw, b, hi, gate), executed - lo)
+        body = interpolate(_dense_body(hw, b, lo, gate), _dense_body(hw, b, hi, gate), executed - lo)
         return (("separate", tuple(masker + _downsample(hw, b, n) + body)),)
-    chan = _channel_masker(hw, b, n, 2 * gate.groups, pool=False) if gate.groups else []
+    chan = channel_masker(hw, b, n, 2 * gate.groups, pool=False) if gate.groups else []
     fused = chan + _spatial_body(hw, b, n, st, gate, fused=True)
     separate = _spatial_masker(hw, b, n, st) + chan + _spatial_body(hw, b, n, st, gate, fused=False)
     ds = _downsample(hw, b, n)
@@ -279,7 +213,7 @@ def block_ops(hw: Hardware, b: BlockSpec, st: StageConfig, n: int) -> tuple[str,
     if len(alts) == 1:
         return alts[0]
     nds = int(b.has_downsample)  # both start with the downsample; compare the rest, as they differ
-    return alts[0] if _total(alts[0][1][nds:]) <= _total(alts[1][1][nds:]) else alts[1]
+    return alts[0] if ops_total_s(alts[0][1][nds:]) <= ops_total_s(alts[1][1][nds:]) else alts[1]
 
 
 @functools.lru_cache(maxsize=None)
@@ -287,25 +221,29 @@ def block_energy_mj(hw: Hardware, energy: EnergyConstants, b: BlockSpec, st: Sta
     """Energy (mJ) of one block of ``n`` samples, constant power over its latency included, run
     as the one of :func:`block_alternatives` that costs the least energy (which need not be the
     fastest: a placement tuned for energy; each is non-decreasing in every rate, so is the least)."""
-    return min(ops_energy_mj(ops, energy) + static_energy_mj(_total(ops) * 1e3, energy)
+    return min(ops_energy_mj(ops, energy) + static_energy_mj(ops_total_s(ops) * 1e3, energy)
                for _, ops in block_alternatives(hw, b, st, n))
 
 
 def _block_key(b: BlockSpec) -> BlockSpec:
-    """Blocks with equal shapes share cost; drop position fields so the memo is shared."""
-    return BlockSpec(0, 0, b.kind, b.in_channels, b.width, b.out_channels, b.stride, b.groups, b.se_channels,
+    """Blocks with equal shapes share cost; drop position fields so the memo is shared (a dense
+    layer's index stays: which earlier layers' features it reads depends on it)."""
+    return BlockSpec(0, b.index if b.kind == "dense" else 0, b.kind, b.in_channels, b.width, b.out_channels, b.stride, b.groups, b.se_channels,
                      b.in_hw, b.out_hw, b.has_downsample)
 
 
 @functools.lru_cache(maxsize=None)
-def _stem_head(hw: Hardware, stem: StemSpec, head_in: int, head_hw: tuple[int, int], classes: int, n: int) -> tuple[Ops, Ops]:
-    cv = _Conv("stem conv", stem.in_channels, stem.out_channels, stem.kernel, stem.stride, 1, False, False)
-    stem_ops = [("stem conv", _dense_conv(hw, cv, n, _in_hw_of_stem(stem), _Gate(0, 0)))]
+def _stem_head(hw: Hardware, stem: StemSpec, head_in: int, head_hw: tuple[int, int], classes: int, n: int,
+               head_norm: bool = False) -> tuple[Ops, Ops]:
+    cv = ChainConv("stem conv", stem.in_channels, stem.out_channels, stem.kernel, stem.stride, 1, False, False)
+    stem_ops = [("stem conv", dense_conv(hw, cv, n, _in_hw_of_stem(stem), Gate(0, 0)))]
     if stem.maxpool:
         ch, cw = stem.conv_out_hw
         stem_ops.append(("stem maxpool", memory_cost(hw, n * stem.out_channels * (ch * cw + stem.out_hw[0] * stem.out_hw[1]))))
     head_ops = [("global pool", memory_cost(hw, n * head_in * (head_hw[0] * head_hw[1] + 1))),
-                ("fc", _fc(hw, n, head_in, classes))]
+                ("fc", fc_cost(hw, n, head_in, classes))]
+    if head_norm:  # DenseNet's norm5 + ReLU before the pool
+        head_ops.insert(0, ("head norm relu", memory_cost(hw, 2 * n * head_in * head_hw[0] * head_hw[1])))
     return tuple(stem_ops), tuple(head_ops)
 
 
@@ -363,7 +301,7 @@ def predict_blocks(config: "ArchConfig | Mapping[str, Any] | str", target: "str 
         return tuple(out)
     hw = _hw(tgt)
     for s, st in enumerate(cfg.stages):
-        out.append(tuple(_total(block_ops(hw, _block_key(b), st, n)[1]) * 1e3 for b in spec.stage_blocks(s)))
+        out.append(tuple(ops_total_s(block_ops(hw, _block_key(b), st, n)[1]) * 1e3 for b in spec.stage_blocks(s)))
     return tuple(out)
 
 
@@ -373,8 +311,9 @@ def _predict(cfg: ArchConfig, tgt: HardwareTarget, n: int) -> Prediction:
         return _predict_cpu(cfg, tgt, n)
     hw = _hw(tgt)
     spec = cfg.spec
-    stem_ops, head_ops = _stem_head(hw, spec.stem, spec.head_in, spec.blocks[-1].out_hw, spec.num_classes, n)
-    stem_s, head_s = _total(stem_ops), _total(head_ops)
+    stem_ops, head_ops = _stem_head(hw, spec.stem, spec.head_in, spec.blocks[-1].out_hw, spec.num_classes, n,
+                                    spec.head_norm)
+    stem_s, head_s = ops_total_s(stem_ops), ops_total_s(head_ops)
     flops = _dense_flops_per_op(spec)
     stages = tuple(_stage(hw, tgt.energy, spec.name, spec.input_hw, s, st, n) for s, st in enumerate(cfg.stages))
     dyn_ms = (stem_s + head_s) * 1e3 + sum(p.latency_ms for p in stages)
@@ -432,8 +371,8 @@ def _stage(hw: Hardware, energy: EnergyConstants | None, backbone: str, input_hw
             a[2] += count * c.memory_s
             a[3] += count * c.launch_s
             sched.setdefault(name, c.schedule)
-        lat += count * _total(ops)
-        sta += count * _total(static_ops)
+        lat += count * ops_total_s(ops)
+        sta += count * ops_total_s(static_ops)
         if energy is not None:
             e_mj += count * block_energy_mj(hw, energy, key, st, n)
             e_static_mj += count * block_energy_mj(hw, energy, key, _STATIC, n)
@@ -530,6 +469,10 @@ def block_works(backbone: str, input_hw: tuple[int, int], s: int, st: StageConfi
     stage's own work (:func:`dynas.predictors.cpu.stage_entry_work`) on its first block, where
     it is spent."""
     blocks = get_backbone(backbone, input_hw).stage_blocks(s)
+    if blocks[0].kind == "dense":
+        raise TargetError(f"backbone={backbone!r} has no CPU work model (the calibrated CPU model counts the residual "
+                          "blocks' kernels, not the dense layers' of kernels/dense.py); allowed: DenseNet on GPU targets, "
+                          "ResNet and RegNet on CPU targets")
     run_prob = runs / len(blocks) if runs is not None else 1.0
     entry = cpu.stage_entry_work(st)
     return [cpu.block_work(_block_key(b), st, n, run_prob, column_block) + (entry if i == 0 else 0.0)
@@ -561,7 +504,10 @@ def _stage_cpu(costs: "cpu.CpuCosts", column_block: int, backbone: str, input_hw
 
 def clear_caches() -> None:
     """Drop every memoized operator, block and network result (benchmarks, calibration)."""
+    from dynas.predictors.dense_cost import dense_alternatives
+
     gpu.clear_caches()
+    dense_alternatives.cache_clear()
     for fn in (block_alternatives, block_energy_mj, block_ops, _stem_head, _stage, _predict, cpu.block_work,
                cpu.stage_entry_work, cpu.stem_work, cpu.head_work, _stage_cpu, stage_work,
                cpu.exit_head_work, gpu_head_ms):

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from dynas.errors import ConfigError
-from dynas.spaces.backbones import BackboneSpec, get_backbone, list_backbones, parse_input_size
+from dynas.spaces.backbones import ALL_PARADIGMS, BackboneSpec, get_backbone, list_backbones, parse_input_size
 
 __all__ = [
     "PARADIGMS",
@@ -55,9 +55,10 @@ __all__ = [
     "EXIT_HEADS",
     "DEFAULT_EXIT_HEAD",
     "DEFAULT_EXIT_WIDTH",
+    "check_paradigm",
 ]
 
-PARADIGMS: tuple[str, ...] = ("static", "spatial", "channel", "layer", "spatial+channel", "layer+channel")
+PARADIGMS: tuple[str, ...] = ALL_PARADIGMS
 
 #: keys of an exported file that are not part of the architecture ("realised": what a finetune-proxy search's
 #: export adds; "trained": what dynas train adds in RUN/config.json)
@@ -99,6 +100,13 @@ def channel_granularities(spec: BackboneSpec, stage: int) -> tuple[int, ...]:
     """Channels per group G that divide the stage's gated width (and leave at least 2 groups)."""
     width = spec.stage_width(stage)
     return tuple(d for d in _divisors(width) if width // d >= 2)
+
+
+def check_paradigm(spec: BackboneSpec, paradigm: str, where: str) -> None:
+    """Raise :class:`ConfigError` (one line) when ``spec``'s backbone does not offer ``paradigm``."""
+    if paradigm not in spec.paradigms:
+        raise ConfigError(f"{where}: paradigm={paradigm!r} is not offered on {spec.name} ({spec.paradigm_note}); "
+                          f"allowed: {', '.join(spec.paradigms)}")
 
 
 def _rate(value: Any, where: str) -> float:
@@ -346,6 +354,9 @@ def _validate_exits(cfg: ArchConfig, spec: BackboneSpec) -> None:
     allowed = f"stages 0..{last - 1} ({cfg.backbone}'s stage {last} is followed by its own head, the last exit)"
     if not isinstance(cfg.exits, tuple):
         raise ConfigError(f"exits={cfg.exits!r} is not a tuple; allowed: a list of {allowed}")
+    if cfg.exits and spec.family == "densenet":
+        raise ConfigError(f"exits={list(cfg.exits)!r} on {cfg.backbone}: early exits are not built for DenseNet yet; "
+                          "allowed: exits on ResNet and RegNet backbones")
     for e in cfg.exits:
         if isinstance(e, bool) or not isinstance(e, int):
             raise ConfigError(f"exits: {e!r} is not a stage index; allowed: {allowed}")
@@ -392,6 +403,7 @@ def _validate(cfg: ArchConfig) -> None:
         p = st.paradigm
         if p not in PARADIGMS:
             raise ConfigError(f"{where}: paradigm={p!r} is unknown; allowed: {', '.join(PARADIGMS)}")
+        check_paradigm(spec, p, where)
         if p == "static":
             if (st.rate, st.spatial_granularity, st.channel_granularity, st.channel_rate) != (1.0, None, None, None):
                 raise ConfigError(f"{where}: paradigm 'static' takes no rate or granularity; got {st!r}")

@@ -83,8 +83,13 @@ def _stage_choice(paradigm: str, rate: float, channel_rate: float, spatial: int 
                        channel_rate=channel_rate if paradigm in ("spatial+channel", "layer+channel") else None)
 
 
-def _allowed(paradigm: str, sg: tuple[int, ...], cg: tuple[int, ...]) -> bool:
-    return (not uses_spatial(paradigm) or bool(sg)) and (not uses_channel(paradigm) or bool(cg))
+def _allowed(paradigm: str, sg: tuple[int, ...], cg: tuple[int, ...], offered: tuple[str, ...] = PARADIGMS) -> bool:
+    return paradigm in offered and (not uses_spatial(paradigm) or bool(sg)) and (not uses_channel(paradigm) or bool(cg))
+
+
+def _fallback(sg: tuple[int, ...], cg: tuple[int, ...], offered: tuple[str, ...]) -> str:
+    """The paradigm a stage uses when its turn's paradigm is not possible there: layer, else channel, else static."""
+    return next(p for p in ("layer", "channel", "static") if _allowed(p, sg, cg, offered))
 
 
 def _design(backbone: str, input_size: tuple[int, int], seed: int) -> Iterator[ArchConfig]:
@@ -101,8 +106,8 @@ def _design(backbone: str, input_size: tuple[int, int], seed: int) -> Iterator[A
         stages = []
         for s in range(S):
             paradigm = PARADIGMS[(i + s) % len(PARADIGMS)]
-            if not _allowed(paradigm, sgs[s], cgs[s]):
-                paradigm = "layer"
+            if not _allowed(paradigm, sgs[s], cgs[s], spec.paradigms):
+                paradigm = _fallback(sgs[s], cgs[s], spec.paradigms)
             if not rates[s]:
                 rates[s] = rng.sample(CALIBRATION_RATES, len(CALIBRATION_RATES))
             if not crates[s]:
@@ -140,7 +145,7 @@ def calibration_plan(backbones: Sequence[str] = DEFAULT_CALIBRATION_BACKBONES, i
 
 def _random_stage(rng: random.Random, spec: Any, s: int) -> StageConfig:
     sg, cg = spatial_granularities(spec, s), channel_granularities(spec, s)
-    paradigms = [p for p in PARADIGMS if _allowed(p, sg, cg)]
+    paradigms = [p for p in PARADIGMS if _allowed(p, sg, cg, spec.paradigms)]
     p = rng.choice(paradigms)
     return _stage_choice(p, rng.choice(VALIDATION_RATES), rng.choice(VALIDATION_RATES),
                          rng.choice(sg) if sg else None, rng.choice(cg) if cg else None)

@@ -40,6 +40,7 @@ from dynas.spaces.config import (
     ArchConfig,
     StageConfig,
     channel_granularities as _valid_channel,
+    check_paradigm,
     load_config,
     spatial_granularities as _valid_spatial,
     uses_channel,
@@ -114,7 +115,9 @@ class SpaceOptions:
     """What a search may choose from, for any backbone (``dynas search --paradigms``,
     ``--spatial-granularities``, ``--channel-granularities``, ``--rate-min/max/step``).
 
-    ``paradigms`` are allowed everywhere they are possible; ``spatial_granularities`` /
+    ``paradigms`` are allowed everywhere they are possible (all of them, the default, means every
+    paradigm the backbone offers, :attr:`~dynas.spaces.backbones.BackboneSpec.paradigms`; naming
+    one it does not offer is an error); ``spatial_granularities`` /
     ``channel_granularities`` (``None`` = all valid values) restrict the granularities to the
     listed values where they are valid for a stage; rates are searched on the grid
     ``rate_min .. rate_max`` with ``rate_step`` (at most 4 decimals each).  Kept as given, except
@@ -161,7 +164,12 @@ class SearchSpace(SpaceOptions):
         spec = get_backbone(self.backbone, self.input_size)  # checks name and size
         set_ = object.__setattr__  # normalise the options of this frozen dataclass
         set_(self, "input_size", spec.input_hw)
-        set_(self, "paradigms", _paradigms(self.paradigms))
+        paradigms = _paradigms(self.paradigms)
+        if paradigms == PARADIGMS:  # the default, "all": every paradigm the backbone offers
+            paradigms = spec.paradigms
+        for p in paradigms:
+            check_paradigm(spec, p, "paradigms")
+        set_(self, "paradigms", paradigms)
         set_(self, "spatial_granularities", _granularities(self.spatial_granularities, "spatial_granularities"))
         set_(self, "channel_granularities", _granularities(self.channel_granularities, "channel_granularities"))
         lo = _number(self.rate_min, "rate_min", "a number in (0, 1]")

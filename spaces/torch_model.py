@@ -11,7 +11,11 @@ backbones both know:
 * RegNetY: ``stem.0``/``stem.1``/``stem.2`` (3x3 conv, BN, ReLU), then
   ``trunk_output.block{s}.block{s}-{i}`` (stages numbered from 1) with ``proj`` (1x1 conv + BN
   shortcut) and ``f.a`` (1x1), ``f.b`` (grouped 3x3), ``f.se`` (``fc1``/``fc2`` 1x1 convs with
-  bias, ReLU then sigmoid), ``f.c`` (1x1, no activation), then ``avgpool`` and ``fc``.
+  bias, ReLU then sigmoid), ``f.c`` (1x1, no activation), then ``avgpool`` and ``fc``.  RegNetX
+  is the same without ``f.se``.
+* DenseNet: ``features.*`` and ``classifier``, see :mod:`dynas.spaces.densenet`; a dense
+  layer's ops are ``conv1`` and ``conv2``, and the ``downsample`` of a dense block's last layer
+  is the transition after it (``features.transition{s}``).
 
 :func:`module_name_for` maps a block's operator (``conv1``, ``conv2``, ``conv3``,
 ``downsample``, ``se``) to the module path, so that per-module results (FLOP counts, hooks,
@@ -40,6 +44,7 @@ __all__ = [
     "block_module_name",
     "stem_module_names",
     "head_module_names",
+    "replace_classifier",
     "ResNet",
     "RegNetY",
     "BasicBlock",
@@ -63,8 +68,10 @@ def block_ops(block: BlockSpec) -> tuple[str, ...]:
         ops = ("conv1", "conv2", "conv3")
     elif block.kind == "regnety":
         ops = ("conv1", "conv2", "se", "conv3") if block.se_channels > 0 else ("conv1", "conv2", "conv3")
+    elif block.kind == "dense":
+        ops = ("conv1", "conv2")
     else:
-        raise ConfigError(f"block kind={block.kind!r} is unknown; allowed: basic, bottleneck, regnety")
+        raise ConfigError(f"block kind={block.kind!r} is unknown; allowed: basic, bottleneck, regnety, dense")
     return ops + (("downsample",) if block.has_downsample else ())
 
 
@@ -73,6 +80,8 @@ def block_module_name(block: BlockSpec) -> str:
     s = block.stage + 1
     if block.kind == "regnety":
         return f"trunk_output.block{s}.block{s}-{block.index}"
+    if block.kind == "dense":
+        return f"features.denseblock{s}.denselayer{block.index + 1}"
     return f"layer{s}.{block.index}"
 
 
@@ -92,18 +101,31 @@ def module_name_for(block: BlockSpec, op: str) -> str:
     ops = block_ops(block)
     if op not in ops:
         raise ConfigError(f"op={op!r} does not exist in {block.kind} block {block.name}; allowed: {', '.join(ops)}")
+    if block.kind == "dense" and op == "downsample":
+        return f"features.transition{block.stage + 1}"
     table = _REGNETY_OP_MODULES if block.kind == "regnety" else _RESNET_OP_MODULES
     return f"{block_module_name(block)}.{table[op]}"
 
 
 def stem_module_names(spec: BackboneSpec) -> tuple[str, ...]:
     """Top-level modules that make up the stem (FLOPs of the stem = sum over these)."""
+    if spec.family == "densenet":
+        return ("features.conv0", "features.norm0", "features.relu0", "features.pool0")
     return ("stem",) if spec.family == "regnety" else ("conv1", "bn1", "relu", "maxpool")
 
 
 def head_module_names(spec: BackboneSpec) -> tuple[str, ...]:
     """Top-level modules that make up the classifier head."""
-    return ("avgpool", "fc")
+    return ("features.norm5", "classifier") if spec.family == "densenet" else ("avgpool", "fc")
+
+
+def replace_classifier(model: nn.Module, num_classes: int) -> nn.Module:
+    """Give ``model`` (a static or dynamic network of any family) a fresh classifier for
+    ``num_classes`` classes: ``fc``, or DenseNet's ``classifier``; returns the new layer."""
+    name = "classifier" if model.spec.family == "densenet" else "fc"
+    layer = nn.Linear(getattr(model, name).in_features, num_classes)
+    setattr(model, name, layer)
+    return layer
 
 
 # ----------------------------------------------------------------------------- layers
@@ -303,8 +325,12 @@ def build_static_model(spec: BackboneSpec, *, device: torch.device | str | None 
         cls: type[nn.Module] = ResNet
     elif spec.family == "regnety":
         cls = RegNetY
+    elif spec.family == "densenet":
+        from dynas.spaces.densenet import DenseNet
+
+        cls = DenseNet
     else:
-        raise ConfigError(f"backbone family={spec.family!r} is unknown; allowed: resnet, regnety")
+        raise ConfigError(f"backbone family={spec.family!r} is unknown; allowed: resnet, regnety, densenet")
     if device is None:
         model = cls(spec)
     else:

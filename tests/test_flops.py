@@ -9,11 +9,18 @@ from dynas.predictors.flops import FlopTable, dense_flops
 from dynas.spaces.backbones import get_backbone, list_backbones
 from dynas.spaces.torch_model import OPS, block_ops
 
-# Published dense GMACs of the torchvision models at 224x224, times 2 (flop_counter counts a
-# multiply-accumulate as 2 FLOPs).
+# Published dense GMACs of the torchvision models at 224x224 (their docs' "GFLOPS"), times 2
+# (flop_counter counts a multiply-accumulate as 2 FLOPs); the RegNet sizes torchvision does not
+# ship from the RegNet paper's pycls model zoo ("flops (B)", also multiply-adds).
 KNOWN_GFLOPS = {
     "resnet18": 2 * 1.81, "resnet34": 2 * 3.66, "resnet50": 2 * 4.09, "resnet101": 2 * 7.80,
     "resnet152": 2 * 11.51, "regnety_400mf": 2 * 0.40, "regnety_800mf": 2 * 0.83,
+    "regnety_1_6gf": 2 * 1.612, "regnety_3_2gf": 2 * 3.176, "regnety_8gf": 2 * 8.473, "regnety_16gf": 2 * 15.912,
+    "regnety_32gf": 2 * 32.28, "regnetx_400mf": 2 * 0.414, "regnetx_800mf": 2 * 0.8, "regnetx_1_6gf": 2 * 1.603,
+    "regnetx_3_2gf": 2 * 3.177, "regnetx_8gf": 2 * 7.995, "regnetx_16gf": 2 * 15.941, "regnetx_32gf": 2 * 31.736,
+    "regnetx_4gf": 2 * 4.0, "regnetx_6_4gf": 2 * 6.5, "regnetx_12gf": 2 * 12.1, "regnety_4gf": 2 * 4.0,
+    "regnety_6_4gf": 2 * 6.4, "regnety_12gf": 2 * 12.1,
+    "densenet121": 2 * 2.834, "densenet169": 2 * 3.36, "densenet201": 2 * 4.291,
 }
 
 
@@ -53,6 +60,11 @@ def test_per_op_flops_match_spec_shapes(name):
         if b.kind == "basic":
             expected = {"conv1": _conv_flops(b.out_hw, b.in_channels, b.width, 3),
                         "conv2": _conv_flops(b.out_hw, b.width, b.out_channels, 3)}
+        elif b.kind == "dense":
+            c = b.in_channels + b.out_channels  # the transition reads the dense block's output
+            expected = {"conv1": _conv_flops(b.in_hw, b.in_channels, b.width, 1),
+                        "conv2": _conv_flops(b.out_hw, b.width, b.out_channels, 3),
+                        "downsample": _conv_flops(b.out_hw, c, c // 2, 1)}
         else:
             expected = {"conv1": _conv_flops(b.in_hw, b.in_channels, b.width, 1),
                         "conv2": _conv_flops(b.out_hw, b.width, b.width, 3, b.groups),
@@ -61,7 +73,7 @@ def test_per_op_flops_match_spec_shapes(name):
             # two 1x1 convs on the pooled 1x1 map: width -> se_channels -> width
             expected["se"] = (_conv_flops((1, 1), b.width, b.se_channels, 1)
                               + _conv_flops((1, 1), b.se_channels, b.width, 1))
-        if b.has_downsample:
+        if b.has_downsample and b.kind != "dense":
             expected["downsample"] = _conv_flops(b.out_hw, b.in_channels, b.out_channels, 1)
         assert table.block_flops(b.name) == {op: expected[op] for op in block_ops(b)}, b.name
     st = spec.stem

@@ -67,8 +67,10 @@ def test_default_space_suggests_valid_configs(name):
     configs, study = _sample(space, seed=0)
     for cfg in configs:
         _check_in_space(cfg, space)
-    # the space is not degenerate: every paradigm shows up somewhere
-    assert {st.paradigm for cfg in configs for st in cfg.stages} == set(PARADIGMS)
+    # the space is derived from the spec and not degenerate: every paradigm the backbone offers
+    # shows up somewhere, and no other
+    assert space.paradigms == get_backbone(name).paradigms
+    assert {st.paradigm for cfg in configs for st in cfg.stages} == set(space.paradigms)
     # Optuna requires one distribution per parameter name across the study
     dists: dict[str, optuna.distributions.BaseDistribution] = {}
     for t in study.trials:
@@ -187,6 +189,16 @@ BAD_OPTIONS = [
     (dict(channel_granularities=[True]), r"channel_granularities: True is not a positive integer"),
     (dict(channel_granularities=4), r"channel_granularities=4 is not a list"),
 ]
+
+
+def test_space_offers_only_what_the_backbone_allows():
+    assert "layer" not in SearchSpace("regnetx_800mf").paradigms
+    assert not any(map(uses_spatial, SearchSpace("densenet121").paradigms))
+    assert SearchSpace("resnet50").paradigms == PARADIGMS
+    with pytest.raises(ConfigError, match=r"paradigm='layer' is not offered on regnety_1_6gf .*allowed: static, spatial"):
+        SearchSpace("regnety_1_6gf", paradigms=["static", "layer"])
+    with pytest.raises(ConfigError, match=r"paradigm='spatial' is not offered on densenet201"):
+        SearchSpace("densenet201", paradigms=["spatial"])
 
 
 @pytest.mark.parametrize("options, message", BAD_OPTIONS, ids=[m[:40] for _, m in BAD_OPTIONS])

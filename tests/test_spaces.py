@@ -50,7 +50,9 @@ def _run_with_hooks(spec, x: torch.Tensor):
             lambda _m, _i, out, name=b.name: shapes.__setitem__(name, out.shape)
         )
     first = modules[block_module_name(spec.blocks[0])]
-    first.register_forward_pre_hook(lambda _m, inp: shapes.__setitem__("stem", inp[0].shape))
+    # a dense layer's input is the list of features so far: the first is the stem's output
+    first.register_forward_pre_hook(
+        lambda _m, inp: shapes.__setitem__("stem", (inp[0][0] if isinstance(inp[0], list) else inp[0]).shape))
     with torch.no_grad():
         logits = model(x)
     return model, logits, shapes
@@ -67,6 +69,10 @@ def _expected_conv(b, op: str) -> tuple[int, int, int, int]:
     """(in, out, stride, groups) of an op's conv as the spec describes it."""
     if b.kind == "basic":  # 3x3 (stride) -> 3x3
         table = {"conv1": (b.in_channels, b.width, b.stride, 1), "conv2": (b.width, b.out_channels, 1, 1)}
+    elif b.kind == "dense":  # 1x1 -> 3x3 to the growth rate; the transition halves the block's output
+        c = b.in_channels + b.out_channels
+        return {"conv1": (b.in_channels, b.width, 1, 1), "conv2": (b.width, b.out_channels, 1, 1),
+                "downsample": (c, c // 2, 1, 1)}[op]
     else:  # 1x1 -> 3x3 (stride, groups) -> 1x1
         table = {"conv1": (b.in_channels, b.width, 1, 1), "conv2": (b.width, b.width, b.stride, b.groups),
                  "conv3": (b.width, b.out_channels, 1, 1)}
@@ -90,7 +96,7 @@ def test_meta_model_matches_spec_at_224(name):
                 assert (mod.fc1.in_channels, mod.fc1.out_channels) == (b.width, b.se_channels)
                 assert (mod.fc2.in_channels, mod.fc2.out_channels) == (b.se_channels, b.width)
                 continue
-            conv = _conv(mod)
+            conv = mod.conv if b.kind == "dense" and op == "downsample" else _conv(mod)
             got = (conv.in_channels, conv.out_channels, conv.stride[0], conv.groups)
             assert got == _expected_conv(b, op), (b.name, op)
 
@@ -112,13 +118,24 @@ def test_cpu_model_matches_spec_on_small_inputs(name, size):
 TORCHVISION_PARAMS = {
     "resnet18": 11_689_512, "resnet34": 21_797_672, "resnet50": 25_557_032, "resnet101": 44_549_160,
     "resnet152": 60_192_808, "regnety_400mf": 4_344_144, "regnety_800mf": 6_432_512,
+    "regnety_1_6gf": 11_202_430, "regnety_3_2gf": 19_436_338, "regnety_8gf": 39_381_472, "regnety_16gf": 83_590_140,
+    "regnety_32gf": 145_046_770, "regnetx_400mf": 5_495_976, "regnetx_800mf": 7_259_656, "regnetx_1_6gf": 9_190_136,
+    "regnetx_3_2gf": 15_296_552, "regnetx_8gf": 39_572_648, "regnetx_16gf": 54_278_536, "regnetx_32gf": 107_811_560,
+    "densenet121": 7_978_856, "densenet169": 14_149_480, "densenet201": 20_013_928,
 }
+# sizes torchvision does not ship: the RegNet paper's pycls model zoo gives parameters in millions
+PYCLS_PARAMS_M = {"regnetx_4gf": 22.1, "regnetx_6_4gf": 26.2, "regnetx_12gf": 46.1, "regnety_4gf": 20.6,
+                  "regnety_6_4gf": 30.6, "regnety_12gf": 51.8}
 
 
 @pytest.mark.parametrize("name", BACKBONES)
 def test_parameter_count_matches_torchvision(name):
     model = build_static_model(get_backbone(name), device="meta")
-    assert sum(p.numel() for p in model.parameters()) == TORCHVISION_PARAMS[name]
+    n = sum(p.numel() for p in model.parameters())
+    if name in TORCHVISION_PARAMS:
+        assert n == TORCHVISION_PARAMS[name]
+    else:
+        assert round(n / 1e6, 1) == PYCLS_PARAMS_M[name]
 
 
 def test_torchvision_state_dict_names():
@@ -131,6 +148,12 @@ def test_torchvision_state_dict_names():
               "trunk_output.block2.block2-2.f.b.0.weight", "trunk_output.block4.block4-5.f.se.fc1.bias",
               "trunk_output.block4.block4-5.f.se.fc2.weight", "trunk_output.block3.block3-0.f.c.1.running_var",
               "fc.weight"]:
+        assert k in keys
+    keys = set(build_static_model(get_backbone("densenet121"), device="meta").state_dict())
+    for k in ["features.conv0.weight", "features.norm0.running_mean", "features.denseblock1.denselayer1.norm1.weight",
+              "features.denseblock1.denselayer6.conv2.weight", "features.transition1.norm.bias",
+              "features.transition3.conv.weight", "features.denseblock4.denselayer16.norm2.running_var",
+              "features.norm5.weight", "classifier.weight", "classifier.bias"]:
         assert k in keys
 
 
@@ -192,7 +215,13 @@ def _cfg(stage0: dict, backbone: str = "resnet50", **extra) -> dict:
 
 
 BAD_CONFIGS = [
-    ({"backbone": "vgg16", "stages": []}, r"backbone='vgg16' is unknown; allowed: regnety_400mf"),
+    ({"backbone": "vgg16", "stages": []}, r"backbone='vgg16' is unknown; allowed: densenet121, densenet169"),
+    (_cfg({"paradigm": "layer", "rate": 0.5}, "regnetx_800mf"),
+     r"stage 0: paradigm='layer' is not offered on regnetx_800mf \(no layer skipping on RegNet.*\); "
+     r"allowed: static, spatial, channel, spatial\+channel$"),
+    (_cfg({"paradigm": "spatial", "spatial_granularity": 8, "rate": 0.5}, "densenet121"),
+     r"stage 0: paradigm='spatial' is not offered on densenet121 \(no spatial skipping on DenseNet.*\); "
+     r"allowed: static, channel, layer, layer\+channel$"),
     (_cfg({"paradigm": "token", "rate": 0.5}), r"stage 0: paradigm='token' is unknown; allowed: static, spatial"),
     (_cfg({"paradigm": "spatial", "spatial_granularity": 5, "rate": 0.5}),
      r"stage 0: spatial_granularity=5 does not divide the stage's 56x56 output map; allowed: 1, 2, 4, 7, 8, 14, 28, 56$"),
@@ -286,7 +315,7 @@ def arch_configs(draw):
     rates = st.floats(min_value=0.0, max_value=1.0, exclude_min=True, allow_nan=False)
     stages = []
     for i in range(spec.num_stages):
-        p = draw(st.sampled_from(PARADIGMS))
+        p = draw(st.sampled_from(spec.paradigms))  # what the backbone offers
         if p == "static":
             stages.append(StageConfig())
             continue
