@@ -6,7 +6,7 @@ Trains a static ResNet-18 with exits after stages 0, 1 and 2 (and its own head) 
 and the same for the easy ``synthetic`` set for contrast.  A benchmark, not a test: the numbers
 go into docs/early-exits.md with this command::
 
-    python benchmarks/exits_depth.py --steps 400 --train 4096 --size 64
+    python benchmarks/exits_depth.py --steps 300 --size 48 --sets synthetic-hard
 """
 
 from __future__ import annotations
@@ -44,16 +44,15 @@ def run(data: str, steps: int, size: int, batch: int, lr: float, head: str, seed
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--train", type=int, default=4096, help="training images")
-    ap.add_argument("--size", type=int, default=64, help="input side")
+    ap.add_argument("--size", type=int, default=48, help="input side")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--head", default="light", choices=["light", "conv"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--sets", default="synthetic-hard,synthetic")
     args = ap.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     for name in args.sets.split(","):
         t0 = time.perf_counter()
         acc = run(f"{name}:{args.train}", args.steps, args.size, args.batch, args.lr, args.head, args.seed)

@@ -45,8 +45,8 @@ from dynas.errors import ConfigError
 from dynas.kernels.blocks import PATHS, DynamicBlock, build_block
 from dynas.kernels.dense import DynamicDenseLayer, make_dense_dynamic
 from dynas.kernels.exits import ExitHead, ExitPolicy, FinalPolicy, forward_exits, make_policy
-from dynas.predictors.exits import exit_inputs
 from dynas.kernels.maskers import GATE_MODES, Masker, StageQuota
+from dynas.predictors.exits import exit_inputs
 from dynas.spaces.config import ArchConfig, load_config, stage_runs
 from dynas.spaces.torch_model import block_module_name, build_static_model, replace_classifier
 
