@@ -10,7 +10,7 @@ from typing import Any
 from dynas.cli.common import (add_command, check_output, default_of, echo, frame_text, image_size, int_list,
                               nonneg_int, number, positive_int, safe_name, str_list, table, torch_default)
 from dynas.errors import ConfigError
-from dynas.search.options import FLAT_OPTIONS
+from dynas.search.options import FLAT_OPTIONS, OBJECTIVES
 from dynas.search.study import DEFAULT_JOURNAL, DEFAULT_STORAGE, SAMPLERS, SearchOptions
 
 __all__ = ["add_parsers", "search_default", "search_options", "print_front"]
@@ -57,9 +57,11 @@ def print_front(study: Any, top: int) -> None:
         f"study {study.study_name}: {a.get('backbone')} @ {h}x{w} on {a.get('target')}, batch {a.get('batch_size')}, "
         f"proxy {a.get('proxy')}; {n_done} complete trials{stopped}, {len(df)} distinct configs on the Pareto front"
     )
-    static_ms, static_top1 = a.get("static_latency_ms"), a.get("static_top1")
+    static_ms, static_mj, static_top1 = a.get("static_latency_ms"), a.get("static_energy_mj"), a.get("static_top1")
     if static_ms is not None and static_top1 is not None:
-        echo(f"static: {static_ms:.4g} ms per batch, top-1 {static_top1:.2f}%; hypervolume {hypervolume(study):.4g}")
+        energy = f", {static_mj:.4g} mJ" if static_mj is not None else ""
+        echo(f"static: {static_ms:.4g} ms{energy} per batch, top-1 {static_top1:.2f}%; "
+             f"minimising {a.get('objective', 'latency')}, hypervolume {hypervolume(study):.4g}")
     checkpoints = checkpoints_table(study)
     if len(checkpoints):
         shown = checkpoints if top == 0 else checkpoints.tail(top)
@@ -81,7 +83,7 @@ def search_options(args: argparse.Namespace) -> SearchOptions:
         backbone=args.backbone, target=args.target, input_size=args.input_size, batch_size=args.batch_size,
         proxy=args.proxy, trials=args.trials, timeout_s=args.timeout, sampler=args.sampler, seed=args.seed,
         storage=args.storage, workers=args.workers, heartbeat_s=args.heartbeat_s,
-        study_name=args.study_name, max_latency_ms=args.max_latency_ms,
+        study_name=args.study_name, objective=args.objective, max_latency_ms=args.max_latency_ms,
         max_latency_ratio=args.max_latency_ratio, spatial_granularities=args.spatial_granularities,
         channel_granularities=args.channel_granularities, rate_min=args.rate_min, rate_max=args.rate_max,
         rate_step=args.rate_step, show_progress=not args.no_progress,
@@ -127,14 +129,20 @@ def _cmd_search(args: argparse.Namespace) -> int:
     echo(f"HTML report: {html}")
     if args.csv:
         echo(f"Pareto CSV:  {args.csv}")
-    _print_exported(trial, export)
+    _print_exported(study, trial, export)
     return 0
 
 
-def _print_exported(trial: Any, path: str) -> None:
+def _print_exported(study: Any, trial: Any, path: str) -> None:
+    ua = trial.user_attrs
+    costs = [f"{ua[k]:.4g} {unit}" for k, unit in (("latency_ms", "ms"), ("energy_mj", "mJ")) if ua.get(k) is not None]
+    if not costs:  # a trial written before trials stored both: its objective only
+        from dynas.results.pareto import objective_column
+
+        costs = [f"{trial.values[0]:.4g} {'mJ' if objective_column(study) == 'energy_mj' else 'ms'}"]
     echo(
-        f"exported trial {trial.number} ({trial.values[0]:.4g} ms per batch, top-1 {trial.values[1]:.2f}%; "
-        f"{trial.user_attrs.get('short', '')}) to {path}"
+        f"exported trial {trial.number} ({', '.join(costs)} per batch, top-1 {trial.values[1]:.2f}%; "
+        f"{ua.get('short', '')}) to {path}"
     )
 
 
@@ -144,7 +152,10 @@ def _raise_infeasible(study: Any, options: SearchOptions) -> None:
     done = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
     bounds = []
     if options.max_latency_ms is not None and done:
-        best = min(t.values[0] for t in done)
+        from dynas.results.pareto import objective_column, trial_latency_ms
+
+        first = objective_column(study)
+        best = min(trial_latency_ms(t, first) for t in done)
         bounds.append(f"--max-latency-ms {options.max_latency_ms:g} (fastest trial: {best:.4g} ms)")
     if options.max_latency_ratio is not None and done:
         best = min(t.user_attrs.get("latency_ratio", float("inf")) for t in done)
@@ -199,7 +210,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         max_latency_ms_per_image=args.max_latency_ms_per_image,
     )
     export_trial(study, trial, output)
-    _print_exported(trial, output)
+    _print_exported(study, trial, output)
     return 0
 
 
@@ -226,10 +237,13 @@ def _add_what_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--proxy", default=search_default("proxy"),
                    help="accuracy proxy: prior (published curves, instant), finetune (a short real fine-tune per "
                    "candidate, see the finetune options), or package.module:callable returning a dynas AccuracyProxy")
+    g.add_argument("--objective", default=search_default("objective"), choices=list(OBJECTIVES),
+                   help="cost minimised beside top-1, per batch: latency (ms) or energy (mJ; targets with an "
+                   "[energy] table, see 'dynas targets'); trials record both either way")
     g.add_argument("--max-latency-ms", type=number, default=None, metavar="X",
-                   help="constraint: predicted latency of one batch <= X ms")
+                   help="constraint: predicted latency of one batch <= X ms (either objective)")
     g.add_argument("--max-latency-ratio", type=number, default=None, metavar="X",
-                   help="constraint: dynamic / static latency <= X")
+                   help="constraint: dynamic / static latency <= X (either objective)")
 
 
 def _add_finetune_args(p: argparse.ArgumentParser) -> None:
@@ -294,7 +308,7 @@ def _add_optimisation_args(p: argparse.ArgumentParser) -> None:
                    help=f"Optuna storage: sqlite:///F.db, journal:///F.journal (many workers, one machine) or "
                    f"postgresql://USER@HOST/DB (many machines) (default: {DEFAULT_STORAGE}; {DEFAULT_JOURNAL} with --workers > 1)")
     g.add_argument("--study-name", default=None, metavar="NAME",
-                   help="study name (default: BACKBONE-TARGET-bBATCH-HxW-PROXY)")
+                   help="study name (default: BACKBONE-TARGET-bBATCH-HxW-PROXY, plus -energy with --objective energy)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar (with --workers > 1: no progress lines)")
     g = p.add_argument_group("scale-out")
     g.add_argument("--workers", type=positive_int, default=search_default("workers"), metavar="N",
@@ -317,8 +331,8 @@ def _add_study_args(p: argparse.ArgumentParser) -> None:
 def _add_search_parser(sub: Any, parent: argparse.ArgumentParser) -> None:
     p = add_command(
         sub, parent, "search", _cmd_search, help="run or resume a search",
-        description="Search dynamic configs with Optuna: minimise predicted latency of one batch, maximise the\n"
-        "accuracy proxy's top-1.  Re-running the same command resumes the study (--trials is the total).\n"
+        description="Search dynamic configs with Optuna: minimise predicted latency (or, --objective energy,\n"
+        "energy) of one batch, maximise the accuracy proxy's top-1.  Re-running the same command resumes the study (--trials is the total).\n"
         "Afterwards prints the Pareto front, writes an HTML report and exports one config (the fastest\n"
         "Pareto trial at least as accurate as the static network, else the most accurate).",
     )

@@ -5,7 +5,9 @@ from dynas.results.pareto import (
     DEFAULT_REFERENCE_LATENCY_RATIO,
     DEFAULT_REFERENCE_TOP1_DROP,
     CHECKPOINT_COLUMNS,
+    ENERGY_COLUMNS,
     PARETO_COLUMNS,
+    objective_column,
     all_trials_table,
     checkpoints_table,
     default_reference,
@@ -19,7 +21,9 @@ from dynas.results.plots import write_html
 
 __all__ = [
     "PARETO_COLUMNS",
+    "ENERGY_COLUMNS",
     "CHECKPOINT_COLUMNS",
+    "objective_column",
     "checkpoints_table",
     "DEFAULT_REFERENCE_LATENCY_RATIO",
     "DEFAULT_REFERENCE_TOP1_DROP",

@@ -8,11 +8,13 @@ ignores:
 - ``dynas_version``, ``study`` (name), ``trial`` (number), ``batch_size``, ``notes``;
 - ``target``: ``{"name", "path", "spec"}`` of the hardware target searched for;
 - ``proxy``: ``{"name", "top1", "static_top1"}``;
-- ``predictions``: the prediction the search stored for the trial (latencies for the whole batch
-  and per image, static latency, speed-up, FLOPs, per-stage breakdown);
+- ``predictions``: ``objective`` (the study's first objective, ``latency_ms`` or ``energy_mj``,
+  a key of ``predictions``) and the prediction the search stored for the trial (latencies and energies for
+  the whole batch and per image, static latency and energy, speed-up, FLOPs, per-stage
+  breakdown), whichever the objective; energies are None on a target without energy prices;
 - ``realised`` (training proxies only, when the trained gates missed the configured rates):
-  ``{"config", "stages", "latency_ms", "rates"}``: the config at the realised rates and its
-  predicted latency, which is the trial's latency objective; ``predictions`` stay those of
+  ``{"config", "stages", "latency_ms", "energy_mj", "rates"}``: the config at the realised rates
+  and its predictions, one of which is the trial's objective; ``predictions`` stay those of
   the configured rates, which training targets;
 - ``training``: the LAUDNet fine-tuning recipe as data, plus per-stage FLOPs targets;
 - ``laudnet_args``: the closest LAUDNet ``train/main.py`` arguments and a ``lost`` list naming
@@ -34,7 +36,8 @@ from optuna.trial import FrozenTrial, TrialState
 import dynas
 from dynas.checks import check_positive
 from dynas.errors import StudyError
-from dynas.results.pareto import atomic_write_text, check_study, complete_trials, is_feasible, study_attr
+from dynas.results.pareto import (atomic_write_text, check_study, complete_trials, is_feasible, objective_column,
+                                  study_attr, trial_latency_ms)
 from dynas.spaces.backbones import get_backbone
 from dynas.spaces.config import ArchConfig, StageConfig
 
@@ -84,12 +87,12 @@ def _by_number(study: optuna.Study, number: Any) -> FrozenTrial:
 
 
 def _fastest(trials: Sequence[FrozenTrial]) -> FrozenTrial:
-    # lowest latency; ties: higher top-1, then older trial
+    # lowest cost (the first objective: latency or energy); ties: higher top-1, then older trial
     return min(trials, key=lambda t: (t.values[0], -t.values[1], t.number))
 
 
 def _most_accurate(trials: Sequence[FrozenTrial]) -> FrozenTrial:
-    # highest top-1; ties: lower latency, then older trial
+    # highest top-1; ties: lower cost, then older trial
     return min(trials, key=lambda t: (-t.values[1], t.values[0], t.number))
 
 
@@ -117,7 +120,9 @@ def select_trial(
     - no criterion: the fastest Pareto trial whose top-1 >= the static network's
       (``static_top1``); if none reaches it, the most accurate Pareto trial.
 
-    Ties go to the faster (or more accurate) trial, then to the older one.  Raises
+    "Fastest" is the lowest first objective: the lowest energy in an energy study (whose
+    latency bounds still bound latency).  Ties go to the cheaper (or more accurate) trial, then
+    to the older one.  Raises
     :class:`StudyError` when nothing qualifies, naming the best value the study achieves.
     """
     check_study(study)
@@ -141,23 +146,25 @@ def select_trial(
         return _fastest(good) if good else _most_accurate(front)
 
     candidates = feasible
-    fastest = _fastest(feasible)
+    first = objective_column(study)
+    latency = {t.number: trial_latency_ms(t, first) for t in feasible}
+    fastest = min(feasible, key=lambda t: (latency[t.number], -t.values[1], t.number))
     if max_latency_ms is not None:
         bound = _positive("max_latency_ms", max_latency_ms)
-        candidates = [t for t in candidates if t.values[0] <= bound]
+        candidates = [t for t in candidates if latency[t.number] <= bound]
         if not candidates:
             raise StudyError(
                 f"max_latency_ms={max_latency_ms!r} (whole batch) is met by no feasible trial; "
-                f"allowed: >= {fastest.values[0]:.4g} ms, the fastest (trial {fastest.number})"
+                f"allowed: >= {latency[fastest.number]:.4g} ms, the fastest (trial {fastest.number})"
             )
     if max_latency_ms_per_image is not None:
         bound = _positive("max_latency_ms_per_image", max_latency_ms_per_image)
         batch = float(study_attr(study, "batch_size"))
-        candidates = [t for t in candidates if t.values[0] / batch <= bound]
+        candidates = [t for t in candidates if latency[t.number] / batch <= bound]
         if not candidates:
             raise StudyError(
                 f"max_latency_ms_per_image={max_latency_ms_per_image!r} is met by no feasible trial; "
-                f"allowed: >= {fastest.values[0] / batch:.4g} ms per image, the fastest (trial {fastest.number})"
+                f"allowed: >= {latency[fastest.number] / batch:.4g} ms per image, the fastest (trial {fastest.number})"
             )
     if min_top1 is None:
         return _most_accurate(candidates)
@@ -392,11 +399,16 @@ def export_trial(study: optuna.Study, trial: FrozenTrial | int, path: str | os.P
     prediction.pop("config", None)
     sa = study.user_attrs
     batch_size = sa.get("batch_size", prediction.get("batch_size"))
-    latency_ms, top1 = (float(v) for v in trial.values)
+    first = objective_column(study)
+    cost, top1 = (float(v) for v in trial.values)
+    latency_ms = trial_latency_ms(trial, first)
+    energy_mj = cost if first == "energy_mj" else ua.get("energy_mj", prediction.get("energy_mj"))
     recipe = training_recipe(cfg, prediction)
     notes = [
         f"predictions.latency_ms is one forward pass of the whole batch ({batch_size} images) on target "
-        f"{sa.get('target')!r}; latency_ms_per_image divides it by the batch size",
+        f"{sa.get('target')!r}; latency_ms_per_image divides it by the batch size; energy_mj likewise "
+        "(None: the target predicts no energy)",
+        f"the search minimised {first} beside top-1",
         "rates are activation rates: positions (spatial), channel groups (channel), samples (layer); "
         "channel_rate is the channel-group rate of combined stages",
         f"top-1 is the {sa.get('proxy')!r} accuracy proxy's estimate, not a measured accuracy"
@@ -417,14 +429,18 @@ def export_trial(study: optuna.Study, trial: FrozenTrial | int, path: str | os.P
         "proxy": {"name": sa.get("proxy"), "top1": top1, "static_top1": sa.get("static_top1")},
         "predictions": {
             **prediction,
+            "objective": first,
             "latency_ms": prediction.get("latency_ms", latency_ms),
             "latency_ms_per_image": prediction.get("latency_ms_per_image", ua.get("latency_ms_per_image")),
             "static_latency_ms": prediction.get("static_latency_ms", sa.get("static_latency_ms")),
+            "energy_mj": prediction.get("energy_mj", energy_mj),
+            "energy_mj_per_image": prediction.get("energy_mj_per_image", ua.get("energy_mj_per_image")),
+            "static_energy_mj": prediction.get("static_energy_mj", sa.get("static_energy_mj")),
             "speedup": prediction.get("speedup", ua.get("speedup")),
             "flops": prediction.get("flops", {"ratio": ua.get("flops_ratio")}),
         },
         **({"realised": {"config": ua["realised_config"], "stages": ua.get("realised_short"), "latency_ms": latency_ms,
-                         "rates": ua.get("realised_rates")}} if isinstance(ua.get("realised_config"), dict) else {}),
+                         "energy_mj": energy_mj, "rates": ua.get("realised_rates")}} if isinstance(ua.get("realised_config"), dict) else {}),
         "training": recipe,
         "laudnet_args": laudnet_args(cfg, recipe["target_flops_ratio"]),
         "notes": notes,

@@ -1,17 +1,22 @@
 """Tables and hypervolume of a finished (or running) dynas search.
 
-A dynas study has two objectives, ``values = [latency_ms, top1]``: the predicted latency of one
-forward pass of the whole batch (minimised) and the accuracy proxy's top-1 in percent
+A dynas study has two objectives, ``values = [cost, top1]``: the cost of one forward pass of
+the whole batch (minimised), ``latency_ms`` or ``energy_mj`` as the study's user attr
+``objectives`` names it (:func:`objective_column`), and the accuracy proxy's top-1 in percent
 (maximised).  Each trial carries user attrs ``config``, ``short``, ``prediction``, ``speedup``,
-``flops_ratio`` and ``latency_ms_per_image``; the study carries ``static_latency_ms``,
-``static_top1``, ``batch_size``, ``target`` and friends (see :mod:`dynas.search.study`).
+``flops_ratio``, ``latency_ms`` and ``latency_ms_per_image`` (and ``energy_mj``,
+``energy_mj_per_image`` where the target predicts energy) whatever the objective; the study
+carries ``static_latency_ms``, ``static_energy_mj``, ``static_top1``, ``batch_size``, ``target``
+and friends (see :mod:`dynas.search.study`).  Tables name the cost column after the objective,
+sort by it and carry both latency and energy where the trials have them.
 
 The Pareto front is Optuna's own (:attr:`optuna.study.Study.best_trials`, which already drops
 infeasible trials of a constrained study); nothing here re-implements dominance.
 
 Hypervolume is measured in a normalised minimisation space so that studies on different
-targets compare: ``(latency_ms / static_latency_ms, -top1)``.  The default reference point is
-:data:`DEFAULT_REFERENCE_LATENCY_RATIO` = 1.5 (50% slower than the static network) and
+targets compare: ``(cost / static cost, -top1)`` (``latency_ms / static_latency_ms``, or
+``energy_mj / static_energy_mj``).  The default reference point is
+:data:`DEFAULT_REFERENCE_LATENCY_RATIO` = 1.5 (50% costlier than the static network) and
 ``static_top1 - DEFAULT_REFERENCE_TOP1_DROP`` = static top-1 minus 5 points; trials beyond the
 reference point in either objective add nothing.
 """
@@ -37,7 +42,10 @@ from dynas.spaces.config import ArchConfig
 
 __all__ = [
     "PARETO_COLUMNS",
+    "ENERGY_COLUMNS",
     "CHECKPOINT_COLUMNS",
+    "objective_column",
+    "trial_latency_ms",
     "checkpoints_table",
     "DEFAULT_REFERENCE_LATENCY_RATIO",
     "DEFAULT_REFERENCE_TOP1_DROP",
@@ -51,10 +59,15 @@ __all__ = [
     "is_feasible",
 ]
 
-#: columns of :func:`pareto_table`; :func:`all_trials_table` adds ``feasible`` and ``pareto``
+#: columns of :func:`pareto_table` of a latency study without energy predictions;
+#: :func:`all_trials_table` adds ``feasible`` and ``pareto``
 PARETO_COLUMNS: tuple[str, ...] = (
     "trial", "latency_ms", "latency_ms_per_image", "speedup", "top1", "flops_ratio", "stages",
 )
+#: the energy columns the tables add where trials have energy (an energy study: first, after ``trial``)
+ENERGY_COLUMNS: tuple[str, ...] = ("energy_mj", "energy_mj_per_image")
+#: the cost columns a table may have: the latency pair and the energy pair
+_COSTS = {"latency_ms": ("latency_ms", "latency_ms_per_image"), "energy_mj": ENERGY_COLUMNS}
 #: default reference latency ratio (dynamic / static) of the hypervolume: 50% slower than static
 DEFAULT_REFERENCE_LATENCY_RATIO: float = 1.5
 #: default reference top-1 of the hypervolume is the static top-1 minus this many points
@@ -72,8 +85,25 @@ def check_study(study: optuna.Study) -> None:
         got = ", ".join(d.name.lower() for d in study.directions)
         raise StudyError(
             f"study {study.study_name!r} has directions [{got}]; allowed: [minimize, maximize] "
-            "(latency_ms, top1) as written by dynas search"
+            "(latency_ms or energy_mj, top1) as written by dynas search"
         )
+
+
+def objective_column(study: optuna.Study) -> str:
+    """The name of the study's first objective: ``latency_ms`` or ``energy_mj`` (the user attr
+    ``objectives``; studies without it minimised latency)."""
+    first = (study.user_attrs.get("objectives") or ["latency_ms"])[0]
+    if first not in _COSTS:
+        raise StudyError(f"study {study.study_name!r} has objectives[0]={first!r}; allowed: {', '.join(_COSTS)}")
+    return str(first)
+
+
+def trial_latency_ms(trial: FrozenTrial, first: str = "latency_ms") -> float:
+    """The predicted latency (ms, whole batch) of a complete trial of a study whose first
+    objective is ``first``: the objective itself, or the user attr ``latency_ms``."""
+    if first == "latency_ms":
+        return float(trial.values[0])
+    return float(trial.user_attrs.get("latency_ms", (trial.user_attrs.get("prediction") or {}).get("latency_ms", math.nan)))
 
 
 def study_attr(study: optuna.Study, key: str) -> Any:
@@ -106,21 +136,38 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     return files.atomic_write_bytes(path, data, StudyError)
 
 
+def _costs(study: optuna.Study, trial: FrozenTrial, first: str) -> dict[str, float]:
+    """Latency and energy (whole batch and per image) of a complete trial; NaN where unknown.
+
+    The objective is the trial's first value; the other cost comes from the user attrs the
+    search writes (or the stored prediction, for trials added by other means)."""
+    ua, pred = trial.user_attrs, trial.user_attrs.get("prediction") or {}
+    batch = study.user_attrs.get("batch_size")
+    out: dict[str, float] = {}
+    for name, (whole, per_image) in _COSTS.items():
+        value = float(trial.values[0]) if name == first else ua.get(whole, pred.get(whole))
+        value = math.nan if value is None else float(value)
+        each = ua.get(per_image)
+        if each is None:
+            each = value / batch if batch else math.nan
+        out[whole], out[per_image] = value, float(each)
+    return out
+
+
 def trial_row(study: optuna.Study, trial: FrozenTrial) -> dict[str, Any]:
-    """One table row (the :data:`PARETO_COLUMNS`) of a complete trial.
+    """One table row of a complete trial: :data:`PARETO_COLUMNS` and :data:`ENERGY_COLUMNS`
+    (NaN where the trial has no energy; :func:`table_columns` then leaves them out).
 
     Reads the user attrs the search writes; falls back to values derived from the objectives and
     the study attrs for trials added by other means (``flops_ratio`` is then NaN).
     """
-    latency_ms, top1 = (float(v) for v in trial.values)
+    first = objective_column(study)
+    costs = _costs(study, trial, first)
+    top1 = float(trial.values[1])
     ua = trial.user_attrs
-    per_image = ua.get("latency_ms_per_image")
-    if per_image is None:
-        batch = study.user_attrs.get("batch_size")
-        per_image = latency_ms / batch if batch else math.nan
     speedup = ua.get("speedup")
     if speedup is None:
-        static = study.user_attrs.get("static_latency_ms")
+        static, latency_ms = study.user_attrs.get("static_latency_ms"), costs["latency_ms"]
         speedup = static / latency_ms if static and latency_ms > 0 else math.nan
     flops_ratio = ua.get("flops_ratio")
     short = ua.get("short")
@@ -128,8 +175,7 @@ def trial_row(study: optuna.Study, trial: FrozenTrial) -> dict[str, Any]:
         short = ArchConfig.from_dict(ua["config"]).short()
     return {
         "trial": trial.number,
-        "latency_ms": latency_ms,
-        "latency_ms_per_image": float(per_image),
+        **costs,
         "speedup": float(speedup),
         "top1": top1,
         "flops_ratio": float(flops_ratio) if flops_ratio is not None else math.nan,
@@ -137,13 +183,23 @@ def trial_row(study: optuna.Study, trial: FrozenTrial) -> dict[str, Any]:
     }
 
 
+def table_columns(first: str, rows: Sequence[dict[str, Any]]) -> tuple[str, ...]:
+    """The columns of a table of ``rows`` in a study minimising ``first``: ``trial``, the
+    objective's pair, the other cost's pair (left out when no row has it), then
+    ``speedup``, ``top1``, ``flops_ratio``, ``stages``."""
+    other = next(name for name in _COSTS if name != first)
+    has_other = any(not math.isnan(r[other]) for r in rows) or (other == "latency_ms")
+    return ("trial", *_COSTS[first], *(_COSTS[other] if has_other else ()), "speedup", "top1", "flops_ratio", "stages")
+
+
 def _frame(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> pd.DataFrame:
-    df = pd.DataFrame(list(rows), columns=list(columns))
+    df = pd.DataFrame([{c: r[c] for c in columns} for r in rows], columns=list(columns))
+    first = columns[1]  # the objective's column
     if len(df):
-        # Fastest first; equal latency: the more accurate first, then the older trial.
-        df = df.sort_values(["latency_ms", "top1", "trial"], ascending=[True, False, True], kind="stable")
-    df = df.astype({"trial": "int64", "latency_ms": "float64", "latency_ms_per_image": "float64",
-                    "speedup": "float64", "top1": "float64", "flops_ratio": "float64"})
+        # Cheapest first; equal cost: the more accurate first, then the older trial.
+        df = df.sort_values([first, "top1", "trial"], ascending=[True, False, True], kind="stable")
+    floats = [c for c in columns if c not in ("trial", "stages", "feasible", "pareto")]
+    df = df.astype({"trial": "int64", **{c: "float64" for c in floats}})
     return df.reset_index(drop=True)
 
 
@@ -161,19 +217,24 @@ def front_trials(study: optuna.Study) -> list[FrozenTrial]:
 
 
 def pareto_table(study: optuna.Study) -> pd.DataFrame:
-    """The Pareto front (:func:`front_trials`: Optuna's, feasible only, each config once), fastest first.
+    """The Pareto front (:func:`front_trials`: Optuna's, feasible only, each config once),
+    cheapest first in the study's objective.
 
-    Columns: ``trial``, ``latency_ms`` (whole batch), ``latency_ms_per_image``, ``speedup``
-    (static / dynamic latency), ``top1`` (%), ``flops_ratio`` (expected / dense FLOPs) and
-    ``stages`` (the compact per-stage string, e.g. ``"S8@0.50 | C2@0.50 | L@0.50 | static"``).
+    Columns (:func:`table_columns`): ``trial``; the objective, ``latency_ms`` or ``energy_mj``
+    (whole batch), and its ``_per_image``; the other cost where trials have it (a latency
+    study on a target with energy prices has ``energy_mj`` too; an energy study always has
+    ``latency_ms``); ``speedup`` (static / dynamic latency), ``top1`` (%), ``flops_ratio``
+    (expected / dense FLOPs) and ``stages`` (the compact per-stage string, e.g.
+    ``"S8@0.50 | C2@0.50 | L@0.50 | static"``).
     """
     check_study(study)
-    return _frame([trial_row(study, t) for t in front_trials(study)], PARETO_COLUMNS)
+    rows = [trial_row(study, t) for t in front_trials(study)]
+    return _frame(rows, table_columns(objective_column(study), rows))
 
 
 def all_trials_table(study: optuna.Study) -> pd.DataFrame:
-    """Every COMPLETE trial, fastest first, with the :data:`PARETO_COLUMNS` plus two bools:
-    ``feasible`` (all constraints <= 0) and ``pareto`` (in :func:`front_trials`)."""
+    """Every COMPLETE trial, cheapest first, with the columns of :func:`pareto_table` plus two
+    bools: ``feasible`` (all constraints <= 0) and ``pareto`` (in :func:`front_trials`)."""
     check_study(study)
     front = {t.number for t in front_trials(study)}
     rows = []
@@ -182,23 +243,25 @@ def all_trials_table(study: optuna.Study) -> pd.DataFrame:
         row["feasible"] = is_feasible(t)
         row["pareto"] = t.number in front
         rows.append(row)
-    df = _frame(rows, (*PARETO_COLUMNS, "feasible", "pareto"))
+    df = _frame(rows, (*table_columns(objective_column(study), rows), "feasible", "pareto"))
     return df.astype({"feasible": "bool", "pareto": "bool"})
 
 
-#: columns of :func:`checkpoints_table`
+#: columns of :func:`checkpoints_table` (of an energy study: ``energy_mj`` for ``latency_ms``)
 CHECKPOINT_COLUMNS: tuple[str, ...] = ("trial", "state", "latency_ms", "top1_by_step", "stop_reason", "stages")
 
 
 def checkpoints_table(study: optuna.Study) -> pd.DataFrame:
     """Every finished trial that reported checkpoints (a training proxy), in trial order.
 
-    Columns: ``trial``; ``state`` (``complete`` or ``stopped@STEP``); ``latency_ms`` (the
-    objective, or the predicted latency of a stopped trial); ``top1_by_step`` (the trial's
+    Columns: ``trial``; ``state`` (``complete`` or ``stopped@STEP``); ``latency_ms`` or
+    ``energy_mj``, the study's objective (the configured prediction of a stopped trial);
+    ``top1_by_step`` (the trial's
     intermediate values, ``"STEP:TOP1"`` pairs); ``stop_reason`` (empty when complete);
     ``stages``.  Empty for studies whose proxy has no checkpoints (``prior``).
     """
     check_study(study)
+    first = objective_column(study)
     rows = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
         if not t.intermediate_values or not is_finished(t):
@@ -208,12 +271,12 @@ def checkpoints_table(study: optuna.Study) -> pd.DataFrame:
         rows.append({
             "trial": t.number,
             "state": "complete" if complete else f"stopped@{ua.get('stopped_at_step', '?')}",
-            "latency_ms": float(t.values[0]) if complete else float(ua.get("latency_ms_configured", math.nan)),
+            first: float(t.values[0]) if complete else float(ua.get(f"{first}_configured", math.nan)),
             "top1_by_step": " ".join(f"{k}:{v:.1f}" for k, v in sorted(t.intermediate_values.items())),
             "stop_reason": "" if complete else str(ua.get("stop_reason", "")),
             "stages": ua.get("short", ""),
         })
-    return pd.DataFrame(rows, columns=list(CHECKPOINT_COLUMNS))
+    return pd.DataFrame(rows, columns=[first if c == "latency_ms" else c for c in CHECKPOINT_COLUMNS])
 
 
 def write_csv(df: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
@@ -248,10 +311,11 @@ def _reference_point(study: optuna.Study, reference: Sequence[float] | None) -> 
 
 
 def _points(study: optuna.Study, trials: Iterable[FrozenTrial]) -> np.ndarray:
-    """(n, 2) array of (latency_ms / static_latency_ms, -top1) for the given trials."""
-    static = float(study_attr(study, "static_latency_ms"))
+    """(n, 2) array of (cost / static cost, -top1) for the given trials (cost: the objective)."""
+    key = f"static_{objective_column(study)}"  # static_latency_ms or static_energy_mj
+    static = float(study_attr(study, key))
     if not static > 0:
-        raise StudyError(f"study {study.study_name!r} has static_latency_ms={static!r}; allowed: a positive number")
+        raise StudyError(f"study {study.study_name!r} has {key}={static!r}; allowed: a positive number")
     pts = np.array([[t.values[0] / static, -t.values[1]] for t in trials], dtype=np.float64)
     return pts.reshape(-1, 2)  # shape (n, 2) even when n == 0
 
@@ -259,10 +323,11 @@ def _points(study: optuna.Study, trials: Iterable[FrozenTrial]) -> np.ndarray:
 def hypervolume(study: optuna.Study, reference: Sequence[float] | None = None) -> float:
     """Area dominated by the feasible complete trials, up to the reference point.
 
-    Space: ``(latency_ms / static_latency_ms, -top1)``, both minimised.  ``reference`` is
-    ``(latency_ratio, top1)`` in natural units (top-1 in percent, not negated); default
+    Space: ``(latency_ms / static_latency_ms, -top1)`` (an energy study: ``energy_mj /
+    static_energy_mj``), both minimised.  ``reference`` is
+    ``(cost ratio, top1)`` in natural units (top-1 in percent, not negated); default
     :func:`default_reference` = ``(1.5, static_top1 - 5)``.  Trials worse than the reference in
-    either objective are left out.  Units: latency ratio x top-1 points.
+    either objective are left out.  Units: cost ratio x top-1 points.
     """
     check_study(study)
     ref = _reference_point(study, reference)

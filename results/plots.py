@@ -2,7 +2,9 @@
 
 Top panel: every complete trial of every study (grey; infeasible ones as crosses), each
 study's Pareto front (line + markers, one colour per study) and its static network (a star),
-with x = predicted latency per image (ms, log axis) and y = the proxy's top-1 (%).
+with x = the studies' objective (log axis): predicted latency per image (ms), or for energy
+studies predicted energy per batch (mJ), and y = the proxy's top-1 (%).  Studies of one report
+share their objective.
 
 Bottom panel: the per-stage latency of one trial of the first study, split into compute,
 memory and launch time, beside the static network's stages (ms per image).
@@ -22,7 +24,7 @@ from plotly.subplots import make_subplots
 
 from dynas.errors import DynasError, StudyError
 from dynas.results.export import select_trial
-from dynas.results.pareto import all_trials_table, atomic_write_text, check_study, study_attr
+from dynas.results.pareto import all_trials_table, atomic_write_text, check_study, objective_column, study_attr
 from dynas.spaces.config import ArchConfig
 
 __all__ = ["write_html", "make_figure", "study_label"]
@@ -31,11 +33,17 @@ _log = logging.getLogger(__name__)
 _GREY = "rgba(140, 140, 140, 0.45)"
 _PARTS = (("compute_ms", "compute", "#4C78A8"), ("memory_ms", "memory", "#F58518"), ("launch_ms", "launch", "#54A24B"))
 
-_HOVER = (
-    "trial %{customdata[0]}<br>%{customdata[1]}<br>"
-    "%{x:.4g} ms/image, top-1 %{y:.2f}%<br>"
-    "speed-up %{customdata[2]:.3f}x, FLOPs ratio %{customdata[3]:.3f}<extra>%{fullData.name}</extra>"
-)
+#: objective -> (table column on the x axis, static study attr, its divisor attr or None, axis title, hover unit)
+_AXES = {
+    "latency_ms": ("latency_ms_per_image", "static_latency_ms", "batch_size", "predicted latency (ms per image)", "ms/image"),
+    "energy_mj": ("energy_mj", "static_energy_mj", None, "energy (mJ per batch)", "mJ/batch"),
+}
+
+
+def _hover(unit: str) -> str:
+    return ("trial %{customdata[0]}<br>%{customdata[1]}<br>"
+            f"%{{x:.4g}} {unit}, top-1 %{{y:.2f}}%<br>"
+            "speed-up %{customdata[2]:.3f}x, FLOPs ratio %{customdata[3]:.3f}<extra>%{fullData.name}</extra>")
 
 
 def _as_list(studies: "optuna.Study | Sequence[optuna.Study] | Mapping[str, optuna.Study]") -> list[tuple[str | None, optuna.Study]]:
@@ -106,35 +114,42 @@ def make_figure(
     for s in only:
         check_study(s)
     first = only[0]
+    objective = objective_column(first)
+    for s in only:
+        if objective_column(s) != objective:
+            raise StudyError(f"study {s.study_name!r} minimised {objective_column(s)}, {first.study_name!r} {objective}; "
+                             "allowed: studies of one objective in one report")
+    column, static_key, divisor, axis_title, unit = _AXES[objective]
+    hover = _hover(unit)
     chosen = select_trial(first, trial=breakdown_trial)
     colours = qualitative.Plotly
     fig = make_subplots(rows=2, cols=1, vertical_spacing=0.14, row_heights=[0.62, 0.38],
-                        subplot_titles=("Pareto fronts: predicted latency vs proxy top-1", "Per-stage latency"))
+                        subplot_titles=(f"Pareto fronts: {axis_title.split(' (')[0]} vs proxy top-1", "Per-stage latency"))
     for k, (given, study) in enumerate(items):
         label = given or study_label(study, only)
         colour = colours[k % len(colours)]
         table = all_trials_table(study)
         custom = table[["trial", "stages", "speedup", "flops_ratio"]].to_numpy(dtype=object)  # (n, 4)
         fig.add_trace(go.Scatter(
-            x=table["latency_ms_per_image"], y=table["top1"], mode="markers", name=f"{label}: all trials",
-            legendgroup=label, customdata=custom, hovertemplate=_HOVER,
+            x=table[column], y=table["top1"], mode="markers", name=f"{label}: all trials",
+            legendgroup=label, customdata=custom, hovertemplate=hover,
             marker={"color": _GREY, "size": 6, "symbol": ["circle" if f else "x" for f in table["feasible"]]},
         ), row=1, col=1)
         front = table[table["pareto"]]
         fig.add_trace(go.Scatter(
-            x=front["latency_ms_per_image"], y=front["top1"], mode="lines+markers", name=f"{label}: Pareto front",
-            legendgroup=label, customdata=custom[table["pareto"].to_numpy()], hovertemplate=_HOVER,
+            x=front[column], y=front["top1"], mode="lines+markers", name=f"{label}: Pareto front",
+            legendgroup=label, customdata=custom[table["pareto"].to_numpy()], hovertemplate=hover,
             line={"color": colour, "shape": "hv"}, marker={"color": colour, "size": 8},
         ), row=1, col=1)
-        static_ms = float(study_attr(study, "static_latency_ms")) / float(study_attr(study, "batch_size"))
+        static_x = float(study_attr(study, static_key)) / (float(study_attr(study, divisor)) if divisor else 1.0)
         fig.add_trace(go.Scatter(
-            x=[static_ms], y=[float(study_attr(study, "static_top1"))], mode="markers", name=f"{label}: static",
+            x=[static_x], y=[float(study_attr(study, "static_top1"))], mode="markers", name=f"{label}: static",
             legendgroup=label, marker={"color": colour, "size": 14, "symbol": "star", "line": {"width": 1, "color": "black"}},
-            hovertemplate="static network<br>%{x:.4g} ms/image, top-1 %{y:.2f}%<extra>%{fullData.name}</extra>",
+            hovertemplate=f"static network<br>%{{x:.4g}} {unit}, top-1 %{{y:.2f}}%<extra>%{{fullData.name}}</extra>",
         ), row=1, col=1)
     title = _add_breakdown(fig, first, chosen, row=2)
     fig.layout.annotations[1].update(text=f"Per-stage latency: {title}")
-    fig.update_xaxes(title_text="predicted latency (ms per image)", type="log", row=1, col=1)
+    fig.update_xaxes(title_text=axis_title, type="log", row=1, col=1)
     fig.update_yaxes(title_text="proxy top-1 (%)", row=1, col=1)
     fig.update_yaxes(title_text="ms per image", row=2, col=1)
     fig.update_layout(barmode="stack", height=1000, template="plotly_white", hovermode="closest",

@@ -45,12 +45,22 @@ from dynas.spaces.backbones import parse_input_size
 from dynas.spaces.config import ArchConfig
 from dynas.spaces.searchspace import SearchSpace, SpaceOptions
 
-__all__ = ["DIRECTIONS", "OBJECTIVE_NAMES", "FLAT_OPTIONS", "SearchOptions", "SearchPlan", "plan_search", "json_ready"]
+__all__ = ["DIRECTIONS", "OBJECTIVE_NAMES", "OBJECTIVES", "objective_names", "FLAT_OPTIONS", "SearchOptions",
+           "SearchPlan", "plan_search", "json_ready"]
 
 #: study directions, in the order of the objective values
 DIRECTIONS = ("minimize", "maximize")
-#: names of the objective values (``trial.values[i]``)
+#: ``--objective`` -> the name of the first objective value (the cost minimised), with its unit
+OBJECTIVES: dict[str, str] = {"latency": "latency_ms", "energy": "energy_mj"}
+#: names of the objective values (``trial.values[i]``) of the default (latency) objective
 OBJECTIVE_NAMES = ("latency_ms", "top1")
+
+
+def objective_names(objective: str = "latency") -> tuple[str, str]:
+    """Names of the objective values (``trial.values[i]``) of a search minimising ``objective``:
+    ``("latency_ms", "top1")`` or ``("energy_mj", "top1")`` (both for the whole batch)."""
+    check_choice("objective", objective, list(OBJECTIVES))
+    return OBJECTIVES[objective], "top1"
 
 #: flat name -> (field of SearchOptions, field of that one): the names ``SearchOptions(...)``
 #: also takes, and reads, for the options of the search space and of early stopping
@@ -95,6 +105,7 @@ class SearchOptions:
     target: str = "v100"  # built-in name or path to a target TOML file
     input_size: Any = 224  # int or (H, W)
     batch_size: int | None = None  # None: the target's default batch size
+    objective: str = "latency"  # the cost minimised beside top-1: "latency" (ms) or "energy" (mJ), per batch
     proxy: str = "prior"
     proxy_options: Mapping[str, Any] | None = None  # keyword options of the proxy (finetune: data, steps, ...)
     stop: StopRule = StopRule()  # early stopping (flat names: early_stop, stop_margin, stop_min_trials, stop_eta)
@@ -105,8 +116,8 @@ class SearchOptions:
     storage: Any = None  # storage URL (or an optuna storage); None: DEFAULT_STORAGE, or DEFAULT_JOURNAL if workers > 1
     workers: int = 1  # worker processes on this machine (joblib); trials is still the study's total
     heartbeat_s: float = 10.0  # workers beat this often; a trial silent for 2x this is failed and retried
-    study_name: str | None = None  # None: "{backbone}-{target}-b{batch}-{H}x{W}-{proxy}"
-    max_latency_ms: float | None = None  # constraint on the predicted latency of one batch
+    study_name: str | None = None  # None: "{backbone}-{target}-b{batch}-{H}x{W}-{proxy}", plus "-energy" for that objective
+    max_latency_ms: float | None = None  # constraint on the predicted latency of one batch (either objective)
     max_latency_ratio: float | None = None  # constraint on dynamic / static latency
     space: SpaceOptions = SpaceOptions()  # search-space options (flat names: paradigms, ..., rate_step)
     show_progress: bool = True
@@ -126,6 +137,7 @@ class SearchOptions:
         if self.proxy_options is not None and not isinstance(self.proxy_options, Mapping):
             raise ConfigError(f"proxy_options={self.proxy_options!r} is not a mapping; allowed: a dict of keyword options")
         check_choice("sampler", self.sampler, sorted(SAMPLERS))
+        check_choice("objective", self.objective, list(OBJECTIVES))
         if self.study_name is not None and (not isinstance(self.study_name, str) or not self.study_name.strip()):
             raise StudyError(f"study_name={self.study_name!r} is empty; allowed: a non-empty string")
         for name, kind in (("space", SpaceOptions), ("stop", StopRule)):
@@ -153,6 +165,11 @@ class SearchPlan:
     study_name: str
     stop_rule: StopRule = StopRule()
 
+    @property
+    def objective_names(self) -> tuple[str, str]:
+        """Names of the objective values: ``(latency_ms | energy_mj, top1)``."""
+        return objective_names(self.options.objective)
+
     def study_attrs(self) -> dict[str, Any]:
         """Study user attrs stored at creation (JSON-ready); also the reference for resuming."""
         o = self.options
@@ -162,7 +179,8 @@ class SearchPlan:
         return json_ready(
             {
                 "dynas_version": dynas.__version__,
-                "objectives": list(OBJECTIVE_NAMES),
+                "objective": o.objective,
+                "objectives": list(self.objective_names),
                 "backbone": o.backbone,
                 "input_size": list(self.input_size),
                 "target": self.target_label,
@@ -177,6 +195,8 @@ class SearchPlan:
                 "max_latency_ratio": o.max_latency_ratio,
                 "static_latency_ms": static_pred.latency_ms,
                 "static_latency_ms_per_image": static_pred.latency_ms_per_image,
+                "static_energy_mj": static_pred.static_energy_mj,  # None: the target predicts no energy
+                "static_energy_mj_per_image": static_pred.static_energy_mj_per_image,
                 "static_top1": float(self.proxy.static_score(static)),
                 "reference_top1": float(self.proxy.reference_top1(static)),
                 "sampler": o.sampler,
@@ -235,5 +255,12 @@ def plan_search(options: SearchOptions) -> SearchPlan:
             f"workers={o.workers} needs a storage URL that other processes can open; allowed: "
             f"{DEFAULT_JOURNAL}, postgresql://..., or workers=1 with a storage object"
         )
-    name = o.study_name or f"{o.backbone}-{label}-b{batch}-{hw[0]}x{hw[1]}-{o.proxy}"
+    if o.objective == "energy" and getattr(target, "energy", None) is None:
+        raise ConfigError(
+            f"objective='energy' is not allowed on target {label!r}: it has no [energy] table (cpu targets and "
+            "files without one predict latency only); allowed: objective='latency', or a target with [energy]"
+        )
+    # The latency objective keeps the names studies had before there was a choice.
+    suffix = "" if o.objective == "latency" else f"-{o.objective}"
+    name = o.study_name or f"{o.backbone}-{label}-b{batch}-{hw[0]}x{hw[1]}-{o.proxy}{suffix}"
     return SearchPlan(o, target, label, batch, hw, space, proxy, storage, name, o.stop)

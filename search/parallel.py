@@ -201,21 +201,22 @@ def _fail_and_requeue(study: optuna.Study, dead: list[FrozenTrial]) -> list[int]
     return recovered
 
 
-def _as_seen_by_sampler(t: FrozenTrial) -> FrozenTrial:
+def _as_seen_by_sampler(t: FrozenTrial, first: str = "latency_ms") -> FrozenTrial:
     """A trial stopped early (PRUNED with ``stop_reason``) as a COMPLETE one at its last checkpoint.
 
     Optuna's TPE ranks pruned trials by their last intermediate value through
     ``study.direction``, which raises for multi-objective studies, so a pruned trial with
     intermediate values would crash it.  What the stopped trial showed is a point in the
-    objective space: its predicted latency and its top-1 at the checkpoint where it stopped (a
+    objective space: its predicted cost (the study's first objective, named by ``first``:
+    ``latency_ms`` or ``energy_mj``) and its top-1 at the checkpoint where it stopped (a
     dominated point, by the rule that stopped it), and TPE learns from it as from any other.
     """
-    latency = t.user_attrs.get("latency_ms_configured")
-    if t.state != TrialState.PRUNED or not t.intermediate_values or latency is None:
+    cost = t.user_attrs.get(f"{first}_configured")
+    if t.state != TrialState.PRUNED or not t.intermediate_values or cost is None:
         return t
     seen = copy.copy(t)
     seen.state = TrialState.COMPLETE
-    seen.values = [float(latency), float(t.intermediate_values[max(t.intermediate_values)])]
+    seen.values = [float(cost), float(t.intermediate_values[max(t.intermediate_values)])]
     return seen
 
 
@@ -227,7 +228,11 @@ class _Snapshot:
 
     def __init__(self, study: optuna.Study) -> None:
         self._study = study
-        self._trials: list[FrozenTrial] = [_as_seen_by_sampler(t) for t in study.get_trials(deepcopy=False)]
+        trials = study.get_trials(deepcopy=False)
+        # The study's first objective, read (one more storage read) only when a trial stopped early.
+        stopped = any(t.state == TrialState.PRUNED and t.intermediate_values for t in trials)
+        first = (study.user_attrs.get("objectives") or ["latency_ms"])[0] if stopped else "latency_ms"
+        self._trials: list[FrozenTrial] = [_as_seen_by_sampler(t, first) for t in trials]
 
     def _get_trials(self, deepcopy: bool = True, states: Any = None, use_cache: bool = False) -> list[FrozenTrial]:
         trials = self._trials if states is None else [t for t in self._trials if t.state in states]

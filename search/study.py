@@ -2,8 +2,11 @@
 
 One search is one Optuna study with two objectives, in this order:
 
-1. ``latency_ms`` (minimize): the predicted latency of one forward pass of the whole batch on
-   the hardware target (:func:`dynas.predictors.latency.predict`);
+1. the cost (minimize), by ``SearchOptions.objective``: ``latency_ms``, the predicted latency
+   of one forward pass of the whole batch on the hardware target
+   (:func:`dynas.predictors.latency.predict`), or ``energy_mj``, its predicted energy
+   (:mod:`dynas.predictors.energy`; targets with an ``[energy]`` table only).  The study's user
+   attrs ``objective`` and ``objectives`` name it; every trial stores both predictions;
 2. ``top1`` (maximize): the accuracy proxy's predicted ImageNet top-1 in percent.
 
 Lifecycle (the same command both starts and resumes a search)::
@@ -16,7 +19,7 @@ Lifecycle (the same command both starts and resumes a search)::
   (:mod:`dynas.search.options`).
 * :func:`run_search` creates the study (storing what it was run with as study user attrs) or
   loads it when it exists.  A loaded study must have been created with the same backbone,
-  input size, target, batch size, proxy, search space and constraints, otherwise
+  input size, target, batch size, proxy, objective, search space and constraints, otherwise
   :class:`~dynas.errors.StudyError` names the field that differs.  ``trials`` is the total
   number of *finished* trials the study should hold (complete, or stopped early by
   :mod:`dynas.search.stopping`): only the missing ones are run, so an interrupted search is
@@ -43,7 +46,7 @@ from optuna.trial import FrozenTrial, TrialState
 from dynas.errors import StudyError
 from dynas.search import parallel
 from dynas.search.objective import Objective
-from dynas.search.options import DIRECTIONS, OBJECTIVE_NAMES, SearchOptions, SearchPlan, plan_search
+from dynas.search.options import DIRECTIONS, OBJECTIVE_NAMES, OBJECTIVES, SearchOptions, SearchPlan, plan_search
 from dynas.search.samplers import SAMPLERS, make_sampler, register_sampler, resume_seed
 from dynas.search.stopping import finished_trials, is_finished
 from dynas.search.storage import DEFAULT_JOURNAL, DEFAULT_STORAGE, list_studies, load_study, open_storage, storage_kind
@@ -53,6 +56,7 @@ __all__ = [
     "DEFAULT_JOURNAL",
     "DIRECTIONS",
     "OBJECTIVE_NAMES",
+    "OBJECTIVES",
     "SAMPLERS",
     "SearchOptions",
     "SearchPlan",
@@ -76,6 +80,7 @@ _CHECKED_ATTRS = (
     "batch_size",
     "proxy",
     "proxy_options",
+    "objective",
     "target_spec",
     "search_space",
     "max_latency_ms",
@@ -96,6 +101,8 @@ def _check_resume(study: optuna.Study, expected: Mapping[str, Any], where: str) 
         raise StudyError(f"study {study.study_name!r} in {where} has directions other than {DIRECTIONS}")
     for key in _CHECKED_ATTRS:
         have, want = stored.get(key), expected.get(key)
+        if key == "objective" and have is None:
+            have = "latency"  # studies made before there was a choice minimised latency
         if key == "target_spec" and isinstance(have, dict) and isinstance(want, dict):
             # Provenance text may change without changing a prediction.
             # A study made before targets had energy prices stored none; with the latency objective
@@ -184,7 +191,7 @@ def run_search(options: SearchOptions | SearchPlan) -> optuna.Study:
             study.set_user_attr(k, v)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ExperimentalWarning)
-            study.set_metric_names(list(OBJECTIVE_NAMES))
+            study.set_metric_names(list(plan.objective_names))
 
     done = finished_trials(study)
     missing = o.trials - len(done)
