@@ -228,7 +228,8 @@ def _add_what_args(p: argparse.ArgumentParser) -> None:
     from dynas.spaces.backbones import list_backbones
 
     g = p.add_argument_group("what to search")
-    g.add_argument("--backbone", default=search_default("backbone"), help=f"backbone; one of {', '.join(list_backbones())}")
+    g.add_argument("--backbone", default=search_default("backbone"), help=f"backbone, one of {len(list_backbones())} (docs/backbones.md): resnet18..152, regnetx_* and regnety_* "
+                   "400mf..32gf, densenet121/169/201")
     g.add_argument("--target", default=search_default("target"), metavar="T",
                    help="built-in target name (see 'dynas targets') or a .toml file")
     g.add_argument("--input-size", type=image_size, default=search_default("input_size"), metavar="N|HxW",
