@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     picks = [rows[0], rows[len(rows) // 2], rows[-1]]
     print("| config | predicted x | measured x | difference |")
     print("|---|---:|---:|---:|")
-    for speedup, number, p in picks:
+    for speedup, number, _ in picks:
         r = bench(work / f"trial{number}.json", batch_size=args.batch_size, threads=args.threads,
                   repeats=args.repeats, warmup=3, gate_mode="random")
         print(f"| `{r.config}` | {speedup:.2f} | {r.speedup:.2f} | {100 * (speedup / r.speedup - 1):+.1f}% |", flush=True)

@@ -24,9 +24,9 @@ import optuna
 import pandas as pd
 import torch
 
-from dynas.predictors.accuracy import PriorProxy
 from dynas.kernels.finetune import FinetuneProxy
 from dynas.kernels.trainer import synthetic_images
+from dynas.predictors.accuracy import PriorProxy
 from dynas.spaces.config import ArchConfig
 from dynas.spaces.searchspace import SearchSpace
 

@@ -16,7 +16,21 @@ import logging
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from dynas.cli.common import (UsageError, add_command, check_output, default_of, echo, int_list, nonneg_int, positive_int, positive_number, safe_name, str_list, table, torch_default)
+from dynas.cli.common import (
+    UsageError,
+    add_command,
+    check_output,
+    default_of,
+    echo,
+    int_list,
+    nonneg_int,
+    positive_int,
+    positive_number,
+    safe_name,
+    str_list,
+    table,
+    torch_default,
+)
 from dynas.spaces.design import calibration_plan, validation_plan
 
 __all__ = ["add_parsers"]

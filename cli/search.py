@@ -7,8 +7,22 @@ import argparse
 import functools
 from typing import Any
 
-from dynas.cli.common import (add_command, check_output, default_of, echo, frame_text, image_size, int_list,
-                              nonneg_int, number, positive_int, safe_name, str_list, table, torch_default)
+from dynas.cli.common import (
+    add_command,
+    check_output,
+    default_of,
+    echo,
+    frame_text,
+    image_size,
+    int_list,
+    nonneg_int,
+    number,
+    positive_int,
+    safe_name,
+    str_list,
+    table,
+    torch_default,
+)
 from dynas.errors import ConfigError
 from dynas.search.options import FLAT_OPTIONS, OBJECTIVES
 from dynas.search.study import DEFAULT_JOURNAL, DEFAULT_STORAGE, SAMPLERS, SearchOptions

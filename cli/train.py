@@ -20,7 +20,16 @@ import os
 import warnings
 from typing import Any
 
-from dynas.cli.common import add_command, check_output, echo, image_size, nonneg_int, number, positive_int, positive_number
+from dynas.cli.common import (
+    add_command,
+    check_output,
+    echo,
+    image_size,
+    nonneg_int,
+    number,
+    positive_int,
+    positive_number,
+)
 from dynas.errors import ConfigError, DynasError
 from dynas.files import check_writable
 

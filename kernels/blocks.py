@@ -92,10 +92,26 @@ import torch
 import torch.nn.functional as F
 
 from dynas.errors import ConfigError
-from dynas.kernels.convs import (FOLD_MIN_MACS, FOLD_MIN_ROWS, conv2d, conv_inputs, gated_conv, is_one_pixel,
-                                 one_pixel_conv, row_product)
+from dynas.kernels.convs import (
+    FOLD_MIN_MACS,
+    FOLD_MIN_ROWS,
+    conv2d,
+    conv_inputs,
+    gated_conv,
+    is_one_pixel,
+    one_pixel_conv,
+    row_product,
+)
 from dynas.kernels.dynamic import PATHS, DynamicBlock
-from dynas.kernels.gather import conv_cols, conv_rows, derived_weight, eval_bn, is_channels_last, pixel_rows, weight_rows
+from dynas.kernels.gather import (
+    conv_cols,
+    conv_rows,
+    derived_weight,
+    eval_bn,
+    is_channels_last,
+    pixel_rows,
+    weight_rows,
+)
 from dynas.spaces.backbones import BlockSpec
 from dynas.spaces.config import StageConfig
 from dynas.spaces.torch_model import BasicBlock, Bottleneck, RegNetYBlock

@@ -18,8 +18,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dynas.kernels.gather import (cl_matrix, conv_cols, conv_rows, derived_weight, flipped_in_matrix, is_channels_last,
-                                  pixel_rows, zeros_in_layout)
+from dynas.kernels.gather import (
+    cl_matrix,
+    conv_cols,
+    conv_rows,
+    derived_weight,
+    flipped_in_matrix,
+    is_channels_last,
+    pixel_rows,
+    zeros_in_layout,
+)
 
 __all__ = ["conv2d", "onednn_ok", "ONEDNN", "TRANSPOSED_CONV", "FOLD_MIN_ROWS", "FOLD_MIN_MACS", "row_product",
            "conv_inputs", "is_one_pixel", "one_pixel_conv", "gated_conv"]

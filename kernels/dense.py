@@ -46,7 +46,7 @@ from torch import nn
 from dynas.errors import ConfigError
 from dynas.kernels.convs import conv2d, conv_inputs, row_product
 from dynas.kernels.dynamic import DynamicBlock
-from dynas.kernels.gather import conv_cols, eval_bn, is_channels_last, pixel_rows, take_samples, zeros_in_layout
+from dynas.kernels.gather import eval_bn, is_channels_last, pixel_rows, take_samples, zeros_in_layout
 from dynas.spaces.backbones import BlockSpec, transition_of
 from dynas.spaces.config import StageConfig, uses_spatial
 from dynas.spaces.densenet import DenseBlock, DenseLayer, Transition

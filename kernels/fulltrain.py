@@ -44,7 +44,15 @@ from dynas.errors import ConfigError
 from dynas.kernels import checkpoint as ck
 from dynas.kernels.data import DataSets, check_datasets, load_datasets
 from dynas.kernels.distributed import DistEnv, EpochSampler, init_distributed, shutdown
-from dynas.kernels.evaluate import EvalResult, autocast, config_target, eval_loader, evaluate_model, precision, summarise
+from dynas.kernels.evaluate import (
+    EvalResult,
+    autocast,
+    config_target,
+    eval_loader,
+    evaluate_model,
+    precision,
+    summarise,
+)
 from dynas.kernels.imagefolder import normalise
 from dynas.kernels.model import DynamicNet, build_model
 from dynas.kernels.options import LR_BATCH, TrainOptions

@@ -36,8 +36,17 @@ from typing import Callable
 
 import numpy as np
 
-from dynas.predictors.cpu_terms import (CALL_TERMS, COMPUTE_TERMS, COST_FIELDS, COST_TERMS, LATER_PART_FIELDS,
-                                        MEMORY_TERMS, TERM_KINDS, TERMS, CpuCosts)
+from dynas.predictors.cpu_terms import (
+    CALL_TERMS,
+    COMPUTE_TERMS,
+    COST_FIELDS,
+    COST_TERMS,
+    LATER_PART_FIELDS,
+    MEMORY_TERMS,
+    TERM_KINDS,
+    TERMS,
+    CpuCosts,
+)
 from dynas.spaces.backbones import BlockSpec, StemSpec
 from dynas.spaces.config import StageConfig, budget_count, uses_channel, uses_layer, uses_spatial
 

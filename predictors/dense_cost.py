@@ -26,8 +26,8 @@ from __future__ import annotations
 import functools
 import math
 
-from dynas.predictors.gpu import Hardware, OpCost, memory_cost
 from dynas.predictors.conv_chain import ChainConv, Gate, channel_masker, dense_conv, gate_of, interpolate
+from dynas.predictors.gpu import Hardware, OpCost, memory_cost
 from dynas.spaces.backbones import BlockSpec, transition_of
 from dynas.spaces.config import StageConfig, uses_layer
 

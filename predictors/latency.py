@@ -30,20 +30,20 @@ from __future__ import annotations
 
 import functools
 import math
-
-import numpy as np
 from typing import Any, Mapping
 
+import numpy as np
+
+from dynas.errors import ConfigError, TargetError
 from dynas.predictors import cpu, gpu
+from dynas.predictors.conv_chain import ChainConv, Gate, channel_masker, dense_conv, gate_of, interpolate, ops_total_s
 from dynas.predictors.energy import EnergyConstants, ops_energy_mj, static_energy_mj
-from dynas.predictors.conv_chain import (ChainConv, Gate, channel_masker, dense_conv, gate_of, interpolate, ops_total_s)
 from dynas.predictors.exits import attach_exits, gpu_head_ms
 from dynas.predictors.gpu import ConvOp, Hardware, OpCost, conv_cost, fc_cost, memory_cost
 from dynas.predictors.result import OpPrediction, Prediction, StagePrediction
 from dynas.predictors.targets import HardwareTarget, load_target
 from dynas.spaces.backbones import BackboneSpec, BlockSpec, StemSpec, get_backbone
-from dynas.spaces.config import (ArchConfig, StageConfig, load_config, stage_runs, uses_layer)
-from dynas.errors import ConfigError, TargetError
+from dynas.spaces.config import ArchConfig, StageConfig, load_config, stage_runs, uses_layer
 
 __all__ = ["predict", "predict_blocks", "block_ops", "block_alternatives", "block_energy_mj", "stage_work", "block_works",
            "clear_caches", "Ops", "ChainConv", "Gate", "gate_of", "dense_conv", "channel_masker", "interpolate",
@@ -128,7 +128,7 @@ def _dense_body(hw: Hardware, b: BlockSpec, n: int, gate: Gate) -> list[tuple[st
         return []
     ops = []
     chain, maps = _chain(b), _chain_maps(b)
-    for i, (cv, m) in enumerate(zip(chain, maps)):
+    for cv, m in zip(chain, maps):
         ops.append((cv.name, dense_conv(hw, cv, n, m, gate)))
         if b.se_channels and cv.name == "conv2":
             ops += _se(hw, b, n * b.out_hw[0] * b.out_hw[1], n, _active_cw(b, gate))

@@ -2,18 +2,18 @@
 
 from dynas.results.export import export_trial, laudnet_args, select_trial, training_recipe
 from dynas.results.pareto import (
+    CHECKPOINT_COLUMNS,
     DEFAULT_REFERENCE_LATENCY_RATIO,
     DEFAULT_REFERENCE_TOP1_DROP,
-    CHECKPOINT_COLUMNS,
     ENERGY_COLUMNS,
     PARETO_COLUMNS,
-    objective_column,
     all_trials_table,
     checkpoints_table,
     default_reference,
     front_trials,
     hypervolume,
     hypervolume_history,
+    objective_column,
     pareto_table,
     write_csv,
 )

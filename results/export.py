@@ -36,8 +36,15 @@ from optuna.trial import FrozenTrial, TrialState
 import dynas
 from dynas.checks import check_positive
 from dynas.errors import StudyError
-from dynas.results.pareto import (atomic_write_text, check_study, complete_trials, is_feasible, objective_column,
-                                  study_attr, trial_latency_ms)
+from dynas.results.pareto import (
+    atomic_write_text,
+    check_study,
+    complete_trials,
+    is_feasible,
+    objective_column,
+    study_attr,
+    trial_latency_ms,
+)
 from dynas.spaces.backbones import get_backbone
 from dynas.spaces.config import ArchConfig, StageConfig
 

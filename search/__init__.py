@@ -1,7 +1,6 @@
 """Multi-objective search of dynamic configurations (Optuna studies)."""
 
 from dynas.search.stopping import STOPPERS, EarlyStopper, StopRule, make_stopper, register_stopper
-from dynas.spaces.searchspace import SpaceOptions
 from dynas.search.study import (
     DEFAULT_STORAGE,
     DIRECTIONS,
@@ -10,6 +9,7 @@ from dynas.search.study import (
     SAMPLERS,
     SearchOptions,
     SearchPlan,
+    finished_trials,
     list_studies,
     load_study,
     make_sampler,
@@ -17,8 +17,8 @@ from dynas.search.study import (
     plan_search,
     register_sampler,
     run_search,
-    finished_trials,
 )
+from dynas.spaces.searchspace import SpaceOptions
 
 __all__ = [
     "DEFAULT_STORAGE",

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from dynas.errors import ConfigError
-from dynas.spaces.backbones import ALL_PARADIGMS, BackboneSpec, get_backbone, list_backbones, parse_input_size
+from dynas.spaces.backbones import ALL_PARADIGMS, BackboneSpec, get_backbone, list_backbones
 
 __all__ = [
     "PARADIGMS",

@@ -39,12 +39,16 @@ from dynas.spaces.config import (
     PARADIGMS,
     ArchConfig,
     StageConfig,
-    channel_granularities as _valid_channel,
     check_paradigm,
     load_config,
-    spatial_granularities as _valid_spatial,
     uses_channel,
     uses_spatial,
+)
+from dynas.spaces.config import (
+    channel_granularities as _valid_channel,
+)
+from dynas.spaces.config import (
+    spatial_granularities as _valid_spatial,
 )
 
 __all__ = ["SearchSpace", "SpaceOptions", "StageOptions", "param_name"]
@@ -190,7 +194,7 @@ class SearchSpace(SpaceOptions):
         set_(self, "rate_min", lo)
         set_(self, "rate_max", hi)
         set_(self, "rate_step", step)
-        self._stage_options  # resolve per-stage choices now, so errors surface at construction
+        _ = self._stage_options  # resolve per-stage choices now, so errors surface at construction
 
     # ------------------------------------------------------------------ derived
 

@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from dynas.errors import ConfigError, TargetError
-from dynas.kernels import build_block, build_model
-from dynas.kernels import dense
+from dynas.kernels import build_block, build_model, dense
 from dynas.kernels.dense import DynamicDenseLayer, bn_zero_response
 from dynas.predictors.cpu_terms import CpuCosts
 from dynas.predictors.latency import predict

@@ -15,17 +15,15 @@ import pytest
 
 from dynas.cli import main
 from dynas.errors import ConfigError, TargetError
-from dynas.kernels.calibrate import measure, run_plan
 from dynas.kernels import build_block
-from dynas.spaces.design import CALIBRATION_RATES, VALIDATION_RATES, PlanItem, calibration_plan, validation_plan
-from dynas.predictors import cpu
-from dynas.predictors.calibration import (compare, fit_target, per_sample_gated, retest_summary, round_spread,
-                                         summarize)
-from dynas.predictors import latency
+from dynas.kernels.calibrate import measure, run_plan
+from dynas.predictors import cpu, latency
+from dynas.predictors.calibration import compare, fit_target, per_sample_gated, retest_summary, round_spread
 from dynas.predictors.latency import predict, predict_blocks
 from dynas.predictors.targets import HardwareTarget, load_target, target_toml, write_target
 from dynas.spaces.backbones import get_backbone
-from dynas.spaces.config import PARADIGMS, ArchConfig, StageConfig, budget_count, stage_runs
+from dynas.spaces.config import PARADIGMS, ArchConfig, StageConfig, budget_count
+from dynas.spaces.design import CALIBRATION_RATES, VALIDATION_RATES, PlanItem, calibration_plan, validation_plan
 
 #: trimmed copies of benchmark measurements (tests/data/README.md says which rows of which run)
 DATA = Path(__file__).resolve().parent / "data"
@@ -61,7 +59,7 @@ def test_cpu_target_file_errors_name_the_field(tmp_path, edit, message):
 
     data = tomllib.loads(target_toml(_target()))
     edit(data["cpu"])
-    lines = [f'name = "bad"', 'kind = "cpu"', "[cpu]"] + [f"{k} = {v}" for k, v in data["cpu"].items()]
+    lines = ['name = "bad"', 'kind = "cpu"', "[cpu]"] + [f"{k} = {v}" for k, v in data["cpu"].items()]
     path = tmp_path / "bad.toml"
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(TargetError, match=message.replace("(", r"\(")):
@@ -365,14 +363,14 @@ def test_old_target_files_keep_their_meaning(tmp_path):
     costs = cpu.CpuCosts(*(0.5 + i for i in range(len(cpu.COST_FIELDS))))
     text = target_toml(_target(costs))
     later = ("mm_ms_per_gmac", "vec_ms_per_gmac", "index_ms_per_mrow", "masker_call_us", "dynamic_stage_us")
-    old = "\n".join(l for l in text.splitlines() if not l.startswith(later))
+    old = "\n".join(line for line in text.splitlines() if not line.startswith(later))
     (tmp_path / "old.toml").write_text(old)
     back = load_target(str(tmp_path / "old.toml")).cpu
     assert back.mm_ms_per_gmac == back.vec_ms_per_gmac == costs.pointwise_ms_per_gmac and back.index_ms_per_mrow == 0.0
     assert back.masker_call_us == back.dynamic_stage_us == 0.0  # no gate cost beyond the counted operators
     assert back._replace(**{f: getattr(costs, f) for f in later}) == costs
     # a file with row products but no per-sample products priced them alike
-    (tmp_path / "mid.toml").write_text("\n".join(l for l in text.splitlines() if not l.startswith("vec_ms_per_gmac")))
+    (tmp_path / "mid.toml").write_text("\n".join(line for line in text.splitlines() if not line.startswith("vec_ms_per_gmac")))
     assert load_target(str(tmp_path / "mid.toml")).cpu.vec_ms_per_gmac == costs.mm_ms_per_gmac
 
 

@@ -279,7 +279,7 @@ def test_deadline_stops_before_a_unit_that_would_pass_it(factor, share):
     trace, k = model.last_trace, int(model.last_exit[0])
     torch.testing.assert_close(out, ref[k], atol=1e-5, rtol=1e-5)
     prefix = 1 + len(model.stage_modules(0)) + 1  # stem, stage 0's blocks, the first exit: always run
-    for name, predicted, start, end in trace[prefix:]:
+    for name, predicted, start, _end in trace[prefix:]:
         assert start + predicted <= deadline + 1e-9, name  # started only when predicted to end in time
     name, predicted, start, end = trace[-1]
     # the guarantee: overrun <= the last unit's own time, unless the prefix alone passed the deadline

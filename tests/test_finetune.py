@@ -15,9 +15,9 @@ import torch
 from optuna.trial import TrialState
 
 from dynas.errors import ConfigError
-from dynas.kernels.data import DataSplits, check_data_spec, load_data
-from dynas.kernels.trainer import realised_rates
+from dynas.kernels.data import check_data_spec, load_data
 from dynas.kernels.finetune import MIN_REALISED_RATE, FinetuneProxy
+from dynas.kernels.trainer import realised_rates
 from dynas.predictors.proxy import Reporter, StopTrial, get_proxy
 from dynas.results import checkpoints_table, export_trial, hypervolume
 from dynas.search.stopping import STOPPERS, Peer, StopRule, make_stopper
@@ -27,7 +27,6 @@ from dynas.spaces.config import ArchConfig, load_config
 ROOT = Path(__file__).resolve().parents[1]
 DYNAS = str(Path(sys.executable).with_name("dynas"))
 sys.path.insert(0, str(ROOT))
-from tests.slow_proxy import CurveProxy  # noqa: E402
 
 TINY = dict(data="synthetic:64", steps=4, batch_size=8, checkpoints=2, pretrain_steps=2)
 CFG = load_config({"backbone": "resnet18", "input_size": 32, "stages": [

@@ -10,9 +10,18 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from dynas.errors import ConfigError
-from dynas.kernels import blocks, convs
-from dynas.kernels import (DynamicBlock, DynamicNet, LayerMasker, Masker, SpatialMasker, budget_count, build_block,
-                           build_model)
+from dynas.kernels import (
+    DynamicBlock,
+    DynamicNet,
+    LayerMasker,
+    Masker,
+    SpatialMasker,
+    blocks,
+    budget_count,
+    build_block,
+    build_model,
+    convs,
+)
 from dynas.spaces.backbones import get_backbone
 from dynas.spaces.config import ArchConfig, StageConfig
 from dynas.spaces.torch_model import BasicBlock, Bottleneck, RegNetYBlock, build_static_model

@@ -12,7 +12,6 @@ from hypothesis import strategies as st
 from dynas.errors import ConfigError
 from dynas.spaces.backbones import get_backbone, list_backbones
 from dynas.spaces.config import (
-    PARADIGMS,
     ArchConfig,
     StageConfig,
     channel_granularities,

@@ -8,8 +8,14 @@ import pytest
 import torch
 
 from dynas.errors import ConfigError
-from dynas.kernels.recipe import (TrainingRecipe, distillation_loss, gumbel_temperature, relaxation,
-                                    sparsity_loss, stage_flops_ratios)
+from dynas.kernels.recipe import (
+    TrainingRecipe,
+    distillation_loss,
+    gumbel_temperature,
+    relaxation,
+    sparsity_loss,
+    stage_flops_ratios,
+)
 
 
 def readout(ratios, dense=(100.0, 100.0, 300.0), stages=(0, 0, 1), requires_grad=False):
