@@ -93,9 +93,9 @@ import torch.nn.functional as F
 
 from dynas.errors import ConfigError
 from dynas.kernels.convs import (FOLD_MIN_MACS, FOLD_MIN_ROWS, conv2d, conv_inputs, gated_conv, is_one_pixel,
-                                 one_pixel_conv, row_product)
+                                 one_pixel_conv, row_product, window_rows)
 from dynas.kernels.dynamic import PATHS, DynamicBlock
-from dynas.kernels.gather import conv_cols, conv_rows, derived_weight, eval_bn, is_channels_last, pixel_rows, weight_rows
+from dynas.kernels.gather import conv_cols, conv_matrix, conv_rows, conv_weight, eval_bn, pixel_rows, weight_rows
 from dynas.spaces.backbones import BlockSpec
 from dynas.spaces.config import StageConfig
 from dynas.spaces.torch_model import BasicBlock, Bottleneck, RegNetYBlock
@@ -201,15 +201,16 @@ class DynamicBottleneck(DynamicBlock, Bottleneck):
         w = self.conv1.weight.flatten(1)  # [width, C_in, 1, 1] -> [width, C_in]
         return F.relu(eval_bn(row_product(rows, weight_rows(w, sel)), self.bn1, sel), inplace=True)  # [M, C_in] -> [M, |sel|]
 
+    def _head_map(self, x, sel):
+        if sel is None:  # the static block's own op
+            return F.relu(eval_bn(F.conv2d(x, self.conv1.weight), self.bn1, None), inplace=True)
+        # 1x1 conv on the selected outputs as a product of pixel rows (no weight reformatting)
+        b, _, hi, wi = x.shape
+        h = self._head_rows(pixel_rows(x), sel)  # [B * H * W, |sel|]
+        return h.view(b, hi, wi, -1).permute(0, 3, 1, 2)  # -> [B, |sel|, H, W], channels-last strides
+
     def _sparse_body(self, x, sel, geom):
-        if sel is None:
-            h = F.relu(eval_bn(F.conv2d(x, self.conv1.weight), self.bn1, None), inplace=True)
-        else:
-            # 1x1 conv on the selected outputs as a product of pixel rows (no weight reformatting)
-            b, _, hi, wi = x.shape
-            h = self._head_rows(pixel_rows(x), sel)  # [B * H * W, |sel|]
-            h = h.view(b, hi, wi, -1).permute(0, 3, 1, 2)  # -> [B, |sel|, H, W], channels-last strides
-        return self._tail(h, sel, geom)
+        return self._tail(self._head_map(x, sel), sel, geom)
 
     def _tail(self, h, sel, geom):
         if sel is None and geom.pad == 1:  # whole maps, every channel: the static block's own ops
@@ -217,27 +218,25 @@ class DynamicBottleneck(DynamicBlock, Bottleneck):
             return eval_bn(F.conv2d(h, self.conv3.weight), self.bn3, None)
         if is_one_pixel(h, self.conv2, geom.pad):  # 1x1 patches: [P, k, 3, 3] windows -> [P, k, 1, 1]
             h2 = one_pixel_conv(h, self.conv2, sel, sel)
-        elif sel is None:
-            h2 = conv2d(h, self.conv2.weight, self.spec.stride, geom.pad)
-        elif self.conv2.groups == 1:
-            w2 = derived_weight(self, "w2_flat", self.conv2.weight, lambda w: w.reshape(w.shape[0] * w.shape[1], -1).contiguous())
-            k, width = sel.numel(), self.conv2.weight.shape[0]
-            # one gather of the k x k selected kernels: rows (o * width + i) of [width * width, kh * kw]
-            w2 = w2.index_select(0, (sel[:, None] * width + sel).flatten()).view(k, k, *self.conv2.weight.shape[2:])
-            h2 = conv2d(h, w2.contiguous(memory_format=torch.channels_last) if is_channels_last(h) else w2,
-                       self.spec.stride, geom.pad)
         else:
-            h2 = gated_conv(h, self.conv2, sel, self.spec.stride, geom.pad)
+            # the k x k selected kernels, channels-last, in one row and one column gather
+            h2 = conv2d(h, conv_weight(self.conv2, sel, sel), self.spec.stride, geom.pad)
         h2 = F.relu(eval_bn(h2, self.bn2, sel), inplace=True)  # [B, |sel|, H', W']
         b, _, ho, wo = h2.shape
-        # conv3 reads the selected inputs: rows of the cached [width, C_out] transpose (copied back
-        # to [C_out, |sel|] when the product is folded into a convolution)
-        w3 = self.conv3.weight
-        if sel is not None:
-            w3t = derived_weight(self, "w3_t", w3, lambda w: w.flatten(1).t().contiguous())  # [width, C_out]
-            w3 = weight_rows(w3t, sel).t()  # [|sel|, C_out] -> [C_out, |sel|] view
-        y = eval_bn(row_product(pixel_rows(h2), w3), self.bn3, None)  # [B * H' * W', C_out]
+        y = self._conv3_rows(pixel_rows(h2), sel)  # [B * H' * W', C_out]
         return y.view(b, ho, wo, -1).permute(0, 3, 1, 2)  # [B, C_out, H', W'], channels-last strides
+
+    def _tail_cols(self, buf, top_left, sel):
+        # the 3x3 conv at M output pixels as one product of their windows' rows, then conv3:
+        # buf [n, H_p, W_p, k] -> windows [M, 9k] -> [M, k] -> [M, C_out]
+        kh, kw = self.conv2.weight.shape[-2:]
+        h2 = row_product(window_rows(buf, top_left, kh, kw), conv_matrix(self.conv2, sel, sel))
+        return self._conv3_rows(F.relu(eval_bn(h2, self.bn2, sel), inplace=True), sel)
+
+    def _conv3_rows(self, h2, sel):
+        # conv3 reads the selected inputs: a column gather of its [C_out, width] matrix
+        w3 = self.conv3.weight.flatten(1) if sel is None else conv_matrix(self.conv3, None, sel)  # [C_out, |sel|]
+        return eval_bn(row_product(h2, w3), self.bn3, None)  # [M, |sel|] -> [M, C_out]
 
 
 class DynamicRegNetYBlock(DynamicBlock, RegNetYBlock):
@@ -279,10 +278,12 @@ class DynamicRegNetYBlock(DynamicBlock, RegNetYBlock):
         w = a[0].weight.flatten(1)  # [width, C_in, 1, 1] -> [width, C_in]
         return F.relu(eval_bn(row_product(rows, weight_rows(w, sel)), a[1], sel), inplace=True)  # [M, C_in] -> [M, |sel|]
 
-    def _sparse_body(self, x, sel, geom):
+    def _head_map(self, x, sel):
         a = self.f.a
-        h = F.relu(eval_bn(F.conv2d(x, conv_rows(a[0], sel)), a[1], sel), inplace=True)
-        return self._tail(h, sel, geom)
+        return F.relu(eval_bn(F.conv2d(x, conv_rows(a[0], sel)), a[1], sel), inplace=True)
+
+    def _sparse_body(self, x, sel, geom):
+        return self._tail(self._head_map(x, sel), sel, geom)
 
     def _tail(self, h, sel, geom):
         b, c = self.f.b, self.f.c

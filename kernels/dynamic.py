@@ -46,7 +46,8 @@ class DynamicBlock(SpatialPatches):
         self.stage_config = cfg
         self.paradigm = cfg.paradigm
         self.path = "fast"
-        self.reuse_input = False  # see _relu_shortcut
+        self.reuse_input = False  # see _writable_shortcut
+        self.input_nonnegative = False  # see _relu_shortcut
         self._last: tuple[int, dict[str, torch.Tensor]] | None = None  # batch size, decisions
         self._last_flops: dict[str, Any] | None = None
         self.spatial_masker: SpatialMasker | None = None
@@ -220,17 +221,29 @@ class DynamicBlock(SpatialPatches):
             out.index_copy_(0, idx, y)
         return out
 
-    def _relu_shortcut(self, base: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """ReLU(shortcut) as a tensor this block may write.
+    def _writable_shortcut(self, base: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The shortcut as a tensor this block may write.
 
-        In place on the downsample output; for an identity shortcut, in place on the input when
-        ``reuse_input`` is set and autograd is off (``DynamicNet`` sets it: its block inputs are
-        intermediates nobody else reads), else into new memory of the same layout.
+        The downsample output itself; for an identity shortcut, the input when ``reuse_input``
+        is set and autograd is off (``DynamicNet`` sets it: its block inputs are intermediates
+        nobody else reads), else a copy in the same layout.
         """
         if base is not x:
-            return base.relu_()
+            return base
         if self.reuse_input and not torch.is_grad_enabled():
-            return x.relu_()
+            return x
+        return x.clone()
+
+    def _relu_shortcut(self, base: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """ReLU(shortcut) as a tensor this block may write (see :meth:`_writable_shortcut`).
+
+        An identity shortcut whose input is known to be non-negative (``input_nonnegative``,
+        set by ``DynamicNet``: every block input there is a ReLU's output) is its own ReLU.
+        """
+        if base is x and self.input_nonnegative and self.reuse_input and not torch.is_grad_enabled():
+            return x
+        if base is not x or (self.reuse_input and not torch.is_grad_enabled()):
+            return self._writable_shortcut(base, x).relu_()
         return F.relu(x)
 
     # -- FLOPs -------------------------------------------------------------------------------

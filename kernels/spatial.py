@@ -19,11 +19,19 @@ import torch
 import torch.nn.functional as F
 
 from dynas.errors import ConfigError
-from dynas.kernels.gather import pixel_rows, put_pixel_rows
+from dynas.kernels.gather import add_pixel_rows, pixel_rows, take_samples
 from dynas.kernels.maskers import SpatialMasker
 from dynas.spaces.backbones import BlockSpec, conv_out
 
-__all__ = ["Axis", "patch_axis", "window_table", "Geom", "DENSE_POOL", "SpatialPatches"]
+__all__ = ["Axis", "patch_axis", "window_table", "Geom", "DENSE_POOL", "DENSE_HEAD_MIN_FRACTION", "ROWS_MAX_PATCH_PIXELS",
+           "SpatialPatches"]
+
+#: conv1 of a 1x1-conv1 block runs on the whole maps instead of gathered pixel rows when the
+#: active patches' windows need at least this fraction of the pixels
+DENSE_HEAD_MIN_FRACTION = 0.65
+#: patches of at most this many output pixels run the 3x3 conv as one matrix product of the
+#: active output pixels' windows (blocks with ``_tail_cols``) instead of a convolution per window
+ROWS_MAX_PATCH_PIXELS = 4
 
 
 def window_table(ax_h: "Axis", ax_w: "Axis", gh: int, gw: int) -> torch.Tensor:
@@ -95,11 +103,16 @@ def patch_axis(size_in: int, patch: int, grid: int, chain: tuple[tuple[int, int,
 class SpatialPatches:
     """The spatial gates' part of :class:`~dynas.kernels.dynamic.DynamicBlock` (a mixin of it).
 
-    It uses the block's ``spec``, ``_chain``, ``_sparse_body`` / ``_tail`` / ``_head_rows``
-    (the block kind's body on gathered rows) and ``_empty`` / ``_relu_shortcut`` (the mixin's).
+    It uses the block's ``spec``, ``_chain``, ``_sparse_body`` / ``_tail`` / ``_head_rows`` /
+    ``_head_map`` / ``_tail_cols`` (the block kind's body on gathered rows) and ``_empty`` /
+    ``_writable_shortcut`` (the mixin's).
     """
 
     spec: BlockSpec
+    #: (buf [n, H_p, W_p, k] zero-padded conv1 output, top_left [M] flat pixels of buf, sel) ->
+    #: [M, C_out] rows: the rest of the body at M output pixels, or None where the block kind
+    #: has no such path (then the 3x3 conv runs on the windows)
+    _tail_cols: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None
 
     def _init_spatial(self, spec: BlockSpec, s: object, rate: float) -> None:
         """Patches of side ``s``: the masker, the gather geometry and its index tables."""
@@ -122,34 +135,31 @@ class SpatialPatches:
         shortcut), ReLU(shortcut) elsewhere."""
         ho, wo = self.spec.out_hw
         s = self.granularity
+        n = x.shape[0]
         ys = []
         padded = None  # the zero-padded input that region reads use, made once for all parts
         for idx, sel in parts:
-            active = dec["spatial"].index_select(0, idx) > 0.5  # [n_u, gh, gw]
+            whole = idx.numel() == n  # idx is then arange(n): no sample gathers
+            active = (dec["spatial"] if whole else dec["spatial"].index_select(0, idx)) > 0.5  # [n_u, gh, gw]
             pn, pi, pj = active.nonzero(as_tuple=True)  # [P] each: local sample, grid row, grid col
             if pn.numel() == 0:
                 continue
             if sel is not None and sel.numel() == 0:
-                y = self._empty(pn.numel(), s, s, x)  # [P, C_out, S, S]
+                y = pixel_rows(self._empty(pn.numel(), s, s, x))  # [P * S * S, C_out]
             elif self._chain()[0] == (1, 1, 0):
-                y = self._spatial_mid(x, idx, active, pn, pi, pj, sel)
+                y = self._spatial_mid(x, idx, pn, pi, pj, sel)
             else:
                 if padded is None:
                     padded = self._padded_input(x)
-                y = self._spatial_regions(padded, idx, pn, pi, pj, sel)
-            ys.append((idx[pn], pi, pj, y))
-        base_pix = pixel_rows(base)  # [N * H_out * W_out, C_out]; a view when channels-last
-        offsets = self._patch_pix  # [S*S]
-        writes = []
-        for nb, pi, pj, y in ys:
+                y = pixel_rows(self._spatial_regions(padded, idx, pn, pi, pj, sel))  # [P, C_out, S, S] -> rows
+            nb = pn if whole else idx[pn]  # [P] batch index of each patch
             # pixel rows of the active patches: [P, 1] + [S*S] -> [P * S * S], in y's (p, a, b) order
-            pix = (((nb * ho + pi * s) * wo + pj * s)[:, None] + offsets).flatten()
-            y_pix = pixel_rows(y)  # [P, C_out, S, S] -> [P * S * S, C_out]
-            writes.append((pix, y_pix.add_(base_pix.index_select(0, pix)).relu_()))
-        out = self._relu_shortcut(base, x)  # positions whose body does not run: ReLU(shortcut)
-        for pix, y_pix in writes:
-            put_pixel_rows(out, pix, y_pix)  # patches are disjoint: a plain copy
-        return out
+            ys.append(((((nb * ho + pi * s) * wo + pj * s)[:, None] + self._patch_pix).flatten(), y))
+        # shortcut + patch rows, then one ReLU over the map (patches are disjoint: each row is added once)
+        out = self._writable_shortcut(base, x)
+        for pix, y in ys:
+            add_pixel_rows(out, pix, y)
+        return out.relu_()
 
     def _se_geom(self, pn: torch.Tensor, n_u: int, valid: torch.Tensor | None = None) -> Geom:
         """SE squeeze/expand over the P gathered patches of ``n_u`` samples (``pn``: [P] local sample)."""
@@ -187,39 +197,58 @@ class SpatialPatches:
         valid = (vr[:, :, None] & vc[:, None, :])[:, None].to(xp.dtype)  # [P, 1, M_h, M_w]
         return self._sparse_body(regions, sel, self._se_geom(pn, idx.numel(), valid))  # [P, C_out, S, S]
 
-    def _spatial_mid(self, x: torch.Tensor, idx: torch.Tensor, active: torch.Tensor, pn: torch.Tensor,
-                     pi: torch.Tensor, pj: torch.Tensor, sel: torch.Tensor | None) -> torch.Tensor:
-        """Active patches [P, C_out, S, S] for blocks whose conv1 is 1x1, stride 1.
+    def _spatial_mid(self, x: torch.Tensor, idx: torch.Tensor, pn: torch.Tensor, pi: torch.Tensor, pj: torch.Tensor,
+                     sel: torch.Tensor | None) -> torch.Tensor:
+        """Rows [P * S * S, C_out] of the active patches (in (patch, row, col) order) for blocks
+        whose conv1 is 1x1, stride 1.
 
         conv1 runs once per needed pixel (the union of the active patches' windows of the 3x3
-        conv's input, halo included) as a matrix product on gathered pixel rows; its output is
-        scattered into a zeroed channels-last buffer (zero = the 3x3 conv's padding), and each
-        active patch's window is read from that buffer as a strided view.
+        conv's input, halo included), or on the whole maps when that union is nearly all of
+        them (:data:`DENSE_HEAD_MIN_FRACTION`), into a zero-padded channels-last buffer (zero =
+        the 3x3 conv's padding).  The 3x3 conv then reads each active patch's window from it as
+        a strided view, or, for small patches (:data:`ROWS_MAX_PATCH_PIXELS`) where a
+        convolution over many tiny windows runs far below its rate, as one matrix product of
+        the active output pixels' windows (:func:`~dynas.kernels.convs.window_rows`).
         """
         ax_h, ax_w = self._axes
-        n_u = idx.numel()
+        n_u, whole = idx.numel(), idx.numel() == x.shape[0]
         hm, wm = ax_h.mid_size, ax_w.mid_size  # conv1 output = block input size
-        # needed[n, r, c]: some active window covers mid pixel (r, c); windows start at i*step - off
-        gw = self.grid_hw[1]
+        gh, gw = self.grid_hw
+        hp, wp = ax_h.grid_len(gh), ax_w.grid_len(gw)
         # mark the mid pixels of every active window: slot H_m*W_m of each sample is the dump
         # for window positions in the padding
         need = torch.zeros(n_u, hm * wm + 1, dtype=torch.bool, device=x.device)
         hits = (pn[:, None] * (hm * wm + 1) + self._window_pix.index_select(0, pi * gw + pj)).flatten()  # [P * L_h * L_w]
         need.view(-1).index_fill_(0, hits, True)
-        mn, mflat = need[:, :-1].nonzero(as_tuple=True)  # [M] each: local sample, flat mid pixel
-        mr, mc = mflat // wm, mflat % wm
-        rows = pixel_rows(x).index_select(0, idx[mn] * (hm * wm) + mflat)  # [M, C_in]
-        h = self._head_rows(rows, sel)  # [M, k], k = |sel|
-        k = h.shape[1]
-        hp, wp = ax_h.grid_len(self.grid_hw[0]), ax_w.grid_len(self.grid_hw[1])
-        # zero-padded channels-last intermediate map [n_u, H_p, W_p, k] as rows [n_u * H_p * W_p, k]
-        buf = x.new_zeros(n_u * hp * wp, k)
-        buf.index_copy_(0, (mn * hp + mr + ax_h.mid_off) * wp + mc + ax_w.mid_off, h)
+        need = need[:, :-1]  # [n_u, H_m * W_m]
+        if int(need.sum()) >= DENSE_HEAD_MIN_FRACTION * need.numel():
+            # conv1 on every pixel of the samples: no row gather, no scatter
+            h = self._head_map(x if whole else take_samples(x, idx), sel)  # [n_u, k, H_m, W_m]
+            k = h.shape[1]
+            # [n_u, H_m, W_m, k] -> zero-padded [n_u, H_p, W_p, k]
+            buf = F.pad(h.permute(0, 2, 3, 1), (0, 0, ax_w.mid_off, wp - wm - ax_w.mid_off, ax_h.mid_off, hp - hm - ax_h.mid_off))
+        else:
+            mn, mflat = need.nonzero(as_tuple=True)  # [M] each: local sample, flat mid pixel
+            rows = pixel_rows(x).index_select(0, (mn if whole else idx[mn]) * (hm * wm) + mflat)  # [M, C_in]
+            h = self._head_rows(rows, sel)  # [M, k], k = |sel|
+            k = h.shape[1]
+            # zero-padded channels-last intermediate map [n_u, H_p, W_p, k] as rows [n_u * H_p * W_p, k]
+            buf = x.new_zeros(n_u, hp, wp, k)
+            buf.view(-1, k).index_copy_(0, (mn * hp + mflat // wm + ax_h.mid_off) * wp + mflat % wm + ax_w.mid_off, h)
+        s = self.granularity
+        if s * s <= ROWS_MAX_PATCH_PIXELS and self._tail_cols is not None:
+            # the 3x3 conv (stride s2, padding = mid_off) at the active output pixels: output row
+            # r = i * S + a reads padded rows r * s2 .. r * s2 + 2; top-left pixels [P, S, S] -> [P * S * S]
+            s2 = self.spec.stride
+            a = torch.arange(s, device=x.device)
+            r = (pi * s)[:, None] + a  # [P, S] output rows
+            c = (pj * s)[:, None] + a  # [P, S] output cols
+            top_left = ((pn[:, None, None] * hp + r[:, :, None] * s2) * wp + c[:, None, :] * s2).flatten()
+            return self._tail_cols(buf, top_left, sel)  # [P * S * S, C_out]
         # window (i, j) of sample n starts at row i * step_h, col j * step_w of the padded map:
         # strided view [n_u, gh, gw, L_h, L_w, k]; the active ones -> [P, L_h, L_w, k]
         # -> [P, k, L_h, L_w] with channels-last strides
-        gh, gw = self.grid_hw
         win = buf.as_strided((n_u, gh, gw, ax_h.mid_len, ax_w.mid_len, k),
                              (hp * wp * k, ax_h.mid_step * wp * k, ax_w.mid_step * k, wp * k, k, 1))
         regions = win[pn, pi, pj].permute(0, 3, 1, 2)
-        return self._tail(regions, sel, self._se_geom(pn, n_u))  # [P, C_out, S, S]
+        return pixel_rows(self._tail(regions, sel, self._se_geom(pn, n_u)))  # [P, C_out, S, S] -> [P * S * S, C_out]
