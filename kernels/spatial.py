@@ -19,11 +19,12 @@ import torch
 import torch.nn.functional as F
 
 from dynas.errors import ConfigError
+from dynas.kernels.convs import window_rows
 from dynas.kernels.gather import add_pixel_rows, pixel_rows, take_samples
 from dynas.kernels.maskers import SpatialMasker
 from dynas.spaces.backbones import BlockSpec, conv_out
 
-__all__ = ["Axis", "patch_axis", "window_table", "Geom", "DENSE_POOL", "DENSE_HEAD_MIN_FRACTION", "ROWS_MAX_PATCH_PIXELS",
+__all__ = ["Axis", "patch_axis", "window_table", "dense_min_patches", "Geom", "DENSE_POOL", "DENSE_HEAD_MIN_FRACTION", "ROWS_MAX_PATCH_PIXELS",
            "SpatialPatches"]
 
 #: conv1 of a 1x1-conv1 block runs on the whole maps instead of gathered pixel rows when the
@@ -44,6 +45,25 @@ def window_table(ax_h: "Axis", ax_w: "Axis", gh: int, gw: int) -> torch.Tensor:
     cc = c[None, :, None, :].expand(gh, gw, ax_h.mid_len, ax_w.mid_len)
     inside = (rr >= 0) & (rr < hm) & (cc >= 0) & (cc < wm)
     return torch.where(inside, rr * wm + cc, hm * wm).reshape(gh * gw, -1)
+
+
+def dense_min_patches(window_pix: torch.Tensor, mid_pixels: int, fraction: float) -> int:
+    """The fewest active patches per sample at which their windows are expected to need at
+    least ``fraction`` of the intermediate map's ``mid_pixels`` pixels, the patches chosen
+    uniformly at random (patches + 1 where no count is).
+
+    window_pix: [G, L_h * L_w] (:func:`window_table`).  A pixel that ``c`` of the G windows cover
+    is needed unless all of them are off: probability 1 - C(G - c, p) / C(G, p) with p active.
+    """
+    g = window_pix.shape[0]
+    cover = torch.bincount(window_pix.flatten(), minlength=mid_pixels + 1)[:mid_pixels].double()  # [H_m * W_m]
+    p = torch.arange(g + 1, dtype=torch.float64)  # [G + 1] active patches
+    off = torch.ones(mid_pixels, g + 1, dtype=torch.float64)  # P(all c covering windows off), per pixel and p
+    for i in range(int(cover.max()) if mid_pixels else 0):
+        off = off * torch.where(cover[:, None] > i, ((g - p - i) / (g - i)).clamp(min=0.0), torch.ones_like(p))
+    needed = 1.0 - off.mean(dim=0)  # [G + 1] expected fraction of needed pixels
+    enough = (needed >= fraction).nonzero().flatten()
+    return int(enough[0]) if enough.numel() else g + 1
 
 
 @dataclass
@@ -124,9 +144,22 @@ class SpatialPatches:
         self.spatial_masker = SpatialMasker(spec.in_channels, self.grid_hw, rate)
         chain = self._chain()
         self._axes = (patch_axis(spec.in_hw[0], s, self.grid_hw[0], chain), patch_axis(spec.in_hw[1], s, self.grid_hw[1], chain))
-        # flat output pixel offsets of one SxS patch, [S*S] (row-major inside the patch)
-        self.register_buffer("_patch_pix", (torch.arange(s)[:, None] * wo + torch.arange(s)).flatten(), persistent=False)
-        self.register_buffer("_window_pix", window_table(*self._axes, *self.grid_hw), persistent=False)
+        gh, gw = self.grid_hw
+        ax_h, ax_w = self._axes
+        wp = ax_w.grid_len(gw)  # width of the zero-padded intermediate buffer (``_spatial_mid``)
+        a = torch.arange(s)
+        r = (torch.arange(gh)[:, None] * s + a)[:, None, :, None]  # [gh, 1, S, 1] output rows of each patch
+        c = (torch.arange(gw)[:, None] * s + a)[None, :, None, :]  # [1, gw, 1, S] output cols
+        stride = chain[1][1]
+        # per patch g = i * gw + j, [G, S*S] in (row, col) order: the flat output pixel of a sample's
+        # map, and the flat top-left pixel of its 3x3 window in the padded buffer (row r * stride)
+        self.register_buffer("_patch_out", (r * wo + c).reshape(gh * gw, s * s), persistent=False)
+        self.register_buffer("_patch_tl", (r * stride * wp + c * stride).reshape(gh * gw, s * s), persistent=False)
+        # [G]: flat top-left pixel of each patch's window in the padded buffer
+        self.register_buffer("_window_tl", (torch.arange(gh)[:, None] * ax_h.mid_step * wp
+                                            + torch.arange(gw) * ax_w.mid_step).flatten(), persistent=False)
+        self.register_buffer("_window_pix", window_table(ax_h, ax_w, gh, gw), persistent=False)
+        self._dense_min_patches = dense_min_patches(self._window_pix, ax_h.mid_size * ax_w.mid_size, DENSE_HEAD_MIN_FRACTION)
 
     def _spatial_forward(self, x: torch.Tensor, dec: dict[str, torch.Tensor], parts: list[tuple[torch.Tensor, torch.Tensor | None]],
                          base: torch.Tensor) -> torch.Tensor:
@@ -141,20 +174,20 @@ class SpatialPatches:
         for idx, sel in parts:
             whole = idx.numel() == n  # idx is then arange(n): no sample gathers
             active = (dec["spatial"] if whole else dec["spatial"].index_select(0, idx)) > 0.5  # [n_u, gh, gw]
-            pn, pi, pj = active.nonzero(as_tuple=True)  # [P] each: local sample, grid row, grid col
+            pn, pg = active.view(idx.numel(), -1).nonzero(as_tuple=True)  # [P] each: local sample, patch (i * gw + j)
             if pn.numel() == 0:
                 continue
             if sel is not None and sel.numel() == 0:
                 y = pixel_rows(self._empty(pn.numel(), s, s, x))  # [P * S * S, C_out]
             elif self._chain()[0] == (1, 1, 0):
-                y = self._spatial_mid(x, idx, pn, pi, pj, sel)
+                y = self._spatial_mid(x, idx, pn, pg, sel)
             else:
                 if padded is None:
                     padded = self._padded_input(x)
-                y = pixel_rows(self._spatial_regions(padded, idx, pn, pi, pj, sel))  # [P, C_out, S, S] -> rows
+                y = pixel_rows(self._spatial_regions(padded, idx, pn, pg, sel))  # [P, C_out, S, S] -> rows
             nb = pn if whole else idx[pn]  # [P] batch index of each patch
-            # pixel rows of the active patches: [P, 1] + [S*S] -> [P * S * S], in y's (p, a, b) order
-            ys.append(((((nb * ho + pi * s) * wo + pj * s)[:, None] + self._patch_pix).flatten(), y))
+            # pixel rows of the active patches: [P, 1] + [P, S*S] -> [P * S * S], in y's (p, a, b) order
+            ys.append((((nb * (ho * wo))[:, None] + self._patch_out.index_select(0, pg)).flatten(), y))
         # shortcut + patch rows, then one ReLU over the map (patches are disjoint: each row is added once)
         out = self._writable_shortcut(base, x)
         for pix, y in ys:
@@ -176,8 +209,8 @@ class SpatialPatches:
         ax_h, ax_w = self._axes
         return F.pad(x, (ax_w.pad_lo, ax_w.pad_hi, ax_h.pad_lo, ax_h.pad_hi))
 
-    def _spatial_regions(self, xp: torch.Tensor, idx: torch.Tensor, pn: torch.Tensor, pi: torch.Tensor,
-                         pj: torch.Tensor, sel: torch.Tensor | None) -> torch.Tensor:
+    def _spatial_regions(self, xp: torch.Tensor, idx: torch.Tensor, pn: torch.Tensor, pg: torch.Tensor,
+                         sel: torch.Tensor | None) -> torch.Tensor:
         """Active patches [P, C_out, S, S] from regions of the *input* that carry the whole halo.
 
         Used when conv1 is not a 1x1 stride-1 conv (basic blocks): conv1 runs on each region,
@@ -186,6 +219,7 @@ class SpatialPatches:
         """
         ax_h, ax_w = self._axes
         nb = idx[pn]  # [P] batch index of each patch
+        pi, pj = pg // self.grid_hw[1], pg % self.grid_hw[1]  # [P] grid row, grid col
         rows = (pi * ax_h.step)[:, None] + torch.arange(ax_h.region, device=xp.device)  # [P, R_h]
         cols = (pj * ax_w.step)[:, None] + torch.arange(ax_w.region, device=xp.device)  # [P, R_w]
         # advanced indices around a slice go first: [P, R_h, R_w, C_in] -> [P, C_in, R_h, R_w]
@@ -197,38 +231,37 @@ class SpatialPatches:
         valid = (vr[:, :, None] & vc[:, None, :])[:, None].to(xp.dtype)  # [P, 1, M_h, M_w]
         return self._sparse_body(regions, sel, self._se_geom(pn, idx.numel(), valid))  # [P, C_out, S, S]
 
-    def _spatial_mid(self, x: torch.Tensor, idx: torch.Tensor, pn: torch.Tensor, pi: torch.Tensor, pj: torch.Tensor,
+    def _spatial_mid(self, x: torch.Tensor, idx: torch.Tensor, pn: torch.Tensor, pg: torch.Tensor,
                      sel: torch.Tensor | None) -> torch.Tensor:
         """Rows [P * S * S, C_out] of the active patches (in (patch, row, col) order) for blocks
         whose conv1 is 1x1, stride 1.
 
         conv1 runs once per needed pixel (the union of the active patches' windows of the 3x3
-        conv's input, halo included), or on the whole maps when that union is nearly all of
-        them (:data:`DENSE_HEAD_MIN_FRACTION`), into a zero-padded channels-last buffer (zero =
-        the 3x3 conv's padding).  The 3x3 conv then reads each active patch's window from it as
-        a strided view, or, for small patches (:data:`ROWS_MAX_PATCH_PIXELS`) where a
-        convolution over many tiny windows runs far below its rate, as one matrix product of
-        the active output pixels' windows (:func:`~dynas.kernels.convs.window_rows`).
+        conv's input, halo included) on gathered pixel rows, or on the whole maps when that
+        union is expected to be most of them (:data:`DENSE_HEAD_MIN_FRACTION`; the table
+        ``_dense_min_patches``), into a zero-padded channels-last buffer (zero = the 3x3 conv's
+        padding).  The 3x3 conv then reads each active patch's window from it
+        (:func:`~dynas.kernels.convs.window_rows`), or, for small patches
+        (:data:`ROWS_MAX_PATCH_PIXELS`) where a convolution over many tiny windows runs far
+        below its rate, runs as one matrix product of the active output pixels' windows.
         """
         ax_h, ax_w = self._axes
         n_u, whole = idx.numel(), idx.numel() == x.shape[0]
         hm, wm = ax_h.mid_size, ax_w.mid_size  # conv1 output = block input size
-        gh, gw = self.grid_hw
-        hp, wp = ax_h.grid_len(gh), ax_w.grid_len(gw)
-        # mark the mid pixels of every active window: slot H_m*W_m of each sample is the dump
-        # for window positions in the padding
-        need = torch.zeros(n_u, hm * wm + 1, dtype=torch.bool, device=x.device)
-        hits = (pn[:, None] * (hm * wm + 1) + self._window_pix.index_select(0, pi * gw + pj)).flatten()  # [P * L_h * L_w]
-        need.view(-1).index_fill_(0, hits, True)
-        need = need[:, :-1]  # [n_u, H_m * W_m]
-        if int(need.sum()) >= DENSE_HEAD_MIN_FRACTION * need.numel():
+        hp, wp = ax_h.grid_len(self.grid_hw[0]), ax_w.grid_len(self.grid_hw[1])
+        if pn.numel() >= self._dense_min_patches * n_u:
             # conv1 on every pixel of the samples: no row gather, no scatter
             h = self._head_map(x if whole else take_samples(x, idx), sel)  # [n_u, k, H_m, W_m]
             k = h.shape[1]
             # [n_u, H_m, W_m, k] -> zero-padded [n_u, H_p, W_p, k]
             buf = F.pad(h.permute(0, 2, 3, 1), (0, 0, ax_w.mid_off, wp - wm - ax_w.mid_off, ax_h.mid_off, hp - hm - ax_h.mid_off))
         else:
-            mn, mflat = need.nonzero(as_tuple=True)  # [M] each: local sample, flat mid pixel
+            # mark the mid pixels of every active window: slot H_m*W_m of each sample is the dump
+            # for window positions in the padding
+            need = torch.zeros(n_u, hm * wm + 1, dtype=torch.bool, device=x.device)
+            hits = ((pn * (hm * wm + 1))[:, None] + self._window_pix.index_select(0, pg)).flatten()  # [P * L_h * L_w]
+            need.view(-1).index_fill_(0, hits, True)
+            mn, mflat = need[:, :-1].nonzero(as_tuple=True)  # [M] each: local sample, flat mid pixel
             rows = pixel_rows(x).index_select(0, (mn if whole else idx[mn]) * (hm * wm) + mflat)  # [M, C_in]
             h = self._head_rows(rows, sel)  # [M, k], k = |sel|
             k = h.shape[1]
@@ -237,18 +270,11 @@ class SpatialPatches:
             buf.view(-1, k).index_copy_(0, (mn * hp + mflat // wm + ax_h.mid_off) * wp + mflat % wm + ax_w.mid_off, h)
         s = self.granularity
         if s * s <= ROWS_MAX_PATCH_PIXELS and self._tail_cols is not None:
-            # the 3x3 conv (stride s2, padding = mid_off) at the active output pixels: output row
-            # r = i * S + a reads padded rows r * s2 .. r * s2 + 2; top-left pixels [P, S, S] -> [P * S * S]
-            s2 = self.spec.stride
-            a = torch.arange(s, device=x.device)
-            r = (pi * s)[:, None] + a  # [P, S] output rows
-            c = (pj * s)[:, None] + a  # [P, S] output cols
-            top_left = ((pn[:, None, None] * hp + r[:, :, None] * s2) * wp + c[:, None, :] * s2).flatten()
+            # the 3x3 conv at the active output pixels: [P, 1] + [P, S*S] -> [P * S * S] window top-left pixels
+            top_left = ((pn * (hp * wp))[:, None] + self._patch_tl.index_select(0, pg)).flatten()
             return self._tail_cols(buf, top_left, sel)  # [P * S * S, C_out]
-        # window (i, j) of sample n starts at row i * step_h, col j * step_w of the padded map:
-        # strided view [n_u, gh, gw, L_h, L_w, k]; the active ones -> [P, L_h, L_w, k]
-        # -> [P, k, L_h, L_w] with channels-last strides
-        win = buf.as_strided((n_u, gh, gw, ax_h.mid_len, ax_w.mid_len, k),
-                             (hp * wp * k, ax_h.mid_step * wp * k, ax_w.mid_step * k, wp * k, k, 1))
-        regions = win[pn, pi, pj].permute(0, 3, 1, 2)
+        # each active patch's window, [P, L_h * L_w * k] -> [P, L_h, L_w, k] -> [P, k, L_h, L_w] channels-last
+        lh, lw = ax_h.mid_len, ax_w.mid_len
+        win = window_rows(buf, pn * (hp * wp) + self._window_tl.index_select(0, pg), lh, lw)
+        regions = win.view(-1, lh, lw, k).permute(0, 3, 1, 2)
         return pixel_rows(self._tail(regions, sel, self._se_geom(pn, n_u)))  # [P, C_out, S, S] -> [P * S * S, C_out]
