@@ -15,7 +15,10 @@ Method (what the numbers mean):
   other load) hits both equally; on CUDA every timing is bracketed by synchronisation;
 * reported: median and p10-p90 spread of each, speed-up = static median / dynamic median, the
   thread count in force, and the max abs difference between the fast and reference paths on
-  the same input (the reference path masks dense outputs with the same decisions).
+  the same input (the reference path masks dense outputs with the same decisions), and the
+  FLOPs limit of the speed-up: static FLOPs / the dynamic network's executed FLOPs in the timed
+  pass (``torch.utils.flop_counter``'s count of the static network, the dynamic blocks'
+  ``flops_readout``, batch mean), what the speed-up would be if time followed FLOPs.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from dynas.errors import ConfigError
 from dynas.spaces.config import load_config
 from dynas.spaces.torch_model import build_static_model
 
-__all__ = ["MEMORY_FORMATS", "BenchResult", "bench"]
+__all__ = ["MEMORY_FORMATS", "BenchResult", "bench", "flops_limit"]
 
 #: memory formats of ``bench`` (names as in ``torch``)
 MEMORY_FORMATS: dict[str, torch.memory_format] = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
@@ -56,6 +59,7 @@ class BenchResult:
     torch_version: str
     memory_format: str
     gate_mode: str = "budget"
+    flops_limit: float = float("nan")  # static FLOPs / dynamic executed FLOPs (see the module docstring)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -81,6 +85,21 @@ def _spread(times: list[float]) -> float:
         return 0.0
     q = statistics.quantiles(times, n=10)
     return q[-1] - q[0]
+
+
+def flops_limit(model: Any) -> float:
+    """Static FLOPs / executed FLOPs of ``model``'s last forward pass (a :class:`DynamicNet`; batch mean).
+
+    The stem, the head and the static blocks count as in the static network; each dynamic block
+    counts its executed FLOPs (maskers and downsample included) in place of its dense ones.
+    """
+    from dynas.predictors.flops import dense_flops
+
+    static = float(dense_flops(model.config.backbone, model.config.input_size).total_flops)
+    executed = static
+    for r in model.flops_readout():
+        executed += float(r["executed_flops"].mean()) - (r["dense_flops"] - r["masker_flops"])
+    return static / executed
 
 
 def bench(config: Any, device: str = "cpu", batch_size: int = 1, threads: int | None = None,
@@ -122,6 +141,7 @@ def bench(config: Any, device: str = "cpu", batch_size: int = 1, threads: int | 
         dynamic.set_path("fast")
         fast = dynamic(x)
         max_abs_err = float((fast - ref).abs().max())
+        limit = flops_limit(dynamic)
         for _ in range(warmup):
             static(x)
             dynamic(x)
@@ -139,4 +159,4 @@ def bench(config: Any, device: str = "cpu", batch_size: int = 1, threads: int | 
         threads=torch.get_num_threads(), batch_size=batch_size, input_size=cfg.input_size, static_ms=s_ms,
         dynamic_ms=d_ms, speedup=s_ms / d_ms, static_spread_ms=_spread(t_static), dynamic_spread_ms=_spread(t_dynamic),
         max_abs_err=max_abs_err, repeats=repeats, torch_version=torch.__version__, memory_format=memory_format,
-        gate_mode=gate_mode)
+        gate_mode=gate_mode, flops_limit=limit)

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from dynas.kernels.gather import (
-    cl_matrix,
     conv_cols,
+    conv_matrix,
     conv_rows,
     derived_weight,
     flipped_in_matrix,
@@ -30,7 +30,7 @@ from dynas.kernels.gather import (
 )
 
 __all__ = ["conv2d", "onednn_ok", "ONEDNN", "TRANSPOSED_CONV", "FOLD_MIN_ROWS", "FOLD_MIN_MACS", "row_product",
-           "conv_inputs", "is_one_pixel", "one_pixel_conv", "gated_conv"]
+           "conv_inputs", "is_one_pixel", "one_pixel_conv", "window_rows", "gated_conv"]
 
 
 def conv2d(x: torch.Tensor, w: torch.Tensor, stride: int = 1, pad: int = 0, groups: int = 1) -> torch.Tensor:
@@ -130,16 +130,28 @@ def one_pixel_conv(h: torch.Tensor, conv: nn.Conv2d, rows: torch.Tensor | None,
     (``benchmarks/conv_columns.py``); the product runs at the rate of the block's other
     products (1.6-2.2x faster here).
     """
-    cin = conv.weight.shape[1]
-    m = derived_weight(conv, "cl_matrix", conv.weight, cl_matrix)  # [C_out, kh*kw*C_in], cached on the conv
-    if rows is not None:
-        m = m.index_select(0, rows)  # [|rows|, kh*kw*C_in]
-    if cols is not None:
-        # [C_out' * kh * kw, C_in] -> selected inputs [C_out' * kh * kw, |cols|] -> [C_out', kh*kw*|cols|]
-        m = m.reshape(-1, cin).index_select(1, cols).view(m.shape[0], -1)
+    m = conv_matrix(conv, rows, cols)  # [C_out', kh*kw*C]
     p = h.shape[0]
     y = row_product(h.permute(0, 2, 3, 1).reshape(p, -1), m)  # [P, kh, kw, C] -> [P, kh*kw*C] -> [P, C_out']
     return y.view(p, 1, 1, -1).permute(0, 3, 1, 2)  # [P, C_out', 1, 1], channels-last strides
+
+
+def window_rows(buf: torch.Tensor, top_left: torch.Tensor, kh: int, kw: int) -> torch.Tensor:
+    """The kh x kw windows of a channels-last map as matrix rows (im2col of chosen output pixels).
+
+    buf: [N, H, W, C] contiguous (a zero-padded map); top_left: [M] flat pixel index (over
+    N * H * W) of each window's top-left pixel, every window inside its sample's map
+    -> [M, kh * kw * C], each row in the order of :func:`~dynas.kernels.gather.conv_matrix`.
+    A window is kh runs of kw * C contiguous values, so the map seen as [T, kh, kw * C] with
+    strides (C, W * C, 1) (T = N * H * W - (kh - 1) * W - (kw - 1): the last top-left pixel
+    whose window stays inside the buffer) is every window at once, and one row gather copies
+    the chosen ones.  A convolution at M output pixels is then one matrix product of these rows.
+    """
+    buf = buf.contiguous()
+    n, h, w, c = buf.shape
+    t = n * h * w - (kh - 1) * w - (kw - 1)
+    windows = buf.as_strided((t, kh, kw * c), (c, w * c, 1))  # [T, kh, kw * C] overlapping view of buf
+    return windows.index_select(0, top_left).view(top_left.numel(), -1)  # [M, kh, kw * C] -> [M, kh * kw * C]
 
 
 def gated_conv(h: torch.Tensor, conv: nn.Conv2d, sel: torch.Tensor | None, stride: int, pad: int) -> torch.Tensor:

@@ -7,7 +7,7 @@ record of a pass.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -46,7 +46,8 @@ class DynamicBlock(SpatialPatches):
         self.stage_config = cfg
         self.paradigm = cfg.paradigm
         self.path = "fast"
-        self.reuse_input = False  # see _relu_shortcut
+        self.reuse_input = False  # see _writable_shortcut
+        self.input_nonnegative = False  # see _relu_shortcut
         self._last: tuple[int, dict[str, torch.Tensor]] | None = None  # batch size, decisions
         self._last_flops: dict[str, Any] | None = None
         self.spatial_masker: SpatialMasker | None = None
@@ -59,6 +60,8 @@ class DynamicBlock(SpatialPatches):
             if not isinstance(g, int) or g < 1 or spec.width % g or spec.width // g < 2:
                 raise ConfigError(f"channel_granularity={g!r} must divide block {spec.name}'s gated width {spec.width} into >= 2 groups")
             self.channel_group = g
+            # [n_groups, G]: the channels of each group (a selection of groups indexes its rows)
+            self.register_buffer("_channel_ids", torch.arange(spec.width).view(-1, g), persistent=False)
             self.channel_masker = ChannelMasker(spec.in_channels, spec.width // g, cfg.channel_density)
         if uses_layer(cfg.paradigm):
             self.layer_masker = LayerMasker(spec.in_channels, cfg.layer_rate)
@@ -169,17 +172,36 @@ class DynamicBlock(SpatialPatches):
             return []
         if "channel" not in dec:
             return [(samples, None)]
-        on = dec["channel"].index_select(0, samples) > 0.5  # [n, n_groups] bool
+        chan = dec["channel"]
+        on = (chan if samples.numel() == chan.shape[0] else chan.index_select(0, samples)) > 0.5  # [n, n_groups] bool
+        ids = self._channel_ids  # [n_groups, G] channel indices of each group
+        if on.shape[0] == 1:
+            return [(samples, ids[on[0]].flatten())]  # [k * G] selected channels, sorted
         uniq, inverse = torch.unique(on, dim=0, return_inverse=True)  # [u, n_groups], [n]
-        g = self.channel_group
-        offsets = torch.arange(g, device=samples.device)
-        parts = []
-        for u in range(uniq.shape[0]):
-            idx = samples[inverse == u]  # [n_u] batch indices with this selection
-            groups = uniq[u].nonzero().flatten()  # [k] selected groups, sorted
-            sel = (groups[:, None] * g + offsets).flatten()  # [k * G] selected channels, sorted
-            parts.append((idx, sel))
-        return parts
+        if uniq.shape[0] == 1:
+            return [(samples, ids[uniq[0]].flatten())]
+        return [(samples[inverse == u], ids[uniq[u]].flatten()) for u in range(uniq.shape[0])]
+
+    def _many_selections(self, x: torch.Tensor, samples: torch.Tensor, dec: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """Body outputs [n, C_out, H_out, W_out] of ``samples`` ([n] batch indices) in one pass
+        when they select different channels, as many each (budget and random gates always do):
+        the block kind's ``_batched_body``.  None where it has none, the samples share one
+        selection (then one part serves them all) or selection sizes differ."""
+        if self._batched_body is None or "channel" not in dec or samples.numel() < 2:
+            return None
+        chan = dec["channel"]
+        on = (chan if samples.numel() == chan.shape[0] else chan.index_select(0, samples)) > 0.5  # [n, n_groups] bool
+        counts = on.sum(dim=1)  # [n]
+        if bool((on == on[:1]).all()) or not bool((counts == counts[:1]).all()) or int(counts[0]) == 0:
+            return None
+        n = samples.numel()
+        # [n, n_groups, G] channel ids, the selected groups of each sample -> [n, k], each row sorted
+        sels = self._channel_ids.expand(n, *self._channel_ids.shape)[on].view(n, -1)
+        return self._batched_body(x if n == x.shape[0] else take_samples(x, samples), sels)
+
+    #: (x [n, C_in, H, W], sels [n, k] each sample's selected channels) -> body outputs
+    #: [n, C_out, H_out, W_out] before the shortcut; None where the block kind has no batched pass
+    _batched_body: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     def _empty(self, rows: int, h: int, w: int, like: torch.Tensor) -> torch.Tensor:
         """Body output when no gated channel is selected: the last BN applied to zeros."""
@@ -190,7 +212,6 @@ class DynamicBlock(SpatialPatches):
         # Compute every body first and write the output last: the output may reuse the shortcut's
         # memory, and every gather reads the unchanged input.
         n = x.shape[0]
-        ho, wo = self.spec.out_hw
         samples = torch.arange(n, device=x.device)
         if "layer" in dec:
             samples = (dec["layer"] > 0.5).nonzero().flatten()  # [n_on] samples whose body runs
@@ -199,38 +220,54 @@ class DynamicBlock(SpatialPatches):
             # one patch covers the whole map: the spatial decision is a per-sample gate
             samples = samples[dec["spatial"][:, 0, 0].index_select(0, samples) > 0.5]
             spatial = False
-        parts = self._channel_parts(samples, dec)
+        batched = None if spatial else self._many_selections(x, samples, dec)
+        parts = [] if batched is not None else self._channel_parts(samples, dec)
         base = self._shortcut(x)  # [N, C_out, H_out, W_out]
         if spatial:
             return self._spatial_forward(x, dec, parts, base)
-        if len(parts) == 1 and parts[0][0].numel() == n:
-            # every sample runs with one selection: no gather, no scatter
-            sel = parts[0][1]
-            y = self._empty(n, ho, wo, x) if sel is not None and sel.numel() == 0 else self._sparse_body(x, sel, DENSE_POOL)
-            return y.add_(base).relu_()
-        ys = []
-        for idx, sel in parts:
-            if sel is not None and sel.numel() == 0:
-                y = self._empty(idx.numel(), ho, wo, x)
-            else:
-                y = self._sparse_body(take_samples(x, idx), sel, DENSE_POOL)  # [n_u, C_out, H_out, W_out]
-            ys.append((idx, y.add_(take_samples(base, idx)).relu_()))
+        if batched is not None:
+            ys = [(samples, batched)]
+        else:
+            # per channel selection, its samples' bodies [n_u, C_out, H_out, W_out]; every sample
+            # with one selection: no gather
+            ys = [(idx, self._part_body(x if idx.numel() == n else take_samples(x, idx), sel)) for idx, sel in parts]
+        if len(ys) == 1 and ys[0][0].numel() == n:
+            return ys[0][1].add_(base).relu_()  # every sample ran: no scatter
+        ys = [(idx, y.add_(take_samples(base, idx)).relu_()) for idx, y in ys]
         out = self._relu_shortcut(base, x)  # samples whose body does not run: ReLU(shortcut)
         for idx, y in ys:
             out.index_copy_(0, idx, y)
         return out
 
-    def _relu_shortcut(self, base: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """ReLU(shortcut) as a tensor this block may write.
+    def _part_body(self, x: torch.Tensor, sel: torch.Tensor | None) -> torch.Tensor:
+        """Body output [n, C_out, H_out, W_out] of samples ``x`` that share selection ``sel``."""
+        if sel is not None and sel.numel() == 0:
+            return self._empty(x.shape[0], *self.spec.out_hw, x)
+        return self._sparse_body(x, sel, DENSE_POOL)
 
-        In place on the downsample output; for an identity shortcut, in place on the input when
-        ``reuse_input`` is set and autograd is off (``DynamicNet`` sets it: its block inputs are
-        intermediates nobody else reads), else into new memory of the same layout.
+    def _writable_shortcut(self, base: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The shortcut as a tensor this block may write.
+
+        The downsample output itself; for an identity shortcut, the input when ``reuse_input``
+        is set and autograd is off (``DynamicNet`` sets it: its block inputs are intermediates
+        nobody else reads), else a copy in the same layout.
         """
         if base is not x:
-            return base.relu_()
+            return base
         if self.reuse_input and not torch.is_grad_enabled():
-            return x.relu_()
+            return x
+        return x.clone()
+
+    def _relu_shortcut(self, base: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """ReLU(shortcut) as a tensor this block may write (see :meth:`_writable_shortcut`).
+
+        An identity shortcut whose input is known to be non-negative (``input_nonnegative``,
+        set by ``DynamicNet``: every block input there is a ReLU's output) is its own ReLU.
+        """
+        if base is x and self.input_nonnegative and self.reuse_input and not torch.is_grad_enabled():
+            return x
+        if base is not x or (self.reuse_input and not torch.is_grad_enabled()):
+            return self._writable_shortcut(base, x).relu_()
         return F.relu(x)
 
     # -- FLOPs -------------------------------------------------------------------------------

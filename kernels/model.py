@@ -102,6 +102,7 @@ class DynamicNet(nn.Module):
             old = getattr(parent, leaf)
             dyn.load_state_dict(old.state_dict(), strict=False)  # keep the static init of shared weights
             dyn.reuse_input = True  # block inputs are this network's intermediates (fast path only)
+            dyn.input_nonnegative = True  # ... and ReLU outputs (the stem's, or the previous block's)
             setattr(parent, leaf, dyn)
             self.block_names.append(path)
         if spec.family == "densenet":

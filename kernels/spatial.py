@@ -19,11 +19,20 @@ import torch
 import torch.nn.functional as F
 
 from dynas.errors import ConfigError
-from dynas.kernels.gather import pixel_rows, put_pixel_rows
+from dynas.kernels.convs import window_rows
+from dynas.kernels.gather import add_pixel_rows, pixel_rows, take_samples
 from dynas.kernels.maskers import SpatialMasker
 from dynas.spaces.backbones import BlockSpec, conv_out
 
-__all__ = ["Axis", "patch_axis", "window_table", "Geom", "DENSE_POOL", "SpatialPatches"]
+__all__ = ["Axis", "patch_axis", "window_table", "dense_min_patches", "Geom", "DENSE_POOL", "DENSE_HEAD_MIN_FRACTION", "ROWS_MAX_PATCH_PIXELS",
+           "SpatialPatches"]
+
+#: conv1 of a 1x1-conv1 block runs on the whole maps instead of gathered pixel rows when the
+#: active patches' windows need at least this fraction of the pixels
+DENSE_HEAD_MIN_FRACTION = 0.65
+#: patches of at most this many output pixels run the 3x3 conv as one matrix product of the
+#: active output pixels' windows (blocks with ``_tail_cols``) instead of a convolution per window
+ROWS_MAX_PATCH_PIXELS = 4
 
 
 def window_table(ax_h: "Axis", ax_w: "Axis", gh: int, gw: int) -> torch.Tensor:
@@ -36,6 +45,25 @@ def window_table(ax_h: "Axis", ax_w: "Axis", gh: int, gw: int) -> torch.Tensor:
     cc = c[None, :, None, :].expand(gh, gw, ax_h.mid_len, ax_w.mid_len)
     inside = (rr >= 0) & (rr < hm) & (cc >= 0) & (cc < wm)
     return torch.where(inside, rr * wm + cc, hm * wm).reshape(gh * gw, -1)
+
+
+def dense_min_patches(window_pix: torch.Tensor, mid_pixels: int, fraction: float) -> int:
+    """The fewest active patches per sample at which their windows are expected to need at
+    least ``fraction`` of the intermediate map's ``mid_pixels`` pixels, the patches chosen
+    uniformly at random (patches + 1 where no count is).
+
+    window_pix: [G, L_h * L_w] (:func:`window_table`).  A pixel that ``c`` of the G windows cover
+    is needed unless all of them are off: probability 1 - C(G - c, p) / C(G, p) with p active.
+    """
+    g = window_pix.shape[0]
+    cover = torch.bincount(window_pix.flatten(), minlength=mid_pixels + 1)[:mid_pixels].double()  # [H_m * W_m]
+    p = torch.arange(g + 1, dtype=torch.float64)  # [G + 1] active patches
+    off = torch.ones(mid_pixels, g + 1, dtype=torch.float64)  # P(all c covering windows off), per pixel and p
+    for i in range(int(cover.max()) if mid_pixels else 0):
+        off = off * torch.where(cover[:, None] > i, ((g - p - i) / (g - i)).clamp(min=0.0), torch.ones_like(p))
+    needed = 1.0 - off.mean(dim=0)  # [G + 1] expected fraction of needed pixels
+    enough = (needed >= fraction).nonzero().flatten()
+    return int(enough[0]) if enough.numel() else g + 1
 
 
 @dataclass
@@ -95,11 +123,16 @@ def patch_axis(size_in: int, patch: int, grid: int, chain: tuple[tuple[int, int,
 class SpatialPatches:
     """The spatial gates' part of :class:`~dynas.kernels.dynamic.DynamicBlock` (a mixin of it).
 
-    It uses the block's ``spec``, ``_chain``, ``_sparse_body`` / ``_tail`` / ``_head_rows``
-    (the block kind's body on gathered rows) and ``_empty`` / ``_relu_shortcut`` (the mixin's).
+    It uses the block's ``spec``, ``_chain``, ``_sparse_body`` / ``_tail`` / ``_head_rows`` /
+    ``_head_map`` / ``_tail_cols`` (the block kind's body on gathered rows) and ``_empty`` /
+    ``_writable_shortcut`` (the mixin's).
     """
 
     spec: BlockSpec
+    #: (buf [n, H_p, W_p, k] zero-padded conv1 output, top_left [M] flat pixels of buf, sel) ->
+    #: [M, C_out] rows: the rest of the body at M output pixels, or None where the block kind
+    #: has no such path (then the 3x3 conv runs on the windows)
+    _tail_cols: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None
 
     def _init_spatial(self, spec: BlockSpec, s: object, rate: float) -> None:
         """Patches of side ``s``: the masker, the gather geometry and its index tables."""
@@ -111,9 +144,22 @@ class SpatialPatches:
         self.spatial_masker = SpatialMasker(spec.in_channels, self.grid_hw, rate)
         chain = self._chain()
         self._axes = (patch_axis(spec.in_hw[0], s, self.grid_hw[0], chain), patch_axis(spec.in_hw[1], s, self.grid_hw[1], chain))
-        # flat output pixel offsets of one SxS patch, [S*S] (row-major inside the patch)
-        self.register_buffer("_patch_pix", (torch.arange(s)[:, None] * wo + torch.arange(s)).flatten(), persistent=False)
-        self.register_buffer("_window_pix", window_table(*self._axes, *self.grid_hw), persistent=False)
+        gh, gw = self.grid_hw
+        ax_h, ax_w = self._axes
+        wp = ax_w.grid_len(gw)  # width of the zero-padded intermediate buffer (``_spatial_mid``)
+        a = torch.arange(s)
+        r = (torch.arange(gh)[:, None] * s + a)[:, None, :, None]  # [gh, 1, S, 1] output rows of each patch
+        c = (torch.arange(gw)[:, None] * s + a)[None, :, None, :]  # [1, gw, 1, S] output cols
+        stride = chain[1][1]
+        # per patch g = i * gw + j, [G, S*S] in (row, col) order: the flat output pixel of a sample's
+        # map, and the flat top-left pixel of its 3x3 window in the padded buffer (row r * stride)
+        self.register_buffer("_patch_out", (r * wo + c).reshape(gh * gw, s * s), persistent=False)
+        self.register_buffer("_patch_tl", (r * stride * wp + c * stride).reshape(gh * gw, s * s), persistent=False)
+        # [G]: flat top-left pixel of each patch's window in the padded buffer
+        self.register_buffer("_window_tl", (torch.arange(gh)[:, None] * ax_h.mid_step * wp
+                                            + torch.arange(gw) * ax_w.mid_step).flatten(), persistent=False)
+        self.register_buffer("_window_pix", window_table(ax_h, ax_w, gh, gw), persistent=False)
+        self._dense_min_patches = dense_min_patches(self._window_pix, ax_h.mid_size * ax_w.mid_size, DENSE_HEAD_MIN_FRACTION)
 
     def _spatial_forward(self, x: torch.Tensor, dec: dict[str, torch.Tensor], parts: list[tuple[torch.Tensor, torch.Tensor | None]],
                          base: torch.Tensor) -> torch.Tensor:
@@ -122,34 +168,31 @@ class SpatialPatches:
         shortcut), ReLU(shortcut) elsewhere."""
         ho, wo = self.spec.out_hw
         s = self.granularity
+        n = x.shape[0]
         ys = []
         padded = None  # the zero-padded input that region reads use, made once for all parts
         for idx, sel in parts:
-            active = dec["spatial"].index_select(0, idx) > 0.5  # [n_u, gh, gw]
-            pn, pi, pj = active.nonzero(as_tuple=True)  # [P] each: local sample, grid row, grid col
+            whole = idx.numel() == n  # idx is then arange(n): no sample gathers
+            active = (dec["spatial"] if whole else dec["spatial"].index_select(0, idx)) > 0.5  # [n_u, gh, gw]
+            pn, pg = active.view(idx.numel(), -1).nonzero(as_tuple=True)  # [P] each: local sample, patch (i * gw + j)
             if pn.numel() == 0:
                 continue
             if sel is not None and sel.numel() == 0:
-                y = self._empty(pn.numel(), s, s, x)  # [P, C_out, S, S]
+                y = pixel_rows(self._empty(pn.numel(), s, s, x))  # [P * S * S, C_out]
             elif self._chain()[0] == (1, 1, 0):
-                y = self._spatial_mid(x, idx, active, pn, pi, pj, sel)
+                y = self._spatial_mid(x, idx, pn, pg, sel)
             else:
                 if padded is None:
                     padded = self._padded_input(x)
-                y = self._spatial_regions(padded, idx, pn, pi, pj, sel)
-            ys.append((idx[pn], pi, pj, y))
-        base_pix = pixel_rows(base)  # [N * H_out * W_out, C_out]; a view when channels-last
-        offsets = self._patch_pix  # [S*S]
-        writes = []
-        for nb, pi, pj, y in ys:
-            # pixel rows of the active patches: [P, 1] + [S*S] -> [P * S * S], in y's (p, a, b) order
-            pix = (((nb * ho + pi * s) * wo + pj * s)[:, None] + offsets).flatten()
-            y_pix = pixel_rows(y)  # [P, C_out, S, S] -> [P * S * S, C_out]
-            writes.append((pix, y_pix.add_(base_pix.index_select(0, pix)).relu_()))
-        out = self._relu_shortcut(base, x)  # positions whose body does not run: ReLU(shortcut)
-        for pix, y_pix in writes:
-            put_pixel_rows(out, pix, y_pix)  # patches are disjoint: a plain copy
-        return out
+                y = pixel_rows(self._spatial_regions(padded, idx, pn, pg, sel))  # [P, C_out, S, S] -> rows
+            nb = pn if whole else idx[pn]  # [P] batch index of each patch
+            # pixel rows of the active patches: [P, 1] + [P, S*S] -> [P * S * S], in y's (p, a, b) order
+            ys.append((((nb * (ho * wo))[:, None] + self._patch_out.index_select(0, pg)).flatten(), y))
+        # shortcut + patch rows, then one ReLU over the map (patches are disjoint: each row is added once)
+        out = self._writable_shortcut(base, x)
+        for pix, y in ys:
+            add_pixel_rows(out, pix, y)
+        return out.relu_()
 
     def _se_geom(self, pn: torch.Tensor, n_u: int, valid: torch.Tensor | None = None) -> Geom:
         """SE squeeze/expand over the P gathered patches of ``n_u`` samples (``pn``: [P] local sample)."""
@@ -166,8 +209,8 @@ class SpatialPatches:
         ax_h, ax_w = self._axes
         return F.pad(x, (ax_w.pad_lo, ax_w.pad_hi, ax_h.pad_lo, ax_h.pad_hi))
 
-    def _spatial_regions(self, xp: torch.Tensor, idx: torch.Tensor, pn: torch.Tensor, pi: torch.Tensor,
-                         pj: torch.Tensor, sel: torch.Tensor | None) -> torch.Tensor:
+    def _spatial_regions(self, xp: torch.Tensor, idx: torch.Tensor, pn: torch.Tensor, pg: torch.Tensor,
+                         sel: torch.Tensor | None) -> torch.Tensor:
         """Active patches [P, C_out, S, S] from regions of the *input* that carry the whole halo.
 
         Used when conv1 is not a 1x1 stride-1 conv (basic blocks): conv1 runs on each region,
@@ -176,6 +219,7 @@ class SpatialPatches:
         """
         ax_h, ax_w = self._axes
         nb = idx[pn]  # [P] batch index of each patch
+        pi, pj = pg // self.grid_hw[1], pg % self.grid_hw[1]  # [P] grid row, grid col
         rows = (pi * ax_h.step)[:, None] + torch.arange(ax_h.region, device=xp.device)  # [P, R_h]
         cols = (pj * ax_w.step)[:, None] + torch.arange(ax_w.region, device=xp.device)  # [P, R_w]
         # advanced indices around a slice go first: [P, R_h, R_w, C_in] -> [P, C_in, R_h, R_w]
@@ -187,39 +231,50 @@ class SpatialPatches:
         valid = (vr[:, :, None] & vc[:, None, :])[:, None].to(xp.dtype)  # [P, 1, M_h, M_w]
         return self._sparse_body(regions, sel, self._se_geom(pn, idx.numel(), valid))  # [P, C_out, S, S]
 
-    def _spatial_mid(self, x: torch.Tensor, idx: torch.Tensor, active: torch.Tensor, pn: torch.Tensor,
-                     pi: torch.Tensor, pj: torch.Tensor, sel: torch.Tensor | None) -> torch.Tensor:
-        """Active patches [P, C_out, S, S] for blocks whose conv1 is 1x1, stride 1.
+    def _spatial_mid(self, x: torch.Tensor, idx: torch.Tensor, pn: torch.Tensor, pg: torch.Tensor,
+                     sel: torch.Tensor | None) -> torch.Tensor:
+        """Rows [P * S * S, C_out] of the active patches (in (patch, row, col) order) for blocks
+        whose conv1 is 1x1, stride 1.
 
         conv1 runs once per needed pixel (the union of the active patches' windows of the 3x3
-        conv's input, halo included) as a matrix product on gathered pixel rows; its output is
-        scattered into a zeroed channels-last buffer (zero = the 3x3 conv's padding), and each
-        active patch's window is read from that buffer as a strided view.
+        conv's input, halo included) on gathered pixel rows, or on the whole maps when that
+        union is expected to be most of them (:data:`DENSE_HEAD_MIN_FRACTION`; the table
+        ``_dense_min_patches``), into a zero-padded channels-last buffer (zero = the 3x3 conv's
+        padding).  The 3x3 conv then reads each active patch's window from it
+        (:func:`~dynas.kernels.convs.window_rows`), or, for small patches
+        (:data:`ROWS_MAX_PATCH_PIXELS`) where a convolution over many tiny windows runs far
+        below its rate, runs as one matrix product of the active output pixels' windows.
         """
         ax_h, ax_w = self._axes
-        n_u = idx.numel()
+        n_u, whole = idx.numel(), idx.numel() == x.shape[0]
         hm, wm = ax_h.mid_size, ax_w.mid_size  # conv1 output = block input size
-        # needed[n, r, c]: some active window covers mid pixel (r, c); windows start at i*step - off
-        gw = self.grid_hw[1]
-        # mark the mid pixels of every active window: slot H_m*W_m of each sample is the dump
-        # for window positions in the padding
-        need = torch.zeros(n_u, hm * wm + 1, dtype=torch.bool, device=x.device)
-        hits = (pn[:, None] * (hm * wm + 1) + self._window_pix.index_select(0, pi * gw + pj)).flatten()  # [P * L_h * L_w]
-        need.view(-1).index_fill_(0, hits, True)
-        mn, mflat = need[:, :-1].nonzero(as_tuple=True)  # [M] each: local sample, flat mid pixel
-        mr, mc = mflat // wm, mflat % wm
-        rows = pixel_rows(x).index_select(0, idx[mn] * (hm * wm) + mflat)  # [M, C_in]
-        h = self._head_rows(rows, sel)  # [M, k], k = |sel|
-        k = h.shape[1]
         hp, wp = ax_h.grid_len(self.grid_hw[0]), ax_w.grid_len(self.grid_hw[1])
-        # zero-padded channels-last intermediate map [n_u, H_p, W_p, k] as rows [n_u * H_p * W_p, k]
-        buf = x.new_zeros(n_u * hp * wp, k)
-        buf.index_copy_(0, (mn * hp + mr + ax_h.mid_off) * wp + mc + ax_w.mid_off, h)
-        # window (i, j) of sample n starts at row i * step_h, col j * step_w of the padded map:
-        # strided view [n_u, gh, gw, L_h, L_w, k]; the active ones -> [P, L_h, L_w, k]
-        # -> [P, k, L_h, L_w] with channels-last strides
-        gh, gw = self.grid_hw
-        win = buf.as_strided((n_u, gh, gw, ax_h.mid_len, ax_w.mid_len, k),
-                             (hp * wp * k, ax_h.mid_step * wp * k, ax_w.mid_step * k, wp * k, k, 1))
-        regions = win[pn, pi, pj].permute(0, 3, 1, 2)
-        return self._tail(regions, sel, self._se_geom(pn, n_u))  # [P, C_out, S, S]
+        if pn.numel() >= self._dense_min_patches * n_u:
+            # conv1 on every pixel of the samples: no row gather, no scatter
+            h = self._head_map(x if whole else take_samples(x, idx), sel)  # [n_u, k, H_m, W_m]
+            k = h.shape[1]
+            # [n_u, H_m, W_m, k] -> zero-padded [n_u, H_p, W_p, k]
+            buf = F.pad(h.permute(0, 2, 3, 1), (0, 0, ax_w.mid_off, wp - wm - ax_w.mid_off, ax_h.mid_off, hp - hm - ax_h.mid_off))
+        else:
+            # mark the mid pixels of every active window: slot H_m*W_m of each sample is the dump
+            # for window positions in the padding
+            need = torch.zeros(n_u, hm * wm + 1, dtype=torch.bool, device=x.device)
+            hits = ((pn * (hm * wm + 1))[:, None] + self._window_pix.index_select(0, pg)).flatten()  # [P * L_h * L_w]
+            need.view(-1).index_fill_(0, hits, True)
+            mn, mflat = need[:, :-1].nonzero(as_tuple=True)  # [M] each: local sample, flat mid pixel
+            rows = pixel_rows(x).index_select(0, (mn if whole else idx[mn]) * (hm * wm) + mflat)  # [M, C_in]
+            h = self._head_rows(rows, sel)  # [M, k], k = |sel|
+            k = h.shape[1]
+            # zero-padded channels-last intermediate map [n_u, H_p, W_p, k] as rows [n_u * H_p * W_p, k]
+            buf = x.new_zeros(n_u, hp, wp, k)
+            buf.view(-1, k).index_copy_(0, (mn * hp + mflat // wm + ax_h.mid_off) * wp + mflat % wm + ax_w.mid_off, h)
+        s = self.granularity
+        if s * s <= ROWS_MAX_PATCH_PIXELS and self._tail_cols is not None:
+            # the 3x3 conv at the active output pixels: [P, 1] + [P, S*S] -> [P * S * S] window top-left pixels
+            top_left = ((pn * (hp * wp))[:, None] + self._patch_tl.index_select(0, pg)).flatten()
+            return self._tail_cols(buf, top_left, sel)  # [P * S * S, C_out]
+        # each active patch's window, [P, L_h * L_w * k] -> [P, L_h, L_w, k] -> [P, k, L_h, L_w] channels-last
+        lh, lw = ax_h.mid_len, ax_w.mid_len
+        win = window_rows(buf, pn * (hp * wp) + self._window_tl.index_select(0, pg), lh, lw)
+        regions = win.view(-1, lh, lw, k).permute(0, 3, 1, 2)
+        return pixel_rows(self._tail(regions, sel, self._se_geom(pn, n_u)))  # [P, C_out, S, S] -> [P * S * S, C_out]

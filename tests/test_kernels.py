@@ -118,6 +118,7 @@ def test_fast_matches_reference(key, paradigm, rate, gi, batch, device):
                          ids=lambda k: f"{k[0]}-s{k[1]}b{k[2]}")
 def test_one_pixel_patches_run_conv2_as_one_matrix_product(key, paradigm, monkeypatch):
     # 1x1 patches: the 3x3 conv sees windows of exactly its size and runs as [P, 9C] @ [9C, C_out]
+    # (basic blocks: windows gathered as [P, C, 3, 3]; bottlenecks: window rows of conv1's buffer)
     spec = _block_spec(*key)
     blk = build_block(spec, _stage(paradigm, 0.5, 1, spec.width // 8))
     torch.manual_seed(1)
@@ -125,12 +126,13 @@ def test_one_pixel_patches_run_conv2_as_one_matrix_product(key, paradigm, monkey
     blk.eval()
     _set_mode(blk, "budget")
     calls = []
-    real = blocks.one_pixel_conv
-    monkeypatch.setattr(blocks, "one_pixel_conv", lambda *a: calls.append(a[0].shape) or real(*a))
+    real, real_rows = blocks.one_pixel_conv, blocks.window_rows
+    monkeypatch.setattr(blocks, "one_pixel_conv", lambda *a: calls.append(tuple(a[0].shape[-2:])) or real(*a))
+    monkeypatch.setattr(blocks, "window_rows", lambda buf, tl, kh, kw: calls.append((kh, kw)) or real_rows(buf, tl, kh, kw))
     x = torch.randn(3, spec.in_channels, *spec.in_hw, generator=torch.Generator().manual_seed(2))
     fast, ref, _ = _both(blk, x)
     torch.testing.assert_close(fast, ref, atol=ATOL, rtol=RTOL)
-    assert calls and all(tuple(c[-2:]) == (3, 3) for c in calls)  # [P, C, 3, 3] windows
+    assert calls and all(c == (3, 3) for c in calls)  # 3x3 windows, one product each
 
 
 @pytest.mark.parametrize("paradigm", DYNAMIC)
