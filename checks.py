@@ -29,8 +29,15 @@ def _is_number(value: Any) -> bool:
     return not isinstance(value, bool) and isinstance(value, (int, float))
 
 
-def check_int(name: str, value: Any, minimum: int, maximum: int | None = None, *, numpy: bool = False,
-              error: type[DynasError] = ConfigError) -> int:
+def check_int(
+    name: str,
+    value: Any,
+    minimum: int,
+    maximum: int | None = None,
+    *,
+    numpy: bool = False,
+    error: type[DynasError] = ConfigError,
+) -> int:
     """``value``, an int in ``minimum .. maximum`` (no upper bound if ``maximum`` is None).
 
     Anything else is ``name=value is out of range; allowed: an integer >= minimum[ and <=
@@ -48,24 +55,39 @@ def check_int(name: str, value: Any, minimum: int, maximum: int | None = None, *
     raise error(f"{name}={value!r} is out of range; allowed: an integer >= {minimum}{upper}")
 
 
-def check_number(name: str, value: Any, minimum: float, maximum: float, *, allowed: str,
-                 problem: str = "is out of range", error: type[DynasError] = ConfigError) -> float:
+def check_number(
+    name: str,
+    value: Any,
+    minimum: float,
+    maximum: float,
+    *,
+    allowed: str,
+    problem: str = "is out of range",
+    error: type[DynasError] = ConfigError,
+) -> float:
     """``value``, a finite int or float in ``[minimum, maximum]``; else ``name=value PROBLEM; allowed: ALLOWED``."""
     if not (_is_number(value) and math.isfinite(value) and minimum <= value <= maximum):
         raise error(f"{name}={value!r} {problem}; allowed: {allowed}")
     return value
 
 
-def check_positive(name: str, value: Any, *, allowed: str = "a number > 0", problem: str = "is out of range",
-                   error: type[DynasError] = ConfigError) -> float:
+def check_positive(
+    name: str,
+    value: Any,
+    *,
+    allowed: str = "a number > 0",
+    problem: str = "is out of range",
+    error: type[DynasError] = ConfigError,
+) -> float:
     """``value``, a finite int or float > 0; else ``name=value PROBLEM; allowed: ALLOWED``."""
     if not (_is_number(value) and math.isfinite(value) and value > 0):
         raise error(f"{name}={value!r} {problem}; allowed: {allowed}")
     return value
 
 
-def check_choice(name: str, value: Any, choices: Iterable[Any], *, problem: str = "is unknown",
-                 error: type[DynasError] = ConfigError) -> Any:
+def check_choice(
+    name: str, value: Any, choices: Iterable[Any], *, problem: str = "is unknown", error: type[DynasError] = ConfigError
+) -> Any:
     """The element of ``choices`` equal to ``value`` (a bool never equals a number here).
 
     Else ``name=value PROBLEM; allowed: c1, c2, ...``, the choices in the order given (pass

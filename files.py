@@ -28,8 +28,12 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, error: type[Dy
     return atomic_write_with(path, lambda fh: fh.write(data), error, fsync=False)
 
 
-def atomic_write_with(path: str | os.PathLike[str], write: Callable[[BinaryIO], object],
-                      error: type[DynasError] = DynasError, fsync: bool = True) -> Path:
+def atomic_write_with(
+    path: str | os.PathLike[str],
+    write: Callable[[BinaryIO], object],
+    error: type[DynasError] = DynasError,
+    fsync: bool = True,
+) -> Path:
     """:func:`atomic_write_bytes` where ``write(fh)`` writes the data into the open temporary
     file (e.g. ``torch.save``), so a large file need not be in memory first.  With ``fsync``
     the data reaches the disk before the rename, so even a power cut leaves the old file or
@@ -69,7 +73,9 @@ def _temporary_beside(path: Path, error: type[DynasError]) -> tuple[int, str]:
     """A new temporary file (descriptor, path) in ``path``'s folder; ``error`` if there cannot be one."""
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
-        raise error(f"output path={str(path)!r}: folder {str(folder)!r} does not exist; allowed: a path in an existing folder")
+        raise error(
+            f"output path={str(path)!r}: folder {str(folder)!r} does not exist; allowed: a path in an existing folder"
+        )
     try:
         return tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
     except OSError as exc:  # e.g. a read-only folder

@@ -38,10 +38,31 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="dynas-pareto-"))
     storage = f"sqlite:///{work / 'study.db'}"
-    rc = dynas_main(["search", "--backbone", args.backbone, "--target", args.target, "--trials", str(args.trials),
-                     "--batch-size", str(args.batch_size), "--storage", storage, "--study-name", "calibrated",
-                     "--seed", str(args.seed), "--html", str(work / "report.html"),
-                     "--export", str(work / "export.json"), "--no-progress", "-q"])
+    rc = dynas_main(
+        [
+            "search",
+            "--backbone",
+            args.backbone,
+            "--target",
+            args.target,
+            "--trials",
+            str(args.trials),
+            "--batch-size",
+            str(args.batch_size),
+            "--storage",
+            storage,
+            "--study-name",
+            "calibrated",
+            "--seed",
+            str(args.seed),
+            "--html",
+            str(work / "report.html"),
+            "--export",
+            str(work / "export.json"),
+            "--no-progress",
+            "-q",
+        ]
+    )
     if rc != 0:
         return rc
     study = optuna.load_study(study_name="calibrated", storage=storage)
@@ -59,9 +80,17 @@ def main(argv: list[str] | None = None) -> int:
     print("| config | predicted x | measured x | difference |")
     print("|---|---:|---:|---:|")
     for speedup, number, _ in picks:
-        r = bench(work / f"trial{number}.json", batch_size=args.batch_size, threads=args.threads,
-                  repeats=args.repeats, warmup=3, gate_mode="random")
-        print(f"| `{r.config}` | {speedup:.2f} | {r.speedup:.2f} | {100 * (speedup / r.speedup - 1):+.1f}% |", flush=True)
+        r = bench(
+            work / f"trial{number}.json",
+            batch_size=args.batch_size,
+            threads=args.threads,
+            repeats=args.repeats,
+            warmup=3,
+            gate_mode="random",
+        )
+        print(
+            f"| `{r.config}` | {speedup:.2f} | {r.speedup:.2f} | {100 * (speedup / r.speedup - 1):+.1f}% |", flush=True
+        )
     return 0
 
 

@@ -48,8 +48,10 @@ def timing_args(doc: str | None, argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = timing_args(__doc__, argv)
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} threads; median GMAC/s of F.conv2d on channels-last maps one row "
-          f"high, {POSITIONS} output positions per call (ratio to {WIDTHS[-1]} columns)")
+    print(
+        f"torch {torch.__version__}, {args.threads} threads; median GMAC/s of F.conv2d on channels-last maps one row "
+        f"high, {POSITIONS} output positions per call (ratio to {WIDTHS[-1]} columns)"
+    )
     print("| convolution | " + " | ".join(f"{w} col" for w in WIDTHS) + " |")
     print("|---|" + "---:|" * len(WIDTHS))
     with torch.inference_mode():

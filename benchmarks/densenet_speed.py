@@ -56,8 +56,14 @@ def main(argv: list[str] | None = None) -> int:
         for mode in args.gate_modes:
             cells, err = [], 0.0
             for b in args.batch_sizes:
-                r = bench({"backbone": args.backbone, "input_size": 224, "stages": stages}, batch_size=b,
-                          threads=args.threads, repeats=args.repeats, warmup=args.warmup, gate_mode=mode)
+                r = bench(
+                    {"backbone": args.backbone, "input_size": 224, "stages": stages},
+                    batch_size=b,
+                    threads=args.threads,
+                    repeats=args.repeats,
+                    warmup=args.warmup,
+                    gate_mode=mode,
+                )
                 cells.append(f"{r.static_ms:.1f} / {r.dynamic_ms:.1f} | **{r.speedup:.2f}x**")
                 err = max(err, r.max_abs_err)
             print(f"| {name} | {mode} | " + " | ".join(cells) + f" | {err:.1e} |", flush=True)

@@ -35,8 +35,11 @@ from dynas.search.study import SearchOptions, finished_trials, plan_search, run_
 
 
 def _steps_spent(study: optuna.Study, steps: int) -> int:
-    return sum(steps if t.state == TrialState.COMPLETE else int(t.user_attrs["stopped_at_step"])
-               for t in finished_trials(study) if "duplicate_of" not in t.user_attrs)
+    return sum(
+        steps if t.state == TrialState.COMPLETE else int(t.user_attrs["stopped_at_step"])
+        for t in finished_trials(study)
+        if "duplicate_of" not in t.user_attrs
+    )
 
 
 def _hv_at(study: optuna.Study, n: int) -> tuple[float, float]:
@@ -61,13 +64,25 @@ def main(argv: list[str] | None = None) -> int:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
     proxy = FinetuneProxy(steps=args.steps, checkpoints=3, pretrain_steps=200)
-    base = SearchOptions(backbone="resnet18", input_size=32, target="a100", proxy="finetune", trials=args.trials,
-                         seed=args.seed, show_progress=False)
+    base = SearchOptions(
+        backbone="resnet18",
+        input_size=32,
+        target="a100",
+        proxy="finetune",
+        trials=args.trials,
+        seed=args.seed,
+        show_progress=False,
+    )
     rows = []
     budget_s = None
     for rule in ("none", "dominance", "halving"):
-        options = dataclasses.replace(base, early_stop=rule, storage=optuna.storages.InMemoryStorage(),
-                                      trials=args.trials if rule == "none" else 10 * args.trials, timeout_s=budget_s)
+        options = dataclasses.replace(
+            base,
+            early_stop=rule,
+            storage=optuna.storages.InMemoryStorage(),
+            trials=args.trials if rule == "none" else 10 * args.trials,
+            timeout_s=budget_s,
+        )
         plan = dataclasses.replace(plan_search(options), proxy=proxy)
         plan.study_attrs()  # prepares the static backbone once (cached on the shared proxy), untimed
         t0 = time.perf_counter()
@@ -77,9 +92,17 @@ def main(argv: list[str] | None = None) -> int:
             budget_s = wall
         done = finished_trials(study)
         stopped = [t for t in done if t.state == TrialState.PRUNED]
-        row = {"early_stop": rule, "seed": args.seed, "steps_per_trial": args.steps, "wall_s": round(wall, 1),
-               "finished": len(done), "stopped": len(stopped), "train_steps": _steps_spent(study, args.steps),
-               "trials_per_hour": round(3600 * len(done) / wall, 1), "hypervolume": round(hypervolume(study), 3)}
+        row = {
+            "early_stop": rule,
+            "seed": args.seed,
+            "steps_per_trial": args.steps,
+            "wall_s": round(wall, 1),
+            "finished": len(done),
+            "stopped": len(stopped),
+            "train_steps": _steps_spent(study, args.steps),
+            "trials_per_hour": round(3600 * len(done) / wall, 1),
+            "hypervolume": round(hypervolume(study), 3),
+        }
         if rule != "none" and len(done) >= args.trials:
             hv_n, t_n = _hv_at(study, args.trials)
             row.update({f"hv_at_{args.trials}": round(hv_n, 3), f"s_at_{args.trials}": round(t_n, 1)})

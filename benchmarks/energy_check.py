@@ -27,14 +27,22 @@ from dynas.spaces.config import ArchConfig
 
 _MLPERF = "MLPerf Inference v3.0 closed/NVIDIA/results/{system}/resnet50/Offline/performance/run_1"
 PUBLISHED = [
-    {"target": "orin", "system": "Orin_TRT_MaxQ",
-     "measured": "Jetson AGX Orin devkit (2048-core GPU, 32 GB), whole kit at the wall; INT8 TensorRT 8.5.2, GPU + 2 DLAs",
-     "images_per_s": 3463.11, "watts": 22.7,  # samples 22.4-22.9 W over the run
-     "idle_watts": 6.5},  # samples 6.3-6.8 W before the load starts (orin.toml's static_power_w)
-    {"target": "a100", "system": "A100-PCIe-80GBx8_TRT_MaxQ",
-     "measured": "server with 8 x A100 PCIe 80GB (target: 1 x A100 SXM4 40GB), whole server at the wall; INT8 TensorRT",
-     "images_per_s": 256083.0, "watts": 2050.0,  # samples 2.04-2.07 kW over the run
-     "idle_watts": None},  # the server's, not the GPUs': not comparable to a board's static power
+    {
+        "target": "orin",
+        "system": "Orin_TRT_MaxQ",
+        "measured": "Jetson AGX Orin devkit (2048-core GPU, 32 GB), whole kit at the wall; INT8 TensorRT 8.5.2, GPU + 2 DLAs",
+        "images_per_s": 3463.11,
+        "watts": 22.7,  # samples 22.4-22.9 W over the run
+        "idle_watts": 6.5,
+    },  # samples 6.3-6.8 W before the load starts (orin.toml's static_power_w)
+    {
+        "target": "a100",
+        "system": "A100-PCIe-80GBx8_TRT_MaxQ",
+        "measured": "server with 8 x A100 PCIe 80GB (target: 1 x A100 SXM4 40GB), whole server at the wall; INT8 TensorRT",
+        "images_per_s": 256083.0,
+        "watts": 2050.0,  # samples 2.04-2.07 kW over the run
+        "idle_watts": None,
+    },  # the server's, not the GPUs': not comparable to a board's static power
 ]
 BATCHES = (1, 128)
 

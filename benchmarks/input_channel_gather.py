@@ -29,11 +29,29 @@ from dynas.spaces.config import load_config
 CASES = (
     ("resnet18", 3, {"paradigm": "channel", "channel_granularity": 256, "rate": 0.6}),
     ("resnet18", 3, {"paradigm": "layer+channel", "channel_granularity": 32, "rate": 0.7, "channel_rate": 0.5}),
-    ("resnet18", 3, {"paradigm": "spatial+channel", "spatial_granularity": 7, "channel_granularity": 32, "rate": 0.5,
-                     "channel_rate": 0.5}),
+    (
+        "resnet18",
+        3,
+        {
+            "paradigm": "spatial+channel",
+            "spatial_granularity": 7,
+            "channel_granularity": 32,
+            "rate": 0.5,
+            "channel_rate": 0.5,
+        },
+    ),
     ("resnet34", 3, {"paradigm": "channel", "channel_granularity": 32, "rate": 0.1}),
-    ("resnet34", 2, {"paradigm": "spatial+channel", "spatial_granularity": 2, "channel_granularity": 64, "rate": 0.5,
-                     "channel_rate": 0.5}),
+    (
+        "resnet34",
+        2,
+        {
+            "paradigm": "spatial+channel",
+            "spatial_granularity": 2,
+            "channel_granularity": 64,
+            "rate": 0.5,
+            "channel_rate": 0.5,
+        },
+    ),
     ("resnet18", 2, {"paradigm": "channel", "channel_granularity": 8, "rate": 0.4}),
     ("resnet18", 0, {"paradigm": "channel", "channel_granularity": 1, "rate": 0.5}),
 )
@@ -52,8 +70,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     torch.set_num_threads(args.threads)
     keep_freed_memory()
-    print(f"torch {torch.__version__}, {args.threads} threads, 224x224; median ms per network, column gather / row "
-          f"gather, {args.repeats} interleaved passes each (ratio > 1: the row gather is faster)")
+    print(
+        f"torch {torch.__version__}, {args.threads} threads, 224x224; median ms per network, column gather / row "
+        f"gather, {args.repeats} interleaved passes each (ratio > 1: the row gather is faster)"
+    )
     print("| backbone | stage | choice | batch | column gather ms | row gather ms | ratio |")
     print("|---|---:|---|---:|---:|---:|---:|")
     try:
@@ -76,8 +96,11 @@ def main(argv: list[str] | None = None) -> int:
                             if i >= args.warmup:
                                 times[way].append((time.perf_counter() - t0) * 1e3)
                 col_ms, row_ms = (statistics.median(times[w]) for w in ("column", "row"))
-                print(f"| {backbone} | {stage} | `{cfg.stages[stage].short()}` | {n} | {col_ms:.2f} | {row_ms:.2f} | "
-                      f"{col_ms / row_ms:.2f} |", flush=True)
+                print(
+                    f"| {backbone} | {stage} | `{cfg.stages[stage].short()}` | {n} | {col_ms:.2f} | {row_ms:.2f} | "
+                    f"{col_ms / row_ms:.2f} |",
+                    flush=True,
+                )
     finally:
         convs.TRANSPOSED_CONV = row_gather
     return 0

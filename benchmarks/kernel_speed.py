@@ -31,10 +31,14 @@ from dynas.kernels.bench import bench
 
 #: minimum speed-up per (paradigm family, batch size)
 TARGETS: dict[tuple[str, int], float] = {
-    ("layer", 1): 1.75, ("layer", 8): 1.75,
-    ("channel", 1): 1.5, ("channel", 8): 1.5,
-    ("spatial", 1): 1.3, ("spatial", 8): 1.4,
-    ("combined", 1): 1.4, ("combined", 8): 1.4,
+    ("layer", 1): 1.75,
+    ("layer", 8): 1.75,
+    ("channel", 1): 1.5,
+    ("channel", 8): 1.5,
+    ("spatial", 1): 1.3,
+    ("spatial", 8): 1.4,
+    ("combined", 1): 1.4,
+    ("combined", 8): 1.4,
 }
 #: ``--rates``: no configuration slower than static at any rate up to this one
 RULE_MAX_RATE, RULE_MIN_SPEEDUP = 0.7, 1.0
@@ -68,30 +72,59 @@ CONFIGS: dict[str, tuple[str, float, Any]] = {
 
 def _row(backbone: str, name: str, rate: float, batch: int, args: argparse.Namespace, rule: bool) -> dict[str, Any]:
     family, _, build = CONFIGS[name]
-    r = bench({"backbone": backbone, "input_size": 224, "stages": build(rate)}, device=args.device, batch_size=batch,
-              threads=args.threads, repeats=args.repeats, warmup=args.warmup, gate_mode=args.gates)
+    r = bench(
+        {"backbone": backbone, "input_size": 224, "stages": build(rate)},
+        device=args.device,
+        batch_size=batch,
+        threads=args.threads,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        gate_mode=args.gates,
+    )
     target = RULE_MIN_SPEEDUP if rule else TARGETS[(family, batch)]
-    return {"backbone": backbone, "name": name, "rate": rate, "batch": batch, "target": target,
-            "verdict": "pass" if r.speedup >= target else "MISS", "load_1min": os.getloadavg()[0], **r.to_dict()}
+    return {
+        "backbone": backbone,
+        "name": name,
+        "rate": rate,
+        "batch": batch,
+        "target": target,
+        "verdict": "pass" if r.speedup >= target else "MISS",
+        "load_1min": os.getloadavg()[0],
+        **r.to_dict(),
+    }
 
 
 def _print(row: dict[str, Any]) -> None:
     rate = f"{row['rate']:.2f}" if "+" not in row["name"] else f"{row['rate']:.2f} x {row['rate']:.2f}"
-    print(f"| {row['backbone']} | {row['name']} | {rate} | {row['batch']} "
-          f"| {row['static_ms']:.1f} ({row['static_spread_ms']:.1f}) | {row['dynamic_ms']:.1f} ({row['dynamic_spread_ms']:.1f}) "
-          f"| **{row['speedup']:.2f}x** | {row['flops_limit']:.2f}x | {row['speedup'] / row['flops_limit']:.0%} "
-          f"| >= {row['target']:.2f}x {row['verdict']} | {row['max_abs_err']:.1e} | {row['load_1min']:.1f} |", flush=True)
+    print(
+        f"| {row['backbone']} | {row['name']} | {rate} | {row['batch']} "
+        f"| {row['static_ms']:.1f} ({row['static_spread_ms']:.1f}) | {row['dynamic_ms']:.1f} ({row['dynamic_spread_ms']:.1f}) "
+        f"| **{row['speedup']:.2f}x** | {row['flops_limit']:.2f}x | {row['speedup'] / row['flops_limit']:.0%} "
+        f"| >= {row['target']:.2f}x {row['verdict']} | {row['max_abs_err']:.1e} | {row['load_1min']:.1f} |",
+        flush=True,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backbones", nargs="+", default=["resnet50", "resnet101"])
-    ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS), metavar="NAME",
-                    help=f"rows to run (default: all): {', '.join(CONFIGS)}")
+    ap.add_argument(
+        "--configs",
+        nargs="+",
+        default=list(CONFIGS),
+        choices=list(CONFIGS),
+        metavar="NAME",
+        help=f"rows to run (default: all): {', '.join(CONFIGS)}",
+    )
     ap.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8])
-    ap.add_argument("--rates", nargs="+", type=float, default=None,
-                    help=f"check the rule: every config at each of these rates (<= {RULE_MAX_RATE}) at least "
-                         f"{RULE_MIN_SPEEDUP}x; default: each config at its own rate against its target")
+    ap.add_argument(
+        "--rates",
+        nargs="+",
+        type=float,
+        default=None,
+        help=f"check the rule: every config at each of these rates (<= {RULE_MAX_RATE}) at least "
+        f"{RULE_MIN_SPEEDUP}x; default: each config at its own rate against its target",
+    )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
@@ -102,11 +135,15 @@ def main(argv: list[str] | None = None) -> int:
     bad = [r for r in args.rates or () if not 0 < r <= RULE_MAX_RATE]
     if bad:
         ap.error(f"--rates={bad[0]!r} is out of range; allowed: numbers in (0, {RULE_MAX_RATE}]")
-    print(f"torch {torch.__version__}, {args.threads} threads, {args.device}, pure-PyTorch kernels, "
-          f"{args.gates} gates, medians of {args.repeats} interleaved pairs; load average at start "
-          f"{os.getloadavg()[0]:.1f}")
-    print("| backbone | config | rate | batch | static ms (p10-p90) | dynamic ms (p10-p90) | speed-up | FLOPs limit "
-          "| of limit | target | max abs err | load |")
+    print(
+        f"torch {torch.__version__}, {args.threads} threads, {args.device}, pure-PyTorch kernels, "
+        f"{args.gates} gates, medians of {args.repeats} interleaved pairs; load average at start "
+        f"{os.getloadavg()[0]:.1f}"
+    )
+    print(
+        "| backbone | config | rate | batch | static ms (p10-p90) | dynamic ms (p10-p90) | speed-up | FLOPs limit "
+        "| of limit | target | max abs err | load |"
+    )
     print("|---|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|")
     rows = []
     for backbone in args.backbones:
@@ -116,8 +153,10 @@ def main(argv: list[str] | None = None) -> int:
                     rows.append(_row(backbone, name, rate, b, args, rule=args.rates is not None))
                     _print(rows[-1])
     misses = [r for r in rows if r["verdict"] != "pass"]
-    print(f"\n{len(rows) - len(misses)} of {len(rows)} cells meet their target; "
-          f"max abs err {max(r['max_abs_err'] for r in rows):.1e}")
+    print(
+        f"\n{len(rows) - len(misses)} of {len(rows)} cells meet their target; "
+        f"max abs err {max(r['max_abs_err'] for r in rows):.1e}"
+    )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

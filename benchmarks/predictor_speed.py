@@ -59,11 +59,15 @@ def main() -> None:
     times.sort()
     q = lambda f: times[min(len(times) - 1, int(f * len(times)))]  # noqa: E731
     print(f"{args.backbone} on {args.target}: first candidate (cold memo, incl. FLOP count) {cold_ms:.1f} ms")
-    print(f"after {args.warmup} warm-up candidates, {args.n} new candidates: median {statistics.median(times):.3f} ms, "
-          f"p90 {q(0.9):.3f} ms, max {times[-1]:.3f} ms per candidate")
+    print(
+        f"after {args.warmup} warm-up candidates, {args.n} new candidates: median {statistics.median(times):.3f} ms, "
+        f"p90 {q(0.9):.3f} ms, max {times[-1]:.3f} ms per candidate"
+    )
     clear_caches()
     predict(warm[0], args.target)
-    study = optuna.create_study(directions=["minimize", "maximize"], sampler=optuna.samplers.TPESampler(seed=0, multivariate=True, group=True))
+    study = optuna.create_study(
+        directions=["minimize", "maximize"], sampler=optuna.samplers.TPESampler(seed=0, multivariate=True, group=True)
+    )
     from dynas.predictors.proxy import get_proxy
 
     proxy = get_proxy("prior")
@@ -75,10 +79,12 @@ def main() -> None:
         pred = predict(cfg, args.target)
         search_times.append((time.perf_counter() - t0) * 1e3)
         study.tell(trial, [pred.latency_ms, proxy.score(cfg)])
-    tail = sorted(search_times[args.warmup:]) or sorted(search_times)
-    print(f"search workload (TPE, {args.trials} trials): median {statistics.median(tail):.3f} ms, p90 "
-          f"{tail[int(0.9 * (len(tail) - 1))]:.3f} ms per candidate over trials {args.warmup}..{args.trials}; "
-          f"all trials together {sum(search_times) / 1e3:.2f} s")
+    tail = sorted(search_times[args.warmup :]) or sorted(search_times)
+    print(
+        f"search workload (TPE, {args.trials} trials): median {statistics.median(tail):.3f} ms, p90 "
+        f"{tail[int(0.9 * (len(tail) - 1))]:.3f} ms per candidate over trials {args.warmup}..{args.trials}; "
+        f"all trials together {sum(search_times) / 1e3:.2f} s"
+    )
     print(f"reference simulator: ~900 ms per candidate -> median speed-up x{900 / statistics.median(times):.0f}")
 
 

@@ -36,7 +36,11 @@ def _random_configs(n: int, backbone: str, seed: int = 0) -> list[ArchConfig]:
                 stages.append(StageConfig())
                 continue
             sg = rng.choice(spatial_granularities(spec, s)) if p in ("spatial", "spatial+channel") else None
-            cg = rng.choice(channel_granularities(spec, s)) if p in ("channel", "spatial+channel", "layer+channel") else None
+            cg = (
+                rng.choice(channel_granularities(spec, s))
+                if p in ("channel", "spatial+channel", "layer+channel")
+                else None
+            )
             cr = rng.choice(rates) if p in ("spatial+channel", "layer+channel") else None
             stages.append(StageConfig(p, rng.choice(rates), sg, cg, cr))
         out.append(ArchConfig(backbone, spec.input_hw, tuple(stages)))
@@ -59,7 +63,9 @@ def main() -> None:
     by_paradigm = df.groupby("paradigm")["abs_error"].agg(["mean", "max"])
     print("\nper paradigm (points):")
     print(by_paradigm.to_string(float_format="{:.3f}".format))
-    print(f"\nLOO MAE {summary['mae']:.3f} points, max {summary['max_abs_error']:.3f} points over {summary['n_points']} points")
+    print(
+        f"\nLOO MAE {summary['mae']:.3f} points, max {summary['max_abs_error']:.3f} points over {summary['n_points']} points"
+    )
 
     proxy = PriorProxy()
     configs = _random_configs(2000, "resnet50")

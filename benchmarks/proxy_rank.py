@@ -55,8 +55,16 @@ def main(argv: list[str] | None = None) -> int:
             configs.append(cfg)
 
     x, y = synthetic_images(2048 + 512, (32, 32), seed=args.seed, noise=0.4, contrast=1.5, side_fraction=4)
-    torch.save({"train_images": x[:2048], "train_labels": y[:2048], "val_images": x[2048:], "val_labels": y[2048:],
-                "num_classes": 10}, args.data)  # [N, 3, 32, 32], [N]
+    torch.save(
+        {
+            "train_images": x[:2048],
+            "train_labels": y[:2048],
+            "val_images": x[2048:],
+            "val_labels": y[2048:],
+            "num_classes": 10,
+        },
+        args.data,
+    )  # [N, 3, 32, 32], [N]
     prior = PriorProxy()
     common = dict(data=args.data, checkpoints=1, pretrain_steps=args.pretrain_steps)
     proxies = {f"finetune_{b}": FinetuneProxy(steps=b, **common) for b in args.budgets}
@@ -77,14 +85,18 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     df.to_csv(args.out, index=False)
     names = ["prior", *[f"finetune_{b}" for b in args.budgets]]
-    summary = pd.DataFrame({
-        "proxy": names,
-        "spearman": [df[n].corr(df["reference"], method="spearman") for n in names],
-        "kendall": [df[n].corr(df["reference"], method="kendall") for n in names],
-        "s_per_config": [0.0 if n == "prior" else df[f"{n}_s"].median() for n in names],
-    })
+    summary = pd.DataFrame(
+        {
+            "proxy": names,
+            "spearman": [df[n].corr(df["reference"], method="spearman") for n in names],
+            "kendall": [df[n].corr(df["reference"], method="kendall") for n in names],
+            "s_per_config": [0.0 if n == "prior" else df[f"{n}_s"].median() for n in names],
+        }
+    )
     print(f"static backbone: {shared['top1']:.1f}% after {args.pretrain_steps} steps")
-    print(f"{len(df)} configs; reference: finetune {args.reference_steps} steps (median {df['reference_s'].median():.1f} s per config)")
+    print(
+        f"{len(df)} configs; reference: finetune {args.reference_steps} steps (median {df['reference_s'].median():.1f} s per config)"
+    )
     print(summary.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     print(f"wrote {args.out}")
     return 0

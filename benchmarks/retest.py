@@ -37,9 +37,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{table['networks'].sum()} networks in both tables")
     print("batch  networks  noise %  error std % (1st, 2nd)  corr  within 10 % (1st, 2nd, mean of both)")
     for r in table.itertuples(index=False):
-        print(f"{r.batch_size:5d}  {r.networks:8d}  {r.noise_pct:7.2f}  {r.error_std_pct_first:10.2f} "
-              f"{r.error_std_pct_second:6.2f}           {r.error_corr:5.2f}  {100 * r.within_10pct_first:5.0f} "
-              f"{100 * r.within_10pct_second:5.0f} {100 * r.within_10pct_mean:5.0f}")
+        print(
+            f"{r.batch_size:5d}  {r.networks:8d}  {r.noise_pct:7.2f}  {r.error_std_pct_first:10.2f} "
+            f"{r.error_std_pct_second:6.2f}           {r.error_corr:5.2f}  {100 * r.within_10pct_first:5.0f} "
+            f"{100 * r.within_10pct_second:5.0f} {100 * r.within_10pct_mean:5.0f}"
+        )
     return 0
 
 

@@ -43,9 +43,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     torch.set_num_threads(args.threads)
     thresholds = convs.FOLD_MIN_ROWS, convs.FOLD_MIN_MACS
-    print(f"torch {torch.__version__}, {args.threads} threads; median ms of F.linear / of the folded 1x1 convolution "
-          f"(ratio > 1: folding is faster); * = kernels/convs.py folds it "
-          f"(M >= {convs.FOLD_MIN_ROWS} and M*K*N >= {convs.FOLD_MIN_MACS:,})")
+    print(
+        f"torch {torch.__version__}, {args.threads} threads; median ms of F.linear / of the folded 1x1 convolution "
+        f"(ratio > 1: folding is faster); * = kernels/convs.py folds it "
+        f"(M >= {convs.FOLD_MIN_ROWS} and M*K*N >= {convs.FOLD_MIN_MACS:,})"
+    )
     print("| K -> N | " + " | ".join(f"M={m}" for m in ROWS) + " |")
     print("|---|" + "---:|" * len(ROWS))
     gen = torch.Generator().manual_seed(0)

@@ -44,8 +44,17 @@ WORKERS = (1, 2, 4)
 
 
 def one_run(storage: str, proxy: str, trials: int, workers: int) -> float:
-    options = SearchOptions(backbone="resnet18", target="a100", proxy=proxy, trials=trials, workers=workers,
-                            storage=storage, study_name=f"bench-{uuid.uuid4().hex[:8]}", show_progress=False, seed=0)
+    options = SearchOptions(
+        backbone="resnet18",
+        target="a100",
+        proxy=proxy,
+        trials=trials,
+        workers=workers,
+        storage=storage,
+        study_name=f"bench-{uuid.uuid4().hex[:8]}",
+        show_progress=False,
+        seed=0,
+    )
     plan = plan_search(options)
     plan.study_attrs()  # proxy fit and FLOP tables: once per process, not timed
     start = time.perf_counter()
@@ -77,11 +86,23 @@ def main() -> None:
                 for workers in WORKERS:
                     walls = [one_run(url(), proxy, trials, workers) for _ in range(args.repeats)]
                     wall_s = statistics.median(walls)
-                    rows.append(dict(storage=kind, proxy=proxy.rsplit(":", 1)[-1], workers=workers, trials=trials,
-                                     median_wall_s=wall_s, trials_per_s=trials / wall_s,
-                                     runs_s=" ".join(f"{w:.2f}" for w in walls)))
-                    print(f"{kind:10s} {proxy:36s} workers={workers}: median {wall_s:6.2f} s "
-                          f"({trials / wall_s:6.2f} trials/s)", file=sys.stderr, flush=True)
+                    rows.append(
+                        dict(
+                            storage=kind,
+                            proxy=proxy.rsplit(":", 1)[-1],
+                            workers=workers,
+                            trials=trials,
+                            median_wall_s=wall_s,
+                            trials_per_s=trials / wall_s,
+                            runs_s=" ".join(f"{w:.2f}" for w in walls),
+                        )
+                    )
+                    print(
+                        f"{kind:10s} {proxy:36s} workers={workers}: median {wall_s:6.2f} s "
+                        f"({trials / wall_s:6.2f} trials/s)",
+                        file=sys.stderr,
+                        flush=True,
+                    )
     df = pd.DataFrame(rows)
     base = df[df.workers == 1].set_index(["storage", "proxy"]).trials_per_s
     df["speedup_vs_1"] = [r.trials_per_s / base[(r.storage, r.proxy)] for r in df.itertuples()]

@@ -25,8 +25,18 @@ CHECKPOINTS = (50, 100, 250, 500, 1000)
 
 
 def _run(backbone: str, target: str, sampler: str, trials: int, seed: int) -> optuna.Study:
-    return run_search(SearchOptions(backbone=backbone, target=target, sampler=sampler, trials=trials, seed=seed,
-                                    storage=optuna.storages.InMemoryStorage(), study_name="bench", show_progress=False))
+    return run_search(
+        SearchOptions(
+            backbone=backbone,
+            target=target,
+            sampler=sampler,
+            trials=trials,
+            seed=seed,
+            storage=optuna.storages.InMemoryStorage(),
+            study_name="bench",
+            show_progress=False,
+        )
+    )
 
 
 def _union(studies: list[optuna.Study]) -> optuna.Study:
@@ -69,7 +79,10 @@ def main() -> None:
                         row[f"hv@{n}"] = sum(fr) / len(fr)
                 row["s/run"] = seconds[sampler]
                 rows.append(row)
-            print(pd.DataFrame(rows[-len(args.samplers):]).to_string(index=False, float_format=lambda v: f"{v:.3f}"), flush=True)
+            print(
+                pd.DataFrame(rows[-len(args.samplers) :]).to_string(index=False, float_format=lambda v: f"{v:.3f}"),
+                flush=True,
+            )
     print()
     print(f"Hypervolume after n trials / hypervolume of the reference front (mean of seeds {args.seeds}):")
     print(pd.DataFrame(rows).to_string(index=False, float_format=lambda v: f"{v:.3f}"))

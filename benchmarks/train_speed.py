@@ -78,8 +78,9 @@ class Trainee:
         return {p: b - a for p, a, b in zip(PHASES, t, t[1:])}
 
 
-def _interleaved(a: Trainee, b: Trainee, x: torch.Tensor, y: torch.Tensor, rounds: int, steps: int,
-                 warmup: int) -> tuple[list[dict], list[dict]]:
+def _interleaved(
+    a: Trainee, b: Trainee, x: torch.Tensor, y: torch.Tensor, rounds: int, steps: int, warmup: int
+) -> tuple[list[dict], list[dict]]:
     for _ in range(warmup):
         a.step(x, y)
         b.step(x, y)
@@ -151,21 +152,27 @@ def main(argv: list[str] | None = None) -> int:
     ts, td = _interleaved(static, dynamic, x, y, args.rounds, args.steps, args.warmup)
     step_s, step_d = _median(ts, lambda t: sum(t.values())), _median(td, lambda t: sum(t.values()))
     h, w = cfg.input_size
-    print(f"{cfg.backbone} @ {h}x{w}, batch {args.batch_size}, {device}, {torch.get_num_threads()} threads, "
-          f"{static.dtype or 'float32'}, torch {torch.__version__}; {args.rounds} x {args.steps} steps each, interleaved")
+    print(
+        f"{cfg.backbone} @ {h}x{w}, batch {args.batch_size}, {device}, {torch.get_num_threads()} threads, "
+        f"{static.dtype or 'float32'}, torch {torch.__version__}; {args.rounds} x {args.steps} steps each, interleaved"
+    )
     print(f"config: {cfg.short()}")
     print(f"static  {1000 * step_s:9.2f} ms/step  {args.batch_size / step_s:8.1f} images/s")
     print(f"dynamic {1000 * step_d:9.2f} ms/step  {args.batch_size / step_d:8.1f} images/s")
     print(f"dynamic / static step time: x{step_d / step_s:.3f}  (budget: at most x1.3)")
-    print(f"teacher forward (distillation, same for any config): {_teacher_ms(cfg, args.classes, x, static.dtype, 3):.2f} ms")
+    print(
+        f"teacher forward (distillation, same for any config): {_teacher_ms(cfg, args.classes, x, static.dtype, 3):.2f} ms"
+    )
     print("\nmedian ms per phase      static    dynamic   ratio")
     for p in PHASES:
         a, b = 1000 * _median(ts, lambda t: t[p]), 1000 * _median(td, lambda t: t[p])
         print(f"  {p:<20} {a:9.2f} {b:10.2f}   x{b / a if a else float('nan'):.2f}")
     ps, pd = _profile(static, x, y), _profile(dynamic, x, y)
-    rows = sorted(set(ps) | set(pd), key=lambda k: pd.get(k, 0) - ps.get(k, 0), reverse=True)[:args.top]
-    print(f"\noperators, self time in one profiled step (ms), by growth: static {sum(ps.values()):.1f}, "
-          f"dynamic {sum(pd.values()):.1f}")
+    rows = sorted(set(ps) | set(pd), key=lambda k: pd.get(k, 0) - ps.get(k, 0), reverse=True)[: args.top]
+    print(
+        f"\noperators, self time in one profiled step (ms), by growth: static {sum(ps.values()):.1f}, "
+        f"dynamic {sum(pd.values()):.1f}"
+    )
     for k in rows:
         print(f"  {k[:44]:<44} {ps.get(k, 0):9.2f} {pd.get(k, 0):10.2f}  {pd.get(k, 0) - ps.get(k, 0):+9.2f}")
     return 0

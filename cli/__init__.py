@@ -59,10 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="also log every Optuna trial")
     # The same flags after the subcommand; SUPPRESS keeps them from resetting the global ones.
     parent = Parser(add_help=False)
-    parent.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
-                        help="only warnings and errors on stderr")
-    parent.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
-                        help="also log every Optuna trial")
+    parent.add_argument(
+        "-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="only warnings and errors on stderr"
+    )
+    parent.add_argument(
+        "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="also log every Optuna trial"
+    )
     parser.add_argument("--version", action="version", version=f"dynas {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for commands in (predict, search, measure, train):
@@ -147,4 +149,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(f"{exc.filename or ''}: {exc.strerror or exc}", 1)
     finally:
         restore()
-

@@ -20,9 +20,26 @@ from typing import Any, Callable, Sequence
 from dynas.errors import DynasError
 
 __all__ = [
-    "UsageError", "Parser", "Formatter", "add_command", "default_of", "torch_default", "TORCH_DEFAULTS",
-    "image_size", "str_list", "int_list", "int_at_least", "positive_int", "nonneg_int", "number", "positive_number",
-    "safe_name", "check_output", "frame_text", "table", "echo",
+    "UsageError",
+    "Parser",
+    "Formatter",
+    "add_command",
+    "default_of",
+    "torch_default",
+    "TORCH_DEFAULTS",
+    "image_size",
+    "str_list",
+    "int_list",
+    "int_at_least",
+    "positive_int",
+    "nonneg_int",
+    "number",
+    "positive_number",
+    "safe_name",
+    "check_output",
+    "frame_text",
+    "table",
+    "echo",
 ]
 
 
@@ -61,8 +78,14 @@ class Formatter(argparse.RawDescriptionHelpFormatter):
         return text
 
 
-def add_command(sub: Any, parent: argparse.ArgumentParser, name: str, func: Callable[[argparse.Namespace], int],
-                help: str, description: str) -> argparse.ArgumentParser:
+def add_command(
+    sub: Any,
+    parent: argparse.ArgumentParser,
+    name: str,
+    func: Callable[[argparse.Namespace], int],
+    help: str,
+    description: str,
+) -> argparse.ArgumentParser:
     """Add subcommand ``name`` to ``sub`` (the root parser's subparsers): it takes ``parent`` 's
     flags (-q/-v), shows defaults with :class:`Formatter` and runs ``func(args)``."""
     p = sub.add_parser(name, parents=[parent], help=help, description=description, formatter_class=Formatter)

@@ -55,19 +55,33 @@ VALIDATE_REPEATS = 7  # timed passes per network of ``dynas validate``
 def _cmd_bench(args: argparse.Namespace) -> int:
     from dynas.kernels.bench import bench
 
-    r = bench(args.config, device=args.device, batch_size=args.batch_size, threads=args.threads,
-              repeats=args.repeats, warmup=args.warmup, memory_format=args.memory_format, gate_mode=args.gates)
+    r = bench(
+        args.config,
+        device=args.device,
+        batch_size=args.batch_size,
+        threads=args.threads,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        memory_format=args.memory_format,
+        gate_mode=args.gates,
+    )
     if args.json:
         echo(json.dumps(r.to_dict(), indent=2))
         return 0
     h, w = r.input_size
-    echo(f"{r.backbone} @ {h}x{w}, batch {r.batch_size}, {r.device}, {r.threads} threads, {r.memory_format}, torch {r.torch_version}")
-    how = {"budget": "exactly the configured rates, learned choice",
-           "random": "exactly the configured rates, random choice per sample"}[r.gate_mode]
+    echo(
+        f"{r.backbone} @ {h}x{w}, batch {r.batch_size}, {r.device}, {r.threads} threads, {r.memory_format}, torch {r.torch_version}"
+    )
+    how = {
+        "budget": "exactly the configured rates, learned choice",
+        "random": "exactly the configured rates, random choice per sample",
+    }[r.gate_mode]
     echo(f"config: {r.config}  ({r.gate_mode} gate mode: {how})")
     echo(f"static  {r.static_ms:9.3f} ms  (p10-p90 spread {r.static_spread_ms:.3f} ms)")
     echo(f"dynamic {r.dynamic_ms:9.3f} ms  (p10-p90 spread {r.dynamic_spread_ms:.3f} ms)")
-    echo(f"speed-up x{r.speedup:.2f} over {r.repeats} interleaved pairs; fast vs reference path max abs err {r.max_abs_err:.2e}")
+    echo(
+        f"speed-up x{r.speedup:.2f} over {r.repeats} interleaved pairs; fast vs reference path max abs err {r.max_abs_err:.2e}"
+    )
     return 0
 
 
@@ -96,8 +110,16 @@ def _progress(budget_s: float | None) -> Callable[..., None]:
 
     def report(done: int, elapsed: float, item: Any, m: Any) -> None:
         left = f"/{budget_s:.0f}" if budget_s is not None else ""
-        _logger.info("[%d networks, %.0f%s s] %s b%d %s: %.1f ms", done, elapsed, left, item.config.backbone,
-                     item.batch_size, item.config.short(), m.network_ms)
+        _logger.info(
+            "[%d networks, %.0f%s s] %s b%d %s: %.1f ms",
+            done,
+            elapsed,
+            left,
+            item.config.backbone,
+            item.batch_size,
+            item.config.short(),
+            m.network_ms,
+        )
 
     return report
 
@@ -123,8 +145,10 @@ def _read_calibrations(paths: str) -> Any:
         if "network_id" in df:
             ids = pd.to_numeric(df["network_id"], errors="coerce")
             if ids.isna().any():
-                raise UsageError(f"--measurements={path!r}: network_id={df['network_id'][ids.isna()].iloc[0]!r} is not "
-                                 "an integer; allowed: the integer ids dynas calibrate writes")
+                raise UsageError(
+                    f"--measurements={path!r}: network_id={df['network_id'][ids.isna()].iloc[0]!r} is not "
+                    "an integer; allowed: the integer ids dynas calibrate writes"
+                )
             df["network_id"] = ids.astype(int) + offset
             offset = int(df["network_id"].max()) + 1
         tables.append(df)
@@ -155,7 +179,9 @@ def _load_config_list(path: str) -> list[Any]:
     if isinstance(data, dict):
         data = [data]
     if not isinstance(data, list) or not data:
-        raise UsageError(f"--configs={path!r} holds no configs; allowed: a JSON config, a JSON list of configs, or JSON lines")
+        raise UsageError(
+            f"--configs={path!r} holds no configs; allowed: a JSON config, a JSON list of configs, or JSON lines"
+        )
     return [load_config(d) for d in data]
 
 
@@ -169,21 +195,32 @@ def _print_round_spread(df: Any) -> None:
     if noise is None:
         return
     spread, paired = noise.spread, noise.paired
-    echo(f"rounds: {spread['count']} networks measured more than once; the slowest round of each took a median "
-         f"{spread['median_pct']:.1f}% longer than its fastest (90th percentile {spread['p90_pct']:.1f}%): "
-         "the machine's own noise, kept apart from the model's error by keeping each fastest round")
+    echo(
+        f"rounds: {spread['count']} networks measured more than once; the slowest round of each took a median "
+        f"{spread['median_pct']:.1f}% longer than its fastest (90th percentile {spread['p90_pct']:.1f}%): "
+        "the machine's own noise, kept apart from the model's error by keeping each fastest round"
+    )
     if paired is not None:
-        echo(f"pairs: relative to its static network, the slowest round of each took a median "
-             f"{paired['median_pct']:.1f}% longer than its fastest (90th percentile {paired['p90_pct']:.1f}%): "
-             "the noise the pairs leave")
+        echo(
+            f"pairs: relative to its static network, the slowest round of each took a median "
+            f"{paired['median_pct']:.1f}% longer than its fastest (90th percentile {paired['p90_pct']:.1f}%): "
+            "the noise the pairs leave"
+        )
         if noise.busy:
-            _logger.warning("the machine was busy even for pairs: relative to their static networks, the rounds came "
-                            "out a median %.1f%% apart (more than %.0f%%); measure again when it is quieter",
-                            paired["median_pct"], QUIET_SPREAD_PCT)
+            _logger.warning(
+                "the machine was busy even for pairs: relative to their static networks, the rounds came "
+                "out a median %.1f%% apart (more than %.0f%%); measure again when it is quieter",
+                paired["median_pct"],
+                QUIET_SPREAD_PCT,
+            )
     elif noise.busy:
-        _logger.warning("the machine was busy: a median round spread of %.1f%% is more than %.0f%%, so single "
-                        "measurements are off by about as much as the +/-10%% a target aims at; measure again when "
-                        "it is quiet, or with --host-check pairs (or --rounds 4)", spread["median_pct"], QUIET_SPREAD_PCT)
+        _logger.warning(
+            "the machine was busy: a median round spread of %.1f%% is more than %.0f%%, so single "
+            "measurements are off by about as much as the +/-10%% a target aims at; measure again when "
+            "it is quiet, or with --host-check pairs (or --rounds 4)",
+            spread["median_pct"],
+            QUIET_SPREAD_PCT,
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -202,12 +239,24 @@ def _measure_calibration(args: argparse.Namespace, csv_path: str) -> Any:
     _set_threads(args.threads)
     plan = calibration_plan(args.backbones, args.input_size, args.batch_size, args.seed)  # checks the options
     first = next(plan)
-    _logger.info("calibrating on %s for about %.0f s, %d round(s)%s (progress per measured network)", args.device,
-                 args.budget_s, args.rounds, ", each pass paired with the static network's"
-                 if args.host_check == "pairs" else "")
-    rows = run_rounds(itertools.chain([first], plan), args.rounds, device=args.device, repeats=args.repeats,
-                      warmup=args.warmup, seed=args.seed, budget_s=args.budget_s,
-                      progress=_progress(args.budget_s / args.rounds), paired=args.host_check == "pairs")
+    _logger.info(
+        "calibrating on %s for about %.0f s, %d round(s)%s (progress per measured network)",
+        args.device,
+        args.budget_s,
+        args.rounds,
+        ", each pass paired with the static network's" if args.host_check == "pairs" else "",
+    )
+    rows = run_rounds(
+        itertools.chain([first], plan),
+        args.rounds,
+        device=args.device,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        seed=args.seed,
+        budget_s=args.budget_s,
+        progress=_progress(args.budget_s / args.rounds),
+        paired=args.host_check == "pairs",
+    )
     df = pd.DataFrame(rows)
     atomic_write_text(csv_path, df.to_csv(index=False))
     return df
@@ -220,14 +269,20 @@ def _print_fit(target: Any, comments: dict[str, str]) -> None:
     rows_out = [{"cost": k, "value": v, "meaning": comments[k]} for k, v in target.cpu._asdict().items()]
     echo(table(rows_out, ["cost", "value", "meaning"]))
     f = target.fit
-    echo(f"fit on {f['rows']} stem/stage/head rows ({f['outlier_rows']} disturbed rows left out): "
-         f"MAPE {f['parts_mape_pct']:.1f}%, {100 * f['parts_within_10pct']:.0f}% within +/-10%")
+    echo(
+        f"fit on {f['rows']} stem/stage/head rows ({f['outlier_rows']} disturbed rows left out): "
+        f"MAPE {f['parts_mape_pct']:.1f}%, {100 * f['parts_within_10pct']:.0f}% within +/-10%"
+    )
     if f.get("column_block_network_cv_mape_pct"):
-        echo(f"column block: {target.column_block} output columns per convolution step (held-out networks' MAPE by "
-             f"candidate, {CV_FOLDS}-fold: {f['column_block_network_cv_mape_pct']} %)")
+        echo(
+            f"column block: {target.column_block} output columns per convolution step (held-out networks' MAPE by "
+            f"candidate, {CV_FOLDS}-fold: {f['column_block_network_cv_mape_pct']} %)"
+        )
     else:
-        echo(f"column block: {target.column_block} output columns per convolution step (median error by candidate: "
-             f"{f['column_block_median_err_pct']} %)")
+        echo(
+            f"column block: {target.column_block} output columns per convolution step (median error by candidate: "
+            f"{f['column_block_median_err_pct']} %)"
+        )
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
@@ -245,20 +300,32 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     backbones = sorted(df["backbone"].astype(str).unique()) if "backbone" in df else list(args.backbones)
     batches = sorted(int(b) for b in df["batch_size"].unique())
     sources = ",".join(Path(f).name for f in args.measurements.split(",")) if args.measurements else Path(csv_path).name
-    target = fit_target(df, name, {**env, "calibration_csv": sources,
-                                   "backbones": ",".join(backbones), "batch_sizes": ",".join(map(str, batches))},
-                        default_batch_size=batches[0])
+    target = fit_target(
+        df,
+        name,
+        {
+            **env,
+            "calibration_csv": sources,
+            "backbones": ",".join(backbones),
+            "batch_sizes": ",".join(map(str, batches)),
+        },
+        default_batch_size=batches[0],
+    )
     comments = cost_comments(target.cpu)
     write_target(target, args.output, comments)
     n_nets = df["network_id"].nunique() if "network_id" in df else df["config"].nunique()
-    echo(f"{'read' if args.measurements else 'measured'} {n_nets} networks ({len(df)} rows) on "
-         f"{env.get('device_name', '?')}, {env.get('threads', '?')} threads, torch {env.get('torch_version', '?')}: "
-         f"{args.measurements or csv_path}")
+    echo(
+        f"{'read' if args.measurements else 'measured'} {n_nets} networks ({len(df)} rows) on "
+        f"{env.get('device_name', '?')}, {env.get('threads', '?')} threads, torch {env.get('torch_version', '?')}: "
+        f"{args.measurements or csv_path}"
+    )
     _print_fit(target, comments)
     _print_round_spread(df)
     if target.fit.get("host_normalized_networks"):
-        echo(f"pairs: {target.fit['host_normalized_networks']} networks fitted in units of the quietest host seen "
-             "(their times x their static network's fastest paired time / its time alongside them)")
+        echo(
+            f"pairs: {target.fit['host_normalized_networks']} networks fitted in units of the quietest host seen "
+            "(their times x their static network's fastest paired time / its time alongside them)"
+        )
     echo(f"target: {args.output}  (use it as --target {args.output}; check it with dynas validate)")
     return 0
 
@@ -274,14 +341,23 @@ def _host_ratio(target: Any, items: Sequence[Any], device: str, when: str) -> fl
     from dynas.kernels.calibrate import host_speed
     from dynas.results.validation import host_ratio
 
-    refs = host_speed(target.static_ms, sorted({(i.config.backbone, i.config.input_size, i.batch_size) for i in items}),
-                      device)
+    refs = host_speed(
+        target.static_ms, sorted({(i.config.backbone, i.config.input_size, i.batch_size) for i in items}), device
+    )
     for r in refs:
-        _logger.info("static %s, %s: %.2f ms, %.2f ms at calibration (x%.3f)", r["key"], when, r["measured_ms"],
-                     r["calibrated_ms"], r["ratio"])
+        _logger.info(
+            "static %s, %s: %.2f ms, %.2f ms at calibration (x%.3f)",
+            r["key"],
+            when,
+            r["measured_ms"],
+            r["calibrated_ms"],
+            r["ratio"],
+        )
     if not refs:
-        _logger.warning("target %s records no static network of these backbones, sizes and batch sizes: "
-                        "host speed not checked", target.name)
+        _logger.warning(
+            "target %s records no static network of these backbones, sizes and batch sizes: host speed not checked",
+            target.name,
+        )
     return host_ratio(refs)
 
 
@@ -303,12 +379,29 @@ def _measure_validation(args: argparse.Namespace, target: Any) -> Any:
     check = check if target.kind == "cpu" and target.static_ms else "none"
     before = _host_ratio(target, items, args.device, "before") if check != "none" else None
     reference = static_reference(target.static_ms, args.device) if check == "each" else None
-    _logger.info("measuring %d held-out networks on %s, %d round(s)%s", len(items), args.device, args.rounds,
-                 {"each": ", each followed by its static network",
-                  "pairs": ", each pass paired with the static network's"}.get(check, ""))
-    measured = pd.DataFrame(run_rounds(items, args.rounds, device=args.device, repeats=args.repeats,
-                                       warmup=args.warmup, seed=args.seed, progress=_progress(None),
-                                       reference=reference, blocks=not args.no_blocks, paired=check == "pairs"))
+    _logger.info(
+        "measuring %d held-out networks on %s, %d round(s)%s",
+        len(items),
+        args.device,
+        args.rounds,
+        {"each": ", each followed by its static network", "pairs": ", each pass paired with the static network's"}.get(
+            check, ""
+        ),
+    )
+    measured = pd.DataFrame(
+        run_rounds(
+            items,
+            args.rounds,
+            device=args.device,
+            repeats=args.repeats,
+            warmup=args.warmup,
+            seed=args.seed,
+            progress=_progress(None),
+            reference=reference,
+            blocks=not args.no_blocks,
+            paired=check == "pairs",
+        )
+    )
     if before is not None:
         measured["host_ratio_before"] = before
         measured["host_ratio_after"] = _host_ratio(target, items, args.device, "after")
@@ -320,27 +413,46 @@ def _print_scores(df: Any, target: Any) -> None:
     from dynas.results.validation import HOST_STEADY, score_validation
 
     scores = score_validation(df, target)
-    rows = [{"part": r["part"], "batch": r["batch_size"], "count": r["count"], "MAPE %": r["mape_pct"],
-             "within 10%": f"{100 * r['within_10pct']:.0f}%", "Spearman": r["spearman"], "Kendall": r["kendall"],
-             "max |err| %": r["max_abs_err_pct"]} for r in scores.table.to_dict("records")]
+    rows = [
+        {
+            "part": r["part"],
+            "batch": r["batch_size"],
+            "count": r["count"],
+            "MAPE %": r["mape_pct"],
+            "within 10%": f"{100 * r['within_10pct']:.0f}%",
+            "Spearman": r["spearman"],
+            "Kendall": r["kendall"],
+            "max |err| %": r["max_abs_err_pct"],
+        }
+        for r in scores.table.to_dict("records")
+    ]
     how, ratios = scores.host_scaling, scores.host_ratios
     echo(f"target {target.name}: predicted vs measured")
     echo(table(rows, ["part", "batch", "count", "MAPE %", "within 10%", "Spearman", "Kendall", "max |err| %"]))
     if len(ratios) == 2:
-        echo(f"host speed: the calibration's static networks take {ratios[0]:.3f} x their calibrated time before "
-             f"these measurements and {ratios[1]:.3f} x after (1 = unchanged)"
-             + ("" if scores.steady_ratio is not None or how == "each" else
-                f"; the host's speed moved by more than {100 * HOST_STEADY:.0f}% meanwhile, so differences of that "
-                "size are the machine's, not the model's"))
+        echo(
+            f"host speed: the calibration's static networks take {ratios[0]:.3f} x their calibrated time before "
+            f"these measurements and {ratios[1]:.3f} x after (1 = unchanged)"
+            + (
+                ""
+                if scores.steady_ratio is not None or how == "each"
+                else f"; the host's speed moved by more than {100 * HOST_STEADY:.0f}% meanwhile, so differences of that "
+                "size are the machine's, not the model's"
+            )
+        )
     if scores.gated_blocks:
-        echo(f"'blocks': {scores.blocks} blocks; the {scores.gated_blocks} of stages whose gates "
-             "choose per sample which blocks run are scored with their stage (which blocks run changes every pass)")
+        echo(
+            f"'blocks': {scores.blocks} blocks; the {scores.gated_blocks} of stages whose gates "
+            "choose per sample which blocks run are scored with their stage (which blocks run changes every pass)"
+        )
     _print_round_spread(df)
     if how == "each":
         echo("'x host': each prediction scaled by its static network's time right after it / at calibration")
     elif how == "pairs":
-        echo("'x host': each prediction scaled by its static network's time, timed pass by pass alongside it, / at "
-             "calibration")
+        echo(
+            "'x host': each prediction scaled by its static network's time, timed pass by pass alongside it, / at "
+            "calibration"
+        )
     elif how == "steady":
         echo(f"'networks x host': the predictions scaled by {scores.steady_ratio:.3f}")
 
@@ -355,7 +467,9 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     csv_path, html_path = args.csv or f"{stem}.csv", args.html or f"{stem}.html"
     check_output("--csv", csv_path)
     check_output("--html", html_path)
-    measured = _read_csv("--measurements", args.measurements) if args.measurements else _measure_validation(args, target)
+    measured = (
+        _read_csv("--measurements", args.measurements) if args.measurements else _measure_validation(args, target)
+    )
     df = compare(measured, target)
     write_validation_csv(df, csv_path)
     write_validation_html(df, html_path, f"dynas validate: target {target.name}")
@@ -363,9 +477,22 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     worst = worst_networks(df)
     if not worst.empty:
         echo("worst networks:")
-        echo(table([{"backbone": r.backbone, "batch": int(r.batch_size), "config": r.choice, "measured ms": r.measured_ms,
-                     "predicted ms": r.predicted_ms, "error %": 100 * r.rel_err} for r in worst.itertuples()],
-                   ["backbone", "batch", "config", "measured ms", "predicted ms", "error %"]))
+        echo(
+            table(
+                [
+                    {
+                        "backbone": r.backbone,
+                        "batch": int(r.batch_size),
+                        "config": r.choice,
+                        "measured ms": r.measured_ms,
+                        "predicted ms": r.predicted_ms,
+                        "error %": 100 * r.rel_err,
+                    }
+                    for r in worst.itertuples()
+                ],
+                ["backbone", "batch", "config", "measured ms", "predicted ms", "error %"],
+            )
+        )
     echo(f"table: {csv_path}\nplot: {html_path}")
     return 0
 
@@ -379,7 +506,11 @@ def _add_bench_parser(sub: Any, parent: argparse.ArgumentParser) -> None:
     default = functools.partial(torch_default, BENCH)  # default("repeats"): bench()'s default
 
     p = add_command(
-        sub, parent, "bench", _cmd_bench, help="measure a config's real speed-up (static vs dynamic)",
+        sub,
+        parent,
+        "bench",
+        _cmd_bench,
+        help="measure a config's real speed-up (static vs dynamic)",
         description="Build the dynamic network of CONFIG and time it against its static backbone: budget gate\n"
         "mode (exactly the configured rates), fast path (real skipping), inference mode, interleaved\n"
         "A/B pairs so drift cancels; prints medians, spread, speed-up and the fast-vs-reference error.\n"
@@ -387,38 +518,77 @@ def _add_bench_parser(sub: Any, parent: argparse.ArgumentParser) -> None:
     )
     p.add_argument("config", metavar="CONFIG", help="config or exported JSON file")
     p.add_argument("--device", choices=("cpu", "cuda"), default=default("device"), help="where to run")
-    p.add_argument("--batch-size", type=positive_int, default=default("batch_size"), metavar="N", help="images per batch")
+    p.add_argument(
+        "--batch-size", type=positive_int, default=default("batch_size"), metavar="N", help="images per batch"
+    )
     p.add_argument("--threads", type=positive_int, default=None, metavar="N", help="CPU threads (default: torch's)")
     p.add_argument("--repeats", type=positive_int, default=default("repeats"), metavar="N", help="timed pairs")
-    p.add_argument("--warmup", type=nonneg_int, default=default("warmup"), metavar="N", help="untimed runs of each first")
-    p.add_argument("--memory-format", choices=("channels_last", "contiguous"), default=default("memory_format"),
-                   help="layout of both networks and the input")
-    p.add_argument("--gates", choices=("budget", "random"), default=default("gate_mode"),
-                   help="budget: the (untrained) gates choose; random: uniform choice per sample, as a trained\n"
-                   "network's input-dependent gates and the calibrated model assume")
+    p.add_argument(
+        "--warmup", type=nonneg_int, default=default("warmup"), metavar="N", help="untimed runs of each first"
+    )
+    p.add_argument(
+        "--memory-format",
+        choices=("channels_last", "contiguous"),
+        default=default("memory_format"),
+        help="layout of both networks and the input",
+    )
+    p.add_argument(
+        "--gates",
+        choices=("budget", "random"),
+        default=default("gate_mode"),
+        help="budget: the (untrained) gates choose; random: uniform choice per sample, as a trained\n"
+        "network's input-dependent gates and the calibrated model assume",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
-def _measuring_args(p: argparse.ArgumentParser, plan: Callable[..., Any], threads_help: str, backbones_help: str,
-                    repeats: int, seed_help: str) -> None:
+def _measuring_args(
+    p: argparse.ArgumentParser,
+    plan: Callable[..., Any],
+    threads_help: str,
+    backbones_help: str,
+    repeats: int,
+    seed_help: str,
+) -> None:
     """Options shared by the commands that time networks (calibrate, validate); ``plan`` is the
     function of :mod:`dynas.spaces.design` that picks their networks (its defaults are theirs)."""
-    p.add_argument("--device", choices=("cpu", "cuda"), default=torch_default(RUN_PLAN, "device"), help="where to measure")
+    p.add_argument(
+        "--device", choices=("cpu", "cuda"), default=torch_default(RUN_PLAN, "device"), help="where to measure"
+    )
     p.add_argument("--threads", type=positive_int, default=None, metavar="N", help=threads_help)
-    p.add_argument("--batch-size", type=int_list, default=tuple(default_of(plan, "batch_sizes")), metavar="N[,N...]",
-                   help="batch sizes to measure")
-    p.add_argument("--backbones", type=str_list, default=tuple(default_of(plan, "backbones")), metavar="A,B",
-                   help=backbones_help)
-    p.add_argument("--input-size", type=positive_int, default=default_of(plan, "input_size"), metavar="N", help="image side")
-    p.add_argument("--repeats", type=positive_int, default=repeats, metavar="N", help="timed passes per network (median)")
-    p.add_argument("--warmup", type=nonneg_int, default=torch_default(RUN_PLAN, "warmup"), metavar="N",
-                   help="untimed passes per network first")
+    p.add_argument(
+        "--batch-size",
+        type=int_list,
+        default=tuple(default_of(plan, "batch_sizes")),
+        metavar="N[,N...]",
+        help="batch sizes to measure",
+    )
+    p.add_argument(
+        "--backbones", type=str_list, default=tuple(default_of(plan, "backbones")), metavar="A,B", help=backbones_help
+    )
+    p.add_argument(
+        "--input-size", type=positive_int, default=default_of(plan, "input_size"), metavar="N", help="image side"
+    )
+    p.add_argument(
+        "--repeats", type=positive_int, default=repeats, metavar="N", help="timed passes per network (median)"
+    )
+    p.add_argument(
+        "--warmup",
+        type=nonneg_int,
+        default=torch_default(RUN_PLAN, "warmup"),
+        metavar="N",
+        help="untimed passes per network first",
+    )
     p.add_argument("--seed", type=nonneg_int, default=default_of(plan, "seed"), metavar="N", help=seed_help)
 
 
 def _add_calibrate_parser(sub: Any, parent: argparse.ArgumentParser) -> None:
     p = add_command(
-        sub, parent, "calibrate", _cmd_calibrate, help="measure dynas's kernels on this device and fit a target file",
+        sub,
+        parent,
+        "calibrate",
+        _cmd_calibrate,
+        help="measure dynas's kernels on this device and fit a target file",
         description="Time whole dynamic networks stage by stage (stratified over paradigms, granularities, rates,\n"
         "stage shapes and batch sizes; random gate mode: exact rates, choice independent per sample),\n"
         "save the measurements as CSV with the environment, and fit the work costs of the calibrated\n"
@@ -429,26 +599,54 @@ def _add_calibrate_parser(sub: Any, parent: argparse.ArgumentParser) -> None:
         "network after each of its passes and fits times put in units of the quietest host seen.",
     )
     p.add_argument("-o", "--output", required=True, metavar="TARGET_FILE", help="target file to write (.toml)")
-    _measuring_args(p, calibration_plan, "CPU threads (default: torch's)", "backbones to measure (default: one per block kind)",
-                    repeats=torch_default(RUN_PLAN, "repeats"), seed_help="seed of the design and the weights")
-    p.add_argument("--budget-s", type=positive_number, default=CALIBRATE_BUDGET_S, metavar="S",
-                   help="measurement time budget (seconds)")
-    p.add_argument("--rounds", type=positive_int, default=torch_default(RUN_ROUNDS, "rounds"), metavar="N",
-                   help="measure the networks of the first BUDGET/N seconds N times (minutes apart); each keeps its\n"
-                   "fastest round (4 on a busy machine)")
-    p.add_argument("--host-check", choices=("none", "pairs"), default="none",
-                   help="pairs: pass by pass, alternate each network with its static network and fit its times\n"
-                   "relative to it (about twice the time per network; for a machine whose speed moves)")
+    _measuring_args(
+        p,
+        calibration_plan,
+        "CPU threads (default: torch's)",
+        "backbones to measure (default: one per block kind)",
+        repeats=torch_default(RUN_PLAN, "repeats"),
+        seed_help="seed of the design and the weights",
+    )
+    p.add_argument(
+        "--budget-s",
+        type=positive_number,
+        default=CALIBRATE_BUDGET_S,
+        metavar="S",
+        help="measurement time budget (seconds)",
+    )
+    p.add_argument(
+        "--rounds",
+        type=positive_int,
+        default=torch_default(RUN_ROUNDS, "rounds"),
+        metavar="N",
+        help="measure the networks of the first BUDGET/N seconds N times (minutes apart); each keeps its\n"
+        "fastest round (4 on a busy machine)",
+    )
+    p.add_argument(
+        "--host-check",
+        choices=("none", "pairs"),
+        default="none",
+        help="pairs: pass by pass, alternate each network with its static network and fit its times\n"
+        "relative to it (about twice the time per network; for a machine whose speed moves)",
+    )
     p.add_argument("--name", default=None, help="target name (default: the output file's stem)")
     p.add_argument("--csv", default=None, metavar="FILE", help="measurements CSV (default: TARGET_FILE with .csv)")
-    p.add_argument("--measurements", default=None, metavar="CSV[,CSV...]",
-                   help="fit earlier calibration CSVs instead of measuring, pooled when several (the measuring options "
-                        "are ignored)")
+    p.add_argument(
+        "--measurements",
+        default=None,
+        metavar="CSV[,CSV...]",
+        help="fit earlier calibration CSVs instead of measuring, pooled when several (the measuring options "
+        "are ignored)",
+    )
 
 
 def _add_validate_parser(sub: Any, parent: argparse.ArgumentParser) -> None:
     p = add_command(
-        sub, parent, "validate", _cmd_validate, help="compare a target's predictions with held-out measurements",
+        sub,
+        parent,
+        "validate",
+        _cmd_validate,
+        help="compare a target's predictions with held-out measurements",
         description="Measure networks that were not calibrated on (random configs from a seed, rates on the\n"
         "0.15, 0.25, ... lattice that calibration never uses, or the configs of --configs), predict them\n"
         "with TARGET, and report MAPE, share within +/-10%, Spearman and Kendall for whole networks,\n"
@@ -464,23 +662,50 @@ def _add_validate_parser(sub: Any, parent: argparse.ArgumentParser) -> None:
         "Freed memory is kept in the process, as calibrate does.",
     )
     p.add_argument("--target", required=True, metavar="TARGET", help="target name or file (e.g. from dynas calibrate)")
-    _measuring_args(p, validation_plan, "CPU threads (default: the calibrated target's, else torch's)",
-                    "backbones of the random configs", repeats=VALIDATE_REPEATS, seed_help="seed of the random configs and weights")
+    _measuring_args(
+        p,
+        validation_plan,
+        "CPU threads (default: the calibrated target's, else torch's)",
+        "backbones of the random configs",
+        repeats=VALIDATE_REPEATS,
+        seed_help="seed of the random configs and weights",
+    )
     p.add_argument("--configs", default=None, metavar="FILE", help="JSON config(s) to measure instead of random ones")
-    p.add_argument("--count", type=positive_int, default=default_of(validation_plan, "count"), metavar="N",
-                   help="random configs (backbones in turn)")
-    p.add_argument("--rounds", type=positive_int, default=torch_default(RUN_ROUNDS, "rounds"), metavar="N",
-                   help="measure the whole plan N times (minutes apart); each network keeps its fastest round (4 on a "
-                   "busy machine)")
-    p.add_argument("--host-check", choices=("ends", "each", "pairs", "none"), default=None,
-                   help="time the target's recorded static networks again before and after the plan (ends), also "
-                        "right after every network (each; about twice the time), also after every pass of every "
-                        "network (pairs; about twice the time), or not at all (default: pairs for a target calibrated "
-                        "in pairs, else ends)")
-    p.add_argument("--no-blocks", action="store_true",
-                   help="do not time single blocks (their extra passes about double the measuring time)")
-    p.add_argument("--measurements", default=None, metavar="CSV",
-                   help="score an earlier validation CSV against TARGET instead of measuring")
+    p.add_argument(
+        "--count",
+        type=positive_int,
+        default=default_of(validation_plan, "count"),
+        metavar="N",
+        help="random configs (backbones in turn)",
+    )
+    p.add_argument(
+        "--rounds",
+        type=positive_int,
+        default=torch_default(RUN_ROUNDS, "rounds"),
+        metavar="N",
+        help="measure the whole plan N times (minutes apart); each network keeps its fastest round (4 on a "
+        "busy machine)",
+    )
+    p.add_argument(
+        "--host-check",
+        choices=("ends", "each", "pairs", "none"),
+        default=None,
+        help="time the target's recorded static networks again before and after the plan (ends), also "
+        "right after every network (each; about twice the time), also after every pass of every "
+        "network (pairs; about twice the time), or not at all (default: pairs for a target calibrated "
+        "in pairs, else ends)",
+    )
+    p.add_argument(
+        "--no-blocks",
+        action="store_true",
+        help="do not time single blocks (their extra passes about double the measuring time)",
+    )
+    p.add_argument(
+        "--measurements",
+        default=None,
+        metavar="CSV",
+        help="score an earlier validation CSV against TARGET instead of measuring",
+    )
     p.add_argument("--csv", default=None, metavar="FILE", help="output table (default: validate-TARGET.csv)")
     p.add_argument("--html", default=None, metavar="FILE", help="output plot (default: validate-TARGET.html)")
 

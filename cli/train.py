@@ -71,8 +71,14 @@ def _summary_out(summary: dict[str, Any], as_json: bool) -> None:
 def _recipe(args: argparse.Namespace) -> Any:
     from dynas.kernels.recipe import TrainingRecipe
 
-    return TrainingRecipe(lambda_act=args.lambda_act, alpha_kd=args.alpha_kd, kd_temperature=args.kd_temperature,
-                          gumbel_start=args.gumbel_start, gumbel_end=args.gumbel_end, relax_fraction=args.relax_fraction)
+    return TrainingRecipe(
+        lambda_act=args.lambda_act,
+        alpha_kd=args.alpha_kd,
+        kd_temperature=args.kd_temperature,
+        gumbel_start=args.gumbel_start,
+        gumbel_end=args.gumbel_end,
+        relax_fraction=args.relax_fraction,
+    )
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -84,12 +90,30 @@ def _cmd_train(args: argparse.Namespace) -> int:
     _quiet_other_ranks()
     try:
         opts = TrainOptions(
-            data=args.data, output_dir=args.output_dir, epochs=args.epochs, max_steps=args.steps, batch_size=args.batch_size,
-            lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
-            recipe=_recipe(args), weights=args.weights, teacher=args.teacher, distill=not args.no_distill,
-            input_size=args.input_size, workers=args.workers, device=args.device, amp=not args.no_amp,
-            threads=args.threads, seed=args.seed, checkpoint_every=args.checkpoint_every,
-            skip_bad_images=args.skip_bad_images, log_every=args.log_every, target=args.target)
+            data=args.data,
+            output_dir=args.output_dir,
+            epochs=args.epochs,
+            max_steps=args.steps,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            momentum=args.momentum,
+            weight_decay=args.weight_decay,
+            warmup_epochs=args.warmup_epochs,
+            recipe=_recipe(args),
+            weights=args.weights,
+            teacher=args.teacher,
+            distill=not args.no_distill,
+            input_size=args.input_size,
+            workers=args.workers,
+            device=args.device,
+            amp=not args.no_amp,
+            threads=args.threads,
+            seed=args.seed,
+            checkpoint_every=args.checkpoint_every,
+            skip_bad_images=args.skip_bad_images,
+            log_every=args.log_every,
+            target=args.target,
+        )
         result = run_training(args.config, opts)
     except DynasError:
         if _rank() != 0:
@@ -122,12 +146,16 @@ def _load_weights(path: str) -> dict[str, Any]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - anything that is not a torch.save file
         why = " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
-        raise ConfigError(f"--weights={path!r} cannot be loaded ({why}); allowed: RUN/model.pt or RUN/checkpoint.pt") from None
+        raise ConfigError(
+            f"--weights={path!r} cannot be loaded ({why}); allowed: RUN/model.pt or RUN/checkpoint.pt"
+        ) from None
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]  # a checkpoint.pt
     if not isinstance(state, dict) or "fc.weight" not in state:
-        raise ConfigError(f"--weights={path!r} is not a state dict with a classifier (fc.weight); "
-                          "allowed: RUN/model.pt or RUN/checkpoint.pt")
+        raise ConfigError(
+            f"--weights={path!r} is not a state dict with a classifier (fc.weight); "
+            "allowed: RUN/model.pt or RUN/checkpoint.pt"
+        )
     return state
 
 
@@ -143,7 +171,9 @@ def _evaluate(args: argparse.Namespace) -> dict[str, Any] | None:
     cfg = load_config(args.config)
     for option in ("weights", "data"):
         if getattr(args, option) is None:
-            raise ConfigError(f"--{option} is missing; allowed: dynas evaluate CONFIG --weights RUN/model.pt --data DIR")
+            raise ConfigError(
+                f"--{option} is missing; allowed: dynas evaluate CONFIG --weights RUN/model.pt --data DIR"
+            )
     threads = torch.get_num_threads()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -155,23 +185,45 @@ def _evaluate(args: argparse.Namespace) -> dict[str, Any] | None:
             try:
                 model.load_state_dict(state)
             except RuntimeError as exc:
-                raise ConfigError(f"--weights={args.weights!r} does not fit {cfg.backbone} {cfg.short()} "
-                                  f"({str(exc).splitlines()[0]}); allowed: the model.pt of a run of this config") from None
+                raise ConfigError(
+                    f"--weights={args.weights!r} does not fit {cfg.backbone} {cfg.short()} "
+                    f"({str(exc).splitlines()[0]}); allowed: the model.pt of a run of this config"
+                ) from None
             data = load_datasets(args.data, cfg.input_size, splits=("val",), check=False)
             if data.num_classes != model.fc.out_features:
-                raise ConfigError(f"--data={args.data!r} has {data.num_classes} classes; the weights have "
-                                  f"{model.fc.out_features}; allowed: the data the model was trained on")
-        data = check_datasets(data, skip_bad=args.skip_bad_images, threads=max(1, (os.cpu_count() or 1) // env.local_world),
-                              shard=(env.rank, env.world), gather=env.gather)
+                raise ConfigError(
+                    f"--data={args.data!r} has {data.num_classes} classes; the weights have "
+                    f"{model.fc.out_features}; allowed: the data the model was trained on"
+                )
+        data = check_datasets(
+            data,
+            skip_bad=args.skip_bad_images,
+            threads=max(1, (os.cpu_count() or 1) // env.local_world),
+            shard=(env.rank, env.world),
+            gather=env.gather,
+        )
         amp_dtype = precision(env, not args.no_amp)
         cuda = env.device.type == "cuda"
         model = model.to(env.device, memory_format=torch.channels_last if cuda else torch.contiguous_format)
-        result = evaluate_model(model, eval_loader(data.val, args.batch_size, args.workers if data.decodes else 0, env), env, amp_dtype, cuda)
+        result = evaluate_model(
+            model,
+            eval_loader(data.val, args.batch_size, args.workers if data.decodes else 0, env),
+            env,
+            amp_dtype,
+            cuda,
+        )
         if not env.is_main:
             return None
         target = args.target or config_target(args.config) or "v100"
-        return summarise(cfg, result, target, bench=args.bench, bench_batch_size=args.bench_batch_size,
-                         device=env.device.type, threads=args.threads)
+        return summarise(
+            cfg,
+            result,
+            target,
+            bench=args.bench,
+            bench_batch_size=args.bench_batch_size,
+            device=env.device.type,
+            threads=args.threads,
+        )
     finally:
         torch.set_num_threads(threads)
         shutdown(env)
@@ -194,13 +246,26 @@ def _runtime_args(p: argparse.ArgumentParser, workers_help: str) -> None:
     from dynas.kernels.options import DEVICES
 
     p.add_argument("--workers", type=nonneg_int, default=4, metavar="N", help=workers_help)
-    p.add_argument("--device", choices=DEVICES, default="auto", help="auto: CUDA if available (GPU LOCAL_RANK under torchrun)")
-    p.add_argument("--no-amp", action="store_true", help="float32 on CUDA too (default there: bf16 autocast, else fp16)")
-    p.add_argument("--threads", type=positive_int, default=None, metavar="N", help="CPU threads per process (default: torch's)")
-    p.add_argument("--skip-bad-images", action="store_true",
-                   help="leave unreadable images out (counted) instead of stopping with the first one's name")
-    p.add_argument("--target", default=None, metavar="T",
-                   help="hardware target of the predicted latency (default: the config's export target, else v100)")
+    p.add_argument(
+        "--device", choices=DEVICES, default="auto", help="auto: CUDA if available (GPU LOCAL_RANK under torchrun)"
+    )
+    p.add_argument(
+        "--no-amp", action="store_true", help="float32 on CUDA too (default there: bf16 autocast, else fp16)"
+    )
+    p.add_argument(
+        "--threads", type=positive_int, default=None, metavar="N", help="CPU threads per process (default: torch's)"
+    )
+    p.add_argument(
+        "--skip-bad-images",
+        action="store_true",
+        help="leave unreadable images out (counted) instead of stopping with the first one's name",
+    )
+    p.add_argument(
+        "--target",
+        default=None,
+        metavar="T",
+        help="hardware target of the predicted latency (default: the config's export target, else v100)",
+    )
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
 
 
@@ -209,7 +274,11 @@ def _add_train(sub: Any, common: argparse.ArgumentParser) -> None:
 
     d, r = TrainOptions(), TrainingRecipe()
     p = add_command(
-        sub, common, "train", _cmd_train, help="train a config on your images (LAUDNet recipe; torchrun for many GPUs)",
+        sub,
+        common,
+        "train",
+        _cmd_train,
+        help="train a config on your images (LAUDNet recipe; torchrun for many GPUs)",
         description="Train the dynamic network of CONFIG with LAUDNet's recipe and per-stage sparsity targets: from\n"
         "static pretrained weights (--weights), distilling from the static network; SGD with Nesterov momentum,\n"
         "linear warm-up then cosine learning rate, Gumbel temperature annealed over the run.\n"
@@ -218,59 +287,131 @@ def _add_train(sub: Any, common: argparse.ArgumentParser) -> None:
         "'dynas evaluate'.  docs/training.md has the commands for one GPU, many GPUs and many machines.",
     )
     p.add_argument("config", metavar="CONFIG", help="config or exported JSON file")
-    p.add_argument("--data", default="synthetic", metavar="DIR",
-                   help="image folder DIR/train/<class>/*, DIR/val/<class>/*; or synthetic[:N], or a torch.save file")
-    p.add_argument("--output-dir", default=None, metavar="RUN",
-                   help="run folder: checkpoint.pt, model.pt, metrics.jsonl, config.json (a run there is resumed)")
+    p.add_argument(
+        "--data",
+        default="synthetic",
+        metavar="DIR",
+        help="image folder DIR/train/<class>/*, DIR/val/<class>/*; or synthetic[:N], or a torch.save file",
+    )
+    p.add_argument(
+        "--output-dir",
+        default=None,
+        metavar="RUN",
+        help="run folder: checkpoint.pt, model.pt, metrics.jsonl, config.json (a run there is resumed)",
+    )
     p.add_argument("-o", "--output", default=None, metavar="FILE", help="also save the trained state dict here")
     g = p.add_argument_group("recipe (defaults: LAUDNet's)")
     g.add_argument("--epochs", type=positive_int, default=d.epochs, metavar="N", help="epochs")
-    g.add_argument("--steps", type=positive_int, default=None, metavar="N",
-                   help="stop after N optimisation steps; the schedules span them (default: all epochs)")
-    g.add_argument("--batch-size", type=positive_int, default=d.batch_size, metavar="N",
-                   help="global batch, split evenly over the processes")
-    g.add_argument("--lr", type=positive_number, default=d.lr, metavar="X",
-                   help=f"learning rate at a global batch of {LR_BATCH}; scaled linearly to --batch-size")
+    g.add_argument(
+        "--steps",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="stop after N optimisation steps; the schedules span them (default: all epochs)",
+    )
+    g.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=d.batch_size,
+        metavar="N",
+        help="global batch, split evenly over the processes",
+    )
+    g.add_argument(
+        "--lr",
+        type=positive_number,
+        default=d.lr,
+        metavar="X",
+        help=f"learning rate at a global batch of {LR_BATCH}; scaled linearly to --batch-size",
+    )
     g.add_argument("--momentum", type=_nonneg_float, default=d.momentum, metavar="X", help="Nesterov momentum")
     g.add_argument("--weight-decay", type=_nonneg_float, default=d.weight_decay, metavar="X", help="weight decay")
-    g.add_argument("--warmup-epochs", type=_nonneg_float, default=d.warmup_epochs, metavar="X",
-                   help="linear learning-rate warm-up before the cosine decay")
+    g.add_argument(
+        "--warmup-epochs",
+        type=_nonneg_float,
+        default=d.warmup_epochs,
+        metavar="X",
+        help="linear learning-rate warm-up before the cosine decay",
+    )
     g.add_argument("--lambda-act", type=_nonneg_float, default=r.lambda_act, metavar="X", help="sparsity loss weight")
     g.add_argument("--alpha-kd", type=_nonneg_float, default=r.alpha_kd, metavar="X", help="distillation loss weight")
-    g.add_argument("--kd-temperature", type=positive_number, default=r.kd_temperature, metavar="X",
-                   help="distillation temperature")
-    g.add_argument("--gumbel-start", type=positive_number, default=r.gumbel_start, metavar="X",
-                   help="Gumbel temperature at the first step")
-    g.add_argument("--gumbel-end", type=positive_number, default=r.gumbel_end, metavar="X",
-                   help="Gumbel temperature at the last step")
-    g.add_argument("--relax-fraction", type=positive_number, default=r.relax_fraction, metavar="X",
-                   help="share of the run over which the per-block sparsity bounds relax to [0, 1] (default: %(default).4g)")
-    g.add_argument("--weights", default=None, metavar="FILE",
-                   help="static pretrained weights (torchvision names); without: from scratch, no distillation")
+    g.add_argument(
+        "--kd-temperature", type=positive_number, default=r.kd_temperature, metavar="X", help="distillation temperature"
+    )
+    g.add_argument(
+        "--gumbel-start",
+        type=positive_number,
+        default=r.gumbel_start,
+        metavar="X",
+        help="Gumbel temperature at the first step",
+    )
+    g.add_argument(
+        "--gumbel-end",
+        type=positive_number,
+        default=r.gumbel_end,
+        metavar="X",
+        help="Gumbel temperature at the last step",
+    )
+    g.add_argument(
+        "--relax-fraction",
+        type=positive_number,
+        default=r.relax_fraction,
+        metavar="X",
+        help="share of the run over which the per-block sparsity bounds relax to [0, 1] (default: %(default).4g)",
+    )
+    g.add_argument(
+        "--weights",
+        default=None,
+        metavar="FILE",
+        help="static pretrained weights (torchvision names); without: from scratch, no distillation",
+    )
     g.add_argument("--teacher", default=None, metavar="FILE", help="static teacher weights (default: --weights)")
     g.add_argument("--no-distill", action="store_true", help="no distillation loss")
-    g.add_argument("--input-size", type=image_size, default=None, metavar="N",
-                   help="image side N or HxW (default: the config's)")
-    g.add_argument("--seed", type=nonneg_int, default=d.seed, metavar="N", help="seed of initialisation, data order, gates")
+    g.add_argument(
+        "--input-size", type=image_size, default=None, metavar="N", help="image side N or HxW (default: the config's)"
+    )
+    g.add_argument(
+        "--seed", type=nonneg_int, default=d.seed, metavar="N", help="seed of initialisation, data order, gates"
+    )
     g = p.add_argument_group("running")
-    g.add_argument("--checkpoint-every", type=nonneg_int, default=d.checkpoint_every, metavar="N",
-                   help="also checkpoint every N steps (0: at epoch ends only)")
-    g.add_argument("--log-every", type=positive_int, default=d.log_every, metavar="N",
-                   help="log line every N steps (without a terminal; with one, a progress bar)")
+    g.add_argument(
+        "--checkpoint-every",
+        type=nonneg_int,
+        default=d.checkpoint_every,
+        metavar="N",
+        help="also checkpoint every N steps (0: at epoch ends only)",
+    )
+    g.add_argument(
+        "--log-every",
+        type=positive_int,
+        default=d.log_every,
+        metavar="N",
+        help="log line every N steps (without a terminal; with one, a progress bar)",
+    )
     _runtime_args(g, "loader worker processes decoding images, per training process (image folders)")
 
 
 def _add_evaluate(sub: Any, common: argparse.ArgumentParser) -> None:
     p = add_command(
-        sub, common, "evaluate", _cmd_evaluate, help="accuracy, realised rates and latency of a trained model",
+        sub,
+        common,
+        "evaluate",
+        _cmd_evaluate,
+        help="accuracy, realised rates and latency of a trained model",
         description="Evaluate trained weights of CONFIG on DIR/val with adaptive gates: top-1 and top-5, the rate\n"
         "each dynamic stage realised, the latency predicted on --target at those rates, and with --bench\n"
         "the latency measured here with dynas's kernels next to the static network.  Under torchrun the\n"
         "held-out images are split over the processes.",
     )
     p.add_argument("config", metavar="CONFIG", help="config or exported JSON file (RUN/config.json after dynas train)")
-    p.add_argument("--weights", default=None, metavar="FILE", help="trained weights: RUN/model.pt (or RUN/checkpoint.pt)")
-    p.add_argument("--data", default=None, metavar="DIR", help="image folder with DIR/val/<class>/*; or synthetic[:N], a torch.save file")
+    p.add_argument(
+        "--weights", default=None, metavar="FILE", help="trained weights: RUN/model.pt (or RUN/checkpoint.pt)"
+    )
+    p.add_argument(
+        "--data",
+        default=None,
+        metavar="DIR",
+        help="image folder with DIR/val/<class>/*; or synthetic[:N], a torch.save file",
+    )
     p.add_argument("--batch-size", type=positive_int, default=256, metavar="N", help="images per batch (per process)")
     p.add_argument("--bench", action="store_true", help="also measure the latency on this device (dynas bench)")
     p.add_argument("--bench-batch-size", type=positive_int, default=1, metavar="N", help="batch size of --bench")

@@ -9,10 +9,14 @@ import importlib
 #: public name -> the module that defines it; imported on first use, so that the torch-free
 #: modules of this package (:mod:`dynas.kernels.options`) can be imported without torch.
 _EXPORTS = {
-    **dict.fromkeys(("PATHS", "DynamicBasicBlock", "DynamicBlock", "DynamicBottleneck", "DynamicRegNetYBlock",
-                     "build_block"), "dynas.kernels.blocks"),
-    **dict.fromkeys(("GATE_MODES", "ChannelMasker", "LayerMasker", "Masker", "SpatialMasker", "budget_count"),
-                    "dynas.kernels.maskers"),
+    **dict.fromkeys(
+        ("PATHS", "DynamicBasicBlock", "DynamicBlock", "DynamicBottleneck", "DynamicRegNetYBlock", "build_block"),
+        "dynas.kernels.blocks",
+    ),
+    **dict.fromkeys(
+        ("GATE_MODES", "ChannelMasker", "LayerMasker", "Masker", "SpatialMasker", "budget_count"),
+        "dynas.kernels.maskers",
+    ),
     **dict.fromkeys(("DynamicNet", "LoadResult", "build_model"), "dynas.kernels.model"),
 }
 

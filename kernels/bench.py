@@ -38,7 +38,10 @@ from dynas.spaces.torch_model import build_static_model
 __all__ = ["MEMORY_FORMATS", "BenchResult", "bench", "flops_limit"]
 
 #: memory formats of ``bench`` (names as in ``torch``)
-MEMORY_FORMATS: dict[str, torch.memory_format] = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
+MEMORY_FORMATS: dict[str, torch.memory_format] = {
+    "channels_last": torch.channels_last,
+    "contiguous": torch.contiguous_format,
+}
 
 
 @dataclass(frozen=True)
@@ -102,9 +105,17 @@ def flops_limit(model: Any) -> float:
     return static / executed
 
 
-def bench(config: Any, device: str = "cpu", batch_size: int = 1, threads: int | None = None,
-          repeats: int = 30, warmup: int = 5, seed: int = 0, memory_format: str = "channels_last",
-          gate_mode: str = "budget") -> BenchResult:
+def bench(
+    config: Any,
+    device: str = "cpu",
+    batch_size: int = 1,
+    threads: int | None = None,
+    repeats: int = 30,
+    warmup: int = 5,
+    seed: int = 0,
+    memory_format: str = "channels_last",
+    gate_mode: str = "budget",
+) -> BenchResult:
     """Time static vs dynamic (budget mode, fast path) on ``device``; see the module docstring."""
     from dynas.kernels.calibrate import keep_freed_memory
     from dynas.kernels.model import build_model
@@ -155,8 +166,21 @@ def bench(config: Any, device: str = "cpu", batch_size: int = 1, threads: int | 
                 t_static.append(run(lambda: static(x)))
     s_ms, d_ms = statistics.median(t_static), statistics.median(t_dynamic)
     return BenchResult(
-        backbone=cfg.backbone, config=cfg.short(), device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-        threads=torch.get_num_threads(), batch_size=batch_size, input_size=cfg.input_size, static_ms=s_ms,
-        dynamic_ms=d_ms, speedup=s_ms / d_ms, static_spread_ms=_spread(t_static), dynamic_spread_ms=_spread(t_dynamic),
-        max_abs_err=max_abs_err, repeats=repeats, torch_version=torch.__version__, memory_format=memory_format,
-        gate_mode=gate_mode, flops_limit=limit)
+        backbone=cfg.backbone,
+        config=cfg.short(),
+        device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        threads=torch.get_num_threads(),
+        batch_size=batch_size,
+        input_size=cfg.input_size,
+        static_ms=s_ms,
+        dynamic_ms=d_ms,
+        speedup=s_ms / d_ms,
+        static_spread_ms=_spread(t_static),
+        dynamic_spread_ms=_spread(t_dynamic),
+        max_abs_err=max_abs_err,
+        repeats=repeats,
+        torch_version=torch.__version__,
+        memory_format=memory_format,
+        gate_mode=gate_mode,
+        flops_limit=limit,
+    )

@@ -85,7 +85,6 @@ as ``dense_flops``) is the same sum with every gate on: ``maskers + downsample +
 + conv3 + se``.
 """
 
-
 from __future__ import annotations
 
 import torch
@@ -166,7 +165,9 @@ class DynamicBasicBlock(DynamicBlock, BasicBlock):
         return self.bn2(self.conv2(h))  # [N, C_out, H_out, W_out]
 
     def _sparse_body(self, x, sel, geom):
-        h = F.relu(eval_bn(conv2d(x, conv_rows(self.conv1, sel), self.spec.stride, geom.pad), self.bn1, sel), inplace=True)
+        h = F.relu(
+            eval_bn(conv2d(x, conv_rows(self.conv1, sel), self.spec.stride, geom.pad), self.bn1, sel), inplace=True
+        )
         if geom.valid is not None:
             h = h.mul_(geom.valid)  # [P, |sel|, S+2, S+2]: zero where conv2 sees padding
         if is_one_pixel(h, self.conv2, geom.pad):  # 1x1 patches: [P, |sel|, 3, 3] -> [P, C_out, 1, 1]
@@ -217,7 +218,9 @@ class DynamicBottleneck(DynamicBlock, Bottleneck):
 
     def _head_rows(self, rows, sel):
         w = self.conv1.weight.flatten(1)  # [width, C_in, 1, 1] -> [width, C_in]
-        return F.relu(eval_bn(row_product(rows, weight_rows(w, sel)), self.bn1, sel), inplace=True)  # [M, C_in] -> [M, |sel|]
+        return F.relu(
+            eval_bn(row_product(rows, weight_rows(w, sel)), self.bn1, sel), inplace=True
+        )  # [M, C_in] -> [M, |sel|]
 
     def _head_map(self, x, sel):
         if sel is None:  # the static block's own op
@@ -232,7 +235,9 @@ class DynamicBottleneck(DynamicBlock, Bottleneck):
 
     def _tail(self, h, sel, geom):
         if sel is None and geom.pad == 1:  # whole maps, every channel: the static block's own ops
-            h = F.relu(eval_bn(F.conv2d(h, self.conv2.weight, None, self.spec.stride, geom.pad), self.bn2, None), inplace=True)
+            h = F.relu(
+                eval_bn(F.conv2d(h, self.conv2.weight, None, self.spec.stride, geom.pad), self.bn2, None), inplace=True
+            )
             return eval_bn(F.conv2d(h, self.conv3.weight), self.bn3, None)
         if is_one_pixel(h, self.conv2, geom.pad):  # 1x1 patches: [P, k, 3, 3] windows -> [P, k, 1, 1]
             h2 = one_pixel_conv(h, self.conv2, sel, sel)
@@ -334,7 +339,9 @@ class DynamicRegNetYBlock(DynamicBlock, RegNetYBlock):
     def _head_rows(self, rows, sel):
         a = self.f.a
         w = a[0].weight.flatten(1)  # [width, C_in, 1, 1] -> [width, C_in]
-        return F.relu(eval_bn(row_product(rows, weight_rows(w, sel)), a[1], sel), inplace=True)  # [M, C_in] -> [M, |sel|]
+        return F.relu(
+            eval_bn(row_product(rows, weight_rows(w, sel)), a[1], sel), inplace=True
+        )  # [M, C_in] -> [M, |sel|]
 
     def _head_map(self, x, sel):
         a = self.f.a
@@ -345,7 +352,9 @@ class DynamicRegNetYBlock(DynamicBlock, RegNetYBlock):
 
     def _tail(self, h, sel, geom):
         b, c = self.f.b, self.f.c
-        h = F.relu(eval_bn(gated_conv(h, b[0], sel, self.spec.stride, geom.pad), b[1], sel), inplace=True)  # [B, |sel|, h, w]
+        h = F.relu(
+            eval_bn(gated_conv(h, b[0], sel, self.spec.stride, geom.pad), b[1], sel), inplace=True
+        )  # [B, |sel|, h, w]
         if "se" in self.f._modules:
             se = self.f.se
             w1 = se.fc1.weight[:, :, 0, 0]  # [se, width]

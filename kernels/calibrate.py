@@ -51,8 +51,16 @@ from dynas.spaces.torch_model import block_module_name
 
 _log = logging.getLogger(__name__)
 
-__all__ = ["Measurement", "environment", "host_speed", "keep_freed_memory", "measure", "run_plan", "run_rounds",
-           "static_reference"]
+__all__ = [
+    "Measurement",
+    "environment",
+    "host_speed",
+    "keep_freed_memory",
+    "measure",
+    "run_plan",
+    "run_rounds",
+    "static_reference",
+]
 
 
 @dataclass(frozen=True)
@@ -104,9 +112,11 @@ def keep_freed_memory() -> str:
 
             libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
             m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3  # glibc's option numbers
-            ok = (libc.mallopt(m_mmap_threshold, 32 * 1024 * 1024) == 1  # glibc's largest
-                  and libc.mallopt(m_trim_threshold, 2**31 - 1) == 1
-                  and libc.mallopt(m_top_pad, 256 * 1024 * 1024) == 1)
+            ok = (
+                libc.mallopt(m_mmap_threshold, 32 * 1024 * 1024) == 1  # glibc's largest
+                and libc.mallopt(m_trim_threshold, 2**31 - 1) == 1
+                and libc.mallopt(m_top_pad, 256 * 1024 * 1024) == 1
+            )
             if ok:
                 _MALLOC = "glibc: trim off, mmap above 32 MiB, top pad 256 MiB"
         except (OSError, AttributeError):  # not glibc (macOS, Windows, musl): allocator left as is
@@ -118,21 +128,37 @@ def environment(device: str = "cpu", threads: int | None = None) -> dict[str, An
     """Where measurements are taken: device name, torch version, threads, date (UTC), allocator,
     and why no energy is measured (:func:`dynas.kernels.energy_counter.rapl_status`)."""
     name = torch.cuda.get_device_name(0) if device == "cuda" else _cpu_name()
-    return {"device": device, "device_name": name, "torch_version": torch.__version__,
-            "threads": threads if threads is not None else torch.get_num_threads(),
-            "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "python": platform.python_version(), "gate_mode": "random", "malloc": keep_freed_memory(),
-            "energy_counters": rapl_status(device=device).line}
+    return {
+        "device": device,
+        "device_name": name,
+        "torch_version": torch.__version__,
+        "threads": threads if threads is not None else torch.get_num_threads(),
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "python": platform.python_version(),
+        "gate_mode": "random",
+        "malloc": keep_freed_memory(),
+        "energy_counters": rapl_status(device=device).line,
+    }
 
 
 def _stage_modules(model: torch.nn.Module, cfg: ArchConfig) -> list[torch.nn.Module]:
     spec = cfg.spec
-    return [model.get_submodule(block_module_name(spec.stage_blocks(s)[0]).rpartition(".")[0])
-            for s in range(spec.num_stages)]
+    return [
+        model.get_submodule(block_module_name(spec.stage_blocks(s)[0]).rpartition(".")[0])
+        for s in range(spec.num_stages)
+    ]
 
 
-def measure(config: ArchConfig, batch_size: int, device: str = "cpu", repeats: int = 5, warmup: int = 1,
-            seed: int = 0, blocks: bool = False, reference: torch.nn.Module | None = None) -> Measurement:
+def measure(
+    config: ArchConfig,
+    batch_size: int,
+    device: str = "cpu",
+    repeats: int = 5,
+    warmup: int = 1,
+    seed: int = 0,
+    blocks: bool = False,
+    reference: torch.nn.Module | None = None,
+) -> Measurement:
     """Time one network (and, with ``blocks``, each of its blocks; with a ``reference`` model on
     ``device``, one pass of it after each pass of the network); see the module docstring."""
     from dynas.kernels.model import build_model
@@ -160,8 +186,14 @@ def measure(config: ArchConfig, batch_size: int, device: str = "cpu", repeats: i
 
     n_stages = config.spec.num_stages
     parts: list[list[float]] = [[] for _ in range(n_stages + 3)]  # stem, stages..., head, network
-    for t in _marked_passes(model, _stage_modules(model, config), x, warmup + repeats, now,
-                            reference_pass if reference is not None else None)[warmup:]:
+    for t in _marked_passes(
+        model,
+        _stage_modules(model, config),
+        x,
+        warmup + repeats,
+        now,
+        reference_pass if reference is not None else None,
+    )[warmup:]:
         # t: [start, (stage pre, stage post) x S, end]
         parts[0].append(t[1] - t[0])
         for s in range(n_stages):
@@ -171,11 +203,17 @@ def measure(config: ArchConfig, batch_size: int, device: str = "cpu", repeats: i
     med = [statistics.median(p) * 1e3 for p in parts]
     blocks_ms = _time_blocks(model, config, x, repeats, now) if blocks else ()
     ref_ms = statistics.median(ref_s[warmup:]) * 1e3 if ref_s else math.nan
-    return Measurement(med[0], tuple(med[1:1 + n_stages]), med[n_stages + 1], med[-1], repeats, blocks_ms, ref_ms)
+    return Measurement(med[0], tuple(med[1 : 1 + n_stages]), med[n_stages + 1], med[-1], repeats, blocks_ms, ref_ms)
 
 
-def _marked_passes(model: torch.nn.Module, modules: Sequence[torch.nn.Module], x: torch.Tensor, passes: int,
-                   now: Callable[[], float], after: Callable[[], None] | None = None) -> list[list[float]]:
+def _marked_passes(
+    model: torch.nn.Module,
+    modules: Sequence[torch.nn.Module],
+    x: torch.Tensor,
+    passes: int,
+    now: Callable[[], float],
+    after: Callable[[], None] | None = None,
+) -> list[list[float]]:
     """[passes][2 + 2 * len(modules)] times (``now()``) within each of ``passes`` passes of
     ``model`` on ``x``: its start, the start and end of each of ``modules`` in the order they
     run (hooks; each must run once per pass), its end.  ``after`` runs after each pass, outside
@@ -195,8 +233,10 @@ def _marked_passes(model: torch.nn.Module, modules: Sequence[torch.nn.Module], x
                 model(x)
                 mark()
                 if len(marks) != 2 + 2 * len(modules):
-                    raise RuntimeError(f"timing hooks: {len(marks) - 2} marks in one pass for {len(modules)} modules; "
-                                       "each hooked module must run exactly once per pass")
+                    raise RuntimeError(
+                        f"timing hooks: {len(marks) - 2} marks in one pass for {len(modules)} modules; "
+                        "each hooked module must run exactly once per pass"
+                    )
                 out.append(list(marks))
                 if after is not None:
                     after()
@@ -206,8 +246,9 @@ def _marked_passes(model: torch.nn.Module, modules: Sequence[torch.nn.Module], x
     return out
 
 
-def _time_blocks(model: torch.nn.Module, config: ArchConfig, x: torch.Tensor, repeats: int,
-                 now: Callable[[], float]) -> tuple[tuple[float, ...], ...]:
+def _time_blocks(
+    model: torch.nn.Module, config: ArchConfig, x: torch.Tensor, repeats: int, now: Callable[[], float]
+) -> tuple[tuple[float, ...], ...]:
     """[stage][block] median ms of each block over ``repeats`` passes of ``model`` on ``x``, timed
     by hooks on the blocks (:func:`_marked_passes`)."""
     spec = config.spec
@@ -217,17 +258,25 @@ def _time_blocks(model: torch.nn.Module, config: ArchConfig, x: torch.Tensor, re
     out, k = [], 0  # med: [blocks] ms, network order
     for s in range(spec.num_stages):
         d = spec.stage_depth(s)
-        out.append(tuple(med[k:k + d]))
+        out.append(tuple(med[k : k + d]))
         k += d
     return tuple(out)
 
 
-def run_plan(items: Iterable[PlanItem], device: str = "cpu", repeats: int = 5, warmup: int = 1, seed: int = 0,
-             budget_s: float | None = None, max_items: int | None = None,
-             progress: Callable[[int, float, PlanItem, Measurement], None] | None = None,
-             seeds: Sequence[int] | None = None,
-             reference: Callable[[PlanItem], float | None] | None = None,
-             blocks: bool = False, paired: bool = False) -> list[dict[str, Any]]:
+def run_plan(
+    items: Iterable[PlanItem],
+    device: str = "cpu",
+    repeats: int = 5,
+    warmup: int = 1,
+    seed: int = 0,
+    budget_s: float | None = None,
+    max_items: int | None = None,
+    progress: Callable[[int, float, PlanItem, Measurement], None] | None = None,
+    seeds: Sequence[int] | None = None,
+    reference: Callable[[PlanItem], float | None] | None = None,
+    blocks: bool = False,
+    paired: bool = False,
+) -> list[dict[str, Any]]:
     """Measure ``items`` in order until they run out, ``max_items`` are done, or the next item
     would likely overrun ``budget_s`` (estimated from the items of the same backbone and batch
     size so far; the first item always runs).  Item ``k`` is built and fed from seed
@@ -265,10 +314,24 @@ def run_plan(items: Iterable[PlanItem], device: str = "cpu", repeats: int = 5, w
             ref_model = build_model(ArchConfig.static(cfg.backbone, cfg.input_size))
             ref_model = ref_model.to(torch.device(device), memory_format=torch.channels_last).eval()
             static_models[(cfg.backbone, cfg.input_size)] = ref_model
-        m = measure(cfg, item.batch_size, device, repeats, warmup, seeds[done] if seeds is not None else seed + done,
-                    blocks, reference=ref_model)
-        base = {"network_id": done, "backbone": cfg.backbone, "input_h": cfg.input_size[0], "input_w": cfg.input_size[1],
-                "batch_size": item.batch_size, "config": cfg.to_json(indent=None)}
+        m = measure(
+            cfg,
+            item.batch_size,
+            device,
+            repeats,
+            warmup,
+            seeds[done] if seeds is not None else seed + done,
+            blocks,
+            reference=ref_model,
+        )
+        base = {
+            "network_id": done,
+            "backbone": cfg.backbone,
+            "input_h": cfg.input_size[0],
+            "input_w": cfg.input_size[1],
+            "batch_size": item.batch_size,
+            "config": cfg.to_json(indent=None),
+        }
         if reference is not None:
             base["reference_ms"] = reference(item)
         if paired:
@@ -276,20 +339,25 @@ def run_plan(items: Iterable[PlanItem], device: str = "cpu", repeats: int = 5, w
         cost.setdefault(key, []).append(time.perf_counter() - t_item)
         parts = [("stem", -1, "", m.stem_ms)]
         parts += [(f"stage{s}", s, st.short(), m.stages_ms[s]) for s, st in enumerate(cfg.stages)]
-        parts += [(f"block{s}.{i}", s, cfg.stages[s].short(), ms) for s, row in enumerate(m.blocks_ms)
-                  for i, ms in enumerate(row)]
+        parts += [
+            (f"block{s}.{i}", s, cfg.stages[s].short(), ms)
+            for s, row in enumerate(m.blocks_ms)
+            for i, ms in enumerate(row)
+        ]
         parts += [("head", -1, "", m.head_ms), ("network", -1, cfg.short(), m.network_ms)]
         for part, stage, choice, ms in parts:
-            rows.append({**base, "part": part, "stage": stage, "choice": choice, "measured_ms": ms,
-                         "repeats": m.repeats, **env})
+            rows.append(
+                {**base, "part": part, "stage": stage, "choice": choice, "measured_ms": ms, "repeats": m.repeats, **env}
+            )
         done += 1
         if progress is not None:
             progress(done, time.perf_counter() - t0, item, m)
     return rows
 
 
-def _recorded_static(static_ms: dict[str, float], backbone: str, input_size: Any,
-                     batch_size: int) -> tuple[ArchConfig, str] | None:
+def _recorded_static(
+    static_ms: dict[str, float], backbone: str, input_size: Any, batch_size: int
+) -> tuple[ArchConfig, str] | None:
     """The static network of ``backbone`` and its key, when ``static_ms`` (a target's record,
     see :func:`host_speed`) has it at this input and batch size; None otherwise."""
     cfg = ArchConfig.static(backbone, input_size)
@@ -297,8 +365,9 @@ def _recorded_static(static_ms: dict[str, float], backbone: str, input_size: Any
     return (cfg, key) if key in static_ms else None
 
 
-def static_reference(static_ms: dict[str, float], device: str = "cpu", repeats: int = 3,
-                     warmup: int = 1) -> Callable[[PlanItem], float | None]:
+def static_reference(
+    static_ms: dict[str, float], device: str = "cpu", repeats: int = 3, warmup: int = 1
+) -> Callable[[PlanItem], float | None]:
     """A ``run_plan`` reference: the item's static network timed again (ms), when ``static_ms``
     (a target's record, see :func:`host_speed`) has it; None otherwise."""
 
@@ -309,8 +378,13 @@ def static_reference(static_ms: dict[str, float], device: str = "cpu", repeats: 
     return time_static
 
 
-def host_speed(static_ms: dict[str, float], networks: Iterable[tuple[str, Any, int]], device: str = "cpu",
-               repeats: int = 5, warmup: int = 2) -> list[dict[str, Any]]:
+def host_speed(
+    static_ms: dict[str, float],
+    networks: Iterable[tuple[str, Any, int]],
+    device: str = "cpu",
+    repeats: int = 5,
+    warmup: int = 2,
+) -> list[dict[str, Any]]:
     """Time again the static networks a target recorded at calibration (``static_ms``, see
     :func:`dynas.predictors.targets.static_key`) among ``networks`` (backbone, input size,
     batch size).
@@ -339,8 +413,13 @@ def _check_budget(budget_s: Any) -> None:
         check_positive("budget_s", budget_s, allowed="a finite number of seconds > 0, or None")
 
 
-def run_rounds(items: Iterable[PlanItem], rounds: int = 2, progress: Callable[..., None] | None = None,
-               budget_s: float | None = None, **kwargs: Any) -> list[dict[str, Any]]:
+def run_rounds(
+    items: Iterable[PlanItem],
+    rounds: int = 2,
+    progress: Callable[..., None] | None = None,
+    budget_s: float | None = None,
+    **kwargs: Any,
+) -> list[dict[str, Any]]:
     """:func:`run_plan` over ``items`` ``rounds`` times (odd rounds in reverse order, so a
     network's rounds are minutes apart), keeping for every network the round whose whole pass
     was fastest, with all its parts.  Other load on a shared machine only ever adds time, and
@@ -375,8 +454,9 @@ def run_rounds(items: Iterable[PlanItem], rounds: int = 2, progress: Callable[..
             items_list, order = pulled[:measured], list(range(measured))
         else:
             order = order[::-1]
-            rows = run_plan([items_list[i] for i in order], progress=progress, seeds=[base + i for i in order],
-                            seed=base, **kwargs)
+            rows = run_plan(
+                [items_list[i] for i in order], progress=progress, seeds=[base + i for i in order], seed=base, **kwargs
+            )
         by_net: dict[int, list[dict[str, Any]]] = {}
         for row in rows:
             by_net.setdefault(row["network_id"], []).append(row)
@@ -400,4 +480,3 @@ def run_rounds(items: Iterable[PlanItem], rounds: int = 2, progress: Callable[..
                 q = ratios[i]
                 row["paired_spread"] = max(q) / min(q) - 1 if len(q) > 1 else math.nan
     return [row for i in sorted(best) for row in best[i]]
-

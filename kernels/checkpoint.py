@@ -30,8 +30,20 @@ import torch
 from dynas.errors import ConfigError
 from dynas.files import atomic_write_text, atomic_write_with, check_writable
 
-__all__ = ["CHECKPOINT", "MODEL", "METRICS", "CONFIG", "FORMAT", "save_torch", "load_checkpoint", "check_resume",
-           "check_run_dir", "is_temporary", "write_metrics", "write_json"]
+__all__ = [
+    "CHECKPOINT",
+    "MODEL",
+    "METRICS",
+    "CONFIG",
+    "FORMAT",
+    "save_torch",
+    "load_checkpoint",
+    "check_resume",
+    "check_run_dir",
+    "is_temporary",
+    "write_metrics",
+    "write_json",
+]
 
 CHECKPOINT = "checkpoint.pt"
 MODEL = "model.pt"
@@ -72,7 +84,9 @@ def check_run_dir(run: str) -> bool:
     if not p.exists():
         parent = p.parent if str(p.parent) else Path(".")
         if not parent.is_dir():
-            raise ConfigError(f"--output-dir={run!r}: folder {str(parent)!r} does not exist; allowed: a path in an existing folder")
+            raise ConfigError(
+                f"--output-dir={run!r}: folder {str(parent)!r} does not exist; allowed: a path in an existing folder"
+            )
         if not os.access(parent, os.W_OK | os.X_OK):
             raise ConfigError(f"--output-dir={run!r}: {str(parent)!r} is not writable")
         check_writable(p, ConfigError)
@@ -84,8 +98,10 @@ def check_run_dir(run: str) -> bool:
         return True
     leftovers = [e.name for e in p.iterdir() if not is_temporary(e.name)]
     if leftovers:
-        raise ConfigError(f"--output-dir={run!r} holds {leftovers[0]!r} but no {CHECKPOINT}; "
-                          "allowed: a new or empty folder, or a run folder to resume")
+        raise ConfigError(
+            f"--output-dir={run!r} holds {leftovers[0]!r} but no {CHECKPOINT}; "
+            "allowed: a new or empty folder, or a run folder to resume"
+        )
     return False
 
 
@@ -95,11 +111,15 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch.load raises anything for a file that is not a checkpoint
         why = " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
-        raise ConfigError(f"checkpoint {str(path)!r} cannot be loaded ({why}); allowed: a checkpoint.pt "
-                          "written by dynas train, or a new --output-dir") from None
+        raise ConfigError(
+            f"checkpoint {str(path)!r} cannot be loaded ({why}); allowed: a checkpoint.pt "
+            "written by dynas train, or a new --output-dir"
+        ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise ConfigError(f"checkpoint {str(path)!r} is not a dynas train checkpoint of format {FORMAT}; "
-                          "allowed: one written by this version, or a new --output-dir")
+        raise ConfigError(
+            f"checkpoint {str(path)!r} is not a dynas train checkpoint of format {FORMAT}; "
+            "allowed: one written by this version, or a new --output-dir"
+        )
     return ckpt
 
 
@@ -118,10 +138,14 @@ def check_resume(ckpt: Mapping[str, Any], identity: Mapping[str, Any], options: 
     for key in ("backbone", "config", "num_classes", "classes"):
         have, want = ckpt["identity"].get(key), identity.get(key)
         if have != want:
-            raise ConfigError(f"{where} {key}={_show(have)}; this run has {key}={_show(want)}; "
-                              "allowed: the same backbone, config and classes to resume, or a new --output-dir")
+            raise ConfigError(
+                f"{where} {key}={_show(have)}; this run has {key}={_show(want)}; "
+                "allowed: the same backbone, config and classes to resume, or a new --output-dir"
+            )
     for key in sorted(set(options) | set(ckpt["options"])):
         have, want = ckpt["options"].get(key), options.get(key)
         if have != want:
-            raise ConfigError(f"{where} a run with {key}={_show(have)}; this run has {key}={_show(want)}; "
-                              "allowed: the same options to resume, or a new --output-dir")
+            raise ConfigError(
+                f"{where} a run with {key}={_show(have)}; this run has {key}={_show(want)}; "
+                "allowed: the same options to resume, or a new --output-dir"
+            )

@@ -29,8 +29,20 @@ from dynas.kernels.gather import (
     zeros_in_layout,
 )
 
-__all__ = ["conv2d", "onednn_ok", "ONEDNN", "TRANSPOSED_CONV", "FOLD_MIN_ROWS", "FOLD_MIN_MACS", "row_product",
-           "conv_inputs", "is_one_pixel", "one_pixel_conv", "window_rows", "gated_conv"]
+__all__ = [
+    "conv2d",
+    "onednn_ok",
+    "ONEDNN",
+    "TRANSPOSED_CONV",
+    "FOLD_MIN_ROWS",
+    "FOLD_MIN_MACS",
+    "row_product",
+    "conv_inputs",
+    "is_one_pixel",
+    "one_pixel_conv",
+    "window_rows",
+    "gated_conv",
+]
 
 
 def conv2d(x: torch.Tensor, w: torch.Tensor, stride: int = 1, pad: int = 0, groups: int = 1) -> torch.Tensor:
@@ -68,9 +80,11 @@ def _onednn_ops() -> tuple[bool, Any]:
         transposed = None
     for op in (torch.ops.aten.mkldnn_convolution, transposed):
         if op is not None and op not in flop_registry:
+
             @register_flop_formula(op)
             def _flops(x_shape, w_shape, *args, out_shape=None, **kwargs):
                 return conv_flop_count(x_shape, w_shape, out_shape)
+
     return True, None if transposed is None else transposed.default
 
 
@@ -80,8 +94,12 @@ ONEDNN, TRANSPOSED_CONV = _onednn_ops()
 def onednn_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether ``x`` and ``w`` go to ``aten.mkldnn_convolution`` directly: CPU float32 and no
     autograd through them (training keeps ``F.conv2d`` / ``F.linear``)."""
-    return (ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32
-            and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)))
+    return (
+        ONEDNN
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
+    )
 
 
 #: a row product runs as a folded oneDNN convolution (:func:`row_product`) from this many rows
@@ -119,8 +137,9 @@ def is_one_pixel(h: torch.Tensor, conv: nn.Conv2d, pad: int) -> bool:
     return conv.groups == 1 and pad == 0 and kh * kw > 1 and tuple(h.shape[-2:]) == (kh, kw)
 
 
-def one_pixel_conv(h: torch.Tensor, conv: nn.Conv2d, rows: torch.Tensor | None,
-                    cols: torch.Tensor | None) -> torch.Tensor:
+def one_pixel_conv(
+    h: torch.Tensor, conv: nn.Conv2d, rows: torch.Tensor | None, cols: torch.Tensor | None
+) -> torch.Tensor:
     """``conv`` on [P, C, kh, kw] windows -> [P, C_out', 1, 1] (C_out' = |rows| or C_out) as one
     matrix product, with input channels ``cols`` (the channels ``h`` holds) or all.
 
@@ -196,11 +215,19 @@ def conv_inputs(h: torch.Tensor, conv: nn.Conv2d, sel: torch.Tensor | None, pad:
     """
     w = conv.weight
     cout, cin, kh, kw = w.shape
-    if (sel is None or TRANSPOSED_CONV is None or not is_channels_last(h) or not onednn_ok(h, w) or conv.groups != 1
-            or conv.stride != (1, 1) or kh != kw):
+    if (
+        sel is None
+        or TRANSPOSED_CONV is None
+        or not is_channels_last(h)
+        or not onednn_ok(h, w)
+        or conv.groups != 1
+        or conv.stride != (1, 1)
+        or kh != kw
+    ):
         return conv2d(h, conv_cols(conv, sel), 1, pad)
     m = derived_weight(conv, "flipped_in", w, flipped_in_matrix)  # [C_in, kh*kw*C_out], cached on the conv
-    v = m.index_select(0, sel).view(-1, kh, kw, cout).permute(0, 3, 1, 2)  # [|sel|, kh*kw*C_out] -> [|sel|, C_out, kh, kw] channels-last
+    v = (
+        m.index_select(0, sel).view(-1, kh, kw, cout).permute(0, 3, 1, 2)
+    )  # [|sel|, kh*kw*C_out] -> [|sel|, C_out, kh, kw] channels-last
     # padding p of the convolution = padding kh - 1 - p of the transposed one (same output size)
     return TRANSPOSED_CONV(h, v, None, [kh - 1 - pad] * 2, [0, 0], [1, 1], [1, 1], 1, "none", [], None)
-

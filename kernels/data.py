@@ -83,7 +83,9 @@ class DataSplits:
                 empty = False
                 yield batch
             if empty:
-                raise ConfigError("data: the training loader yielded no batch; allowed: a loader with at least one batch")
+                raise ConfigError(
+                    "data: the training loader yielded no batch; allowed: a loader with at least one batch"
+                )
 
 
 #: built-in generated data sets (``NAME`` or ``NAME:N``; see _synthetic)
@@ -103,8 +105,10 @@ def _kind(spec: str) -> str:
     return "unknown"
 
 
-_ALLOWED = ("an image folder DIR (DIR/train/<class>/*, DIR/val/<class>/*), synthetic[:N], synthetic-hard[:N], "
-            "a torch.save file, or package.module:function")
+_ALLOWED = (
+    "an image folder DIR (DIR/train/<class>/*, DIR/val/<class>/*), synthetic[:N], synthetic-hard[:N], "
+    "a torch.save file, or package.module:function"
+)
 
 
 def check_data_spec(spec: Any) -> str:
@@ -120,14 +124,18 @@ def check_data_spec(spec: Any) -> str:
     if kind == "synthetic" and ":" in spec:
         name, _, n = spec.partition(":")
         if not n.isdigit() or int(n) < 1:
-            raise ConfigError(f"data={spec!r}: the number of training images must be an integer >= 1; allowed: {name}:N")
+            raise ConfigError(
+                f"data={spec!r}: the number of training images must be an integer >= 1; allowed: {name}:N"
+            )
     return spec
 
 
 def _loader(x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool, seed: int) -> torch.utils.data.DataLoader:
     ds = torch.utils.data.TensorDataset(x, y)  # x [N, 3, H, W], y [N]
     g = torch.Generator().manual_seed(seed)
-    return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=g, drop_last=shuffle and len(ds) >= batch_size)
+    return torch.utils.data.DataLoader(
+        ds, batch_size=batch_size, shuffle=shuffle, generator=g, drop_last=shuffle and len(ds) >= batch_size
+    )
 
 
 def _synthetic_tensors(spec: str, input_size: tuple[int, int], seed: int) -> dict[str, Any]:
@@ -144,43 +152,64 @@ def _synthetic_tensors(spec: str, input_size: tuple[int, int], seed: int) -> dic
 
         x, y = synthetic_images(n_train + n_val, input_size, 10, seed)  # [n, 3, H, W], [n]
         classes = 10
-    return {"train_images": x[:n_train], "train_labels": y[:n_train], "val_images": x[n_train:],
-            "val_labels": y[n_train:], "num_classes": classes}
+    return {
+        "train_images": x[:n_train],
+        "train_labels": y[:n_train],
+        "val_images": x[n_train:],
+        "val_labels": y[n_train:],
+        "num_classes": classes,
+    }
 
 
 def _synthetic(spec: str, input_size: tuple[int, int], batch_size: int, seed: int) -> DataSplits:
     data = _synthetic_tensors(spec, input_size, seed)
-    return DataSplits(_loader(data["train_images"], data["train_labels"], batch_size, True, seed),
-                      _loader(data["val_images"], data["val_labels"], 256, False, seed), data["num_classes"], seed)
+    return DataSplits(
+        _loader(data["train_images"], data["train_labels"], batch_size, True, seed),
+        _loader(data["val_images"], data["val_labels"], 256, False, seed),
+        data["num_classes"],
+        seed,
+    )
 
 
 def _tensor_file(spec: str, input_size: tuple[int, int], batch_size: int, seed: int) -> DataSplits:
     data = _read_tensor_file(spec, input_size)
-    return DataSplits(_loader(data["train_images"], data["train_labels"], batch_size, True, seed),
-                      _loader(data["val_images"], data["val_labels"], 256, False, seed), data["num_classes"], seed)
+    return DataSplits(
+        _loader(data["train_images"], data["train_labels"], batch_size, True, seed),
+        _loader(data["val_images"], data["val_labels"], 256, False, seed),
+        data["num_classes"],
+        seed,
+    )
 
 
 def _read_tensor_file(spec: str, input_size: tuple[int, int]) -> dict[str, Any]:
     try:
         data = torch.load(spec, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - pickle, zip and I/O errors all mean "not a tensor file"
-        raise ConfigError(f"data={spec!r} cannot be loaded ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
-                          f"allowed: a torch.save file with keys {', '.join(_TENSOR_KEYS)}") from None
+        raise ConfigError(
+            f"data={spec!r} cannot be loaded ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
+            f"allowed: a torch.save file with keys {', '.join(_TENSOR_KEYS)}"
+        ) from None
     if not isinstance(data, dict) or any(k not in data for k in _TENSOR_KEYS):
         have = sorted(data) if isinstance(data, dict) else type(data).__name__
         raise ConfigError(f"data={spec!r} holds {have}; allowed: a dict with keys {', '.join(_TENSOR_KEYS)}")
     for split in ("train", "val"):
         x, y = data[f"{split}_images"], data[f"{split}_labels"]
         if not (isinstance(x, torch.Tensor) and x.dim() == 4 and x.shape[1] == 3 and x.is_floating_point()):
-            raise ConfigError(f"data={spec!r}: {split}_images has shape {tuple(getattr(x, 'shape', ()))}; "
-                              "allowed: a float tensor [N, 3, H, W]")
+            raise ConfigError(
+                f"data={spec!r}: {split}_images has shape {tuple(getattr(x, 'shape', ()))}; "
+                "allowed: a float tensor [N, 3, H, W]"
+            )
         if tuple(x.shape[2:]) != tuple(input_size):
-            raise ConfigError(f"data={spec!r}: {split}_images are {x.shape[2]}x{x.shape[3]}; allowed: the search's "
-                              f"input size {input_size[0]}x{input_size[1]}")
+            raise ConfigError(
+                f"data={spec!r}: {split}_images are {x.shape[2]}x{x.shape[3]}; allowed: the search's "
+                f"input size {input_size[0]}x{input_size[1]}"
+            )
         if not (isinstance(y, torch.Tensor) and y.dim() == 1 and len(y) == len(x) and not y.is_floating_point()):
             raise ConfigError(f"data={spec!r}: {split}_labels must be an integer tensor [N] with N = {len(x)}")
         if len(x) == 0 or int(y.min()) < 0:
-            raise ConfigError(f"data={spec!r}: {split} split is empty or has negative labels; allowed: N >= 1, labels >= 0")
+            raise ConfigError(
+                f"data={spec!r}: {split} split is empty or has negative labels; allowed: N >= 1, labels >= 0"
+            )
     num_classes = int(data.get("num_classes", 1 + max(int(data["train_labels"].max()), int(data["val_labels"].max()))))
     return {**{k: data[k] for k in _TENSOR_KEYS}, "num_classes": num_classes}
 
@@ -192,16 +221,22 @@ def _entry(spec: str, input_size: tuple[int, int], batch_size: int, seed: int) -
         for part in attr.split("."):
             fn = getattr(fn, part)
     except (ImportError, AttributeError) as exc:
-        raise ConfigError(f"data={spec!r} cannot be loaded ({str(exc).splitlines()[0]}); allowed: package.module:function on sys.path") from None
+        raise ConfigError(
+            f"data={spec!r} cannot be loaded ({str(exc).splitlines()[0]}); allowed: package.module:function on sys.path"
+        ) from None
     if not callable(fn):
         raise ConfigError(f"data={spec!r} is a {type(fn).__name__}; allowed: a function(input_size, batch_size, seed)")
     try:
         got = fn(input_size=tuple(input_size), batch_size=batch_size, seed=seed)
     except TypeError as exc:  # most often a signature that does not take these keywords
-        raise ConfigError(f"data={spec!r} failed when called as function(input_size=(H, W), batch_size=B, seed=S): "
-                          f"{str(exc).splitlines()[0]}") from None
+        raise ConfigError(
+            f"data={spec!r} failed when called as function(input_size=(H, W), batch_size=B, seed=S): "
+            f"{str(exc).splitlines()[0]}"
+        ) from None
     if not isinstance(got, tuple) or len(got) not in (2, 3):
-        raise ConfigError(f"data={spec!r} returned a {type(got).__name__}; allowed: (train_loader, val_loader[, num_classes])")
+        raise ConfigError(
+            f"data={spec!r} returned a {type(got).__name__}; allowed: (train_loader, val_loader[, num_classes])"
+        )
     train, val = got[0], got[1]
     num_classes = got[2] if len(got) == 3 else _classes_of(train) or _classes_of(val)
     if num_classes is None:
@@ -260,8 +295,13 @@ def _imagefolder(spec: str, input_size: tuple[int, int], batch_size: int, seed: 
     train = ImageFolderDataset(folders["train"], input_size, train=True, as_float=True)
     val = ImageFolderDataset(folders["val"], input_size, train=False, as_float=True)
     g = torch.Generator().manual_seed(seed)
-    train_loader = torch.utils.data.DataLoader(train, batch_size=batch_size, sampler=KeyedShuffle(len(train), g),
-                                               generator=g, drop_last=len(train) >= batch_size)
+    train_loader = torch.utils.data.DataLoader(
+        train,
+        batch_size=batch_size,
+        sampler=KeyedShuffle(len(train), g),
+        generator=g,
+        drop_last=len(train) >= batch_size,
+    )
     val_loader = torch.utils.data.DataLoader(val, batch_size=256)
     return DataSplits(train_loader, val_loader, train.num_classes, seed)
 
@@ -307,8 +347,16 @@ class DataSets:
         return not isinstance(self.val, TensorItems)
 
 
-def load_datasets(spec: str, input_size: tuple[int, int], seed: int = 0, *, splits: Sequence[str] = ("train", "val"),
-                  check: bool = True, skip_bad: bool = False, threads: int = 1) -> DataSets:
+def load_datasets(
+    spec: str,
+    input_size: tuple[int, int],
+    seed: int = 0,
+    *,
+    splits: Sequence[str] = ("train", "val"),
+    check: bool = True,
+    skip_bad: bool = False,
+    threads: int = 1,
+) -> DataSets:
     """The :class:`DataSets` of ``spec`` (an image folder, ``synthetic[:N]`` or a tensor file) at
     ``input_size``.  Raises a one-line :class:`ConfigError` for anything it cannot use, before any
     training.  With ``check`` every image is decoded once (:func:`check_datasets`); a
@@ -321,13 +369,20 @@ def load_datasets(spec: str, input_size: tuple[int, int], seed: int = 0, *, spli
         data = _folder_sets(spec, scan_splits(spec, splits), input_size)
         return check_datasets(data, skip_bad=skip_bad, threads=threads) if check else data
     if kind == "entry":
-        raise ConfigError(f"data={spec!r} is a loader function; allowed here: an image folder DIR, synthetic[:N] or a "
-                          "torch.save file (a data set that can be split between processes)")
+        raise ConfigError(
+            f"data={spec!r} is a loader function; allowed here: an image folder DIR, synthetic[:N] or a "
+            "torch.save file (a data set that can be split between processes)"
+        )
     data = _synthetic_tensors(spec, input_size, seed) if kind == "synthetic" else _read_tensor_file(spec, input_size)
     classes = [str(c) for c in range(data["num_classes"])]
     train = TensorItems(data["train_images"], data["train_labels"]) if "train" in splits else None
-    return DataSets(train, TensorItems(data["val_images"], data["val_labels"]), classes,
-                    f"{spec} ({len(data['train_labels'])} train, {len(data['val_labels'])} val images)", [])
+    return DataSets(
+        train,
+        TensorItems(data["val_images"], data["val_labels"]),
+        classes,
+        f"{spec} ({len(data['train_labels'])} train, {len(data['val_labels'])} val images)",
+        [],
+    )
 
 
 def _folder_sets(spec: str, folders: dict[str, Any], input_size: tuple[int, int]) -> DataSets:
@@ -336,13 +391,23 @@ def _folder_sets(spec: str, folders: dict[str, Any], input_size: tuple[int, int]
     sets = {s: ImageFolderDataset(f, input_size, train=s == "train") for s, f in folders.items()}
     first = next(iter(folders.values()))
     counts = ", ".join(f"{len(f.samples)} {s}" for s, f in folders.items())
-    return DataSets(sets.get("train"), sets["val"], first.classes,
-                    f"image folder {spec} ({len(first.classes)} classes, {counts} images)",
-                    sorted(p for f in folders.values() for p in f.skipped))
+    return DataSets(
+        sets.get("train"),
+        sets["val"],
+        first.classes,
+        f"image folder {spec} ({len(first.classes)} classes, {counts} images)",
+        sorted(p for f in folders.values() for p in f.skipped),
+    )
 
 
-def check_datasets(data: DataSets, *, skip_bad: bool = False, threads: int = 1, shard: tuple[int, int] = (0, 1),
-                   gather: Callable[[Any], list[Any]] = lambda x: [x]) -> DataSets:
+def check_datasets(
+    data: DataSets,
+    *,
+    skip_bad: bool = False,
+    threads: int = 1,
+    shard: tuple[int, int] = (0, 1),
+    gather: Callable[[Any], list[Any]] = lambda x: [x],
+) -> DataSets:
     """``data`` with every image decoded once (image folders; tensors need no check): see
     :func:`~dynas.kernels.imagefolder.check_splits` for ``skip_bad``, ``shard`` and ``gather``."""
     from dynas.kernels.imagefolder import ImageFolderDataset, check_splits

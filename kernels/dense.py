@@ -83,8 +83,10 @@ class DynamicDenseLayer(DynamicBlock, DenseLayer):
     def __init__(self, spec: BlockSpec, cfg: StageConfig):
         DenseLayer.__init__(self, spec)
         if isinstance(cfg, StageConfig) and uses_spatial(cfg.paradigm):
-            raise ConfigError(f"paradigm={cfg.paradigm!r} is not offered on DenseNet layers; allowed: static, channel, "
-                              "layer, layer+channel")
+            raise ConfigError(
+                f"paradigm={cfg.paradigm!r} is not offered on DenseNet layers; allowed: static, channel, "
+                "layer, layer+channel"
+            )
         self._init_dynamic(spec, cfg)
 
     def forward(self, features: "torch.Tensor | list[torch.Tensor]") -> torch.Tensor:
@@ -104,8 +106,14 @@ class DynamicDenseLayer(DynamicBlock, DenseLayer):
             new = new * dec["layer"][:, None, None, None]
         return new
 
-    def fast_new(self, rows: torch.Tensor, shape: tuple[int, int, int], live: torch.Tensor | None,
-                 dead: torch.Tensor | None, sel: torch.Tensor | None) -> torch.Tensor:
+    def fast_new(
+        self,
+        rows: torch.Tensor,
+        shape: tuple[int, int, int],
+        live: torch.Tensor | None,
+        dead: torch.Tensor | None,
+        sel: torch.Tensor | None,
+    ) -> torch.Tensor:
         """New features of one part: ``rows`` [n * H * W, |live|] its pixel rows of the live input
         channels ``live`` (None: all), ``dead`` the others (folded into a bias), ``sel`` its
         bottleneck channels (None: all); ``shape`` = (n, H, W) -> [n, k, H, W], channels-last."""
@@ -149,8 +157,12 @@ class DynamicDenseLayer(DynamicBlock, DenseLayer):
         primary = "layer" if "layer" in dec else "channel"
         if "adaptive_" + primary in dec:
             rates["primary_adaptive"] = dec["adaptive_" + primary].reshape(n, -1).mean(dim=1)  # [N]
-        return {"executed_flops": executed, "dense_flops": masker + conv1 + conv2 + trans, "masker_flops": masker,
-                "rates": rates}
+        return {
+            "executed_flops": executed,
+            "dense_flops": masker + conv1 + conv2 + trans,
+            "masker_flops": masker,
+            "rates": rates,
+        }
 
 
 class DynamicDenseBlock(DenseBlock):
@@ -213,10 +225,10 @@ class DynamicDenseBlock(DenseBlock):
                 else:
                     y = layer.fast_new(rows, (idx.numel(), hh, ww), live, dead, sel)  # [n_u, k, H, W]
                 if whole:
-                    buf[:, ci:ci + k].copy_(y)
+                    buf[:, ci : ci + k].copy_(y)
                 else:
-                    buf[idx, ci:ci + k] = y
-                pooled[idx, ci:ci + k] = y.mean(dim=(2, 3))
+                    buf[idx, ci : ci + k] = y
+                pooled[idx, ci : ci + k] = y.mean(dim=(2, 3))
             ran[samples, i] = True
         produced = ran.any(dim=0)  # [L]
         if not bool(produced.all()):

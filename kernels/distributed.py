@@ -114,12 +114,18 @@ def init_distributed(device: str = "auto") -> DistEnv:
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device='cuda' but torch sees no CUDA device; allowed: auto or cpu here")
     cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    env = DistEnv(rank=_env_int("RANK", 0), world=_env_int("WORLD_SIZE", 1), local_rank=_env_int("LOCAL_RANK", 0),
-                  local_world=_env_int("LOCAL_WORLD_SIZE", 1))
+    env = DistEnv(
+        rank=_env_int("RANK", 0),
+        world=_env_int("WORLD_SIZE", 1),
+        local_rank=_env_int("LOCAL_RANK", 0),
+        local_world=_env_int("LOCAL_WORLD_SIZE", 1),
+    )
     if cuda:
         if env.local_rank >= torch.cuda.device_count():
-            raise ConfigError(f"LOCAL_RANK={env.local_rank} but this node has {torch.cuda.device_count()} GPU(s); "
-                              "allowed: --nproc-per-node at most the GPU count")
+            raise ConfigError(
+                f"LOCAL_RANK={env.local_rank} but this node has {torch.cuda.device_count()} GPU(s); "
+                "allowed: --nproc-per-node at most the GPU count"
+            )
         env.device = torch.device("cuda", env.local_rank)
         torch.cuda.set_device(env.device)
     if env.distributed and not dist.is_initialized():
@@ -146,7 +152,7 @@ class EpochSampler(torch.utils.data.distributed.DistributedSampler):
 
     def __iter__(self) -> Iterator[tuple[int, int]]:  # type: ignore[override]
         key = self.seed * 1_000_003 + self.epoch
-        for index in list(super().__iter__())[self.start:]:
+        for index in list(super().__iter__())[self.start :]:
             yield index, key
 
     def __len__(self) -> int:

@@ -58,7 +58,9 @@ class DynamicBlock(SpatialPatches):
         if uses_channel(cfg.paradigm):
             g = cfg.channel_granularity
             if not isinstance(g, int) or g < 1 or spec.width % g or spec.width // g < 2:
-                raise ConfigError(f"channel_granularity={g!r} must divide block {spec.name}'s gated width {spec.width} into >= 2 groups")
+                raise ConfigError(
+                    f"channel_granularity={g!r} must divide block {spec.name}'s gated width {spec.width} into >= 2 groups"
+                )
             self.channel_group = g
             # [n_groups, G]: the channels of each group (a selection of groups indexes its rows)
             self.register_buffer("_channel_ids", torch.arange(spec.width).view(-1, g), persistent=False)
@@ -142,7 +144,11 @@ class DynamicBlock(SpatialPatches):
             dec["layer"] = self.layer_masker(x)
         if self.training:
             # what each gate would decide at inference (adaptive mode), for the rate read-out
-            for key, m in (("spatial", self.spatial_masker), ("channel", self.channel_masker), ("layer", self.layer_masker)):
+            for key, m in (
+                ("spatial", self.spatial_masker),
+                ("channel", self.channel_masker),
+                ("layer", self.layer_masker),
+            ):
                 if m is not None and m.force is None and m.last_adaptive is not None:
                     dec["adaptive_" + key] = m.last_adaptive
         return dec
@@ -166,7 +172,9 @@ class DynamicBlock(SpatialPatches):
 
     # -- fast path ------------------------------------------------------------------------
 
-    def _channel_parts(self, samples: torch.Tensor, dec: dict[str, torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    def _channel_parts(
+        self, samples: torch.Tensor, dec: dict[str, torch.Tensor]
+    ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
         """Split ``samples`` ([n] batch indices) into groups sharing one channel selection."""
         if samples.numel() == 0:
             return []
@@ -182,7 +190,9 @@ class DynamicBlock(SpatialPatches):
             return [(samples, ids[uniq[0]].flatten())]
         return [(samples[inverse == u], ids[uniq[u]].flatten()) for u in range(uniq.shape[0])]
 
-    def _many_selections(self, x: torch.Tensor, samples: torch.Tensor, dec: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    def _many_selections(
+        self, x: torch.Tensor, samples: torch.Tensor, dec: dict[str, torch.Tensor]
+    ) -> torch.Tensor | None:
         """Body outputs [n, C_out, H_out, W_out] of ``samples`` ([n] batch indices) in one pass
         when they select different channels, as many each (budget and random gates always do):
         the block kind's ``_batched_body``.  None where it has none, the samples share one

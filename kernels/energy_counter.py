@@ -53,6 +53,9 @@ def rapl_status(root: str = POWERCAP_ROOT, device: str = "cpu") -> CounterStatus
         except (OSError, ValueError) as exc:
             return CounterStatus(False, f"energy not measured: {path} cannot be read ({type(exc).__name__})")
         paths.append(path)
-    return CounterStatus(True, f"energy not measured: {len(paths)} RAPL package counter(s) under {root} are readable, "
-                               "but dynas fits time only", tuple(paths))
-
+    return CounterStatus(
+        True,
+        f"energy not measured: {len(paths)} RAPL package counter(s) under {root} are readable, "
+        "but dynas fits time only",
+        tuple(paths),
+    )

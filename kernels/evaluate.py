@@ -40,8 +40,16 @@ from dynas.kernels.imagefolder import normalise
 from dynas.kernels.trainer import rate_sums, rates_from_sums
 from dynas.spaces.config import ArchConfig
 
-__all__ = ["EvalResult", "eval_loader", "precision", "autocast", "evaluate_model", "config_target", "summarise",
-           "summary_lines"]
+__all__ = [
+    "EvalResult",
+    "eval_loader",
+    "precision",
+    "autocast",
+    "evaluate_model",
+    "config_target",
+    "summarise",
+    "summary_lines",
+]
 
 
 @dataclass
@@ -55,8 +63,9 @@ class EvalResult:
 def eval_loader(dataset: Any, batch_size: int, workers: int, env: DistEnv) -> torch.utils.data.DataLoader:
     """This process's share of ``dataset`` (every ``world``-th item from ``rank``), in order."""
     indices = list(range(env.rank, len(dataset), env.world))
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=indices, num_workers=workers,
-                                       pin_memory=env.device.type == "cuda")
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, sampler=indices, num_workers=workers, pin_memory=env.device.type == "cuda"
+    )
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -77,8 +86,9 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> Any:
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def evaluate_model(model: torch.nn.Module, loader: Any, env: DistEnv, amp_dtype: torch.dtype | None = None,
-                   channels_last: bool = False) -> EvalResult:
+def evaluate_model(
+    model: torch.nn.Module, loader: Any, env: DistEnv, amp_dtype: torch.dtype | None = None, channels_last: bool = False
+) -> EvalResult:
     """Top-1/top-5 (%) and realised rates of ``model`` over ``loader`` (this process's share), summed
     over processes.  Adaptive gates, reference path; the model's mode and path are restored."""
     net = _unwrap(model)
@@ -99,7 +109,9 @@ def evaluate_model(model: torch.nn.Module, loader: Any, env: DistEnv, amp_dtype:
             logits = net(x).float()  # [B, classes]
             top = logits.topk(min(5, logits.shape[1]), dim=1).indices  # [B, k]
             hit = top == y[:, None]  # [B, k]
-            counts += torch.stack([hit[:, 0].sum(), hit.any(dim=1).sum(), torch.tensor(len(y), device=env.device)]).double()
+            counts += torch.stack(
+                [hit[:, 0].sum(), hit.any(dim=1).sum(), torch.tensor(len(y), device=env.device)]
+            ).double()
             if gated:
                 sums += rate_sums(net.flops_readout(), len(y), num_stages).to(env.device)
     env.all_reduce_sum(counts)
@@ -116,8 +128,11 @@ def evaluate_model(model: torch.nn.Module, loader: Any, env: DistEnv, amp_dtype:
 def config_target(source: Any) -> str | None:
     """The hardware target an exported config names (its name, or its file where that exists), if any."""
     try:
-        data = source if isinstance(source, dict) else json.loads(
-            source if str(source).lstrip().startswith("{") else Path(source).read_text())
+        data = (
+            source
+            if isinstance(source, dict)
+            else json.loads(source if str(source).lstrip().startswith("{") else Path(source).read_text())
+        )
     except (OSError, ValueError, TypeError):
         return None
     target = data.get("target") if isinstance(data, dict) else None
@@ -127,8 +142,16 @@ def config_target(source: Any) -> str | None:
     return target if isinstance(target, str) else None
 
 
-def summarise(cfg: ArchConfig, result: EvalResult, target: str, *, bench: bool = False, bench_batch_size: int = 1,
-              device: str = "cpu", threads: int | None = None) -> dict[str, Any]:
+def summarise(
+    cfg: ArchConfig,
+    result: EvalResult,
+    target: str,
+    *,
+    bench: bool = False,
+    bench_batch_size: int = 1,
+    device: str = "cpu",
+    threads: int | None = None,
+) -> dict[str, Any]:
     """The summary dict of the module docstring for ``cfg`` evaluated as ``result``."""
     from dynas.predictors.latency import predict
 
@@ -140,34 +163,55 @@ def summarise(cfg: ArchConfig, result: EvalResult, target: str, *, bench: bool =
         rates[str(s)] = {"rate": r["rate"], "target": st.rate}
         if "channel_rate" in r and st.channel_rate is not None:
             rates[str(s)].update(channel_rate=r["channel_rate"], channel_target=st.channel_rate)
-    out: dict[str, Any] = {"top1": result.top1, "top5": result.top5, "images": result.images, "realised_rates": rates,
-                           "target": pred.target, "batch_size": pred.batch_size, "latency_ms": pred.latency_ms,
-                           "static_latency_ms": pred.static_latency_ms, "config": cfg.short(),
-                           "realised_config": realised.short()}
+    out: dict[str, Any] = {
+        "top1": result.top1,
+        "top5": result.top5,
+        "images": result.images,
+        "realised_rates": rates,
+        "target": pred.target,
+        "batch_size": pred.batch_size,
+        "latency_ms": pred.latency_ms,
+        "static_latency_ms": pred.static_latency_ms,
+        "config": cfg.short(),
+        "realised_config": realised.short(),
+    }
     if bench:
         from dynas.kernels.bench import bench as run_bench
 
         b = run_bench(realised, device=device, batch_size=bench_batch_size, threads=threads)
-        out["measured"] = {"device": b.device, "batch_size": b.batch_size, "threads": b.threads,
-                           "latency_ms": b.dynamic_ms, "static_latency_ms": b.static_ms, "speedup": b.speedup,
-                           "gate_mode": b.gate_mode}
+        out["measured"] = {
+            "device": b.device,
+            "batch_size": b.batch_size,
+            "threads": b.threads,
+            "latency_ms": b.dynamic_ms,
+            "static_latency_ms": b.static_ms,
+            "speedup": b.speedup,
+            "gate_mode": b.gate_mode,
+        }
     return out
 
 
 def summary_lines(summary: dict[str, Any]) -> list[str]:
     """The summary as text, one fact per line."""
-    lines = [f"top-1 {summary['top1']:.2f}%  top-5 {summary['top5']:.2f}%  on {summary['images']} held-out images "
-             "(adaptive gates)"]
+    lines = [
+        f"top-1 {summary['top1']:.2f}%  top-5 {summary['top5']:.2f}%  on {summary['images']} held-out images "
+        "(adaptive gates)"
+    ]
     for s, r in summary["realised_rates"].items():
-        extra = (f"; channel rate {r['channel_rate']:.3f} (target {r['channel_target']:.3f})"
-                 if "channel_rate" in r else "")
+        extra = (
+            f"; channel rate {r['channel_rate']:.3f} (target {r['channel_target']:.3f})" if "channel_rate" in r else ""
+        )
         lines.append(f"stage {s}: realised rate {r['rate']:.3f} (target {r['target']:.3f}){extra}")
     speedup = summary["static_latency_ms"] / summary["latency_ms"] if summary["latency_ms"] > 0 else float("nan")
-    lines.append(f"predicted on {summary['target']} at batch {summary['batch_size']}, at the realised rates: "
-                 f"{summary['latency_ms']:.4g} ms; static {summary['static_latency_ms']:.4g} ms; speed-up x{speedup:.2f}")
+    lines.append(
+        f"predicted on {summary['target']} at batch {summary['batch_size']}, at the realised rates: "
+        f"{summary['latency_ms']:.4g} ms; static {summary['static_latency_ms']:.4g} ms; speed-up x{speedup:.2f}"
+    )
     m = summary.get("measured")
     if m:
-        lines.append(f"measured on {m['device']} ({m['threads']} threads) at batch {m['batch_size']}, budget gates at the "
-                     f"realised rates: {m['latency_ms']:.4g} ms; static {m['static_latency_ms']:.4g} ms; "
-                     f"speed-up x{m['speedup']:.2f}")
+        lines.append(
+            f"measured on {m['device']} ({m['threads']} threads) at batch {m['batch_size']}, budget gates at the "
+            f"realised rates: {m['latency_ms']:.4g} ms; static {m['static_latency_ms']:.4g} ms; "
+            f"speed-up x{m['speedup']:.2f}"
+        )
     return lines

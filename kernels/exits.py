@@ -63,9 +63,22 @@ from dynas.spaces.torch_model import init_weights
 if TYPE_CHECKING:
     from dynas.kernels.model import DynamicNet
 
-__all__ = ["ExitHead", "ExitPolicy", "FinalPolicy", "AllExitsPolicy", "BudgetPolicy", "DeadlinePolicy",
-           "ConfidencePolicy", "EXIT_POLICIES", "make_policy", "forward_exits", "exit_outputs", "exit_accuracies",
-           "fit_thresholds", "with_thresholds"]
+__all__ = [
+    "ExitHead",
+    "ExitPolicy",
+    "FinalPolicy",
+    "AllExitsPolicy",
+    "BudgetPolicy",
+    "DeadlinePolicy",
+    "ConfidencePolicy",
+    "EXIT_POLICIES",
+    "make_policy",
+    "forward_exits",
+    "exit_outputs",
+    "exit_accuracies",
+    "fit_thresholds",
+    "with_thresholds",
+]
 
 
 class ExitHead(nn.Module):
@@ -76,7 +89,9 @@ class ExitHead(nn.Module):
         super().__init__()
         self.conv = None
         if head == "conv":
-            self.conv = nn.Sequential(nn.Conv2d(in_channels, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True))
+            self.conv = nn.Sequential(
+                nn.Conv2d(in_channels, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)
+            )
             in_channels = width
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(in_channels, classes)
@@ -169,8 +184,10 @@ class _Predicted(ExitPolicy):
         return predict(config, self.target, n)
 
     def _too_small(self, name: str, value: float, cost: float, n: int, config: ArchConfig) -> ConfigError:
-        return ConfigError(f"{name}={value:g} is below the first exit's cost (after stage {config.exits[0]}) at batch {n}: "
-                           f"{cost:.4g} ms predicted on {self.target.name}; allowed: >= {cost:.4g}")
+        return ConfigError(
+            f"{name}={value:g} is below the first exit's cost (after stage {config.exits[0]}) at batch {n}: "
+            f"{cost:.4g} ms predicted on {self.target.name}; allowed: >= {cost:.4g}"
+        )
 
 
 class BudgetPolicy(_Predicted):
@@ -221,8 +238,11 @@ class DeadlinePolicy(_Predicted):
             pred = self._prediction(config, n)
             if pred.exits[0].anytime_latency_ms > self.deadline_ms:
                 raise self._too_small("deadline_ms", self.deadline_ms, pred.exits[0].anytime_latency_ms, n, config)
-            self._costs[key] = {"stem": pred.stem_ms, "blocks": predict_blocks(config, self.target, n),
-                                "heads": [e.head_ms for e in pred.exits]}
+            self._costs[key] = {
+                "stem": pred.stem_ms,
+                "blocks": predict_blocks(config, self.target, n),
+                "heads": [e.head_ms for e in pred.exits],
+            }
         return self._costs[key]
 
     def _now_ms(self, x: torch.Tensor) -> float:
@@ -273,14 +293,18 @@ class DeadlinePolicy(_Predicted):
 def _check_thresholds(config: ArchConfig, thresholds: Any) -> tuple[float, ...]:
     if thresholds is None:
         if config.exit_thresholds is None:
-            raise ConfigError("thresholds=None and the config has no exit_thresholds; allowed: one number in [0, 1] per "
-                              "exit, or a config with exit_thresholds (dynas.kernels.exits.fit_thresholds)")
+            raise ConfigError(
+                "thresholds=None and the config has no exit_thresholds; allowed: one number in [0, 1] per "
+                "exit, or a config with exit_thresholds (dynas.kernels.exits.fit_thresholds)"
+            )
         return config.exit_thresholds
     t = tuple(thresholds) if isinstance(thresholds, (list, tuple)) else thresholds
     if not isinstance(t, tuple) or len(t) != len(config.exits):
         n = len(t) if isinstance(t, tuple) else t
-        raise ConfigError(f"thresholds has {n!r} entries; allowed: {len(config.exits)}, one per exit of this config "
-                          f"(exits after stages {list(config.exits)}): thresholds for a different config do not apply")
+        raise ConfigError(
+            f"thresholds has {n!r} entries; allowed: {len(config.exits)}, one per exit of this config "
+            f"(exits after stages {list(config.exits)}): thresholds for a different config do not apply"
+        )
     dataclasses.replace(config, exit_thresholds=t)  # validates each value (one line naming it)
     return t
 
@@ -330,14 +354,15 @@ class ConfidencePolicy(ExitPolicy):
 
 
 #: policy name -> class (``make_policy`` builds them from keyword options)
-EXIT_POLICIES: dict[str, type[ExitPolicy]] = {p.name: p for p in (FinalPolicy, AllExitsPolicy, BudgetPolicy,
-                                                                    DeadlinePolicy, ConfidencePolicy)}
+EXIT_POLICIES: dict[str, type[ExitPolicy]] = {
+    p.name: p for p in (FinalPolicy, AllExitsPolicy, BudgetPolicy, DeadlinePolicy, ConfidencePolicy)
+}
 
 
 def make_policy(config: ArchConfig, name: str, **options: Any) -> ExitPolicy:
     """The policy ``name`` for ``config`` (options as in the module docstring)."""
     if not config.exits:
-        raise ConfigError("exit policy: the config has no exits; allowed: a config with \"exits\": [...]")
+        raise ConfigError('exit policy: the config has no exits; allowed: a config with "exits": [...]')
     cls = EXIT_POLICIES.get(name)
     if cls is None:
         raise ConfigError(f"exit policy={name!r} is unknown; allowed: {', '.join(EXIT_POLICIES)}")
@@ -350,7 +375,9 @@ def make_policy(config: ArchConfig, name: str, **options: Any) -> ExitPolicy:
 # ----------------------------------------------------------------------------- validation-side helpers
 
 
-def exit_outputs(model: "DynamicNet", data: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+def exit_outputs(
+    model: "DynamicNet", data: Iterable[tuple[torch.Tensor, torch.Tensor]]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(confidence, correct), each [exits, n]: every exit's top softmax probability and whether
     its answer is right, over a loader of ``(images, labels)`` (eval mode, ``"all"`` policy;
     the model's mode and policy are restored)."""
@@ -379,8 +406,13 @@ def exit_accuracies(model: "DynamicNet", data: Iterable[tuple[torch.Tensor, torc
     return [float(v) for v in hit.float().mean(dim=1)]
 
 
-def fit_thresholds(model: "DynamicNet", data: Iterable[tuple[torch.Tensor, torch.Tensor]], target: Any,
-                   budgets_ms: Sequence[float], batch_size: int | None = None) -> list[BudgetThresholds]:
+def fit_thresholds(
+    model: "DynamicNet",
+    data: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    target: Any,
+    budgets_ms: Sequence[float],
+    batch_size: int | None = None,
+) -> list[BudgetThresholds]:
     """Thresholds for each budget (mean predicted latency per image on ``target`` at
     ``batch_size``, default the target's), fitted on ``data`` by
     :func:`dynas.predictors.thresholds.budget_curve`."""

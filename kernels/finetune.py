@@ -76,12 +76,24 @@ class FinetuneProxy(AccuracyProxy):
     """MEASURED accuracy proxy: top-1 after a short fine-tune of each candidate (see module doc)."""
 
     name = "finetune"
-    description = ("MEASURED on the given data, not ImageNet: held-out top-1 after a short LAUDNet-recipe fine-tune "
-                   "from the static backbone, adaptive gates")
+    description = (
+        "MEASURED on the given data, not ImageNet: held-out top-1 after a short LAUDNet-recipe fine-tune "
+        "from the static backbone, adaptive gates"
+    )
 
-    def __init__(self, *, data: str = "synthetic", steps: int = 40, batch_size: int = 32, lr: float = 0.05,
-                 checkpoints: int = 3, weights: str | None = None, pretrain_steps: int = 200,
-                 distill: bool = True, seed: int = 0) -> None:
+    def __init__(
+        self,
+        *,
+        data: str = "synthetic",
+        steps: int = 40,
+        batch_size: int = 32,
+        lr: float = 0.05,
+        checkpoints: int = 3,
+        weights: str | None = None,
+        pretrain_steps: int = 200,
+        distill: bool = True,
+        seed: int = 0,
+    ) -> None:
         self.data = check_data_spec(data)
         self.steps = check_int("finetune steps", steps, 1)
         self.batch_size = check_int("finetune batch_size", batch_size, 1)
@@ -96,7 +108,9 @@ class FinetuneProxy(AccuracyProxy):
         self.distill = distill
         if weights is not None:
             if not isinstance(weights, (str, os.PathLike)) or not os.path.isfile(weights):
-                raise ConfigError(f"finetune weights={weights!r} is not a file; allowed: a torch.save state dict of the static backbone")
+                raise ConfigError(
+                    f"finetune weights={weights!r} is not a file; allowed: a torch.save state dict of the static backbone"
+                )
             weights = os.path.abspath(weights)
         self.weights = weights
         # Per (backbone, input size): static state dict, static top-1 (%), number of classes.
@@ -111,9 +125,17 @@ class FinetuneProxy(AccuracyProxy):
         return state
 
     def options(self) -> dict[str, Any]:
-        return {"data": self.data, "steps": self.steps, "batch_size": self.batch_size, "lr": self.lr,
-                "checkpoints": self.checkpoints, "weights": self.weights, "pretrain_steps": self.pretrain_steps,
-                "distill": self.distill, "seed": self.seed}
+        return {
+            "data": self.data,
+            "steps": self.steps,
+            "batch_size": self.batch_size,
+            "lr": self.lr,
+            "checkpoints": self.checkpoints,
+            "weights": self.weights,
+            "pretrain_steps": self.pretrain_steps,
+            "distill": self.distill,
+            "seed": self.seed,
+        }
 
     def checkpoint_steps(self) -> list[int]:
         """Step counts after which top-1 is reported: ``checkpoints`` evenly spaced, the last = ``steps``."""
@@ -145,16 +167,26 @@ class FinetuneProxy(AccuracyProxy):
             except ConfigError as exc:
                 raise ConfigError(f"finetune weights: {exc}") from None
             if result.head_keys:
-                _log.info("finetune proxy: the classifier in %s does not fit the %d classes of the data; it starts fresh",
-                          self.weights, splits.num_classes)
+                _log.info(
+                    "finetune proxy: the classifier in %s does not fit the %d classes of the data; it starts fresh",
+                    self.weights,
+                    splits.num_classes,
+                )
         if self.pretrain_steps:
-            _log.info("finetune proxy: training the static %s on %s for %d steps (once per search)",
-                     backbone, self.data, self.pretrain_steps)
+            _log.info(
+                "finetune proxy: training the static %s on %s for %d steps (once per search)",
+                backbone,
+                self.data,
+                self.pretrain_steps,
+            )
             finetune(model, splits.train_batches(), self.pretrain_steps, lr=self.lr)
         accuracy, _ = evaluate(model, splits.val)
         _log.info("finetune proxy: static %s top-1 %.2f%% on the held-out split", backbone, 100 * accuracy)
-        prepared = {"state": {k: v.detach().clone() for k, v in model.state_dict().items()},
-                    "top1": 100.0 * accuracy, "num_classes": splits.num_classes}
+        prepared = {
+            "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
+            "top1": 100.0 * accuracy,
+            "num_classes": splits.num_classes,
+        }
         self._prepared[key] = prepared
         return prepared
 
@@ -199,18 +231,29 @@ class FinetuneProxy(AccuracyProxy):
                 rates.update(realised_rates)
                 if cfg.exits:  # each exit's top-1, every sample answered there
                     stages = list(cfg.exits) + [cfg.spec.num_stages - 1]
-                    exit_top1.extend({"after_stage": s, "top1": 100.0 * a}
-                                     for s, a in zip(stages, exit_accuracies(model, splits.val)))
+                    exit_top1.extend(
+                        {"after_stage": s, "top1": 100.0 * a}
+                        for s, a in zip(stages, exit_accuracies(model, splits.val))
+                    )
             if reporter is not None:
                 reporter.report(step, curve[step], final=step == self.steps)  # may raise StopTrial
 
         torch.manual_seed(self.seed + 1)
-        finetune(model, splits.train_batches(), self.steps, lr=self.lr, teacher=teacher,
-                 checkpoints=self.checkpoint_steps(), on_checkpoint=checkpoint)
+        finetune(
+            model,
+            splits.train_batches(),
+            self.steps,
+            lr=self.lr,
+            teacher=teacher,
+            checkpoints=self.checkpoint_steps(),
+            on_checkpoint=checkpoint,
+        )
         top1 = curve[self.steps]
         realised = realised_config(cfg, rates)
-        attrs = {"realised_rates": {str(s): r for s, r in rates.items()},
-                 "top1_by_step": {str(k): v for k, v in curve.items()}}
+        attrs = {
+            "realised_rates": {str(s): r for s, r in rates.items()},
+            "top1_by_step": {str(k): v for k, v in curve.items()},
+        }
         if exit_top1:
             attrs["exit_top1"] = exit_top1
         return ProxyResult(top1, None if realised == cfg else realised, attrs)

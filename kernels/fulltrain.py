@@ -65,6 +65,7 @@ __all__ = ["TrainOptions", "TrainResult", "run_training", "LR_BATCH"]
 
 _log = logging.getLogger("dynas.train")
 
+
 @dataclass
 class TrainResult:
     model: DynamicNet  # trained, in eval mode with adaptive gates
@@ -134,34 +135,46 @@ def _config_and_raw(config: Any, input_size: Any) -> tuple[ArchConfig, dict[str,
     return cfg, raw
 
 
-def _build_models(cfg: ArchConfig, num_classes: int, opts: TrainOptions, env: DistEnv) -> tuple[DynamicNet, DynamicNet | None]:
+def _build_models(
+    cfg: ArchConfig, num_classes: int, opts: TrainOptions, env: DistEnv
+) -> tuple[DynamicNet, DynamicNet | None]:
     """The student (pretrained weights loaded) and the static teacher (or None), on the CPU."""
     torch.manual_seed(opts.seed)
     net = build_model(cfg, num_classes=num_classes)
     if opts.weights:
         res = net.load_pretrained(opts.weights, new_head=True)
         if res.head_keys and env.is_main:
-            _log.info("the classifier in %s has another class count; a new one is trained for the %d classes of the data",
-                      opts.weights, num_classes)
+            _log.info(
+                "the classifier in %s has another class count; a new one is trained for the %d classes of the data",
+                opts.weights,
+                num_classes,
+            )
     elif env.is_main:
-        _log.warning("no --weights: training from scratch, without distillation; the LAUDNet recipe assumes static "
-                     "pretrained weights")
+        _log.warning(
+            "no --weights: training from scratch, without distillation; the LAUDNet recipe assumes static "
+            "pretrained weights"
+        )
     source = (opts.teacher or opts.weights) if opts.distill else None
     if source is None or opts.recipe.alpha_kd == 0:
         return net, None
     teacher = build_model(ArchConfig.static(cfg.backbone, cfg.input_size), num_classes=num_classes)
     if teacher.load_pretrained(source, new_head=True).head_keys:
         if env.is_main:
-            _log.warning("the teacher %s has no classifier for the %d classes of the data: no distillation "
-                         "(give --teacher FILE, a static network trained on these classes)", source, num_classes)
+            _log.warning(
+                "the teacher %s has no classifier for the %d classes of the data: no distillation "
+                "(give --teacher FILE, a static network trained on these classes)",
+                source,
+                num_classes,
+            )
         return net, None
     for p in teacher.parameters():
         p.requires_grad_(False)
     return net, teacher.eval()
 
 
-def _prepare(config: Any, opts: TrainOptions, env: DistEnv) -> tuple[ArchConfig, dict[str, Any], DataSets, dict | None,
-                                                                     dict[str, Any]]:
+def _prepare(
+    config: Any, opts: TrainOptions, env: DistEnv
+) -> tuple[ArchConfig, dict[str, Any], DataSets, dict | None, dict[str, Any]]:
     """Everything that may refuse the run, before anything is written: config, data, RUN folder
     and its checkpoint (read by rank 0), then every image decoded once."""
     ckpt = None
@@ -176,8 +189,13 @@ def _prepare(config: Any, opts: TrainOptions, env: DistEnv) -> tuple[ArchConfig,
     images = len(data.val) + len(data.train)
     if images > 20_000 and env.is_main:  # a noticeable wait: say what it is
         _log.info("decoding each of the %d images of %s once", images, data.source)
-    data = check_datasets(data, skip_bad=opts.skip_bad_images, threads=max(1, (os.cpu_count() or 1) // env.local_world),
-                          shard=(env.rank, env.world), gather=env.gather)
+    data = check_datasets(
+        data,
+        skip_bad=opts.skip_bad_images,
+        threads=max(1, (os.cpu_count() or 1) // env.local_world),
+        shard=(env.rank, env.world),
+        gather=env.gather,
+    )
     if data.skipped and env.is_main:
         _log.warning("%d unreadable image(s) left out (first: %s)", len(data.skipped), data.skipped[0])
     return cfg, raw, data, ckpt, identity
@@ -185,19 +203,27 @@ def _prepare(config: Any, opts: TrainOptions, env: DistEnv) -> tuple[ArchConfig,
 
 def _identity(cfg: ArchConfig, data: DataSets) -> dict[str, Any]:
     """What a checkpoint must match to be resumed (``train_images``: before bad ones are left out)."""
-    return {"backbone": cfg.backbone, "config": json.dumps(cfg.to_dict(), sort_keys=True), "num_classes": data.num_classes,
-            "classes": data.classes, "train_images": len(data.train)}
+    return {
+        "backbone": cfg.backbone,
+        "config": json.dumps(cfg.to_dict(), sort_keys=True),
+        "num_classes": data.num_classes,
+        "classes": data.classes,
+        "train_images": len(data.train),
+    }
 
 
 def _batches(n_train: int, batch_size: int, env: DistEnv) -> tuple[int, int]:
     """(per-process batch, steps per epoch); refuses a batch that does not split or does not fit."""
     if batch_size % env.world:
-        raise ConfigError(f"--batch-size={batch_size} does not split over {env.world} processes; "
-                          f"allowed: a multiple of {env.world}")
+        raise ConfigError(
+            f"--batch-size={batch_size} does not split over {env.world} processes; allowed: a multiple of {env.world}"
+        )
     local = batch_size // env.world
     steps = (n_train // env.world) // local
     if steps < 1:
-        raise ConfigError(f"--batch-size={batch_size} is more than the {n_train} training images; allowed: at most {n_train}")
+        raise ConfigError(
+            f"--batch-size={batch_size} is more than the {n_train} training images; allowed: at most {n_train}"
+        )
     return local, steps
 
 
@@ -213,22 +239,51 @@ def _setup(cfg: ArchConfig, opts: TrainOptions, data: DataSets, env: DistEnv, id
     if env.distributed:
         model = torch.nn.parallel.DistributedDataParallel(net, device_ids=[env.device.index] if cuda else None)
     local, steps_per_epoch = _batches(len(data.train), opts.batch_size, env)
-    total = steps_per_epoch * opts.epochs if opts.max_steps is None else min(steps_per_epoch * opts.epochs, opts.max_steps)
+    total = (
+        steps_per_epoch * opts.epochs if opts.max_steps is None else min(steps_per_epoch * opts.epochs, opts.max_steps)
+    )
     lr = opts.lr * opts.batch_size / LR_BATCH
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=opts.momentum, nesterov=opts.momentum > 0,
-                          weight_decay=opts.weight_decay)
+    opt = torch.optim.SGD(
+        model.parameters(), lr=lr, momentum=opts.momentum, nesterov=opts.momentum > 0, weight_decay=opts.weight_decay
+    )
     warmup = min(total, round(opts.warmup_epochs * steps_per_epoch))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, total, warmup))
     amp_dtype = precision(env, opts.amp)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
     sampler = EpochSampler(data.train, env, opts.seed)
     n_workers = opts.workers if data.decodes else 0  # tensors in memory need no worker process
-    loader = torch.utils.data.DataLoader(data.train, batch_size=local, sampler=sampler, drop_last=True, num_workers=n_workers,
-                                         pin_memory=cuda, persistent_workers=n_workers > 0)
+    loader = torch.utils.data.DataLoader(
+        data.train,
+        batch_size=local,
+        sampler=sampler,
+        drop_last=True,
+        num_workers=n_workers,
+        pin_memory=cuda,
+        persistent_workers=n_workers > 0,
+    )
     val_loader = eval_loader(data.val, max(2 * local, 32), n_workers, env)  # no gradients: twice the batch fits
-    return _Run(env, cfg, opts, data, net, model, teacher, opt, sched, scaler, sampler, loader, val_loader, steps_per_epoch,
-                total, amp_dtype, cuda, identity, stage_targets(net),
-                any(b.paradigm != "static" for b in net.blocks()))
+    return _Run(
+        env,
+        cfg,
+        opts,
+        data,
+        net,
+        model,
+        teacher,
+        opt,
+        sched,
+        scaler,
+        sampler,
+        loader,
+        val_loader,
+        steps_per_epoch,
+        total,
+        amp_dtype,
+        cuda,
+        identity,
+        stage_targets(net),
+        any(b.paradigm != "static" for b in net.blocks()),
+    )
 
 
 def _step_seed(seed: int, rank: int, step: int) -> int:
@@ -252,8 +307,9 @@ def _train_step(run: _Run, x: torch.Tensor, y: torch.Tensor, step: int, sums: to
         if run.teacher is not None:
             with torch.no_grad():
                 t_logits = run.teacher(x)  # [B, classes]
-    loss, parts = recipe_loss(logits, y, readout, step, run.total_steps, flops_targets, rate_targets, run.opts.recipe,
-                              t_logits)
+    loss, parts = recipe_loss(
+        logits, y, readout, step, run.total_steps, flops_targets, rate_targets, run.opts.recipe, t_logits
+    )
     run.opt.zero_grad(set_to_none=True)
     if run.scaler is not None:
         run.scaler.scale(loss).backward()
@@ -276,12 +332,24 @@ def _save(run: _Run, state: _State, done: bool = False) -> None:
     state.sums = run.env.all_reduce_sum(state.sums)
     ckpt = None
     if run.env.is_main:
-        ckpt = {"format": ck.FORMAT, "identity": run.identity, "options": run.opts.fingerprint(),
-                "model": run.net.state_dict(), "optimizer": run.opt.state_dict(), "scheduler": run.sched.state_dict(),
-                "scaler": run.scaler.state_dict() if run.scaler is not None else None, "epoch": state.epoch,
-                "step_in_epoch": state.step_in_epoch, "global_step": state.global_step, "total_steps": run.total_steps,
-                "temperature": gumbel_temperature(state.global_step, run.total_steps, run.opts.recipe),
-                "history": state.history, "sums": state.sums.cpu(), "time_s": state.time_s, "done": done}
+        ckpt = {
+            "format": ck.FORMAT,
+            "identity": run.identity,
+            "options": run.opts.fingerprint(),
+            "model": run.net.state_dict(),
+            "optimizer": run.opt.state_dict(),
+            "scheduler": run.sched.state_dict(),
+            "scaler": run.scaler.state_dict() if run.scaler is not None else None,
+            "epoch": state.epoch,
+            "step_in_epoch": state.step_in_epoch,
+            "global_step": state.global_step,
+            "total_steps": run.total_steps,
+            "temperature": gumbel_temperature(state.global_step, run.total_steps, run.opts.recipe),
+            "history": state.history,
+            "sums": state.sums.cpu(),
+            "time_s": state.time_s,
+            "done": done,
+        }
         ck.save_torch(ckpt, os.path.join(run.opts.output_dir, ck.CHECKPOINT))
         ck.write_metrics(state.history, os.path.join(run.opts.output_dir, ck.METRICS))
     else:
@@ -304,14 +372,24 @@ def _epoch_line(run: _Run, state: _State, result: EvalResult, steps: int) -> dic
     s = state.sums.cpu().tolist()
     n = max(1, steps * run.env.world)  # per-step means summed over steps and processes
     train_rates = rates_from_sums(state.sums[5:].view(run.num_stages, 4))
-    return {"epoch": state.epoch + 1, "steps": state.global_step, "steps_in_epoch": steps,
-            "loss": s[0] / n, "ce": s[1] / n, "sparsity": s[2] / n, "kd": s[3] / n,
-            "lr": run.sched.get_last_lr()[0],
-            "temperature": gumbel_temperature(state.global_step, run.total_steps, run.opts.recipe),
-            "top1": result.top1, "top5": result.top5, "val_images": result.images,
-            "realised_rates": {str(k): v for k, v in result.rates.items()},
-            "train_rates": {str(k): v for k, v in train_rates.items()},
-            "images_per_s": s[4] / state.time_s if state.time_s > 0 else None, "time_s": state.time_s}
+    return {
+        "epoch": state.epoch + 1,
+        "steps": state.global_step,
+        "steps_in_epoch": steps,
+        "loss": s[0] / n,
+        "ce": s[1] / n,
+        "sparsity": s[2] / n,
+        "kd": s[3] / n,
+        "lr": run.sched.get_last_lr()[0],
+        "temperature": gumbel_temperature(state.global_step, run.total_steps, run.opts.recipe),
+        "top1": result.top1,
+        "top5": result.top5,
+        "val_images": result.images,
+        "realised_rates": {str(k): v for k, v in result.rates.items()},
+        "train_rates": {str(k): v for k, v in train_rates.items()},
+        "images_per_s": s[4] / state.time_s if state.time_s > 0 else None,
+        "time_s": state.time_s,
+    }
 
 
 def _run_epoch(run: _Run, state: _State, progress: Progress) -> None:
@@ -333,8 +411,9 @@ def _run_epoch(run: _Run, state: _State, progress: Progress) -> None:
             state.time_s += time.perf_counter() - t0
             t0 = time.perf_counter()
             _save(run, state)
-            progress.info("checkpoint at step %d (epoch %d, step %d)", state.global_step, state.epoch + 1,
-                          state.step_in_epoch)
+            progress.info(
+                "checkpoint at step %d (epoch %d, step %d)", state.global_step, state.epoch + 1, state.step_in_epoch
+            )
     state.time_s += time.perf_counter() - t0
     progress.close()
     result = evaluate_model(run.model, run.val_loader, run.env, run.amp_dtype, run.channels_last)
@@ -343,8 +422,15 @@ def _run_epoch(run: _Run, state: _State, progress: Progress) -> None:
     state.history.append(line)
     if run.env.is_main:
         rates = " ".join(f"s{k}={v['rate']:.2f}" for k, v in line["realised_rates"].items())
-        progress.info("epoch %d: loss %.4f, val top-1 %.2f%%, top-5 %.2f%%, rates %s, %.0f img/s", line["epoch"],
-                      line["loss"], line["top1"], line["top5"], rates or "-", line["images_per_s"] or 0)
+        progress.info(
+            "epoch %d: loss %.4f, val top-1 %.2f%%, top-5 %.2f%%, rates %s, %.0f img/s",
+            line["epoch"],
+            line["loss"],
+            line["top1"],
+            line["top5"],
+            rates or "-",
+            line["images_per_s"] or 0,
+        )
     state.epoch, state.step_in_epoch, state.time_s = state.epoch + 1, 0, 0.0
     state.sums = run.new_sums()
     if run.opts.output_dir:
@@ -355,16 +441,34 @@ def _run_epoch(run: _Run, state: _State, progress: Progress) -> None:
 def _write_outputs(run: _Run, raw: dict[str, Any], summary: dict[str, Any]) -> None:
     """RUN/model.pt, then RUN/config.json (rank 0)."""
     opts, data, env = run.opts, run.data, run.env
-    ck.save_torch({k: v.detach().cpu() for k, v in run.net.state_dict().items()}, os.path.join(opts.output_dir, ck.MODEL))
-    recipe = {**opts.fingerprint(), "lr_effective": opts.lr * opts.batch_size / LR_BATCH, "lr_batch": LR_BATCH,
-              "weights": os.path.abspath(opts.weights) if opts.weights else None,
-              "teacher_used": run.teacher is not None, "input_size": list(run.cfg.input_size)}
-    trained = {"data": os.path.abspath(opts.data) if os.path.exists(opts.data) else opts.data, "source": data.source,
-               "classes": data.classes, "num_classes": data.num_classes, "train_images": len(data.train),
-               "val_images": len(data.val), "skipped_images": len(data.skipped), "steps": run.total_steps,
-               "steps_per_epoch": run.steps_per_epoch, "processes": env.world, "device": env.device.type,
-               "precision": str(run.amp_dtype or torch.float32).replace("torch.", ""),
-               "recipe": recipe, "final": summary, "torch_version": torch.__version__}
+    ck.save_torch(
+        {k: v.detach().cpu() for k, v in run.net.state_dict().items()}, os.path.join(opts.output_dir, ck.MODEL)
+    )
+    recipe = {
+        **opts.fingerprint(),
+        "lr_effective": opts.lr * opts.batch_size / LR_BATCH,
+        "lr_batch": LR_BATCH,
+        "weights": os.path.abspath(opts.weights) if opts.weights else None,
+        "teacher_used": run.teacher is not None,
+        "input_size": list(run.cfg.input_size),
+    }
+    trained = {
+        "data": os.path.abspath(opts.data) if os.path.exists(opts.data) else opts.data,
+        "source": data.source,
+        "classes": data.classes,
+        "num_classes": data.num_classes,
+        "train_images": len(data.train),
+        "val_images": len(data.val),
+        "skipped_images": len(data.skipped),
+        "steps": run.total_steps,
+        "steps_per_epoch": run.steps_per_epoch,
+        "processes": env.world,
+        "device": env.device.type,
+        "precision": str(run.amp_dtype or torch.float32).replace("torch.", ""),
+        "recipe": recipe,
+        "final": summary,
+        "torch_version": torch.__version__,
+    }
     ck.write_json({**raw, "trained": trained}, os.path.join(opts.output_dir, ck.CONFIG))
 
 
@@ -384,13 +488,28 @@ def _start(run: _Run, state: _State, ckpt: dict[str, Any] | None) -> None:
     if not env.is_main:
         return
     numbers = f"{str(run.amp_dtype).replace('torch.', '')} autocast" if run.amp_dtype else "float32"
-    _log.info("training %s %s on %s: %d step(s) of %d images (%d per process x %d), lr %.4g, %s, %s%s",
-              run.cfg.backbone, run.cfg.short(), run.data.source, run.total_steps, opts.batch_size,
-              run.loader.batch_size, env.world, opts.lr * opts.batch_size / LR_BATCH, env.device, numbers,
-              "" if run.teacher is not None else ", no distillation")
+    _log.info(
+        "training %s %s on %s: %d step(s) of %d images (%d per process x %d), lr %.4g, %s, %s%s",
+        run.cfg.backbone,
+        run.cfg.short(),
+        run.data.source,
+        run.total_steps,
+        opts.batch_size,
+        run.loader.batch_size,
+        env.world,
+        opts.lr * opts.batch_size / LR_BATCH,
+        env.device,
+        numbers,
+        "" if run.teacher is not None else ", no distillation",
+    )
     if ckpt is not None:
-        _log.info("resuming %s at step %d (epoch %d, step %d)", opts.output_dir, state.global_step, state.epoch + 1,
-                  state.step_in_epoch)
+        _log.info(
+            "resuming %s at step %d (epoch %d, step %d)",
+            opts.output_dir,
+            state.global_step,
+            state.epoch + 1,
+            state.step_in_epoch,
+        )
 
 
 def run_training(config: Any, opts: TrainOptions = TrainOptions()) -> TrainResult:
@@ -413,12 +532,15 @@ def run_training(config: Any, opts: TrainOptions = TrainOptions()) -> TrainResul
         _start(run, state, env.broadcast(ckpt))
         if run.channels_last:
             torch.backends.cudnn.benchmark = True
-        progress = Progress(env.is_main, math.ceil(run.total_steps / run.steps_per_epoch), opts.batch_size, opts.log_every)
+        progress = Progress(
+            env.is_main, math.ceil(run.total_steps / run.steps_per_epoch), opts.batch_size, opts.log_every
+        )
         while state.global_step < run.total_steps:
             _run_epoch(run, state, progress)
         last = state.history[-1]
-        result = EvalResult(last["top1"], last["top5"], last["val_images"],
-                            {int(k): v for k, v in last["realised_rates"].items()})
+        result = EvalResult(
+            last["top1"], last["top5"], last["val_images"], {int(k): v for k, v in last["realised_rates"].items()}
+        )
         summary = None
         if env.is_main:
             summary = summarise(cfg, result, opts.target or config_target(config) or "v100")

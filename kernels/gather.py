@@ -15,9 +15,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["eval_bn", "is_channels_last", "take_samples", "zeros_in_layout", "pixel_rows", "put_pixel_rows",
-           "add_pixel_rows", "derived_weight", "weight_rows", "cl_matrix", "conv_matrix", "conv_weight", "conv_rows", "conv_cols",
-           "flipped_in_matrix"]
+__all__ = [
+    "eval_bn",
+    "is_channels_last",
+    "take_samples",
+    "zeros_in_layout",
+    "pixel_rows",
+    "put_pixel_rows",
+    "add_pixel_rows",
+    "derived_weight",
+    "weight_rows",
+    "cl_matrix",
+    "conv_matrix",
+    "conv_weight",
+    "conv_rows",
+    "conv_cols",
+    "flipped_in_matrix",
+]
 
 
 def _stacked_stats(bn: nn.BatchNorm2d) -> torch.Tensor:
@@ -41,10 +55,16 @@ def eval_bn(x: torch.Tensor, bn: nn.BatchNorm2d, sel: torch.Tensor | None) -> to
     if sel is None:
         return F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
     if bn.weight is None or bn.running_mean is None:
-        return F.batch_norm(x, None if bn.running_mean is None else bn.running_mean[sel],
-                            None if bn.running_var is None else bn.running_var[sel],
-                            None if bn.weight is None else bn.weight[sel], None if bn.bias is None else bn.bias[sel],
-                            bn.running_mean is None, 0.0, bn.eps)
+        return F.batch_norm(
+            x,
+            None if bn.running_mean is None else bn.running_mean[sel],
+            None if bn.running_var is None else bn.running_var[sel],
+            None if bn.weight is None else bn.weight[sel],
+            None if bn.bias is None else bn.bias[sel],
+            bn.running_mean is None,
+            0.0,
+            bn.eps,
+        )
     st = _stacked_stats(bn).index_select(1, sel)  # [4, C] -> [4, |sel|]
     return F.batch_norm(x, st[0], st[1], st[2], st[3], False, 0.0, bn.eps)
 
@@ -94,7 +114,9 @@ def add_pixel_rows(out: torch.Tensor, pix: torch.Tensor, rows: torch.Tensor) -> 
         flat[pix // (h * w), :, pix % (h * w)] += rows
 
 
-def derived_weight(owner: nn.Module, name: str, w: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+def derived_weight(
+    owner: nn.Module, name: str, w: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
     """``fn(w)`` cached on ``owner`` until ``w`` changes (storage, version, device or dtype).
 
     Used for weight layouts that make a channel selection a cheap row gather; computed outside
@@ -117,7 +139,9 @@ def weight_rows(w: torch.Tensor, sel: torch.Tensor | None) -> torch.Tensor:
 
 def cl_matrix(w: torch.Tensor) -> torch.Tensor:
     """[C_out, kh * kw * C_in]: each output channel's weights in channels-last order."""
-    return w.permute(0, 2, 3, 1).reshape(w.shape[0], -1).contiguous()  # [C_out, C_in, kh, kw] -> [C_out, kh, kw, C_in] -> 2-D
+    return (
+        w.permute(0, 2, 3, 1).reshape(w.shape[0], -1).contiguous()
+    )  # [C_out, C_in, kh, kw] -> [C_out, kh, kw, C_in] -> 2-D
 
 
 def conv_matrix(conv: nn.Conv2d, rows: torch.Tensor | None, cols: torch.Tensor | None) -> torch.Tensor:
@@ -168,5 +192,6 @@ def conv_cols(conv: nn.Conv2d, sel: torch.Tensor | None) -> torch.Tensor:
 def flipped_in_matrix(w: torch.Tensor) -> torch.Tensor:
     """[C_in, kh * kw * C_out]: per input channel, the kernel flipped in both spatial axes, its
     outputs innermost: the weight of the transposed convolution equal to ``w``'s, channels-last."""
-    return w.flip(2, 3).permute(1, 2, 3, 0).reshape(w.shape[1], -1).contiguous()  # [C_out, C_in, kh, kw] -> [C_in, kh, kw, C_out] -> 2-D
-
+    return (
+        w.flip(2, 3).permute(1, 2, 3, 0).reshape(w.shape[1], -1).contiguous()
+    )  # [C_out, C_in, kh, kw] -> [C_in, kh, kw, C_out] -> 2-D

@@ -37,8 +37,23 @@ import torch
 
 from dynas.errors import ConfigError
 
-__all__ = ["IMAGE_EXTENSIONS", "MEAN", "STD", "ImageFolder", "scan_imagefolder", "check_images", "scan_splits",
-           "check_splits", "load_imagefolder", "drop_bad", "random_resized_crop", "centre_crop", "pil_to_uint8", "normalise", "ImageFolderDataset"]
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "MEAN",
+    "STD",
+    "ImageFolder",
+    "scan_imagefolder",
+    "check_images",
+    "scan_splits",
+    "check_splits",
+    "load_imagefolder",
+    "drop_bad",
+    "random_resized_crop",
+    "centre_crop",
+    "pil_to_uint8",
+    "normalise",
+    "ImageFolderDataset",
+]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 MEAN = (0.485, 0.456, 0.406)
@@ -78,8 +93,10 @@ def scan_imagefolder(root: str, split: str) -> ImageFolder:
             dirs.sort()
             samples.extend((os.path.join(folder, f), label) for f in sorted(files) if _is_image(f))
     if not samples:
-        raise ConfigError(f"data={root!r}: split {split}/ has no images (extensions {', '.join(IMAGE_EXTENSIONS)}); "
-                          f"allowed: the layout {_LAYOUT}")
+        raise ConfigError(
+            f"data={root!r}: split {split}/ has no images (extensions {', '.join(IMAGE_EXTENSIONS)}); "
+            f"allowed: the layout {_LAYOUT}"
+        )
     return ImageFolder(root, split, classes, samples)
 
 
@@ -120,15 +137,23 @@ def scan_splits(root: str, splits: Sequence[str] = ("train", "val")) -> dict[str
     folders = {s: scan_imagefolder(root, s) for s in splits}
     if "train" in folders and "val" in folders and folders["train"].classes != folders["val"].classes:
         a, b = set(folders["train"].classes), set(folders["val"].classes)
-        raise ConfigError(f"data={root!r}: train/ and val/ have different class folders (only in train: "
-                          f"{sorted(a - b)[:3]}, only in val: {sorted(b - a)[:3]}); allowed: the same class folders in both")
+        raise ConfigError(
+            f"data={root!r}: train/ and val/ have different class folders (only in train: "
+            f"{sorted(a - b)[:3]}, only in val: {sorted(b - a)[:3]}); allowed: the same class folders in both"
+        )
     if len(next(iter(folders.values())).classes) < 2:
         raise ConfigError(f"data={root!r} has 1 class folder; allowed: at least 2")
     return folders
 
 
-def check_splits(folders: dict[str, ImageFolder], *, skip_bad: bool = False, threads: int = 1,
-                 shard: tuple[int, int] = (0, 1), gather: Callable[[Any], list[Any]] = lambda x: [x]) -> dict[str, ImageFolder]:
+def check_splits(
+    folders: dict[str, ImageFolder],
+    *,
+    skip_bad: bool = False,
+    threads: int = 1,
+    shard: tuple[int, int] = (0, 1),
+    gather: Callable[[Any], list[Any]] = lambda x: [x],
+) -> dict[str, ImageFolder]:
     """Decode every image of ``folders``; raise naming the first that fails, or with ``skip_bad``
     return the folders without them.  In a distributed run each process checks its ``shard``
     and ``gather`` (an all-gather of Python objects) combines the failures, so every process
@@ -139,14 +164,17 @@ def check_splits(folders: dict[str, ImageFolder], *, skip_bad: bool = False, thr
         if bad and not skip_bad:
             path, why = bad[0]
             more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
-            raise ConfigError(f"data: image {path!r}{more} cannot be read ({why}); allowed: readable images, "
-                              "or --skip-bad-images to leave such files out")
+            raise ConfigError(
+                f"data: image {path!r}{more} cannot be read ({why}); allowed: readable images, "
+                "or --skip-bad-images to leave such files out"
+            )
         out[split] = drop_bad(folder, [p for p, _ in bad]) if bad else folder
     return out
 
 
-def load_imagefolder(root: str, splits: Sequence[str] = ("train", "val"), *, skip_bad: bool = False,
-                     threads: int = 1) -> dict[str, ImageFolder]:
+def load_imagefolder(
+    root: str, splits: Sequence[str] = ("train", "val"), *, skip_bad: bool = False, threads: int = 1
+) -> dict[str, ImageFolder]:
     """:func:`scan_splits` then :func:`check_splits`, in one process."""
     return check_splits(scan_splits(root, splits), skip_bad=skip_bad, threads=threads)
 
@@ -163,8 +191,13 @@ def drop_bad(folder: ImageFolder, bad: Sequence[str]) -> ImageFolder:
 # -- transforms ------------------------------------------------------------------------------
 
 
-def random_resized_crop(img: Any, size: tuple[int, int], rng: random.Random, scale: tuple[float, float] = (0.08, 1.0),
-                        ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> Any:
+def random_resized_crop(
+    img: Any,
+    size: tuple[int, int],
+    rng: random.Random,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> Any:
     """A PIL image: a random crop of ``scale`` of the area and ``ratio`` aspect, resized to ``size`` (H, W)."""
     from PIL import Image
 
@@ -182,7 +215,9 @@ def random_resized_crop(img: Any, size: tuple[int, int], rng: random.Random, sca
             break
     if box is None:  # the largest central crop within the ratio range
         aspect = w / h
-        cw, ch = (w, round(w / ratio[0])) if aspect < ratio[0] else (round(h * ratio[1]), h) if aspect > ratio[1] else (w, h)
+        cw, ch = (
+            (w, round(w / ratio[0])) if aspect < ratio[0] else (round(h * ratio[1]), h) if aspect > ratio[1] else (w, h)
+        )
         left, top = (w - cw) // 2, (h - ch) // 2
         box = (left, top, left + cw, top + ch)
     return img.resize((size[1], size[0]), Image.BILINEAR, box=box)
@@ -242,8 +277,10 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             with Image.open(path) as im:
                 img = im.convert("RGB")
         except Exception as exc:  # noqa: BLE001 - see _decode_error
-            raise ConfigError(f"data: image {path!r} cannot be read ({type(exc).__name__}: {exc}); "
-                              "allowed: a readable image".splitlines()[0]) from None
+            raise ConfigError(
+                f"data: image {path!r} cannot be read ({type(exc).__name__}: {exc}); "
+                "allowed: a readable image".splitlines()[0]
+            ) from None
         if self.train:
             rng = random.Random(key * 2**32 + index)
             img = random_resized_crop(img, self.size, rng)

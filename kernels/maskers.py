@@ -156,7 +156,9 @@ class SpatialMasker(Masker):
         # output channels cost ~0.25 ms per call here, most of a block's masker):
         # [N, C_in, H, W] -> [N, C_in, gh, gw] -> rows [N * gh * gw, C_in] -> [N * gh * gw, 2]
         pooled = self.pool(x)
-        z = F.linear(pooled.permute(0, 2, 3, 1).reshape(-1, self.in_channels), self.conv.weight.flatten(1), self.conv.bias)
+        z = F.linear(
+            pooled.permute(0, 2, 3, 1).reshape(-1, self.in_channels), self.conv.weight.flatten(1), self.conv.bias
+        )
         return z.view(x.shape[0], *self.grid_hw, 2).permute(0, 3, 1, 2)  # -> [N, gh, gw, 2] -> [N, 2, gh, gw]
 
     def flops(self) -> float:
@@ -179,7 +181,9 @@ class _MLPMasker(Masker):
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         fc1, fc2 = self.fc1, self.fc2  # functional calls: a module call costs several us per masker here
-        z = F.linear(F.relu(F.linear(x.mean(dim=(2, 3)), fc1.weight, fc1.bias)), fc2.weight, fc2.bias)  # [N, C_in] -> [N, 2 * n]
+        z = F.linear(
+            F.relu(F.linear(x.mean(dim=(2, 3)), fc1.weight, fc1.bias)), fc2.weight, fc2.bias
+        )  # [N, C_in] -> [N, 2 * n]
         return z.view(x.shape[0], 2, self.n_decisions)  # [N, 2, n]
 
     def flops(self) -> float:

@@ -113,14 +113,21 @@ class DynamicNet(nn.Module):
         for stage, runs in enumerate(stage_runs(config)):
             if runs is None:
                 continue
-            gates = [m for blk in self.blocks() if blk.spec.stage == stage
-                     for m in (blk.layer_masker, blk.spatial_masker) if m is not None and not m.per_sample_budget]
+            gates = [
+                m
+                for blk in self.blocks()
+                if blk.spec.stage == stage
+                for m in (blk.layer_masker, blk.spatial_masker)
+                if m is not None and not m.per_sample_budget
+            ]
             quota = StageQuota(runs)
             for j, m in enumerate(gates):
                 m.slot, m.quota = (j, len(gates)), quota
         # Exit heads last, so that a config without exits draws the same initial weights as before.
-        self.exit_heads = nn.ModuleList(ExitHead(exit_inputs(spec, s)[0], spec.num_classes, config.exit_head,
-                                                 config.exit_width) for s in config.exits)
+        self.exit_heads = nn.ModuleList(
+            ExitHead(exit_inputs(spec, s)[0], spec.num_classes, config.exit_head, config.exit_width)
+            for s in config.exits
+        )
         self.exit_policy: ExitPolicy = FinalPolicy()
         self.last_exit: torch.Tensor | None = None  # [N] exit each sample answered from (policies)
         self.last_trace: list[tuple[str, float, float, float]] | None = None  # deadline policy
@@ -231,8 +238,12 @@ class DynamicNet(nn.Module):
 
     # -- weights ---------------------------------------------------------------------------
 
-    def load_pretrained(self, source: "str | os.PathLike[str] | Mapping[str, torch.Tensor]", strict: bool = False,
-                        new_head: bool = False) -> LoadResult:
+    def load_pretrained(
+        self,
+        source: "str | os.PathLike[str] | Mapping[str, torch.Tensor]",
+        strict: bool = False,
+        new_head: bool = False,
+    ) -> LoadResult:
         """Load a static (torchvision-named) state dict; return what did not match.
 
         ``source`` is a state dict or a ``torch.save`` file of one (a ``{"state_dict": ...}`` or
@@ -247,8 +258,10 @@ class DynamicNet(nn.Module):
             try:
                 state = torch.load(source, map_location="cpu", weights_only=True)
             except Exception as exc:  # noqa: BLE001 - a file that is not a checkpoint makes torch.load raise anything
-                raise ConfigError(f"pretrained={str(source)!r} cannot be loaded ({type(exc).__name__}: {exc}); "
-                                  "allowed: a torch.save file of a state dict".splitlines()[0]) from None
+                raise ConfigError(
+                    f"pretrained={str(source)!r} cannot be loaded ({type(exc).__name__}: {exc}); "
+                    "allowed: a torch.save file of a state dict".splitlines()[0]
+                ) from None
         else:
             state = source
         if isinstance(state, Mapping):
@@ -257,29 +270,42 @@ class DynamicNet(nn.Module):
                     state = state[wrapper]
                     break
         if not isinstance(state, Mapping):
-            raise ConfigError(f"pretrained={type(state).__name__} is not a state dict; allowed: a mapping of names to tensors")
+            raise ConfigError(
+                f"pretrained={type(state).__name__} is not a state dict; allowed: a mapping of names to tensors"
+            )
         clean: dict[str, torch.Tensor] = {}
         for k, v in state.items():
             for p in _WRAPPER_PREFIXES:
                 if k.startswith(p):
-                    k = k[len(p):]
+                    k = k[len(p) :]
             clean[k] = v
         own = self.state_dict()
-        head = [k for k, v in clean.items() if new_head and k.startswith(("fc.", "classifier.")) and k in own
-                and isinstance(v, torch.Tensor) and tuple(v.shape) != tuple(own[k].shape)]
+        head = [
+            k
+            for k, v in clean.items()
+            if new_head
+            and k.startswith(("fc.", "classifier."))
+            and k in own
+            and isinstance(v, torch.Tensor)
+            and tuple(v.shape) != tuple(own[k].shape)
+        ]
         for k in head:
             del clean[k]
         for k, v in clean.items():
             if k in own and isinstance(v, torch.Tensor) and tuple(v.shape) != tuple(own[k].shape):
-                raise ConfigError(f"pretrained key {k!r} has shape {tuple(v.shape)}; allowed: {tuple(own[k].shape)} for {self.config.backbone}")
+                raise ConfigError(
+                    f"pretrained key {k!r} has shape {tuple(v.shape)}; allowed: {tuple(own[k].shape)} for {self.config.backbone}"
+                )
         res = self.load_state_dict(clean, strict=False)
         masker = [k for k in res.missing_keys if "_masker." in k]
         exit_keys = [k for k in res.missing_keys if k.startswith("exit_heads.")]
         missing = [k for k in res.missing_keys if "_masker." not in k and k not in head and k not in exit_keys]
         result = LoadResult(missing, list(res.unexpected_keys), masker, head, exit_keys)
         if missing or result.unexpected_keys:
-            msg = (f"pretrained weights: {len(missing)} missing key(s) (first: {missing[:1]}), "
-                   f"{len(result.unexpected_keys)} unexpected key(s) (first: {result.unexpected_keys[:1]})")
+            msg = (
+                f"pretrained weights: {len(missing)} missing key(s) (first: {missing[:1]}), "
+                f"{len(result.unexpected_keys)} unexpected key(s) (first: {result.unexpected_keys[:1]})"
+            )
             if strict:
                 raise ConfigError(msg + "; allowed: only masker parameters missing")
             warnings.warn(msg, stacklevel=2)
@@ -287,7 +313,9 @@ class DynamicNet(nn.Module):
         return result
 
 
-def build_model(config: "ArchConfig | Mapping[str, Any] | str | os.PathLike[str]", num_classes: int | None = None) -> DynamicNet:
+def build_model(
+    config: "ArchConfig | Mapping[str, Any] | str | os.PathLike[str]", num_classes: int | None = None
+) -> DynamicNet:
     """The dynamic network of ``config`` (ArchConfig, dict, JSON string or path, exports included).
 
     ``num_classes``: the classifier's width; by default the ``trained.num_classes`` that
@@ -299,7 +327,9 @@ def build_model(config: "ArchConfig | Mapping[str, Any] | str | os.PathLike[str]
     cfg = load_config(config)
     if num_classes is None:
         num_classes = _trained_classes(config)
-    if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1):
+    if num_classes is not None and (
+        isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1
+    ):
         raise ConfigError(f"num_classes={num_classes!r} is out of range; allowed: an integer >= 1")
     model = DynamicNet(cfg)
     head = model.classifier if cfg.spec.family == "densenet" else model.fc

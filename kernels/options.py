@@ -75,16 +75,30 @@ class TrainOptions:
     target: str | None = None  # hardware target of the final summary (default: the export's, else v100)
 
     def __post_init__(self) -> None:
-        for name, minimum in (("epochs", 1), ("batch_size", 1), ("workers", 0), ("seed", 0), ("checkpoint_every", 0),
-                              ("log_every", 1)):
+        for name, minimum in (
+            ("epochs", 1),
+            ("batch_size", 1),
+            ("workers", 0),
+            ("seed", 0),
+            ("checkpoint_every", 0),
+            ("log_every", 1),
+        ):
             _check_int(name, getattr(self, name), minimum)
         for name in ("max_steps", "threads"):
             if getattr(self, name) is not None:
                 _check_int(name, getattr(self, name), 1)
         for name, positive in (("lr", True), ("momentum", False), ("weight_decay", False), ("warmup_epochs", False)):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or (positive and v == 0):
-                raise ConfigError(f"{name}={v!r} is out of range; allowed: a finite number {'>' if positive else '>='} 0")
+            if (
+                isinstance(v, bool)
+                or not isinstance(v, (int, float))
+                or not math.isfinite(v)
+                or v < 0
+                or (positive and v == 0)
+            ):
+                raise ConfigError(
+                    f"{name}={v!r} is out of range; allowed: a finite number {'>' if positive else '>='} 0"
+                )
         if self.device not in DEVICES:
             raise ConfigError(f"device={self.device!r} is unknown; allowed: {', '.join(DEVICES)}")
         if self.teacher is not None and not self.distill:
@@ -92,12 +106,24 @@ class TrainOptions:
         for name in ("weights", "teacher"):
             path = getattr(self, name)
             if path is not None and not os.path.isfile(path):
-                raise ConfigError(f"{name}={path!r} is not a file; allowed: a torch.save state dict of the static backbone")
+                raise ConfigError(
+                    f"{name}={path!r} is not a file; allowed: a torch.save state dict of the static backbone"
+                )
 
     def fingerprint(self) -> dict[str, Any]:
         """The options that shape the run's trajectory: a checkpoint resumes only with the same."""
-        keep = ("epochs", "max_steps", "batch_size", "lr", "momentum", "weight_decay", "warmup_epochs", "distill", "seed",
-                "skip_bad_images")
+        keep = (
+            "epochs",
+            "max_steps",
+            "batch_size",
+            "lr",
+            "momentum",
+            "weight_decay",
+            "warmup_epochs",
+            "distill",
+            "seed",
+            "skip_bad_images",
+        )
         out = {k: getattr(self, k) for k in keep}
         out.update(asdict(self.recipe))
         teacher = self.teacher or self.weights
@@ -108,5 +134,3 @@ class TrainOptions:
 def _check_int(name: str, value: Any, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ConfigError(f"{name}={value!r} is out of range; allowed: an integer >= {minimum}")
-
-

@@ -37,8 +37,15 @@ class Progress:
         if self.enabled and self.tty:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=steps, initial=done, desc=f"epoch {epoch + 1}/{self.epochs}", unit="step",
-                            file=sys.stderr, dynamic_ncols=True, leave=True)
+            self.bar = tqdm(
+                total=steps,
+                initial=done,
+                desc=f"epoch {epoch + 1}/{self.epochs}",
+                unit="step",
+                file=sys.stderr,
+                dynamic_ncols=True,
+                leave=True,
+            )
 
     def step(self, parts: Callable[[], dict[str, float]]) -> None:
         """One step done; ``parts()`` (called only when shown: it syncs the device) gives the loss parts."""
@@ -56,9 +63,22 @@ class Progress:
         elif show:
             p = parts()
             eta = (self.steps - self.done) * elapsed / max(1, self.done - self.run_from)
-            _log.info("epoch %d/%d step %d/%d: loss %.4f (ce %.4f, sparsity %.4f, kd %.4f), lr %.4g, T %.3g, %.0f img/s, "
-                      "epoch ETA %s", self.epoch + 1, self.epochs, self.done, self.steps, p["loss"], p["ce"], p["sparsity"],
-                      p["kd"], p["lr"], p["temperature"], rate, _eta(eta))
+            _log.info(
+                "epoch %d/%d step %d/%d: loss %.4f (ce %.4f, sparsity %.4f, kd %.4f), lr %.4g, T %.3g, %.0f img/s, "
+                "epoch ETA %s",
+                self.epoch + 1,
+                self.epochs,
+                self.done,
+                self.steps,
+                p["loss"],
+                p["ce"],
+                p["sparsity"],
+                p["kd"],
+                p["lr"],
+                p["temperature"],
+                rate,
+                _eta(eta),
+            )
 
     def close(self) -> None:
         if self.bar is not None:

@@ -96,9 +96,15 @@ def stage_flops_ratios(readout: Sequence[Mapping]) -> dict[int, torch.Tensor]:
     return {s: executed[s] / dense[s] for s in sorted(executed)}
 
 
-def sparsity_loss(readout: Sequence[Mapping], stage_targets: Sequence[float], step: int, total_steps: int,
-                  fixed_flops: float = 0.0, recipe: TrainingRecipe = TrainingRecipe(),
-                  rate_targets: Sequence[float] | None = None) -> torch.Tensor:
+def sparsity_loss(
+    readout: Sequence[Mapping],
+    stage_targets: Sequence[float],
+    step: int,
+    total_steps: int,
+    fixed_flops: float = 0.0,
+    recipe: TrainingRecipe = TrainingRecipe(),
+    rate_targets: Sequence[float] | None = None,
+) -> torch.Tensor:
     """The per-stage-target sparsity loss described in the module docstring.
 
     ``stage_targets[s]`` is stage ``s``'s target FLOPs ratio (executed / dense, masker
@@ -133,26 +139,41 @@ def sparsity_loss(readout: Sequence[Mapping], stage_targets: Sequence[float], st
                 if key in r["rates"]:
                     per_stage.setdefault(int(r["stage"]), []).append(r["rates"][key].float().mean())
             if per_stage:
-                loss = loss + torch.stack([(torch.stack(v).mean() - float(rate_targets[s])) ** 2
-                                           for s, v in sorted(per_stage.items())]).mean()
+                loss = (
+                    loss
+                    + torch.stack(
+                        [(torch.stack(v).mean() - float(rate_targets[s])) ** 2 for s, v in sorted(per_stage.items())]
+                    ).mean()
+                )
     return loss
 
 
-def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                      temperature: float = TrainingRecipe.kd_temperature) -> torch.Tensor:
+def distillation_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = TrainingRecipe.kd_temperature
+) -> torch.Tensor:
     """KL(teacher || student) on temperature-softened distributions, times T^2 (Hinton et al.)."""
     if student_logits.shape != teacher_logits.shape:
-        raise ConfigError(f"student logits {tuple(student_logits.shape)} and teacher logits "
-                          f"{tuple(teacher_logits.shape)} differ; allowed: equal shapes [N, classes]")
+        raise ConfigError(
+            f"student logits {tuple(student_logits.shape)} and teacher logits "
+            f"{tuple(teacher_logits.shape)} differ; allowed: equal shapes [N, classes]"
+        )
     t = float(temperature)
     log_p = F.log_softmax(student_logits / t, dim=1)  # [N, classes]
     q = F.softmax(teacher_logits.detach() / t, dim=1)  # [N, classes]
     return F.kl_div(log_p, q, reduction="batchmean") * t * t
 
 
-def recipe_loss(logits: torch.Tensor, labels: torch.Tensor, readout: Sequence[Mapping], step: int, total_steps: int,
-                flops_targets: Sequence[float], rate_targets: Sequence[float], recipe: TrainingRecipe = TrainingRecipe(),
-                teacher_logits: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def recipe_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    readout: Sequence[Mapping],
+    step: int,
+    total_steps: int,
+    flops_targets: Sequence[float],
+    rate_targets: Sequence[float],
+    recipe: TrainingRecipe = TrainingRecipe(),
+    teacher_logits: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The whole training loss of one step and its parts (detached): ``ce``, ``sparsity``, ``kd``.
 
     loss = CE + ``lambda_act`` x :func:`sparsity_loss` (when the readout has dynamic blocks)
@@ -161,7 +182,11 @@ def recipe_loss(logits: torch.Tensor, labels: torch.Tensor, readout: Sequence[Ma
     logits = logits.float()  # [N, classes]; the loss in float32 under mixed precision too
     ce = F.cross_entropy(logits, labels)
     zero = ce.new_zeros(())
-    sp = sparsity_loss(readout, flops_targets, step, total_steps, recipe=recipe, rate_targets=rate_targets) if readout else zero
+    sp = (
+        sparsity_loss(readout, flops_targets, step, total_steps, recipe=recipe, rate_targets=rate_targets)
+        if readout
+        else zero
+    )
     loss = ce + recipe.lambda_act * sp
     kd = zero
     if teacher_logits is not None and recipe.alpha_kd > 0:
@@ -177,9 +202,17 @@ def warmup_cosine(step: int, total_steps: int, warmup_steps: int) -> float:
         return (step + 1) / warmup_steps
     p = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return 0.5 * (1.0 + math.cos(math.pi * min(p, 1.0)))
-def exit_loss(outputs: Sequence[torch.Tensor], targets: torch.Tensor, *, weights: Sequence[float] | None = None,
-              teacher_logits: torch.Tensor | None = None, kd_weight: float = EXIT_KD_WEIGHT,
-              temperature: float = TrainingRecipe.kd_temperature) -> torch.Tensor:
+
+
+def exit_loss(
+    outputs: Sequence[torch.Tensor],
+    targets: torch.Tensor,
+    *,
+    weights: Sequence[float] | None = None,
+    teacher_logits: torch.Tensor | None = None,
+    kd_weight: float = EXIT_KD_WEIGHT,
+    temperature: float = TrainingRecipe.kd_temperature,
+) -> torch.Tensor:
     """Loss of a model with early exits: ``sum_k w_k CE(outputs[k], targets)`` + ``kd_weight`` x
     the mean over early exits of :func:`distillation_loss` from the teacher.
 
@@ -190,11 +223,15 @@ def exit_loss(outputs: Sequence[torch.Tensor], targets: torch.Tensor, *, weights
     temperature default to the recipe's ``alpha_kd`` and ``kd_temperature``.
     """
     if isinstance(outputs, torch.Tensor) or len(outputs) < 2:
-        raise ConfigError("exit_loss needs the list of every exit's logits (at least one early exit and the final one); "
-                          "allowed: the training output of a model whose config has exits")
+        raise ConfigError(
+            "exit_loss needs the list of every exit's logits (at least one early exit and the final one); "
+            "allowed: the training output of a model whose config has exits"
+        )
     w = [1.0] * len(outputs) if weights is None else [float(v) for v in weights]
     if len(w) != len(outputs) or any(not math.isfinite(v) or v < 0 for v in w):
-        raise ConfigError(f"exit weights={list(weights or [])!r} are not allowed; allowed: {len(outputs)} numbers >= 0, one per exit")
+        raise ConfigError(
+            f"exit weights={list(weights or [])!r} are not allowed; allowed: {len(outputs)} numbers >= 0, one per exit"
+        )
     if not (math.isfinite(kd_weight) and kd_weight >= 0):
         raise ConfigError(f"kd_weight={kd_weight!r} is out of range; allowed: a number >= 0")
     loss = sum(wk * F.cross_entropy(o, targets) for wk, o in zip(w, outputs))

@@ -24,8 +24,17 @@ from dynas.kernels.gather import add_pixel_rows, pixel_rows, take_samples
 from dynas.kernels.maskers import SpatialMasker
 from dynas.spaces.backbones import BlockSpec, conv_out
 
-__all__ = ["Axis", "patch_axis", "window_table", "dense_min_patches", "Geom", "DENSE_POOL", "DENSE_HEAD_MIN_FRACTION", "ROWS_MAX_PATCH_PIXELS",
-           "SpatialPatches"]
+__all__ = [
+    "Axis",
+    "patch_axis",
+    "window_table",
+    "dense_min_patches",
+    "Geom",
+    "DENSE_POOL",
+    "DENSE_HEAD_MIN_FRACTION",
+    "ROWS_MAX_PATCH_PIXELS",
+    "SpatialPatches",
+]
 
 #: conv1 of a 1x1-conv1 block runs on the whole maps instead of gathered pixel rows when the
 #: active patches' windows need at least this fraction of the pixels
@@ -143,7 +152,10 @@ class SpatialPatches:
         self.grid_hw = (ho // s, wo // s)
         self.spatial_masker = SpatialMasker(spec.in_channels, self.grid_hw, rate)
         chain = self._chain()
-        self._axes = (patch_axis(spec.in_hw[0], s, self.grid_hw[0], chain), patch_axis(spec.in_hw[1], s, self.grid_hw[1], chain))
+        self._axes = (
+            patch_axis(spec.in_hw[0], s, self.grid_hw[0], chain),
+            patch_axis(spec.in_hw[1], s, self.grid_hw[1], chain),
+        )
         gh, gw = self.grid_hw
         ax_h, ax_w = self._axes
         wp = ax_w.grid_len(gw)  # width of the zero-padded intermediate buffer (``_spatial_mid``)
@@ -156,13 +168,23 @@ class SpatialPatches:
         self.register_buffer("_patch_out", (r * wo + c).reshape(gh * gw, s * s), persistent=False)
         self.register_buffer("_patch_tl", (r * stride * wp + c * stride).reshape(gh * gw, s * s), persistent=False)
         # [G]: flat top-left pixel of each patch's window in the padded buffer
-        self.register_buffer("_window_tl", (torch.arange(gh)[:, None] * ax_h.mid_step * wp
-                                            + torch.arange(gw) * ax_w.mid_step).flatten(), persistent=False)
+        self.register_buffer(
+            "_window_tl",
+            (torch.arange(gh)[:, None] * ax_h.mid_step * wp + torch.arange(gw) * ax_w.mid_step).flatten(),
+            persistent=False,
+        )
         self.register_buffer("_window_pix", window_table(ax_h, ax_w, gh, gw), persistent=False)
-        self._dense_min_patches = dense_min_patches(self._window_pix, ax_h.mid_size * ax_w.mid_size, DENSE_HEAD_MIN_FRACTION)
+        self._dense_min_patches = dense_min_patches(
+            self._window_pix, ax_h.mid_size * ax_w.mid_size, DENSE_HEAD_MIN_FRACTION
+        )
 
-    def _spatial_forward(self, x: torch.Tensor, dec: dict[str, torch.Tensor], parts: list[tuple[torch.Tensor, torch.Tensor | None]],
-                         base: torch.Tensor) -> torch.Tensor:
+    def _spatial_forward(
+        self,
+        x: torch.Tensor,
+        dec: dict[str, torch.Tensor],
+        parts: list[tuple[torch.Tensor, torch.Tensor | None]],
+        base: torch.Tensor,
+    ) -> torch.Tensor:
         """Block output [N, C_out, H_out, W_out]: the active patches of each channel part
         (``parts``: batch indices, selected channels) through the body, plus ``base`` (the
         shortcut), ReLU(shortcut) elsewhere."""
@@ -209,8 +231,9 @@ class SpatialPatches:
         ax_h, ax_w = self._axes
         return F.pad(x, (ax_w.pad_lo, ax_w.pad_hi, ax_h.pad_lo, ax_h.pad_hi))
 
-    def _spatial_regions(self, xp: torch.Tensor, idx: torch.Tensor, pn: torch.Tensor, pg: torch.Tensor,
-                         sel: torch.Tensor | None) -> torch.Tensor:
+    def _spatial_regions(
+        self, xp: torch.Tensor, idx: torch.Tensor, pn: torch.Tensor, pg: torch.Tensor, sel: torch.Tensor | None
+    ) -> torch.Tensor:
         """Active patches [P, C_out, S, S] from regions of the *input* that carry the whole halo.
 
         Used when conv1 is not a 1x1 stride-1 conv (basic blocks): conv1 runs on each region,
@@ -231,8 +254,9 @@ class SpatialPatches:
         valid = (vr[:, :, None] & vc[:, None, :])[:, None].to(xp.dtype)  # [P, 1, M_h, M_w]
         return self._sparse_body(regions, sel, self._se_geom(pn, idx.numel(), valid))  # [P, C_out, S, S]
 
-    def _spatial_mid(self, x: torch.Tensor, idx: torch.Tensor, pn: torch.Tensor, pg: torch.Tensor,
-                     sel: torch.Tensor | None) -> torch.Tensor:
+    def _spatial_mid(
+        self, x: torch.Tensor, idx: torch.Tensor, pn: torch.Tensor, pg: torch.Tensor, sel: torch.Tensor | None
+    ) -> torch.Tensor:
         """Rows [P * S * S, C_out] of the active patches (in (patch, row, col) order) for blocks
         whose conv1 is 1x1, stride 1.
 
@@ -254,7 +278,10 @@ class SpatialPatches:
             h = self._head_map(x if whole else take_samples(x, idx), sel)  # [n_u, k, H_m, W_m]
             k = h.shape[1]
             # [n_u, H_m, W_m, k] -> zero-padded [n_u, H_p, W_p, k]
-            buf = F.pad(h.permute(0, 2, 3, 1), (0, 0, ax_w.mid_off, wp - wm - ax_w.mid_off, ax_h.mid_off, hp - hm - ax_h.mid_off))
+            buf = F.pad(
+                h.permute(0, 2, 3, 1),
+                (0, 0, ax_w.mid_off, wp - wm - ax_w.mid_off, ax_h.mid_off, hp - hm - ax_h.mid_off),
+            )
         else:
             # mark the mid pixels of every active window: slot H_m*W_m of each sample is the dump
             # for window positions in the padding

@@ -32,8 +32,17 @@ __all__ = ["HARD_CLASSES", "hard_synthetic_images"]
 HARD_CLASSES = 8
 
 
-def _draw(x: torch.Tensor, g: torch.Generator, disc: torch.Tensor, vertical: torch.Tensor, cy: torch.Tensor,
-          cx: torch.Tensor, radius: int, band: int, contrast: float) -> None:
+def _draw(
+    x: torch.Tensor,
+    g: torch.Generator,
+    disc: torch.Tensor,
+    vertical: torch.Tensor,
+    cy: torch.Tensor,
+    cx: torch.Tensor,
+    radius: int,
+    band: int,
+    contrast: float,
+) -> None:
     """Draw one object per image into ``x`` [n, 3, H, W], in place.
 
     ``disc``, ``vertical``: [n] bool (shape, stripe orientation); ``cy``, ``cx``: [n] centres;
@@ -56,8 +65,9 @@ def _draw(x: torch.Tensor, g: torch.Generator, disc: torch.Tensor, vertical: tor
     x.copy_(torch.where(inside[:, None], value, x))
 
 
-def hard_synthetic_images(n: int, size: tuple[int, int], seed: int = 0, *, clutter: int = 8, noise: float = 0.3,
-                          contrast: float = 1.5) -> tuple[torch.Tensor, torch.Tensor]:
+def hard_synthetic_images(
+    n: int, size: tuple[int, int], seed: int = 0, *, clutter: int = 8, noise: float = 0.3, contrast: float = 1.5
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``n`` images [n, 3, H, W] and labels [n] in ``0..7`` (see the module docstring).
 
     The target's radius is ``min(H, W) // 6`` (its side about a third of the image), the

@@ -33,18 +33,46 @@ from dynas.kernels.recipe import TrainingRecipe, gumbel_temperature, recipe_loss
 from dynas.spaces.config import load_config
 from dynas.spaces.torch_model import replace_classifier
 
-__all__ = ["synthetic_images", "TrainHistory", "train", "finetune", "evaluate", "stage_rates", "realised_rates", "rate_sums",
-           "rates_from_sums", "stage_targets"]
+__all__ = [
+    "synthetic_images",
+    "TrainHistory",
+    "train",
+    "finetune",
+    "evaluate",
+    "stage_rates",
+    "realised_rates",
+    "rate_sums",
+    "rates_from_sums",
+    "stage_targets",
+]
 
 #: RGB colours of the classes of the synthetic data set
-_PALETTE = torch.tensor([
-    [1.0, 0.1, 0.1], [0.1, 1.0, 0.1], [0.1, 0.1, 1.0], [1.0, 1.0, 0.1], [1.0, 0.1, 1.0],
-    [0.1, 1.0, 1.0], [1.0, 0.6, 0.1], [0.6, 0.1, 1.0], [0.6, 1.0, 0.6], [1.0, 1.0, 1.0],
-])
+_PALETTE = torch.tensor(
+    [
+        [1.0, 0.1, 0.1],
+        [0.1, 1.0, 0.1],
+        [0.1, 0.1, 1.0],
+        [1.0, 1.0, 0.1],
+        [1.0, 0.1, 1.0],
+        [0.1, 1.0, 1.0],
+        [1.0, 0.6, 0.1],
+        [0.6, 0.1, 1.0],
+        [0.6, 1.0, 0.6],
+        [1.0, 1.0, 1.0],
+    ]
+)
 
 
-def synthetic_images(n: int, size: tuple[int, int], num_classes: int = 10, seed: int = 0, *, noise: float = 0.3,
-                     contrast: float = 2.0, side_fraction: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+def synthetic_images(
+    n: int,
+    size: tuple[int, int],
+    num_classes: int = 10,
+    seed: int = 0,
+    *,
+    noise: float = 0.3,
+    contrast: float = 2.0,
+    side_fraction: int = 3,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``n`` images [n, 3, H, W] and labels [n] (see the module docstring).
 
     The defaults are the built-in data set.  ``noise`` is the background's standard deviation,
@@ -64,7 +92,7 @@ def synthetic_images(n: int, size: tuple[int, int], num_classes: int = 10, seed:
     left = torch.randint(0, w - side_w + 1, (n,), generator=g)
     for i in range(n):
         colour = _PALETTE[y[i]].view(3, 1, 1)  # [3, 1, 1]
-        x[i, :, top[i]:top[i] + side_h, left[i]:left[i] + side_w] = colour * contrast
+        x[i, :, top[i] : top[i] + side_h, left[i] : left[i] + side_w] = colour * contrast
     return x, y
 
 
@@ -95,7 +123,9 @@ def rate_sums(readout: list[dict[str, Any]], weight: float, num_stages: int) -> 
     """Running sums behind :func:`realised_rates` for one forward pass: float64 [num_stages, 4] on
     the readout's device, columns (weight x mean primary rate, weight, weight x executed channel
     rate sum, weight x executed samples).  Sums of several passes (or processes) add up."""
-    device = next((r["rates"]["primary"].device for r in readout if "primary" in (r.get("rates") or {})), torch.device("cpu"))
+    device = next(
+        (r["rates"]["primary"].device for r in readout if "primary" in (r.get("rates") or {})), torch.device("cpu")
+    )
     out = torch.zeros(num_stages, 4, dtype=torch.float64, device=device)  # [S, 4]
     for r in readout:
         rates = r.get("rates") or {}
@@ -123,7 +153,9 @@ def rates_from_sums(sums: torch.Tensor) -> dict[int, dict[str, float]]:
     return out
 
 
-def realised_rates(readouts: list[list[dict[str, Any]]], weights: list[int] | None = None) -> dict[int, dict[str, float]]:
+def realised_rates(
+    readouts: list[list[dict[str, Any]]], weights: list[int] | None = None
+) -> dict[int, dict[str, float]]:
     """Per stage, the activation rates the gates realised over one or more forward passes.
 
     ``readouts`` are :meth:`~dynas.kernels.model.DynamicNet.flops_readout` lists, ``weights``
@@ -179,10 +211,19 @@ def evaluate(model: torch.nn.Module, val: Any) -> tuple[float, dict[int, dict[st
     return correct / total, realised_rates(readouts, sizes)
 
 
-def finetune(model: torch.nn.Module, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], steps: int, *,
-             lr: float = 0.05, recipe: TrainingRecipe = TrainingRecipe(), teacher: torch.nn.Module | None = None,
-             checkpoints: Sequence[int] = (), on_checkpoint: Callable[[int], None] | None = None,
-             log: Callable[[str], None] | None = None, log_every: int = 25) -> TrainHistory:
+def finetune(
+    model: torch.nn.Module,
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+    steps: int,
+    *,
+    lr: float = 0.05,
+    recipe: TrainingRecipe = TrainingRecipe(),
+    teacher: torch.nn.Module | None = None,
+    checkpoints: Sequence[int] = (),
+    on_checkpoint: Callable[[int], None] | None = None,
+    log: Callable[[str], None] | None = None,
+    log_every: int = 25,
+) -> TrainHistory:
     """Train ``model`` (a :class:`~dynas.kernels.model.DynamicNet`, static stages allowed) for ``steps`` steps.
 
     The recipe of the module docstring; the Gumbel schedule and the target relaxation are
@@ -219,21 +260,40 @@ def finetune(model: torch.nn.Module, batches: Iterator[tuple[torch.Tensor, torch
         hist.stage_rates.append(stage_rates(readout))
         if log is not None and (step % log_every == 0 or step == steps - 1):
             rates = " ".join(f"s{s}={r:.2f}" for s, r in hist.stage_rates[-1].items())
-            log(f"step {step:4d}  loss {hist.loss[-1]:.4f}  ce {hist.ce[-1]:.4f}  sparsity {hist.sparsity[-1]:.4f}  rates {rates}")
+            log(
+                f"step {step:4d}  loss {hist.loss[-1]:.4f}  ce {hist.ce[-1]:.4f}  sparsity {hist.sparsity[-1]:.4f}  rates {rates}"
+            )
         if on_checkpoint is not None and step + 1 in marks:
             on_checkpoint(step + 1)
     return hist
 
 
-def train(config: Any, *, steps: int = 300, batch_size: int = 32, lr: float = 0.05, num_classes: int = 10,
-          input_size: int | None = None, train_size: int = 2048, val_size: int = 256, seed: int = 0,
-          teacher: torch.nn.Module | None = None, recipe: TrainingRecipe = TrainingRecipe(),
-          log: Callable[[str], None] | None = None, log_every: int = 25) -> tuple[torch.nn.Module, TrainHistory]:
+def train(
+    config: Any,
+    *,
+    steps: int = 300,
+    batch_size: int = 32,
+    lr: float = 0.05,
+    num_classes: int = 10,
+    input_size: int | None = None,
+    train_size: int = 2048,
+    val_size: int = 256,
+    seed: int = 0,
+    teacher: torch.nn.Module | None = None,
+    recipe: TrainingRecipe = TrainingRecipe(),
+    log: Callable[[str], None] | None = None,
+    log_every: int = 25,
+) -> tuple[torch.nn.Module, TrainHistory]:
     """Fine-tune ``build_model(config)`` on the synthetic data set; return the model and its history."""
     from dynas.kernels.model import build_model
 
-    for name, value, minimum in (("steps", steps, 1), ("batch_size", batch_size, 1), ("train_size", train_size, 1),
-                                 ("val_size", val_size, 1), ("log_every", log_every, 1)):
+    for name, value, minimum in (
+        ("steps", steps, 1),
+        ("batch_size", batch_size, 1),
+        ("train_size", train_size, 1),
+        ("val_size", val_size, 1),
+        ("log_every", log_every, 1),
+    ):
         check_int(name, value, minimum)
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise ConfigError(f"lr={lr!r} is out of range; allowed: a number > 0")

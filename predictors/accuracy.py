@@ -140,7 +140,9 @@ def _number(v: Any) -> bool:
 
 
 def _int_list(v: Any, n: int) -> bool:
-    return isinstance(v, list) and len(v) == n and all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in v)
+    return (
+        isinstance(v, list) and len(v) == n and all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in v)
+    )
 
 
 def load_accuracy_points(path: "str | os.PathLike[str] | None" = None) -> AccuracyData:
@@ -160,14 +162,20 @@ def _load(p: Path) -> AccuracyData:
     try:
         raw = json.loads(p.read_text())
     except OSError as exc:
-        raise ConfigError(f"accuracy data {where}: cannot be read ({exc.strerror}); allowed: a readable JSON file") from None
+        raise ConfigError(
+            f"accuracy data {where}: cannot be read ({exc.strerror}); allowed: a readable JSON file"
+        ) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"accuracy data {where}: is not valid JSON ({exc})") from None
     _need(isinstance(raw, dict), where, "top level is not an object")
     _need(raw.get("schema") == 1, where, f"schema={raw.get('schema')!r} is not supported; allowed: 1")
 
     statics = raw.get("static_top1")
-    _need(isinstance(statics, dict) and statics, where, "static_top1 is missing or empty; allowed: {backbone: {top1, source}}")
+    _need(
+        isinstance(statics, dict) and statics,
+        where,
+        "static_top1 is missing or empty; allowed: {backbone: {top1, source}}",
+    )
     top1: dict[str, float] = {}
     sources: dict[str, str] = {}
     for name, entry in statics.items():
@@ -181,11 +189,19 @@ def _load(p: Path) -> AccuracyData:
         top1[name], sources[name] = float(v), s
 
     ref = raw.get("reference")
-    _need(isinstance(ref, dict), where, "reference is missing; allowed: {backbone, input_size, spatial_granularity, channel_granularity}")
+    _need(
+        isinstance(ref, dict),
+        where,
+        "reference is missing; allowed: {backbone, input_size, spatial_granularity, channel_granularity}",
+    )
     ref_bb = ref.get("backbone")
     _need(ref_bb in top1, where, f"reference.backbone={ref_bb!r} has no static_top1 entry")
     ref_in = ref.get("input_size")
-    _need(isinstance(ref_in, int) and not isinstance(ref_in, bool), where, f"reference.input_size={ref_in!r} is not an integer")
+    _need(
+        isinstance(ref_in, int) and not isinstance(ref_in, bool),
+        where,
+        f"reference.input_size={ref_in!r} is not an integer",
+    )
     spec = get_backbone(ref_bb, ref_in)
     n_st = spec.num_stages
     ref_s, ref_c = ref.get("spatial_granularity"), ref.get("channel_granularity")
@@ -193,8 +209,16 @@ def _load(p: Path) -> AccuracyData:
     _need(_int_list(ref_c, n_st), where, f"reference.channel_granularity={ref_c!r} is not {n_st} positive integers")
     for s in range(n_st):
         h, wd = spec.stage_out_hw(s)
-        _need(h % ref_s[s] == 0 and wd % ref_s[s] == 0, where, f"reference.spatial_granularity[{s}]={ref_s[s]} does not divide the {h}x{wd} map")
-        _need(spec.stage_width(s) % ref_c[s] == 0, where, f"reference.channel_granularity[{s}]={ref_c[s]} does not divide width {spec.stage_width(s)}")
+        _need(
+            h % ref_s[s] == 0 and wd % ref_s[s] == 0,
+            where,
+            f"reference.spatial_granularity[{s}]={ref_s[s]} does not divide the {h}x{wd} map",
+        )
+        _need(
+            spec.stage_width(s) % ref_c[s] == 0,
+            where,
+            f"reference.channel_granularity[{s}]={ref_c[s]} does not divide width {spec.stage_width(s)}",
+        )
 
     curves = raw.get("curves")
     _need(isinstance(curves, list) and curves, where, "curves is missing or empty")
@@ -204,7 +228,11 @@ def _load(p: Path) -> AccuracyData:
         _need(isinstance(c, dict), w, "is not an object")
         par = c.get("paradigm")
         _need(par in CURVE_PARADIGMS, w, f"paradigm={par!r} is not allowed; allowed: {', '.join(CURVE_PARADIGMS)}")
-        _need(c.get("backbone") == ref_bb, w, f"backbone={c.get('backbone')!r} is not allowed; allowed: {ref_bb} (the reference backbone)")
+        _need(
+            c.get("backbone") == ref_bb,
+            w,
+            f"backbone={c.get('backbone')!r} is not allowed; allowed: {ref_bb} (the reference backbone)",
+        )
         for key, refv in (("spatial_granularity", ref_s), ("channel_granularity", ref_c)):
             _need(c.get(key, refv) == refv, w, f"{key}={c.get(key)!r} differs from the reference {refv}")
         src = c.get("source")
@@ -255,7 +283,9 @@ def _spatial_decisions(hw: tuple[int, int], s: int) -> int:
 def _reference_decisions(data: AccuracyData) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Gate decisions per sample and block at the published granularities, per stage position."""
     spec = get_backbone(data.reference_backbone, data.reference_input_size)
-    spatial = tuple(_spatial_decisions(spec.stage_out_hw(s), g) for s, g in enumerate(data.reference_spatial_granularity))
+    spatial = tuple(
+        _spatial_decisions(spec.stage_out_hw(s), g) for s, g in enumerate(data.reference_spatial_granularity)
+    )
     channel = tuple(spec.stage_width(s) // g for s, g in enumerate(data.reference_channel_granularity))
     return spatial, channel
 
@@ -269,12 +299,18 @@ def reference_config(paradigm: str, rate: float, data: AccuracyData | None = Non
     stages = []
     for s in range(len(data.reference_spatial_granularity)):
         if paradigm == "spatial":
-            stages.append({"paradigm": "spatial", "rate": rate, "spatial_granularity": data.reference_spatial_granularity[s]})
+            stages.append(
+                {"paradigm": "spatial", "rate": rate, "spatial_granularity": data.reference_spatial_granularity[s]}
+            )
         elif paradigm == "channel":
-            stages.append({"paradigm": "channel", "rate": rate, "channel_granularity": data.reference_channel_granularity[s]})
+            stages.append(
+                {"paradigm": "channel", "rate": rate, "channel_granularity": data.reference_channel_granularity[s]}
+            )
         else:
             stages.append({"paradigm": "layer", "rate": rate})
-    return ArchConfig.from_dict({"backbone": data.reference_backbone, "input_size": data.reference_input_size, "stages": stages})
+    return ArchConfig.from_dict(
+        {"backbone": data.reference_backbone, "input_size": data.reference_input_size, "stages": stages}
+    )
 
 
 # ----------------------------------------------------------------------------- fit
@@ -318,7 +354,10 @@ class PriorFit:
             "reference_share": self.reference_share,
             "rmse_points": self.rmse_points,
             "n_points": self.n_points,
-            "curves": {p: {"bonus_points": c.bonus_points, "loss_at_half_points": c.loss_at_half_points} for p, c in self.curves.items()},
+            "curves": {
+                p: {"bonus_points": c.bonus_points, "loss_at_half_points": c.loss_at_half_points}
+                for p, c in self.curves.items()
+            },
         }
 
 
@@ -349,7 +388,11 @@ def _fit_two_params(u: np.ndarray, z: np.ndarray) -> tuple[np.ndarray, np.ndarra
             best_b, best_a, best_sse = b.copy(), a.copy(), sse
         else:
             better = sse < best_sse
-            best_b, best_a, best_sse = np.where(better, b, best_b), np.where(better, a, best_a), np.where(better, sse, best_sse)
+            best_b, best_a, best_sse = (
+                np.where(better, b, best_b),
+                np.where(better, a, best_a),
+                np.where(better, sse, best_sse),
+            )
     return best_b, best_a, best_sse
 
 
@@ -375,7 +418,9 @@ def fit_prior(data: AccuracyData | None = None, *, exclude: "tuple[str, ...] | l
     for par in CURVE_PARADIGMS:
         sel = pts[pts["paradigm"] == par]
         if len(sel) < 2:
-            raise ConfigError(f"paradigm {par!r} keeps {len(sel)} points after exclude; allowed: at least 2 per paradigm")
+            raise ConfigError(
+                f"paradigm {par!r} keeps {len(sel)} points after exclude; allowed: at least 2 per paradigm"
+            )
         rate = sel["rate"].to_numpy()
         odds = (1.0 - rate) / rate  # [n]
         u = odds[None, :] ** _SHAPE_GRID[:, None]  # [Q, n]
@@ -394,7 +439,9 @@ def fit_prior(data: AccuracyData | None = None, *, exclude: "tuple[str, ...] | l
     r = np.linspace(float(both.min()), float(both.max()), 36)  # [R]
     w = np.asarray(shares)  # [S]
     m = np.asarray(sp_ref, dtype=float)[None, :] ** _KAPPA_GRID[:, None]  # [K, S]
-    pred = share * curves["spatial"].bonus_points - (m @ w)[:, None] * np.asarray(curves["spatial"].loss(r))[None, :]  # [K, R]
+    pred = (
+        share * curves["spatial"].bonus_points - (m @ w)[:, None] * np.asarray(curves["spatial"].loss(r))[None, :]
+    )  # [K, R]
     target = share * np.asarray(curves["layer"].delta(r))  # [R]
     kappa = float(_KAPPA_GRID[int(np.argmin(((pred - target[None, :]) ** 2).sum(1)))])
 
@@ -552,8 +599,20 @@ def leave_one_out(data: AccuracyData | None = None) -> tuple[pd.DataFrame, dict[
     for row in data.points.itertuples(index=False):
         proxy = PriorProxy(fit=fit_prior(data, exclude=(row.point,)), data=data)
         pred = proxy.score(reference_config(row.paradigm, row.rate, data))
-        rows.append({"point": row.point, "paradigm": row.paradigm, "rate": row.rate,
-                     "published_top1": row.top1, "predicted_top1": pred, "abs_error": abs(pred - row.top1)})
+        rows.append(
+            {
+                "point": row.point,
+                "paradigm": row.paradigm,
+                "rate": row.rate,
+                "published_top1": row.top1,
+                "predicted_top1": pred,
+                "abs_error": abs(pred - row.top1),
+            }
+        )
     df = pd.DataFrame(rows, columns=["point", "paradigm", "rate", "published_top1", "predicted_top1", "abs_error"])
-    summary = {"mae": float(df["abs_error"].mean()), "max_abs_error": float(df["abs_error"].max()), "n_points": int(len(df))}
+    summary = {
+        "mae": float(df["abs_error"].mean()),
+        "max_abs_error": float(df["abs_error"].max()),
+        "n_points": int(len(df)),
+    }
     return df, summary

@@ -33,9 +33,22 @@ from dynas.predictors.latency import predict, predict_blocks, stage_work
 from dynas.predictors.targets import HardwareTarget, load_target, static_key
 from dynas.spaces.config import load_config, stage_gate_kind, stage_runs
 
-__all__ = ["REQUIRED_COLUMNS", "check_measurements", "fit_target", "compare", "summarize", "cost_comments",
-           "calibrated_static_ms", "fitted_parts", "host_normalized", "paired_rows", "per_sample_gated", "round_spread",
-           "quiet_networks", "retest_summary"]
+__all__ = [
+    "REQUIRED_COLUMNS",
+    "check_measurements",
+    "fit_target",
+    "compare",
+    "summarize",
+    "cost_comments",
+    "calibrated_static_ms",
+    "fitted_parts",
+    "host_normalized",
+    "paired_rows",
+    "per_sample_gated",
+    "round_spread",
+    "quiet_networks",
+    "retest_summary",
+]
 
 REQUIRED_COLUMNS: tuple[str, ...] = ("config", "batch_size", "part", "stage", "measured_ms")
 
@@ -44,15 +57,19 @@ def check_measurements(df: pd.DataFrame, what: str) -> None:
     """Raise :class:`ConfigError` unless ``df`` is a usable measurement table."""
     missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
     if missing:
-        raise ConfigError(f"{what}: column {missing[0]!r} is missing; allowed: a table with {', '.join(REQUIRED_COLUMNS)}")
+        raise ConfigError(
+            f"{what}: column {missing[0]!r} is missing; allowed: a table with {', '.join(REQUIRED_COLUMNS)}"
+        )
     if df.empty:
         raise ConfigError(f"{what}: the table has no rows; allowed: at least one measured network")
     ms = pd.to_numeric(df["measured_ms"], errors="coerce")
     bad = df[~np.isfinite(ms) | (ms <= 0)]
     if not bad.empty:
         v = bad["measured_ms"].iloc[0]
-        raise ConfigError(f"{what}: measured_ms={float(v) if isinstance(v, (int, float, np.number)) else v!r} is out of range; "
-                          "allowed: a number > 0")
+        raise ConfigError(
+            f"{what}: measured_ms={float(v) if isinstance(v, (int, float, np.number)) else v!r} is out of range; "
+            "allowed: a number > 0"
+        )
 
 
 def _loaded(config: str, cache: dict) -> Any:
@@ -79,8 +96,12 @@ def _part_work(config: Any, n: int, part: str, stage: int, cache: dict, column_b
 
 def _design_matrix(df: pd.DataFrame, column_block: int = 1, cache: dict | None = None) -> np.ndarray:
     cache = {} if cache is None else cache
-    return np.stack([_part_work(r.config, int(r.batch_size), r.part, int(r.stage), cache, column_block)
-                     for r in df.itertuples(index=False)])  # [rows, terms]
+    return np.stack(
+        [
+            _part_work(r.config, int(r.batch_size), r.part, int(r.stage), cache, column_block)
+            for r in df.itertuples(index=False)
+        ]
+    )  # [rows, terms]
 
 
 def _nnls_relative(X: np.ndarray, y: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -131,8 +152,9 @@ def host_normalized(measurements: pd.DataFrame, cache: dict | None = None) -> pd
     df = measurements.copy()
     ref = pd.to_numeric(df["reference_ms"], errors="coerce")
     cache = {} if cache is None else cache
-    keys = pd.Series([_static_key_of(_loaded(c, cache), n) for c, n in zip(df["config"], df["batch_size"])],
-                     index=df.index)  # [rows] key of the row's static network
+    keys = pd.Series(
+        [_static_key_of(_loaded(c, cache), n) for c, n in zip(df["config"], df["batch_size"])], index=df.index
+    )  # [rows] key of the row's static network
     quiet = ref.where(paired).groupby(keys).transform("min")  # [rows] fastest reference of the row's static network
     df["raw_measured_ms"] = df["measured_ms"]
     df.loc[paired, "measured_ms"] = df.loc[paired, "measured_ms"].astype(float) * quiet[paired] / ref[paired]
@@ -181,19 +203,29 @@ def _network_cv_mape(X: np.ndarray, y: np.ndarray, ids: np.ndarray, folds: tuple
     return float(np.mean(np.concatenate(errs)))
 
 
-def fit_target(measurements: pd.DataFrame, name: str, environment: Mapping[str, Any] | None = None,
-               default_batch_size: int = 1, description: str = "") -> HardwareTarget:
+def fit_target(
+    measurements: pd.DataFrame,
+    name: str,
+    environment: Mapping[str, Any] | None = None,
+    default_batch_size: int = 1,
+    description: str = "",
+) -> HardwareTarget:
     """A ``"cpu"`` kind target whose costs best fit the stem/stage/head rows of ``measurements``
     (paired ones first normalised to the quiet host, :func:`host_normalized`)."""
     check_measurements(measurements, "calibration measurements")
-    n_paired = int(measurements.loc[paired_rows(measurements), "network_id"].nunique()) \
-        if "network_id" in measurements else int(paired_rows(measurements).sum())
+    n_paired = (
+        int(measurements.loc[paired_rows(measurements), "network_id"].nunique())
+        if "network_id" in measurements
+        else int(paired_rows(measurements).sum())
+    )
     cache: dict = {}
     measurements = host_normalized(measurements, cache)
     parts = measurements[fitted_parts(measurements)]
     if len(parts) < len(cpu.TERMS):
-        raise ConfigError(f"calibration measurements: {len(parts)} part rows are too few; allowed: at least "
-                          f"{len(cpu.TERMS)} (measure more networks: raise --budget-s)")
+        raise ConfigError(
+            f"calibration measurements: {len(parts)} part rows are too few; allowed: at least "
+            f"{len(cpu.TERMS)} (measure more networks: raise --budget-s)"
+        )
     y = parts["measured_ms"].to_numpy(dtype=np.float64)  # [rows]
     # The column block is not linear in the work: fit the costs for each candidate and keep the
     # one that predicts held-out whole networks best (:func:`_network_cv_mape`).  Without
@@ -204,8 +236,11 @@ def fit_target(measurements: pd.DataFrame, name: str, environment: Mapping[str, 
     designs = {cb: _design_matrix(parts, cb, cache) for cb in cpu.COLUMN_BLOCKS}  # {cb: [rows, terms]}
     fits = {cb: _fit_costs(designs[cb], y) for cb in cpu.COLUMN_BLOCKS}
     folds = _cv_folds(parts, measurements, cache)
-    cv = {} if folds is None else {cb: _network_cv_mape(designs[cb], y, parts["network_id"].to_numpy(), folds)
-                                   for cb in cpu.COLUMN_BLOCKS}
+    cv = (
+        {}
+        if folds is None
+        else {cb: _network_cv_mape(designs[cb], y, parts["network_id"].to_numpy(), folds) for cb in cpu.COLUMN_BLOCKS}
+    )
     if cv:
         column_block = min(cv, key=lambda cb: (cv[cb], cb))
     else:
@@ -220,27 +255,42 @@ def fit_target(measurements: pd.DataFrame, name: str, environment: Mapping[str, 
     costs = costs._replace(**later)
     unexercised = [f for f in unexercised if f not in later]
     networks = int(measurements["network_id"].nunique()) if "network_id" in measurements else 0
-    fit = {"unexercised": ",".join(unexercised), "rows": int(keep.sum()), "outlier_rows": int((~keep).sum()),
-           "column_block_median_err_pct": ", ".join(f"{cb}: {fits[cb][3] * 100:.2f}" for cb in fits),
-           "column_block_network_cv_mape_pct": ", ".join(f"{cb}: {v * 100:.2f}" for cb, v in cv.items()),
-           "outlier_limit_pct": limit * 100, "networks": networks,
-           "parts_mape_pct": float(np.mean(np.abs(rel)) * 100), "parts_within_10pct": float(np.mean(np.abs(rel) <= 0.1))}
+    fit = {
+        "unexercised": ",".join(unexercised),
+        "rows": int(keep.sum()),
+        "outlier_rows": int((~keep).sum()),
+        "column_block_median_err_pct": ", ".join(f"{cb}: {fits[cb][3] * 100:.2f}" for cb in fits),
+        "column_block_network_cv_mape_pct": ", ".join(f"{cb}: {v * 100:.2f}" for cb, v in cv.items()),
+        "outlier_limit_pct": limit * 100,
+        "networks": networks,
+        "parts_mape_pct": float(np.mean(np.abs(rel)) * 100),
+        "parts_within_10pct": float(np.mean(np.abs(rel) <= 0.1)),
+    }
     spread = round_spread(measurements)
     if spread is not None:
         fit.update({"round_spread_median_pct": spread["median_pct"], "round_spread_p90_pct": spread["p90_pct"]})
     paired_spread = round_spread(measurements, "paired_spread")
     if paired_spread is not None:
-        fit.update({"paired_spread_median_pct": paired_spread["median_pct"], "paired_spread_p90_pct": paired_spread["p90_pct"]})
+        fit.update(
+            {"paired_spread_median_pct": paired_spread["median_pct"], "paired_spread_p90_pct": paired_spread["p90_pct"]}
+        )
     if n_paired:
         fit["host_normalized_networks"] = n_paired
     threads = int(env.get("threads", 1) or 1)
     static_ms = _static_ms(measurements, cache)
-    return HardwareTarget(name=name, description=description or f"dynas kernels measured on {env.get('device_name', 'this device')}",
-                          kind="cpu", default_batch_size=default_batch_size, cpu=costs, threads=threads,
-                          column_block=column_block,
-                          unexercised=tuple(unexercised),
-                          environment={k: v for k, v in env.items() if isinstance(v, (str, int, float))}, fit=fit,
-                          static_ms=static_ms)
+    return HardwareTarget(
+        name=name,
+        description=description or f"dynas kernels measured on {env.get('device_name', 'this device')}",
+        kind="cpu",
+        default_batch_size=default_batch_size,
+        cpu=costs,
+        threads=threads,
+        column_block=column_block,
+        unexercised=tuple(unexercised),
+        environment={k: v for k, v in env.items() if isinstance(v, (str, int, float))},
+        fit=fit,
+        static_ms=static_ms,
+    )
 
 
 def round_spread(df: pd.DataFrame, column: str = "round_spread") -> dict[str, float] | None:
@@ -254,8 +304,11 @@ def round_spread(df: pd.DataFrame, column: str = "round_spread") -> dict[str, fl
     spread = pd.to_numeric(df.loc[df["part"] == "network", column], errors="coerce").dropna()
     if spread.empty:
         return None
-    return {"count": int(len(spread)), "median_pct": float(spread.median() * 100),
-            "p90_pct": float(spread.quantile(0.9) * 100)}
+    return {
+        "count": int(len(spread)),
+        "median_pct": float(spread.median() * 100),
+        "p90_pct": float(spread.quantile(0.9) * 100),
+    }
 
 
 def fitted_parts(df: pd.DataFrame) -> pd.Series:
@@ -287,9 +340,14 @@ def calibrated_static_ms(df: pd.DataFrame, target: HardwareTarget) -> pd.Series:
     """[rows] the time ``target`` recorded at calibration (``static_ms``) for the static network
     of each row's backbone, input size and batch size; NaN where it recorded none.  A row's
     ``reference_ms`` over it is how much slower the host ran than at calibration."""
-    return pd.Series([target.static_ms.get(static_key(b, (int(h), int(w)), int(n)), math.nan)
-                      for b, h, w, n in zip(df["backbone"], df["input_h"], df["input_w"], df["batch_size"])],
-                     index=df.index, dtype=float)
+    return pd.Series(
+        [
+            target.static_ms.get(static_key(b, (int(h), int(w)), int(n)), math.nan)
+            for b, h, w, n in zip(df["backbone"], df["input_h"], df["input_w"], df["batch_size"])
+        ],
+        index=df.index,
+        dtype=float,
+    )
 
 
 def _static_ms(measurements: pd.DataFrame, cache: dict) -> dict[str, float]:
@@ -334,9 +392,11 @@ def compare(measurements: pd.DataFrame, target: "str | HardwareTarget") -> pd.Da
             m = re.fullmatch(r"block(\d+)\.(\d+)", r.part)
             per_stage = blocks[key]
             if m is None or int(m[1]) >= len(per_stage) or int(m[2]) >= len(per_stage[int(m[1])]):
-                raise ConfigError(f"measurements: part={r.part!r} is not a block of {p.config.backbone}; allowed: "
-                                  f"block<stage>.<index>, stages 0-{len(per_stage) - 1}, blocks per stage "
-                                  f"{'/'.join(str(len(b)) for b in per_stage)}")
+                raise ConfigError(
+                    f"measurements: part={r.part!r} is not a block of {p.config.backbone}; allowed: "
+                    f"block<stage>.<index>, stages 0-{len(per_stage) - 1}, blocks per stage "
+                    f"{'/'.join(str(len(b)) for b in per_stage)}"
+                )
             out.append(per_stage[int(m[1])][int(m[2])])
         else:
             out.append(p.stages[int(r.stage)].latency_ms)
@@ -356,8 +416,14 @@ def summarize(df: pd.DataFrame) -> dict[str, float]:
     else:
         rho = float(spearmanr(df["measured_ms"], df["predicted_ms"]).statistic)
         tau = float(kendalltau(df["measured_ms"], df["predicted_ms"]).statistic)
-    return {"count": n, "mape_pct": float(np.mean(np.abs(rel)) * 100), "within_10pct": float(np.mean(np.abs(rel) <= 0.1)),
-            "spearman": rho, "kendall": tau, "max_abs_err_pct": float(np.max(np.abs(rel)) * 100)}
+    return {
+        "count": n,
+        "mape_pct": float(np.mean(np.abs(rel)) * 100),
+        "within_10pct": float(np.mean(np.abs(rel) <= 0.1)),
+        "spearman": rho,
+        "kendall": tau,
+        "max_abs_err_pct": float(np.max(np.abs(rel)) * 100),
+    }
 
 
 def quiet_networks(table: pd.DataFrame, target: "str | HardwareTarget", what: str = "measurements") -> pd.DataFrame:
@@ -396,12 +462,24 @@ def retest_summary(first: pd.DataFrame, second: pd.DataFrame, target: "str | Har
     rows = []
     for n, x in both.groupby(level="batch_size"):
         drift = np.log(x["quiet_ms_2"] / x["quiet_ms"])  # [networks]
-        errors = {k: np.log(x["predicted_ms"] / q) for k, q in  # [networks] each
-                  (("first", x["quiet_ms"]), ("second", x["quiet_ms_2"]),
-                   ("mean", np.sqrt(x["quiet_ms"] * x["quiet_ms_2"])))}
+        errors = {
+            k: np.log(x["predicted_ms"] / q)
+            for k, q in (  # [networks] each
+                ("first", x["quiet_ms"]),
+                ("second", x["quiet_ms_2"]),
+                ("mean", np.sqrt(x["quiet_ms"] * x["quiet_ms_2"])),
+            )
+        }
         corr = float(np.corrcoef(errors["first"], errors["second"])[0, 1]) if len(x) > 2 else math.nan
-        rows.append({"batch_size": int(n), "networks": len(x), "noise_pct": 100 * drift.std() / math.sqrt(2),
-                     "error_std_pct_first": 100 * errors["first"].std(),
-                     "error_std_pct_second": 100 * errors["second"].std(), "error_corr": corr,
-                     **{f"within_10pct_{k}": float((np.abs(np.expm1(e)) <= 0.1).mean()) for k, e in errors.items()}})
+        rows.append(
+            {
+                "batch_size": int(n),
+                "networks": len(x),
+                "noise_pct": 100 * drift.std() / math.sqrt(2),
+                "error_std_pct_first": 100 * errors["first"].std(),
+                "error_std_pct_second": 100 * errors["second"].std(),
+                "error_corr": corr,
+                **{f"within_10pct_{k}": float((np.abs(np.expm1(e)) <= 0.1).mean()) for k, e in errors.items()},
+            }
+        )
     return pd.DataFrame(rows)

@@ -39,8 +39,15 @@ def gate_of(b: BlockSpec, st: StageConfig) -> Gate:
     return Gate(groups, active)
 
 
-def dense_conv(hw: Hardware, cv: ChainConv, n: int, in_hw: tuple[int, int], gate: Gate, extra_out: int = 0,
-               cin_live: float | None = None) -> OpCost:
+def dense_conv(
+    hw: Hardware,
+    cv: ChainConv,
+    n: int,
+    in_hw: tuple[int, int],
+    gate: Gate,
+    extra_out: int = 0,
+    cin_live: float | None = None,
+) -> OpCost:
     """A conv over whole maps of ``n`` samples, possibly channel-gated; ``cin_live``: input
     channels it reads when fewer than ``cv.cin`` hold data (DenseNet features nobody produced)."""
     out_h = (in_hw[0] + 2 * (cv.k // 2) - cv.k) // cv.stride + 1
@@ -49,11 +56,25 @@ def dense_conv(hw: Hardware, cv: ChainConv, n: int, in_hw: tuple[int, int], gate
     if cv.gate_in and gate.groups:
         cin_active = cv.cin * gate.active // gate.groups
     gated_out = cv.gate_out and gate.groups
-    return conv_cost(hw, ConvOp(
-        units=n, cin=cv.cin, cout=cv.cout + extra_out, out_h=out_h, out_w=out_w, k=cv.k, stride=cv.stride,
-        groups=cv.groups, in_row=in_hw[1] + 2 * (cv.k // 2), dram_in_per_channel=n * in_hw[0] * in_hw[1],
-        cin_active=cin_active, gate_groups=gate.groups if gated_out else 0,
-        gate_active=gate.active if gated_out else 0, weights_scale_with_gates=n == 1 and bool(gate.groups)))
+    return conv_cost(
+        hw,
+        ConvOp(
+            units=n,
+            cin=cv.cin,
+            cout=cv.cout + extra_out,
+            out_h=out_h,
+            out_w=out_w,
+            k=cv.k,
+            stride=cv.stride,
+            groups=cv.groups,
+            in_row=in_hw[1] + 2 * (cv.k // 2),
+            dram_in_per_channel=n * in_hw[0] * in_hw[1],
+            cin_active=cin_active,
+            gate_groups=gate.groups if gated_out else 0,
+            gate_active=gate.active if gated_out else 0,
+            weights_scale_with_gates=n == 1 and bool(gate.groups),
+        ),
+    )
 
 
 def mlp_ops(hw: Hardware, n: int, cin: int, cout: int) -> tuple[OpCost, OpCost]:
@@ -75,15 +96,21 @@ def interpolate(lo: list[tuple[str, OpCost]], hi: list[tuple[str, OpCost]], frac
     out = []
     for name, h in hi:
         low = lo_map.get(name, OpCost(0.0, 0.0, 0.0, 0.0))
-        out.append((name, OpCost(low.compute_s + frac * (h.compute_s - low.compute_s),
-                                 low.memory_s + frac * (h.memory_s - low.memory_s),
-                                 low.launch_s + frac * (h.launch_s - low.launch_s),
-                                 low.macs + frac * (h.macs - low.macs), h.schedule,
-                                 low.dram_bytes + frac * (h.dram_bytes - low.dram_bytes))))
+        out.append(
+            (
+                name,
+                OpCost(
+                    low.compute_s + frac * (h.compute_s - low.compute_s),
+                    low.memory_s + frac * (h.memory_s - low.memory_s),
+                    low.launch_s + frac * (h.launch_s - low.launch_s),
+                    low.macs + frac * (h.macs - low.macs),
+                    h.schedule,
+                    low.dram_bytes + frac * (h.dram_bytes - low.dram_bytes),
+                ),
+            )
+        )
     return out
 
 
 def ops_total_s(ops: Iterable[tuple[str, OpCost]]) -> float:
     return sum(c.total_s for _, c in ops)
-
-

@@ -50,9 +50,25 @@ from dynas.predictors.cpu_terms import (
 from dynas.spaces.backbones import BlockSpec, StemSpec
 from dynas.spaces.config import StageConfig, budget_count, uses_channel, uses_layer, uses_spatial
 
-__all__ = ["COST_TERMS", "TERMS", "COST_FIELDS", "LATER_PART_FIELDS", "COLUMN_BLOCKS", "COMPUTE_TERMS", "MEMORY_TERMS",
-           "CALL_TERMS", "TERM_KINDS", "CpuCosts", "block_work", "stage_entry_work", "stem_work", "head_work",
-           "exit_head_work",           "expected_block_flops", "work_latency_ms"]
+__all__ = [
+    "COST_TERMS",
+    "TERMS",
+    "COST_FIELDS",
+    "LATER_PART_FIELDS",
+    "COLUMN_BLOCKS",
+    "COMPUTE_TERMS",
+    "MEMORY_TERMS",
+    "CALL_TERMS",
+    "TERM_KINDS",
+    "CpuCosts",
+    "block_work",
+    "stage_entry_work",
+    "stem_work",
+    "head_work",
+    "exit_head_work",
+    "expected_block_flops",
+    "work_latency_ms",
+]
 
 _T = {t: i for i, t in enumerate(TERMS)}
 _SMALL_MAP = 64  # output positions per sample or patch at or below which a conv counts as small-map
@@ -84,8 +100,17 @@ class _Work:
     def _add(self, term: str, amount: float) -> None:
         self.v[_T[term]] += self.weight * amount
 
-    def conv(self, rows: float, cin_pg: int, cout: int, k: int, cin_total: int, kind: str = "", mm: bool = False,
-             hw: tuple[int, int] | None = None) -> None:
+    def conv(
+        self,
+        rows: float,
+        cin_pg: int,
+        cout: int,
+        k: int,
+        cin_total: int,
+        kind: str = "",
+        mm: bool = False,
+        hw: tuple[int, int] | None = None,
+    ) -> None:
         """A convolution (``mm``: a matrix product of pixel rows; ``kind="vec"``: of per-sample
         vectors): ``rows`` output positions x
         ``cout`` outputs, each reading ``cin_pg x k x k`` inputs; ``cin_total`` input channels
@@ -132,7 +157,16 @@ class _Work:
         self._add(wterm, cout * cin_pg * k * k * 1e-6)
         self._add("conv_io_melem", rows * (cin_total + cout) * 1e-6)
         # a product of per-sample vectors dispatches like an element-wise operator (see TERMS)
-        self._add("op_calls" if mm and kind == "vec" else "mm_calls" if mm else "repeat_conv_calls" if self.repeat else "conv_calls", 1)
+        self._add(
+            "op_calls"
+            if mm and kind == "vec"
+            else "mm_calls"
+            if mm
+            else "repeat_conv_calls"
+            if self.repeat
+            else "conv_calls",
+            1,
+        )
 
     def stream(self, elems: float, calls: float = 1) -> None:
         self._add("stream_melem", elems * 1e-6)
@@ -235,10 +269,22 @@ def _grouped_touched(b: BlockSpec, G: int, active: int) -> tuple[float, bool]:
     return b.groups * (1.0 - p_untouched) * gw, False
 
 
-def _body(w: _Work, b: BlockSpec, rows_in: float, rows_out: float, samples: float, k: int, selected: bool,
-          mid_rows: float | None = None, windows: float = 0.0, gathered_se: bool = False,
-          touched: tuple[float, bool] | None = None, dynamic: bool = True, out_hw: tuple[int, int] | None = None,
-          mid_hw: tuple[int, int] | None = None) -> None:
+def _body(
+    w: _Work,
+    b: BlockSpec,
+    rows_in: float,
+    rows_out: float,
+    samples: float,
+    k: int,
+    selected: bool,
+    mid_rows: float | None = None,
+    windows: float = 0.0,
+    gathered_se: bool = False,
+    touched: tuple[float, bool] | None = None,
+    dynamic: bool = True,
+    out_hw: tuple[int, int] | None = None,
+    mid_hw: tuple[int, int] | None = None,
+) -> None:
     """A block body (conv chain, BN, ReLU, SE) on ``rows_in`` input positions -> ``rows_out``
     output positions with ``k`` of the gated channels (``selected``: a channel selection, with
     its weight gathers).  ``mid_rows`` / ``windows``: spatial gathering (see callers)."""
@@ -272,13 +318,17 @@ def _body(w: _Work, b: BlockSpec, rows_in: float, rows_out: float, samples: floa
         if selected and one_pixel:
             w.gather(9 * k * (width + k), 2, weights=True)  # rows, then columns, of the cached channels-last matrix
         elif selected:
-            w.gather(2 * k * k * 9, 4, weights=True)  # the k x k kernels (index arithmetic, gather), then their channels-last copy
+            w.gather(
+                2 * k * k * 9, 4, weights=True
+            )  # the k x k kernels (index arithmetic, gather), then their channels-last copy
         w.conv(rows_out, k, k, 3, k, hw=out_hw, mm=one_pixel)
     else:
         gw = width // b.groups
         t_ch, aligned = touched if (selected and touched is not None) else (width, True)
         if selected:
-            w.gather(t_ch * gw * 9, 6, weights=True)  # touched conv groups (divide, unique, index arithmetic), their kernels
+            w.gather(
+                t_ch * gw * 9, 6, weights=True
+            )  # touched conv groups (divide, unique, index arithmetic), their kernels
             if not aligned:  # selected channels scattered into the touched groups, outputs picked back
                 w.gather(2 * (windows if windows else rows_in) * t_ch + rows_out * k, 4)
         w.conv(rows_out, gw, t_ch, 3, t_ch, kind="grouped", hw=out_hw)
@@ -307,7 +357,7 @@ def _per_part(w: _Work, weight: float, parts: float, body: Callable[[], None]) -
 
 def _binomial(n: int, p: float) -> np.ndarray:
     m = np.arange(n + 1)
-    return np.array([math.comb(n, i) for i in m], dtype=np.float64) * p ** m * (1 - p) ** (n - m)
+    return np.array([math.comb(n, i) for i in m], dtype=np.float64) * p**m * (1 - p) ** (n - m)
 
 
 def _distinct(m: float, M: int) -> float:
@@ -328,7 +378,7 @@ def _covered(b: BlockSpec, S: int, k: int) -> float:
         c = np.zeros(size_mid)
         for i in range(size_out // S):
             lo = i * S * s - 1
-            c[max(lo, 0):min(lo + L, size_mid)] += 1
+            c[max(lo, 0) : min(lo + L, size_mid)] += 1
         counts.append(c)
     cov = np.outer(counts[0], counts[1]).astype(np.int64).ravel()  # [H_mid * W_mid] windows covering each pixel
     P = (b.out_hw[0] // S) * (b.out_hw[1] // S)
@@ -337,8 +387,17 @@ def _covered(b: BlockSpec, S: int, k: int) -> float:
     return float(sum(1.0 - off[c] for c in cov))
 
 
-def _whole_sample_work(w: _Work, b: BlockSpec, n: int, run_prob: float | None, groups: int, M: int, k: int,
-                       touched: tuple[float, bool] | None, areas: dict[str, tuple[int, int]]) -> None:
+def _whole_sample_work(
+    w: _Work,
+    b: BlockSpec,
+    n: int,
+    run_prob: float | None,
+    groups: int,
+    M: int,
+    k: int,
+    touched: tuple[float, bool] | None,
+    areas: dict[str, tuple[int, int]],
+) -> None:
     """Work of a block whose gates pick whole samples (layer gates, one-patch spatial gates; each
     sample runs with probability ``run_prob``, None: every sample runs) and channels (``groups``
     gate groups, ``M`` equally likely selections of ``k`` channels), beyond maskers and shortcut."""
@@ -369,17 +428,35 @@ def _whole_sample_work(w: _Work, b: BlockSpec, n: int, run_prob: float | None, g
         if groups and m == n:
             parts = (parts - p_whole) / (1.0 - p_whole)  # distinct selections, given not all equal
         # gather path: every part gathers its samples and writes them back
-        _per_part(w, pm, parts, lambda: _body(w, b, (m / parts) * hi * wi, (m / parts) * ho * wo, m / parts, k,
-                                              bool(groups), touched=touched, **areas))
+        _per_part(
+            w,
+            pm,
+            parts,
+            lambda: _body(
+                w, b, (m / parts) * hi * wi, (m / parts) * ho * wo, m / parts, k, bool(groups), touched=touched, **areas
+            ),
+        )
         w.weight = pm
-        w.gather(m * (b.in_channels * hi * wi + 2 * b.out_channels * ho * wo), 3 * parts)  # samples, shortcut rows, write-back
+        w.gather(
+            m * (b.in_channels * hi * wi + 2 * b.out_channels * ho * wo), 3 * parts
+        )  # samples, shortcut rows, write-back
         w.stream(5 * m * b.out_channels * ho * wo, 2 * parts)
     w.weight = 1.0 - p_no_split
     w.stream(2 * out_elems)  # ReLU(shortcut) of the samples that skip
 
 
-def _patch_work(w: _Work, b: BlockSpec, st: StageConfig, n: int, S: int, grid: int, groups: int, M: int, k: int,
-                touched: tuple[float, bool] | None) -> None:
+def _patch_work(
+    w: _Work,
+    b: BlockSpec,
+    st: StageConfig,
+    n: int,
+    S: int,
+    grid: int,
+    groups: int,
+    M: int,
+    k: int,
+    touched: tuple[float, bool] | None,
+) -> None:
     """Work of a block whose spatial gates pick ``S`` x ``S`` patches of a ``grid``-patch map
     (channels as in :func:`_whole_sample_work`), beyond maskers and shortcut."""
     ho, wo = b.out_hw
@@ -401,13 +478,33 @@ def _patch_work(w: _Work, b: BlockSpec, st: StageConfig, n: int, S: int, grid: i
         region = (S - 1) * b.stride + 3 + 2 * b.stride  # input region side, halo of both convs
         mid = S + 2
         w.weight = 1.0
-        w.gather(n * b.in_channels * (hi + 2 * b.stride + 2) * (wi + 2 * b.stride + 2))  # F.pad of the whole input, once
-        w.index(P * region * region * b.in_channels, P * region * region, parts)  # the regions: one indexing copy per part
+        w.gather(
+            n * b.in_channels * (hi + 2 * b.stride + 2) * (wi + 2 * b.stride + 2)
+        )  # F.pad of the whole input, once
+        w.index(
+            P * region * region * b.in_channels, P * region * region, parts
+        )  # the regions: one indexing copy per part
         w.weight = parts
         w.ops(23)  # region rows / columns, their samples, the valid-position mask (index arithmetic)
-        _per_part(w, 1.0, parts, lambda: _body(w, b, P / parts * region * region, rows_out / parts, n / parts, k,
-                                               bool(groups), mid_rows=P / parts * mid * mid, gathered_se=True,
-                                               touched=touched, out_hw=(S, S), mid_hw=(mid, mid)))
+        _per_part(
+            w,
+            1.0,
+            parts,
+            lambda: _body(
+                w,
+                b,
+                P / parts * region * region,
+                rows_out / parts,
+                n / parts,
+                k,
+                bool(groups),
+                mid_rows=P / parts * mid * mid,
+                gathered_se=True,
+                touched=touched,
+                out_hw=(S, S),
+                mid_hw=(mid, mid),
+            ),
+        )
     else:
         need = n * _covered(b, S, kp)  # needed conv1-output pixels
         L = (S - 1) * b.stride + 3
@@ -420,9 +517,24 @@ def _patch_work(w: _Work, b: BlockSpec, st: StageConfig, n: int, S: int, grid: i
         w.gather(n * ax[0] * ax[1] * k + need * k, 2 * parts)  # zeroed buffer + write-back of conv1 rows
         w.weight = parts
         w.ops(3 + 6)  # index arithmetic of the pixel rows and of their buffer positions
-        _per_part(w, 1.0, parts, lambda: _body(w, b, need / parts, rows_out / parts, n / parts, k, bool(groups),
-                                               windows=P / parts * L * L, gathered_se=True, touched=touched,
-                                               out_hw=(S, S)))
+        _per_part(
+            w,
+            1.0,
+            parts,
+            lambda: _body(
+                w,
+                b,
+                need / parts,
+                rows_out / parts,
+                n / parts,
+                k,
+                bool(groups),
+                windows=P / parts * L * L,
+                gathered_se=True,
+                touched=touched,
+                out_hw=(S, S),
+            ),
+        )
     w.weight = 1.0
     w.gather(2 * rows_out * b.out_channels, 2 * parts)  # shortcut rows, write-back
     w.stream(5 * rows_out * b.out_channels, 2 * parts)  # add_, relu_

@@ -52,9 +52,11 @@ def _body(hw: Hardware, b: BlockSpec, m: int, gate: Gate, rate: float) -> list[t
     hw_elems = b.in_hw[0] * b.in_hw[1]
     conv1 = ChainConv("conv1", b.in_channels, b.width, 1, 1, 1, False, True)
     conv2 = ChainConv("conv2", b.width, b.out_channels, 3, 1, 1, True, False)
-    return [("norm1 relu", memory_cost(hw, int(round(2 * m * live * hw_elems)))),
-            ("conv1", dense_conv(hw, conv1, m, b.in_hw, gate, cin_live=live if live < b.in_channels else None)),
-            ("conv2", dense_conv(hw, conv2, m, b.in_hw, gate))]
+    return [
+        ("norm1 relu", memory_cost(hw, int(round(2 * m * live * hw_elems)))),
+        ("conv1", dense_conv(hw, conv1, m, b.in_hw, gate, cin_live=live if live < b.in_channels else None)),
+        ("conv2", dense_conv(hw, conv2, m, b.in_hw, gate)),
+    ]
 
 
 def _transition(hw: Hardware, b: BlockSpec, n: int, rate: float) -> list[tuple[str, OpCost]]:
@@ -65,9 +67,11 @@ def _transition(hw: Hardware, b: BlockSpec, n: int, rate: float) -> list[tuple[s
     live = live_inputs(b, b.index + 1, rate, n)  # every layer of the block, any sample of the batch
     elems = b.out_hw[0] * b.out_hw[1]
     conv = ChainConv("downsample", c_in, c_out, 1, 1, 1, False, False)
-    return [("transition norm relu", memory_cost(hw, int(round(2 * n * live * elems)))),
-            ("downsample", dense_conv(hw, conv, n, b.out_hw, Gate(0, 0), cin_live=live if live < c_in else None)),
-            ("transition pool", memory_cost(hw, n * c_out * (elems + out_hw[0] * out_hw[1])))]
+    return [
+        ("transition norm relu", memory_cost(hw, int(round(2 * n * live * elems)))),
+        ("downsample", dense_conv(hw, conv, n, b.out_hw, Gate(0, 0), cin_live=live if live < c_in else None)),
+        ("transition pool", memory_cost(hw, n * c_out * (elems + out_hw[0] * out_hw[1]))),
+    ]
 
 
 @functools.lru_cache(maxsize=None)

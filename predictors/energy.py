@@ -34,8 +34,7 @@ from typing import Any, Iterable
 from dynas.errors import TargetError
 from dynas.predictors.gpu import OpCost
 
-__all__ = ["EnergyConstants", "ENERGY_FIELDS", "op_energy_mj", "ops_energy_mj", "static_energy_mj",
-           "energy_from_table"]
+__all__ = ["EnergyConstants", "ENERGY_FIELDS", "op_energy_mj", "ops_energy_mj", "static_energy_mj", "energy_from_table"]
 
 
 @dataclass(frozen=True)

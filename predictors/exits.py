@@ -49,9 +49,22 @@ def gpu_head_ms(hw: Hardware, cin: int, map_hw: tuple[int, int], classes: int, n
     h, w = map_hw
     total = 0.0
     if width:
-        conv = ConvOp(units=n, cin=cin, cout=width, out_h=h, out_w=w, k=1, stride=1, groups=1, in_row=w,
-                      dram_in_per_channel=n * h * w, cin_active=cin, gate_groups=0, gate_active=0,
-                      weights_scale_with_gates=False)
+        conv = ConvOp(
+            units=n,
+            cin=cin,
+            cout=width,
+            out_h=h,
+            out_w=w,
+            k=1,
+            stride=1,
+            groups=1,
+            in_row=w,
+            dram_in_per_channel=n * h * w,
+            cin_active=cin,
+            gate_groups=0,
+            gate_active=0,
+            weights_scale_with_gates=False,
+        )
         total += conv_cost(hw, conv).total_s
         cin = width
     total += memory_cost(hw, n * cin * (h * w + 1)).total_s  # global pool, as the own head's
@@ -59,7 +72,9 @@ def gpu_head_ms(hw: Hardware, cin: int, map_hw: tuple[int, int], classes: int, n
     return total * 1e3
 
 
-def attach_exits(pred: Prediction, stem_flops: float, head_ms: Callable[[int, tuple[int, int], int], float]) -> Prediction:
+def attach_exits(
+    pred: Prediction, stem_flops: float, head_ms: Callable[[int, tuple[int, int], int], float]
+) -> Prediction:
     """``pred`` with its :attr:`~Prediction.exits` filled in (unchanged when the config has none).
 
     ``stem_flops``: the stem's FLOPs per image; ``head_ms(cin, map_hw, width)``: the target's
@@ -75,14 +90,36 @@ def attach_exits(pred: Prediction, stem_flops: float, head_ms: Callable[[int, tu
     heads_before = 0.0  # ms of the exit heads already passed (anytime path)
     for k, s in enumerate(cfg.exits):
         cin, map_hw = exit_inputs(spec, s)
-        body_ms = pred.stem_ms + sum(p.latency_ms for p in pred.stages[:s + 1])
-        body_flops = stem_flops + sum(p.expected_gflops for p in pred.stages[:s + 1]) * 1e9
+        body_ms = pred.stem_ms + sum(p.latency_ms for p in pred.stages[: s + 1])
+        body_flops = stem_flops + sum(p.expected_gflops for p in pred.stages[: s + 1]) * 1e9
         h_ms = head_ms(cin, map_hw, width)
         ms = body_ms + h_ms
-        exits.append(ExitPrediction(k, s, cfg.exit_head, ms, ms / n, body_flops + head_flops(cin, map_hw, spec.num_classes, width),
-                                    h_ms, ms + heads_before, (ms + heads_before) / n))
+        exits.append(
+            ExitPrediction(
+                k,
+                s,
+                cfg.exit_head,
+                ms,
+                ms / n,
+                body_flops + head_flops(cin, map_hw, spec.num_classes, width),
+                h_ms,
+                ms + heads_before,
+                (ms + heads_before) / n,
+            )
+        )
         heads_before += h_ms
     anytime = pred.latency_ms + heads_before
-    exits.append(ExitPrediction(len(cfg.exits), spec.num_stages - 1, "own", pred.latency_ms, pred.latency_ms_per_image,
-                                pred.expected_gflops * 1e9, pred.head_ms, anytime, anytime / n))
+    exits.append(
+        ExitPrediction(
+            len(cfg.exits),
+            spec.num_stages - 1,
+            "own",
+            pred.latency_ms,
+            pred.latency_ms_per_image,
+            pred.expected_gflops * 1e9,
+            pred.head_ms,
+            anytime,
+            anytime / n,
+        )
+    )
     return dataclasses.replace(pred, exits=tuple(exits))

@@ -49,8 +49,14 @@ def compare_reference() -> tuple[pd.DataFrame, pd.DataFrame, dict[str, float]]:
         tgt = load_target(entry["target"])
         n = tgt.default_batch_size
         pred = predict(ArchConfig.static(entry["backbone"]), tgt, n)
-        rows.append({"backbone": entry["backbone"], "target": entry["target"], "reference_ms": entry["ms"],
-                     "dynas_ms": sum(st.static_latency_ms for st in pred.stages) / n})
+        rows.append(
+            {
+                "backbone": entry["backbone"],
+                "target": entry["target"],
+                "reference_ms": entry["ms"],
+                "dynas_ms": sum(st.static_latency_ms for st in pred.stages) / n,
+            }
+        )
     static = pd.DataFrame(rows)
     static["rel_err"] = static["dynas_ms"] / static["reference_ms"] - 1
     rows = []
@@ -58,8 +64,14 @@ def compare_reference() -> tuple[pd.DataFrame, pd.DataFrame, dict[str, float]]:
         tgt = load_target(entry["target"])
         cfg = ratio_config(entry)
         stages = predict(cfg, tgt, entry["batch_size"]).stages
-        rows.append({"backbone": entry["backbone"], "config": cfg.short(), "reference": entry["ratio"],
-                     "dynas": sum(st.latency_ms for st in stages) / sum(st.static_latency_ms for st in stages)})
+        rows.append(
+            {
+                "backbone": entry["backbone"],
+                "config": cfg.short(),
+                "reference": entry["ratio"],
+                "dynas": sum(st.latency_ms for st in stages) / sum(st.static_latency_ms for st in stages),
+            }
+        )
     ratios = pd.DataFrame(rows)
     ratios["abs_err"] = (ratios["dynas"] - ratios["reference"]).abs()
     summary = {

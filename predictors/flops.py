@@ -134,7 +134,9 @@ def _count_flops(backbone: str, input_hw: tuple[int, int]) -> FlopTable:
         ops = {op: _module_flops(counts, root, module_name_for(b, op)) for op in block_ops(b)}
         blocks[b.name] = MappingProxyType(ops)
         # a dense layer's "downsample" is the transition after it, a module of its own
-        totals[b.name] = _module_flops(counts, root, block_module_name(b)) + (ops.get("downsample", 0) if b.kind == "dense" else 0)
+        totals[b.name] = _module_flops(counts, root, block_module_name(b)) + (
+            ops.get("downsample", 0) if b.kind == "dense" else 0
+        )
     return FlopTable(
         backbone=backbone,
         input_hw=spec.input_hw,

@@ -27,7 +27,16 @@ from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["Hardware", "OpCost", "ConvOp", "conv_cost", "memory_cost", "expected_max_density", "clear_caches", "fc_cost"]
+__all__ = [
+    "Hardware",
+    "OpCost",
+    "ConvOp",
+    "conv_cost",
+    "memory_cost",
+    "expected_max_density",
+    "clear_caches",
+    "fc_cost",
+]
 
 
 class Hardware(NamedTuple):
@@ -103,8 +112,7 @@ def _cands(n: int) -> np.ndarray:
 def _hypergeom_cdf(population: int, successes: int, draws: int) -> np.ndarray:
     """CDF F[x] = P(X <= x), x = 0..draws, of X ~ Hypergeometric(population, successes, draws)."""
     total = math.comb(population, draws)
-    pmf = [math.comb(successes, x) * math.comb(population - successes, draws - x) / total
-           for x in range(draws + 1)]
+    pmf = [math.comb(successes, x) * math.comb(population - successes, draws - x) / total for x in range(draws + 1)]
     return np.minimum(np.cumsum(pmf), 1.0)
 
 
@@ -177,7 +185,9 @@ def _op_table(hw: Hardware, op: ConvOp) -> _OpTable:
     # Tiles are cut over (channels, rows, cols) of ONE unit and spread over the SMs; each tile
     # then loops over the units (samples or gathered patches) in steps of P units.  Units do not
     # add parallelism: this is the schedule that makes small patches slow on wide GPUs.
-    C, H, W = (a.ravel() for a in np.meshgrid(_cands(op.cout), _cands(op.out_h), _cands(op.out_w), indexing="ij"))  # each [K]
+    C, H, W = (
+        a.ravel() for a in np.meshgrid(_cands(op.cout), _cands(op.out_h), _cands(op.out_w), indexing="ij")
+    )  # each [K]
     n_tiles = np.ceil(op.cout / C) * np.ceil(op.out_h / H) * np.ceil(op.out_w / W)
     waves = np.ceil(n_tiles / hw.n_sm)
     if op.gate_groups:
@@ -196,15 +206,23 @@ def _op_table(hw: Hardware, op: ConvOp) -> _OpTable:
     in_ch = np.full_like(C, float(op.cin)) if op.groups == 1 else np.minimum(op.cin, np.ceil(C / cout_pg) * cin_pg)
     gap = np.maximum(op.in_row - in_w, 0.0)
     return _OpTable(
-        C=C, H=H, W=W,
+        C=C,
+        H=H,
+        W=W,
         compute_per_round=L * cin_pg * op.k * op.k / (hw.clock_hz * lanes) * waves,
         weight_fetch=n_tiles * C * cin_pg * op.k * op.k,
         window=n_tiles * in_ch * in_h * in_w,
         out_fetch=n_tiles * C * H * W,
-        in_w=in_w, in_h=in_h, gap=gap, in_ch=in_ch,
+        in_w=in_w,
+        in_h=in_h,
+        gap=gap,
+        in_ch=in_ch,
         # a window spanning whole stored rows is one contiguous run; otherwise each row is a run
         coal_rows=_coalescing(np.where(gap > 0, in_w, in_w * in_h), gap, hw.mem_transaction_floats),
-        gate_tiles=gate_tiles, gate_t_idx=gate_t_idx, gate_m=gate_m, gate_inv=gate_inv,
+        gate_tiles=gate_tiles,
+        gate_t_idx=gate_t_idx,
+        gate_m=gate_m,
+        gate_inv=gate_inv,
     )
 
 
@@ -272,8 +290,9 @@ def conv_cost(hw: Hardware, op: ConvOp) -> OpCost:
         density, mean_density = 1.0, 1.0
     compute = lane_rounds * t.compute_per_round * (density * f_in)  # [K]
     coal = _channels_last_coalescing(hw, template, op.cin_active) if op.channels_last else t.coal_rows
-    l2_elems = (t.weight_fetch * (mean_density * f_in)
-                + op.units * (t.window * f_in / coal + t.out_fetch * mean_density))  # [K]
+    l2_elems = t.weight_fetch * (mean_density * f_in) + op.units * (
+        t.window * f_in / coal + t.out_fetch * mean_density
+    )  # [K]
     bpe = hw.bytes_per_element
     l2 = l2_elems * bpe / (hw.dram_bandwidth_Bps * hw.l2_speed_frac)
     i = int(np.argmin(compute + l2))
@@ -287,8 +306,14 @@ def conv_cost(hw: Hardware, op: ConvOp) -> OpCost:
     dram_elems = weights + op.dram_in_per_channel * op.cin_active + op.units * out_per_unit
     memory = dram_elems * bpe / hw.dram_bandwidth_Bps + float(l2[i])
     sched = f"c{int(t.C[i])} h{int(t.H[i])} w{int(t.W[i])} p{int(P[i])}"
-    return OpCost(float(compute[i]), memory, hw.launch_us * 1e-6, op.units * out_per_unit * cin_pg * op.k * op.k, sched,
-                  dram_bytes=float(dram_elems * bpe))
+    return OpCost(
+        float(compute[i]),
+        memory,
+        hw.launch_us * 1e-6,
+        op.units * out_per_unit * cin_pg * op.k * op.k,
+        sched,
+        dram_bytes=float(dram_elems * bpe),
+    )
 
 
 def fc_cost(hw: Hardware, n: int, cin: int, cout: int) -> OpCost:
@@ -298,6 +323,16 @@ def fc_cost(hw: Hardware, n: int, cin: int, cout: int) -> OpCost:
 
 def clear_caches() -> None:
     """Drop the memoized operator costs and the tables behind them (benchmarks, calibration)."""
-    for fn in (conv_cost, _op_table, _tile_sizes, _lane_rounds, _gate_density, _density_matrix, _max_density_by_wave,
-               _channels_last_coalescing, memory_cost, _hypergeom_cdf):
+    for fn in (
+        conv_cost,
+        _op_table,
+        _tile_sizes,
+        _lane_rounds,
+        _gate_density,
+        _density_matrix,
+        _max_density_by_wave,
+        _channels_last_coalescing,
+        memory_cost,
+        _hypergeom_cdf,
+    ):
         fn.cache_clear()

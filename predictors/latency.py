@@ -45,29 +45,56 @@ from dynas.predictors.targets import HardwareTarget, load_target
 from dynas.spaces.backbones import BackboneSpec, BlockSpec, StemSpec, get_backbone
 from dynas.spaces.config import ArchConfig, StageConfig, load_config, stage_runs, uses_layer
 
-__all__ = ["predict", "predict_blocks", "block_ops", "block_alternatives", "block_energy_mj", "stage_work", "block_works",
-           "clear_caches", "Ops", "ChainConv", "Gate", "gate_of", "dense_conv", "channel_masker", "interpolate",
-           "ops_total_s"]
+__all__ = [
+    "predict",
+    "predict_blocks",
+    "block_ops",
+    "block_alternatives",
+    "block_energy_mj",
+    "stage_work",
+    "block_works",
+    "clear_caches",
+    "Ops",
+    "ChainConv",
+    "Gate",
+    "gate_of",
+    "dense_conv",
+    "channel_masker",
+    "interpolate",
+    "ops_total_s",
+]
 
 Ops = tuple[tuple[str, OpCost], ...]
 _STATIC = StageConfig()
 
 
 def _hw(target: HardwareTarget) -> Hardware:
-    return Hardware(target.n_sm, target.lanes_per_sm, target.clock_hz, target.dram_bandwidth_Bps,
-                    target.l2_speed_frac, target.fp32_cycles, target.mem_transaction_floats,
-                    target.launch_us, target.bytes_per_element)
+    return Hardware(
+        target.n_sm,
+        target.lanes_per_sm,
+        target.clock_hz,
+        target.dram_bandwidth_Bps,
+        target.l2_speed_frac,
+        target.fp32_cycles,
+        target.mem_transaction_floats,
+        target.launch_us,
+        target.bytes_per_element,
+    )
 
 
 # ----------------------------------------------------------------------------- conv chains
 def _chain(b: BlockSpec) -> tuple[ChainConv, ...]:
     """The block's main-path convs in order (downsample and SE are handled separately)."""
     if b.kind == "basic":
-        return (ChainConv("conv1", b.in_channels, b.width, 3, b.stride, 1, False, True),
-                ChainConv("conv2", b.width, b.out_channels, 3, 1, 1, True, False))
-    return (ChainConv("conv1", b.in_channels, b.width, 1, 1, 1, False, True),
-            ChainConv("conv2", b.width, b.width, 3, b.stride, b.groups, True, True),
-            ChainConv("conv3", b.width, b.out_channels, 1, 1, 1, True, False))
+        return (
+            ChainConv("conv1", b.in_channels, b.width, 3, b.stride, 1, False, True),
+            ChainConv("conv2", b.width, b.out_channels, 3, 1, 1, True, False),
+        )
+    return (
+        ChainConv("conv1", b.in_channels, b.width, 1, 1, 1, False, True),
+        ChainConv("conv2", b.width, b.width, 3, b.stride, b.groups, True, True),
+        ChainConv("conv3", b.width, b.out_channels, 1, 1, 1, True, False),
+    )
 
 
 def _chain_maps(b: BlockSpec) -> list[tuple[int, int]]:
@@ -77,8 +104,9 @@ def _chain_maps(b: BlockSpec) -> list[tuple[int, int]]:
     return [b.in_hw, b.in_hw, b.out_hw]
 
 
-def _gathered_conv(hw: Hardware, cv: ChainConv, n: int, patches: int, out_side: int, from_map: tuple[int, int] | None,
-                   gate: Gate) -> OpCost:
+def _gathered_conv(
+    hw: Hardware, cv: ChainConv, n: int, patches: int, out_side: int, from_map: tuple[int, int] | None, gate: Gate
+) -> OpCost:
     """A conv on ``n x patches`` gathered units of ``out_side``^2 outputs each.
 
     ``from_map`` is the dense input map when the gather is fused into this conv's loads (input
@@ -96,19 +124,36 @@ def _gathered_conv(hw: Hardware, cv: ChainConv, n: int, patches: int, out_side: 
     if cv.gate_in and gate.groups:
         cin_active = cv.cin * gate.active // gate.groups
     gated_out = cv.gate_out and gate.groups
-    return conv_cost(hw, ConvOp(
-        units=units, cin=cv.cin, cout=cv.cout, out_h=out_side, out_w=out_side, k=cv.k, stride=cv.stride,
-        groups=cv.groups, in_row=row, dram_in_per_channel=dram_in, cin_active=cin_active,
-        gate_groups=gate.groups if gated_out else 0, gate_active=gate.active if gated_out else 0,
-        weights_scale_with_gates=n == 1 and bool(gate.groups), channels_last=True))
+    return conv_cost(
+        hw,
+        ConvOp(
+            units=units,
+            cin=cv.cin,
+            cout=cv.cout,
+            out_h=out_side,
+            out_w=out_side,
+            k=cv.k,
+            stride=cv.stride,
+            groups=cv.groups,
+            in_row=row,
+            dram_in_per_channel=dram_in,
+            cin_active=cin_active,
+            gate_groups=gate.groups if gated_out else 0,
+            gate_active=gate.active if gated_out else 0,
+            weights_scale_with_gates=n == 1 and bool(gate.groups),
+            channels_last=True,
+        ),
+    )
 
 
 def _se(hw: Hardware, b: BlockSpec, units_elems: int, n: int, cw: int) -> list[tuple[str, OpCost]]:
     """Squeeze-excitation on ``units_elems`` positions x ``cw`` channels (pool, 2 FCs, scale)."""
-    return [("se pool", memory_cost(hw, units_elems * cw)),
-            ("se fc1", fc_cost(hw, n, cw, b.se_channels)),
-            ("se fc2", fc_cost(hw, n, b.se_channels, cw)),
-            ("se scale", memory_cost(hw, 2 * units_elems * cw))]
+    return [
+        ("se pool", memory_cost(hw, units_elems * cw)),
+        ("se fc1", fc_cost(hw, n, cw, b.se_channels)),
+        ("se fc2", fc_cost(hw, n, b.se_channels, cw)),
+        ("se scale", memory_cost(hw, 2 * units_elems * cw)),
+    ]
 
 
 def _downsample(hw: Hardware, b: BlockSpec, n: int) -> list[tuple[str, OpCost]]:
@@ -137,7 +182,9 @@ def _dense_body(hw: Hardware, b: BlockSpec, n: int, gate: Gate) -> list[tuple[st
     return ops
 
 
-def _spatial_body(hw: Hardware, b: BlockSpec, n: int, st: StageConfig, gate: Gate, fused: bool) -> list[tuple[str, OpCost]]:
+def _spatial_body(
+    hw: Hardware, b: BlockSpec, n: int, st: StageConfig, gate: Gate, fused: bool
+) -> list[tuple[str, OpCost]]:
     S = st.spatial_granularity
     gh, gw = b.out_hw[0] // S, b.out_hw[1] // S  # mask grid
     patches = max(1, math.ceil(st.rate * gh * gw - 1e-9))  # active patches per sample
@@ -171,9 +218,11 @@ def _spatial_masker(hw: Hardware, b: BlockSpec, n: int, st: StageConfig) -> list
     gh, gw = b.out_hw[0] // S, b.out_hw[1] // S
     pooled = n * b.in_channels * gh * gw
     mask = conv_cost(hw, ConvOp(n, b.in_channels, 2, gh, gw, 1, 1, 1, gw, gh * gw, b.in_channels, 0, 0, False))
-    return [("masker pool", memory_cost(hw, n * b.in_channels * b.in_hw[0] * b.in_hw[1] + pooled)),
-            ("masker conv", mask),
-            ("masker indices", memory_cost(hw, 2 * n * gh * gw))]
+    return [
+        ("masker pool", memory_cost(hw, n * b.in_channels * b.in_hw[0] * b.in_hw[1] + pooled)),
+        ("masker conv", mask),
+        ("masker indices", memory_cost(hw, 2 * n * gh * gw)),
+    ]
 
 
 @functools.lru_cache(maxsize=None)
@@ -221,27 +270,46 @@ def block_energy_mj(hw: Hardware, energy: EnergyConstants, b: BlockSpec, st: Sta
     """Energy (mJ) of one block of ``n`` samples, constant power over its latency included, run
     as the one of :func:`block_alternatives` that costs the least energy (which need not be the
     fastest: a placement tuned for energy; each is non-decreasing in every rate, so is the least)."""
-    return min(ops_energy_mj(ops, energy) + static_energy_mj(ops_total_s(ops) * 1e3, energy)
-               for _, ops in block_alternatives(hw, b, st, n))
+    return min(
+        ops_energy_mj(ops, energy) + static_energy_mj(ops_total_s(ops) * 1e3, energy)
+        for _, ops in block_alternatives(hw, b, st, n)
+    )
 
 
 def _block_key(b: BlockSpec) -> BlockSpec:
     """Blocks with equal shapes share cost; drop position fields so the memo is shared (a dense
     layer's index stays: which earlier layers' features it reads depends on it)."""
-    return BlockSpec(0, b.index if b.kind == "dense" else 0, b.kind, b.in_channels, b.width, b.out_channels, b.stride, b.groups, b.se_channels,
-                     b.in_hw, b.out_hw, b.has_downsample)
+    return BlockSpec(
+        0,
+        b.index if b.kind == "dense" else 0,
+        b.kind,
+        b.in_channels,
+        b.width,
+        b.out_channels,
+        b.stride,
+        b.groups,
+        b.se_channels,
+        b.in_hw,
+        b.out_hw,
+        b.has_downsample,
+    )
 
 
 @functools.lru_cache(maxsize=None)
-def _stem_head(hw: Hardware, stem: StemSpec, head_in: int, head_hw: tuple[int, int], classes: int, n: int,
-               head_norm: bool = False) -> tuple[Ops, Ops]:
+def _stem_head(
+    hw: Hardware, stem: StemSpec, head_in: int, head_hw: tuple[int, int], classes: int, n: int, head_norm: bool = False
+) -> tuple[Ops, Ops]:
     cv = ChainConv("stem conv", stem.in_channels, stem.out_channels, stem.kernel, stem.stride, 1, False, False)
     stem_ops = [("stem conv", dense_conv(hw, cv, n, _in_hw_of_stem(stem), Gate(0, 0)))]
     if stem.maxpool:
         ch, cw = stem.conv_out_hw
-        stem_ops.append(("stem maxpool", memory_cost(hw, n * stem.out_channels * (ch * cw + stem.out_hw[0] * stem.out_hw[1]))))
-    head_ops = [("global pool", memory_cost(hw, n * head_in * (head_hw[0] * head_hw[1] + 1))),
-                ("fc", fc_cost(hw, n, head_in, classes))]
+        stem_ops.append(
+            ("stem maxpool", memory_cost(hw, n * stem.out_channels * (ch * cw + stem.out_hw[0] * stem.out_hw[1])))
+        )
+    head_ops = [
+        ("global pool", memory_cost(hw, n * head_in * (head_hw[0] * head_hw[1] + 1))),
+        ("fc", fc_cost(hw, n, head_in, classes)),
+    ]
     if head_norm:  # DenseNet's norm5 + ReLU before the pool
         head_ops.insert(0, ("head norm relu", memory_cost(hw, 2 * n * head_in * head_hw[0] * head_hw[1])))
     return tuple(stem_ops), tuple(head_ops)
@@ -266,8 +334,9 @@ def _dense_flops_per_op(spec: BackboneSpec):
     return dense_flops(spec.name, spec.input_hw)
 
 
-def predict(config: "ArchConfig | Mapping[str, Any] | str", target: "str | HardwareTarget",
-            batch_size: int | None = None) -> Prediction:
+def predict(
+    config: "ArchConfig | Mapping[str, Any] | str", target: "str | HardwareTarget", batch_size: int | None = None
+) -> Prediction:
     """Predict the latency of ``config`` on ``target`` for one forward pass of ``batch_size`` images.
 
     ``config``: an :class:`ArchConfig`, a dict, a JSON string or a JSON file path (exported files
@@ -280,8 +349,9 @@ def predict(config: "ArchConfig | Mapping[str, Any] | str", target: "str | Hardw
     return _predict(cfg, tgt, n)
 
 
-def predict_blocks(config: "ArchConfig | Mapping[str, Any] | str", target: "str | HardwareTarget",
-                   batch_size: int | None = None) -> tuple[tuple[float, ...], ...]:
+def predict_blocks(
+    config: "ArchConfig | Mapping[str, Any] | str", target: "str | HardwareTarget", batch_size: int | None = None
+) -> tuple[tuple[float, ...], ...]:
     """[stage][block] predicted latency (ms) of every block of ``config`` (arguments as
     :func:`predict`); each stage's blocks add up to that stage's ``latency_ms``.
 
@@ -311,8 +381,9 @@ def _predict(cfg: ArchConfig, tgt: HardwareTarget, n: int) -> Prediction:
         return _predict_cpu(cfg, tgt, n)
     hw = _hw(tgt)
     spec = cfg.spec
-    stem_ops, head_ops = _stem_head(hw, spec.stem, spec.head_in, spec.blocks[-1].out_hw, spec.num_classes, n,
-                                    spec.head_norm)
+    stem_ops, head_ops = _stem_head(
+        hw, spec.stem, spec.head_in, spec.blocks[-1].out_hw, spec.num_classes, n, spec.head_norm
+    )
     stem_s, head_s = ops_total_s(stem_ops), ops_total_s(head_ops)
     flops = _dense_flops_per_op(spec)
     stages = tuple(_stage(hw, tgt.energy, spec.name, spec.input_hw, s, st, n) for s, st in enumerate(cfg.stages))
@@ -320,16 +391,34 @@ def _predict(cfg: ArchConfig, tgt: HardwareTarget, n: int) -> Prediction:
     sta_ms = (stem_s + head_s) * 1e3 + sum(p.static_latency_ms for p in stages)
     expected = (flops.stem_flops + flops.head_flops) / 1e9 + sum(p.expected_gflops for p in stages)
     pred = Prediction(
-        config=cfg, target=tgt.name, batch_size=n, latency_ms=dyn_ms, latency_ms_per_image=dyn_ms / n,
-        static_latency_ms=sta_ms, static_latency_ms_per_image=sta_ms / n, speedup=sta_ms / dyn_ms,
-        latency_ratio=dyn_ms / sta_ms, stem_ms=stem_s * 1e3, head_ms=head_s * 1e3,
-        dense_gflops=flops.total_flops / 1e9, expected_gflops=expected, stages=stages,
-        **_network_energy(tgt.energy, stem_ops, head_ops, stem_s * 1e3, head_s * 1e3, stages, n))
+        config=cfg,
+        target=tgt.name,
+        batch_size=n,
+        latency_ms=dyn_ms,
+        latency_ms_per_image=dyn_ms / n,
+        static_latency_ms=sta_ms,
+        static_latency_ms_per_image=sta_ms / n,
+        speedup=sta_ms / dyn_ms,
+        latency_ratio=dyn_ms / sta_ms,
+        stem_ms=stem_s * 1e3,
+        head_ms=head_s * 1e3,
+        dense_gflops=flops.total_flops / 1e9,
+        expected_gflops=expected,
+        stages=stages,
+        **_network_energy(tgt.energy, stem_ops, head_ops, stem_s * 1e3, head_s * 1e3, stages, n),
+    )
     return attach_exits(pred, flops.stem_flops, lambda cin, m, w: gpu_head_ms(hw, cin, m, spec.num_classes, n, w))
 
 
-def _network_energy(energy: EnergyConstants | None, stem_ops: Ops, head_ops: Ops, stem_ms: float, head_ms: float,
-                    stages: tuple[StagePrediction, ...], n: int) -> dict[str, float]:
+def _network_energy(
+    energy: EnergyConstants | None,
+    stem_ops: Ops,
+    head_ops: Ops,
+    stem_ms: float,
+    head_ms: float,
+    stages: tuple[StagePrediction, ...],
+    n: int,
+) -> dict[str, float]:
     """The energy fields of a Prediction (none without energy constants: they stay None)."""
     if energy is None:
         return {}
@@ -337,13 +426,26 @@ def _network_energy(energy: EnergyConstants | None, stem_ops: Ops, head_ops: Ops
     head = ops_energy_mj(head_ops, energy) + static_energy_mj(head_ms, energy)
     dyn = stem + head + sum(p.energy_mj for p in stages)  # type: ignore[misc]  # set with energy
     sta = stem + head + sum(p.static_energy_mj for p in stages)  # type: ignore[misc]
-    return dict(energy_mj=dyn, energy_mj_per_image=dyn / n, static_energy_mj=sta, static_energy_mj_per_image=sta / n,
-                stem_energy_mj=stem, head_energy_mj=head)
+    return dict(
+        energy_mj=dyn,
+        energy_mj_per_image=dyn / n,
+        static_energy_mj=sta,
+        static_energy_mj_per_image=sta / n,
+        stem_energy_mj=stem,
+        head_energy_mj=head,
+    )
 
 
 @functools.lru_cache(maxsize=65536)
-def _stage(hw: Hardware, energy: EnergyConstants | None, backbone: str, input_hw: tuple[int, int], s: int,
-           st: StageConfig, n: int) -> StagePrediction:
+def _stage(
+    hw: Hardware,
+    energy: EnergyConstants | None,
+    backbone: str,
+    input_hw: tuple[int, int],
+    s: int,
+    st: StageConfig,
+    n: int,
+) -> StagePrediction:
     """One stage's prediction (with energy when ``energy`` is given); memoized (by name, not by
     the spec, which is slow to hash)."""
     spec = get_backbone(backbone, input_hw)
@@ -376,18 +478,30 @@ def _stage(hw: Hardware, energy: EnergyConstants | None, backbone: str, input_hw
         if energy is not None:
             e_mj += count * block_energy_mj(hw, energy, key, st, n)
             e_static_mj += count * block_energy_mj(hw, energy, key, _STATIC, n)
-    op_preds = tuple(OpPrediction(name, a[0] * 1e3, a[1] * 1e3, a[2] * 1e3, a[3] * 1e3, sched[name])
-                     for name, a in agg.items())
+    op_preds = tuple(
+        OpPrediction(name, a[0] * 1e3, a[1] * 1e3, a[2] * 1e3, a[3] * 1e3, sched[name]) for name, a in agg.items()
+    )
     compute = sum(o.compute_ms for o in op_preds)
     memory = sum(o.memory_ms for o in op_preds)
     joules: dict[str, float] = {}
     if energy is not None:
         joules = dict(energy_mj=e_mj, energy_mj_per_image=e_mj / n, static_energy_mj=e_static_mj)
     return StagePrediction(
-        stage=s, choice=st.short(), blocks=spec.stage_depth(s), latency_ms=lat * 1e3, static_latency_ms=sta * 1e3,
-        compute_ms=compute, memory_ms=memory, launch_ms=sum(o.launch_ms for o in op_preds),
-        bound="compute" if compute >= memory else "memory", masker=masker,
-        dense_gflops=dense_gf / 1e9, expected_gflops=exp_gf / 1e9, ops=op_preds, **joules)
+        stage=s,
+        choice=st.short(),
+        blocks=spec.stage_depth(s),
+        latency_ms=lat * 1e3,
+        static_latency_ms=sta * 1e3,
+        compute_ms=compute,
+        memory_ms=memory,
+        launch_ms=sum(o.launch_ms for o in op_preds),
+        bound="compute" if compute >= memory else "memory",
+        masker=masker,
+        dense_gflops=dense_gf / 1e9,
+        expected_gflops=exp_gf / 1e9,
+        ops=op_preds,
+        **joules,
+    )
 
 
 def _expected_block_flops(ops: Ops, static_macs: dict[str, float], block_flops: dict[str, float], n: int) -> float:
@@ -421,20 +535,34 @@ def _predict_cpu(cfg: ArchConfig, tgt: HardwareTarget, n: int) -> Prediction:
     stem_ms = float(cpu.stem_work(spec.stem, spec.input_hw, n) @ cost)
     head_ms = float(cpu.head_work(spec.head_in, spec.blocks[-1].out_hw, spec.num_classes, n) @ cost)
     runs = stage_runs(cfg)
-    stages = tuple(_stage_cpu(tgt.cpu, tgt.column_block, spec.name, spec.input_hw, s, st, n, runs[s])
-                   for s, st in enumerate(cfg.stages))
+    stages = tuple(
+        _stage_cpu(tgt.cpu, tgt.column_block, spec.name, spec.input_hw, s, st, n, runs[s])
+        for s, st in enumerate(cfg.stages)
+    )
     _check_exercised(tgt, cfg, n, runs)
     flops = _dense_flops_per_op(spec)
     dyn_ms = stem_ms + head_ms + sum(p.latency_ms for p in stages)
     sta_ms = stem_ms + head_ms + sum(p.static_latency_ms for p in stages)
     expected = (flops.stem_flops + flops.head_flops) / 1e9 + sum(p.expected_gflops for p in stages)
     pred = Prediction(
-        config=cfg, target=tgt.name, batch_size=n, latency_ms=dyn_ms, latency_ms_per_image=dyn_ms / n,
-        static_latency_ms=sta_ms, static_latency_ms_per_image=sta_ms / n, speedup=sta_ms / dyn_ms,
-        latency_ratio=dyn_ms / sta_ms, stem_ms=stem_ms, head_ms=head_ms,
-        dense_gflops=flops.total_flops / 1e9, expected_gflops=expected, stages=stages)
-    return attach_exits(pred, flops.stem_flops,
-                        lambda cin, m, w: float(cpu.exit_head_work(cin, m, spec.num_classes, n, w) @ cost))
+        config=cfg,
+        target=tgt.name,
+        batch_size=n,
+        latency_ms=dyn_ms,
+        latency_ms_per_image=dyn_ms / n,
+        static_latency_ms=sta_ms,
+        static_latency_ms_per_image=sta_ms / n,
+        speedup=sta_ms / dyn_ms,
+        latency_ratio=dyn_ms / sta_ms,
+        stem_ms=stem_ms,
+        head_ms=head_ms,
+        dense_gflops=flops.total_flops / 1e9,
+        expected_gflops=expected,
+        stages=stages,
+    )
+    return attach_exits(
+        pred, flops.stem_flops, lambda cin, m, w: float(cpu.exit_head_work(cin, m, spec.num_classes, n, w) @ cost)
+    )
 
 
 def _check_exercised(tgt: HardwareTarget, cfg: ArchConfig, n: int, runs: tuple[int | None, ...]) -> None:
@@ -450,12 +578,14 @@ def _check_exercised(tgt: HardwareTarget, cfg: ArchConfig, n: int, runs: tuple[i
                 raise TargetError(
                     f"target {tgt.name!r} was never calibrated on {cpu.TERMS[cpu.COST_FIELDS.index(f)]} work, which stage "
                     f"{s} ({st.short()}) of {spec.name} needs; allowed: configs of backbones like those it was calibrated "
-                    f"on ({tgt.environment.get('backbones', '?')}), or re-run dynas calibrate with more --backbones")
+                    f"on ({tgt.environment.get('backbones', '?')}), or re-run dynas calibrate with more --backbones"
+                )
 
 
 @functools.lru_cache(maxsize=65536)
-def stage_work(backbone: str, input_hw: tuple[int, int], s: int, st: StageConfig, n: int, runs: int | None,
-                column_block: int = 1) -> np.ndarray:
+def stage_work(
+    backbone: str, input_hw: tuple[int, int], s: int, st: StageConfig, n: int, runs: int | None, column_block: int = 1
+) -> np.ndarray:
     """[terms] work of stage ``s`` under ``st`` (``runs``: per-sample block quota, see stage_runs;
     ``column_block``: the target's, see :func:`dynas.predictors.cpu.block_work`)."""
     work = sum(block_works(backbone, input_hw, s, st, n, runs, column_block))
@@ -463,25 +593,38 @@ def stage_work(backbone: str, input_hw: tuple[int, int], s: int, st: StageConfig
     return work
 
 
-def block_works(backbone: str, input_hw: tuple[int, int], s: int, st: StageConfig, n: int, runs: int | None,
-                 column_block: int) -> list[np.ndarray]:
+def block_works(
+    backbone: str, input_hw: tuple[int, int], s: int, st: StageConfig, n: int, runs: int | None, column_block: int
+) -> list[np.ndarray]:
     """[blocks][terms] work of each block of stage ``s`` (arguments as :func:`stage_work`), the
     stage's own work (:func:`dynas.predictors.cpu.stage_entry_work`) on its first block, where
     it is spent."""
     blocks = get_backbone(backbone, input_hw).stage_blocks(s)
     if blocks[0].kind == "dense":
-        raise TargetError(f"backbone={backbone!r} has no CPU work model (the calibrated CPU model counts the residual "
-                          "blocks' kernels, not the dense layers' of kernels/dense.py); allowed: DenseNet on GPU targets, "
-                          "ResNet and RegNet on CPU targets")
+        raise TargetError(
+            f"backbone={backbone!r} has no CPU work model (the calibrated CPU model counts the residual "
+            "blocks' kernels, not the dense layers' of kernels/dense.py); allowed: DenseNet on GPU targets, "
+            "ResNet and RegNet on CPU targets"
+        )
     run_prob = runs / len(blocks) if runs is not None else 1.0
     entry = cpu.stage_entry_work(st)
-    return [cpu.block_work(_block_key(b), st, n, run_prob, column_block) + (entry if i == 0 else 0.0)
-            for i, b in enumerate(blocks)]
+    return [
+        cpu.block_work(_block_key(b), st, n, run_prob, column_block) + (entry if i == 0 else 0.0)
+        for i, b in enumerate(blocks)
+    ]
 
 
 @functools.lru_cache(maxsize=65536)
-def _stage_cpu(costs: "cpu.CpuCosts", column_block: int, backbone: str, input_hw: tuple[int, int], s: int,
-               st: StageConfig, n: int, runs: int | None) -> StagePrediction:
+def _stage_cpu(
+    costs: "cpu.CpuCosts",
+    column_block: int,
+    backbone: str,
+    input_hw: tuple[int, int],
+    s: int,
+    st: StageConfig,
+    n: int,
+    runs: int | None,
+) -> StagePrediction:
     spec = get_backbone(backbone, input_hw)
     flops = _dense_flops_per_op(spec)
     blocks = spec.stage_blocks(s)
@@ -490,16 +633,29 @@ def _stage_cpu(costs: "cpu.CpuCosts", column_block: int, backbone: str, input_hw
     static = stage_work(backbone, input_hw, s, _STATIC, n, None, column_block)
     per_term = work * costs.vector_ms()  # [terms] ms
     kinds = cpu.TERM_KINDS  # [compute/memory/calls, terms] 0/1
-    ops = tuple(OpPrediction(term, float(ms), *(float(ms * kinds[r, i]) for r in range(3)), "")
-                for i, (term, ms) in enumerate(zip(cpu.TERMS, per_term)) if ms > 0)
+    ops = tuple(
+        OpPrediction(term, float(ms), *(float(ms * kinds[r, i]) for r in range(3)), "")
+        for i, (term, ms) in enumerate(zip(cpu.TERMS, per_term))
+        if ms > 0
+    )
     compute, memory, launch = (float(v) for v in kinds @ per_term)
     dense_gf = sum(sum(flops.block_flops(b.name).values()) for b in blocks)
     exp_gf = sum(cpu.expected_block_flops(b, st, flops.block_flops(b.name), run_prob) for b in blocks)
     return StagePrediction(
-        stage=s, choice=st.short(), blocks=len(blocks), latency_ms=float(per_term.sum()),
-        static_latency_ms=float(static @ costs.vector_ms()), compute_ms=compute, memory_ms=memory, launch_ms=launch,
-        bound="compute" if compute >= memory else "memory", masker="none" if st.paradigm == "static" else "separate",
-        dense_gflops=dense_gf / 1e9, expected_gflops=exp_gf / 1e9, ops=ops)
+        stage=s,
+        choice=st.short(),
+        blocks=len(blocks),
+        latency_ms=float(per_term.sum()),
+        static_latency_ms=float(static @ costs.vector_ms()),
+        compute_ms=compute,
+        memory_ms=memory,
+        launch_ms=launch,
+        bound="compute" if compute >= memory else "memory",
+        masker="none" if st.paradigm == "static" else "separate",
+        dense_gflops=dense_gf / 1e9,
+        expected_gflops=exp_gf / 1e9,
+        ops=ops,
+    )
 
 
 def clear_caches() -> None:
@@ -508,7 +664,20 @@ def clear_caches() -> None:
 
     gpu.clear_caches()
     dense_alternatives.cache_clear()
-    for fn in (block_alternatives, block_energy_mj, block_ops, _stem_head, _stage, _predict, cpu.block_work,
-               cpu.stage_entry_work, cpu.stem_work, cpu.head_work, _stage_cpu, stage_work,
-               cpu.exit_head_work, gpu_head_ms):
+    for fn in (
+        block_alternatives,
+        block_energy_mj,
+        block_ops,
+        _stem_head,
+        _stage,
+        _predict,
+        cpu.block_work,
+        cpu.stage_entry_work,
+        cpu.stem_work,
+        cpu.head_work,
+        _stage_cpu,
+        stage_work,
+        cpu.exit_head_work,
+        gpu_head_ms,
+    ):
         fn.cache_clear()

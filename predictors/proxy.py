@@ -99,7 +99,10 @@ PROXIES: dict[str, Callable[[], AccuracyProxy]] = {}
 #: imports none of them (they import it to subclass :class:`AccuracyProxy`).  ``finetune``
 #: trains, so it is a plugin of :mod:`dynas.kernels` (which runs configs for real and feeds
 #: what it measures back here); nothing in ``predictors`` imports ``kernels``.
-PLUGINS: dict[str, str] = {"prior": "dynas.predictors.accuracy:PriorProxy", "finetune": "dynas.kernels.finetune:FinetuneProxy"}
+PLUGINS: dict[str, str] = {
+    "prior": "dynas.predictors.accuracy:PriorProxy",
+    "finetune": "dynas.kernels.finetune:FinetuneProxy",
+}
 
 
 def register_proxy(name: str) -> Callable[[type[AccuracyProxy]], type[AccuracyProxy]]:
@@ -116,7 +119,9 @@ def get_proxy(name: str, **options: Any) -> AccuracyProxy:
     returning an :class:`AccuracyProxy`: a proxy of your own, without registering it,
     importable by every worker process).  ``options`` are passed to the factory as keywords."""
     if not isinstance(name, str) or not name.strip():
-        raise ConfigError(f"proxy={name!r} is not a proxy name; allowed: {', '.join(sorted({*PROXIES, *PLUGINS}))} or package.module:callable")
+        raise ConfigError(
+            f"proxy={name!r} is not a proxy name; allowed: {', '.join(sorted({*PROXIES, *PLUGINS}))} or package.module:callable"
+        )
     if ":" in name:
         return _entry_point(name, options)
     if name in PLUGINS and name not in PROXIES:
@@ -143,8 +148,10 @@ def _build(name: str, factory: Any, options: dict[str, Any]) -> Any:
         for key in options:
             if key not in params:
                 allowed = ", ".join(k for k, p in params.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD))
-                raise ConfigError(f"proxy option {key}={options[key]!r} is not an option of proxy {name!r}; "
-                                  f"allowed: {allowed or 'none'}")
+                raise ConfigError(
+                    f"proxy option {key}={options[key]!r} is not an option of proxy {name!r}; "
+                    f"allowed: {allowed or 'none'}"
+                )
     return factory(**options)
 
 
@@ -158,7 +165,9 @@ def _entry_point(spec: str, options: dict[str, Any], label: str | None = None) -
             factory = getattr(factory, part)
     except (ImportError, AttributeError, ValueError) as exc:
         first = str(exc).split("\n")[0]
-        raise ConfigError(f"proxy={spec!r} cannot be loaded ({first}); allowed: package.module:callable on sys.path") from None
+        raise ConfigError(
+            f"proxy={spec!r} cannot be loaded ({first}); allowed: package.module:callable on sys.path"
+        ) from None
     proxy = _build(label or spec, factory, options) if callable(factory) else factory
     if not isinstance(proxy, AccuracyProxy):
         raise ConfigError(

@@ -107,8 +107,13 @@ class HardwareTarget:
     @property
     def key(self) -> tuple:
         """Hashable tuple of everything that changes a prediction (used for memoization)."""
-        return tuple(getattr(self, f) for f in _HW_FIELDS) + (self.kind, self.cpu, self.column_block, self.unexercised,
-                                                              self.energy)
+        return tuple(getattr(self, f) for f in _HW_FIELDS) + (
+            self.kind,
+            self.cpu,
+            self.column_block,
+            self.unexercised,
+            self.energy,
+        )
 
     @property
     def peak_gmacs(self) -> float:
@@ -123,8 +128,17 @@ class HardwareTarget:
         return d
 
 
-_HW_FIELDS = ("n_sm", "lanes_per_sm", "clock_hz", "dram_bandwidth_Bps", "l2_speed_frac", "fp32_cycles",
-              "mem_transaction_floats", "launch_us", "bytes_per_element")
+_HW_FIELDS = (
+    "n_sm",
+    "lanes_per_sm",
+    "clock_hz",
+    "dram_bandwidth_Bps",
+    "l2_speed_frac",
+    "fp32_cycles",
+    "mem_transaction_floats",
+    "launch_us",
+    "bytes_per_element",
+)
 _INT_FIELDS = ("n_sm", "lanes_per_sm", "fp32_cycles", "mem_transaction_floats", "bytes_per_element")
 _REQUIRED = ("n_sm", "lanes_per_sm", "clock_hz", "dram_bandwidth_Bps")
 
@@ -166,11 +180,15 @@ def _common(data: dict[str, Any], origin: str) -> tuple[str, str, int, dict[str,
 def _cpu_from_mapping(data: dict[str, Any], origin: str, path: str | None) -> HardwareTarget:
     kind, name, batch, sources = _common(data, origin)
     if "energy" in data:
-        raise TargetError(f"{origin}: [energy] is not allowed on a cpu target; allowed: [energy] on gpu targets "
-                          "(a calibration measures time only, see dynas.kernels.energy_counter)")
+        raise TargetError(
+            f"{origin}: [energy] is not allowed on a cpu target; allowed: [energy] on gpu targets "
+            "(a calibration measures time only, see dynas.kernels.energy_counter)"
+        )
     table = data.get("cpu")
     if not isinstance(table, dict):
-        raise TargetError(f"{origin}: table [cpu] is missing; allowed: a [cpu] table with threads, {', '.join(COST_FIELDS)}")
+        raise TargetError(
+            f"{origin}: table [cpu] is missing; allowed: a [cpu] table with threads, {', '.join(COST_FIELDS)}"
+        )
     allowed = ("threads", "column_block") + COST_FIELDS
     unknown = sorted(set(table) - set(allowed))
     if unknown:
@@ -200,10 +218,21 @@ def _cpu_from_mapping(data: dict[str, Any], origin: str, path: str | None) -> Ha
         if f not in COST_FIELDS:
             raise TargetError(f"{origin}: fit.unexercised entry {f!r} is unknown; allowed: {', '.join(COST_FIELDS)}")
     static_ms = {str(k): float(_number(v, f"{origin}: static_ms.{k}", False)) for k, v in static.items()}  # ms > 0
-    return HardwareTarget(name=name, description=str(data.get("description", "")), kind=kind, default_batch_size=batch,
-                          path=path, sources=sources, cpu=CpuCosts(*costs), threads=int(threads), column_block=column_block,
-                          unexercised=unexercised,
-                          environment=dict(env), fit=dict(fit), static_ms=static_ms)
+    return HardwareTarget(
+        name=name,
+        description=str(data.get("description", "")),
+        kind=kind,
+        default_batch_size=batch,
+        path=path,
+        sources=sources,
+        cpu=CpuCosts(*costs),
+        threads=int(threads),
+        column_block=column_block,
+        unexercised=unexercised,
+        environment=dict(env),
+        fit=dict(fit),
+        static_ms=static_ms,
+    )
 
 
 def _from_mapping(data: dict[str, Any], origin: str, path: str | None) -> HardwareTarget:
@@ -211,7 +240,9 @@ def _from_mapping(data: dict[str, Any], origin: str, path: str | None) -> Hardwa
         return _cpu_from_mapping(data, origin, path)
     hw = data.get("hardware")
     if not isinstance(hw, dict):
-        raise TargetError(f"{origin}: table [hardware] is missing; allowed: a [hardware] table with {', '.join(_REQUIRED)}")
+        raise TargetError(
+            f"{origin}: table [hardware] is missing; allowed: a [hardware] table with {', '.join(_REQUIRED)}"
+        )
     unknown = sorted(set(hw) - set(_HW_FIELDS))
     if unknown:
         raise TargetError(f"{origin}: hardware.{unknown[0]} is unknown; allowed: {', '.join(_HW_FIELDS)}")
@@ -221,8 +252,16 @@ def _from_mapping(data: dict[str, Any], origin: str, path: str | None) -> Hardwa
     values = {k: _number(v, f"{origin}: hardware.{k}", k in _INT_FIELDS) for k, v in hw.items()}
     kind, name, batch, sources = _common(data, origin)
     energy = energy_from_table(data["energy"], origin) if "energy" in data else None
-    return HardwareTarget(name=name, description=str(data.get("description", "")), kind=kind,
-                          default_batch_size=batch, path=path, sources=sources, energy=energy, **values)
+    return HardwareTarget(
+        name=name,
+        description=str(data.get("description", "")),
+        kind=kind,
+        default_batch_size=batch,
+        path=path,
+        sources=sources,
+        energy=energy,
+        **values,
+    )
 
 
 def _read(path: Path, origin: str) -> dict[str, Any]:
@@ -240,16 +279,22 @@ def load_target(target: "str | os.PathLike[str] | HardwareTarget") -> HardwareTa
     if isinstance(target, HardwareTarget):
         return target
     if not isinstance(target, (str, os.PathLike)):
-        raise TargetError(f"target={target!r} is not a target name or path; allowed: {', '.join(list_targets())} or a path to a .toml target file")
+        raise TargetError(
+            f"target={target!r} is not a target name or path; allowed: {', '.join(list_targets())} or a path to a .toml target file"
+        )
     text = str(target)
     builtin = BUILTIN_DIR / f"{text}.toml"
     if isinstance(target, str) and "/" not in text and not text.endswith(".toml"):
         if not builtin.is_file():
-            raise TargetError(f"target={text!r} is unknown; allowed: {', '.join(list_targets())} or a path to a .toml target file")
+            raise TargetError(
+                f"target={text!r} is unknown; allowed: {', '.join(list_targets())} or a path to a .toml target file"
+            )
         return _cached_builtin(text)
     path = Path(target)
     if not path.is_file():
-        raise TargetError(f"target={text!r} is not a file; allowed: {', '.join(list_targets())} or a path to a .toml target file")
+        raise TargetError(
+            f"target={text!r} is not a file; allowed: {', '.join(list_targets())} or a path to a .toml target file"
+        )
     return _from_mapping(_read(path, text), text, str(path.resolve()))
 
 
@@ -276,7 +321,9 @@ def _toml_value(v: Any) -> str:
 def _toml_string(text: str) -> str:
     """``text`` as a TOML basic string: a JSON string, with DEL escaped too (TOML forbids it raw)."""
     if any(0xD800 <= ord(c) <= 0xDFFF for c in text):
-        raise TargetError(f"text {text!r} holds a lone surrogate; allowed: valid Unicode text (target names, descriptions, records)")
+        raise TargetError(
+            f"text {text!r} holds a lone surrogate; allowed: valid Unicode text (target names, descriptions, records)"
+        )
     return json.dumps(text, ensure_ascii=False).replace("\x7f", "\\u007f")
 
 
@@ -289,9 +336,14 @@ def _toml_key(key: Any) -> str:
 def target_toml(target: HardwareTarget, comments: dict[str, str] | None = None) -> str:
     """TOML text of ``target`` (``comments``: a trailing comment per field of its model table)."""
     comments = comments or {}
-    lines = [f"# dynas target {target.name!r} ({target.kind}); written by dynas, readable by any command's --target",
-             f"name = {_toml_value(target.name)}", f"description = {_toml_value(target.description)}",
-             f"kind = {_toml_value(target.kind)}", f"default_batch_size = {target.default_batch_size}", ""]
+    lines = [
+        f"# dynas target {target.name!r} ({target.kind}); written by dynas, readable by any command's --target",
+        f"name = {_toml_value(target.name)}",
+        f"description = {_toml_value(target.description)}",
+        f"kind = {_toml_value(target.kind)}",
+        f"default_batch_size = {target.default_batch_size}",
+        "",
+    ]
     if target.kind == "cpu":
         assert target.cpu is not None
         lines.append("[cpu]")
@@ -305,8 +357,12 @@ def target_toml(target: HardwareTarget, comments: dict[str, str] | None = None) 
         lines += [f"{k} = {_toml_value(getattr(target, k))}" for k in _HW_FIELDS]
         if target.energy is not None:
             lines += ["", "[energy]"] + [f"{k} = {_toml_value(getattr(target.energy, k))}" for k in ENERGY_FIELDS]
-    for title, table in (("environment", target.environment), ("fit", target.fit), ("static_ms", target.static_ms),
-                         ("sources", target.sources)):
+    for title, table in (
+        ("environment", target.environment),
+        ("fit", target.fit),
+        ("static_ms", target.static_ms),
+        ("sources", target.sources),
+    ):
         if table:
             lines += ["", f"[{title}]"] + [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in table.items()]
     return "\n".join(lines) + "\n"

@@ -43,8 +43,11 @@ from dynas.errors import ConfigError
 __all__ = ["P_GRID", "BudgetThresholds", "exit_at", "thresholds_for_p", "thresholds_for_budget", "budget_curve"]
 
 #: geometric-family parameters swept: MSDNet's k/20 for k = 1..39, plus finer ends (ours)
-P_GRID: tuple[float, ...] = ((0.001, 0.002, 0.005, 0.01, 0.02) + tuple(k / 20 for k in range(1, 40))
-                             + (2.5, 3.0, 4.0, 5.0, 7.0, 10.0, 20.0, 50.0))
+P_GRID: tuple[float, ...] = (
+    (0.001, 0.002, 0.005, 0.01, 0.02)
+    + tuple(k / 20 for k in range(1, 40))
+    + (2.5, 3.0, 4.0, 5.0, 7.0, 10.0, 20.0, 50.0)
+)
 
 
 @dataclass(frozen=True)
@@ -65,9 +68,14 @@ class BudgetThresholds:
     mean_latency_ms: float
 
     def to_dict(self) -> dict[str, Any]:
-        return {"budget_ms": self.budget_ms, "thresholds": list(self.thresholds),
-                "p": None if math.isinf(self.p) else self.p, "shares": list(self.shares),
-                "accuracy": self.accuracy, "mean_latency_ms": self.mean_latency_ms}
+        return {
+            "budget_ms": self.budget_ms,
+            "thresholds": list(self.thresholds),
+            "p": None if math.isinf(self.p) else self.p,
+            "shares": list(self.shares),
+            "accuracy": self.accuracy,
+            "mean_latency_ms": self.mean_latency_ms,
+        }
 
 
 def _check(confidence: Any, correct: Any, costs_ms: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -79,7 +87,9 @@ def _check(confidence: Any, correct: Any, costs_ms: Any) -> tuple[np.ndarray, np
     if ok.shape != conf.shape:
         raise ConfigError(f"correct has shape {ok.shape}; allowed: {conf.shape}, the confidences' shape")
     if costs.shape != (conf.shape[0],) or not np.all(np.isfinite(costs)) or np.any(costs < 0):
-        raise ConfigError(f"costs_ms={costs.tolist()!r} is not allowed; allowed: {conf.shape[0]} finite numbers >= 0, one per exit")
+        raise ConfigError(
+            f"costs_ms={costs.tolist()!r} is not allowed; allowed: {conf.shape[0]} finite numbers >= 0, one per exit"
+        )
     if not np.all(np.isfinite(conf)) or conf.min() < 0 or conf.max() > 1:
         raise ConfigError("confidence has values outside [0, 1]; allowed: top softmax probabilities")
     return conf, ok, costs
@@ -121,14 +131,18 @@ def thresholds_for_p(confidence: Any, p: float) -> tuple[float, ...]:
     return tuple(out)
 
 
-def _evaluate(conf: np.ndarray, ok: np.ndarray, costs: np.ndarray, thresholds: tuple[float, ...]) -> tuple[tuple[float, ...], float, float]:
+def _evaluate(
+    conf: np.ndarray, ok: np.ndarray, costs: np.ndarray, thresholds: tuple[float, ...]
+) -> tuple[tuple[float, ...], float, float]:
     at = exit_at(conf, thresholds)  # [n]
     shares = np.bincount(at, minlength=conf.shape[0]) / conf.shape[1]  # [K]
     accuracy = float(ok[at, np.arange(conf.shape[1])].mean())
     return tuple(float(s) for s in shares), accuracy, float(shares @ costs)
 
 
-def _sweep(conf: np.ndarray, ok: np.ndarray, costs: np.ndarray) -> list[tuple[float, tuple[float, ...], tuple[float, ...], float, float]]:
+def _sweep(
+    conf: np.ndarray, ok: np.ndarray, costs: np.ndarray
+) -> list[tuple[float, tuple[float, ...], tuple[float, ...], float, float]]:
     """(p, thresholds, shares, accuracy, mean cost) for every sweep point."""
     rows = []
     for p in (0.0,) + P_GRID + (math.inf,):
@@ -142,8 +156,10 @@ def _budget(value: Any, first_ms: float, first_stage: int | None) -> float:
         raise ConfigError(f"budget_ms={value!r} is not allowed; allowed: a positive number (ms per image)")
     if value < first_ms * (1 - 1e-12):
         where = f" (the exit after stage {first_stage})" if first_stage is not None else ""
-        raise ConfigError(f"budget_ms={value!r} is below the first exit's cost{where}: {first_ms:.4g} ms per image; "
-                          f"allowed: >= {first_ms:.4g}")
+        raise ConfigError(
+            f"budget_ms={value!r} is below the first exit's cost{where}: {first_ms:.4g} ms per image; "
+            f"allowed: >= {first_ms:.4g}"
+        )
     return float(value)
 
 
@@ -153,8 +169,9 @@ def _pick(rows: list, budget: float) -> BudgetThresholds:
     return BudgetThresholds(budget, t, p, shares, acc, cost)
 
 
-def thresholds_for_budget(confidence: Any, correct: Any, costs_ms: Sequence[float], budget_ms: float,
-                          first_stage: int | None = None) -> BudgetThresholds:
+def thresholds_for_budget(
+    confidence: Any, correct: Any, costs_ms: Sequence[float], budget_ms: float, first_stage: int | None = None
+) -> BudgetThresholds:
     """Thresholds meeting ``budget_ms`` (mean predicted latency per image; module docstring).
 
     ``confidence``, ``correct``: [K, n] per exit (own head last) and validation sample;
@@ -165,8 +182,13 @@ def thresholds_for_budget(confidence: Any, correct: Any, costs_ms: Sequence[floa
     return budget_curve(confidence, correct, costs_ms, [budget_ms], first_stage)[0]
 
 
-def budget_curve(confidence: Any, correct: Any, costs_ms: Sequence[float], budgets_ms: Sequence[float],
-                 first_stage: int | None = None) -> list[BudgetThresholds]:
+def budget_curve(
+    confidence: Any,
+    correct: Any,
+    costs_ms: Sequence[float],
+    budgets_ms: Sequence[float],
+    first_stage: int | None = None,
+) -> list[BudgetThresholds]:
     """:func:`thresholds_for_budget` for each of ``budgets_ms`` (one sweep for all): the
     accuracy-vs-budget curve of one trained model."""
     conf, ok, costs = _check(confidence, correct, costs_ms)

@@ -133,18 +133,29 @@ def select_trial(
     :class:`StudyError` when nothing qualifies, naming the best value the study achieves.
     """
     check_study(study)
-    criteria = [n for n, v in (("max_latency_ms", max_latency_ms), ("min_top1", min_top1),
-                               ("max_latency_ms_per_image", max_latency_ms_per_image)) if v is not None]
+    criteria = [
+        n
+        for n, v in (
+            ("max_latency_ms", max_latency_ms),
+            ("min_top1", min_top1),
+            ("max_latency_ms_per_image", max_latency_ms_per_image),
+        )
+        if v is not None
+    ]
     if trial is not None:
         if criteria:
-            raise StudyError(f"trial={trial!r} cannot be combined with {criteria[0]}; allowed: a trial number or criteria, not both")
+            raise StudyError(
+                f"trial={trial!r} cannot be combined with {criteria[0]}; allowed: a trial number or criteria, not both"
+            )
         return _by_number(study, trial)
     if max_latency_ms is not None and max_latency_ms_per_image is not None:
         raise StudyError("max_latency_ms and max_latency_ms_per_image are both given; allowed: one latency bound")
 
     feasible = [t for t in complete_trials(study) if is_feasible(t)]
     if not feasible:
-        raise StudyError(f"study {study.study_name!r} has no feasible complete trial; allowed: a study with at least one")
+        raise StudyError(
+            f"study {study.study_name!r} has no feasible complete trial; allowed: a study with at least one"
+        )
 
     if not criteria:
         front = study.best_trials
@@ -202,17 +213,19 @@ def _stage_targets(cfg: ArchConfig, prediction: dict[str, Any]) -> list[dict[str
             dense, expected = float(sp["dense_gflops"]), float(sp["expected_gflops"])
         else:
             ratio = dense = expected = None
-        out.append({
-            "stage": i,
-            "choice": st.short(),
-            **st.to_dict(),
-            "spatial_rate": st.spatial_rate,
-            "channel_density": st.channel_density,
-            "layer_rate": st.layer_rate,
-            "dense_gflops": dense,
-            "expected_gflops": expected,
-            "target_flops_ratio": ratio,
-        })
+        out.append(
+            {
+                "stage": i,
+                "choice": st.short(),
+                **st.to_dict(),
+                "spatial_rate": st.spatial_rate,
+                "channel_density": st.channel_density,
+                "layer_rate": st.layer_rate,
+                "dense_gflops": dense,
+                "expected_gflops": expected,
+                "target_flops_ratio": ratio,
+            }
+        )
     return out
 
 
@@ -293,13 +306,17 @@ def _laudnet_stage(st: StageConfig, whole: int, has_layer: bool) -> tuple[str, i
             note = "layer skipping emulated by a spatial mask at whole-map granularity (one decision per sample); the downsample conv stays"
     elif p == "layer+channel":
         mode, sg, cg = "both", whole, st.channel_granularity
-        note = ("layer+channel has no LAUDNet equivalent; approximated by 'both' with a whole-map spatial mask "
-                "(one gate per sample) plus channel groups, which LAUDNet neither tests nor counts as layer skipping")
+        note = (
+            "layer+channel has no LAUDNet equivalent; approximated by 'both' with a whole-map spatial mask "
+            "(one gate per sample) plus channel groups, which LAUDNet neither tests nor counts as layer skipping"
+        )
     else:  # static
         mode, sg, cg = ("layer" if has_layer else "spatial"), whole, 1
-        note = (f"static stage has no LAUDNet equivalent (every stage gets a masker); approximated by "
-                f"{mode!r} at whole-map granularity, which the global FLOPs target may sparsify; "
-                "keep it static by forcing its gates on")
+        note = (
+            f"static stage has no LAUDNet equivalent (every stage gets a masker); approximated by "
+            f"{mode!r} at whole-map granularity, which the global FLOPs target may sparsify; "
+            "keep it static by forcing its gates on"
+        )
     return mode, sg, cg, note
 
 
@@ -338,13 +355,25 @@ def laudnet_args(cfg: ArchConfig, target_flops_ratio: float | None) -> dict[str,
         modes.append(mode)
         spatial_g.append(sg)
         channel_g.append(cg)
-        per_stage.append({"stage": i, "dynas": st.short(), "dyn_mode": mode, "mask_spatial_granularity": sg,
-                          "channel_dyn_granularity": cg, "exact": not note})
-    lost.insert(0, "per-stage rates collapse to one global FLOPs target (--target_rate); LAUDNet learns per-block densities")
+        per_stage.append(
+            {
+                "stage": i,
+                "dynas": st.short(),
+                "dyn_mode": mode,
+                "mask_spatial_granularity": sg,
+                "channel_dyn_granularity": cg,
+                "exact": not note,
+            }
+        )
+    lost.insert(
+        0, "per-stage rates collapse to one global FLOPs target (--target_rate); LAUDNet learns per-block densities"
+    )
     if any(st.paradigm in ("spatial+channel", "layer+channel") for st in cfg.stages):
         lost.append("channel_rate of combined stages is not an argument; only the global FLOPs target constrains it")
     if spec.input_hw != (224, 224):
-        lost.append(f"input_size {spec.input_hw[0]}x{spec.input_hw[1]}: LAUDNet's models and data pipeline assume 224x224")
+        lost.append(
+            f"input_size {spec.input_hw[0]}x{spec.input_hw[1]}: LAUDNet's models and data pipeline assume 224x224"
+        )
     lost.append("the hardware target and its latency model play no part in LAUDNet training")
     n = len(cfg.stages)
     args: dict[str, Any] = {
@@ -419,8 +448,8 @@ def export_trial(study: optuna.Study, trial: FrozenTrial | int, path: str | os.P
         "rates are activation rates: positions (spatial), channel groups (channel), samples (layer); "
         "channel_rate is the channel-group rate of combined stages",
         f"top-1 is the {sa.get('proxy')!r} accuracy proxy's estimate, not a measured accuracy"
-        if sa.get("proxy") != "finetune" else
-        "top-1 is held-out accuracy after the finetune proxy's short fine-tune on the search's data, not after full training",
+        if sa.get("proxy") != "finetune"
+        else "top-1 is held-out accuracy after the finetune proxy's short fine-tune on the search's data, not after full training",
     ]
     if not is_feasible(trial):
         notes.append(f"this trial violates the study's constraints {trial.constraints}")
@@ -446,8 +475,19 @@ def export_trial(study: optuna.Study, trial: FrozenTrial | int, path: str | os.P
             "speedup": prediction.get("speedup", ua.get("speedup")),
             "flops": prediction.get("flops", {"ratio": ua.get("flops_ratio")}),
         },
-        **({"realised": {"config": ua["realised_config"], "stages": ua.get("realised_short"), "latency_ms": latency_ms,
-                         "energy_mj": energy_mj, "rates": ua.get("realised_rates")}} if isinstance(ua.get("realised_config"), dict) else {}),
+        **(
+            {
+                "realised": {
+                    "config": ua["realised_config"],
+                    "stages": ua.get("realised_short"),
+                    "latency_ms": latency_ms,
+                    "energy_mj": energy_mj,
+                    "rates": ua.get("realised_rates"),
+                }
+            }
+            if isinstance(ua.get("realised_config"), dict)
+            else {}
+        ),
         "training": recipe,
         "laudnet_args": laudnet_args(cfg, recipe["target_flops_ratio"]),
         "notes": notes,
@@ -455,7 +495,8 @@ def export_trial(study: optuna.Study, trial: FrozenTrial | int, path: str | os.P
     try:
         text = json.dumps(data, indent=2, allow_nan=False) + "\n"
     except ValueError:
-        raise StudyError(f"trial {trial.number} has a NaN or infinite stored value; allowed: finite predictions") from None
+        raise StudyError(
+            f"trial {trial.number} has a NaN or infinite stored value; allowed: finite predictions"
+        ) from None
     atomic_write_text(path, text)
     return data
-

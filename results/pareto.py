@@ -62,7 +62,13 @@ __all__ = [
 #: columns of :func:`pareto_table` of a latency study without energy predictions;
 #: :func:`all_trials_table` adds ``feasible`` and ``pareto``
 PARETO_COLUMNS: tuple[str, ...] = (
-    "trial", "latency_ms", "latency_ms_per_image", "speedup", "top1", "flops_ratio", "stages",
+    "trial",
+    "latency_ms",
+    "latency_ms_per_image",
+    "speedup",
+    "top1",
+    "flops_ratio",
+    "stages",
 )
 #: the energy columns the tables add where trials have energy (an energy study: first, after ``trial``)
 ENERGY_COLUMNS: tuple[str, ...] = ("energy_mj", "energy_mj_per_image")
@@ -103,7 +109,9 @@ def trial_latency_ms(trial: FrozenTrial, first: str = "latency_ms") -> float:
     objective is ``first``: the objective itself, or the user attr ``latency_ms``."""
     if first == "latency_ms":
         return float(trial.values[0])
-    return float(trial.user_attrs.get("latency_ms", (trial.user_attrs.get("prediction") or {}).get("latency_ms", math.nan)))
+    return float(
+        trial.user_attrs.get("latency_ms", (trial.user_attrs.get("prediction") or {}).get("latency_ms", math.nan))
+    )
 
 
 def study_attr(study: optuna.Study, key: str) -> Any:
@@ -268,14 +276,16 @@ def checkpoints_table(study: optuna.Study) -> pd.DataFrame:
             continue
         ua = t.user_attrs
         complete = t.state == TrialState.COMPLETE
-        rows.append({
-            "trial": t.number,
-            "state": "complete" if complete else f"stopped@{ua.get('stopped_at_step', '?')}",
-            first: float(t.values[0]) if complete else float(ua.get(f"{first}_configured", math.nan)),
-            "top1_by_step": " ".join(f"{k}:{v:.1f}" for k, v in sorted(t.intermediate_values.items())),
-            "stop_reason": "" if complete else str(ua.get("stop_reason", "")),
-            "stages": ua.get("short", ""),
-        })
+        rows.append(
+            {
+                "trial": t.number,
+                "state": "complete" if complete else f"stopped@{ua.get('stopped_at_step', '?')}",
+                first: float(t.values[0]) if complete else float(ua.get(f"{first}_configured", math.nan)),
+                "top1_by_step": " ".join(f"{k}:{v:.1f}" for k, v in sorted(t.intermediate_values.items())),
+                "stop_reason": "" if complete else str(ua.get("stop_reason", "")),
+                "stages": ua.get("short", ""),
+            }
+        )
     return pd.DataFrame(rows, columns=[first if c == "latency_ms" else c for c in CHECKPOINT_COLUMNS])
 
 

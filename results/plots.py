@@ -35,18 +35,28 @@ _PARTS = (("compute_ms", "compute", "#4C78A8"), ("memory_ms", "memory", "#F58518
 
 #: objective -> (table column on the x axis, static study attr, its divisor attr or None, axis title, hover unit)
 _AXES = {
-    "latency_ms": ("latency_ms_per_image", "static_latency_ms", "batch_size", "predicted latency (ms per image)", "ms/image"),
+    "latency_ms": (
+        "latency_ms_per_image",
+        "static_latency_ms",
+        "batch_size",
+        "predicted latency (ms per image)",
+        "ms/image",
+    ),
     "energy_mj": ("energy_mj", "static_energy_mj", None, "energy (mJ per batch)", "mJ/batch"),
 }
 
 
 def _hover(unit: str) -> str:
-    return ("trial %{customdata[0]}<br>%{customdata[1]}<br>"
-            f"%{{x:.4g}} {unit}, top-1 %{{y:.2f}}%<br>"
-            "speed-up %{customdata[2]:.3f}x, FLOPs ratio %{customdata[3]:.3f}<extra>%{fullData.name}</extra>")
+    return (
+        "trial %{customdata[0]}<br>%{customdata[1]}<br>"
+        f"%{{x:.4g}} {unit}, top-1 %{{y:.2f}}%<br>"
+        "speed-up %{customdata[2]:.3f}x, FLOPs ratio %{customdata[3]:.3f}<extra>%{fullData.name}</extra>"
+    )
 
 
-def _as_list(studies: "optuna.Study | Sequence[optuna.Study] | Mapping[str, optuna.Study]") -> list[tuple[str | None, optuna.Study]]:
+def _as_list(
+    studies: "optuna.Study | Sequence[optuna.Study] | Mapping[str, optuna.Study]",
+) -> list[tuple[str | None, optuna.Study]]:
     if isinstance(studies, optuna.Study):
         return [(None, studies)]
     if isinstance(studies, Mapping):
@@ -71,8 +81,9 @@ def _static_breakdown(study: optuna.Study, cfg: ArchConfig) -> list[dict[str, An
 
     target = study.user_attrs.get("target_path") or study.user_attrs.get("target")
     try:
-        pred = predict(ArchConfig.static(cfg.backbone, cfg.input_size), target,
-                       batch_size=study.user_attrs.get("batch_size"))
+        pred = predict(
+            ArchConfig.static(cfg.backbone, cfg.input_size), target, batch_size=study.user_attrs.get("batch_size")
+        )
     except DynasError as exc:
         _log.warning("static breakdown unavailable for target %r: %s", target, exc)
         return None
@@ -83,7 +94,9 @@ def _add_breakdown(fig: go.Figure, study: optuna.Study, trial: optuna.trial.Froz
     pred = trial.user_attrs.get("prediction") or {}
     stages = pred.get("stages") or []
     if not stages:
-        raise StudyError(f"trial {trial.number} has no stored per-stage prediction; allowed: a trial written by dynas search")
+        raise StudyError(
+            f"trial {trial.number} has no stored per-stage prediction; allowed: a trial written by dynas search"
+        )
     batch = float(study_attr(study, "batch_size"))
     cfg = ArchConfig.from_dict(trial.user_attrs["config"])
     static_stages = _static_breakdown(study, cfg)
@@ -93,15 +106,36 @@ def _add_breakdown(fig: go.Figure, study: optuna.Study, trial: optuna.trial.Froz
     for key, name, colour in _PARTS:
         dyn = [s[key] / batch for s in stages]
         sta = [s[key] / batch for s in static_stages] if static_stages else [0.0] * len(stages)
-        fig.add_trace(go.Bar(x=x, y=dyn + sta, name=name, legendgroup="breakdown", marker_color=colour,
-                             hovertemplate=f"%{{x}}: {name} %{{y:.4g}} ms/image<extra></extra>"), row=row, col=1)
+        fig.add_trace(
+            go.Bar(
+                x=x,
+                y=dyn + sta,
+                name=name,
+                legendgroup="breakdown",
+                marker_color=colour,
+                hovertemplate=f"%{{x}}: {name} %{{y:.4g}} ms/image<extra></extra>",
+            ),
+            row=row,
+            col=1,
+        )
     if static_stages is None:
         # Only the static totals are known: show them as one segment.
-        fig.add_trace(go.Bar(x=x, y=[0.0] * len(stages) + [s["static_latency_ms"] / batch for s in stages],
-                             name="static total", legendgroup="breakdown", marker_color="#9D9D9D"), row=row, col=1)
+        fig.add_trace(
+            go.Bar(
+                x=x,
+                y=[0.0] * len(stages) + [s["static_latency_ms"] / batch for s in stages],
+                name="static total",
+                legendgroup="breakdown",
+                marker_color="#9D9D9D",
+            ),
+            row=row,
+            col=1,
+        )
     choices = " | ".join(s.get("choice", "") for s in stages)
-    return (f"trial {trial.number} ({choices}) vs static, ms per image; "
-            f"stem {pred.get('stem_ms', 0.0) / batch:.3g} ms, head {pred.get('head_ms', 0.0) / batch:.3g} ms")
+    return (
+        f"trial {trial.number} ({choices}) vs static, ms per image; "
+        f"stem {pred.get('stem_ms', 0.0) / batch:.3g} ms, head {pred.get('head_ms', 0.0) / batch:.3g} ms"
+    )
 
 
 def make_figure(
@@ -117,43 +151,82 @@ def make_figure(
     objective = objective_column(first)
     for s in only:
         if objective_column(s) != objective:
-            raise StudyError(f"study {s.study_name!r} minimised {objective_column(s)}, {first.study_name!r} {objective}; "
-                             "allowed: studies of one objective in one report")
+            raise StudyError(
+                f"study {s.study_name!r} minimised {objective_column(s)}, {first.study_name!r} {objective}; "
+                "allowed: studies of one objective in one report"
+            )
     column, static_key, divisor, axis_title, unit = _AXES[objective]
     hover = _hover(unit)
     chosen = select_trial(first, trial=breakdown_trial)
     colours = qualitative.Plotly
-    fig = make_subplots(rows=2, cols=1, vertical_spacing=0.14, row_heights=[0.62, 0.38],
-                        subplot_titles=(f"Pareto fronts: {axis_title.split(' (')[0]} vs proxy top-1", "Per-stage latency"))
+    fig = make_subplots(
+        rows=2,
+        cols=1,
+        vertical_spacing=0.14,
+        row_heights=[0.62, 0.38],
+        subplot_titles=(f"Pareto fronts: {axis_title.split(' (')[0]} vs proxy top-1", "Per-stage latency"),
+    )
     for k, (given, study) in enumerate(items):
         label = given or study_label(study, only)
         colour = colours[k % len(colours)]
         table = all_trials_table(study)
         custom = table[["trial", "stages", "speedup", "flops_ratio"]].to_numpy(dtype=object)  # (n, 4)
-        fig.add_trace(go.Scatter(
-            x=table[column], y=table["top1"], mode="markers", name=f"{label}: all trials",
-            legendgroup=label, customdata=custom, hovertemplate=hover,
-            marker={"color": _GREY, "size": 6, "symbol": ["circle" if f else "x" for f in table["feasible"]]},
-        ), row=1, col=1)
+        fig.add_trace(
+            go.Scatter(
+                x=table[column],
+                y=table["top1"],
+                mode="markers",
+                name=f"{label}: all trials",
+                legendgroup=label,
+                customdata=custom,
+                hovertemplate=hover,
+                marker={"color": _GREY, "size": 6, "symbol": ["circle" if f else "x" for f in table["feasible"]]},
+            ),
+            row=1,
+            col=1,
+        )
         front = table[table["pareto"]]
-        fig.add_trace(go.Scatter(
-            x=front[column], y=front["top1"], mode="lines+markers", name=f"{label}: Pareto front",
-            legendgroup=label, customdata=custom[table["pareto"].to_numpy()], hovertemplate=hover,
-            line={"color": colour, "shape": "hv"}, marker={"color": colour, "size": 8},
-        ), row=1, col=1)
+        fig.add_trace(
+            go.Scatter(
+                x=front[column],
+                y=front["top1"],
+                mode="lines+markers",
+                name=f"{label}: Pareto front",
+                legendgroup=label,
+                customdata=custom[table["pareto"].to_numpy()],
+                hovertemplate=hover,
+                line={"color": colour, "shape": "hv"},
+                marker={"color": colour, "size": 8},
+            ),
+            row=1,
+            col=1,
+        )
         static_x = float(study_attr(study, static_key)) / (float(study_attr(study, divisor)) if divisor else 1.0)
-        fig.add_trace(go.Scatter(
-            x=[static_x], y=[float(study_attr(study, "static_top1"))], mode="markers", name=f"{label}: static",
-            legendgroup=label, marker={"color": colour, "size": 14, "symbol": "star", "line": {"width": 1, "color": "black"}},
-            hovertemplate=f"static network<br>%{{x:.4g}} {unit}, top-1 %{{y:.2f}}%<extra>%{{fullData.name}}</extra>",
-        ), row=1, col=1)
+        fig.add_trace(
+            go.Scatter(
+                x=[static_x],
+                y=[float(study_attr(study, "static_top1"))],
+                mode="markers",
+                name=f"{label}: static",
+                legendgroup=label,
+                marker={"color": colour, "size": 14, "symbol": "star", "line": {"width": 1, "color": "black"}},
+                hovertemplate=f"static network<br>%{{x:.4g}} {unit}, top-1 %{{y:.2f}}%<extra>%{{fullData.name}}</extra>",
+            ),
+            row=1,
+            col=1,
+        )
     title = _add_breakdown(fig, first, chosen, row=2)
     fig.layout.annotations[1].update(text=f"Per-stage latency: {title}")
     fig.update_xaxes(title_text=axis_title, type="log", row=1, col=1)
     fig.update_yaxes(title_text="proxy top-1 (%)", row=1, col=1)
     fig.update_yaxes(title_text="ms per image", row=2, col=1)
-    fig.update_layout(barmode="stack", height=1000, template="plotly_white", hovermode="closest",
-                      title=f"dynas: {', '.join(label or study_label(s, only) for label, s in items)}")
+    fig.update_layout(
+        barmode="stack",
+        height=1000,
+        template="plotly_white",
+        hovermode="closest",
+        title=f"dynas: {', '.join(label or study_label(s, only) for label, s in items)}",
+    )
     return fig
 
 

@@ -33,9 +33,21 @@ from dynas.predictors.targets import HardwareTarget, load_target
 from dynas.results.pareto import atomic_write_text
 
 __all__ = [
-    "QUIET_SPREAD_PCT", "HOST_STEADY", "SCORE_COLUMNS", "ValidationScores", "score_validation", "scored_parts",
-    "score_row", "host_factors", "host_ratio", "RoundNoise", "round_noise", "worst_networks",
-    "validation_figure", "write_validation_html", "write_validation_csv",
+    "QUIET_SPREAD_PCT",
+    "HOST_STEADY",
+    "SCORE_COLUMNS",
+    "ValidationScores",
+    "score_validation",
+    "scored_parts",
+    "score_row",
+    "host_factors",
+    "host_ratio",
+    "RoundNoise",
+    "round_noise",
+    "worst_networks",
+    "validation_figure",
+    "write_validation_html",
+    "write_validation_csv",
 ]
 
 
@@ -91,7 +103,9 @@ def host_ratio(refs: Iterable[Mapping[str, Any]]) -> float | None:
     return statistics.median(ratios) if ratios else None
 
 
-def host_factors(df: pd.DataFrame, target: HardwareTarget, steady_ratio: float | None = None) -> tuple[pd.Series | None, str]:
+def host_factors(
+    df: pd.DataFrame, target: HardwareTarget, steady_ratio: float | None = None
+) -> tuple[pd.Series | None, str]:
     """[rows] the host's speed factors (now / at calibration) to scale the predictions by for
     the "x host" scores, and how they were found: "each" (each network's static network timed
     right after it, ``reference_ms``), "pairs" (the same, timed pass by pass alongside it),
@@ -120,8 +134,9 @@ def score_validation(df: pd.DataFrame, target: "str | HardwareTarget") -> Valida
             sub = df[parts[part] & (df["batch_size"] == n)]
             if not sub.empty:
                 rows.append(score_row(part, n, sub))
-    ratios = tuple(float(df[c].iloc[0]) for c in ("host_ratio_before", "host_ratio_after")
-                   if c in df and df[c].notna().any())
+    ratios = tuple(
+        float(df[c].iloc[0]) for c in ("host_ratio_before", "host_ratio_after") if c in df and df[c].notna().any()
+    )
     steady = len(ratios) == 2 and abs(ratios[0] / ratios[1] - 1) <= HOST_STEADY
     steady_ratio = math.sqrt(ratios[0] * ratios[1]) if steady else None
     host, how = host_factors(df, target, steady_ratio)
@@ -137,9 +152,14 @@ def score_validation(df: pd.DataFrame, target: "str | HardwareTarget") -> Valida
                 sub["rel_err"] = sub["predicted_ms"] * host[sel] / sub["measured_ms"] - 1
                 rows.append(score_row(f"{part} x host", n, sub))
     blocks = df["part"].astype(str).str.startswith("block")
-    return ValidationScores(table=pd.DataFrame(rows, columns=list(SCORE_COLUMNS)), host_ratios=ratios,
-                            steady_ratio=steady_ratio, host_scaling=how, blocks=int(parts["blocks"].sum()),
-                            gated_blocks=int((blocks & ~parts["blocks"]).sum()))
+    return ValidationScores(
+        table=pd.DataFrame(rows, columns=list(SCORE_COLUMNS)),
+        host_ratios=ratios,
+        steady_ratio=steady_ratio,
+        host_scaling=how,
+        blocks=int(parts["blocks"].sum()),
+        gated_blocks=int((blocks & ~parts["blocks"]).sum()),
+    )
 
 
 @dataclass(frozen=True)
@@ -187,16 +207,46 @@ def validation_figure(df: pd.DataFrame, title: str = "") -> go.Figure:
         hi = float(max(part["measured_ms"].max(), part["predicted_ms"].max())) * 1.25
         xs = np.geomspace(lo, hi, 50)
         for factor, dash, name in ((1.0, "solid", "y = x"), (1.1, "dot", "+10 %"), (0.9, "dot", "-10 %")):
-            fig.add_trace(go.Scatter(x=xs, y=xs * factor, mode="lines", line=dict(color="grey", dash=dash, width=1),
-                                     name=name, showlegend=col == 1, legendgroup=name), row=1, col=col)
+            fig.add_trace(
+                go.Scatter(
+                    x=xs,
+                    y=xs * factor,
+                    mode="lines",
+                    line=dict(color="grey", dash=dash, width=1),
+                    name=name,
+                    showlegend=col == 1,
+                    legendgroup=name,
+                ),
+                row=1,
+                col=col,
+            )
         for i, (n, g) in enumerate(part.groupby("batch_size")):
-            text = (g["backbone"] + " b" + g["batch_size"].astype(str) + " " + g["part"].astype(str) + "<br>"
-                    + g["choice"].astype(str)
-                    + "<br>error " + (100 * g["rel_err"]).map("{:+.1f} %".format))
-            fig.add_trace(go.Scatter(x=g["measured_ms"], y=g["predicted_ms"], mode="markers", text=text,
-                                     hoverinfo="text", name=f"batch {n}", legendgroup=f"b{n}", showlegend=col == 1,
-                                     marker=dict(color=qualitative.Plotly[i % 10], size=7 if is_net else 5)),
-                          row=1, col=col)
+            text = (
+                g["backbone"]
+                + " b"
+                + g["batch_size"].astype(str)
+                + " "
+                + g["part"].astype(str)
+                + "<br>"
+                + g["choice"].astype(str)
+                + "<br>error "
+                + (100 * g["rel_err"]).map("{:+.1f} %".format)
+            )
+            fig.add_trace(
+                go.Scatter(
+                    x=g["measured_ms"],
+                    y=g["predicted_ms"],
+                    mode="markers",
+                    text=text,
+                    hoverinfo="text",
+                    name=f"batch {n}",
+                    legendgroup=f"b{n}",
+                    showlegend=col == 1,
+                    marker=dict(color=qualitative.Plotly[i % 10], size=7 if is_net else 5),
+                ),
+                row=1,
+                col=col,
+            )
         fig.update_xaxes(type="log", title="measured ms", row=1, col=col)
         fig.update_yaxes(type="log", title="predicted ms", row=1, col=col)
     fig.update_layout(template="plotly_white", height=560, title=title or "dynas validate: predicted vs measured")

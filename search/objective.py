@@ -41,8 +41,13 @@ def _params_key(params: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
 def cost_attrs(pred: Prediction) -> dict[str, Any]:
     """The scalars of a prediction every trial stores: latency, and energy where the target
     predicts it (absent, not 0, where it does not)."""
-    attrs = {"latency_ms": pred.latency_ms, "latency_ms_per_image": pred.latency_ms_per_image,
-             "latency_ratio": pred.latency_ratio, "speedup": pred.speedup, "flops_ratio": pred.flops_ratio}
+    attrs = {
+        "latency_ms": pred.latency_ms,
+        "latency_ms_per_image": pred.latency_ms_per_image,
+        "latency_ratio": pred.latency_ratio,
+        "speedup": pred.speedup,
+        "flops_ratio": pred.flops_ratio,
+    }
     if pred.energy_mj is not None:
         attrs.update(energy_mj=pred.energy_mj, energy_mj_per_image=pred.energy_mj_per_image)
     return attrs
@@ -161,7 +166,9 @@ class Objective:
         extra = dict(result.attrs)
         if result.realised is not None:
             costs = cost_attrs(predict(result.realised, plan.target, plan.batch_size))
-            extra.update({"realised_config": result.realised.to_dict(), "realised_short": result.realised.short(), **costs})
+            extra.update(
+                {"realised_config": result.realised.to_dict(), "realised_short": result.realised.short(), **costs}
+            )
         extra = json_ready(extra)
         for k, v in extra.items():
             trial.set_user_attr(k, v)

@@ -45,8 +45,17 @@ from dynas.spaces.backbones import parse_input_size
 from dynas.spaces.config import ArchConfig
 from dynas.spaces.searchspace import SearchSpace, SpaceOptions
 
-__all__ = ["DIRECTIONS", "OBJECTIVE_NAMES", "OBJECTIVES", "objective_names", "FLAT_OPTIONS", "SearchOptions",
-           "SearchPlan", "plan_search", "json_ready"]
+__all__ = [
+    "DIRECTIONS",
+    "OBJECTIVE_NAMES",
+    "OBJECTIVES",
+    "objective_names",
+    "FLAT_OPTIONS",
+    "SearchOptions",
+    "SearchPlan",
+    "plan_search",
+    "json_ready",
+]
 
 #: study directions, in the order of the objective values
 DIRECTIONS = ("minimize", "maximize")
@@ -62,13 +71,17 @@ def objective_names(objective: str = "latency") -> tuple[str, str]:
     check_choice("objective", objective, list(OBJECTIVES))
     return OBJECTIVES[objective], "top1"
 
+
 #: flat name -> (field of SearchOptions, field of that one): the names ``SearchOptions(...)``
 #: also takes, and reads, for the options of the search space and of early stopping
 FLAT_OPTIONS: dict[str, tuple[str, str]] = {
     **{f.name: ("space", f.name) for f in dataclasses.fields(SpaceOptions)},
     "early_stop": ("stop", "name"),  # stopper of dynas.search.stopping.STOPPERS; acts only on proxies with checkpoints
     "stop_margin": ("stop", "margin"),  # top-1 points (dominance)
-    "stop_min_trials": ("stop", "min_trials"),  # dominance: dominating trials needed; halving: trials at the checkpoint needed
+    "stop_min_trials": (
+        "stop",
+        "min_trials",
+    ),  # dominance: dominating trials needed; halving: trials at the checkpoint needed
     "stop_eta": ("stop", "eta"),  # halving: the best 1/eta go on
 }
 
@@ -116,7 +129,9 @@ class SearchOptions:
     storage: Any = None  # storage URL (or an optuna storage); None: DEFAULT_STORAGE, or DEFAULT_JOURNAL if workers > 1
     workers: int = 1  # worker processes on this machine (joblib); trials is still the study's total
     heartbeat_s: float = 10.0  # workers beat this often; a trial silent for 2x this is failed and retried
-    study_name: str | None = None  # None: "{backbone}-{target}-b{batch}-{H}x{W}-{proxy}", plus "-energy" for that objective
+    study_name: str | None = (
+        None  # None: "{backbone}-{target}-b{batch}-{H}x{W}-{proxy}", plus "-energy" for that objective
+    )
     max_latency_ms: float | None = None  # constraint on the predicted latency of one batch (either objective)
     max_latency_ratio: float | None = None  # constraint on dynamic / static latency
     space: SpaceOptions = SpaceOptions()  # search-space options (flat names: paradigms, ..., rate_step)
@@ -135,14 +150,18 @@ class SearchOptions:
             if value is not None:
                 _check_positive(name, value)
         if self.proxy_options is not None and not isinstance(self.proxy_options, Mapping):
-            raise ConfigError(f"proxy_options={self.proxy_options!r} is not a mapping; allowed: a dict of keyword options")
+            raise ConfigError(
+                f"proxy_options={self.proxy_options!r} is not a mapping; allowed: a dict of keyword options"
+            )
         check_choice("sampler", self.sampler, sorted(SAMPLERS))
         check_choice("objective", self.objective, list(OBJECTIVES))
         if self.study_name is not None and (not isinstance(self.study_name, str) or not self.study_name.strip()):
             raise StudyError(f"study_name={self.study_name!r} is empty; allowed: a non-empty string")
         for name, kind in (("space", SpaceOptions), ("stop", StopRule)):
             if not isinstance(getattr(self, name), kind):
-                raise ConfigError(f"{name}={getattr(self, name)!r} is not a {kind.__name__}; allowed: {kind.__name__}(...)")
+                raise ConfigError(
+                    f"{name}={getattr(self, name)!r} is not a {kind.__name__}; allowed: {kind.__name__}(...)"
+                )
 
 
 def _check_positive(name: str, value: Any) -> None:

@@ -58,7 +58,17 @@ from dynas.search.samplers import make_sampler, resume_seed
 from dynas.search.stopping import finished_trials, is_finished
 from dynas.search.storage import MAX_RETRY, open_storage, retry_callback
 
-__all__ = ["SnapshotSampler", "shared_sampler", "MAX_RESTARTS", "MAX_RETRY", "retry_callback", "worker_id", "recover_dead_trials", "worker_loop", "run_workers"]
+__all__ = [
+    "SnapshotSampler",
+    "shared_sampler",
+    "MAX_RESTARTS",
+    "MAX_RETRY",
+    "retry_callback",
+    "worker_id",
+    "recover_dead_trials",
+    "worker_loop",
+    "run_workers",
+]
 
 _logger = logging.getLogger("dynas.search.study")
 
@@ -178,7 +188,9 @@ def _never_beat(storage: Any, trial_ids: list[int]) -> set[int]:
     rdb = getattr(storage, "_backend", storage)  # the RDBStorage behind Optuna's _CachedStorage
     with sqlalchemy.orm.Session(rdb.engine) as session:
         beat = session.execute(
-            sqlalchemy.select(models.TrialHeartbeatModel.trial_id).where(models.TrialHeartbeatModel.trial_id.in_(trial_ids))
+            sqlalchemy.select(models.TrialHeartbeatModel.trial_id).where(
+                models.TrialHeartbeatModel.trial_id.in_(trial_ids)
+            )
         ).scalars()
         return set(trial_ids) - set(beat)
 
@@ -274,7 +286,9 @@ class SnapshotSampler(optuna.samplers.BaseSampler):
     def sample_relative(self, study: optuna.Study, trial: FrozenTrial, search_space: dict[str, Any]) -> dict[str, Any]:
         return self.inner.sample_relative(self._seen(study), trial, search_space)
 
-    def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str, param_distribution: Any) -> Any:
+    def sample_independent(
+        self, study: optuna.Study, trial: FrozenTrial, param_name: str, param_distribution: Any
+    ) -> Any:
         return self.inner.sample_independent(self._seen(study), trial, param_name, param_distribution)
 
     def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
@@ -359,8 +373,15 @@ class _Claimed:
         return last.number if last.state.is_finished() else None
 
 
-def worker_loop(study: optuna.Study, objective: Any, budget: int, deadline: float | None,
-                *, poll_s: float = 0.5, show_progress: bool = False) -> None:
+def worker_loop(
+    study: optuna.Study,
+    objective: Any,
+    budget: int,
+    deadline: float | None,
+    *,
+    poll_s: float = 0.5,
+    show_progress: bool = False,
+) -> None:
     """Run trials of ``study`` until it holds ``budget`` complete trials (or ``deadline``).
 
     ``deadline`` is a :func:`time.monotonic` value.  See the module docstring for the rules.
@@ -382,16 +403,25 @@ def worker_loop(study: optuna.Study, objective: Any, budget: int, deadline: floa
             return
         if complete + running >= budget:
             if not waiting_logged:
-                _logger.info("%d complete + %d running trials fill trials=%d; waiting for the running ones",
-                             complete, running, budget)
+                _logger.info(
+                    "%d complete + %d running trials fill trials=%d; waiting for the running ones",
+                    complete,
+                    running,
+                    budget,
+                )
                 waiting_logged = True
             time.sleep(poll_s)
             continue
         waiting_logged = False
         try:
-            study.optimize(claimed, n_trials=budget - complete - running, timeout=left,
-                           callbacks=[claimed.told, stop_at_budget], show_progress_bar=show_progress,
-                           gc_after_trial=False)
+            study.optimize(
+                claimed,
+                n_trials=budget - complete - running,
+                timeout=left,
+                callbacks=[claimed.told, stop_at_budget],
+                show_progress_bar=show_progress,
+                gc_after_trial=False,
+            )
         except (ValueError, AssertionError):
             # Another worker took this trial for dead (a heartbeat late by over 2 x heartbeat_s
             # on a stalled machine) and has failed it and queued it again.  Optuna then refuses
@@ -403,8 +433,11 @@ def worker_loop(study: optuna.Study, objective: Any, budget: int, deadline: floa
             lost = claimed.lost_trial()
             if lost is None:
                 raise
-            _logger.warning("trial %d was failed by another worker while it ran here (its heartbeat came too late); "
-                            "it was queued again, and this worker goes on", lost)
+            _logger.warning(
+                "trial %d was failed by another worker while it ran here (its heartbeat came too late); "
+                "it was queued again, and this worker goes on",
+                lost,
+            )
 
 
 def _seed(seed: int, n_existing: int, index: int, attempt: int) -> int:
@@ -415,8 +448,9 @@ def _seed(seed: int, n_existing: int, index: int, attempt: int) -> int:
     return int(np.random.SeedSequence([seed, n_existing, index, attempt]).generate_state(1)[0])
 
 
-def _worker_main(plan: Any, flop_tables: Any, index: int, attempt: int, n_existing: int,
-                 deadline_s: float | None) -> None:
+def _worker_main(
+    plan: Any, flop_tables: Any, index: int, attempt: int, n_existing: int, deadline_s: float | None
+) -> None:
     """Entry point of one joblib worker process: open the storage, run the loop.
 
     ``plan`` is the parent's validated :class:`~dynas.search.options.SearchPlan`, pickled with its
@@ -494,7 +528,12 @@ def run_workers(plan: Any, study: optuna.Study, n_existing: int) -> None:
                     ) from None
                 if complete >= o.trials or (deadline is not None and time.monotonic() >= deadline):
                     return
-                _logger.warning("a worker process died (%s); %d/%d complete trials are stored; restarting %d workers",
-                                reason, complete, o.trials, o.workers)
+                _logger.warning(
+                    "a worker process died (%s); %d/%d complete trials are stored; restarting %d workers",
+                    reason,
+                    complete,
+                    o.trials,
+                    o.workers,
+                )
     finally:
         stop.set()

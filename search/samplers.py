@@ -34,7 +34,9 @@ __all__ = ["SAMPLERS", "register_sampler", "make_sampler", "resume_seed"]
 SAMPLERS: dict[str, Callable[[int], optuna.samplers.BaseSampler]] = {}
 
 
-def register_sampler(name: str) -> Callable[[Callable[[int], optuna.samplers.BaseSampler]], Callable[[int], optuna.samplers.BaseSampler]]:
+def register_sampler(
+    name: str,
+) -> Callable[[Callable[[int], optuna.samplers.BaseSampler]], Callable[[int], optuna.samplers.BaseSampler]]:
     """Register a sampler factory ``f(seed) -> BaseSampler`` under ``name``.
 
     The factory's docstring (first line) is the help text of ``dynas search --sampler``.

@@ -34,8 +34,17 @@ from optuna.trial import FrozenTrial, TrialState
 
 from dynas.checks import check_choice, check_int, check_number
 
-__all__ = ["Peer", "StopRule", "EarlyStopper", "STOPPERS", "register_stopper", "make_stopper", "is_stopped",
-           "is_finished", "finished_trials"]
+__all__ = [
+    "Peer",
+    "StopRule",
+    "EarlyStopper",
+    "STOPPERS",
+    "register_stopper",
+    "make_stopper",
+    "is_stopped",
+    "is_finished",
+    "finished_trials",
+]
 
 
 def is_stopped(trial: FrozenTrial) -> bool:
@@ -52,7 +61,9 @@ def is_finished(trial: FrozenTrial) -> bool:
 def finished_trials(study: optuna.Study) -> list[FrozenTrial]:
     """The trials that count towards ``trials``: COMPLETE ones and those stopped early
     (PRUNED with user attr ``stop_reason``; a trial pruned for another reason does not count)."""
-    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)) if is_finished(t)]
+    return [
+        t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)) if is_finished(t)
+    ]
 
 
 @dataclass(frozen=True)
@@ -123,13 +134,17 @@ class DominanceStopping(EarlyStopper):
     clearly, and training rarely closes a gap its betters also had time to grow."""
 
     def should_stop(self, step: int, top1: float, latency_ms: float, peers: Sequence[Peer]) -> str | None:
-        better = sorted((p for p in peers if p.complete and p.latency_ms <= latency_ms and p.top1 >= top1 + self.rule.margin),
-                        key=lambda p: -p.top1)
+        better = sorted(
+            (p for p in peers if p.complete and p.latency_ms <= latency_ms and p.top1 >= top1 + self.rule.margin),
+            key=lambda p: -p.top1,
+        )
         if len(better) < self.rule.min_trials:
             return None
         names = ", ".join(f"#{p.number} {p.top1:.1f}%" for p in better[:3])
-        return (f"dominated at step {step}: {len(better)} complete trials at least as fast score >= {self.rule.margin:g} "
-                f"points above {top1:.1f}% ({names})")
+        return (
+            f"dominated at step {step}: {len(better)} complete trials at least as fast score >= {self.rule.margin:g} "
+            f"points above {top1:.1f}% ({names})"
+        )
 
 
 @register_stopper("halving")
@@ -151,12 +166,18 @@ class HalvingStopping(EarlyStopper):
         if mine == 0:
             return None
         me = (mine, -top1)
-        ahead = sum(1 for p in peers if (beaten_by(p.latency_ms, p.top1) + (latency_ms <= p.latency_ms and top1 > p.top1), -p.top1) < me)
+        ahead = sum(
+            1
+            for p in peers
+            if (beaten_by(p.latency_ms, p.top1) + (latency_ms <= p.latency_ms and top1 > p.top1), -p.top1) < me
+        )
         keep = math.ceil((len(peers) + 1) / self.rule.eta)
         if ahead < keep:
             return None
-        return (f"halving at step {step}: {mine} trials at least as fast score more; rank {ahead + 1} of {len(peers) + 1}, "
-                f"only the best {keep} go on (eta={self.rule.eta})")
+        return (
+            f"halving at step {step}: {mine} trials at least as fast score more; rank {ahead + 1} of {len(peers) + 1}, "
+            f"only the best {keep} go on (eta={self.rule.eta})"
+        )
 
 
 def make_stopper(rule: StopRule | str) -> EarlyStopper:

@@ -19,8 +19,17 @@ from optuna.exceptions import ExperimentalWarning
 
 from dynas.errors import StudyError
 
-__all__ = ["DEFAULT_STORAGE", "DEFAULT_JOURNAL", "MAX_RETRY", "retry_callback", "parse_storage_url", "storage_kind",
-           "open_storage", "list_studies", "load_study"]
+__all__ = [
+    "DEFAULT_STORAGE",
+    "DEFAULT_JOURNAL",
+    "MAX_RETRY",
+    "retry_callback",
+    "parse_storage_url",
+    "storage_kind",
+    "open_storage",
+    "list_studies",
+    "load_study",
+]
 
 #: storage used when none is given: an SQLite file in the current directory
 DEFAULT_STORAGE = "sqlite:///dynas.db"
@@ -73,8 +82,9 @@ def storage_kind(storage: optuna.storages.BaseStorage) -> str:
     return parse_storage_url(url).get_backend_name() if isinstance(url, str) else type(storage).__name__
 
 
-def open_storage(storage: Any = None, *, create: bool = True,
-                 heartbeat_s: float | None = None) -> optuna.storages.BaseStorage:
+def open_storage(
+    storage: Any = None, *, create: bool = True, heartbeat_s: float | None = None
+) -> optuna.storages.BaseStorage:
     """Open the Optuna storage at URL ``storage`` (None: :data:`DEFAULT_STORAGE`).
 
     URLs are SQLAlchemy database URLs (``sqlite:///dynas.db``, ``postgresql://user@host/db``)
@@ -126,9 +136,14 @@ def _open_rdb(url: str, parsed: Any, backend: str, heartbeat_s: float | None) ->
     if heartbeat_s is not None:
         # Optuna 4.9 renamed the callback argument (the old name is deprecated, removed in 6.0).
         params = inspect.signature(optuna.storages.RDBStorage).parameters
-        callback = "heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback" in params else "failed_trial_callback"
-        kw = {"heartbeat_interval": max(1, round(heartbeat_s)), "grace_period": max(2, round(2 * heartbeat_s)),
-              callback: retry_callback()}
+        callback = (
+            "heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback" in params else "failed_trial_callback"
+        )
+        kw = {
+            "heartbeat_interval": max(1, round(heartbeat_s)),
+            "grace_period": max(2, round(2 * heartbeat_s)),
+            callback: retry_callback(),
+        }
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ExperimentalWarning)
@@ -136,9 +151,14 @@ def _open_rdb(url: str, parsed: Any, backend: str, heartbeat_s: float | None) ->
     except ImportError:
         # Optuna turns the driver's ModuleNotFoundError into a generic ImportError.
         driver = parsed.get_driver_name() if backend else "?"
-        extra = ("; pip install 'dynas[postgres]' installs psycopg 3, for postgresql:// and postgresql+psycopg:// URLs"
-                 if backend == "postgresql" else "")
-        raise StudyError(f"storage={url!r} needs the database driver {driver!r}, which is not installed{extra}") from None
+        extra = (
+            "; pip install 'dynas[postgres]' installs psycopg 3, for postgresql:// and postgresql+psycopg:// URLs"
+            if backend == "postgresql"
+            else ""
+        )
+        raise StudyError(
+            f"storage={url!r} needs the database driver {driver!r}, which is not installed{extra}"
+        ) from None
     except Exception as exc:  # noqa: BLE001 - driver, network and schema errors all end here
         raise StudyError(f"storage={url!r} cannot be opened: {_one_line(exc)}") from None
 

@@ -107,7 +107,9 @@ def _check_resume(study: optuna.Study, expected: Mapping[str, Any], where: str) 
             # Provenance text may change without changing a prediction.
             # A study made before targets had energy prices stored none; with the latency objective
             # they change no value of it.
-            text = _TARGET_TEXT + (("energy",) if "energy" not in have and expected.get("objective", "latency") == "latency" else ())
+            text = _TARGET_TEXT + (
+                ("energy",) if "energy" not in have and expected.get("objective", "latency") == "latency" else ()
+            )
             have = {k: v for k, v in have.items() if k not in text}
             want = {k: v for k, v in want.items() if k not in text}
         if have == want:
@@ -125,8 +127,13 @@ def _check_resume(study: optuna.Study, expected: Mapping[str, Any], where: str) 
         )
 
 
-def _optimize_buffered(study: optuna.Study, sampler: optuna.samplers.BaseSampler, plan: SearchPlan,
-                       done: Sequence[FrozenTrial], missing: int) -> None:
+def _optimize_buffered(
+    study: optuna.Study,
+    sampler: optuna.samplers.BaseSampler,
+    plan: SearchPlan,
+    done: Sequence[FrozenTrial],
+    missing: int,
+) -> None:
     """Run trials against an in-memory copy and write each completed one to ``study`` at once.
 
     Optuna's database storages commit every suggested parameter and attribute on its own (about
@@ -137,8 +144,12 @@ def _optimize_buffered(study: optuna.Study, sampler: optuna.samplers.BaseSampler
     even SIGKILL, loses no completed trial; re-running the same command resumes.
     """
     o = plan.options
-    mem = optuna.create_study(storage=optuna.storages.InMemoryStorage(), sampler=sampler,
-                              directions=list(DIRECTIONS), study_name=study.study_name)
+    mem = optuna.create_study(
+        storage=optuna.storages.InMemoryStorage(),
+        sampler=sampler,
+        directions=list(DIRECTIONS),
+        study_name=study.study_name,
+    )
     mem.add_trials(done)
 
     def write_through(_study: optuna.Study, trial: FrozenTrial) -> None:
@@ -149,7 +160,10 @@ def _optimize_buffered(study: optuna.Study, sampler: optuna.samplers.BaseSampler
         Objective(plan, done),
         n_trials=missing,
         timeout=o.timeout_s,
-        callbacks=[write_through, optuna.study.MaxTrialsCallback(o.trials, states=(TrialState.COMPLETE, TrialState.PRUNED))],
+        callbacks=[
+            write_through,
+            optuna.study.MaxTrialsCallback(o.trials, states=(TrialState.COMPLETE, TrialState.PRUNED)),
+        ],
         show_progress_bar=o.show_progress,
     )
 
@@ -200,7 +214,12 @@ def run_search(options: SearchOptions | SearchPlan) -> optuna.Study:
         return study
     _logger.info(
         "study %s (%s): %d/%d complete trials, running %d more with sampler %s",
-        plan.study_name, where, len(done), o.trials, missing, o.sampler,
+        plan.study_name,
+        where,
+        len(done),
+        o.trials,
+        missing,
+        o.sampler,
     )
     kind = storage_kind(storage)
     if kind == "memory":
@@ -216,8 +235,9 @@ def run_search(options: SearchOptions | SearchPlan) -> optuna.Study:
         # they are consumed there; the rest run buffered.
         waiting = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
         if waiting:
-            study.optimize(Objective(plan, done), n_trials=min(waiting, missing), timeout=o.timeout_s,
-                           show_progress_bar=False)
+            study.optimize(
+                Objective(plan, done), n_trials=min(waiting, missing), timeout=o.timeout_s, show_progress_bar=False
+            )
             done = finished_trials(study)
             missing = o.trials - len(done)
         if missing > 0:
@@ -228,15 +248,23 @@ def run_search(options: SearchOptions | SearchPlan) -> optuna.Study:
         if kind == "sqlite":
             _logger.warning(
                 "%d workers on SQLite (%s) may fail with 'database is locked'; use %s on one machine "
-                "or postgresql://... on several", o.workers, where, DEFAULT_JOURNAL,
+                "or postgresql://... on several",
+                o.workers,
+                where,
+                DEFAULT_JOURNAL,
             )
         if o.workers == 1:
-            shared = optuna.load_study(study_name=plan.study_name, sampler=sampler,
-                                       storage=storage)
+            shared = optuna.load_study(study_name=plan.study_name, sampler=sampler, storage=storage)
             deadline = None if o.timeout_s is None else time.monotonic() + o.timeout_s
             parallel.worker_loop(shared, Objective(plan, done), o.trials, deadline, show_progress=o.show_progress)
         else:
             parallel.run_workers(plan, study, n_existing)
     n_done = len(finished_trials(study))
-    _logger.info("study %s: %d/%d finished trials, %d on the Pareto front", plan.study_name, n_done, o.trials, len(study.best_trials))
+    _logger.info(
+        "study %s: %d/%d finished trials, %d on the Pareto front",
+        plan.study_name,
+        n_done,
+        o.trials,
+        len(study.best_trials),
+    )
     return study

@@ -141,10 +141,14 @@ class BackboneSpec:
 
 _NO_LAYER = ("static", "spatial", "channel", "spatial+channel")
 _NO_SPATIAL = ("static", "channel", "layer", "layer+channel")
-_REGNET_NOTE = ("no layer skipping on RegNet, as in LAUDNet's RegNet code; RegNetY-400MF and -800MF keep it, "
-                "measured and calibrated there")
-_DENSENET_NOTE = ("no spatial skipping on DenseNet: a position a layer skips would still reach every later layer "
-                  "of its dense block through that layer's BN, so no later layer could skip it")
+_REGNET_NOTE = (
+    "no layer skipping on RegNet, as in LAUDNet's RegNet code; RegNetY-400MF and -800MF keep it, "
+    "measured and calibrated there"
+)
+_DENSENET_NOTE = (
+    "no spatial skipping on DenseNet: a position a layer skips would still reach every later layer "
+    "of its dense block through that layer's BN, so no later layer could skip it"
+)
 
 
 @dataclass(frozen=True)
@@ -243,7 +247,7 @@ def regnet_stages(d: _RegNetDef) -> tuple[tuple[int, ...], tuple[int, ...], tupl
     block_widths = []
     for j in range(d.depth):
         capacity = round(math.log((j * d.w_a + d.w_0) / d.w_0) / math.log(d.w_m))  # half to even, as torch.round
-        block_widths.append(int(round(d.w_0 * d.w_m ** capacity / 8) * 8))
+        block_widths.append(int(round(d.w_0 * d.w_m**capacity / 8) * 8))
     widths: list[int] = []
     depths: list[int] = []
     for w in block_widths:
@@ -274,8 +278,10 @@ def parse_input_size(value: object, field: str = "input_size") -> tuple[int, int
         raise ConfigError(f"{field}={value!r} is not a size; allowed: an integer >= {MIN_INPUT_SIDE} or [H, W]")
     if isinstance(value, int):
         hw = (value, value)
-    elif isinstance(value, (list, tuple)) and len(value) == 2 and all(
-        isinstance(v, int) and not isinstance(v, bool) for v in value
+    elif (
+        isinstance(value, (list, tuple))
+        and len(value) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
     ):
         hw = (int(value[0]), int(value[1]))
     else:
@@ -302,9 +308,18 @@ def _resnet(name: str, d: _ResNetDef, input_hw: tuple[int, int]) -> BackboneSpec
             out_hw = _hw(hw, 3, stride, 1)  # the 3x3 conv carries the stride
             blocks.append(
                 BlockSpec(
-                    stage=s, index=i, kind=d.block, in_channels=in_ch, width=planes,
-                    out_channels=out_ch, stride=stride, groups=1, se_channels=0,
-                    in_hw=hw, out_hw=out_hw, has_downsample=stride != 1 or in_ch != out_ch,
+                    stage=s,
+                    index=i,
+                    kind=d.block,
+                    in_channels=in_ch,
+                    width=planes,
+                    out_channels=out_ch,
+                    stride=stride,
+                    groups=1,
+                    se_channels=0,
+                    in_hw=hw,
+                    out_hw=out_hw,
+                    has_downsample=stride != 1 or in_ch != out_ch,
                 )
             )
             in_ch, hw = out_ch, out_hw
@@ -324,10 +339,18 @@ def _regnet(name: str, d: _RegNetDef, input_hw: tuple[int, int]) -> BackboneSpec
             out_hw = _hw(hw, 3, stride, 1)
             blocks.append(
                 BlockSpec(
-                    stage=s, index=i, kind="regnety", in_channels=in_ch, width=width,
-                    out_channels=out_ch, stride=stride, groups=groups,
+                    stage=s,
+                    index=i,
+                    kind="regnety",
+                    in_channels=in_ch,
+                    width=width,
+                    out_channels=out_ch,
+                    stride=stride,
+                    groups=groups,
                     se_channels=int(round(d.se_ratio * in_ch)),
-                    in_hw=hw, out_hw=out_hw, has_downsample=stride != 1 or in_ch != out_ch,
+                    in_hw=hw,
+                    out_hw=out_hw,
+                    has_downsample=stride != 1 or in_ch != out_ch,
                 )
             )
             in_ch, hw = out_ch, out_hw
@@ -346,16 +369,26 @@ def _densenet(name: str, d: _DenseNetDef, input_hw: tuple[int, int]) -> Backbone
         for i in range(layers):
             blocks.append(
                 BlockSpec(
-                    stage=s, index=i, kind="dense", in_channels=c + i * k, width=d.bn_size * k,
-                    out_channels=k, stride=1, groups=1, se_channels=0, in_hw=hw, out_hw=hw,
+                    stage=s,
+                    index=i,
+                    kind="dense",
+                    in_channels=c + i * k,
+                    width=d.bn_size * k,
+                    out_channels=k,
+                    stride=1,
+                    groups=1,
+                    se_channels=0,
+                    in_hw=hw,
+                    out_hw=hw,
                     has_downsample=i == layers - 1 and not last_stage,
                 )
             )
         c += layers * k
         if not last_stage:  # transition: half the channels, 2x2 average pool
             c, hw = c // 2, _hw(hw, 2, 2, 0)
-    return BackboneSpec(name, "densenet", input_hw, stem, tuple(blocks), c, 1000, _NO_SPATIAL, _DENSENET_NOTE,
-                        head_norm=True)
+    return BackboneSpec(
+        name, "densenet", input_hw, stem, tuple(blocks), c, 1000, _NO_SPATIAL, _DENSENET_NOTE, head_norm=True
+    )
 
 
 def transition_of(b: BlockSpec) -> tuple[int, int, tuple[int, int]]:

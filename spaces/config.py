@@ -62,8 +62,22 @@ PARADIGMS: tuple[str, ...] = ALL_PARADIGMS
 
 #: keys of an exported file that are not part of the architecture ("realised": what a finetune-proxy search's
 #: export adds; "trained": what dynas train adds in RUN/config.json)
-_EXPORT_KEYS = frozenset({"dynas_version", "target", "batch_size", "predictions", "training", "laudnet_args",
-                          "study", "trial", "proxy", "notes", "realised", "trained"})
+_EXPORT_KEYS = frozenset(
+    {
+        "dynas_version",
+        "target",
+        "batch_size",
+        "predictions",
+        "training",
+        "laudnet_args",
+        "study",
+        "trial",
+        "proxy",
+        "notes",
+        "realised",
+        "trained",
+    }
+)
 _EXIT_KEYS = ("exits", "exit_head", "exit_width", "exit_thresholds")
 #: exit head types: "light" = global average pool + linear; "conv" = 1x1 conv + BN + ReLU to
 #: ``exit_width`` channels, then global average pool + linear
@@ -105,8 +119,10 @@ def channel_granularities(spec: BackboneSpec, stage: int) -> tuple[int, ...]:
 def check_paradigm(spec: BackboneSpec, paradigm: str, where: str) -> None:
     """Raise :class:`ConfigError` (one line) when ``spec``'s backbone does not offer ``paradigm``."""
     if paradigm not in spec.paradigms:
-        raise ConfigError(f"{where}: paradigm={paradigm!r} is not offered on {spec.name} ({spec.paradigm_note}); "
-                          f"allowed: {', '.join(spec.paradigms)}")
+        raise ConfigError(
+            f"{where}: paradigm={paradigm!r} is not offered on {spec.name} ({spec.paradigm_note}); "
+            f"allowed: {', '.join(spec.paradigms)}"
+        )
 
 
 def _rate(value: Any, where: str) -> float:
@@ -280,18 +296,26 @@ class ArchConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "ArchConfig":
         if not isinstance(data, Mapping):
-            raise ConfigError(f"config={type(data).__name__} is not an object; allowed: a JSON object with backbone, input_size, stages")
+            raise ConfigError(
+                f"config={type(data).__name__} is not an object; allowed: a JSON object with backbone, input_size, stages"
+            )
         unknown = sorted(set(data) - {"backbone", "input_size", "stages"} - set(_EXIT_KEYS) - _EXPORT_KEYS)
         if unknown:
-            raise ConfigError(f"config key {unknown[0]!r} is unknown; allowed: backbone, input_size, stages, "
-                              f"{', '.join(_EXIT_KEYS)} (exports may add {', '.join(sorted(_EXPORT_KEYS))})")
+            raise ConfigError(
+                f"config key {unknown[0]!r} is unknown; allowed: backbone, input_size, stages, "
+                f"{', '.join(_EXIT_KEYS)} (exports may add {', '.join(sorted(_EXPORT_KEYS))})"
+            )
         backbone = data.get("backbone")
         if not isinstance(backbone, str):
-            raise ConfigError(f"backbone={backbone!r} is missing or not a string; allowed: {', '.join(list_backbones())}")
+            raise ConfigError(
+                f"backbone={backbone!r} is missing or not a string; allowed: {', '.join(list_backbones())}"
+            )
         spec = get_backbone(backbone, data.get("input_size", 224))
         stages_raw = data.get("stages")
         if not isinstance(stages_raw, list):
-            raise ConfigError(f"stages={stages_raw!r} is not a list; allowed: a list of {spec.num_stages} stage objects")
+            raise ConfigError(
+                f"stages={stages_raw!r} is not a list; allowed: a list of {spec.num_stages} stage objects"
+            )
         stages = tuple(_stage_from_dict(i, s) for i, s in enumerate(stages_raw))
         return cls(backbone, spec.input_hw, stages, **_exits_from_dict(data))
 
@@ -307,7 +331,7 @@ class ArchConfig:
 def _stage_from_dict(i: int, raw: Any) -> StageConfig:
     where = f"stage {i}"
     if not isinstance(raw, Mapping):
-        raise ConfigError(f"{where}: {raw!r} is not an object; allowed: {{\"paradigm\": ..., \"rate\": ...}}")
+        raise ConfigError(f'{where}: {raw!r} is not an object; allowed: {{"paradigm": ..., "rate": ...}}')
     unknown = sorted(set(raw) - set(_STAGE_KEYS))
     if unknown:
         raise ConfigError(f"{where}: key {unknown[0]!r} is unknown; allowed: {', '.join(_STAGE_KEYS)}")
@@ -355,13 +379,17 @@ def _validate_exits(cfg: ArchConfig, spec: BackboneSpec) -> None:
     if not isinstance(cfg.exits, tuple):
         raise ConfigError(f"exits={cfg.exits!r} is not a tuple; allowed: a list of {allowed}")
     if cfg.exits and spec.family == "densenet":
-        raise ConfigError(f"exits={list(cfg.exits)!r} on {cfg.backbone}: early exits are not built for DenseNet yet; "
-                          "allowed: exits on ResNet and RegNet backbones")
+        raise ConfigError(
+            f"exits={list(cfg.exits)!r} on {cfg.backbone}: early exits are not built for DenseNet yet; "
+            "allowed: exits on ResNet and RegNet backbones"
+        )
     for e in cfg.exits:
         if isinstance(e, bool) or not isinstance(e, int):
             raise ConfigError(f"exits: {e!r} is not a stage index; allowed: {allowed}")
         if e == last:
-            raise ConfigError(f"exits: stage {e} is the last stage, whose exit is the network's own head; allowed: {allowed}")
+            raise ConfigError(
+                f"exits: stage {e} is the last stage, whose exit is the network's own head; allowed: {allowed}"
+            )
         if not 0 <= e < last:
             raise ConfigError(f"exits: stage {e} does not exist in {cfg.backbone}; allowed: {allowed}")
     if len(set(cfg.exits)) != len(cfg.exits):
@@ -375,16 +403,24 @@ def _validate_exits(cfg: ArchConfig, spec: BackboneSpec) -> None:
     if isinstance(w, bool) or not isinstance(w, int) or w < 1:
         raise ConfigError(f"exit_width={w!r} is not allowed; allowed: an integer >= 1")
     if cfg.exit_head != "conv" and w != DEFAULT_EXIT_WIDTH:
-        raise ConfigError(f"exit_width={w!r} is not used by exit_head {cfg.exit_head!r}; allowed: only with exit_head 'conv'")
-    if not cfg.exits and (cfg.exit_head != DEFAULT_EXIT_HEAD or w != DEFAULT_EXIT_WIDTH or cfg.exit_thresholds is not None):
-        raise ConfigError("exit_head, exit_width and exit_thresholds need exits; allowed: them only with a list of exits")
+        raise ConfigError(
+            f"exit_width={w!r} is not used by exit_head {cfg.exit_head!r}; allowed: only with exit_head 'conv'"
+        )
+    if not cfg.exits and (
+        cfg.exit_head != DEFAULT_EXIT_HEAD or w != DEFAULT_EXIT_WIDTH or cfg.exit_thresholds is not None
+    ):
+        raise ConfigError(
+            "exit_head, exit_width and exit_thresholds need exits; allowed: them only with a list of exits"
+        )
     t = cfg.exit_thresholds
     if t is None:
         return
     if not isinstance(t, tuple) or len(t) != len(cfg.exits):
         n = len(t) if isinstance(t, (tuple, list)) else t
-        raise ConfigError(f"exit_thresholds has {n} entries; allowed: exactly {len(cfg.exits)}, one per entry of exits "
-                          "(the network's own head takes every sample left)")
+        raise ConfigError(
+            f"exit_thresholds has {n} entries; allowed: exactly {len(cfg.exits)}, one per entry of exits "
+            "(the network's own head takes every sample left)"
+        )
     for i, v in enumerate(t):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not 0.0 <= v <= 1.0:
             raise ConfigError(f"exit_thresholds[{i}]={v!r} is out of range; allowed: a number in [0, 1]")
@@ -393,9 +429,13 @@ def _validate_exits(cfg: ArchConfig, spec: BackboneSpec) -> None:
 def _validate(cfg: ArchConfig) -> None:
     spec = get_backbone(cfg.backbone, cfg.input_size)
     if not isinstance(cfg.input_size, tuple) or cfg.input_size != spec.input_hw:
-        raise ConfigError(f"input_size={cfg.input_size!r} is not normalised; allowed: the tuple {spec.input_hw!r} (ArchConfig.from_dict normalises ints)")
+        raise ConfigError(
+            f"input_size={cfg.input_size!r} is not normalised; allowed: the tuple {spec.input_hw!r} (ArchConfig.from_dict normalises ints)"
+        )
     if len(cfg.stages) != spec.num_stages:
-        raise ConfigError(f"stages has {len(cfg.stages)} entries; allowed: exactly {spec.num_stages} for {cfg.backbone}")
+        raise ConfigError(
+            f"stages has {len(cfg.stages)} entries; allowed: exactly {spec.num_stages} for {cfg.backbone}"
+        )
     for i, st in enumerate(cfg.stages):
         where = f"stage {i}"
         if not isinstance(st, StageConfig):
@@ -411,22 +451,36 @@ def _validate(cfg: ArchConfig) -> None:
         _rate(st.rate, f"{where}: rate")
         if uses_spatial(p):
             h, w = spec.stage_out_hw(i)
-            _int(st.spatial_granularity, f"{where}: spatial_granularity", spatial_granularities(spec, i),
-                 f"does not divide the stage's {h}x{w} output map")
+            _int(
+                st.spatial_granularity,
+                f"{where}: spatial_granularity",
+                spatial_granularities(spec, i),
+                f"does not divide the stage's {h}x{w} output map",
+            )
         elif st.spatial_granularity is not None:
-            raise ConfigError(f"{where}: field 'spatial_granularity' is not used by paradigm {p!r}; allowed: only with spatial, spatial+channel")
+            raise ConfigError(
+                f"{where}: field 'spatial_granularity' is not used by paradigm {p!r}; allowed: only with spatial, spatial+channel"
+            )
         if uses_channel(p):
             n = spec.stage_width(i)
-            _int(st.channel_granularity, f"{where}: channel_granularity", channel_granularities(spec, i),
-                 f"must divide the gated width {n} and leave at least 2 groups")
+            _int(
+                st.channel_granularity,
+                f"{where}: channel_granularity",
+                channel_granularities(spec, i),
+                f"must divide the gated width {n} and leave at least 2 groups",
+            )
         elif st.channel_granularity is not None:
-            raise ConfigError(f"{where}: field 'channel_granularity' is not used by paradigm {p!r}; allowed: only with channel, spatial+channel, layer+channel")
+            raise ConfigError(
+                f"{where}: field 'channel_granularity' is not used by paradigm {p!r}; allowed: only with channel, spatial+channel, layer+channel"
+            )
         if p in ("spatial+channel", "layer+channel"):
             if st.channel_rate is None:
                 raise ConfigError(f"{where}: channel_rate is missing; paradigm {p!r} needs a number in (0, 1]")
             _rate(st.channel_rate, f"{where}: channel_rate")
         elif st.channel_rate is not None:
-            raise ConfigError(f"{where}: field 'channel_rate' is not used by paradigm {p!r}; allowed: only with spatial+channel, layer+channel")
+            raise ConfigError(
+                f"{where}: field 'channel_rate' is not used by paradigm {p!r}; allowed: only with spatial+channel, layer+channel"
+            )
     _validate_exits(cfg, spec)
 
 
@@ -448,4 +502,6 @@ def load_config(source: "ArchConfig | Mapping[str, Any] | str | os.PathLike[str]
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(f"config={text!r} cannot be read: {exc}") from None
         return ArchConfig.from_json(body)
-    raise ConfigError(f"config={type(source).__name__} is not supported; allowed: ArchConfig, dict, JSON string or path")
+    raise ConfigError(
+        f"config={type(source).__name__} is not supported; allowed: ArchConfig, dict, JSON string or path"
+    )

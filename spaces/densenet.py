@@ -62,9 +62,16 @@ class Transition(nn.Sequential):
     """BN-ReLU-1x1 conv to ``c_out`` channels, 2x2 average pool with stride 2."""
 
     def __init__(self, c_in: int, c_out: int):
-        super().__init__(OrderedDict([("norm", nn.BatchNorm2d(c_in)), ("relu", nn.ReLU(inplace=True)),
-                                      ("conv", nn.Conv2d(c_in, c_out, 1, bias=False)),
-                                      ("pool", nn.AvgPool2d(kernel_size=2, stride=2))]))
+        super().__init__(
+            OrderedDict(
+                [
+                    ("norm", nn.BatchNorm2d(c_in)),
+                    ("relu", nn.ReLU(inplace=True)),
+                    ("conv", nn.Conv2d(c_in, c_out, 1, bias=False)),
+                    ("pool", nn.AvgPool2d(kernel_size=2, stride=2)),
+                ]
+            )
+        )
 
 
 class DenseNet(nn.Module):
@@ -74,12 +81,14 @@ class DenseNet(nn.Module):
         super().__init__()
         self.spec = spec
         st = spec.stem
-        layers: OrderedDict[str, nn.Module] = OrderedDict([
-            ("conv0", nn.Conv2d(st.in_channels, st.out_channels, st.kernel, st.stride, st.padding, bias=False)),
-            ("norm0", nn.BatchNorm2d(st.out_channels)),
-            ("relu0", nn.ReLU(inplace=True)),
-            ("pool0", nn.MaxPool2d(kernel_size=3, stride=2, padding=1)),
-        ])
+        layers: OrderedDict[str, nn.Module] = OrderedDict(
+            [
+                ("conv0", nn.Conv2d(st.in_channels, st.out_channels, st.kernel, st.stride, st.padding, bias=False)),
+                ("norm0", nn.BatchNorm2d(st.out_channels)),
+                ("relu0", nn.ReLU(inplace=True)),
+                ("pool0", nn.MaxPool2d(kernel_size=3, stride=2, padding=1)),
+            ]
+        )
         for s in range(spec.num_stages):
             blocks = spec.stage_blocks(s)
             layers[f"denseblock{s + 1}"] = DenseBlock(blocks)

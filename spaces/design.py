@@ -47,8 +47,14 @@ CALIBRATION_RATES: tuple[float, ...] = tuple(round(0.1 * i, 2) for i in range(1,
 VALIDATION_RATES: tuple[float, ...] = tuple(round(0.05 + 0.1 * i, 2) for i in range(1, 10))
 #: one backbone per block kind: basic, bottleneck, grouped + squeeze-excitation
 DEFAULT_CALIBRATION_BACKBONES: tuple[str, ...] = ("resnet18", "resnet50", "regnety_400mf")
-DEFAULT_VALIDATION_BACKBONES: tuple[str, ...] = ("resnet18", "resnet34", "resnet50", "resnet101", "regnety_400mf",
-                                                  "regnety_800mf")
+DEFAULT_VALIDATION_BACKBONES: tuple[str, ...] = (
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "regnety_400mf",
+    "regnety_800mf",
+)
 
 
 @dataclass(frozen=True)
@@ -61,7 +67,9 @@ class PlanItem:
 
 def _check_backbones(backbones: Sequence[str], field: str) -> tuple[str, ...]:
     if isinstance(backbones, str) or not backbones:
-        raise ConfigError(f"{field}={backbones!r} is not allowed; allowed: a non-empty list of {', '.join(list_backbones())}")
+        raise ConfigError(
+            f"{field}={backbones!r} is not allowed; allowed: a non-empty list of {', '.join(list_backbones())}"
+        )
     for b in backbones:
         if b not in list_backbones():
             raise ConfigError(f"{field} entry {b!r} is unknown; allowed: {', '.join(list_backbones())}")
@@ -74,13 +82,18 @@ def _check_batches(batch_sizes: Sequence[int]) -> tuple[int, ...]:
     return tuple(check_int("batch_size", n, 1) for n in batch_sizes)
 
 
-def _stage_choice(paradigm: str, rate: float, channel_rate: float, spatial: int | None, channel: int | None) -> StageConfig:
+def _stage_choice(
+    paradigm: str, rate: float, channel_rate: float, spatial: int | None, channel: int | None
+) -> StageConfig:
     if paradigm == "static":
         return StageConfig()
-    return StageConfig(paradigm, rate,
-                       spatial_granularity=spatial if uses_spatial(paradigm) else None,
-                       channel_granularity=channel if uses_channel(paradigm) else None,
-                       channel_rate=channel_rate if paradigm in ("spatial+channel", "layer+channel") else None)
+    return StageConfig(
+        paradigm,
+        rate,
+        spatial_granularity=spatial if uses_spatial(paradigm) else None,
+        channel_granularity=channel if uses_channel(paradigm) else None,
+        channel_rate=channel_rate if paradigm in ("spatial+channel", "layer+channel") else None,
+    )
 
 
 def _allowed(paradigm: str, sg: tuple[int, ...], cg: tuple[int, ...], offered: tuple[str, ...] = PARADIGMS) -> bool:
@@ -125,8 +138,12 @@ def _design(backbone: str, input_size: tuple[int, int], seed: int) -> Iterator[A
         yield ArchConfig(backbone, spec.input_hw, tuple(stages))
 
 
-def calibration_plan(backbones: Sequence[str] = DEFAULT_CALIBRATION_BACKBONES, input_size: Any = 224,
-                     batch_sizes: Sequence[int] = (1, 8), seed: int = 0) -> Iterator[PlanItem]:
+def calibration_plan(
+    backbones: Sequence[str] = DEFAULT_CALIBRATION_BACKBONES,
+    input_size: Any = 224,
+    batch_sizes: Sequence[int] = (1, 8),
+    seed: int = 0,
+) -> Iterator[PlanItem]:
     """Endless balanced stream of calibration items; the static network of every (backbone,
     batch size) comes first, then stratified configs alternating backbones and batch sizes."""
     backbones = _check_backbones(backbones, "backbones")
@@ -147,12 +164,22 @@ def _random_stage(rng: random.Random, spec: Any, s: int) -> StageConfig:
     sg, cg = spatial_granularities(spec, s), channel_granularities(spec, s)
     paradigms = [p for p in PARADIGMS if _allowed(p, sg, cg, spec.paradigms)]
     p = rng.choice(paradigms)
-    return _stage_choice(p, rng.choice(VALIDATION_RATES), rng.choice(VALIDATION_RATES),
-                         rng.choice(sg) if sg else None, rng.choice(cg) if cg else None)
+    return _stage_choice(
+        p,
+        rng.choice(VALIDATION_RATES),
+        rng.choice(VALIDATION_RATES),
+        rng.choice(sg) if sg else None,
+        rng.choice(cg) if cg else None,
+    )
 
 
-def validation_plan(backbones: Sequence[str] = DEFAULT_VALIDATION_BACKBONES, input_size: Any = 224,
-                    batch_sizes: Sequence[int] = (1, 8), count: int = 24, seed: int = 1) -> list[PlanItem]:
+def validation_plan(
+    backbones: Sequence[str] = DEFAULT_VALIDATION_BACKBONES,
+    input_size: Any = 224,
+    batch_sizes: Sequence[int] = (1, 8),
+    count: int = 24,
+    seed: int = 1,
+) -> list[PlanItem]:
     """``count`` random configs (backbones in turn), each at every batch size; rates on
     :data:`VALIDATION_RATES`, so no dynamic stage repeats a calibration stage."""
     backbones = _check_backbones(backbones, "backbones")

@@ -56,8 +56,16 @@ __all__ = ["SearchSpace", "SpaceOptions", "StageOptions", "param_name"]
 _COMBINED = ("spatial+channel", "layer+channel")
 _RATE_DECIMALS = 4
 _TOL = 1e-9
-_FIELDS = ("backbone", "input_size", "paradigms", "spatial_granularities", "channel_granularities",
-           "rate_min", "rate_max", "rate_step")
+_FIELDS = (
+    "backbone",
+    "input_size",
+    "paradigms",
+    "spatial_granularities",
+    "channel_granularities",
+    "rate_min",
+    "rate_max",
+    "rate_step",
+)
 
 
 def param_name(stage: int, field: str) -> str:
@@ -107,7 +115,9 @@ def _granularities(value: Any, name: str) -> tuple[int, ...] | None:
     if isinstance(value, str) or not isinstance(value, (list, tuple)):
         raise ConfigError(f"{name}={value!r} is not a list; allowed: null or a non-empty list of positive integers")
     if not value:
-        raise ConfigError(f"{name}=[] is empty; allowed: null (no restriction) or a non-empty list of positive integers")
+        raise ConfigError(
+            f"{name}=[] is empty; allowed: null (no restriction) or a non-empty list of positive integers"
+        )
     for g in value:
         if isinstance(g, bool) or not isinstance(g, int) or g < 1:
             raise ConfigError(f"{name}: {g!r} is not a positive integer; allowed: a list of positive integers")
@@ -210,8 +220,7 @@ class SearchSpace(SpaceOptions):
             if self.channel_granularities is not None:
                 cg = tuple(g for g in cg if g in self.channel_granularities)
             ps = tuple(
-                p for p in self.paradigms
-                if not (uses_spatial(p) and not sg) and not (uses_channel(p) and not cg)
+                p for p in self.paradigms if not (uses_spatial(p) and not sg) and not (uses_channel(p) and not cg)
             )
             if not ps:
                 h, w = spec.stage_out_hw(i)
@@ -221,8 +230,9 @@ class SearchSpace(SpaceOptions):
                     f"{spec.stage_width(i)}: {_fmt(_valid_channel(spec, i))}); allowed: add 'static' or "
                     f"granularities valid at this stage"
                 )
-            out.append(StageOptions(i, ps, sg if any(map(uses_spatial, ps)) else (),
-                                    cg if any(map(uses_channel, ps)) else ()))
+            out.append(
+                StageOptions(i, ps, sg if any(map(uses_spatial, ps)) else (), cg if any(map(uses_channel, ps)) else ())
+            )
         dropped = [p for p in self.paradigms if not any(p in o.paradigms for o in out)]
         if dropped:
             warnings.warn(
@@ -255,8 +265,14 @@ class SearchSpace(SpaceOptions):
         total = 1
         for o in self._stage_options:
             s, c = len(o.spatial_granularities), len(o.channel_granularities)
-            per = {"static": 1, "spatial": s * r, "channel": c * r, "layer": r,
-                   "spatial+channel": s * c * r * r, "layer+channel": c * r * r}
+            per = {
+                "static": 1,
+                "spatial": s * r,
+                "channel": c * r,
+                "layer": r,
+                "spatial+channel": s * c * r * r,
+                "layer+channel": c * r * r,
+            }
             total *= sum(per[p] for p in o.paradigms)
         return total
 
@@ -276,8 +292,11 @@ class SearchSpace(SpaceOptions):
             cg = pick(param_name(i, "channel_granularity"), o.channel_granularities) if uses_channel(p) else None
             rate = pick(param_name(i, "rate"), None)
             channel_rate = pick(param_name(i, "channel_rate"), None) if p in _COMBINED else None
-            stages.append(StageConfig(paradigm=p, rate=rate, spatial_granularity=sg,
-                                      channel_granularity=cg, channel_rate=channel_rate))
+            stages.append(
+                StageConfig(
+                    paradigm=p, rate=rate, spatial_granularity=sg, channel_granularity=cg, channel_rate=channel_rate
+                )
+            )
         return ArchConfig(self.backbone, self.input_size, tuple(stages))
 
     def suggest(self, trial: Any) -> ArchConfig:
@@ -360,7 +379,9 @@ class SearchSpace(SpaceOptions):
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "SearchSpace":
         if not isinstance(data, Mapping):
-            raise ConfigError(f"search space={type(data).__name__} is not an object; allowed: an object with {_fmt(_FIELDS)}")
+            raise ConfigError(
+                f"search space={type(data).__name__} is not an object; allowed: an object with {_fmt(_FIELDS)}"
+            )
         unknown = sorted(set(data) - set(_FIELDS))
         if unknown:
             raise ConfigError(f"search space key {unknown[0]!r} is unknown; allowed: {_fmt(_FIELDS)}")
@@ -371,9 +392,11 @@ class SearchSpace(SpaceOptions):
     def describe(self) -> str:
         """One line for humans, e.g. ``resnet50 @ 224x224, 4 stages; paradigms ...; rates ...``."""
         h, w = self.input_size
-        parts = [f"{self.backbone} @ {h}x{w}, {self.num_stages} stages",
-                 f"paradigms {_fmt(self.paradigms)}",
-                 f"rates {self._grid_text()} ({len(self.rates)} values)"]
+        parts = [
+            f"{self.backbone} @ {h}x{w}, {self.num_stages} stages",
+            f"paradigms {_fmt(self.paradigms)}",
+            f"rates {self._grid_text()} ({len(self.rates)} values)",
+        ]
         if any(uses_spatial(p) for p in self.paradigms):
             parts.append("S per stage " + " / ".join(_fmt(o.spatial_granularities) or "-" for o in self._stage_options))
         if any(uses_channel(p) for p in self.paradigms):

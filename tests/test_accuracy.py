@@ -128,12 +128,20 @@ def test_static_config_scores_static_top1(proxy, backbone, input_size):
 def test_every_backbone_has_a_cited_static_top1(proxy):
     data = load_accuracy_points()
     assert set(data.static_top1) == set(list_backbones())
-    assert data.static_top1["densenet121"] == 74.434 and "DenseNet121_Weights.IMAGENET1K_V1" in data.static_sources["densenet121"]
+    assert (
+        data.static_top1["densenet121"] == 74.434
+        and "DenseNet121_Weights.IMAGENET1K_V1" in data.static_sources["densenet121"]
+    )
     assert data.static_top1["regnetx_400mf"] == 72.834 and data.static_top1["regnety_32gf"] == 80.878
     assert "pycls" in data.static_sources["regnetx_4gf"] and data.static_top1["regnetx_4gf"] == 78.6
     # the transfer rule: a dynamic DenseNet stage moves by its FLOPs share times the reference curve
-    cfg = ArchConfig.from_dict({"backbone": "densenet121", "input_size": 224,
-                                "stages": [{"paradigm": "layer", "rate": 0.3}] + [{"paradigm": "static"}] * 3})
+    cfg = ArchConfig.from_dict(
+        {
+            "backbone": "densenet121",
+            "input_size": 224,
+            "stages": [{"paradigm": "layer", "rate": 0.3}] + [{"paradigm": "static"}] * 3,
+        }
+    )
     assert proxy.score(cfg) < proxy.static_top1("densenet121")
 
 
@@ -192,10 +200,15 @@ def test_distillation_bonus_is_bounded_and_fit_is_sane(proxy):
 def test_coarser_granularity_costs_accuracy_only_when_skipping(proxy, backbone):
     spec = get_backbone(backbone)
     for s in range(spec.num_stages):
-        for paradigm, options in (("spatial", spatial_granularities(spec, s)), ("channel", channel_granularities(spec, s))):
+        for paradigm, options in (
+            ("spatial", spatial_granularities(spec, s)),
+            ("channel", channel_granularities(spec, s)),
+        ):
             for rate, strictly in ((0.5, True), (1.0, False)):
                 key = "spatial_granularity" if paradigm == "spatial" else "channel_granularity"
-                scores = [proxy.score(_one_stage(backbone, s, StageConfig(paradigm, rate, **{key: g}))) for g in options]
+                scores = [
+                    proxy.score(_one_stage(backbone, s, StageConfig(paradigm, rate, **{key: g}))) for g in options
+                ]
                 assert all(b <= a for a, b in zip(scores, scores[1:])), (paradigm, s, scores)  # options ascend: coarser
                 if strictly and len(options) > 1:
                     assert scores[-1] < scores[0]
@@ -216,7 +229,8 @@ def test_combined_paradigms_compose(proxy):
         # the channel decision at rate 1 changes nothing; at 0.5 it adds the channel curve's loss
         assert both_full == pytest.approx(spatial, abs=1e-12) and lc_full == pytest.approx(layer, abs=1e-12)
         chan_loss = proxy.score(_one_stage("resnet50", s, StageConfig("channel", 1.0, None, cg))) - proxy.score(
-            _one_stage("resnet50", s, StageConfig("channel", 0.5, None, cg)))
+            _one_stage("resnet50", s, StageConfig("channel", 0.5, None, cg))
+        )
         assert spatial - both == pytest.approx(chan_loss, rel=1e-9)
         assert layer - lc == pytest.approx(chan_loss, rel=1e-9)
 
@@ -258,7 +272,11 @@ def configs(draw):
             stages.append(StageConfig())
             continue
         sg = draw(st.sampled_from(spatial_granularities(spec, s))) if p in ("spatial", "spatial+channel") else None
-        cg = draw(st.sampled_from(channel_granularities(spec, s))) if p in ("channel", "spatial+channel", "layer+channel") else None
+        cg = (
+            draw(st.sampled_from(channel_granularities(spec, s)))
+            if p in ("channel", "spatial+channel", "layer+channel")
+            else None
+        )
         cr = draw(stage_rate) if p in ("spatial+channel", "layer+channel") else None
         stages.append(StageConfig(p, draw(stage_rate), sg, cg, cr))
     return ArchConfig(backbone, spec.input_hw, tuple(stages))

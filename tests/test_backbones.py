@@ -42,10 +42,13 @@ def _close(fast: torch.Tensor, ref: torch.Tensor) -> None:
 def _choice(spec, stage: int, paradigm: str, rate: float = 0.5) -> StageConfig:
     """``paradigm`` at ``stage`` with a mid-range granularity derived from the spec."""
     sg, cg = spatial_granularities(spec, stage), channel_granularities(spec, stage)
-    return StageConfig(paradigm, rate,
-                       spatial_granularity=sg[len(sg) // 2] if "spatial" in paradigm else None,
-                       channel_granularity=cg[len(cg) // 2] if "channel" in paradigm else None,
-                       channel_rate=rate if "+" in paradigm else None)
+    return StageConfig(
+        paradigm,
+        rate,
+        spatial_granularity=sg[len(sg) // 2] if "spatial" in paradigm else None,
+        channel_granularity=cg[len(cg) // 2] if "channel" in paradigm else None,
+        channel_rate=rate if "+" in paradigm else None,
+    )
 
 
 # ----------------------------------------------------------------------------- specs
@@ -53,9 +56,12 @@ def _choice(spec, stage: int, paradigm: str, rate: float = 0.5) -> StageConfig:
 # torchvision's stage widths and depths (regnet.py, BlockParams.from_init_params), and the
 # RegNet paper's pycls model zoo for the sizes torchvision does not ship
 PUBLISHED_STAGES = {
-    "regnetx_400mf": ((32, 64, 160, 400), (1, 2, 7, 12)), "regnetx_4gf": ((80, 240, 560, 1360), (2, 5, 14, 2)),
-    "regnetx_32gf": ((336, 672, 1344, 2520), (2, 7, 13, 1)), "regnety_800mf": ((64, 144, 320, 784), (1, 3, 8, 2)),
-    "regnety_4gf": ((128, 192, 512, 1088), (2, 6, 12, 2)), "regnety_8gf": ((224, 448, 896, 2016), (2, 4, 10, 1)),
+    "regnetx_400mf": ((32, 64, 160, 400), (1, 2, 7, 12)),
+    "regnetx_4gf": ((80, 240, 560, 1360), (2, 5, 14, 2)),
+    "regnetx_32gf": ((336, 672, 1344, 2520), (2, 7, 13, 1)),
+    "regnety_800mf": ((64, 144, 320, 784), (1, 3, 8, 2)),
+    "regnety_4gf": ((128, 192, 512, 1088), (2, 6, 12, 2)),
+    "regnety_8gf": ((224, 448, 896, 2016), (2, 4, 10, 1)),
 }
 
 
@@ -133,8 +139,9 @@ def _both(model, x: torch.Tensor, mode: str):
 
 # DenseNet-121 in full (both layouts, every gate mode, maps 16 / 8 / 4 / 2); the deeper ones on
 # maps 8 / 4 / 2 / 1 in the layout the fast path is built for, to keep CI fast
-DENSE_CASES = [("densenet121", SIZE, (torch.contiguous_format, torch.channels_last), ("random", "budget", "adaptive"))] + [
-    (name, 32, (torch.channels_last,), ("random", "budget")) for name in DENSENETS if name != "densenet121"]
+DENSE_CASES = [
+    ("densenet121", SIZE, (torch.contiguous_format, torch.channels_last), ("random", "budget", "adaptive"))
+] + [(name, 32, (torch.channels_last,), ("random", "budget")) for name in DENSENETS if name != "densenet121"]
 
 
 @pytest.mark.parametrize("paradigm", ["layer", "channel", "layer+channel"])
@@ -164,7 +171,9 @@ def test_skipped_layers_are_not_read_by_later_layers(monkeypatch):
         return real_new(self, rows, *args)
 
     monkeypatch.setattr(DynamicDenseLayer, "fast_new", fast_new)
-    monkeypatch.setattr(dense, "row_product", lambda rows, w: products.append((rows.shape[1], w.shape[0])) or real_product(rows, w))
+    monkeypatch.setattr(
+        dense, "row_product", lambda rows, w: products.append((rows.shape[1], w.shape[0])) or real_product(rows, w)
+    )
     x = torch.randn(1, 3, SIZE, SIZE).contiguous(memory_format=torch.channels_last)
     out = _both(model, x, "random")
     _close(out["fast"], out["reference"])
@@ -184,7 +193,9 @@ def test_channel_gate_reads_selected_bottleneck_channels_only(monkeypatch):
     model = _dense_model("densenet121", "channel", rate=0.25)
     seen = []
     real = dense.conv_inputs
-    monkeypatch.setattr(dense, "conv_inputs", lambda h, conv, sel, pad: seen.append(h.shape[1]) or real(h, conv, sel, pad))
+    monkeypatch.setattr(
+        dense, "conv_inputs", lambda h, conv, sel, pad: seen.append(h.shape[1]) or real(h, conv, sel, pad)
+    )
     x = torch.randn(2, 3, SIZE, SIZE).contiguous(memory_format=torch.channels_last)
     out = _both(model, x, "budget")
     _close(out["fast"], out["reference"])
@@ -217,8 +228,13 @@ def test_torchvision_named_state_dict_loads_with_only_maskers_missing(name):
 
 def test_densenet_predictions_on_gpu_targets_and_refusal_on_cpu_targets():
     static = ArchConfig.static("densenet121")
-    layer = ArchConfig.from_dict({"backbone": "densenet121", "input_size": 224,
-                                  "stages": [{"paradigm": "layer", "rate": 0.5}] * 3 + [{"paradigm": "static"}]})
+    layer = ArchConfig.from_dict(
+        {
+            "backbone": "densenet121",
+            "input_size": 224,
+            "stages": [{"paradigm": "layer", "rate": 0.5}] * 3 + [{"paradigm": "static"}],
+        }
+    )
     for target, n in (("v100", 64), ("tx2", 1)):
         a, b = predict(static, target, n), predict(layer, target, n)
         assert a.speedup == pytest.approx(1.0) and b.latency_ms < a.latency_ms

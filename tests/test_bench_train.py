@@ -12,10 +12,16 @@ from dynas.errors import ConfigError
 from dynas.kernels.bench import bench
 from dynas.kernels.trainer import synthetic_images, train
 
-CFG = {"backbone": "resnet18", "input_size": 32, "stages": [
-    {"paradigm": "spatial", "spatial_granularity": 2, "rate": 0.5},
-    {"paradigm": "channel", "channel_granularity": 4, "rate": 0.5},
-    {"paradigm": "layer", "rate": 0.5}, {"paradigm": "static"}]}
+CFG = {
+    "backbone": "resnet18",
+    "input_size": 32,
+    "stages": [
+        {"paradigm": "spatial", "spatial_granularity": 2, "rate": 0.5},
+        {"paradigm": "channel", "channel_granularity": 4, "rate": 0.5},
+        {"paradigm": "layer", "rate": 0.5},
+        {"paradigm": "static"},
+    ],
+}
 
 
 def test_bench_reports_both_latencies_and_the_fast_path_error():
@@ -42,15 +48,24 @@ def test_bench_in_random_gate_mode(capsys, tmp_path):
     assert "random gate mode" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("kwargs,match", [({"device": "tpu"}, "device='tpu'"), ({"batch_size": 0}, "batch_size=0"),
-                                          ({"threads": 0}, "threads=0"), ({"memory_format": "nchw"}, "memory_format='nchw'"),
-                                          ({"gate_mode": "adaptive"}, "gate_mode='adaptive'")])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"device": "tpu"}, "device='tpu'"),
+        ({"batch_size": 0}, "batch_size=0"),
+        ({"threads": 0}, "threads=0"),
+        ({"memory_format": "nchw"}, "memory_format='nchw'"),
+        ({"gate_mode": "adaptive"}, "gate_mode='adaptive'"),
+    ],
+)
 def test_bench_rejects_bad_options(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         bench(CFG, **kwargs)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine; the CPU path is tested above")
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device on this machine; the CPU path is tested above"
+)
 def test_bench_on_cuda():
     r = bench(CFG, device="cuda", batch_size=2, repeats=3, warmup=1)
     assert r.max_abs_err < 1e-3
@@ -61,7 +76,16 @@ def test_cli_bench_json(tmp_path, capsys):
     path.write_text(json.dumps(CFG))
     assert main(["bench", str(path), "--repeats", "2", "--warmup", "0", "--threads", "1", "--json"]) == 0
     d = json.loads(capsys.readouterr().out)
-    for key in ("static_ms", "dynamic_ms", "speedup", "max_abs_err", "device", "threads", "batch_size", "memory_format"):
+    for key in (
+        "static_ms",
+        "dynamic_ms",
+        "speedup",
+        "max_abs_err",
+        "device",
+        "threads",
+        "batch_size",
+        "memory_format",
+    ):
         assert key in d
 
 

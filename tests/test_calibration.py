@@ -46,14 +46,17 @@ def test_cpu_target_round_trips_through_toml(tmp_path):
     assert predict(cfg, str(path), 1).latency_ms == pytest.approx(predict(cfg, t, 1).latency_ms)
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda c: c.pop("conv_call_us"), "cpu.conv_call_us is missing"),
-    (lambda c: c.update(conv_call_us=-1.0), "cpu.conv_call_us=-1.0 is out of range"),
-    (lambda c: c.update(bogus=1.0), "cpu.bogus is unknown"),
-    (lambda c: c.update(threads=0), "cpu.threads=0 is out of range"),
-    (lambda c: c.update(column_block=0), "cpu.column_block=0 is out of range"),
-    (lambda c: c.update(column_block=2.5), "cpu.column_block=2.5 is not a positive integer"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda c: c.pop("conv_call_us"), "cpu.conv_call_us is missing"),
+        (lambda c: c.update(conv_call_us=-1.0), "cpu.conv_call_us=-1.0 is out of range"),
+        (lambda c: c.update(bogus=1.0), "cpu.bogus is unknown"),
+        (lambda c: c.update(threads=0), "cpu.threads=0 is out of range"),
+        (lambda c: c.update(column_block=0), "cpu.column_block=0 is out of range"),
+        (lambda c: c.update(column_block=2.5), "cpu.column_block=2.5 is not a positive integer"),
+    ],
+)
 def test_cpu_target_file_errors_name_the_field(tmp_path, edit, message):
     import tomllib
 
@@ -77,8 +80,8 @@ def test_write_target_into_missing_directory_writes_nothing(tmp_path):
 
 def test_distinct_selections_expectation_matches_simulation():
     rng = random.Random(0)
-    for m, M in ((8, 6), (8, 70), (3, 2), (8, 10 ** 20)):
-        sims = [len({rng.randrange(min(M, 10 ** 9)) for _ in range(m)}) for _ in range(4000)]
+    for m, M in ((8, 6), (8, 70), (3, 2), (8, 10**20)):
+        sims = [len({rng.randrange(min(M, 10**9)) for _ in range(m)}) for _ in range(4000)]
         assert cpu._distinct(m, M) == pytest.approx(np.mean(sims), rel=0.03)
 
 
@@ -96,7 +99,7 @@ def test_needed_pixel_expectation_matches_brute_force(stage, S, k):
         for p in on:
             i, j = divmod(int(p), gw)
             r0, c0 = i * S * b.stride - 1, j * S * b.stride - 1
-            need[max(r0, 0):max(0, r0 + L), max(c0, 0):max(0, c0 + L)] = True
+            need[max(r0, 0) : max(0, r0 + L), max(c0, 0) : max(0, c0 + L)] = True
         counts.append(need.sum())
     assert cpu._covered(b, S, k) == pytest.approx(np.mean(counts), rel=0.03)
 
@@ -109,9 +112,13 @@ def test_predicted_latency_is_positive_and_monotone_in_rate(paradigm, batch):
     spec = get_backbone("resnet50", 224)
     last = 0.0
     for rate in (0.2, 0.4, 0.6, 0.8, 0.95):
-        st = StageConfig(paradigm, rate, spatial_granularity=7 if "spatial" in paradigm else None,
-                         channel_granularity=4 if "channel" in paradigm else None,
-                         channel_rate=rate if "+" in paradigm else None)
+        st = StageConfig(
+            paradigm,
+            rate,
+            spatial_granularity=7 if "spatial" in paradigm else None,
+            channel_granularity=4 if "channel" in paradigm else None,
+            channel_rate=rate if "+" in paradigm else None,
+        )
         cfg = ArchConfig("resnet50", spec.input_hw, (st,) * 4)
         ms = predict(cfg, _target(), batch).latency_ms
         assert math.isfinite(ms) and ms > last
@@ -159,9 +166,30 @@ def test_static_is_the_rate_one_layer_limit_minus_masker_work():
 
 
 # operators that launch no kernel (views); everything else the fast path dispatches is counted
-_VIEW_OPS = {"view", "_unsafe_view", "permute", "select", "slice", "expand", "as_strided", "t", "detach", "alias",
-             "unsqueeze", "squeeze", "reshape", "_reshape_alias", "transpose", "split", "unbind", "flatten",
-             "view_as", "unflatten", "expand_as", "narrow"}
+_VIEW_OPS = {
+    "view",
+    "_unsafe_view",
+    "permute",
+    "select",
+    "slice",
+    "expand",
+    "as_strided",
+    "t",
+    "detach",
+    "alias",
+    "unsqueeze",
+    "squeeze",
+    "reshape",
+    "_reshape_alias",
+    "transpose",
+    "split",
+    "unbind",
+    "flatten",
+    "view_as",
+    "unflatten",
+    "expand_as",
+    "narrow",
+}
 _CONV_OPS = {"conv2d", "convolution", "mkldnn_convolution", "_convolution_transpose_pointwise"}
 _MM_OPS = {"linear", "mm", "addmm", "matmul"}
 
@@ -200,20 +228,24 @@ def _dispatched(spec, st: StageConfig, n: int) -> tuple[int, int, int]:
 
 
 # (backbone, stage, block, choice, batch): paths whose operator count does not depend on the draw
-_COUNTED = [(bb, s, i, st, n) for bb, s, i in (("resnet18", 1, 0), ("resnet50", 1, 1), ("regnety_400mf", 1, 1))
-            for st, n in ((StageConfig(), 8), (StageConfig("channel", 0.5, channel_granularity=8), 1),
-                          (StageConfig("channel", 0.5, channel_granularity=1), 1),
-                          (StageConfig("channel", 1.0, channel_granularity=4), 8),
-                          (StageConfig("layer", 1.0), 8), (StageConfig("layer+channel", 1.0, channel_granularity=8,
-                                                                       channel_rate=0.5), 1),
-                          (StageConfig("spatial", 0.5, spatial_granularity=1), 8),
-                          (StageConfig("spatial", 0.5, spatial_granularity=2), 1),
-                          (StageConfig("spatial", 0.5, spatial_granularity=14), 8),
-                          (StageConfig("spatial+channel", 0.5, spatial_granularity=2, channel_granularity=8,
-                                       channel_rate=0.5), 1),
-                          # one channel part per sample: C(width, width / 2) selections never repeat
-                          (StageConfig("spatial+channel", 0.5, spatial_granularity=2, channel_granularity=1,
-                                       channel_rate=0.5), 8))]
+_COUNTED = [
+    (bb, s, i, st, n)
+    for bb, s, i in (("resnet18", 1, 0), ("resnet50", 1, 1), ("regnety_400mf", 1, 1))
+    for st, n in (
+        (StageConfig(), 8),
+        (StageConfig("channel", 0.5, channel_granularity=8), 1),
+        (StageConfig("channel", 0.5, channel_granularity=1), 1),
+        (StageConfig("channel", 1.0, channel_granularity=4), 8),
+        (StageConfig("layer", 1.0), 8),
+        (StageConfig("layer+channel", 1.0, channel_granularity=8, channel_rate=0.5), 1),
+        (StageConfig("spatial", 0.5, spatial_granularity=1), 8),
+        (StageConfig("spatial", 0.5, spatial_granularity=2), 1),
+        (StageConfig("spatial", 0.5, spatial_granularity=14), 8),
+        (StageConfig("spatial+channel", 0.5, spatial_granularity=2, channel_granularity=8, channel_rate=0.5), 1),
+        # one channel part per sample: C(width, width / 2) selections never repeat
+        (StageConfig("spatial+channel", 0.5, spatial_granularity=2, channel_granularity=1, channel_rate=0.5), 8),
+    )
+]
 
 
 @pytest.mark.parametrize("bb,s,i,st,n", _COUNTED, ids=lambda v: v.short() if isinstance(v, StageConfig) else str(v))
@@ -237,11 +269,16 @@ def test_expected_flops_follow_the_kernels_count():
     # predictor's expected FLOPs per stage equal the kernels' configured FLOPs record
     from dynas.kernels.model import build_model
 
-    cfg = ArchConfig("resnet50", (64, 64), (StageConfig("spatial", 0.5, spatial_granularity=2),
-                                            StageConfig("channel", 0.5, channel_granularity=8),
-                                            StageConfig("spatial+channel", 0.5, spatial_granularity=1,
-                                                        channel_granularity=16, channel_rate=0.5),
-                                            StageConfig()))
+    cfg = ArchConfig(
+        "resnet50",
+        (64, 64),
+        (
+            StageConfig("spatial", 0.5, spatial_granularity=2),
+            StageConfig("channel", 0.5, channel_granularity=8),
+            StageConfig("spatial+channel", 0.5, spatial_granularity=1, channel_granularity=16, channel_rate=0.5),
+            StageConfig(),
+        ),
+    )
     model = build_model(cfg).eval()
     per_stage = [0.0] * 4
     for blk in model.blocks():
@@ -253,8 +290,15 @@ def test_expected_flops_follow_the_kernels_count():
 
 
 def test_uncalibrated_work_is_an_error_not_a_zero():
-    t = HardwareTarget(name="unit", description="", kind="cpu", default_batch_size=1, cpu=UNIT, threads=2,
-                       unexercised=("grouped_ms_per_gmac",))
+    t = HardwareTarget(
+        name="unit",
+        description="",
+        kind="cpu",
+        default_batch_size=1,
+        cpu=UNIT,
+        threads=2,
+        unexercised=("grouped_ms_per_gmac",),
+    )
     predict(ArchConfig.static("resnet18", 64), t, 1)  # no grouped convs: fine
     with pytest.raises(TargetError, match="never calibrated on grouped_gmac"):
         predict(ArchConfig.static("regnety_400mf", 64), t, 1)
@@ -294,11 +338,20 @@ def _synthetic_table(true: cpu.CpuCosts, batch_sizes: tuple[int, ...], count: in
     rows = []
     for net, item in enumerate(plan):
         p = predict(item.config, _target(true), item.batch_size)
-        parts = [("stem", -1, p.stem_ms), ("head", -1, p.head_ms)] + [(f"stage{s}", s, st.latency_ms)
-                                                                       for s, st in enumerate(p.stages)]
+        parts = [("stem", -1, p.stem_ms), ("head", -1, p.head_ms)] + [
+            (f"stage{s}", s, st.latency_ms) for s, st in enumerate(p.stages)
+        ]
         for part, stage, ms in parts:
-            rows.append({"network_id": net, "config": item.config.to_json(indent=None), "batch_size": item.batch_size,
-                         "part": part, "stage": stage, "measured_ms": ms})
+            rows.append(
+                {
+                    "network_id": net,
+                    "config": item.config.to_json(indent=None),
+                    "batch_size": item.batch_size,
+                    "part": part,
+                    "stage": stage,
+                    "measured_ms": ms,
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -370,7 +423,9 @@ def test_old_target_files_keep_their_meaning(tmp_path):
     assert back.masker_call_us == back.dynamic_stage_us == 0.0  # no gate cost beyond the counted operators
     assert back._replace(**{f: getattr(costs, f) for f in later}) == costs
     # a file with row products but no per-sample products priced them alike
-    (tmp_path / "mid.toml").write_text("\n".join(line for line in text.splitlines() if not line.startswith("vec_ms_per_gmac")))
+    (tmp_path / "mid.toml").write_text(
+        "\n".join(line for line in text.splitlines() if not line.startswith("vec_ms_per_gmac"))
+    )
     assert load_target(str(tmp_path / "mid.toml")).cpu.vec_ms_per_gmac == costs.mm_ms_per_gmac
 
 
@@ -387,8 +442,16 @@ def test_fit_picks_the_column_block_that_generated_the_measurements(true_block, 
         if whole:  # every part and the network: the block is chosen by cross-validated networks
             parts += [("stem", -1, p.stem_ms), ("head", -1, p.head_ms), ("network", -1, p.latency_ms)]
         for part, stage, ms in parts:
-            rows.append({"network_id": net, "config": item.config.to_json(indent=None), "batch_size": item.batch_size,
-                         "part": part, "stage": stage, "measured_ms": ms})
+            rows.append(
+                {
+                    "network_id": net,
+                    "config": item.config.to_json(indent=None),
+                    "batch_size": item.batch_size,
+                    "part": part,
+                    "stage": stage,
+                    "measured_ms": ms,
+                }
+            )
     fitted = fit_target(pd.DataFrame(rows), "synthetic", {"threads": 2})
     assert fitted.column_block == true_block and fitted.fit["parts_mape_pct"] < 1e-3
     cv = fitted.fit["column_block_network_cv_mape_pct"]
@@ -402,7 +465,10 @@ def test_the_column_block_is_the_one_that_predicts_held_out_networks_best(monkey
     table = pd.read_csv(data / "cpu-2core-dec01-pairs.csv")
     table = table[table["network_id"] < 120]
     fitted = fit_target(table, "t")
-    cv = {int(k): float(v) for k, v in (kv.split(": ") for kv in fitted.fit["column_block_network_cv_mape_pct"].split(", "))}
+    cv = {
+        int(k): float(v)
+        for k, v in (kv.split(": ") for kv in fitted.fit["column_block_network_cv_mape_pct"].split(", "))
+    }
     assert set(cv) == set(cpu.COLUMN_BLOCKS) and fitted.column_block == min(cv, key=cv.get)
     # too few whole networks to cross-validate: the part rows' median error decides
     monkeypatch.setattr(cal, "CV_MIN_NETWORKS", 10_000)
@@ -415,8 +481,10 @@ def test_fit_rejects_tables_it_cannot_use():
     with pytest.raises(ConfigError, match="column 'measured_ms' is missing"):
         fit_target(pd.DataFrame({"config": ["{}"], "batch_size": [1], "part": ["stem"], "stage": [-1]}), "x")
     with pytest.raises(ConfigError, match="measured_ms=-1.0 is out of range"):
-        fit_target(pd.DataFrame({"config": ["{}"], "batch_size": [1], "part": ["stem"], "stage": [-1],
-                                 "measured_ms": [-1.0]}), "x")
+        fit_target(
+            pd.DataFrame({"config": ["{}"], "batch_size": [1], "part": ["stem"], "stage": [-1], "measured_ms": [-1.0]}),
+            "x",
+        )
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -451,12 +519,16 @@ def test_the_fit_and_the_scores_keep_block_rows_apart():
     assert fit_target(pd.concat([cal, junk]), "t").cpu == fit_target(cal, "t").cpu
     scored = compare(pd.concat([cal, junk]), str(data / "cpu-2core-dec01-late.toml"))
     blocks = scored[scored["part"] == "block0.0"]
-    want = [predict_blocks(c, str(data / "cpu-2core-dec01-late.toml"), int(n))[0][0]
-            for c, n in zip(blocks["config"], blocks["batch_size"])]
+    want = [
+        predict_blocks(c, str(data / "cpu-2core-dec01-late.toml"), int(n))[0][0]
+        for c, n in zip(blocks["config"], blocks["batch_size"])
+    ]
     np.testing.assert_allclose(blocks["predicted_ms"], want, rtol=1e-12)
     gated = per_sample_gated(blocks)
     assert gated.any() and not gated.all()  # the calibration design has stage-0 layer gates and others
-    with pytest.raises(ConfigError, match=r"part='block0\.9' is not a block of resnet18; allowed: block<stage>\.<index>"):
+    with pytest.raises(
+        ConfigError, match=r"part='block0\.9' is not a block of resnet18; allowed: block<stage>\.<index>"
+    ):
         compare(junk.assign(part="block0.9").head(1), str(data / "cpu-2core-dec01-late.toml"))
 
 
@@ -506,8 +578,9 @@ def test_run_rounds_on_an_endless_plan_remeasures_the_first_rounds_networks(monk
         return cal.Measurement(1.0, (1.0,) * 4, 1.0, 7.0 + len(seen), repeats)
 
     monkeypatch.setattr(cal, "measure", fake_measure)
-    rows = pd.DataFrame(cal.run_rounds(calibration_plan(("resnet18",), 32, (1,), seed=0), 2, repeats=1, seed=3,
-                                       max_items=4))
+    rows = pd.DataFrame(
+        cal.run_rounds(calibration_plan(("resnet18",), 32, (1,), seed=0), 2, repeats=1, seed=3, max_items=4)
+    )
     assert sorted(rows["network_id"].unique()) == [0, 1, 2, 3]
     assert len(seen) == 8 and seen[4:] == seen[:4][::-1]  # the same networks and seeds, reversed
     assert [s for _, _, s in seen[:4]] == [3, 4, 5, 6]
@@ -522,8 +595,23 @@ def test_a_busy_machine_is_named_next_to_the_scores(tmp_path, capsys, spread, bu
     val = pd.read_csv(data / "validation-seed23.csv")
     val["round_spread"] = spread
     val.to_csv(tmp_path / "m.csv", index=False)
-    assert main(["validate", "--target", str(data / "cpu-2core-dec01-late.toml"), "--measurements", str(tmp_path / "m.csv"),
-                 "--csv", str(tmp_path / "out.csv"), "--html", str(tmp_path / "out.html"), "-q"]) == 0
+    assert (
+        main(
+            [
+                "validate",
+                "--target",
+                str(data / "cpu-2core-dec01-late.toml"),
+                "--measurements",
+                str(tmp_path / "m.csv"),
+                "--csv",
+                str(tmp_path / "out.csv"),
+                "--html",
+                str(tmp_path / "out.html"),
+                "-q",
+            ]
+        )
+        == 0
+    )
     captured = capsys.readouterr()
     assert f"a median {100 * spread:.1f}% longer" in captured.out
     assert ("the machine was busy: a median round spread of 8.9% is more than 5%" in captured.err) == busy
@@ -537,8 +625,23 @@ def test_pairs_that_held_the_drift_silence_the_busy_warning(tmp_path, capsys, pa
     val = pd.read_csv(data / "validation-seed28.csv")
     val = val[val["network_id"] < 8].assign(round_spread=0.171, paired_spread=paired)
     val.to_csv(tmp_path / "m.csv", index=False)
-    assert main(["validate", "--target", str(data / "cpu-2core-dec01-pairs.toml"), "--measurements", str(tmp_path / "m.csv"),
-                 "--csv", str(tmp_path / "out.csv"), "--html", str(tmp_path / "out.html"), "-q"]) == 0
+    assert (
+        main(
+            [
+                "validate",
+                "--target",
+                str(data / "cpu-2core-dec01-pairs.toml"),
+                "--measurements",
+                str(tmp_path / "m.csv"),
+                "--csv",
+                str(tmp_path / "out.csv"),
+                "--html",
+                str(tmp_path / "out.html"),
+                "-q",
+            ]
+        )
+        == 0
+    )
     captured = capsys.readouterr()
     assert "a median 17.1% longer" in captured.out and f"a median {100 * paired:.1f}% longer" in captured.out
     assert "networks x host" in captured.out and "timed pass by pass alongside it" in captured.out
@@ -550,8 +653,31 @@ def test_pairs_that_held_the_drift_silence_the_busy_warning(tmp_path, capsys, pa
 
 def test_calibrate_validate_and_search_on_the_calibrated_target(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert main(["calibrate", "-o", "mine.toml", "--backbones", "resnet18", "--input-size", "32", "--batch-size", "1,2",
-                 "--budget-s", "4", "--rounds", "2", "--repeats", "1", "--threads", "1", "-q"]) == 0
+    assert (
+        main(
+            [
+                "calibrate",
+                "-o",
+                "mine.toml",
+                "--backbones",
+                "resnet18",
+                "--input-size",
+                "32",
+                "--batch-size",
+                "1,2",
+                "--budget-s",
+                "4",
+                "--rounds",
+                "2",
+                "--repeats",
+                "1",
+                "--threads",
+                "1",
+                "-q",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "fit on" in out and Path("mine.toml").is_file() and Path("mine.csv").is_file()
     assert "\nrounds: " in out and "longer than its fastest" in out
@@ -566,8 +692,29 @@ def test_calibrate_validate_and_search_on_the_calibrated_target(tmp_path, capsys
     assert main(["calibrate", "-o", "again.toml", "--measurements", "mine.csv", "-q"]) == 0
     assert load_target("./again.toml").cpu == t.cpu
 
-    assert main(["validate", "--target", "mine.toml", "--backbones", "resnet18", "--input-size", "32",
-                 "--count", "2", "--batch-size", "1", "--repeats", "1", "--rounds", "2", "-q"]) == 0
+    assert (
+        main(
+            [
+                "validate",
+                "--target",
+                "mine.toml",
+                "--backbones",
+                "resnet18",
+                "--input-size",
+                "32",
+                "--count",
+                "2",
+                "--batch-size",
+                "1",
+                "--repeats",
+                "1",
+                "--rounds",
+                "2",
+                "-q",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "networks" in out and "Spearman" in out and "host speed:" in out and "\nrounds: 2 networks" in out
     val = pd.read_csv("validate-mine.csv")
@@ -580,30 +727,128 @@ def test_calibrate_validate_and_search_on_the_calibrated_target(tmp_path, capsys
     assert "plotly" in html[:100000] and all(t in html for t in ("whole networks", "single stages", "single blocks"))
 
     # each network followed by its static network: per-network host factors
-    assert main(["validate", "--target", "mine.toml", "--backbones", "resnet18", "--input-size", "32", "--count", "1",
-                 "--batch-size", "2", "--repeats", "1", "--rounds", "1", "--host-check", "each", "--csv", "each.csv",
-                 "--html", "each.html", "-q"]) == 0
+    assert (
+        main(
+            [
+                "validate",
+                "--target",
+                "mine.toml",
+                "--backbones",
+                "resnet18",
+                "--input-size",
+                "32",
+                "--count",
+                "1",
+                "--batch-size",
+                "2",
+                "--repeats",
+                "1",
+                "--rounds",
+                "1",
+                "--host-check",
+                "each",
+                "--csv",
+                "each.csv",
+                "--html",
+                "each.html",
+                "-q",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "networks x host" in out and "each prediction scaled by its static network" in out
     assert (pd.read_csv("each.csv")["reference_ms"] > 0).all()
-    assert main(["validate", "--target", "mine.toml", "--backbones", "resnet18", "--input-size", "32", "--count", "1",
-                 "--batch-size", "1", "--repeats", "1", "--rounds", "1", "--host-check", "none", "--csv", "none.csv",
-                 "--html", "none.html", "--no-blocks", "-q"]) == 0
+    assert (
+        main(
+            [
+                "validate",
+                "--target",
+                "mine.toml",
+                "--backbones",
+                "resnet18",
+                "--input-size",
+                "32",
+                "--count",
+                "1",
+                "--batch-size",
+                "1",
+                "--repeats",
+                "1",
+                "--rounds",
+                "1",
+                "--host-check",
+                "none",
+                "--csv",
+                "none.csv",
+                "--html",
+                "none.html",
+                "--no-blocks",
+                "-q",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "host" not in out and "\nblocks " not in out and "\nrounds: " not in out  # one round
     none = pd.read_csv("none.csv")
     assert "host_ratio_before" not in none and not none["part"].str.startswith("block").any()
 
     # the measurements can be re-scored without measuring
-    assert main(["validate", "--target", "mine.toml", "--measurements", "validate-mine.csv", "--csv", "re.csv",
-                 "--html", "re.html", "-q"]) == 0
+    assert (
+        main(
+            [
+                "validate",
+                "--target",
+                "mine.toml",
+                "--measurements",
+                "validate-mine.csv",
+                "--csv",
+                "re.csv",
+                "--html",
+                "re.html",
+                "-q",
+            ]
+        )
+        == 0
+    )
     np.testing.assert_allclose(pd.read_csv("re.csv")["predicted_ms"], val["predicted_ms"])
     assert "host speed:" in capsys.readouterr().out  # the recorded ratio is scored again
 
-    assert main(["predict", json.dumps(ArchConfig.static("resnet18", 32).to_dict()), "--target", "./mine.toml",
-                 "--batch-size", "2"]) == 0
-    assert main(["search", "--backbone", "resnet18", "--input-size", "32", "--target", "./mine.toml", "--trials", "6",
-                 "--batch-size", "1", "--storage", f"sqlite:///{tmp_path / 's.db'}", "-q"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                json.dumps(ArchConfig.static("resnet18", 32).to_dict()),
+                "--target",
+                "./mine.toml",
+                "--batch-size",
+                "2",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "search",
+                "--backbone",
+                "resnet18",
+                "--input-size",
+                "32",
+                "--target",
+                "./mine.toml",
+                "--trials",
+                "6",
+                "--batch-size",
+                "1",
+                "--storage",
+                f"sqlite:///{tmp_path / 's.db'}",
+                "-q",
+            ]
+        )
+        == 0
+    )
 
 
 def test_host_speed_times_the_recorded_static_networks_again(monkeypatch):
@@ -617,8 +862,10 @@ def test_host_speed_times_the_recorded_static_networks_again(monkeypatch):
 
     monkeypatch.setattr(kc, "measure", fake_measure)
     recorded = {"resnet18-64x64-b1": 10.0, "resnet18-64x64-b8": 40.0, "resnet50-64x64-b1": 5.0}
-    rows = kc.host_speed(recorded, [("resnet18", 64, 1), ("resnet18", 64, 1), ("resnet18", 64, 8), ("resnet18", 64, 2),
-                                    ("resnet34", 64, 1)])
+    rows = kc.host_speed(
+        recorded,
+        [("resnet18", 64, 1), ("resnet18", 64, 1), ("resnet18", 64, 8), ("resnet18", 64, 2), ("resnet34", 64, 1)],
+    )
     # each recorded network once; unrecorded ones (batch 2, resnet34) are skipped
     assert timed == [("resnet18", 1), ("resnet18", 8)]
     assert [(r["key"], r["ratio"]) for r in rows] == [("resnet18-64x64-b1", 1.2), ("resnet18-64x64-b8", 0.75)]
@@ -630,8 +877,23 @@ def test_validate_scales_by_the_host_speed_only_when_it_held_steady(tmp_path, ca
     df = pd.read_csv(data / "validation-seed18.csv")
     df = df[df["network_id"] < 6].assign(host_ratio_before=before, host_ratio_after=after)
     df.to_csv(tmp_path / "m.csv", index=False)
-    assert main(["validate", "--target", str(data / "cpu-2core-dec01-ops.toml"), "--measurements", str(tmp_path / "m.csv"),
-                 "--csv", str(tmp_path / "v.csv"), "--html", str(tmp_path / "v.html"), "-q"]) == 0
+    assert (
+        main(
+            [
+                "validate",
+                "--target",
+                str(data / "cpu-2core-dec01-ops.toml"),
+                "--measurements",
+                str(tmp_path / "m.csv"),
+                "--csv",
+                str(tmp_path / "v.csv"),
+                "--html",
+                str(tmp_path / "v.html"),
+                "-q",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert f"{before:.3f} x their calibrated time before" in out and f"{after:.3f} x after" in out
     assert ("networks x host" in out) == scaled and ("moved by more than 3%" in out) == (not scaled)
@@ -641,8 +903,13 @@ def test_run_plan_times_the_reference_after_each_item(monkeypatch):
     from dynas.kernels import calibrate as kc
 
     order = []
-    monkeypatch.setattr(kc, "measure", lambda cfg, n, *a, **k: order.append(("net", n)) or kc.Measurement(
-        1.0, tuple(1.0 for _ in cfg.stages), 1.0, 6.0, 1))
+    monkeypatch.setattr(
+        kc,
+        "measure",
+        lambda cfg, n, *a, **k: (
+            order.append(("net", n)) or kc.Measurement(1.0, tuple(1.0 for _ in cfg.stages), 1.0, 6.0, 1)
+        ),
+    )
     items = list(itertools.islice(calibration_plan(["resnet18"], 32, (1, 2), seed=0), 3))
     rows = kc.run_plan(items, reference=lambda item: order.append(("ref", item.batch_size)) or 2.0 * item.batch_size)
     assert order == [("net", 1), ("ref", 1), ("net", 2), ("ref", 2), ("net", 1), ("ref", 1)]
@@ -660,7 +927,10 @@ def test_measure_runs_a_reference_pass_after_every_pass():
 
     order = []
     hook = torch.nn.modules.module.register_module_forward_hook(
-        lambda mod, args, out: order.append(type(mod).__name__) if type(mod).__name__ in ("DynamicNet", "Reference") else None)
+        lambda mod, args, out: (
+            order.append(type(mod).__name__) if type(mod).__name__ in ("DynamicNet", "Reference") else None
+        )
+    )
     try:
         m = measure(cfg, 2, repeats=3, warmup=2, reference=Reference())
     finally:
@@ -702,9 +972,21 @@ def test_paired_times_are_fitted_in_units_of_the_quiet_host():
         parts = [("stem", -1, p.stem_ms), ("head", -1, p.head_ms), ("network", -1, p.latency_ms)]
         parts += [(f"stage{s}", s, st.latency_ms) for s, st in enumerate(p.stages)]
         for part, stage, ms in parts:
-            rows.append({"network_id": net, "backbone": item.config.backbone, "input_h": 64, "input_w": 64,
-                         "config": item.config.to_json(indent=None), "batch_size": item.batch_size, "part": part,
-                         "stage": stage, "measured_ms": ms * slow, "reference_ms": ref * slow, "host_check": "pairs"})
+            rows.append(
+                {
+                    "network_id": net,
+                    "backbone": item.config.backbone,
+                    "input_h": 64,
+                    "input_w": 64,
+                    "config": item.config.to_json(indent=None),
+                    "batch_size": item.batch_size,
+                    "part": part,
+                    "stage": stage,
+                    "measured_ms": ms * slow,
+                    "reference_ms": ref * slow,
+                    "host_check": "pairs",
+                }
+            )
             quiet_ms.append(ms)
     df = pd.DataFrame(rows)
     norm = host_normalized(df)
@@ -724,9 +1006,33 @@ def test_paired_times_are_fitted_in_units_of_the_quiet_host():
 
 def test_calibrate_and_validate_in_pairs(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert main(["calibrate", "-o", "p.toml", "--backbones", "resnet18", "--input-size", "32", "--batch-size", "1",
-                 "--budget-s", "3", "--rounds", "2", "--repeats", "1", "--threads", "1", "--host-check", "pairs",
-                 "-q"]) == 0
+    assert (
+        main(
+            [
+                "calibrate",
+                "-o",
+                "p.toml",
+                "--backbones",
+                "resnet18",
+                "--input-size",
+                "32",
+                "--batch-size",
+                "1",
+                "--budget-s",
+                "3",
+                "--rounds",
+                "2",
+                "--repeats",
+                "1",
+                "--threads",
+                "1",
+                "--host-check",
+                "pairs",
+                "-q",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     t = load_target("./p.toml")
     n = t.fit["host_normalized_networks"]
@@ -734,17 +1040,68 @@ def test_calibrate_and_validate_in_pairs(tmp_path, capsys, monkeypatch):
     assert "relative to its static network" in out and t.fit["paired_spread_median_pct"] >= 0
     cal = pd.read_csv("p.csv")
     assert (cal["host_check"] == "pairs").all() and (cal["reference_ms"] > 0).all()
-    assert main(["validate", "--target", "p.toml", "--backbones", "resnet18", "--input-size", "32", "--count", "1",
-                 "--batch-size", "1", "--repeats", "1", "--rounds", "1", "--host-check", "pairs", "--csv", "v.csv",
-                 "--html", "v.html", "-q"]) == 0
+    assert (
+        main(
+            [
+                "validate",
+                "--target",
+                "p.toml",
+                "--backbones",
+                "resnet18",
+                "--input-size",
+                "32",
+                "--count",
+                "1",
+                "--batch-size",
+                "1",
+                "--repeats",
+                "1",
+                "--rounds",
+                "1",
+                "--host-check",
+                "pairs",
+                "--csv",
+                "v.csv",
+                "--html",
+                "v.html",
+                "-q",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert all(f"{part} x host" in out for part in ("networks", "stages", "blocks"))
     assert "timed pass by pass alongside it" in out
     assert (pd.read_csv("v.csv")["host_check"] == "pairs").all()
     # a target calibrated in pairs is validated in pairs unless told otherwise
-    assert main(["validate", "--target", "p.toml", "--backbones", "resnet18", "--input-size", "32", "--count", "1",
-                 "--batch-size", "1", "--repeats", "1", "--rounds", "1", "--no-blocks", "--csv", "d.csv",
-                 "--html", "d.html", "-q"]) == 0
+    assert (
+        main(
+            [
+                "validate",
+                "--target",
+                "p.toml",
+                "--backbones",
+                "resnet18",
+                "--input-size",
+                "32",
+                "--count",
+                "1",
+                "--batch-size",
+                "1",
+                "--repeats",
+                "1",
+                "--rounds",
+                "1",
+                "--no-blocks",
+                "--csv",
+                "d.csv",
+                "--html",
+                "d.html",
+                "-q",
+            ]
+        )
+        == 0
+    )
     assert "timed pass by pass alongside it" in capsys.readouterr().out
     assert (pd.read_csv("d.csv")["host_check"] == "pairs").all()
 
@@ -755,8 +1112,19 @@ def test_calibrate_pools_several_calibration_csvs(tmp_path, capsys):
     a, b = a[a["network_id"] < 40], b[b["network_id"] < 40]  # both start at id 0
     a.to_csv(tmp_path / "a.csv", index=False)
     b.to_csv(tmp_path / "b.csv", index=False)
-    assert main(["calibrate", "--measurements", f"{tmp_path / 'a.csv'},{tmp_path / 'b.csv'}", "-o",
-                 str(tmp_path / "pooled.toml"), "-q"]) == 0
+    assert (
+        main(
+            [
+                "calibrate",
+                "--measurements",
+                f"{tmp_path / 'a.csv'},{tmp_path / 'b.csv'}",
+                "-o",
+                str(tmp_path / "pooled.toml"),
+                "-q",
+            ]
+        )
+        == 0
+    )
     assert "read 80 networks" in capsys.readouterr().out
     pooled = load_target(str(tmp_path / "pooled.toml"))
     by_hand = fit_target(pd.concat([a, b.assign(network_id=b["network_id"] + 40)]), "by-hand")
@@ -778,13 +1146,16 @@ def test_static_ms_round_trips_and_bad_values_name_the_field(tmp_path):
         load_target(str(tmp_path / "bad.toml"))
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["calibrate", "-o", "no/such/dir/t.toml"], "does not exist"),
-    (["calibrate", "-o", "t.toml", "--backbones", "resnet7", "--budget-s", "1"], "'resnet7' is unknown"),
-    (["calibrate", "-o", "t.toml", "--measurements", "missing.csv"], "cannot be read as CSV"),
-    (["validate", "--target", "nope"], "target='nope' is unknown"),
-    (["validate", "--target", "v100", "--configs", "missing.json"], "cannot be read"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["calibrate", "-o", "no/such/dir/t.toml"], "does not exist"),
+        (["calibrate", "-o", "t.toml", "--backbones", "resnet7", "--budget-s", "1"], "'resnet7' is unknown"),
+        (["calibrate", "-o", "t.toml", "--measurements", "missing.csv"], "cannot be read as CSV"),
+        (["validate", "--target", "nope"], "target='nope' is unknown"),
+        (["validate", "--target", "v100", "--configs", "missing.json"], "cannot be read"),
+    ],
+)
 def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, capsys, monkeypatch, argv, message):
     monkeypatch.chdir(tmp_path)
     assert main(argv) == 2

@@ -39,8 +39,21 @@ def searched(tmp_path_factory):
     cwd = os.getcwd()
     os.chdir(folder)
     try:
-        code = main(["-q", "search", "--backbone", "resnet50", "--trials", "30", "--storage", url,
-                     "--no-progress", "--seed", "1"])
+        code = main(
+            [
+                "-q",
+                "search",
+                "--backbone",
+                "resnet50",
+                "--trials",
+                "30",
+                "--storage",
+                url,
+                "--no-progress",
+                "--seed",
+                "1",
+            ]
+        )
     finally:
         os.chdir(cwd)
     assert code == 0
@@ -75,8 +88,22 @@ def test_exported_config_predicts_the_trial_latency(searched, capsys):
 
 
 def test_search_again_resumes_and_adds_only_missing_trials(searched, capsys, tmp_path):
-    args = ["search", "--backbone", "resnet50", "--storage", searched["url"], "--no-progress", "--seed", "1",
-            "--html", str(tmp_path / "r.html"), "--export", str(tmp_path / "e.json"), "--csv", str(tmp_path / "f.csv")]
+    args = [
+        "search",
+        "--backbone",
+        "resnet50",
+        "--storage",
+        searched["url"],
+        "--no-progress",
+        "--seed",
+        "1",
+        "--html",
+        str(tmp_path / "r.html"),
+        "--export",
+        str(tmp_path / "e.json"),
+        "--csv",
+        str(tmp_path / "f.csv"),
+    ]
     code, out, err = _run(capsys, *args, "--trials", "30")
     assert code == 0, err
     assert "nothing to run" in err
@@ -94,8 +121,20 @@ def test_search_again_resumes_and_adds_only_missing_trials(searched, capsys, tmp
 
 def test_pareto_prints_front_and_writes_files(searched, capsys, tmp_path):
     csv, html = tmp_path / "front.csv", tmp_path / "front.html"
-    code, out, err = _run(capsys, "pareto", "--storage", searched["url"], "--study-name", searched["name"],
-                          "--csv", str(csv), "--html", str(html), "--top", "0")
+    code, out, err = _run(
+        capsys,
+        "pareto",
+        "--storage",
+        searched["url"],
+        "--study-name",
+        searched["name"],
+        "--csv",
+        str(csv),
+        "--html",
+        str(html),
+        "--top",
+        "0",
+    )
     assert code == 0, err
     study = load_study(searched["url"], searched["name"])
     rows = csv.read_text().strip().splitlines()
@@ -108,10 +147,34 @@ def test_pareto_prints_front_and_writes_files(searched, capsys, tmp_path):
 def test_front_lists_each_config_once(capsys, tmp_path):
     # A space of one config (layer@0.5 everywhere): every trial repeats it, all tie on the front.
     url = f"sqlite:///{tmp_path / 'small.db'}"
-    code, out, err = _run(capsys, "-q", "search", "--backbone", "resnet18", "--paradigms", "layer",
-                          "--rate-min", "0.5", "--rate-max", "0.5", "--trials", "4", "--sampler", "random",
-                          "--storage", url, "--no-progress", "--top", "0", "--csv", str(tmp_path / "f.csv"),
-                          "--html", str(tmp_path / "r.html"), "--export", str(tmp_path / "e.json"))
+    code, out, err = _run(
+        capsys,
+        "-q",
+        "search",
+        "--backbone",
+        "resnet18",
+        "--paradigms",
+        "layer",
+        "--rate-min",
+        "0.5",
+        "--rate-max",
+        "0.5",
+        "--trials",
+        "4",
+        "--sampler",
+        "random",
+        "--storage",
+        url,
+        "--no-progress",
+        "--top",
+        "0",
+        "--csv",
+        str(tmp_path / "f.csv"),
+        "--html",
+        str(tmp_path / "r.html"),
+        "--export",
+        str(tmp_path / "e.json"),
+    )
     assert code == 0, err
     study = load_study(url, None)
     keys = [tuple(sorted(t.params.items())) for t in study.best_trials]
@@ -123,9 +186,26 @@ def test_front_lists_each_config_once(capsys, tmp_path):
 
 def test_search_accepts_hxw_input_size_and_flags_after_the_command(capsys, tmp_path):
     url = f"sqlite:///{tmp_path / 'hw.db'}"
-    code, out, err = _run(capsys, "search", "-q", "--backbone", "resnet18", "--input-size", "160x192", "--trials", "2",
-                          "--sampler", "random", "--storage", url, "--no-progress",
-                          "--html", str(tmp_path / "r.html"), "--export", str(tmp_path / "e.json"))
+    code, out, err = _run(
+        capsys,
+        "search",
+        "-q",
+        "--backbone",
+        "resnet18",
+        "--input-size",
+        "160x192",
+        "--trials",
+        "2",
+        "--sampler",
+        "random",
+        "--storage",
+        url,
+        "--no-progress",
+        "--html",
+        str(tmp_path / "r.html"),
+        "--export",
+        str(tmp_path / "e.json"),
+    )
     assert code == 0, err
     assert err == ""  # -q: no log lines
     study = load_study(url, None)
@@ -136,9 +216,26 @@ def test_search_accepts_hxw_input_size_and_flags_after_the_command(capsys, tmp_p
 
 def test_search_with_unmet_constraint_says_how_close_it_got(capsys, tmp_path):
     url = f"sqlite:///{tmp_path / 'c.db'}"
-    code, out, err = _run(capsys, "-q", "search", "--backbone", "resnet18", "--trials", "3", "--sampler", "random",
-                          "--max-latency-ms", "0.001", "--storage", url, "--no-progress",
-                          "--html", str(tmp_path / "r.html"), "--export", str(tmp_path / "e.json"))
+    code, out, err = _run(
+        capsys,
+        "-q",
+        "search",
+        "--backbone",
+        "resnet18",
+        "--trials",
+        "3",
+        "--sampler",
+        "random",
+        "--max-latency-ms",
+        "0.001",
+        "--storage",
+        url,
+        "--no-progress",
+        "--html",
+        str(tmp_path / "r.html"),
+        "--export",
+        str(tmp_path / "e.json"),
+    )
     _one_line_error(code, err)
     fastest = min(t.values[0] for t in load_study(url, None).trials)
     assert "--max-latency-ms 0.001" in err and f"{fastest:.4g} ms" in err
@@ -148,12 +245,41 @@ def test_search_with_unmet_constraint_says_how_close_it_got(capsys, tmp_path):
 def test_pareto_compares_studies(searched, capsys, tmp_path):
     url = f"sqlite:///{tmp_path / 'two.db'}"
     for target in ("v100", "tx2"):
-        code, _, err = _run(capsys, "-q", "search", "--backbone", "resnet18", "--target", target, "--trials", "6",
-                            "--sampler", "random", "--storage", url, "--no-progress", "--study-name", target,
-                            "--html", str(tmp_path / f"{target}.html"), "--export", str(tmp_path / f"{target}.json"))
+        code, _, err = _run(
+            capsys,
+            "-q",
+            "search",
+            "--backbone",
+            "resnet18",
+            "--target",
+            target,
+            "--trials",
+            "6",
+            "--sampler",
+            "random",
+            "--storage",
+            url,
+            "--no-progress",
+            "--study-name",
+            target,
+            "--html",
+            str(tmp_path / f"{target}.html"),
+            "--export",
+            str(tmp_path / f"{target}.json"),
+        )
         assert code == 0, err
-    code, out, err = _run(capsys, "pareto", "--storage", url, "--study-name", "v100", "--compare", "tx2",
-                          "--html", str(tmp_path / "both.html"))
+    code, out, err = _run(
+        capsys,
+        "pareto",
+        "--storage",
+        url,
+        "--study-name",
+        "v100",
+        "--compare",
+        "tx2",
+        "--html",
+        str(tmp_path / "both.html"),
+    )
     assert code == 0, err
     assert "hypervolume" in out and "tx2" in out
     assert (tmp_path / "both.html").is_file()
@@ -166,7 +292,9 @@ def test_export_by_trial_latency_and_top1(searched, capsys, tmp_path):
     assert code == 0, err
     assert json.loads((tmp_path / "t5.json").read_text())["trial"] == 5
     fastest = min(study.best_trials, key=lambda t: t.values[0])
-    code, out, err = _run(capsys, *base, "--max-latency-ms", str(fastest.values[0] * 1.0000001), "-o", str(tmp_path / "fast.json"))
+    code, out, err = _run(
+        capsys, *base, "--max-latency-ms", str(fastest.values[0] * 1.0000001), "-o", str(tmp_path / "fast.json")
+    )
     assert code == 0, err
     assert json.loads((tmp_path / "fast.json").read_text())["trial"] == fastest.number
     best = max(study.best_trials, key=lambda t: t.values[1])
@@ -190,9 +318,14 @@ def test_targets_lists_every_builtin(capsys):
 
 def test_predict_table_and_json(capsys, tmp_path):
     cfg = ArchConfig(
-        "resnet50", (224, 224),
-        (StageConfig("spatial", 0.5, spatial_granularity=8), StageConfig("channel", 0.5, channel_granularity=2),
-         StageConfig("layer", 0.5), StageConfig()),
+        "resnet50",
+        (224, 224),
+        (
+            StageConfig("spatial", 0.5, spatial_granularity=8),
+            StageConfig("channel", 0.5, channel_granularity=2),
+            StageConfig("layer", 0.5),
+            StageConfig(),
+        ),
     )
     path = tmp_path / "cfg.json"
     path.write_text(cfg.to_json())
@@ -281,8 +414,9 @@ def test_console_script_reports_errors_without_traceback(tmp_path):
     cmd = [str(script)] if script.is_file() else [sys.executable, "-m", "dynas"]
     if shutil.which(cmd[0]) is None and not Path(cmd[0]).is_file():
         pytest.fail(f"no dynas entry point at {cmd[0]}")
-    proc = subprocess.run(cmd + ["search", "--backbone", "vgg16"], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        cmd + ["search", "--backbone", "vgg16"], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]

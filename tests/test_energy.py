@@ -46,12 +46,15 @@ rates = st.floats(min_value=0.0, max_value=1.0, exclude_min=True, allow_nan=Fals
 @st.composite
 def configs(draw) -> ArchConfig:
     """A random config of any backbone and paradigms (the validation plan's draw, from a drawn seed)."""
-    item = validation_plan(list_backbones(), draw(st.sampled_from(SIZES)), (1,), count=1,
-                           seed=draw(st.integers(0, 10 ** 6)))[0]
+    item = validation_plan(
+        list_backbones(), draw(st.sampled_from(SIZES)), (1,), count=1, seed=draw(st.integers(0, 10**6))
+    )[0]
     backbone = draw(st.sampled_from(list_backbones()))
     if backbone == item.config.backbone:
         return item.config
-    return validation_plan([backbone], item.config.input_size, (1,), count=1, seed=draw(st.integers(0, 10 ** 6)))[0].config
+    return validation_plan([backbone], item.config.input_size, (1,), count=1, seed=draw(st.integers(0, 10**6)))[
+        0
+    ].config
 
 
 def _batch(draw, target: str) -> int:
@@ -103,8 +106,9 @@ def test_predict_json_prints_batch_per_image_and_stage_energy(capsys):
     assert main(["predict", cfg.to_json(), "--target", "orin", "--batch-size", "4", "--json"]) == 0
     d = json.loads(capsys.readouterr().out)
     assert d["energy_mj_per_image"] == pytest.approx(d["energy_mj"] / 4, rel=1e-12)
-    assert d["energy_mj"] == pytest.approx(d["stem_energy_mj"] + d["head_energy_mj"]
-                                           + sum(s["energy_mj"] for s in d["stages"]), rel=1e-9)
+    assert d["energy_mj"] == pytest.approx(
+        d["stem_energy_mj"] + d["head_energy_mj"] + sum(s["energy_mj"] for s in d["stages"]), rel=1e-9
+    )
     assert all(s["energy_mj_per_image"] == pytest.approx(s["energy_mj"] / 4, rel=1e-12) for s in d["stages"])
 
 
@@ -118,14 +122,25 @@ def _edited(tmp_path: Path, old: str, new: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize("old, new, fragment", [
-    ("static_power_w = 6.5\n", "", "energy.static_power_w is missing; allowed: a number >= 0"),
-    ("static_power_w = 6.5", "static_power_w = -1.0", "energy.static_power_w=-1.0 is out of range; allowed: a number >= 0"),
-    ("pj_per_flop = 10.05", 'pj_per_flop = "10"', "energy.pj_per_flop='10' is out of range"),
-    ("pj_per_flop = 10.05", "pj_per_flop = nan", "energy.pj_per_flop=nan is out of range"),
-    ("static_power_w = 6.5", "static_power_w = 6.5\nwatts = 3", "energy.watts is unknown; allowed: " + ", ".join(ENERGY_FIELDS)),
-    ('kind = "gpu"\n', 'kind = "gpu"\nenergy = 5\n', "[energy] must be a table"),
-])
+@pytest.mark.parametrize(
+    "old, new, fragment",
+    [
+        ("static_power_w = 6.5\n", "", "energy.static_power_w is missing; allowed: a number >= 0"),
+        (
+            "static_power_w = 6.5",
+            "static_power_w = -1.0",
+            "energy.static_power_w=-1.0 is out of range; allowed: a number >= 0",
+        ),
+        ("pj_per_flop = 10.05", 'pj_per_flop = "10"', "energy.pj_per_flop='10' is out of range"),
+        ("pj_per_flop = 10.05", "pj_per_flop = nan", "energy.pj_per_flop=nan is out of range"),
+        (
+            "static_power_w = 6.5",
+            "static_power_w = 6.5\nwatts = 3",
+            "energy.watts is unknown; allowed: " + ", ".join(ENERGY_FIELDS),
+        ),
+        ('kind = "gpu"\n', 'kind = "gpu"\nenergy = 5\n', "[energy] must be a table"),
+    ],
+)
 def test_a_bad_energy_table_is_one_line_and_exit_2(tmp_path, capsys, old, new, fragment):
     path = _edited(tmp_path, old, new)
     with pytest.raises(TargetError) as info:
@@ -155,8 +170,12 @@ def test_energy_round_trips_through_a_written_target_file(tmp_path):
 
 def _check_energy(p, static_power_w: float) -> None:
     n = p.batch_size
-    for e, ms in ((p.energy_mj, p.latency_ms), (p.static_energy_mj, p.static_latency_ms),
-                  (p.stem_energy_mj, p.stem_ms), (p.head_energy_mj, p.head_ms)):
+    for e, ms in (
+        (p.energy_mj, p.latency_ms),
+        (p.static_energy_mj, p.static_latency_ms),
+        (p.stem_energy_mj, p.stem_ms),
+        (p.head_energy_mj, p.head_ms),
+    ):
         assert math.isfinite(e) and e > 0
         assert e >= static_power_w * ms * (1 - 1e-12)
     assert p.energy_mj_per_image == pytest.approx(p.energy_mj / n, rel=1e-12)
@@ -184,13 +203,21 @@ def test_energy_is_positive_adds_up_and_covers_the_constant_power(target, data):
 @given(data=st.data())
 def test_energy_is_non_decreasing_in_each_stage_rate(target, data):
     cfg = data.draw(configs())
-    choices = [(s, f) for s, x in enumerate(cfg.stages) if x.paradigm != "static"
-               for f in (["rate", "channel_rate"] if "+" in x.paradigm else ["rate"])]
+    choices = [
+        (s, f)
+        for s, x in enumerate(cfg.stages)
+        if x.paradigm != "static"
+        for f in (["rate", "channel_rate"] if "+" in x.paradigm else ["rate"])
+    ]
     assume(choices)
     s, field = data.draw(st.sampled_from(choices))
     low, high = sorted(data.draw(st.tuples(rates, st.one_of(rates, st.just(1.0)))))
-    at = {v: dataclasses.replace(cfg, stages=tuple(dataclasses.replace(x, **{field: v}) if i == s else x
-                                                    for i, x in enumerate(cfg.stages))) for v in (low, high)}
+    at = {
+        v: dataclasses.replace(
+            cfg, stages=tuple(dataclasses.replace(x, **{field: v}) if i == s else x for i, x in enumerate(cfg.stages))
+        )
+        for v in (low, high)
+    }
     n = _batch(data.draw, target)
     more, less = predict(at[high], target, n), predict(at[low], target, n)
     assert more.energy_mj >= less.energy_mj * (1 - 1e-12), (cfg.short(), s, field, low, high)

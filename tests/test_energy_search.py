@@ -62,8 +62,11 @@ def test_energy_front_is_non_dominated_in_energy_and_top1(energy_study):
     assert len(front) >= 1
     assert list(front["energy_mj"]) == sorted(front["energy_mj"])
     for _, f in front.iterrows():
-        dominated = table[(table["energy_mj"] <= f["energy_mj"]) & (table["top1"] >= f["top1"])
-                          & ((table["energy_mj"] < f["energy_mj"]) | (table["top1"] > f["top1"]))]
+        dominated = table[
+            (table["energy_mj"] <= f["energy_mj"])
+            & (table["top1"] >= f["top1"])
+            & ((table["energy_mj"] < f["energy_mj"]) | (table["top1"] > f["top1"]))
+        ]
         assert dominated.empty, f"trial {f['trial']} is dominated"
     for _, t in table[~table["pareto"]].iterrows():  # every trial off the front is dominated by one on it
         assert ((front["energy_mj"] <= t["energy_mj"]) & (front["top1"] >= t["top1"])).any()
@@ -137,8 +140,22 @@ def test_cli_energy_on_a_cpu_target_exits_2_and_writes_nothing(tmp_path, capsys)
     cwd = os.getcwd()
     os.chdir(tmp_path)
     try:
-        code = main(["search", "--backbone", "resnet50", "--target", str(CPU_TARGET), "--objective", "energy",
-                     "--trials", "3", "--storage", f"sqlite:///{tmp_path / 'x.db'}", "--no-progress"])
+        code = main(
+            [
+                "search",
+                "--backbone",
+                "resnet50",
+                "--target",
+                str(CPU_TARGET),
+                "--objective",
+                "energy",
+                "--trials",
+                "3",
+                "--storage",
+                f"sqlite:///{tmp_path / 'x.db'}",
+                "--no-progress",
+            ]
+        )
     finally:
         os.chdir(cwd)
     err = capsys.readouterr().err
@@ -150,9 +167,31 @@ def test_cli_energy_on_a_cpu_target_exits_2_and_writes_nothing(tmp_path, capsys)
 
 def test_cli_energy_search_prints_and_exports_both(tmp_path, capsys):
     export = tmp_path / "e.json"
-    code = main(["-q", "search", "--backbone", "resnet50", "--target", "orin", "--objective", "energy", "--trials", "8",
-                 "--sampler", "random", "--storage", f"sqlite:///{tmp_path / 'e.db'}", "--no-progress",
-                 "--html", str(tmp_path / "r.html"), "--csv", str(tmp_path / "f.csv"), "--export", str(export)])
+    code = main(
+        [
+            "-q",
+            "search",
+            "--backbone",
+            "resnet50",
+            "--target",
+            "orin",
+            "--objective",
+            "energy",
+            "--trials",
+            "8",
+            "--sampler",
+            "random",
+            "--storage",
+            f"sqlite:///{tmp_path / 'e.db'}",
+            "--no-progress",
+            "--html",
+            str(tmp_path / "r.html"),
+            "--csv",
+            str(tmp_path / "f.csv"),
+            "--export",
+            str(export),
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0
     assert "minimising energy" in out and "energy_mj" in out

@@ -33,12 +33,18 @@ from dynas.spaces.config import ArchConfig, load_config
 SIZE = 64  # resnet18 stage maps 16 / 8 / 4 / 2
 CPU_TARGET = str(Path(__file__).resolve().parent / "data" / "cpu-2core-dec01-late" / "cpu-2core-dec01-late.toml")
 STATIC4 = [{"paradigm": "static"}] * 4
-DYNAMIC4 = [{"paradigm": "channel", "channel_granularity": 8, "rate": 0.5}, {"paradigm": "static"},
-            {"paradigm": "layer", "rate": 0.5}, {"paradigm": "spatial", "spatial_granularity": 1, "rate": 0.5}]
+DYNAMIC4 = [
+    {"paradigm": "channel", "channel_granularity": 8, "rate": 0.5},
+    {"paradigm": "static"},
+    {"paradigm": "layer", "rate": 0.5},
+    {"paradigm": "spatial", "spatial_granularity": 1, "rate": 0.5},
+]
 
 
 def _cfg(stages=STATIC4, exits=(0, 1, 2), **extra) -> ArchConfig:
-    return ArchConfig.from_dict({"backbone": "resnet18", "input_size": SIZE, "stages": stages, "exits": list(exits), **extra})
+    return ArchConfig.from_dict(
+        {"backbone": "resnet18", "input_size": SIZE, "stages": stages, "exits": list(exits), **extra}
+    )
 
 
 def _model(cfg: ArchConfig, seed: int = 0) -> torch.nn.Module:
@@ -61,7 +67,12 @@ class _ConvCount(TorchDispatchMode):
         self.convs = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.overloadpacket.__name__ in ("convolution", "mkldnn_convolution", "conv2d", "_convolution_transpose_pointwise"):
+        if func.overloadpacket.__name__ in (
+            "convolution",
+            "mkldnn_convolution",
+            "conv2d",
+            "_convolution_transpose_pointwise",
+        ):
             self.convs += 1
         return func(*args, **(kwargs or {}))
 
@@ -70,8 +81,10 @@ class _ConvCount(TorchDispatchMode):
 def _stage_batches(model):
     """Yields stage -> batch sizes its first block ran on (forward pre-hooks while inside)."""
     seen: dict[int, list[int]] = collections.defaultdict(list)
-    hooks = [model.stage_modules(s)[0].register_forward_pre_hook(lambda m, a, s=s: seen[s].append(a[0].shape[0]))
-             for s in range(model.spec.num_stages)]
+    hooks = [
+        model.stage_modules(s)[0].register_forward_pre_hook(lambda m, a, s=s: seen[s].append(a[0].shape[0]))
+        for s in range(model.spec.num_stages)
+    ]
     try:
         yield seen
     finally:
@@ -85,7 +98,12 @@ def _stage_batches(model):
 def test_exits_round_trip_and_old_configs_unchanged():
     cfg = _cfg(exits=(0, 2), exit_head="conv", exit_width=64, exit_thresholds=[0.9, 0.5])
     d = json.loads(cfg.to_json())
-    assert d["exits"] == [0, 2] and d["exit_head"] == "conv" and d["exit_width"] == 64 and d["exit_thresholds"] == [0.9, 0.5]
+    assert (
+        d["exits"] == [0, 2]
+        and d["exit_head"] == "conv"
+        and d["exit_width"] == 64
+        and d["exit_thresholds"] == [0.9, 0.5]
+    )
     assert load_config(cfg.to_json()) == cfg and load_config(d) == cfg
     light = _cfg(exits=(1,))
     assert "exit_width" not in light.to_dict() and light.exit_head == "light"
@@ -97,21 +115,24 @@ def test_exits_round_trip_and_old_configs_unchanged():
     assert cfg_old.short() == "C8@0.50 | static | L@0.50 | S1@0.50" and "exits 1 light" in light.short()
 
 
-@pytest.mark.parametrize("extra,message", [
-    ({"exits": [3]}, "stage 3 is the last stage, whose exit is the network's own head"),
-    ({"exits": [7]}, "stage 7 does not exist in resnet18"),
-    ({"exits": [-1]}, "stage -1 does not exist"),
-    ({"exits": [1, 1]}, "lists stage 1 twice"),
-    ({"exits": [2, 0]}, "not in increasing order"),
-    ({"exits": [0.5]}, "is not a stage index"),
-    ({"exits": [0], "exit_head": "big"}, "exit_head='big' is unknown; allowed: light, conv"),
-    ({"exits": [0], "exit_width": 32}, "not used by exit_head 'light'"),
-    ({"exits": [0], "exit_head": "conv", "exit_width": 0}, "exit_width=0"),
-    ({"exits": [0, 1], "exit_thresholds": [0.5]}, "exit_thresholds has 1 entries; allowed: exactly 2"),
-    ({"exits": [0], "exit_thresholds": [1.5]}, "exit_thresholds[0]=1.5 is out of range"),
-    ({"exit_head": "conv"}, "'exit_head' needs 'exits'"),
-    ({"exits": 1}, "exits=1 is not a list"),
-])
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        ({"exits": [3]}, "stage 3 is the last stage, whose exit is the network's own head"),
+        ({"exits": [7]}, "stage 7 does not exist in resnet18"),
+        ({"exits": [-1]}, "stage -1 does not exist"),
+        ({"exits": [1, 1]}, "lists stage 1 twice"),
+        ({"exits": [2, 0]}, "not in increasing order"),
+        ({"exits": [0.5]}, "is not a stage index"),
+        ({"exits": [0], "exit_head": "big"}, "exit_head='big' is unknown; allowed: light, conv"),
+        ({"exits": [0], "exit_width": 32}, "not used by exit_head 'light'"),
+        ({"exits": [0], "exit_head": "conv", "exit_width": 0}, "exit_width=0"),
+        ({"exits": [0, 1], "exit_thresholds": [0.5]}, "exit_thresholds has 1 entries; allowed: exactly 2"),
+        ({"exits": [0], "exit_thresholds": [1.5]}, "exit_thresholds[0]=1.5 is out of range"),
+        ({"exit_head": "conv"}, "'exit_head' needs 'exits'"),
+        ({"exits": 1}, "exits=1 is not a list"),
+    ],
+)
 def test_bad_exits_get_one_line(extra, message):
     with pytest.raises(ConfigError) as err:
         ArchConfig.from_dict({"backbone": "resnet18", "input_size": SIZE, "stages": STATIC4, **extra})
@@ -122,9 +143,17 @@ def test_export_keeps_exits_and_thresholds(tmp_path):
     cfg = _cfg(exits=(0, 2), exit_head="conv", exit_thresholds=[0.8, 0.6])
     pred = predict(cfg, "v100", 8).to_dict()
     study = optuna.create_study(directions=["minimize", "maximize"], study_name="exits")
-    for k, v in {"backbone": "resnet18", "target": "v100", "batch_size": 8, "proxy": "prior", "static_top1": 70.0}.items():
+    for k, v in {
+        "backbone": "resnet18",
+        "target": "v100",
+        "batch_size": 8,
+        "proxy": "prior",
+        "static_top1": 70.0,
+    }.items():
         study.set_user_attr(k, v)
-    study.add_trial(create_trial(values=[pred["latency_ms"], 70.0], user_attrs={"config": cfg.to_dict(), "prediction": pred}))
+    study.add_trial(
+        create_trial(values=[pred["latency_ms"], 70.0], user_attrs={"config": cfg.to_dict(), "prediction": pred})
+    )
     data = export_trial(study, 0, tmp_path / "e.json")
     assert load_config(tmp_path / "e.json") == cfg
     assert [e["after_stage"] for e in data["predictions"]["exits"]] == [0, 2, 3]
@@ -144,7 +173,7 @@ def test_each_exit_is_cumulative_and_the_last_is_the_network(target, head):
     assert last.latency_ms == pred.latency_ms and last.flops == pytest.approx(pred.expected_gflops * 1e9)
     heads_before = 0.0
     for e in exits[:-1]:
-        body = pred.stem_ms + sum(p.latency_ms for p in pred.stages[:e.after_stage + 1])
+        body = pred.stem_ms + sum(p.latency_ms for p in pred.stages[: e.after_stage + 1])
         assert e.latency_ms == pytest.approx(body + e.head_ms) and e.head_ms > 0
         assert e.anytime_latency_ms == pytest.approx(e.latency_ms + heads_before)
         assert e.latency_ms_per_image == pytest.approx(e.latency_ms / 4)
@@ -171,11 +200,15 @@ def test_exit_heads_are_modelled_like_the_own_head():
     np.testing.assert_array_equal(cpu.exit_head_work(512, (2, 2), 1000, 4), cpu.head_work(512, (2, 2), 1000, 4))
     conv = cpu.exit_head_work(64, (16, 16), 1000, 4, width=128) - cpu.head_work(128, (16, 16), 1000, 4)
     T = cpu.TERMS
-    assert conv[T.index("conv_calls")] == 1 and conv[T.index("pointwise_gmac")] == pytest.approx(4 * 256 * 64 * 128 * 1e-9)
+    assert conv[T.index("conv_calls")] == 1 and conv[T.index("pointwise_gmac")] == pytest.approx(
+        4 * 256 * 64 * 128 * 1e-9
+    )
     # on a GPU target the light head on the last stage's map costs what the own head costs
     pred = predict(_cfg(exits=(2,)), "v100", 4)
     spec = pred.config.spec
-    assert gpu_head_ms(_hw(load_target("v100")), spec.head_in, spec.stage_out_hw(3), 1000, 4) == pytest.approx(pred.head_ms)
+    assert gpu_head_ms(_hw(load_target("v100")), spec.head_in, spec.stage_out_hw(3), 1000, 4) == pytest.approx(
+        pred.head_ms
+    )
     assert pred.exits[0].head_ms == pytest.approx(gpu_head_ms(_hw(load_target("v100")), 256, (4, 4), 1000, 4))
 
 
@@ -287,11 +320,16 @@ def test_deadline_stops_before_a_unit_that_would_pass_it(factor, share):
     order = ["stem"] + [f"stage {b.stage} block {b.index}" for b in model.spec.blocks]
     for s in range(4):
         order.insert(order.index(f"stage {s} block {model.spec.stage_depth(s) - 1}") + 1, f"exit {s}")
-    assert [u[0] for u in trace] == order[:len(trace)]
+    assert [u[0] for u in trace] == order[: len(trace)]
     if len(trace) < len(order):  # it stopped: the next unit was predicted to pass the deadline
         nxt = order[len(trace)]
-        nxt_ms = costs["stem"] if nxt == "stem" else costs["heads"][int(nxt[5:])] if nxt.startswith("exit") else \
-            costs["blocks"][int(nxt.split()[1])][int(nxt.split()[3])]
+        nxt_ms = (
+            costs["stem"]
+            if nxt == "stem"
+            else costs["heads"][int(nxt[5:])]
+            if nxt.startswith("exit")
+            else costs["blocks"][int(nxt.split()[1])][int(nxt.split()[3])]
+        )
         assert trace[-1][3] + nxt_ms > deadline
     else:
         assert k == 3
@@ -367,9 +405,13 @@ def test_confidence_thresholds_come_from_the_config_and_must_fit_it():
 
 def test_thresholds_follow_msdnets_procedure_by_hand():
     # 3 exits, 10 samples; p = 1: shares 1/3 each -> floor(10/3) = 3 samples leave at each early exit
-    conf = np.array([[.9, .8, .7, .6, .5, .4, .3, .2, .1, .05],
-                     [.1, .2, .3, .95, .85, .75, .65, .55, .45, .35],
-                     [.5] * 10])
+    conf = np.array(
+        [
+            [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05],
+            [0.1, 0.2, 0.3, 0.95, 0.85, 0.75, 0.65, 0.55, 0.45, 0.35],
+            [0.5] * 10,
+        ]
+    )
     t = thresholds_for_p(conf, 1.0)
     assert t == (0.7, 0.75)  # exit 0: 3rd most confident; exit 1: 3rd among samples 3..9
     assert exit_at(conf, t).tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 2]

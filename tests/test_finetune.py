@@ -29,10 +29,18 @@ DYNAS = str(Path(sys.executable).with_name("dynas"))
 sys.path.insert(0, str(ROOT))
 
 TINY = dict(data="synthetic:64", steps=4, batch_size=8, checkpoints=2, pretrain_steps=2)
-CFG = load_config({"backbone": "resnet18", "input_size": 32, "stages": [
-    {"paradigm": "spatial", "spatial_granularity": 2, "rate": 0.5},
-    {"paradigm": "layer+channel", "channel_granularity": 16, "rate": 0.5, "channel_rate": 0.5},
-    {"paradigm": "layer", "rate": 0.5}, {"paradigm": "static"}]})
+CFG = load_config(
+    {
+        "backbone": "resnet18",
+        "input_size": 32,
+        "stages": [
+            {"paradigm": "spatial", "spatial_granularity": 2, "rate": 0.5},
+            {"paradigm": "layer+channel", "channel_granularity": 16, "rate": 0.5, "channel_rate": 0.5},
+            {"paradigm": "layer", "rate": 0.5},
+            {"paradigm": "static"},
+        ],
+    }
+)
 
 
 class Recorder(Reporter):
@@ -79,8 +87,10 @@ def test_train_batches_restart_the_same_sequence():
 def test_tensor_file_data(tmp_path):
     x, y = torch.rand(20, 3, 32, 32), torch.randint(0, 4, (20,))
     path = tmp_path / "d.pt"
-    torch.save({"train_images": x[:12], "train_labels": y[:12], "val_images": x[12:], "val_labels": y[12:],
-                "num_classes": 4}, path)
+    torch.save(
+        {"train_images": x[:12], "train_labels": y[:12], "val_images": x[12:], "val_labels": y[12:], "num_classes": 4},
+        path,
+    )
     d = load_data(str(path), (32, 32), batch_size=5)
     assert d.num_classes == 4
     assert sum(len(b) for _, b in d.val) == 8
@@ -105,13 +115,16 @@ def test_entry_point_data():
     assert next(d.train_batches())[0].shape == (6, 3, 32, 32)
 
 
-@pytest.mark.parametrize("spec, match", [
-    ("", "is not a data spec"),
-    ("imagenet", "neither a file nor a known data set"),
-    ("synthetic:0", "must be an integer >= 1"),
-    ("synthetic:x", "must be an integer >= 1"),
-    ("nosuchmodule_xyz:f", "cannot be loaded"),
-])
+@pytest.mark.parametrize(
+    "spec, match",
+    [
+        ("", "is not a data spec"),
+        ("imagenet", "neither a file nor a known data set"),
+        ("synthetic:0", "must be an integer >= 1"),
+        ("synthetic:x", "must be an integer >= 1"),
+        ("nosuchmodule_xyz:f", "cannot be loaded"),
+    ],
+)
 def test_bad_data_specs(spec, match):
     with pytest.raises(ConfigError, match=match):
         load_data(spec, (32, 32), batch_size=4)
@@ -148,20 +161,25 @@ def test_realised_rates_weight_channel_rate_by_executed_samples():
 
 def test_finetune_is_registered_and_rejects_unknown_options():
     assert isinstance(get_proxy("finetune", **TINY), FinetuneProxy)
-    with pytest.raises(ConfigError, match=r"proxy option epochs=3 is not an option of proxy 'finetune'; allowed: data, steps"):
+    with pytest.raises(
+        ConfigError, match=r"proxy option epochs=3 is not an option of proxy 'finetune'; allowed: data, steps"
+    ):
         get_proxy("finetune", epochs=3)
     with pytest.raises(ConfigError, match="is not an option of proxy 'prior'"):
         get_proxy("prior", steps=3)
 
 
-@pytest.mark.parametrize("kw, match", [
-    (dict(steps=0), "steps=0 is out of range"),
-    (dict(steps=2, checkpoints=3), "checkpoints=3 exceeds steps=2"),
-    (dict(lr=float("nan")), "lr=nan is out of range"),
-    (dict(weights="/no/such/file.pt"), "is not a file"),
-    (dict(data="imagenet"), "neither a file nor a known data set"),
-    (dict(distill="yes"), "is not a bool"),
-])
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(steps=0), "steps=0 is out of range"),
+        (dict(steps=2, checkpoints=3), "checkpoints=3 exceeds steps=2"),
+        (dict(lr=float("nan")), "lr=nan is out of range"),
+        (dict(weights="/no/such/file.pt"), "is not a file"),
+        (dict(data="imagenet"), "neither a file nor a known data set"),
+        (dict(distill="yes"), "is not a bool"),
+    ],
+)
 def test_finetune_bad_options(kw, match):
     with pytest.raises(ConfigError, match=match):
         FinetuneProxy(**kw)
@@ -185,7 +203,9 @@ def test_evaluate_reports_checkpoints_and_is_deterministic(proxy):
         assert st.paradigm == real.paradigm
         assert MIN_REALISED_RATE <= real.rate <= 1
     for s, r in res.attrs["realised_rates"].items():
-        assert math.isclose(realised.stages[int(s)].rate, min(1, max(MIN_REALISED_RATE, round(r["rate"], 3))), abs_tol=1e-3)
+        assert math.isclose(
+            realised.stages[int(s)].rate, min(1, max(MIN_REALISED_RATE, round(r["rate"], 3))), abs_tol=1e-3
+        )
 
 
 def test_stop_trial_ends_training_at_the_checkpoint(proxy):
@@ -203,7 +223,9 @@ def test_static_config_has_no_dynamic_rates(proxy):
 def test_pickled_proxy_keeps_prepared_weights_not_loaders(proxy):
     clone = pickle.loads(pickle.dumps(proxy))
     assert clone._data == {} and set(clone._prepared) == set(proxy._prepared)
-    assert clone.static_score(ArchConfig.static("resnet18", 32)) == proxy.static_score(ArchConfig.static("resnet18", 32))
+    assert clone.static_score(ArchConfig.static("resnet18", 32)) == proxy.static_score(
+        ArchConfig.static("resnet18", 32)
+    )
     assert clone.evaluate(CFG).top1 == proxy.evaluate(CFG).top1  # the worker rebuilds the same data
 
 
@@ -235,12 +257,17 @@ def test_every_stopper_goes_on_without_peers(name):
 def test_dominance_rule():
     s = make_stopper(StopRule("dominance", margin=2.0, min_trials=2))
     # two complete trials at least as fast and >= 2 points better: stop
-    assert "dominated at step 3: 2 complete trials" in s.should_stop(3, 50.0, 1.0, peers((1.0, 52.0, True), (0.5, 60.0, True)))
+    assert "dominated at step 3: 2 complete trials" in s.should_stop(
+        3, 50.0, 1.0, peers((1.0, 52.0, True), (0.5, 60.0, True))
+    )
     # one is slower, or only 1.9 points better, or not complete: go on
     assert s.should_stop(3, 50.0, 1.0, peers((1.1, 52.0, True), (0.5, 60.0, True))) is None
     assert s.should_stop(3, 50.0, 1.0, peers((1.0, 51.9, True), (0.5, 60.0, True))) is None
     assert s.should_stop(3, 50.0, 1.0, peers((1.0, 52.0, False), (0.5, 60.0, True))) is None
-    assert make_stopper(StopRule("dominance", min_trials=1)).should_stop(3, 50.0, 1.0, peers((0.5, 60.0, True))) is not None
+    assert (
+        make_stopper(StopRule("dominance", min_trials=1)).should_stop(3, 50.0, 1.0, peers((0.5, 60.0, True)))
+        is not None
+    )
 
 
 def test_halving_keeps_the_best_third_and_the_front():
@@ -255,12 +282,15 @@ def test_halving_keeps_the_best_third_and_the_front():
     assert s.should_stop(1, 10.0, 1.0, peers((1.0, 80.0, True))) is None  # below min_trials
 
 
-@pytest.mark.parametrize("kw, match", [
-    (dict(name="asha"), "early_stop='asha' is unknown; allowed: dominance, halving, none"),
-    (dict(margin=-1.0), "stop_margin=-1.0 is out of range"),
-    (dict(min_trials=0), "stop_min_trials=0 is out of range"),
-    (dict(eta=1), "stop_eta=1 is out of range"),
-])
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(name="asha"), "early_stop='asha' is unknown; allowed: dominance, halving, none"),
+        (dict(margin=-1.0), "stop_margin=-1.0 is out of range"),
+        (dict(min_trials=0), "stop_min_trials=0 is out of range"),
+        (dict(eta=1), "stop_eta=1 is out of range"),
+    ],
+)
 def test_bad_stop_rules(kw, match):
     with pytest.raises(ConfigError, match=match):
         StopRule(**kw)
@@ -270,9 +300,19 @@ def test_bad_stop_rules(kw, match):
 
 
 def curve_search(storage, trials=30, early_stop="dominance", **kw):
-    return run_search(SearchOptions(backbone="resnet18", target="a100", proxy="tests.slow_proxy:curve",
-                                    trials=trials, storage=storage, early_stop=early_stop, show_progress=False,
-                                    seed=1, **kw))
+    return run_search(
+        SearchOptions(
+            backbone="resnet18",
+            target="a100",
+            proxy="tests.slow_proxy:curve",
+            trials=trials,
+            storage=storage,
+            early_stop=early_stop,
+            show_progress=False,
+            seed=1,
+            **kw,
+        )
+    )
 
 
 def _check_stopped(study):
@@ -294,8 +334,11 @@ def _check_stopped(study):
 
 @pytest.mark.parametrize("kind", ["memory", "sqlite", "journal"])
 def test_search_stops_dominated_trials_and_counts_them(kind, tmp_path):
-    storage = {"memory": optuna.storages.InMemoryStorage(), "sqlite": f"sqlite:///{tmp_path / 's.db'}",
-               "journal": f"journal:///{tmp_path / 's.journal'}"}[kind]
+    storage = {
+        "memory": optuna.storages.InMemoryStorage(),
+        "sqlite": f"sqlite:///{tmp_path / 's.db'}",
+        "journal": f"journal:///{tmp_path / 's.journal'}",
+    }[kind]
     study = curve_search(storage)
     done, stopped = _check_stopped(study)
     assert len(done) == 30  # --trials counts stopped trials
@@ -333,10 +376,23 @@ def test_stop_decisions_follow_the_rule():
 
 def test_duplicate_of_a_stopped_trial_is_stopped_again():
     # A space of 4 configs: the sampler must repeat itself.
-    study = run_search(SearchOptions(backbone="resnet18", target="a100", proxy="tests.slow_proxy:curve",
-                                     trials=12, storage=optuna.storages.InMemoryStorage(), show_progress=False,
-                                     paradigms=("layer",), rate_min=0.5, rate_max=1.0, rate_step=0.5, seed=0,
-                                     stop_min_trials=1, stop_margin=0.0))
+    study = run_search(
+        SearchOptions(
+            backbone="resnet18",
+            target="a100",
+            proxy="tests.slow_proxy:curve",
+            trials=12,
+            storage=optuna.storages.InMemoryStorage(),
+            show_progress=False,
+            paradigms=("layer",),
+            rate_min=0.5,
+            rate_max=1.0,
+            rate_step=0.5,
+            seed=0,
+            stop_min_trials=1,
+            stop_margin=0.0,
+        )
+    )
     dup_stopped = [t for t in study.get_trials() if "duplicate_of" in t.user_attrs and t.state == TrialState.PRUNED]
     for t in dup_stopped:
         orig = study.get_trials()[t.user_attrs["duplicate_of"]]
@@ -345,8 +401,11 @@ def test_duplicate_of_a_stopped_trial_is_stopped_again():
 
 
 def test_prior_studies_keep_their_hypervolume_reference():
-    study = run_search(SearchOptions(backbone="resnet18", target="a100", trials=5,
-                                     storage=optuna.storages.InMemoryStorage(), show_progress=False))
+    study = run_search(
+        SearchOptions(
+            backbone="resnet18", target="a100", trials=5, storage=optuna.storages.InMemoryStorage(), show_progress=False
+        )
+    )
     a = study.user_attrs
     assert a["reference_top1"] == pytest.approx(a["static_top1"] - 5.0)
     assert a["proxy_options"] is None and a["early_stop"]["name"] == "dominance"
@@ -372,11 +431,39 @@ def test_workers_share_early_stopping(shared_storage, tmp_path):
     """Two worker processes on one study: exactly --trials finished, stopped ones included, and
     every stop agrees with the trials that had completed when it was decided."""
     url, name = shared_storage
-    r = subprocess.run([DYNAS, "-q", "search", "--backbone", "resnet18", "--target", "a100", "--trials", "16",
-                        "--workers", "2", "--storage", url, "--study-name", name, "--no-progress",
-                        "--proxy", "tests.slow_proxy:curve_200ms", "--stop-min-trials", "1",
-                        "--html", str(tmp_path / "w.html"), "--export", str(tmp_path / "w.json")],
-                       capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=600)
+    r = subprocess.run(
+        [
+            DYNAS,
+            "-q",
+            "search",
+            "--backbone",
+            "resnet18",
+            "--target",
+            "a100",
+            "--trials",
+            "16",
+            "--workers",
+            "2",
+            "--storage",
+            url,
+            "--study-name",
+            name,
+            "--no-progress",
+            "--proxy",
+            "tests.slow_proxy:curve_200ms",
+            "--stop-min-trials",
+            "1",
+            "--html",
+            str(tmp_path / "w.html"),
+            "--export",
+            str(tmp_path / "w.json"),
+        ],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        cwd=tmp_path,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr
     from dynas.search.study import load_study
 
@@ -400,16 +487,47 @@ def test_workers_share_early_stopping(shared_storage, tmp_path):
 
 def test_cli_finetune_search_end_to_end(tmp_path):
     """What CI runs of `dynas search --proxy finetune`: a tiny budget, from the console script."""
-    argv = [DYNAS, "search", "--proxy", "finetune", "--backbone", "resnet18", "--input-size", "32", "--target", "a100",
-            "--trials", "4", "--data", "synthetic:64", "--finetune-steps", "2", "--finetune-batch-size", "8",
-            "--checkpoints", "2", "--pretrain-steps", "2", "--no-progress", "--stop-min-trials", "1",
-            "--stop-margin", "0", "--export", "x.json", "--html", "x.html"]
+    argv = [
+        DYNAS,
+        "search",
+        "--proxy",
+        "finetune",
+        "--backbone",
+        "resnet18",
+        "--input-size",
+        "32",
+        "--target",
+        "a100",
+        "--trials",
+        "4",
+        "--data",
+        "synthetic:64",
+        "--finetune-steps",
+        "2",
+        "--finetune-batch-size",
+        "8",
+        "--checkpoints",
+        "2",
+        "--pretrain-steps",
+        "2",
+        "--no-progress",
+        "--stop-min-trials",
+        "1",
+        "--stop-margin",
+        "0",
+        "--export",
+        "x.json",
+        "--html",
+        "x.html",
+    ]
     r = subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path, timeout=900)
     assert r.returncode == 0, r.stderr
     assert "proxy finetune" in r.stdout and "checkpoints (held-out top-1 %" in r.stdout
     exported = json.loads((tmp_path / "x.json").read_text())
     assert exported["proxy"]["name"] == "finetune"
-    r2 = subprocess.run([DYNAS, "pareto", "--storage", "sqlite:///dynas.db"], capture_output=True, text=True, cwd=tmp_path)
+    r2 = subprocess.run(
+        [DYNAS, "pareto", "--storage", "sqlite:///dynas.db"], capture_output=True, text=True, cwd=tmp_path
+    )
     assert r2.returncode == 0 and "top1_by_step" in r2.stdout
     from dynas.search.study import load_study
 
@@ -428,12 +546,15 @@ def test_cli_finetune_search_end_to_end(tmp_path):
             assert export_trial(study, t, tmp_path / "e.json")["realised"]["latency_ms"] == t.values[0]
 
 
-@pytest.mark.parametrize("extra, match", [
-    (["--data", "synthetic"], "--data applies to --proxy finetune only; got --proxy prior"),
-    (["--proxy", "finetune", "--data", "nope"], "data='nope' is neither a file nor a known data set"),
-    (["--proxy", "finetune", "--checkpoints", "9", "--finetune-steps", "3"], "checkpoints=9 exceeds steps=3"),
-    (["--stop-eta", "1"], "stop_eta=1 is out of range"),
-])
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        (["--data", "synthetic"], "--data applies to --proxy finetune only; got --proxy prior"),
+        (["--proxy", "finetune", "--data", "nope"], "data='nope' is neither a file nor a known data set"),
+        (["--proxy", "finetune", "--checkpoints", "9", "--finetune-steps", "3"], "checkpoints=9 exceeds steps=3"),
+        (["--stop-eta", "1"], "stop_eta=1 is out of range"),
+    ],
+)
 def test_cli_bad_finetune_options(tmp_path, extra, match):
     r = subprocess.run([DYNAS, "search", "--trials", "2", *extra], capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 2
@@ -455,7 +576,9 @@ def loaders_without_keywords():
 
 
 def test_entry_point_with_the_wrong_signature_is_a_one_line_error():
-    with pytest.raises(ConfigError, match=r"failed when called as function\(input_size=\(H, W\), batch_size=B, seed=S\)"):
+    with pytest.raises(
+        ConfigError, match=r"failed when called as function\(input_size=\(H, W\), batch_size=B, seed=S\)"
+    ):
         load_data("tests.test_finetune:loaders_without_keywords", (32, 32), batch_size=4)
     with pytest.raises(ConfigError, match="is a int; allowed: a function"):
         load_data("tests.test_finetune:LOADER_CONSTANT", (32, 32), batch_size=4)

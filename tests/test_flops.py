@@ -13,14 +13,34 @@ from dynas.spaces.torch_model import OPS, block_ops
 # (flop_counter counts a multiply-accumulate as 2 FLOPs); the RegNet sizes torchvision does not
 # ship from the RegNet paper's pycls model zoo ("flops (B)", also multiply-adds).
 KNOWN_GFLOPS = {
-    "resnet18": 2 * 1.81, "resnet34": 2 * 3.66, "resnet50": 2 * 4.09, "resnet101": 2 * 7.80,
-    "resnet152": 2 * 11.51, "regnety_400mf": 2 * 0.40, "regnety_800mf": 2 * 0.83,
-    "regnety_1_6gf": 2 * 1.612, "regnety_3_2gf": 2 * 3.176, "regnety_8gf": 2 * 8.473, "regnety_16gf": 2 * 15.912,
-    "regnety_32gf": 2 * 32.28, "regnetx_400mf": 2 * 0.414, "regnetx_800mf": 2 * 0.8, "regnetx_1_6gf": 2 * 1.603,
-    "regnetx_3_2gf": 2 * 3.177, "regnetx_8gf": 2 * 7.995, "regnetx_16gf": 2 * 15.941, "regnetx_32gf": 2 * 31.736,
-    "regnetx_4gf": 2 * 4.0, "regnetx_6_4gf": 2 * 6.5, "regnetx_12gf": 2 * 12.1, "regnety_4gf": 2 * 4.0,
-    "regnety_6_4gf": 2 * 6.4, "regnety_12gf": 2 * 12.1,
-    "densenet121": 2 * 2.834, "densenet169": 2 * 3.36, "densenet201": 2 * 4.291,
+    "resnet18": 2 * 1.81,
+    "resnet34": 2 * 3.66,
+    "resnet50": 2 * 4.09,
+    "resnet101": 2 * 7.80,
+    "resnet152": 2 * 11.51,
+    "regnety_400mf": 2 * 0.40,
+    "regnety_800mf": 2 * 0.83,
+    "regnety_1_6gf": 2 * 1.612,
+    "regnety_3_2gf": 2 * 3.176,
+    "regnety_8gf": 2 * 8.473,
+    "regnety_16gf": 2 * 15.912,
+    "regnety_32gf": 2 * 32.28,
+    "regnetx_400mf": 2 * 0.414,
+    "regnetx_800mf": 2 * 0.8,
+    "regnetx_1_6gf": 2 * 1.603,
+    "regnetx_3_2gf": 2 * 3.177,
+    "regnetx_8gf": 2 * 7.995,
+    "regnetx_16gf": 2 * 15.941,
+    "regnetx_32gf": 2 * 31.736,
+    "regnetx_4gf": 2 * 4.0,
+    "regnetx_6_4gf": 2 * 6.5,
+    "regnetx_12gf": 2 * 12.1,
+    "regnety_4gf": 2 * 4.0,
+    "regnety_6_4gf": 2 * 6.4,
+    "regnety_12gf": 2 * 12.1,
+    "densenet121": 2 * 2.834,
+    "densenet169": 2 * 3.36,
+    "densenet201": 2 * 4.291,
 }
 
 
@@ -58,21 +78,28 @@ def test_per_op_flops_match_spec_shapes(name):
     table = dense_flops(name, (97, 113))
     for b in spec.blocks:
         if b.kind == "basic":
-            expected = {"conv1": _conv_flops(b.out_hw, b.in_channels, b.width, 3),
-                        "conv2": _conv_flops(b.out_hw, b.width, b.out_channels, 3)}
+            expected = {
+                "conv1": _conv_flops(b.out_hw, b.in_channels, b.width, 3),
+                "conv2": _conv_flops(b.out_hw, b.width, b.out_channels, 3),
+            }
         elif b.kind == "dense":
             c = b.in_channels + b.out_channels  # the transition reads the dense block's output
-            expected = {"conv1": _conv_flops(b.in_hw, b.in_channels, b.width, 1),
-                        "conv2": _conv_flops(b.out_hw, b.width, b.out_channels, 3),
-                        "downsample": _conv_flops(b.out_hw, c, c // 2, 1)}
+            expected = {
+                "conv1": _conv_flops(b.in_hw, b.in_channels, b.width, 1),
+                "conv2": _conv_flops(b.out_hw, b.width, b.out_channels, 3),
+                "downsample": _conv_flops(b.out_hw, c, c // 2, 1),
+            }
         else:
-            expected = {"conv1": _conv_flops(b.in_hw, b.in_channels, b.width, 1),
-                        "conv2": _conv_flops(b.out_hw, b.width, b.width, 3, b.groups),
-                        "conv3": _conv_flops(b.out_hw, b.width, b.out_channels, 1)}
+            expected = {
+                "conv1": _conv_flops(b.in_hw, b.in_channels, b.width, 1),
+                "conv2": _conv_flops(b.out_hw, b.width, b.width, 3, b.groups),
+                "conv3": _conv_flops(b.out_hw, b.width, b.out_channels, 1),
+            }
         if b.kind == "regnety":
             # two 1x1 convs on the pooled 1x1 map: width -> se_channels -> width
-            expected["se"] = (_conv_flops((1, 1), b.width, b.se_channels, 1)
-                              + _conv_flops((1, 1), b.se_channels, b.width, 1))
+            expected["se"] = _conv_flops((1, 1), b.width, b.se_channels, 1) + _conv_flops(
+                (1, 1), b.se_channels, b.width, 1
+            )
         if b.has_downsample and b.kind != "dense":
             expected["downsample"] = _conv_flops(b.out_hw, b.in_channels, b.out_channels, 1)
         assert table.block_flops(b.name) == {op: expected[op] for op in block_ops(b)}, b.name
@@ -88,7 +115,9 @@ def test_lookup_and_errors():
     assert table.op("stages.1.1", "se") == 0  # ResNet has no SE
     with pytest.raises(ConfigError, match=r"op='conv4' is unknown; allowed: conv1, conv2, se, conv3, downsample"):
         table.op("stages.1.1", "conv4")
-    with pytest.raises(ConfigError, match=r"block_name='layer1.0' is unknown for resnet50; allowed: stages.0.0 .. stages.3.2"):
+    with pytest.raises(
+        ConfigError, match=r"block_name='layer1.0' is unknown for resnet50; allowed: stages.0.0 .. stages.3.2"
+    ):
         table.op("layer1.0", "conv1")
     with pytest.raises(ConfigError, match=r"block_name='stages.9.0'"):
         table.block_flops("stages.9.0")

@@ -21,14 +21,34 @@ import torch
 from dynas.cli import main
 from dynas.kernels.model import build_model
 
-CONFIG = {"backbone": "resnet18", "input_size": 32, "stages": [
-    {"paradigm": "spatial", "spatial_granularity": 2, "rate": 0.25},
-    {"paradigm": "channel", "channel_granularity": 4, "rate": 0.25},
-    {"paradigm": "layer", "rate": 0.25}, {"paradigm": "static"}]}
+CONFIG = {
+    "backbone": "resnet18",
+    "input_size": 32,
+    "stages": [
+        {"paradigm": "spatial", "spatial_granularity": 2, "rate": 0.25},
+        {"paradigm": "channel", "channel_granularity": 4, "rate": 0.25},
+        {"paradigm": "layer", "rate": 0.25},
+        {"paradigm": "static"},
+    ],
+}
 COLOURS = [(200, 30, 30), (30, 180, 30), (30, 30, 200), (200, 200, 30)]
 #: 2 epochs x 8 steps of 16; lr is given per 1024 images: 1.28 -> 0.02 at 16
-ARGS = ["--epochs", "2", "--batch-size", "16", "--lr", "1.28", "--workers", "0", "--threads", "1", "--log-every", "4",
-        "--checkpoint-every", "3"]
+ARGS = [
+    "--epochs",
+    "2",
+    "--batch-size",
+    "16",
+    "--lr",
+    "1.28",
+    "--workers",
+    "0",
+    "--threads",
+    "1",
+    "--log-every",
+    "4",
+    "--checkpoint-every",
+    "3",
+]
 
 
 def make_folder(root: Path, classes: int = 4, n_train: int = 32, n_val: int = 8, side: int = 24) -> Path:
@@ -108,8 +128,21 @@ def test_training_learns_and_writes_the_run(setup, reference):
     lines = _metrics(run)
     assert [m["epoch"] for m in lines] == [1, 2] and lines[-1]["steps"] == 16
     for m in lines:
-        assert {"loss", "ce", "sparsity", "kd", "lr", "temperature", "top1", "top5", "val_images", "realised_rates",
-                "train_rates", "images_per_s", "time_s"} <= set(m)
+        assert {
+            "loss",
+            "ce",
+            "sparsity",
+            "kd",
+            "lr",
+            "temperature",
+            "top1",
+            "top5",
+            "val_images",
+            "realised_rates",
+            "train_rates",
+            "images_per_s",
+            "time_s",
+        } <= set(m)
         assert set(m["realised_rates"]) == {"0", "1", "2"} and m["val_images"] == 32 and m["images_per_s"] > 0
     assert lines[1]["loss"] < lines[0]["loss"] and lines[1]["ce"] < lines[0]["ce"]
     assert lines[1]["top1"] > 25.0 + 20  # chance is 25 % (4 classes)
@@ -131,11 +164,26 @@ def test_training_learns_and_writes_the_run(setup, reference):
 
 def test_evaluate_reports_what_training_ended_with(setup, reference, capsys):
     run = reference["run"]
-    code, out, err = _run(capsys, "evaluate", run / "config.json", "--weights", run / "model.pt", "--data", setup["data"],
-                          "--json", "--workers", "0", "--bench", "--threads", "1")
+    code, out, err = _run(
+        capsys,
+        "evaluate",
+        run / "config.json",
+        "--weights",
+        run / "model.pt",
+        "--data",
+        setup["data"],
+        "--json",
+        "--workers",
+        "0",
+        "--bench",
+        "--threads",
+        "1",
+    )
     assert code == 0, err
     s = json.loads(out)
-    assert {"top1", "top5", "images", "realised_rates", "target", "latency_ms", "static_latency_ms", "measured"} <= set(s)
+    assert {"top1", "top5", "images", "realised_rates", "target", "latency_ms", "static_latency_ms", "measured"} <= set(
+        s
+    )
     final = json.loads((run / "config.json").read_text())["trained"]["final"]
     assert s["top1"] == pytest.approx(final["top1"]) and s["images"] == 32 and s["target"] == "v100"
     assert s["realised_rates"].keys() == final["realised_rates"].keys()
@@ -146,8 +194,9 @@ def test_evaluate_reports_what_training_ended_with(setup, reference, capsys):
 
 def _kill_after_checkpoints(cmd: list[str], checkpoints: int, env: dict | None = None) -> None:
     """Start ``cmd``, SIGKILL every process of it once it has logged ``checkpoints`` mid-epoch checkpoints."""
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, start_new_session=True,
-                            env=env)
+    proc = subprocess.Popen(
+        cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, start_new_session=True, env=env
+    )
     seen = 0
     for line in proc.stderr:
         seen += "checkpoint at step" in line
@@ -214,8 +263,17 @@ def test_a_checkpoint_of_another_run_is_refused(setup, reference, capsys, tmp_pa
 
 
 def _torchrun(*argv) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "dynas",
-            *[str(a) for a in argv]]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "dynas",
+        *[str(a) for a in argv],
+    ]
 
 
 def test_torchrun_two_processes_train_and_resume_after_sigkill(setup):
@@ -254,10 +312,13 @@ def _bad_data(tmp: Path) -> dict[str, tuple[Path, str]]:
     (differ / "val" / "class3").rename(differ / "val" / "extra")
     corrupt = make_folder(tmp / "corrupt", n_train=4, n_val=2)
     bad = _corrupt(corrupt)
-    return {"missing": (tmp / "missing", "does not exist"), "empty": (empty, "is an empty folder"),
-            "split without images": (no_val, "split val/ has no images"),
-            "class lists differ": (differ, "different class folders"),
-            "corrupt image": (corrupt, f"image {str(bad)!r} cannot be read")}
+    return {
+        "missing": (tmp / "missing", "does not exist"),
+        "empty": (empty, "is an empty folder"),
+        "split without images": (no_val, "split val/ has no images"),
+        "class lists differ": (differ, "different class folders"),
+        "corrupt image": (corrupt, f"image {str(bad)!r} cannot be read"),
+    }
 
 
 @pytest.mark.parametrize("case", ["missing", "empty", "split without images", "class lists differ", "corrupt image"])
@@ -274,8 +335,22 @@ def test_skip_bad_images_counts_them_and_trains(setup, capsys, tmp_path):
     data = make_folder(tmp_path / "data", n_train=4, n_val=2)
     _corrupt(data)
     run = tmp_path / "run"
-    code, out, err = _run(capsys, "train", setup["cfg"], "--data", data, "--output-dir", run, *ARGS, "--steps", "1",
-                          "--batch-size", "8", "--skip-bad-images", "-q")
+    code, out, err = _run(
+        capsys,
+        "train",
+        setup["cfg"],
+        "--data",
+        data,
+        "--output-dir",
+        run,
+        *ARGS,
+        "--steps",
+        "1",
+        "--batch-size",
+        "8",
+        "--skip-bad-images",
+        "-q",
+    )
     assert code == 0, err
     assert "1 unreadable image(s) left out" in err and "epoch" not in err  # -q: warnings only, no progress
     trained = json.loads((run / "config.json").read_text())["trained"]
@@ -292,8 +367,15 @@ def _torchvision_state(num_classes: int) -> dict[str, torch.Tensor]:
 
     torch.manual_seed(123)
     state = build_static_model(get_backbone("resnet18", 32)).state_dict()
-    for key in ("conv1.weight", "bn1.running_mean", "layer1.0.conv1.weight", "layer2.0.downsample.0.weight",
-                "layer4.1.bn2.weight", "fc.weight", "fc.bias"):
+    for key in (
+        "conv1.weight",
+        "bn1.running_mean",
+        "layer1.0.conv1.weight",
+        "layer2.0.downsample.0.weight",
+        "layer4.1.bn2.weight",
+        "fc.weight",
+        "fc.bias",
+    ):
         assert key in state  # torchvision's resnet18 key names
     if num_classes != state["fc.weight"].shape[0]:
         state["fc.weight"], state["fc.bias"] = torch.randn(num_classes, 512), torch.zeros(num_classes)
@@ -306,8 +388,22 @@ def test_weights_start_the_run_and_feed_the_teacher(setup, capsys, tmp_path, cla
     state = _torchvision_state(classes)
     torch.save(state, weights)
     run = tmp_path / "run"
-    code, _, err = _run(capsys, "train", setup["cfg"], "--data", setup["data"], "--output-dir", run, *ARGS,
-                        "--steps", "1", "--lr", "1e-6", "--weights", weights)
+    code, _, err = _run(
+        capsys,
+        "train",
+        setup["cfg"],
+        "--data",
+        setup["data"],
+        "--output-dir",
+        run,
+        *ARGS,
+        "--steps",
+        "1",
+        "--lr",
+        "1e-6",
+        "--weights",
+        weights,
+    )
     assert code == 0, err
     trained = torch.load(run / "model.pt")
     assert float((trained["layer3.0.conv1.weight"] - state["layer3.0.conv1.weight"]).abs().max()) < 1e-4
@@ -345,7 +441,7 @@ def test_global_batches_do_not_depend_on_the_number_of_processes():
     order = [i for i, _ in one]  # [(index, key)] -> indices
     shards = [[i for i, _ in s] for s in two]
     for k in range(len(order) // 8):  # global batch 8 = 4 per process x 2
-        assert sorted(order[8 * k:8 * k + 8]) == sorted(shards[0][4 * k:4 * k + 4] + shards[1][4 * k:4 * k + 4])
+        assert sorted(order[8 * k : 8 * k + 8]) == sorted(shards[0][4 * k : 4 * k + 4] + shards[1][4 * k : 4 * k + 4])
     one.set_start(16)
     assert [i for i, _ in one] == order[16:] and len(one) == len(order) - 16
     keys = {key for _, key in one}

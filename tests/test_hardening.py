@@ -39,8 +39,11 @@ CPU_TARGET = DATA / "cpu-2core-dec02-padonce" / "cpu-2core-dec02-padonce.toml"
 CALIBRATION_CSV = DATA / "cpu-2core-dec01-late" / "cpu-2core-dec01-late.csv"
 VALIDATION_CSV = DATA / "cpu-2core-dec01-ops" / "validation-seed18.csv"
 
-GOOD = {"backbone": "resnet18", "input_size": 224,
-        "stages": [{"paradigm": "layer", "rate": 0.5}] + [{"paradigm": "static"}] * 3}
+GOOD = {
+    "backbone": "resnet18",
+    "input_size": 224,
+    "stages": [{"paradigm": "layer", "rate": 0.5}] + [{"paradigm": "static"}] * 3,
+}
 
 
 def _run(capsys, *argv):
@@ -82,9 +85,27 @@ def study(tmp_path_factory):
     """A small finished study, run through the CLI."""
     folder = tmp_path_factory.mktemp("study")
     url = f"sqlite:///{folder / 'runs.db'}"
-    code = main(["-q", "search", "--backbone", "resnet18", "--trials", "3", "--sampler", "random", "--storage", url,
-                 "--no-progress", "--study-name", "small", "--html", str(folder / "r.html"),
-                 "--export", str(folder / "e.json")])
+    code = main(
+        [
+            "-q",
+            "search",
+            "--backbone",
+            "resnet18",
+            "--trials",
+            "3",
+            "--sampler",
+            "random",
+            "--storage",
+            url,
+            "--no-progress",
+            "--study-name",
+            "small",
+            "--html",
+            str(folder / "r.html"),
+            "--export",
+            str(folder / "e.json"),
+        ]
+    )
     assert code == 0
     return {"folder": folder, "url": url, "name": "small"}
 
@@ -99,16 +120,20 @@ BAD_CONFIGS = [
     ("FILE:[1, 2]", "is not an object"),
     ('{"backbone": "vgg16", "stages": []}', "backbone='vgg16' is unknown; allowed: "),
     (_with_stage0(paradigm="wormhole", rate=0.5), "paradigm='wormhole' is unknown; allowed: static, spatial"),
-    (_with_stage0(paradigm="spatial", spatial_granularity=5, rate=0.5),
-     "spatial_granularity=5 does not divide the stage's 56x56 output map; allowed: 1, 2, 4, 7, 8, 14, 28, 56"),
+    (
+        _with_stage0(paradigm="spatial", spatial_granularity=5, rate=0.5),
+        "spatial_granularity=5 does not divide the stage's 56x56 output map; allowed: 1, 2, 4, 7, 8, 14, 28, 56",
+    ),
     (_with_stage0(paradigm="layer", rate=0), "rate=0 is out of range; allowed: a number in (0, 1]"),
     (_with_stage0(paradigm="layer", rate=-0.5), "rate=-0.5 is out of range"),
     (_with_stage0(paradigm="layer", rate=1.5), "rate=1.5 is out of range"),
     ("FILE:" + _with_stage0(paradigm="layer", rate=float("nan")), "rate=nan is out of range"),  # JSON's NaN literal
     ("FILE:" + _with_stage0(paradigm="layer", rate=float("inf")), "rate=inf is out of range"),
     (_with_stage0(paradigm="layer", rate="0.5"), "rate='0.5' is not a number"),
-    ("FILE:" + _with_stage0(paradigm="layer+channel", channel_granularity=2, rate=0.5, channel_rate=float("nan")),
-     "channel_rate=nan is out of range"),
+    (
+        "FILE:" + _with_stage0(paradigm="layer+channel", channel_granularity=2, rate=0.5, channel_rate=float("nan")),
+        "channel_rate=nan is out of range",
+    ),
     (_with_stage0(paradigm="spatial", spatial_granularity="8", rate=0.5), "spatial_granularity='8' is not an integer"),
     ('{"backbone": "resnet18", "input_size": "224", "stages": []}', "input_size='224' is not a size"),
 ]
@@ -116,8 +141,9 @@ BAD_CONFIGS = [
 
 @pytest.mark.parametrize("command", CONFIG_COMMANDS)
 @pytest.mark.parametrize("text, fragment", BAD_CONFIGS, ids=[f[:30] for _, f in BAD_CONFIGS])
-def test_bad_config_is_one_line_for_every_command_that_reads_one(capsys, tmp_path, monkeypatch, command, text,
-                                                                 fragment):
+def test_bad_config_is_one_line_for_every_command_that_reads_one(
+    capsys, tmp_path, monkeypatch, command, text, fragment
+):
     monkeypatch.chdir(tmp_path)
     source = text
     if text.startswith("FILE:"):
@@ -154,6 +180,7 @@ def test_granularity_that_does_not_divide_names_the_allowed_ones_on_the_cli(caps
 
 # ----------------------------------------------------------------------------- targets
 
+
 def test_unknown_target_lists_every_builtin(capsys):
     code, _, err = _run(capsys, "predict", json.dumps(GOOD), "--target", "k80")
     line = _one_line_error(code, err)
@@ -185,13 +212,17 @@ def _gpu_file_cases():
     lines = text.splitlines()
     for field in _REQUIRED:
         i = next(i for i, line in enumerate(lines) if line.split("=")[0].strip() == field)
-        yield pytest.param("\n".join(lines[:i] + lines[i + 1:]) + "\n", f"hardware.{field} is missing",
-                           id=f"gpu-{field}-missing")
+        yield pytest.param(
+            "\n".join(lines[:i] + lines[i + 1 :]) + "\n", f"hardware.{field} is missing", id=f"gpu-{field}-missing"
+        )
         integer = field in ("n_sm", "lanes_per_sm")
-        for value, fragment in (("-4", "-4 is out of range"), ("0", "0 is out of range"),
-                                ('"8"', "'8' is not a positive"),
-                                ("nan", "nan is not a positive integer" if integer else "nan is out of range")):
-            edited = "\n".join(lines[:i] + [f"{field} = {value}"] + lines[i + 1:]) + "\n"
+        for value, fragment in (
+            ("-4", "-4 is out of range"),
+            ("0", "0 is out of range"),
+            ('"8"', "'8' is not a positive"),
+            ("nan", "nan is not a positive integer" if integer else "nan is out of range"),
+        ):
+            edited = "\n".join(lines[:i] + [f"{field} = {value}"] + lines[i + 1 :]) + "\n"
             yield pytest.param(edited, f"hardware.{field}={fragment}", id=f"gpu-{field}={value}")
     yield pytest.param(text[: len(text) // 2] + "\n[hardware\n", "is not valid TOML", id="gpu-truncated")
 
@@ -201,11 +232,17 @@ def _cpu_file_cases():
     lines = text.splitlines()
     for field in cpu.COST_FIELDS:
         i = next(i for i, line in enumerate(lines) if line.split("=")[0].strip() == field)
-        if field not in cpu_terms.ABSENT_FIELDS:  # those may be missing (test_calibration: old files keep their meaning)
-            yield pytest.param("\n".join(lines[:i] + lines[i + 1:]) + "\n", f"cpu.{field} is missing",
-                               id=f"cpu-{field}-missing")
-        yield pytest.param("\n".join(lines[:i] + [f"{field} = -1.5"] + lines[i + 1:]) + "\n",
-                           f"cpu.{field}=-1.5 is out of range; allowed: a number >= 0", id=f"cpu-{field}-negative")
+        if (
+            field not in cpu_terms.ABSENT_FIELDS
+        ):  # those may be missing (test_calibration: old files keep their meaning)
+            yield pytest.param(
+                "\n".join(lines[:i] + lines[i + 1 :]) + "\n", f"cpu.{field} is missing", id=f"cpu-{field}-missing"
+            )
+        yield pytest.param(
+            "\n".join(lines[:i] + [f"{field} = -1.5"] + lines[i + 1 :]) + "\n",
+            f"cpu.{field}=-1.5 is out of range; allowed: a number >= 0",
+            id=f"cpu-{field}-negative",
+        )
 
 
 @pytest.mark.parametrize("body, fragment", [*_gpu_file_cases(), *_cpu_file_cases()])
@@ -228,13 +265,16 @@ def test_calibrated_target_refuses_uncalibrated_work_in_one_line(capsys, tmp_pat
     assert code == 0, err
 
 
-@pytest.mark.parametrize("hint, fragment", [
-    ({"batch_size": "8"}, "config batch_size='8' is not allowed; allowed: a positive integer"),
-    ({"batch_size": 0}, "config batch_size=0"),
-    ({"batch_size": 2.5}, "config batch_size=2.5"),
-    ({"target": 5}, "config target=5 is not a target name"),
-    ({"target": "k80"}, "target='k80' is unknown"),
-])
+@pytest.mark.parametrize(
+    "hint, fragment",
+    [
+        ({"batch_size": "8"}, "config batch_size='8' is not allowed; allowed: a positive integer"),
+        ({"batch_size": 0}, "config batch_size=0"),
+        ({"batch_size": 2.5}, "config batch_size=2.5"),
+        ({"target": 5}, "config target=5 is not a target name"),
+        ({"target": "k80"}, "target='k80' is unknown"),
+    ],
+)
 def test_exported_file_with_a_bad_target_or_batch_size(capsys, tmp_path, hint, fragment):
     path = tmp_path / "exported.json"
     path.write_text(json.dumps({**GOOD, **hint}))
@@ -255,9 +295,15 @@ def _numeric_options():
 
 
 def _required_args(command: str, study) -> list[str]:
-    return {"predict": ["cfg.json"], "bench": ["cfg.json"], "train": ["cfg.json"], "calibrate": ["-o", "t.toml"],
-            "validate": ["--target", "v100"], "pareto": ["--storage", study["url"], "--study-name", study["name"]],
-            "export": ["--storage", study["url"], "--study-name", study["name"]]}.get(command, [])
+    return {
+        "predict": ["cfg.json"],
+        "bench": ["cfg.json"],
+        "train": ["cfg.json"],
+        "calibrate": ["-o", "t.toml"],
+        "validate": ["--target", "v100"],
+        "pareto": ["--storage", study["url"], "--study-name", study["name"]],
+        "export": ["--storage", study["url"], "--study-name", study["name"]],
+    }.get(command, [])
 
 
 @pytest.mark.parametrize("command, option", [(c, o) for c, o, _ in _numeric_options()])
@@ -301,12 +347,15 @@ def test_measuring_api_rejects_a_budget_that_never_runs_out(budget):
 
 
 @pytest.mark.parametrize("command", ["pareto", "export"])
-@pytest.mark.parametrize("url, fragment", [
-    ("not a url", "is not a database URL"),
-    ("::::", "is not a database URL"),
-    ("sqlite:///{tmp}/missing/x.db", "does not exist"),
-    ("sqlite:///{tmp}/notadb.db", "cannot be opened"),
-])
+@pytest.mark.parametrize(
+    "url, fragment",
+    [
+        ("not a url", "is not a database URL"),
+        ("::::", "is not a database URL"),
+        ("sqlite:///{tmp}/missing/x.db", "does not exist"),
+        ("sqlite:///{tmp}/notadb.db", "cannot be opened"),
+    ],
+)
 def test_study_commands_with_a_malformed_storage(capsys, tmp_path, monkeypatch, command, url, fragment):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "notadb.db").write_text("this is not SQLite\n")
@@ -319,6 +368,7 @@ def test_study_commands_with_a_malformed_storage(capsys, tmp_path, monkeypatch, 
 
 # ----------------------------------------------------------------------------- output paths
 
+
 def _writing_commands(study, out: Path) -> dict[str, list[str]]:
     """argv of every command that writes, all of its outputs in folder ``out``."""
     return {
@@ -326,10 +376,31 @@ def _writing_commands(study, out: Path) -> dict[str, list[str]]:
         "pareto-csv": ["pareto", "--storage", study["url"], "--study-name", study["name"], "--csv", out / "f.csv"],
         "pareto-html": ["pareto", "--storage", study["url"], "--study-name", study["name"], "--html", out / "f.html"],
         "calibrate": ["calibrate", "-o", out / "t.toml", "--measurements", CALIBRATION_CSV],
-        "validate": ["validate", "--target", CPU_TARGET, "--measurements", VALIDATION_CSV, "--csv", out / "v.csv",
-                     "--html", out / "v.html"],
-        "train": ["train", ArchConfig.static("resnet18", 32).to_json(), "--steps", "1", "--batch-size", "2",
-                  "--input-size", "32", "--log-every", "1", "-o", out / "w.pt"],
+        "validate": [
+            "validate",
+            "--target",
+            CPU_TARGET,
+            "--measurements",
+            VALIDATION_CSV,
+            "--csv",
+            out / "v.csv",
+            "--html",
+            out / "v.html",
+        ],
+        "train": [
+            "train",
+            ArchConfig.static("resnet18", 32).to_json(),
+            "--steps",
+            "1",
+            "--batch-size",
+            "2",
+            "--input-size",
+            "32",
+            "--log-every",
+            "1",
+            "-o",
+            out / "w.pt",
+        ],
     }
 
 
@@ -370,8 +441,10 @@ def test_output_in_a_read_only_folder_is_one_line_and_writes_nothing(capsys, tmp
     assert _listing(out) == {"keep.txt": b"untouched\n"}
 
 
-@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0,
-                    reason="root ignores chmod; the read-only case runs through the patched writer above")
+@pytest.mark.skipif(
+    hasattr(os, "geteuid") and os.geteuid() == 0,
+    reason="root ignores chmod; the read-only case runs through the patched writer above",
+)
 @pytest.mark.parametrize("which", WRITERS)
 def test_output_in_a_chmod_read_only_folder(capsys, tmp_path, study, which):
     out = tmp_path / "ro"
@@ -386,8 +459,14 @@ def test_output_in_a_chmod_read_only_folder(capsys, tmp_path, study, which):
 
 
 def _api_writers():
-    target = HardwareTarget(name="t", description="", kind="cpu", default_batch_size=1,
-                            cpu=cpu.CpuCosts(*([1.0] * len(cpu.COST_FIELDS))), threads=1)
+    target = HardwareTarget(
+        name="t",
+        description="",
+        kind="cpu",
+        default_batch_size=1,
+        cpu=cpu.CpuCosts(*([1.0] * len(cpu.COST_FIELDS))),
+        threads=1,
+    )
 
     def csv(path):
         import pandas as pd
@@ -430,8 +509,14 @@ def test_failed_replace_keeps_the_old_file_and_leaves_no_temporary(tmp_path, mon
 
 
 def test_write_target_refuses_text_toml_cannot_hold(tmp_path):
-    bad = HardwareTarget(name="cpu\udcff", description="", kind="cpu", default_batch_size=1,
-                         cpu=cpu.CpuCosts(*([1.0] * len(cpu.COST_FIELDS))), threads=1)
+    bad = HardwareTarget(
+        name="cpu\udcff",
+        description="",
+        kind="cpu",
+        default_batch_size=1,
+        cpu=cpu.CpuCosts(*([1.0] * len(cpu.COST_FIELDS))),
+        threads=1,
+    )
     with pytest.raises(TargetError, match="lone surrogate") as info:
         write_target(bad, tmp_path / "t.toml")
     assert "\n" not in str(info.value)
@@ -457,11 +542,15 @@ def test_console_script_prints_one_line_and_no_traceback(tmp_path, study, case):
     (tmp_path / "bad.toml").write_text((BUILTIN_DIR / "v100.toml").read_text().replace("n_sm = 80", "n_sm = -80"))
     argv, expected = {
         "truncated-config": (["predict", "cut.json"], "dynas: error: config is not valid JSON"),
-        "negative-target-field": (["predict", json.dumps(GOOD), "--target", "bad.toml"],
-                                  "dynas: error: bad.toml: hardware.n_sm=-80 is out of range"),
+        "negative-target-field": (
+            ["predict", json.dumps(GOOD), "--target", "bad.toml"],
+            "dynas: error: bad.toml: hardware.n_sm=-80 is out of range",
+        ),
         # a regular file as the output's folder: refused before any work, by any user
-        "output-folder-is-a-file": (["export", "--storage", study["url"], "-o", "cut.json/e.json"],
-                             "dynas: error: --output='cut.json/e.json': directory 'cut.json' does not exist"),
+        "output-folder-is-a-file": (
+            ["export", "--storage", study["url"], "-o", "cut.json/e.json"],
+            "dynas: error: --output='cut.json/e.json': directory 'cut.json' does not exist",
+        ),
     }[case]
     before = _listing(tmp_path)
     proc = subprocess.run(_console_script() + argv, cwd=tmp_path, capture_output=True, text=True, timeout=120)

@@ -48,7 +48,8 @@ def _block_spec(backbone: str, stage: int, index: int, size: int = INPUT):
 
 def _stage(paradigm: str, rate: float, s: int | None, g: int | None) -> StageConfig:
     return StageConfig(
-        paradigm=paradigm, rate=rate,
+        paradigm=paradigm,
+        rate=rate,
         spatial_granularity=s if paradigm in ("spatial", "spatial+channel") else None,
         channel_granularity=g if "channel" in paradigm else None,
         channel_rate=rate if "+" in paradigm else None,
@@ -114,8 +115,11 @@ def test_fast_matches_reference(key, paradigm, rate, gi, batch, device):
 
 
 @pytest.mark.parametrize("paradigm", ["spatial", "spatial+channel"])
-@pytest.mark.parametrize("key", [("resnet18", 1, 0), ("resnet18", 3, 1), ("resnet50", 2, 0), ("resnet50", 1, 1)],
-                         ids=lambda k: f"{k[0]}-s{k[1]}b{k[2]}")
+@pytest.mark.parametrize(
+    "key",
+    [("resnet18", 1, 0), ("resnet18", 3, 1), ("resnet50", 2, 0), ("resnet50", 1, 1)],
+    ids=lambda k: f"{k[0]}-s{k[1]}b{k[2]}",
+)
 def test_one_pixel_patches_run_conv2_as_one_matrix_product(key, paradigm, monkeypatch):
     # 1x1 patches: the 3x3 conv sees windows of exactly its size and runs as [P, 9C] @ [9C, C_out]
     # (basic blocks: windows gathered as [P, C, 3, 3]; bottlenecks: window rows of conv1's buffer)
@@ -128,7 +132,9 @@ def test_one_pixel_patches_run_conv2_as_one_matrix_product(key, paradigm, monkey
     calls = []
     real, real_rows = blocks.one_pixel_conv, blocks.window_rows
     monkeypatch.setattr(blocks, "one_pixel_conv", lambda *a: calls.append(tuple(a[0].shape[-2:])) or real(*a))
-    monkeypatch.setattr(blocks, "window_rows", lambda buf, tl, kh, kw: calls.append((kh, kw)) or real_rows(buf, tl, kh, kw))
+    monkeypatch.setattr(
+        blocks, "window_rows", lambda buf, tl, kh, kw: calls.append((kh, kw)) or real_rows(buf, tl, kh, kw)
+    )
     x = torch.randn(3, spec.in_channels, *spec.in_hw, generator=torch.Generator().manual_seed(2))
     fast, ref, _ = _both(blk, x)
     torch.testing.assert_close(fast, ref, atol=ATOL, rtol=RTOL)
@@ -143,7 +149,9 @@ def test_different_decisions_per_sample(key, paradigm):
     _set_mode(blk, "budget")
     gen = torch.Generator().manual_seed(3)
     # per-sample channel offsets make the pooled masker inputs differ between samples
-    x = torch.randn(6, spec.in_channels, *spec.in_hw, generator=gen) + 3 * torch.randn(6, spec.in_channels, 1, 1, generator=gen)
+    x = torch.randn(6, spec.in_channels, *spec.in_hw, generator=gen) + 3 * torch.randn(
+        6, spec.in_channels, 1, 1, generator=gen
+    )
     dec = blk.decide(x)
     if "layer" not in dec:
         primary = dec["spatial"] if "spatial" in dec else dec["channel"]
@@ -259,8 +267,7 @@ def test_budget_mode_exact_counts(paradigm, rate):
 def test_layer_budget_is_per_sample_over_the_stage(paradigm, rate, batch):
     # resnet50 stage 2 has 6 blocks: in budget mode every sample runs exactly budget_count(rate, 6)
     # of them, at any batch size (batch 1 included), and the fast path still matches the reference
-    cfg = ArchConfig("resnet50", (71, 71), (StageConfig(),) * 2 + (_stage(paradigm, rate, None, 4),)
-                     + (StageConfig(),))
+    cfg = ArchConfig("resnet50", (71, 71), (StageConfig(),) * 2 + (_stage(paradigm, rate, None, 4),) + (StageConfig(),))
     model = build_model(cfg).eval().set_gate_mode("budget")
     _randomize(model)
     x = torch.randn(batch, 3, 71, 71, generator=torch.Generator().manual_seed(batch))
@@ -338,8 +345,7 @@ def test_adaptive_mode_is_argmax():
 
 
 @pytest.mark.parametrize("paradigm", DYNAMIC)
-@pytest.mark.parametrize("key", [("resnet18", 1, 0), ("resnet50", 1, 0), ("regnety_400mf", 1, 0)],
-                         ids=lambda k: k[0])
+@pytest.mark.parametrize("key", [("resnet18", 1, 0), ("resnet50", 1, 0), ("regnety_400mf", 1, 0)], ids=lambda k: k[0])
 def test_training_forward_is_differentiable(key, paradigm):
     spec, blk = _make(key, paradigm, 0.5, 1)
     blk.train()
@@ -568,8 +574,9 @@ def test_param_names_extend_static_names():
 
 @pytest.mark.parametrize("batch", [1, 4])
 @pytest.mark.parametrize("paradigm", DYNAMIC)
-@pytest.mark.parametrize("key", [("resnet50", 1, 0), ("resnet50", 1, 1), ("regnety_400mf", 1, 0)],
-                         ids=lambda k: f"{k[0]}-s{k[1]}b{k[2]}")
+@pytest.mark.parametrize(
+    "key", [("resnet50", 1, 0), ("resnet50", 1, 1), ("regnety_400mf", 1, 0)], ids=lambda k: f"{k[0]}-s{k[1]}b{k[2]}"
+)
 def test_fast_matches_reference_in_channels_last(key, paradigm, batch):
     # the fast path gathers pixel rows from channels-last maps; the result must not depend on layout
     spec, blk = _make(key, paradigm, 0.5, 1)

@@ -38,8 +38,11 @@ def _module_name(path: Path) -> str:
 
 
 def _package_modules() -> dict[str, Path]:
-    return {_module_name(p): p for p in sorted(ROOT.rglob("*.py"))
-            if not _SKIP & set(p.relative_to(ROOT).parts) and not p.name.startswith(".")}
+    return {
+        _module_name(p): p
+        for p in sorted(ROOT.rglob("*.py"))
+        if not _SKIP & set(p.relative_to(ROOT).parts) and not p.name.startswith(".")
+    }
 
 
 def _type_checking_only(tree: ast.AST) -> set[int]:
@@ -47,7 +50,9 @@ def _type_checking_only(tree: ast.AST) -> set[int]:
     skip = set()
     for node in ast.walk(tree):
         test = getattr(node, "test", None)
-        if isinstance(node, ast.If) and (getattr(test, "id", None) == "TYPE_CHECKING" or getattr(test, "attr", None) == "TYPE_CHECKING"):
+        if isinstance(node, ast.If) and (
+            getattr(test, "id", None) == "TYPE_CHECKING" or getattr(test, "attr", None) == "TYPE_CHECKING"
+        ):
             skip |= {id(n) for child in node.body for n in ast.walk(child)}
     return skip
 
@@ -55,8 +60,12 @@ def _type_checking_only(tree: ast.AST) -> set[int]:
 def _import_nodes(path: Path) -> list[ast.Import | ast.ImportFrom]:
     tree = ast.parse(path.read_text())
     skip = _type_checking_only(tree)
-    return [n for n in ast.walk(tree) if id(n) not in skip and
-            (isinstance(n, ast.Import) or (isinstance(n, ast.ImportFrom) and n.level == 0 and n.module))]
+    return [
+        n
+        for n in ast.walk(tree)
+        if id(n) not in skip
+        and (isinstance(n, ast.Import) or (isinstance(n, ast.ImportFrom) and n.level == 0 and n.module))
+    ]
 
 
 def _imports(path: Path) -> set[str]:
@@ -74,7 +83,9 @@ def _imports(path: Path) -> set[str]:
 def test_packages_import_only_upstream(package):
     for path in sorted((ROOT / package).rglob("*.py")):
         bad = _imports(path) - ALLOWED[package] - {package} - SHARED
-        assert not bad, f"{package}/{path.name} imports dynas.{', dynas.'.join(sorted(bad))} (not upstream of {package})"
+        assert not bad, (
+            f"{package}/{path.name} imports dynas.{', dynas.'.join(sorted(bad))} (not upstream of {package})"
+        )
 
 
 def _module_graph(modules: dict[str, Path]) -> dict[str, set[str]]:
@@ -88,7 +99,9 @@ def _module_graph(modules: dict[str, Path]) -> dict[str, set[str]]:
                 names = [a.name for a in node.names]
             else:  # ``from pkg import mod`` needs mod (pkg/__init__ runs for any import below it)
                 subs = [f"{node.module}.{a.name}" for a in node.names]
-                names = [n for n in subs if n in modules] + ([node.module] if any(n not in modules for n in subs) else [])
+                names = [n for n in subs if n in modules] + (
+                    [node.module] if any(n not in modules for n in subs) else []
+                )
             for name in names:
                 while name and name not in modules:
                     name = name.rpartition(".")[0]
@@ -156,6 +169,9 @@ def test_no_module_imports_private_names_of_another():
     for module, path in modules.items():
         for node in _import_nodes(path):
             if isinstance(node, ast.ImportFrom) and node.module.startswith("dynas") and node.module != module:
-                bad += [f"{module} imports {node.module}.{a.name}" for a in node.names
-                        if a.name.startswith("_") and not a.name.startswith("__")]
+                bad += [
+                    f"{module} imports {node.module}.{a.name}"
+                    for a in node.names
+                    if a.name.startswith("_") and not a.name.startswith("__")
+                ]
     assert not bad, "; ".join(bad)

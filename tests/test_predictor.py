@@ -76,7 +76,10 @@ def test_larger_batch_never_lowers_batch_latency(target):
 
 
 def test_granularity_that_does_not_divide_is_rejected_not_rounded():
-    cfg = {"backbone": "resnet50", "stages": [{"paradigm": "spatial", "spatial_granularity": 3, "rate": 0.5}] + [{"paradigm": "static"}] * 3}
+    cfg = {
+        "backbone": "resnet50",
+        "stages": [{"paradigm": "spatial", "spatial_granularity": 3, "rate": 0.5}] + [{"paradigm": "static"}] * 3,
+    }
     with pytest.raises(ConfigError, match="spatial_granularity=3 does not divide"):
         predict(cfg, "v100")
 
@@ -115,10 +118,16 @@ def test_expected_max_density_is_exact_and_bounded():
 
 
 def test_prediction_fields_and_json(tmp_path):
-    cfg = {"backbone": "resnet101", "input_size": 224, "stages": [
-        {"paradigm": "spatial", "spatial_granularity": 8, "rate": 0.5},
-        {"paradigm": "channel", "channel_granularity": 2, "rate": 0.5},
-        {"paradigm": "layer", "rate": 0.5}, {"paradigm": "static"}]}
+    cfg = {
+        "backbone": "resnet101",
+        "input_size": 224,
+        "stages": [
+            {"paradigm": "spatial", "spatial_granularity": 8, "rate": 0.5},
+            {"paradigm": "channel", "channel_granularity": 2, "rate": 0.5},
+            {"paradigm": "layer", "rate": 0.5},
+            {"paradigm": "static"},
+        ],
+    }
     path = tmp_path / "c.json"
     path.write_text(json.dumps(cfg))
     p = dynas.predict(str(path), "v100")
@@ -144,7 +153,7 @@ def test_every_builtin_target_loads_with_sources(name):
 
 
 def test_user_target_file(tmp_path):
-    text = (load_target("v100").sources and (dynas.predictors.targets.BUILTIN_DIR / "v100.toml").read_text())
+    text = load_target("v100").sources and (dynas.predictors.targets.BUILTIN_DIR / "v100.toml").read_text()
     custom = tmp_path / "mygpu.toml"
     custom.write_text(text.replace('name = "v100"', 'name = "mygpu"').replace("n_sm = 80", "n_sm = 40"))
     slow = predict(ArchConfig.static("resnet50"), str(custom))
@@ -152,12 +161,21 @@ def test_user_target_file(tmp_path):
     assert slow.target == "mygpu" and slow.latency_ms > fast.latency_ms
 
 
-@pytest.mark.parametrize("body,match", [
-    ("[hardware]\nn_sm = 80\n", "hardware.lanes_per_sm is missing"),
-    ("[hardware]\nn_sm = -1\nlanes_per_sm = 64\nclock_hz = 1e9\ndram_bandwidth_Bps = 1e11\n", "hardware.n_sm=-1 is out of range"),
-    ("[hardware]\nn_sm = 'x'\nlanes_per_sm = 64\nclock_hz = 1e9\ndram_bandwidth_Bps = 1e11\n", "not a positive integer"),
-    ("name = [", "not valid TOML"),
-])
+@pytest.mark.parametrize(
+    "body,match",
+    [
+        ("[hardware]\nn_sm = 80\n", "hardware.lanes_per_sm is missing"),
+        (
+            "[hardware]\nn_sm = -1\nlanes_per_sm = 64\nclock_hz = 1e9\ndram_bandwidth_Bps = 1e11\n",
+            "hardware.n_sm=-1 is out of range",
+        ),
+        (
+            "[hardware]\nn_sm = 'x'\nlanes_per_sm = 64\nclock_hz = 1e9\ndram_bandwidth_Bps = 1e11\n",
+            "not a positive integer",
+        ),
+        ("name = [", "not valid TOML"),
+    ],
+)
 def test_bad_target_files(tmp_path, body, match):
     f = tmp_path / "bad.toml"
     f.write_text(body)
@@ -180,11 +198,16 @@ CPU_TARGET = str(Path(__file__).resolve().parent / "data" / "cpu-2core-dec01-lat
 def test_block_predictions_add_up_to_their_stage(target, backbone):
     spec = ArchConfig.static(backbone).spec
     width = [spec.stage_width(s) for s in range(4)]
-    cfg = ArchConfig(backbone, spec.input_hw, (
-        StageConfig("spatial", 0.4, spatial_granularity=2),
-        StageConfig("layer", 0.6),  # per-sample gate: each block at its expected cost
-        StageConfig("channel", 0.3, channel_granularity=width[2] // 8),
-        StageConfig("layer+channel", 0.5, channel_granularity=width[3] // 4, channel_rate=0.5)))
+    cfg = ArchConfig(
+        backbone,
+        spec.input_hw,
+        (
+            StageConfig("spatial", 0.4, spatial_granularity=2),
+            StageConfig("layer", 0.6),  # per-sample gate: each block at its expected cost
+            StageConfig("channel", 0.3, channel_granularity=width[2] // 8),
+            StageConfig("layer+channel", 0.5, channel_granularity=width[3] // 4, channel_rate=0.5),
+        ),
+    )
     for n in (1, 8):
         pred, blocks = predict(cfg, target, n), predict_blocks(cfg, target, n)
         assert [len(b) for b in blocks] == [spec.stage_depth(s) for s in range(4)]

@@ -74,8 +74,11 @@ from dynas.spaces.config import (
 
 _DATA = Path(__file__).resolve().parent / "data"
 CPU_TARGET = str(_DATA / "cpu-2core-dec01-ops" / "cpu-2core-dec01-ops.toml")
-CPU_TARGETS = [CPU_TARGET, str(_DATA / "cpu-2core-dec01-night" / "cpu-2core-dec01-night.toml"),
-               str(_DATA / "cpu-2core-dec02-padonce" / "cpu-2core-dec02-padonce.toml")]
+CPU_TARGETS = [
+    CPU_TARGET,
+    str(_DATA / "cpu-2core-dec01-night" / "cpu-2core-dec01-night.toml"),
+    str(_DATA / "cpu-2core-dec02-padonce" / "cpu-2core-dec02-padonce.toml"),
+]
 GPU_TARGETS = list_targets()
 ALL_TARGETS = GPU_TARGETS + CPU_TARGETS
 BACKBONES = list_backbones()
@@ -109,8 +112,9 @@ def configs(draw, paradigms=PARADIGMS, rate=None, channel_rate=None, target=None
     backbone = draw(st.sampled_from(CPU_BACKBONES if target in CPU_TARGETS else BACKBONES))
     spec = get_backbone(backbone, draw(st.sampled_from(SIZES)))
     offered = [p for p in paradigms if p in spec.paradigms] or ["static"]
-    stages = tuple(_stage(draw, spec, i, draw(st.sampled_from(offered)), rate, channel_rate)
-                   for i in range(spec.num_stages))
+    stages = tuple(
+        _stage(draw, spec, i, draw(st.sampled_from(offered)), rate, channel_rate) for i in range(spec.num_stages)
+    )
     return ArchConfig(backbone, spec.input_hw, stages)
 
 
@@ -124,8 +128,13 @@ def _batch(draw, target: str) -> int:
 
 
 @SETTINGS
-@given(cfg=configs(), target=st.sampled_from(ALL_TARGETS), extra=st.fixed_dictionaries({
-    "batch_size": st.integers(1, 512), "trial": st.integers(0, 10 ** 6), "notes": st.text(max_size=20)}))
+@given(
+    cfg=configs(),
+    target=st.sampled_from(ALL_TARGETS),
+    extra=st.fixed_dictionaries(
+        {"batch_size": st.integers(1, 512), "trial": st.integers(0, 10**6), "notes": st.text(max_size=20)}
+    ),
+)
 def test_prediction_json_and_exported_files_load_back_as_the_config(cfg, target, extra):
     assume(target not in CPU_TARGETS or cfg.backbone in CPU_BACKBONES)
     pred = predict(cfg, target, 1)
@@ -137,28 +146,50 @@ def test_prediction_json_and_exported_files_load_back_as_the_config(cfg, target,
 
 
 _free_text = st.text(max_size=12)  # any character TOML must escape, control characters and DEL included
-_records = st.dictionaries(st.text(min_size=1, max_size=8).filter(lambda k: k != "unexercised"),
-                           st.one_of(_free_text, st.integers(-10 ** 6, 10 ** 6), st.booleans(),
-                                     st.floats(allow_nan=False, allow_infinity=False)), max_size=4)
+_records = st.dictionaries(
+    st.text(min_size=1, max_size=8).filter(lambda k: k != "unexercised"),
+    st.one_of(
+        _free_text, st.integers(-(10**6), 10**6), st.booleans(), st.floats(allow_nan=False, allow_infinity=False)
+    ),
+    max_size=4,
+)
 _cost = st.floats(min_value=0.0, max_value=1e9, allow_nan=False)
 _positive = st.floats(min_value=1e-6, max_value=1e15, allow_nan=False)
 
 
 @st.composite
 def hardware_targets(draw) -> HardwareTarget:
-    common = dict(name=draw(st.text(min_size=1, max_size=12)), description=draw(_free_text),
-                  default_batch_size=draw(st.integers(1, 4096)),
-                  sources=draw(st.dictionaries(st.text(min_size=1, max_size=8), _free_text, max_size=3)))
+    common = dict(
+        name=draw(st.text(min_size=1, max_size=12)),
+        description=draw(_free_text),
+        default_batch_size=draw(st.integers(1, 4096)),
+        sources=draw(st.dictionaries(st.text(min_size=1, max_size=8), _free_text, max_size=3)),
+    )
     if draw(st.booleans()):  # measured: the [environment] and [fit] records are the calibration's
         costs = cpu.CpuCosts(*(draw(_cost) for _ in cpu.COST_FIELDS))
-        return HardwareTarget(kind="cpu", cpu=costs, threads=draw(st.integers(1, 512)), environment=draw(_records),
-                              fit=draw(_records), **common)
-    ints = st.integers(1, 10 ** 5)
-    return HardwareTarget(kind="gpu", n_sm=draw(ints), lanes_per_sm=draw(ints), clock_hz=draw(_positive),
-                          dram_bandwidth_Bps=draw(_positive), l2_speed_frac=draw(_positive), fp32_cycles=draw(ints),
-                          mem_transaction_floats=draw(ints), launch_us=draw(_positive),
-                          bytes_per_element=draw(st.integers(1, 16)),
-                          energy=draw(st.none() | st.builds(EnergyConstants, _cost, _cost, _cost)), **common)
+        return HardwareTarget(
+            kind="cpu",
+            cpu=costs,
+            threads=draw(st.integers(1, 512)),
+            environment=draw(_records),
+            fit=draw(_records),
+            **common,
+        )
+    ints = st.integers(1, 10**5)
+    return HardwareTarget(
+        kind="gpu",
+        n_sm=draw(ints),
+        lanes_per_sm=draw(ints),
+        clock_hz=draw(_positive),
+        dram_bandwidth_Bps=draw(_positive),
+        l2_speed_frac=draw(_positive),
+        fp32_cycles=draw(ints),
+        mem_transaction_floats=draw(ints),
+        launch_us=draw(_positive),
+        bytes_per_element=draw(st.integers(1, 16)),
+        energy=draw(st.none() | st.builds(EnergyConstants, _cost, _cost, _cost)),
+        **common,
+    )
 
 
 @settings(max_examples=60, deadline=None)
@@ -182,7 +213,8 @@ def _check_sound(p, n: int) -> None:
     assert p.speedup == pytest.approx(p.static_latency_ms / p.latency_ms, rel=1e-12)
     assert p.latency_ms == pytest.approx(p.stem_ms + p.head_ms + sum(s.latency_ms for s in p.stages), rel=1e-9)
     assert p.static_latency_ms == pytest.approx(
-        p.stem_ms + p.head_ms + sum(s.static_latency_ms for s in p.stages), rel=1e-9)
+        p.stem_ms + p.head_ms + sum(s.static_latency_ms for s in p.stages), rel=1e-9
+    )
     for s in p.stages:
         assert math.isfinite(s.latency_ms) and s.latency_ms > 0 and s.static_latency_ms > 0
         assert all(math.isfinite(o.latency_ms) and o.latency_ms >= 0 for o in s.ops)
@@ -193,7 +225,9 @@ def _check_sound(p, n: int) -> None:
         assert p.energy_mj is None and all(s.energy_mj is None for s in p.stages)
         return
     assert math.isfinite(p.energy_mj) and p.energy_mj >= energy.static_power_w * p.latency_ms * (1 - 1e-12) > 0
-    assert p.energy_mj == pytest.approx(p.stem_energy_mj + p.head_energy_mj + sum(s.energy_mj for s in p.stages), rel=1e-9)
+    assert p.energy_mj == pytest.approx(
+        p.stem_energy_mj + p.head_energy_mj + sum(s.energy_mj for s in p.stages), rel=1e-9
+    )
 
 
 @pytest.mark.parametrize("target", ALL_TARGETS, ids=_target_id)
@@ -214,8 +248,12 @@ def _one_gated_stage(draw, cfg: ArchConfig) -> ArchConfig:
     spec = cfg.spec
     gated = [i for i, x in enumerate(cfg.stages) if stage_gate_kind(spec, i, x) is not None]
     keep = draw(st.sampled_from(gated)) if gated else None
-    return dataclasses.replace(cfg, stages=tuple(_stage(draw, spec, i, "channel") if i in gated and i != keep else x
-                                                 for i, x in enumerate(cfg.stages)))
+    return dataclasses.replace(
+        cfg,
+        stages=tuple(
+            _stage(draw, spec, i, "channel") if i in gated and i != keep else x for i, x in enumerate(cfg.stages)
+        ),
+    )
 
 
 def _cpu_varies(cfg: ArchConfig, s: int, field: str) -> bool:
@@ -231,8 +269,10 @@ def _same_unfolded_products(target: str, low: ArchConfig, high: ArchConfig, s: i
     from dynas.predictors.latency import stage_work
 
     block = load_target(target).column_block
-    calls = [stage_work(c.backbone, c.input_size, s, c.stages[s], 1, stage_runs(c)[s], block)[cpu.TERMS.index("mm_calls")]
-             for c in (low, high)]
+    calls = [
+        stage_work(c.backbone, c.input_size, s, c.stages[s], 1, stage_runs(c)[s], block)[cpu.TERMS.index("mm_calls")]
+        for c in (low, high)
+    ]
     return calls[0] == calls[1]
 
 
@@ -254,16 +294,24 @@ def test_latency_is_non_decreasing_in_each_stage_rate(target, data):
     cpu_target = target in CPU_TARGETS
     if cpu_target:
         cfg = _one_gated_stage(data.draw, cfg)
-    choices = [(s, f) for s, x in enumerate(cfg.stages) for f in (["rate", "channel_rate"] if "+" in x.paradigm else ["rate"])
-               if not cpu_target or _cpu_varies(cfg, s, f)]
+    choices = [
+        (s, f)
+        for s, x in enumerate(cfg.stages)
+        for f in (["rate", "channel_rate"] if "+" in x.paradigm else ["rate"])
+        if not cpu_target or _cpu_varies(cfg, s, f)
+    ]
     assume(choices)
     s, field = data.draw(st.sampled_from(choices))
     low, high = sorted(data.draw(st.tuples(rates, st.one_of(rates, st.just(1.0)))))
     n = 1 if cpu_target else _batch(data.draw, target)
     if cpu_target:
         assume(_cpu_below_full(cfg, s, field, high))
-    at = {v: dataclasses.replace(cfg, stages=tuple(dataclasses.replace(x, **{field: v}) if i == s else x
-                                                    for i, x in enumerate(cfg.stages))) for v in (low, high)}
+    at = {
+        v: dataclasses.replace(
+            cfg, stages=tuple(dataclasses.replace(x, **{field: v}) if i == s else x for i, x in enumerate(cfg.stages))
+        )
+        for v in (low, high)
+    }
     if cpu_target:
         assume(_same_unfolded_products(target, at[low], at[high], s))
     slow, fast = predict(at[high], target, n), predict(at[low], target, n)
@@ -325,9 +373,16 @@ def test_batch_one_channel_stage_runs_whole_however_many_selections():
     """At batch 1 the one sample's selection runs the stage whole (no gather path), also when a
     stage has more than 10^12 possible selections (found by the monotonicity property above:
     C1@0.75 on ResNet-101's stage 0, comb(64, 48) selections, was predicted slower than C1@1.00)."""
+
     def at(rate):
-        cfg = ArchConfig.from_dict({"backbone": "resnet101", "input_size": 224, "stages": [
-            {"paradigm": "channel", "channel_granularity": 1, "rate": rate}] + [{"paradigm": "static"}] * 3})
+        cfg = ArchConfig.from_dict(
+            {
+                "backbone": "resnet101",
+                "input_size": 224,
+                "stages": [{"paradigm": "channel", "channel_granularity": 1, "rate": rate}]
+                + [{"paradigm": "static"}] * 3,
+            }
+        )
         return predict(cfg, CPU_TARGET, 1).stages[0]
 
     low, high = at(0.75), at(1.0)

@@ -41,13 +41,21 @@ STATIC_TOP1 = 76.0
 DENSE_STAGE_GFLOPS = (1.0, 2.0, 3.0, 2.0)
 STEM_HEAD_GFLOPS = 0.5
 
-S_8471 = {"backbone": "resnet50", "input_size": 224, "stages": [
-    {"paradigm": "spatial", "spatial_granularity": g, "rate": 0.5} for g in (8, 4, 7, 1)]}
-MIXED = {"backbone": "resnet50", "input_size": 224, "stages": [
-    {"paradigm": "spatial", "spatial_granularity": 8, "rate": 0.5},
-    {"paradigm": "channel", "channel_granularity": 2, "rate": 0.5},
-    {"paradigm": "layer", "rate": 0.5},
-    {"paradigm": "static"}]}
+S_8471 = {
+    "backbone": "resnet50",
+    "input_size": 224,
+    "stages": [{"paradigm": "spatial", "spatial_granularity": g, "rate": 0.5} for g in (8, 4, 7, 1)],
+}
+MIXED = {
+    "backbone": "resnet50",
+    "input_size": 224,
+    "stages": [
+        {"paradigm": "spatial", "spatial_granularity": 8, "rate": 0.5},
+        {"paradigm": "channel", "channel_granularity": 2, "rate": 0.5},
+        {"paradigm": "layer", "rate": 0.5},
+        {"paradigm": "static"},
+    ],
+}
 LAYER = {"backbone": "resnet50", "input_size": 224, "stages": [{"paradigm": "layer", "rate": 0.6}] * 4}
 STATIC = ArchConfig.static("resnet50").to_dict()
 CONFIGS = [S_8471, MIXED, LAYER, STATIC]
@@ -63,20 +71,41 @@ def _prediction(cfg: dict, latency_ms: float) -> dict:
     stages = []
     for i, st in enumerate(arch.stages):
         lat = latency_ms / 5
-        stages.append({
-            "stage": i, "choice": st.short(), "blocks": 3, "latency_ms": lat, "static_latency_ms": STATIC_MS / 5,
-            "compute_ms": 0.5 * lat, "memory_ms": 0.4 * lat, "launch_ms": 0.1 * lat, "bound": "compute",
-            "masker": "none", "dense_gflops": DENSE_STAGE_GFLOPS[i],
-            "expected_gflops": DENSE_STAGE_GFLOPS[i] * st.rate, "ops": [],
-        })
+        stages.append(
+            {
+                "stage": i,
+                "choice": st.short(),
+                "blocks": 3,
+                "latency_ms": lat,
+                "static_latency_ms": STATIC_MS / 5,
+                "compute_ms": 0.5 * lat,
+                "memory_ms": 0.4 * lat,
+                "launch_ms": 0.1 * lat,
+                "bound": "compute",
+                "masker": "none",
+                "dense_gflops": DENSE_STAGE_GFLOPS[i],
+                "expected_gflops": DENSE_STAGE_GFLOPS[i] * st.rate,
+                "ops": [],
+            }
+        )
     dense = sum(DENSE_STAGE_GFLOPS) + STEM_HEAD_GFLOPS
     expected = sum(s["expected_gflops"] for s in stages) + STEM_HEAD_GFLOPS
     return {
-        "target": "v100", "batch_size": BATCH, "latency_ms": latency_ms, "latency_ms_per_image": latency_ms / BATCH,
-        "static_latency_ms": STATIC_MS, "static_latency_ms_per_image": STATIC_MS / BATCH,
-        "speedup": STATIC_MS / latency_ms, "latency_ratio": latency_ms / STATIC_MS,
-        "stem_ms": latency_ms / 10, "head_ms": latency_ms / 10, "dense_gflops": dense, "expected_gflops": expected,
-        "stages": stages, "input_size": [224, 224], "backbone": "resnet50",
+        "target": "v100",
+        "batch_size": BATCH,
+        "latency_ms": latency_ms,
+        "latency_ms_per_image": latency_ms / BATCH,
+        "static_latency_ms": STATIC_MS,
+        "static_latency_ms_per_image": STATIC_MS / BATCH,
+        "speedup": STATIC_MS / latency_ms,
+        "latency_ratio": latency_ms / STATIC_MS,
+        "stem_ms": latency_ms / 10,
+        "head_ms": latency_ms / 10,
+        "dense_gflops": dense,
+        "expected_gflops": expected,
+        "stages": stages,
+        "input_size": [224, 224],
+        "backbone": "resnet50",
         "flops": {"dense_gflops": dense, "expected_gflops": expected, "ratio": expected / dense},
     }
 
@@ -85,9 +114,13 @@ def _trial(latency_ms: float, top1: float, cfg: dict | None = None, constraint: 
     cfg = cfg or MIXED
     pred = _prediction(cfg, latency_ms)
     attrs = {
-        "config": cfg, "short": ArchConfig.from_dict(cfg).short(), "prediction": pred,
-        "speedup": pred["speedup"], "flops_ratio": pred["flops"]["ratio"],
-        "latency_ms_per_image": pred["latency_ms_per_image"], "latency_ratio": pred["latency_ratio"],
+        "config": cfg,
+        "short": ArchConfig.from_dict(cfg).short(),
+        "prediction": pred,
+        "speedup": pred["speedup"],
+        "flops_ratio": pred["flops"]["ratio"],
+        "latency_ms_per_image": pred["latency_ms_per_image"],
+        "latency_ratio": pred["latency_ratio"],
     }
     constraints = None if constraint is None else {"max_latency_ms": constraint}
     return create_trial(values=[latency_ms, top1], user_attrs=attrs, constraints=constraints)
@@ -97,9 +130,17 @@ def make_study(points, name: str = "toy", target: str = "v100") -> optuna.Study:
     """``points``: (latency_ms, top1) or (latency_ms, top1, cfg, constraint) or a TrialState."""
     study = optuna.create_study(directions=["minimize", "maximize"], study_name=name)
     attrs = {
-        "backbone": "resnet50", "input_size": [224, 224], "target": target, "target_path": None,
-        "target_spec": {"name": target}, "batch_size": BATCH, "proxy": "prior", "search_space": {},
-        "static_latency_ms": STATIC_MS, "static_top1": STATIC_TOP1, "dynas_version": "0.1.0",
+        "backbone": "resnet50",
+        "input_size": [224, 224],
+        "target": target,
+        "target_path": None,
+        "target_spec": {"name": target},
+        "batch_size": BATCH,
+        "proxy": "prior",
+        "search_space": {},
+        "static_latency_ms": STATIC_MS,
+        "static_top1": STATIC_TOP1,
+        "dynas_version": "0.1.0",
     }
     for k, v in attrs.items():
         study.set_user_attr(k, v)
@@ -109,8 +150,15 @@ def make_study(points, name: str = "toy", target: str = "v100") -> optuna.Study:
 
 
 # trial: 0       1          2        3             4           5 (FAIL)         6 (infeasible, dominates all)
-POINTS = [(80.0, 75.0), (60.0, 74.0), (90.0, 73.0), (50.0, 72.0, LAYER), (120.0, 77.5, STATIC), TrialState.FAIL,
-          (40.0, 78.0, S_8471, 5.0)]
+POINTS = [
+    (80.0, 75.0),
+    (60.0, 74.0),
+    (90.0, 73.0),
+    (50.0, 72.0, LAYER),
+    (120.0, 77.5, STATIC),
+    TrialState.FAIL,
+    (40.0, 78.0, S_8471, 5.0),
+]
 
 
 @pytest.fixture
@@ -333,15 +381,19 @@ def test_laudnet_args_layer_channel_static_and_unsupported():
     assert mixed["channel_dyn_granularity"] == "1-2-1-1"
     assert mixed["exact"] is False
     assert any(x.startswith("stage 3 (static)") for x in mixed["lost"])
-    lc = {"backbone": "resnet101", "input_size": 224, "stages": [
-        {"paradigm": "layer+channel", "channel_granularity": 2, "rate": 0.7, "channel_rate": 0.5}] * 4}
+    lc = {
+        "backbone": "resnet101",
+        "input_size": 224,
+        "stages": [{"paradigm": "layer+channel", "channel_granularity": 2, "rate": 0.7, "channel_rate": 0.5}] * 4,
+    }
     both = laudnet_args(ArchConfig.from_dict(lc), 0.4)
     assert both["arch"] == "uni_resnet101"
     assert both["dyn_mode"] == "both-both-both-both"
     assert any("no LAUDNet equivalent" in x for x in both["lost"])
     assert laudnet_args(ArchConfig.static("resnet18"), 1.0)["arch"] is None
-    reg = ArchConfig.from_dict({"backbone": "regnety_400mf", "input_size": 224,
-                                "stages": [{"paradigm": "layer", "rate": 0.5}] * 4})
+    reg = ArchConfig.from_dict(
+        {"backbone": "regnety_400mf", "input_size": 224, "stages": [{"paradigm": "layer", "rate": 0.5}] * 4}
+    )
     reg_args = laudnet_args(reg, 0.5)
     assert reg_args["arch"] == "lad_regnet_y_400mf"
     assert reg_args["dyn_mode"] == "spatial-spatial-spatial-spatial"  # their RegNet has no layer mode
@@ -357,8 +409,17 @@ def test_write_html_contains_every_trace(tmp_path):
     path = tmp_path / "report.html"
     write_html([a, b], path, breakdown_trial=1)
     html = path.read_text()
-    for name in ("v100: all trials", "v100: Pareto front", "v100: static", "a100: all trials",
-                 "a100: Pareto front", "a100: static", "compute", "memory", "launch"):
+    for name in (
+        "v100: all trials",
+        "v100: Pareto front",
+        "v100: static",
+        "a100: all trials",
+        "a100: Pareto front",
+        "a100: static",
+        "compute",
+        "memory",
+        "launch",
+    ):
         assert f'"name":"{name}"' in html
     assert '<script src="http' not in html  # nothing fetched: plotly.js is inlined
     assert len(html) > 1_000_000
@@ -396,8 +457,17 @@ def test_end_to_end_real_search(tmp_path):
     from dynas.search.study import SearchOptions, load_study, run_search
 
     url = f"sqlite:///{tmp_path / 'search.db'}"
-    run_search(SearchOptions(backbone="resnet50", target="v100", trials=30, storage=url, seed=0,
-                             max_latency_ratio=0.9, show_progress=False))
+    run_search(
+        SearchOptions(
+            backbone="resnet50",
+            target="v100",
+            trials=30,
+            storage=url,
+            seed=0,
+            max_latency_ratio=0.9,
+            show_progress=False,
+        )
+    )
     study = load_study(url, None)  # everything below works on a study read back from storage
     front = pareto_table(study)
     assert len(front) >= 1
@@ -421,7 +491,8 @@ def test_end_to_end_real_search(tmp_path):
     assert load_config(path) == ArchConfig.from_dict(chosen.user_attrs["config"])
     stages_pred = chosen.user_attrs["prediction"]["stages"]
     assert [s["target_flops_ratio"] for s in data["training"]["stages"]] == pytest.approx(
-        [s["expected_gflops"] / s["dense_gflops"] for s in stages_pred])
+        [s["expected_gflops"] / s["dense_gflops"] for s in stages_pred]
+    )
     assert data["laudnet_args"]["arch"] == "uni_resnet50"
     assert data["laudnet_args"]["target_rate"] == pytest.approx(chosen.user_attrs["flops_ratio"], abs=1e-4)
 
@@ -435,12 +506,30 @@ def test_repeated_configs_appear_once_on_the_front(tmp_path):
     from dynas.results import all_trials_table, front_trials, pareto_table
     from dynas.search.study import SearchOptions, run_search
 
-    study = run_search(SearchOptions(backbone="resnet18", target="tx2", trials=12, sampler="random", seed=3,
-                                     storage=f"sqlite:///{tmp_path / 's.db'}", show_progress=False))
+    study = run_search(
+        SearchOptions(
+            backbone="resnet18",
+            target="tx2",
+            trials=12,
+            sampler="random",
+            seed=3,
+            storage=f"sqlite:///{tmp_path / 's.db'}",
+            show_progress=False,
+        )
+    )
     first = study.best_trials[0]
     study.enqueue_trial(dict(first.params))
-    study = run_search(SearchOptions(backbone="resnet18", target="tx2", trials=13, sampler="random", seed=3,
-                                     storage=f"sqlite:///{tmp_path / 's.db'}", show_progress=False))
+    study = run_search(
+        SearchOptions(
+            backbone="resnet18",
+            target="tx2",
+            trials=13,
+            sampler="random",
+            seed=3,
+            storage=f"sqlite:///{tmp_path / 's.db'}",
+            show_progress=False,
+        )
+    )
     copy = study.trials[-1]
     assert copy.params == first.params and copy.values == first.values
     assert {first.number, copy.number} <= {t.number for t in study.best_trials}  # Optuna keeps both
@@ -469,14 +558,21 @@ def test_validation_scores_are_summarize_per_part_and_batch_size():
     from dynas.predictors.calibration import summarize
     from dynas.results.validation import SCORE_COLUMNS, score_validation
 
-    df, target = _compared("cpu-2core-dec01-ops", "validation-seed18.csv", 6,
-                           host_ratio_before=float("nan"), host_ratio_after=float("nan"))
+    df, target = _compared(
+        "cpu-2core-dec01-ops", "validation-seed18.csv", 6, host_ratio_before=float("nan"), host_ratio_after=float("nan")
+    )
     scores = score_validation(df, target)
     assert list(scores.table.columns) == list(SCORE_COLUMNS)
     assert [(r.part, r.batch_size) for r in scores.table.itertuples()] == [
-        ("networks", 1), ("networks", 8), ("stages", 1), ("stages", 8)]  # no block rows measured
+        ("networks", 1),
+        ("networks", 8),
+        ("stages", 1),
+        ("stages", 8),
+    ]  # no block rows measured
     stages_8 = df[df["part"].str.startswith("stage") & (df["batch_size"] == 8)]
-    assert scores.table.iloc[3].drop(["part", "batch_size"]).to_dict() == pytest.approx(summarize(stages_8), nan_ok=True)
+    assert scores.table.iloc[3].drop(["part", "batch_size"]).to_dict() == pytest.approx(
+        summarize(stages_8), nan_ok=True
+    )
     assert scores.host_ratios == () and scores.steady_ratio is None and scores.host_scaling == ""
 
 
@@ -485,8 +581,9 @@ def test_validation_scales_networks_by_a_steady_host_ratio_only(before, after, s
     from dynas.predictors.calibration import summarize
     from dynas.results.validation import score_validation
 
-    df, target = _compared("cpu-2core-dec01-ops", "validation-seed18.csv", 6,
-                           host_ratio_before=before, host_ratio_after=after)
+    df, target = _compared(
+        "cpu-2core-dec01-ops", "validation-seed18.csv", 6, host_ratio_before=before, host_ratio_after=after
+    )
     scores = score_validation(df, target)
     assert scores.host_ratios == (before, after)
     scaled = scores.table[scores.table["part"].str.endswith(" x host")]
@@ -512,8 +609,9 @@ def test_validation_scales_every_part_by_its_paired_static_network():
     assert {"networks x host", "stages x host", "blocks x host"} <= set(scores.table["part"])
     factors, how = host_factors(df, load_target(target))
     assert how == "pairs"
-    pd.testing.assert_series_equal(factors, df["reference_ms"] / calibrated_static_ms(df, load_target(target)),
-                                   check_names=False)
+    pd.testing.assert_series_equal(
+        factors, df["reference_ms"] / calibrated_static_ms(df, load_target(target)), check_names=False
+    )
     assert host_factors(df.drop(columns="host_check"), load_target(target))[1] == "each"
     blocks = df["part"].str.startswith("block")
     gated = per_sample_gated(df)

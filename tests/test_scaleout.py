@@ -32,16 +32,39 @@ DYNAS = str(Path(sys.executable).with_name("dynas"))
 @pytest.fixture(params=["journal", "postgresql"])
 def storage(request, tmp_path):
     """A storage URL that several processes can share, and a fresh study name on it."""
-    url = f"journal:///{tmp_path / 'study.journal'}" if request.param == "journal" else request.getfixturevalue("postgres_url")
+    url = (
+        f"journal:///{tmp_path / 'study.journal'}"
+        if request.param == "journal"
+        else request.getfixturevalue("postgres_url")
+    )
     return url, f"t-{uuid.uuid4().hex[:10]}"
 
 
 def _search_argv(url, name, trials, workers, *extra, out=None):
     out = Path(out) if out is not None else Path(os.environ.get("TMPDIR", "/tmp"))
     storage = ["--storage", url] if url is not None else []
-    return [DYNAS, "-q", "search", "--backbone", "resnet18", "--target", "a100", "--trials", str(trials),
-            "--workers", str(workers), *storage, "--study-name", name, "--no-progress",
-            "--html", str(out / f"{name}.html"), "--export", str(out / f"{name}.json"), *extra]
+    return [
+        DYNAS,
+        "-q",
+        "search",
+        "--backbone",
+        "resnet18",
+        "--target",
+        "a100",
+        "--trials",
+        str(trials),
+        "--workers",
+        str(workers),
+        *storage,
+        "--study-name",
+        name,
+        "--no-progress",
+        "--html",
+        str(out / f"{name}.html"),
+        "--export",
+        str(out / f"{name}.json"),
+        *extra,
+    ]
 
 
 def _env():
@@ -62,8 +85,11 @@ def _check_complete_study(study, trials):
     assert [t.number for t in all_trials] == list(range(len(all_trials)))
     assert len({t._trial_id for t in all_trials}) == len(all_trials)
     # A retried trial completes at most once: no two complete trials retry the same failure.
-    retried = [t.system_attrs["failed_trial"] for t in all_trials
-               if t.state == TrialState.COMPLETE and "failed_trial" in t.system_attrs]
+    retried = [
+        t.system_attrs["failed_trial"]
+        for t in all_trials
+        if t.state == TrialState.COMPLETE and "failed_trial" in t.system_attrs
+    ]
     assert len(retried) == len(set(retried))
     # Every trial that is not complete says why: a surplus claim or a dead worker.
     for t in all_trials:
@@ -155,8 +181,9 @@ def test_a_worker_killed_mid_trial_is_replaced_and_its_trial_retried(storage):
     _check_complete_study(study, 12)
     after = _snapshot(url, name)
     assert all(after[n] == v for n, v in before.items())  # every completed trial intact
-    killed = [t for t in study.trials if t.state == TrialState.FAIL
-              and t.user_attrs["worker"].split(":")[1] == str(pid)]
+    killed = [
+        t for t in study.trials if t.state == TrialState.FAIL and t.user_attrs["worker"].split(":")[1] == str(pid)
+    ]
     assert killed  # the trial it was running
     for t in killed:  # ran again, with every parameter it had drawn before the kill
         retries = [r for r in study.trials if r.system_attrs.get("failed_trial") == t.number]
@@ -238,6 +265,7 @@ def test_a_worker_whose_trial_was_failed_by_another_goes_on(tmp_path, caplog, th
     states = [t.state for t in study.trials]
     assert states[0] == TrialState.FAIL and states.count(TrialState.COMPLETE) == 3
     assert "trial 0 was failed by another worker while it ran here" in caplog.text
+
     # the objective's own ValueError still stops the worker
     def broken(trial):
         raise ValueError("bad objective")
@@ -256,8 +284,13 @@ def test_a_worker_whose_trial_was_failed_by_another_goes_on(tmp_path, caplog, th
 
     with pytest.raises(ValueError, match="sampler refuses"):
         # (swallowed, it would leave trial 1 running and the worker waiting for it: the deadline)
-        parallel.worker_loop(optuna.create_study(directions=["minimize", "maximize"], sampler=Refuses()), fine, 3,
-                             time.monotonic() + 20, poll_s=0.05)
+        parallel.worker_loop(
+            optuna.create_study(directions=["minimize", "maximize"], sampler=Refuses()),
+            fine,
+            3,
+            time.monotonic() + 20,
+            poll_s=0.05,
+        )
 
 
 def test_dead_journal_worker_trial_is_failed_and_queued_again(tmp_path):
@@ -295,8 +328,9 @@ def test_a_trial_that_never_beat_is_failed_and_queued_again(backend, tmp_path, m
     # trial without a heartbeat row; Optuna's stale-trial check skips it, and a resumed search
     # waited for it forever (CI, the whole-search kill test on PostgreSQL).
     url = f"sqlite:///{tmp_path / 's.db'}" if backend == "sqlite" else request.getfixturevalue("postgres_url")
-    study = optuna.create_study(storage=open_storage(url, heartbeat_s=60), study_name=f"t-{uuid.uuid4().hex[:10]}",
-                                directions=["minimize"])
+    study = optuna.create_study(
+        storage=open_storage(url, heartbeat_s=60), study_name=f"t-{uuid.uuid4().hex[:10]}", directions=["minimize"]
+    )
     silent = study.ask()
     silent.suggest_int("k", 0, 9)
     beating = study.ask()
@@ -330,8 +364,9 @@ def test_one_worker_with_a_seed_repeats_trials_and_front(tmp_path, kind):
             "sqlite": f"sqlite:///{tmp_path / (tag + '.db')}",
             "journal": f"journal:///{tmp_path / (tag + '.journal')}",
         }[kind]
-        return run_search(SearchOptions(backbone="resnet18", target="a100", trials=30, seed=7, storage=storage,
-                                        show_progress=False))
+        return run_search(
+            SearchOptions(backbone="resnet18", target="a100", trials=30, seed=7, storage=storage, show_progress=False)
+        )
 
     a, b = run("a"), run("b")
     assert [(t.params, t.values) for t in a.trials] == [(t.params, t.values) for t in b.trials]
@@ -339,9 +374,12 @@ def test_one_worker_with_a_seed_repeats_trials_and_front(tmp_path, kind):
 
 
 def test_storage_kinds_give_the_same_trials(tmp_path):
-    runs = [run_search(SearchOptions(backbone="resnet18", target="a100", trials=20, seed=2, storage=url,
-                                     show_progress=False))
-            for url in (f"sqlite:///{tmp_path / 'a.db'}", f"journal:///{tmp_path / 'a.journal'}")]
+    runs = [
+        run_search(
+            SearchOptions(backbone="resnet18", target="a100", trials=20, seed=2, storage=url, show_progress=False)
+        )
+        for url in (f"sqlite:///{tmp_path / 'a.db'}", f"journal:///{tmp_path / 'a.journal'}")
+    ]
     assert [t.params for t in runs[0].trials] == [t.params for t in runs[1].trials]
 
 
@@ -354,8 +392,12 @@ def test_many_workers_default_to_a_journal_file_and_warn_about_sqlite(tmp_path, 
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "dynas.journal").is_file() and not (tmp_path / "dynas.db").exists()
     assert len(load_study("journal:///dynas.journal", "j").get_trials(states=(TrialState.COMPLETE,))) == 6
-    warned = subprocess.run(_search_argv(f"sqlite:///{tmp_path / 'w.db'}", "w", 4, 2, out=tmp_path),
-                            capture_output=True, text=True, timeout=300)
+    warned = subprocess.run(
+        _search_argv(f"sqlite:///{tmp_path / 'w.db'}", "w", 4, 2, out=tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert "may fail with 'database is locked'" in warned.stderr
 
 
@@ -402,8 +444,12 @@ def test_journal_directory_and_missing_file(tmp_path):
 def test_proxy_entry_points():
     proxy = get_proxy("tests.slow_proxy:sleep_50ms")
     assert proxy.delay_s == 0.05 and proxy.static_top1("resnet50") > 70
-    for spec, word in [("no.such.module:f", "cannot be loaded"), ("tests.slow_proxy:nothing", "cannot be loaded"),
-                       ("tests.slow_proxy:__doc__", "gave a str"), ("", "not a proxy name")]:
+    for spec, word in [
+        ("no.such.module:f", "cannot be loaded"),
+        ("tests.slow_proxy:nothing", "cannot be loaded"),
+        ("tests.slow_proxy:__doc__", "gave a str"),
+        ("", "not a proxy name"),
+    ]:
         with pytest.raises(ConfigError) as info:
             get_proxy(spec)
         assert word in str(info.value) and "\n" not in str(info.value)

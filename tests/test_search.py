@@ -51,19 +51,39 @@ def _complete(study):
 
 def test_defaults_are_the_embedded_search():
     o = SearchOptions()
-    assert (o.backbone, o.target, o.trials, o.sampler, o.proxy, o.input_size) == ("resnet101", "v100", 500, "tpe", "prior", 224)
+    assert (o.backbone, o.target, o.trials, o.sampler, o.proxy, o.input_size) == (
+        "resnet101",
+        "v100",
+        500,
+        "tpe",
+        "prior",
+        224,
+    )
     assert (o.space, o.stop) == (SpaceOptions(), StopRule())
 
 
 def test_flat_names_set_and_read_the_nested_options():
     flat = SearchOptions(paradigms="spatial, layer", rate_min=0.2, early_stop="halving", stop_eta=4)
-    nested = SearchOptions(space=SpaceOptions(paradigms=("spatial", "layer"), rate_min=0.2), stop=StopRule("halving", eta=4))
+    nested = SearchOptions(
+        space=SpaceOptions(paradigms=("spatial", "layer"), rate_min=0.2), stop=StopRule("halving", eta=4)
+    )
     assert flat == nested
-    assert (flat.paradigms, flat.rate_min, flat.rate_max, flat.early_stop, flat.stop_eta) == (("spatial", "layer"), 0.2, 1.0, "halving", 4)
+    assert (flat.paradigms, flat.rate_min, flat.rate_max, flat.early_stop, flat.stop_eta) == (
+        ("spatial", "layer"),
+        0.2,
+        1.0,
+        "halving",
+        4,
+    )
     # a flat name replaces that field of nested options given with it, and works with dataclasses.replace
     assert SearchOptions(stop=StopRule("halving", eta=4), stop_margin=1.0).stop == StopRule("halving", 1.0, 2, 4)
     changed = dataclasses.replace(nested, early_stop="none", rate_step=0.1, trials=3)
-    assert (changed.stop, changed.space.rate_step, changed.space.paradigms, changed.trials) == (StopRule("none", eta=4), 0.1, ("spatial", "layer"), 3)
+    assert (changed.stop, changed.space.rate_step, changed.space.paradigms, changed.trials) == (
+        StopRule("none", eta=4),
+        0.1,
+        ("spatial", "layer"),
+        3,
+    )
     with pytest.raises(ConfigError, match="stop_eta=1 is out of range"):
         SearchOptions(stop_eta=1)
     with pytest.raises(ConfigError, match=r"space=\{'rate_min': 0.2\} is not a SpaceOptions"):
@@ -143,7 +163,9 @@ def test_every_sampler_runs(tmp_path, name):
 
 def test_gp_without_scipy_is_a_config_error(tmp_path, monkeypatch):
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "scipy" else real_find_spec(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "scipy" else real_find_spec(name, *a)
+    )
     with pytest.raises(ConfigError, match="SciPy"):
         run_search(_opts(tmp_path, sampler="gp"))
     assert list(tmp_path.iterdir()) == []

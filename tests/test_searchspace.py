@@ -76,14 +76,24 @@ def test_default_space_suggests_valid_configs(name):
     for t in study.trials:
         for k, d in t.distributions.items():
             assert dists.setdefault(k, d) == d, k
-    assert set(dists) <= {param_name(i, f) for i in range(space.num_stages)
-                          for f in ("paradigm", "rate", "spatial_granularity", "channel_granularity", "channel_rate")}
+    assert set(dists) <= {
+        param_name(i, f)
+        for i in range(space.num_stages)
+        for f in ("paradigm", "rate", "spatial_granularity", "channel_granularity", "channel_rate")
+    }
 
 
 def test_restricted_space_respects_restrictions():
-    space = SearchSpace("resnet50", input_size=[97, 113], paradigms=["layer+channel", "static", "spatial"],
-                        spatial_granularities=[2, 4, 7, 8], channel_granularities=[2, 4, 5],
-                        rate_min=0.2, rate_max=0.8, rate_step=0.1)
+    space = SearchSpace(
+        "resnet50",
+        input_size=[97, 113],
+        paradigms=["layer+channel", "static", "spatial"],
+        spatial_granularities=[2, 4, 7, 8],
+        channel_granularities=[2, 4, 5],
+        rate_min=0.2,
+        rate_max=0.8,
+        rate_step=0.1,
+    )
     configs, _ = _sample(space, seed=3)
     for cfg in configs:
         _check_in_space(cfg, space)
@@ -121,12 +131,17 @@ def test_params_round_trip_and_enqueue():
 
 def test_params_outside_the_space_are_rejected():
     space = SearchSpace("resnet50", paradigms=["static", "spatial"], spatial_granularities=[4, 7], rate_step=0.1)
-    cfg = load_config({"backbone": "resnet50", "stages": [
-        {"paradigm": "spatial", "spatial_granularity": 8, "rate": 0.5}, {}, {}, {}]})
+    cfg = load_config(
+        {"backbone": "resnet50", "stages": [{"paradigm": "spatial", "spatial_granularity": 8, "rate": 0.5}, {}, {}, {}]}
+    )
     with pytest.raises(ConfigError, match=r"s0_spatial_granularity=8 is not in the search space; allowed: 4, 7"):
         space.params_of(cfg)
-    cfg = load_config({"backbone": "resnet50", "stages": [
-        {"paradigm": "spatial", "spatial_granularity": 4, "rate": 0.55}, {}, {}, {}]})
+    cfg = load_config(
+        {
+            "backbone": "resnet50",
+            "stages": [{"paradigm": "spatial", "spatial_granularity": 4, "rate": 0.55}, {}, {}, {}],
+        }
+    )
     with pytest.raises(ConfigError, match=r"s0_rate=0.55 is not on the rate grid; allowed: 0.1 .. 1 in steps of 0.1"):
         space.params_of(cfg)
     cfg = load_config({"backbone": "resnet50", "stages": [{"paradigm": "layer", "rate": 0.5}, {}, {}, {}]})
@@ -195,7 +210,9 @@ def test_space_offers_only_what_the_backbone_allows():
     assert "layer" not in SearchSpace("regnetx_800mf").paradigms
     assert not any(map(uses_spatial, SearchSpace("densenet121").paradigms))
     assert SearchSpace("resnet50").paradigms == PARADIGMS
-    with pytest.raises(ConfigError, match=r"paradigm='layer' is not offered on regnety_1_6gf .*allowed: static, spatial"):
+    with pytest.raises(
+        ConfigError, match=r"paradigm='layer' is not offered on regnety_1_6gf .*allowed: static, spatial"
+    ):
         SearchSpace("regnety_1_6gf", paradigms=["static", "layer"])
     with pytest.raises(ConfigError, match=r"paradigm='spatial' is not offered on densenet201"):
         SearchSpace("densenet201", paradigms=["spatial"])
@@ -210,10 +227,24 @@ def test_bad_options_raise_one_line_config_error(options, message):
 
 
 def test_options_are_normalised_and_round_trip():
-    a = SearchSpace("resnet50", input_size=[224, 224], paradigms=("layer", "static", "layer"),
-                    spatial_granularities=[7, 2, 7], rate_min=1, rate_max=1, rate_step=0.5)
-    b = SearchSpace("resnet50", input_size=224, paradigms=["static", "layer"], spatial_granularities=[2, 7],
-                    rate_min=1.0, rate_max=1.0, rate_step=0.5)
+    a = SearchSpace(
+        "resnet50",
+        input_size=[224, 224],
+        paradigms=("layer", "static", "layer"),
+        spatial_granularities=[7, 2, 7],
+        rate_min=1,
+        rate_max=1,
+        rate_step=0.5,
+    )
+    b = SearchSpace(
+        "resnet50",
+        input_size=224,
+        paradigms=["static", "layer"],
+        spatial_granularities=[2, 7],
+        rate_min=1.0,
+        rate_max=1.0,
+        rate_step=0.5,
+    )
     assert a == b
     assert a.paradigms == ("static", "layer") and a.spatial_granularities == (2, 7)
     assert a.rates == (1.0,)
@@ -228,8 +259,15 @@ def test_options_are_normalised_and_round_trip():
 
 
 def test_num_configs_counts_the_enumerated_space():
-    space = SearchSpace("resnet18", paradigms=["static", "spatial", "layer+channel"], spatial_granularities=[7, 14],
-                        channel_granularities=[256], rate_min=0.5, rate_max=1.0, rate_step=0.5)
+    space = SearchSpace(
+        "resnet18",
+        paradigms=["static", "spatial", "layer+channel"],
+        spatial_granularities=[7, 14],
+        channel_granularities=[256],
+        rate_min=0.5,
+        rate_max=1.0,
+        rate_step=0.5,
+    )
     # Enumerate every parameter assignment independently of the space's own bookkeeping.
     spec = get_backbone("resnet18")
     per_stage = []
@@ -237,15 +275,27 @@ def test_num_configs_counts_the_enumerated_space():
         choices = [{param_name(i, "paradigm"): "static"}]
         for s, r in itertools.product([7, 14], space.rates):
             if s in spatial_granularities(spec, i):
-                choices.append({param_name(i, "paradigm"): "spatial", param_name(i, "spatial_granularity"): s,
-                                param_name(i, "rate"): r})
+                choices.append(
+                    {
+                        param_name(i, "paradigm"): "spatial",
+                        param_name(i, "spatial_granularity"): s,
+                        param_name(i, "rate"): r,
+                    }
+                )
         if 256 in channel_granularities(spec, i):  # only stage 3 (width 512) allows groups of 256
             for r, cr in itertools.product(space.rates, space.rates):
-                choices.append({param_name(i, "paradigm"): "layer+channel", param_name(i, "channel_granularity"): 256,
-                                param_name(i, "rate"): r, param_name(i, "channel_rate"): cr})
+                choices.append(
+                    {
+                        param_name(i, "paradigm"): "layer+channel",
+                        param_name(i, "channel_granularity"): 256,
+                        param_name(i, "rate"): r,
+                        param_name(i, "channel_rate"): cr,
+                    }
+                )
         per_stage.append(choices)
-    configs = {space.config_from_params({k: v for d in combo for k, v in d.items()})
-               for combo in itertools.product(*per_stage)}
+    configs = {
+        space.config_from_params({k: v for d in combo for k, v in d.items()}) for combo in itertools.product(*per_stage)
+    }
     assert len(configs) == space.num_configs() == 5 * 5 * 5 * (3 + 4)
     assert f"{space.num_configs():.3g} configs" in space.describe()
 

@@ -51,7 +51,8 @@ def _run_with_hooks(spec, x: torch.Tensor):
     first = modules[block_module_name(spec.blocks[0])]
     # a dense layer's input is the list of features so far: the first is the stem's output
     first.register_forward_pre_hook(
-        lambda _m, inp: shapes.__setitem__("stem", (inp[0][0] if isinstance(inp[0], list) else inp[0]).shape))
+        lambda _m, inp: shapes.__setitem__("stem", (inp[0][0] if isinstance(inp[0], list) else inp[0]).shape)
+    )
     with torch.no_grad():
         logits = model(x)
     return model, logits, shapes
@@ -70,11 +71,17 @@ def _expected_conv(b, op: str) -> tuple[int, int, int, int]:
         table = {"conv1": (b.in_channels, b.width, b.stride, 1), "conv2": (b.width, b.out_channels, 1, 1)}
     elif b.kind == "dense":  # 1x1 -> 3x3 to the growth rate; the transition halves the block's output
         c = b.in_channels + b.out_channels
-        return {"conv1": (b.in_channels, b.width, 1, 1), "conv2": (b.width, b.out_channels, 1, 1),
-                "downsample": (c, c // 2, 1, 1)}[op]
+        return {
+            "conv1": (b.in_channels, b.width, 1, 1),
+            "conv2": (b.width, b.out_channels, 1, 1),
+            "downsample": (c, c // 2, 1, 1),
+        }[op]
     else:  # 1x1 -> 3x3 (stride, groups) -> 1x1
-        table = {"conv1": (b.in_channels, b.width, 1, 1), "conv2": (b.width, b.width, b.stride, b.groups),
-                 "conv3": (b.width, b.out_channels, 1, 1)}
+        table = {
+            "conv1": (b.in_channels, b.width, 1, 1),
+            "conv2": (b.width, b.width, b.stride, b.groups),
+            "conv3": (b.width, b.out_channels, 1, 1),
+        }
     table["downsample"] = (b.in_channels, b.out_channels, b.stride, 1)
     return table[op]
 
@@ -115,16 +122,38 @@ def test_cpu_model_matches_spec_on_small_inputs(name, size):
 # torchvision's published parameter counts: equal counts + equal module names mean
 # torchvision state dicts load into these models.
 TORCHVISION_PARAMS = {
-    "resnet18": 11_689_512, "resnet34": 21_797_672, "resnet50": 25_557_032, "resnet101": 44_549_160,
-    "resnet152": 60_192_808, "regnety_400mf": 4_344_144, "regnety_800mf": 6_432_512,
-    "regnety_1_6gf": 11_202_430, "regnety_3_2gf": 19_436_338, "regnety_8gf": 39_381_472, "regnety_16gf": 83_590_140,
-    "regnety_32gf": 145_046_770, "regnetx_400mf": 5_495_976, "regnetx_800mf": 7_259_656, "regnetx_1_6gf": 9_190_136,
-    "regnetx_3_2gf": 15_296_552, "regnetx_8gf": 39_572_648, "regnetx_16gf": 54_278_536, "regnetx_32gf": 107_811_560,
-    "densenet121": 7_978_856, "densenet169": 14_149_480, "densenet201": 20_013_928,
+    "resnet18": 11_689_512,
+    "resnet34": 21_797_672,
+    "resnet50": 25_557_032,
+    "resnet101": 44_549_160,
+    "resnet152": 60_192_808,
+    "regnety_400mf": 4_344_144,
+    "regnety_800mf": 6_432_512,
+    "regnety_1_6gf": 11_202_430,
+    "regnety_3_2gf": 19_436_338,
+    "regnety_8gf": 39_381_472,
+    "regnety_16gf": 83_590_140,
+    "regnety_32gf": 145_046_770,
+    "regnetx_400mf": 5_495_976,
+    "regnetx_800mf": 7_259_656,
+    "regnetx_1_6gf": 9_190_136,
+    "regnetx_3_2gf": 15_296_552,
+    "regnetx_8gf": 39_572_648,
+    "regnetx_16gf": 54_278_536,
+    "regnetx_32gf": 107_811_560,
+    "densenet121": 7_978_856,
+    "densenet169": 14_149_480,
+    "densenet201": 20_013_928,
 }
 # sizes torchvision does not ship: the RegNet paper's pycls model zoo gives parameters in millions
-PYCLS_PARAMS_M = {"regnetx_4gf": 22.1, "regnetx_6_4gf": 26.2, "regnetx_12gf": 46.1, "regnety_4gf": 20.6,
-                  "regnety_6_4gf": 30.6, "regnety_12gf": 51.8}
+PYCLS_PARAMS_M = {
+    "regnetx_4gf": 22.1,
+    "regnetx_6_4gf": 26.2,
+    "regnetx_12gf": 46.1,
+    "regnety_4gf": 20.6,
+    "regnety_6_4gf": 30.6,
+    "regnety_12gf": 51.8,
+}
 
 
 @pytest.mark.parametrize("name", BACKBONES)
@@ -139,20 +168,42 @@ def test_parameter_count_matches_torchvision(name):
 
 def test_torchvision_state_dict_names():
     keys = set(build_static_model(get_backbone("resnet50"), device="meta").state_dict())
-    for k in ["conv1.weight", "bn1.running_mean", "layer1.0.conv3.weight", "layer1.0.downsample.0.weight",
-              "layer1.0.downsample.1.weight", "layer4.2.bn3.bias", "fc.weight", "fc.bias"]:
+    for k in [
+        "conv1.weight",
+        "bn1.running_mean",
+        "layer1.0.conv3.weight",
+        "layer1.0.downsample.0.weight",
+        "layer1.0.downsample.1.weight",
+        "layer4.2.bn3.bias",
+        "fc.weight",
+        "fc.bias",
+    ]:
         assert k in keys
     keys = set(build_static_model(get_backbone("regnety_400mf"), device="meta").state_dict())
-    for k in ["stem.0.weight", "stem.1.weight", "trunk_output.block1.block1-0.proj.0.weight",
-              "trunk_output.block2.block2-2.f.b.0.weight", "trunk_output.block4.block4-5.f.se.fc1.bias",
-              "trunk_output.block4.block4-5.f.se.fc2.weight", "trunk_output.block3.block3-0.f.c.1.running_var",
-              "fc.weight"]:
+    for k in [
+        "stem.0.weight",
+        "stem.1.weight",
+        "trunk_output.block1.block1-0.proj.0.weight",
+        "trunk_output.block2.block2-2.f.b.0.weight",
+        "trunk_output.block4.block4-5.f.se.fc1.bias",
+        "trunk_output.block4.block4-5.f.se.fc2.weight",
+        "trunk_output.block3.block3-0.f.c.1.running_var",
+        "fc.weight",
+    ]:
         assert k in keys
     keys = set(build_static_model(get_backbone("densenet121"), device="meta").state_dict())
-    for k in ["features.conv0.weight", "features.norm0.running_mean", "features.denseblock1.denselayer1.norm1.weight",
-              "features.denseblock1.denselayer6.conv2.weight", "features.transition1.norm.bias",
-              "features.transition3.conv.weight", "features.denseblock4.denselayer16.norm2.running_var",
-              "features.norm5.weight", "classifier.weight", "classifier.bias"]:
+    for k in [
+        "features.conv0.weight",
+        "features.norm0.running_mean",
+        "features.denseblock1.denselayer1.norm1.weight",
+        "features.denseblock1.denselayer6.conv2.weight",
+        "features.transition1.norm.bias",
+        "features.transition3.conv.weight",
+        "features.denseblock4.denselayer16.norm2.running_var",
+        "features.norm5.weight",
+        "classifier.weight",
+        "classifier.bias",
+    ]:
         assert k in keys
 
 
@@ -215,19 +266,30 @@ def _cfg(stage0: dict, backbone: str = "resnet50", **extra) -> dict:
 
 BAD_CONFIGS = [
     ({"backbone": "vgg16", "stages": []}, r"backbone='vgg16' is unknown; allowed: densenet121, densenet169"),
-    (_cfg({"paradigm": "layer", "rate": 0.5}, "regnetx_800mf"),
-     r"stage 0: paradigm='layer' is not offered on regnetx_800mf \(no layer skipping on RegNet.*\); "
-     r"allowed: static, spatial, channel, spatial\+channel$"),
-    (_cfg({"paradigm": "spatial", "spatial_granularity": 8, "rate": 0.5}, "densenet121"),
-     r"stage 0: paradigm='spatial' is not offered on densenet121 \(no spatial skipping on DenseNet.*\); "
-     r"allowed: static, channel, layer, layer\+channel$"),
+    (
+        _cfg({"paradigm": "layer", "rate": 0.5}, "regnetx_800mf"),
+        r"stage 0: paradigm='layer' is not offered on regnetx_800mf \(no layer skipping on RegNet.*\); "
+        r"allowed: static, spatial, channel, spatial\+channel$",
+    ),
+    (
+        _cfg({"paradigm": "spatial", "spatial_granularity": 8, "rate": 0.5}, "densenet121"),
+        r"stage 0: paradigm='spatial' is not offered on densenet121 \(no spatial skipping on DenseNet.*\); "
+        r"allowed: static, channel, layer, layer\+channel$",
+    ),
     (_cfg({"paradigm": "token", "rate": 0.5}), r"stage 0: paradigm='token' is unknown; allowed: static, spatial"),
-    (_cfg({"paradigm": "spatial", "spatial_granularity": 5, "rate": 0.5}),
-     r"stage 0: spatial_granularity=5 does not divide the stage's 56x56 output map; allowed: 1, 2, 4, 7, 8, 14, 28, 56$"),
-    (_cfg({"paradigm": "channel", "channel_granularity": 3, "rate": 0.5}),
-     r"stage 0: channel_granularity=3 must divide the gated width 64 .*allowed: 1, 2, 4, 8, 16, 32$"),
+    (
+        _cfg({"paradigm": "spatial", "spatial_granularity": 5, "rate": 0.5}),
+        r"stage 0: spatial_granularity=5 does not divide the stage's 56x56 output map; allowed: 1, 2, 4, 7, 8, 14, 28, 56$",
+    ),
+    (
+        _cfg({"paradigm": "channel", "channel_granularity": 3, "rate": 0.5}),
+        r"stage 0: channel_granularity=3 must divide the gated width 64 .*allowed: 1, 2, 4, 8, 16, 32$",
+    ),
     (_cfg({"paradigm": "channel", "channel_granularity": 64, "rate": 0.5}), r"channel_granularity=64 .*gated width 64"),
-    (_cfg({"paradigm": "spatial", "spatial_granularity": 2.5, "rate": 0.5}), r"spatial_granularity=2.5 is not an integer"),
+    (
+        _cfg({"paradigm": "spatial", "spatial_granularity": 2.5, "rate": 0.5}),
+        r"spatial_granularity=2.5 is not an integer",
+    ),
     (_cfg({"paradigm": "layer", "rate": 0}), r"stage 0: rate=0 is out of range; allowed: a number in \(0, 1\]"),
     (_cfg({"paradigm": "layer", "rate": -1}), r"rate=-1 is out of range"),
     (_cfg({"paradigm": "layer", "rate": 1.5}), r"rate=1.5 is out of range"),
@@ -235,13 +297,24 @@ BAD_CONFIGS = [
     (_cfg({"paradigm": "layer", "rate": "0.5"}), r"rate='0.5' is not a number"),
     (_cfg({"paradigm": "layer", "rate": True}), r"rate=True is not a number"),
     (_cfg({"paradigm": "layer"}), r"stage 0: rate=None is not a number"),
-    (_cfg({"paradigm": "spatial+channel", "spatial_granularity": 4, "channel_granularity": 2, "rate": 0.5}),
-     r"stage 0: channel_rate is missing; paradigm 'spatial\+channel' needs"),
-    (_cfg({"paradigm": "layer+channel", "channel_granularity": 2, "rate": 0.5, "channel_rate": 0}), r"channel_rate=0 is out of range"),
+    (
+        _cfg({"paradigm": "spatial+channel", "spatial_granularity": 4, "channel_granularity": 2, "rate": 0.5}),
+        r"stage 0: channel_rate is missing; paradigm 'spatial\+channel' needs",
+    ),
+    (
+        _cfg({"paradigm": "layer+channel", "channel_granularity": 2, "rate": 0.5, "channel_rate": 0}),
+        r"channel_rate=0 is out of range",
+    ),
     (_cfg({"paradigm": "layer", "rate": 0.5, "speed": 2}), r"stage 0: key 'speed' is unknown"),
     (_cfg({"paradigm": "static", "rate": 0.5}), r"stage 0: field 'rate' is not used by paradigm 'static'"),
-    (_cfg({"paradigm": "layer", "rate": 0.5, "spatial_granularity": 4}), r"field 'spatial_granularity' is not used by paradigm 'layer'"),
-    (_cfg({"paradigm": "spatial", "spatial_granularity": 4, "rate": 0.5, "channel_rate": 0.5}), r"field 'channel_rate' is not used"),
+    (
+        _cfg({"paradigm": "layer", "rate": 0.5, "spatial_granularity": 4}),
+        r"field 'spatial_granularity' is not used by paradigm 'layer'",
+    ),
+    (
+        _cfg({"paradigm": "spatial", "spatial_granularity": 4, "rate": 0.5, "channel_rate": 0.5}),
+        r"field 'channel_rate' is not used",
+    ),
     (_cfg({"paradigm": "layer", "rate": 0.5}, colour="red"), r"config key 'colour' is unknown"),
     ({"backbone": "resnet50", "stages": STATIC3}, r"stages has 3 entries; allowed: exactly 4 for resnet50"),
     ({"backbone": "resnet50", "stages": STATIC3 * 2}, r"stages has 6 entries"),
@@ -290,8 +363,17 @@ def test_input_size_forms():
 
 
 def test_config_file_round_trip(tmp_path):
-    cfg = load_config(_cfg({"paradigm": "spatial+channel", "spatial_granularity": 8, "channel_granularity": 2,
-                            "rate": 0.35, "channel_rate": 0.8}))
+    cfg = load_config(
+        _cfg(
+            {
+                "paradigm": "spatial+channel",
+                "spatial_granularity": 8,
+                "channel_granularity": 2,
+                "rate": 0.35,
+                "channel_rate": 0.8,
+            }
+        )
+    )
     path = tmp_path / "cfg.json"
     exported = {**cfg.to_dict(), "target": "v100", "predictions": {"latency_ms": 1.0}}
     path.write_text(json.dumps(exported))
@@ -318,13 +400,15 @@ def arch_configs(draw):
         if p == "static":
             stages.append(StageConfig())
             continue
-        stages.append(StageConfig(
-            paradigm=p,
-            rate=draw(rates),
-            spatial_granularity=draw(st.sampled_from(spatial_granularities(spec, i))) if uses_spatial(p) else None,
-            channel_granularity=draw(st.sampled_from(channel_granularities(spec, i))) if uses_channel(p) else None,
-            channel_rate=draw(rates) if p in ("spatial+channel", "layer+channel") else None,
-        ))
+        stages.append(
+            StageConfig(
+                paradigm=p,
+                rate=draw(rates),
+                spatial_granularity=draw(st.sampled_from(spatial_granularities(spec, i))) if uses_spatial(p) else None,
+                channel_granularity=draw(st.sampled_from(channel_granularities(spec, i))) if uses_channel(p) else None,
+                channel_rate=draw(rates) if p in ("spatial+channel", "layer+channel") else None,
+            )
+        )
     return ArchConfig(backbone, spec.input_hw, tuple(stages))
 
 

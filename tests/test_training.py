@@ -82,8 +82,14 @@ def test_fixed_flops_dilute_the_global_term():
     assert big < small
 
 
-@pytest.mark.parametrize("targets,match", [([0.5], "stage_targets has 1 entries"), ([0.5, 1.5], r"stage_targets\[1\]=1.5"),
-                                           ([0.5, float("nan")], "out of range")])
+@pytest.mark.parametrize(
+    "targets,match",
+    [
+        ([0.5], "stage_targets has 1 entries"),
+        ([0.5, 1.5], r"stage_targets\[1\]=1.5"),
+        ([0.5, float("nan")], "out of range"),
+    ],
+)
 def test_bad_targets(targets, match):
     with pytest.raises(ConfigError, match=match):
         sparsity_loss(readout([[0.5], [0.5], [0.5]]), targets, 0, 10)
