@@ -46,7 +46,7 @@ from torch import nn
 from dynas.errors import ConfigError
 from dynas.kernels.convs import conv2d, conv_inputs, row_product
 from dynas.kernels.dynamic import DynamicBlock
-from dynas.kernels.gather import eval_bn, is_channels_last, pixel_rows, take_samples, zeros_in_layout
+from dynas.kernels.gather import eval_bn, is_channels_last, pixel_rows, zeros_in_layout
 from dynas.spaces.backbones import BlockSpec, transition_of
 from dynas.spaces.config import StageConfig, uses_spatial
 from dynas.spaces.densenet import DenseBlock, DenseLayer, Transition
@@ -216,10 +216,11 @@ class DynamicDenseBlock(DenseBlock):
                 whole = idx.numel() == n
                 live, dead = _live_channels(ran[idx, :i].any(dim=0), c0, k)
                 if whole:
-                    rows = rows_all[:, :ci] if live is None else rows_all.index_select(1, live)  # [N*H*W, |live|]
+                    src = rows_all[:, :ci]  # [N * H * W, ci] view
                 else:
-                    part = pixel_rows(take_samples(buf, idx))  # [n_u * H * W, C]
-                    rows = part[:, :ci] if live is None else part.index_select(1, live)
+                    # the part's samples, first ci channels only: [N, H*W, C] -> [n_u, H*W, ci] -> rows
+                    src = rows_all.view(n, hh * ww, -1)[:, :, :ci].index_select(0, idx).view(-1, ci)
+                rows = src if live is None else src.index_select(1, live)  # [n_u * H * W, |live|]
                 if sel is not None and sel.numel() == 0:  # no bottleneck channel: conv2 of zeros
                     y = zeros_in_layout(x, idx.numel(), k, hh, ww)
                 else:
