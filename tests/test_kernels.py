@@ -16,6 +16,7 @@ from dynas.kernels import (DynamicBlock, DynamicNet, LayerMasker, Masker, Spatia
 from dynas.spaces.backbones import get_backbone
 from dynas.spaces.config import ArchConfig, StageConfig
 from dynas.spaces.torch_model import BasicBlock, Bottleneck, RegNetYBlock, build_static_model
+from tests.kernel_inputs import randomize_bn as _randomize
 
 ATOL = RTOL = 1e-4
 INPUT = 71  # stage maps 18 / 9 / 5 / 3 for both ResNet and RegNetY: odd maps, even->odd and odd->odd strides
@@ -44,18 +45,6 @@ def _stage(paradigm: str, rate: float, s: int | None, g: int | None) -> StageCon
         channel_granularity=g if "channel" in paradigm else None,
         channel_rate=rate if "+" in paradigm else None,
     )
-
-
-def _randomize(module: torch.nn.Module, seed: int = 0) -> None:
-    """Non-trivial BN statistics/affine so that masking mistakes show up in the output."""
-    gen = torch.Generator().manual_seed(seed)
-    for m in module.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            c = m.num_features
-            m.running_mean.copy_(torch.rand(c, generator=gen) - 0.5)
-            m.running_var.copy_(torch.rand(c, generator=gen) * 1.5 + 0.5)
-            m.weight.data.copy_(torch.rand(c, generator=gen) + 0.5)
-            m.bias.data.copy_(torch.rand(c, generator=gen) - 0.5)
 
 
 def _make(key, paradigm, rate, gi, device="cpu"):

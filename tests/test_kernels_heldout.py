@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from dynas.kernels import blocks, build_block, build_model, convs, gather, spatial
 from dynas.spaces.backbones import get_backbone
 from dynas.spaces.config import ArchConfig, StageConfig
+from tests.kernel_inputs import randomize_bn
 
 ATOL = RTOL = 1e-4
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "regnety_400mf", "regnety_800mf")
@@ -48,17 +49,6 @@ def _draw_case(rng: random.Random) -> dict:
 CASES = [_draw_case(random.Random(1000 + i)) for i in range(40)]
 
 
-def _randomize_bn(module: torch.nn.Module, seed: int) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    for m in module.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            c = m.num_features
-            m.running_mean.copy_(torch.rand(c, generator=gen) - 0.5)
-            m.running_var.copy_(torch.rand(c, generator=gen) * 1.5 + 0.5)
-            m.weight.data.copy_(torch.rand(c, generator=gen) + 0.5)
-            m.bias.data.copy_(torch.rand(c, generator=gen) - 0.5)
-
-
 def _fast_and_reference(model, x, seed: int = 7):
     """Both paths on ``x`` with the same random-gate draws."""
     with torch.no_grad():
@@ -74,7 +64,7 @@ def _fast_and_reference(model, x, seed: int = 7):
 def _block(case: dict, seed: int):
     torch.manual_seed(seed)
     blk = build_block(case["spec"], case["cfg"])
-    _randomize_bn(blk, seed)
+    randomize_bn(blk, seed)
     blk = blk.eval().to(memory_format=case["layout"])
     for m in blk.maskers():
         m.set_gate_mode(case["mode"])
@@ -157,7 +147,7 @@ def test_drawn_network_fast_matches_reference(i):
     cfg = NETS[i]
     torch.manual_seed(i)
     model = build_model(cfg).eval()
-    _randomize_bn(model, i)
+    randomize_bn(model, i)
     layout = torch.channels_last if i % 2 else torch.contiguous_format
     model = model.to(memory_format=layout)
     x = torch.randn(1 + i % 4, 3, *cfg.input_size).contiguous(memory_format=layout)
