@@ -34,7 +34,7 @@ from dynas.errors import ConfigError
 from dynas.spaces.config import load_config
 from dynas.spaces.torch_model import build_static_model
 
-__all__ = ["MEMORY_FORMATS", "BenchResult", "bench", "flops_limit"]
+__all__ = ["MEMORY_FORMATS", "CLOCKS", "BenchResult", "bench", "flops_limit"]
 
 #: memory formats of ``bench`` (names as in ``torch``)
 MEMORY_FORMATS: dict[str, torch.memory_format] = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
@@ -58,6 +58,7 @@ class BenchResult:
     torch_version: str
     memory_format: str
     gate_mode: str = "budget"
+    clock: str = "wall"
     flops_limit: float = float("nan")  # static FLOPs / dynamic executed FLOPs (see the module docstring)
 
     def to_dict(self) -> dict[str, Any]:
@@ -66,15 +67,21 @@ class BenchResult:
         return d
 
 
-def _timer(device: torch.device) -> Callable[[Callable[[], Any]], float]:
+#: clocks of ``bench``: wall time, or the CPU time of the calling thread (see ``bench``)
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "thread": time.thread_time}
+
+
+def _timer(device: torch.device, clock: str = "wall") -> Callable[[Callable[[], Any]], float]:
+    now = CLOCKS[clock]
+
     def run(fn: Callable[[], Any]) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
+        t0 = now()
         fn()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        return (time.perf_counter() - t0) * 1e3
+        return (now() - t0) * 1e3
 
     return run
 
@@ -103,8 +110,15 @@ def flops_limit(model: Any) -> float:
 
 def bench(config: Any, device: str = "cpu", batch_size: int = 1, threads: int | None = None,
           repeats: int = 30, warmup: int = 5, seed: int = 0, memory_format: str = "channels_last",
-          gate_mode: str = "budget") -> BenchResult:
-    """Time static vs dynamic (budget mode, fast path) on ``device``; see the module docstring."""
+          gate_mode: str = "budget", clock: str = "wall") -> BenchResult:
+    """Time static vs dynamic (budget mode, fast path) on ``device``; see the module docstring.
+
+    ``clock="thread"`` (CPU only) times the CPU time of the calling thread instead of wall time:
+    on a host that other processes load, it leaves out the time this process waits for a core.
+    It counts the calling thread's share of each parallel operator, so it stands for the wall
+    time of an unloaded host only when the worker threads wait passively (start the process
+    with ``OMP_WAIT_POLICY=PASSIVE``; spinning threads would count their waiting).
+    """
     from dynas.kernels.calibrate import keep_freed_memory
     from dynas.kernels.model import build_model
 
@@ -112,6 +126,8 @@ def bench(config: Any, device: str = "cpu", batch_size: int = 1, threads: int | 
         raise ConfigError(f"device={device!r} is not supported; allowed: cpu, cuda")
     if gate_mode not in ("budget", "random"):
         raise ConfigError(f"gate_mode={gate_mode!r} is not allowed; allowed: budget, random")
+    if clock not in CLOCKS or (clock == "thread" and device != "cpu"):
+        raise ConfigError(f"clock={clock!r} is not allowed; allowed: wall, or thread on cpu")
     if memory_format not in MEMORY_FORMATS:
         raise ConfigError(f"memory_format={memory_format!r} is unknown; allowed: {', '.join(MEMORY_FORMATS)}")
     if device == "cuda" and not torch.cuda.is_available():
@@ -133,7 +149,7 @@ def bench(config: Any, device: str = "cpu", batch_size: int = 1, threads: int | 
     dynamic.set_gate_mode(gate_mode)
     h, w = cfg.input_size
     x = torch.randn(batch_size, 3, h, w, device=dev).contiguous(memory_format=fmt)
-    run = _timer(dev)
+    run = _timer(dev, clock)
     with torch.inference_mode():
         # the same generator state for both paths: random gate mode then draws the same decisions
         rng = torch.random.get_rng_state()
@@ -164,4 +180,4 @@ def bench(config: Any, device: str = "cpu", batch_size: int = 1, threads: int | 
         threads=torch.get_num_threads(), batch_size=batch_size, input_size=cfg.input_size, static_ms=s_ms,
         dynamic_ms=d_ms, speedup=s_ms / d_ms, static_spread_ms=_spread(t_static), dynamic_spread_ms=_spread(t_dynamic),
         max_abs_err=max_abs_err, repeats=repeats, torch_version=torch.__version__, memory_format=memory_format,
-        gate_mode=gate_mode, flops_limit=limit)
+        gate_mode=gate_mode, clock=clock, flops_limit=limit)
