@@ -80,6 +80,7 @@ def _row(backbone: str, name: str, rate: float, batch: int, args: argparse.Names
         repeats=args.repeats,
         warmup=args.warmup,
         gate_mode=args.gates,
+        clock=args.clock,
     )
     target = RULE_MIN_SPEEDUP if rule else TARGETS[(family, batch)]
     return {
@@ -129,15 +130,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--gates", default="budget", choices=("budget", "random"))
+    ap.add_argument(
+        "--clock",
+        default="wall",
+        choices=("wall", "thread"),
+        help="wall time (the targets' measure), or the main thread's CPU time with passively "
+        "waiting worker threads: a proxy for an unloaded host's wall time on a loaded one",
+    )
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--json", default=None, metavar="PATH", help="also write every row (all bench fields) to PATH")
     args = ap.parse_args(argv)
+    if argv is None and args.clock == "thread" and os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE":
+        # OpenMP reads the policy when torch starts its threads: restart with it set
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
     bad = [r for r in args.rates or () if not 0 < r <= RULE_MAX_RATE]
     if bad:
         ap.error(f"--rates={bad[0]!r} is out of range; allowed: numbers in (0, {RULE_MAX_RATE}]")
     print(
         f"torch {torch.__version__}, {args.threads} threads, {args.device}, pure-PyTorch kernels, "
-        f"{args.gates} gates, medians of {args.repeats} interleaved pairs; load average at start "
+        f"{args.gates} gates, {args.clock} clock, medians of {args.repeats} interleaved pairs; load average at start "
         f"{os.getloadavg()[0]:.1f}"
     )
     print(

@@ -40,28 +40,41 @@ Fast path (every gather/scatter moves whole pixel rows when maps are channels-la
 
 * **spatial**, blocks whose conv1 is 1x1 (bottleneck, RegNetY): conv1 runs once per *needed*
   pixel -- the union of the active patches' windows of the 3x3 conv, halo included -- as a
-  matrix product on gathered pixel rows; its output is scattered into a zeroed channels-last
-  buffer (zero = the 3x3 conv's padding); each active patch's window is a strided view of that
-  buffer; the 3x3 conv runs unpadded on the windows and returns exactly the SxS patches; conv3
-  runs on the patches; shortcut + patch is written back as pixel rows before the final ReLU.
-  Basic blocks (conv1 is a 3x3 conv) gather regions of the *input* that carry the whole halo
-  (``(S + 1) * s + 3`` per side) and recompute conv1 on them.  A patch that covers the whole
-  map (a 1x1 grid) is a per-sample gate: the body runs on the active samples only.
-* **channel**: samples are grouped by identical selections (``torch.unique`` over the mask
-  rows); per group, conv1 computes only the selected output channels and conv3 reads only the
-  selected inputs, both as products of pixel rows with row-gathered weights (conv3's transpose
-  is cached until the weight changes), the 3x3 conv uses the k x k selected kernels in one
-  gather, BN uses the selected running statistics.  A basic block's second 3x3 conv reads only
-  the selected inputs: on CPU, as the equal transposed convolution, whose flipped kernels are
-  cached by input channel so that the selection is a row gather (:func:`~dynas.kernels.convs.conv_inputs`).  Grouped
-  3x3 convs (RegNetY): a gate group need not align with the conv groups, so the conv runs over
-  the *touched* conv groups only -- selected channels are scattered into a zero tensor holding
+  matrix product on gathered pixel rows scattered into a zeroed channels-last buffer (zero = the
+  3x3 conv's padding), or, when that union is expected to be most of the map
+  (``spatial.DENSE_HEAD_MIN_FRACTION``), on the whole map copied into the padded buffer.  Each
+  active patch's window is one row of an overlapping strided view of the buffer, gathered in one
+  copy (``convs.window_rows``); the 3x3 conv runs unpadded on the windows and returns exactly
+  the SxS patches.  Patches of at most 2x2 (``spatial.ROWS_MAX_PATCH_PIXELS``) skip the windows:
+  the bottleneck's 3x3 conv runs as one matrix product of the 3x3 windows of the active output
+  pixels (im2col of those pixels only).  conv3 runs on the patch rows; shortcut + patch rows are
+  added into the output in one ``index_add_`` and one ReLU covers the map.  Basic blocks (conv1
+  is a 3x3 conv) gather regions of the *input* that carry the whole halo (``(S + 1) * s + 3``
+  per side) and recompute conv1 on them.  A patch that covers the whole map (a 1x1 grid) is a
+  per-sample gate: the body runs on the active samples only.
+* **channel**: samples are grouped by identical selections; per group, conv1 computes only the
+  selected output channels and conv3 reads only the selected inputs, both as products of pixel
+  rows with gathered weights (a row gather of conv1's matrix, a column gather of conv3's), the
+  3x3 conv uses the k x k selected kernels (a row and a column gather of its cached
+  channels-last matrix), BN uses the selected running statistics (one gather of a cached stack
+  of the four).  Bottleneck samples that select different channels (k each) run in one batched
+  pass instead of one pass per selection: conv1 and conv3 as batched products with each
+  sample's own weight rows, the 3x3 conv as one convolution of n groups over the samples side
+  by side; where a sample's gathered weights cost more than the work it skips
+  (``GATHER_MACS_PER_WEIGHT``), the block runs its dense convolutions, masked (the reference
+  path's computation), and so does a spatial+channel bottleneck batch with different
+  selections.  A basic block's second 3x3 conv reads only the selected inputs: on CPU, as the
+  equal transposed convolution, whose flipped kernels are cached by input channel so that the
+  selection is a row gather (:func:`~dynas.kernels.convs.conv_inputs`).  Grouped 3x3 convs
+  (RegNetY): a gate group need not align with the conv groups, so the conv runs over the
+  *touched* conv groups only -- selected channels are scattered into a zero tensor holding
   every channel of the touched groups, the grouped conv runs with ``groups = number of touched
   groups`` and the selected outputs are picked back; when the selection is made of whole conv
-  groups no copy happens.
-  SE reads/writes only the selected channels.
+  groups no copy happens.  SE reads/writes only the selected channels.
 * **layer**: the body runs only on samples whose gate is on (gathered rows); the others output
-  ReLU(shortcut(x)); when every sample runs, the static block's own ops run with no gather.
+  ReLU(shortcut(x)), which is the input itself for an identity shortcut of a non-negative input
+  (``input_nonnegative``, set by ``DynamicNet``); when every sample runs, the static block's own
+  ops run with no gather.
 * combined paradigms compose: layer picks samples, channel groups them by selection, spatial
   gathers patches inside each group with the channel-sliced weights.
 * the output of an identity-shortcut block is written into its input's memory when
@@ -80,7 +93,9 @@ where ``conv1``..``se`` are the dense per-sample FLOPs of those ops and ``d_in``
 bottleneck's plain 3x3 conv (input channels are gated too) and 1 for a basic block's second
 conv (its input is gated: already counted by ``d``; its output is the block output) and for a
 grouped conv (each selected output channel reads its whole conv group).  The halo that the
-spatial kernel recomputes is not counted, so ``executed <= dense`` where ``dense`` (reported
+spatial kernel recomputes is not counted, nor the skipped work that a masked dense fallback
+computes anyway (``executed`` is what the decisions skip, the FLOPs limit of a speed-up), so
+``executed <= dense`` where ``dense`` (reported
 as ``dense_flops``) is the same sum with every gate on: ``maskers + downsample + conv1 + conv2
 + conv3 + se``.
 """

@@ -190,14 +190,12 @@ class DynamicBlock(SpatialPatches):
             return [(samples, ids[uniq[0]].flatten())]
         return [(samples[inverse == u], ids[uniq[u]].flatten()) for u in range(uniq.shape[0])]
 
-    def _many_selections(
-        self, x: torch.Tensor, samples: torch.Tensor, dec: dict[str, torch.Tensor]
-    ) -> torch.Tensor | None:
-        """Body outputs [n, C_out, H_out, W_out] of ``samples`` ([n] batch indices) in one pass
-        when they select different channels, as many each (budget and random gates always do):
-        the block kind's ``_batched_body``.  None where it has none, the samples share one
-        selection (then one part serves them all) or selection sizes differ."""
-        if self._batched_body is None or "channel" not in dec or samples.numel() < 2:
+    def _distinct_selections(self, samples: torch.Tensor, dec: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """[n, k]: the selected channels of each of ``samples`` ([n] batch indices), each row
+        sorted, when they select different channels, as many each (budget and random gates
+        always select as many).  None without channel gates, for one sample, when the samples
+        share one selection (one part then serves them all) or when selection sizes differ."""
+        if "channel" not in dec or samples.numel() < 2:
             return None
         chan = dec["channel"]
         on = (chan if samples.numel() == chan.shape[0] else chan.index_select(0, samples)) > 0.5  # [n, n_groups] bool
@@ -205,9 +203,8 @@ class DynamicBlock(SpatialPatches):
         if bool((on == on[:1]).all()) or not bool((counts == counts[:1]).all()) or int(counts[0]) == 0:
             return None
         n = samples.numel()
-        # [n, n_groups, G] channel ids, the selected groups of each sample -> [n, k], each row sorted
-        sels = self._channel_ids.expand(n, *self._channel_ids.shape)[on].view(n, -1)
-        return self._batched_body(x if n == x.shape[0] else take_samples(x, samples), sels)
+        # [n, n_groups, G] channel ids, the selected groups of each sample -> [n, k]
+        return self._channel_ids.expand(n, *self._channel_ids.shape)[on].view(n, -1)
 
     #: (x [n, C_in, H, W], sels [n, k] each sample's selected channels) -> body outputs
     #: [n, C_out, H_out, W_out] before the shortcut; None where the block kind has no batched pass
@@ -230,7 +227,14 @@ class DynamicBlock(SpatialPatches):
             # one patch covers the whole map: the spatial decision is a per-sample gate
             samples = samples[dec["spatial"][:, 0, 0].index_select(0, samples) > 0.5]
             spatial = False
-        batched = None if spatial else self._many_selections(x, samples, dec)
+        sels = self._distinct_selections(samples, dec)  # [n, k] when the samples' selections differ
+        if sels is not None and spatial and self._batched_body is not None:
+            # patches of samples that each need their own gathered weights (one pass per sample
+            # ran at 1.06 of the static network's time at batch 8): the dense convolutions, masked
+            return self._masked_forward(x, dec)
+        batched = None
+        if sels is not None and self._batched_body is not None:
+            batched = self._batched_body(x if samples.numel() == n else take_samples(x, samples), sels)
         parts = [] if batched is not None else self._channel_parts(samples, dec)
         base = self._shortcut(x)  # [N, C_out, H_out, W_out]
         if spatial:

@@ -103,8 +103,15 @@ class Masker(nn.Module):
             raise ConfigError(f"force={force!r} is unknown; allowed: None, 'on', 'off'")
         self.force = force
 
+    def score(self, x: torch.Tensor) -> torch.Tensor:
+        """logit_on - logit_off, [N, *decision_shape] (subclasses skip the [N, 2, *D] layout)."""
+        logits = self.logits(x)  # [N, 2, *D]
+        return logits[:, 1] - logits[:, 0]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Mask [N, *decision_shape] of 0/1 values (float, same dtype as ``x``)."""
+        if not self.training and self.force is None:
+            return self._decide(self.score(x), x.dtype)
         logits = self.logits(x)  # [N, 2, *D]
         if self.force is not None:
             value = 1.0 if self.force == "on" else 0.0
@@ -118,9 +125,12 @@ class Masker(nn.Module):
             self.last_adaptive = (p > 0.5).to(p.dtype) + (p - p.detach())  # [N, *D]
             # straight-through hard Gumbel-softmax over the {off, on} axis
             return F.gumbel_softmax(logits, tau=self.temperature, hard=True, dim=1)[:, 1]
-        score = logits[:, 1] - logits[:, 0]  # [N, *D]
+        return self._decide(logits[:, 1] - logits[:, 0], x.dtype)
+
+    def _decide(self, score: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Inference mask [N, *D] from ``score`` = logit_on - logit_off in this gate mode."""
         if self.gate_mode == "adaptive":
-            return (score > 0).to(x.dtype)
+            return (score > 0).to(dtype)
         if self.gate_mode == "random":
             # uniform scores in [0, 1): the top-k below is a uniform random k-subset per sample;
             # the stage quota reads them as coin flips (see _stage_budget)
@@ -151,15 +161,22 @@ class SpatialMasker(Masker):
         self.pool = nn.AdaptiveAvgPool2d(self.grid_hw)
         self.conv = nn.Conv2d(in_channels, 2, 1)
 
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
         # the 1x1 conv as a product of the pooled map's pixel rows (a convolution with two
         # output channels cost ~0.25 ms per call here, most of a block's masker):
         # [N, C_in, H, W] -> [N, C_in, gh, gw] -> rows [N * gh * gw, C_in] -> [N * gh * gw, 2]
         pooled = self.pool(x)
-        z = F.linear(
-            pooled.permute(0, 2, 3, 1).reshape(-1, self.in_channels), self.conv.weight.flatten(1), self.conv.bias
-        )
-        return z.view(x.shape[0], *self.grid_hw, 2).permute(0, 3, 1, 2)  # -> [N, gh, gw, 2] -> [N, 2, gh, gw]
+        conv = self.conv
+        return F.linear(pooled.permute(0, 2, 3, 1).reshape(-1, self.in_channels), conv.weight.flatten(1), conv.bias)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return (
+            self._rows(x).view(x.shape[0], *self.grid_hw, 2).permute(0, 3, 1, 2)
+        )  # -> [N, gh, gw, 2] -> [N, 2, gh, gw]
+
+    def score(self, x: torch.Tensor) -> torch.Tensor:
+        z = self._rows(x)  # [N * gh * gw, 2]
+        return (z[:, 1] - z[:, 0]).view(x.shape[0], *self.grid_hw)
 
     def flops(self) -> float:
         return 2.0 * self.in_channels * 2 * self.grid_hw[0] * self.grid_hw[1]
@@ -180,11 +197,17 @@ class _MLPMasker(Masker):
         self.fc2 = nn.Linear(self.hidden, 2 * n_decisions)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self._out(x).view(x.shape[0], 2, self.n_decisions)  # [N, 2 * n] -> [N, 2, n]
+
+    def _out(self, x: torch.Tensor) -> torch.Tensor:
         fc1, fc2 = self.fc1, self.fc2  # functional calls: a module call costs several us per masker here
-        z = F.linear(
+        return F.linear(
             F.relu(F.linear(x.mean(dim=(2, 3)), fc1.weight, fc1.bias)), fc2.weight, fc2.bias
         )  # [N, C_in] -> [N, 2 * n]
-        return z.view(x.shape[0], 2, self.n_decisions)  # [N, 2, n]
+
+    def score(self, x: torch.Tensor) -> torch.Tensor:
+        z, n = self._out(x), self.n_decisions  # [N, 2 * n]: n logits off, then n on
+        return z[:, n:] - z[:, :n]  # [N, n]
 
     def flops(self) -> float:
         return 2.0 * (self.in_channels * self.hidden + self.hidden * 2 * self.n_decisions)
@@ -214,7 +237,7 @@ def _stage_budget(m: "Masker", score: torch.Tensor) -> torch.Tensor:
         # stage's gates, independently per sample (score: [N] uniform in [0, 1))
         on = score * left < rem  # [N] bool
     else:
-        on = (rem >= left) | ((rem > 0) & (score > 0))  # [N] bool
+        on = torch.where(score > 0, rem > 0, rem >= left)  # [N] bool: a run left and a positive score, or a must-run
     m.quota.remaining = rem - on.long()
     return on.to(score.dtype)
 
@@ -253,6 +276,10 @@ class LayerMasker(_MLPMasker):
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return super().logits(x)[:, :, 0]  # [N, 2, 1] -> [N, 2]
+
+    def score(self, x: torch.Tensor) -> torch.Tensor:
+        z = self._out(x)  # [N, 2]
+        return z[:, 1] - z[:, 0]  # [N]
 
     def _budget(self, score: torch.Tensor) -> torch.Tensor:
         return _stage_budget(self, score)

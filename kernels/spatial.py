@@ -41,7 +41,7 @@ __all__ = [
 DENSE_HEAD_MIN_FRACTION = 0.65
 #: patches of at most this many output pixels run the 3x3 conv as one matrix product of the
 #: active output pixels' windows (blocks with ``_tail_cols``) instead of a convolution per window
-ROWS_MAX_PATCH_PIXELS = 4
+ROWS_MAX_PATCH_PIXELS = 1
 
 
 def window_table(ax_h: "Axis", ax_w: "Axis", gh: int, gw: int) -> torch.Tensor:

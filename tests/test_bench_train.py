@@ -48,11 +48,18 @@ def test_bench_in_random_gate_mode(capsys, tmp_path):
     assert "random gate mode" in capsys.readouterr().out
 
 
+def test_bench_on_the_thread_clock_reports_the_flops_limit():
+    r = bench(CFG, batch_size=2, threads=1, repeats=2, warmup=0, clock="thread")
+    assert r.clock == "thread" and r.static_ms > 0 and r.dynamic_ms > 0
+    assert 1.0 < r.flops_limit < 4.0  # every dynamic stage at rate 0.5 skips some work, none all of it
+
+
 @pytest.mark.parametrize(
     "kwargs,match",
     [
         ({"device": "tpu"}, "device='tpu'"),
         ({"batch_size": 0}, "batch_size=0"),
+        ({"clock": "cycles"}, "clock='cycles'"),
         ({"threads": 0}, "threads=0"),
         ({"memory_format": "nchw"}, "memory_format='nchw'"),
         ({"gate_mode": "adaptive"}, "gate_mode='adaptive'"),
