@@ -128,6 +128,7 @@ from dynas.kernels.gather import (
     pixel_rows,
     weight_rows,
 )
+from dynas.predictors.cpu_paths import GATHER_MACS_PER_WEIGHT, batching_pays
 from dynas.spaces.backbones import BlockSpec
 from dynas.spaces.config import StageConfig
 from dynas.spaces.torch_model import BasicBlock, Bottleneck, RegNetYBlock
@@ -297,12 +298,10 @@ class DynamicBottleneck(DynamicBlock, Bottleneck):
 
     def _batching_pays(self, k):
         """Whether the multiply-accumulates one sample skips with ``k`` selected channels pay for
-        gathering its own weights (:data:`GATHER_MACS_PER_WEIGHT` each)."""
-        b = self.spec
-        (hi, wi), (ho, wo) = b.in_hw, b.out_hw
-        w, kk = b.width, self.conv2.weight.shape[-1] * self.conv2.weight.shape[-2]
-        saved = hi * wi * b.in_channels * (w - k) + ho * wo * (kk * (w * w - k * k) + b.out_channels * (w - k))
-        return saved >= GATHER_MACS_PER_WEIGHT * k * (b.in_channels + kk * k + b.out_channels)
+        gathering its own weights (:data:`GATHER_MACS_PER_WEIGHT` each; the rule the CPU work
+        model follows, :func:`~dynas.predictors.cpu_paths.batching_pays`)."""
+        taps = self.conv2.weight.shape[-1] * self.conv2.weight.shape[-2]
+        return batching_pays(self.spec, k, GATHER_MACS_PER_WEIGHT, taps)
 
     def _tail_cols(self, buf, top_left, sel):
         # the 3x3 conv at M output pixels as one product of their windows' rows, then conv3:
@@ -382,14 +381,6 @@ class DynamicRegNetYBlock(DynamicBlock, RegNetYBlock):
             h = h.mul_(geom.expand(scale)[:, :, None, None])  # [B, |sel|, 1, 1] broadcast over h, w
         return eval_bn(F.conv2d(h, conv_cols(c[0], sel)), c[1], None)
 
-
-#: batches whose samples select different channels run each sample with its own gathered
-#: weights when the multiply-accumulates a sample skips are at least this many times the weight
-#: elements it gathers, else as the dense convolutions, masked (``DynamicBottleneck._batched_body``).
-#: At batch 8, channel rate 0.5, G=2, ResNet-50: the gathered pass ran at 0.64-0.79 of the static
-#: block's time on 56x56 to 14x14 maps (ratio 340-1900) and 1.5-1.7 on 7x7 (ratio 84-120), where
-#: the masked dense pass ran at 1.01-1.05
-GATHER_MACS_PER_WEIGHT = 160
 
 _KINDS = {"basic": DynamicBasicBlock, "bottleneck": DynamicBottleneck, "regnety": DynamicRegNetYBlock}
 

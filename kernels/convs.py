@@ -28,6 +28,7 @@ from dynas.kernels.gather import (
     pixel_rows,
     zeros_in_layout,
 )
+from dynas.predictors.cpu_paths import FOLD_MIN_MACS, FOLD_MIN_ROWS  # the CPU work model follows the same rule
 
 __all__ = [
     "conv2d",
@@ -100,11 +101,6 @@ def onednn_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
         and x.dtype == torch.float32
         and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
     )
-
-
-#: a row product runs as a folded oneDNN convolution (:func:`row_product`) from this many rows
-#: and this many multiply-accumulates; ``dynas.predictors.cpu`` counts work by the same rule
-FOLD_MIN_ROWS, FOLD_MIN_MACS = 64, 8_000_000
 
 
 def row_product(rows: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -22,6 +22,7 @@ from dynas.errors import ConfigError
 from dynas.kernels.convs import window_rows
 from dynas.kernels.gather import add_pixel_rows, pixel_rows, take_samples
 from dynas.kernels.maskers import SpatialMasker
+from dynas.predictors.cpu_paths import DENSE_HEAD_MIN_FRACTION, ROWS_MAX_PATCH_PIXELS  # shared with the CPU work model
 from dynas.spaces.backbones import BlockSpec, conv_out
 
 __all__ = [
@@ -35,13 +36,6 @@ __all__ = [
     "ROWS_MAX_PATCH_PIXELS",
     "SpatialPatches",
 ]
-
-#: conv1 of a 1x1-conv1 block runs on the whole maps instead of gathered pixel rows when the
-#: active patches' windows need at least this fraction of the pixels
-DENSE_HEAD_MIN_FRACTION = 0.65
-#: patches of at most this many output pixels run the 3x3 conv as one matrix product of the
-#: active output pixels' windows (blocks with ``_tail_cols``) instead of a convolution per window
-ROWS_MAX_PATCH_PIXELS = 1
 
 
 def window_table(ax_h: "Axis", ax_w: "Axis", gh: int, gw: int) -> torch.Tensor:

@@ -82,7 +82,7 @@ def test_distinct_selections_expectation_matches_simulation():
     rng = random.Random(0)
     for m, M in ((8, 6), (8, 70), (3, 2), (8, 10**20)):
         sims = [len({rng.randrange(min(M, 10**9)) for _ in range(m)}) for _ in range(4000)]
-        assert cpu._distinct(m, M) == pytest.approx(np.mean(sims), rel=0.03)
+        assert cpu.distinct(m, M) == pytest.approx(np.mean(sims), rel=0.03)
 
 
 @pytest.mark.parametrize("stage, S, k", [(1, 4, 1), (1, 2, 7), (1, 7, 2), (0, 1, 100)])
@@ -101,7 +101,7 @@ def test_needed_pixel_expectation_matches_brute_force(stage, S, k):
             r0, c0 = i * S * b.stride - 1, j * S * b.stride - 1
             need[max(r0, 0) : max(0, r0 + L), max(c0, 0) : max(0, c0 + L)] = True
         counts.append(need.sum())
-    assert cpu._covered(b, S, k) == pytest.approx(np.mean(counts), rel=0.03)
+    assert cpu.covered(b, S, k) == pytest.approx(np.mean(counts), rel=0.03)
 
 
 @pytest.mark.parametrize("paradigm", [p for p in PARADIGMS if p != "static"])
@@ -126,15 +126,21 @@ def test_predicted_latency_is_positive_and_monotone_in_rate(paradigm, batch):
 
 
 def test_channel_rate_one_runs_the_batch_whole():
-    b = get_backbone("resnet50", 112).stage_blocks(2)[1]
-    whole = cpu.block_work(b, StageConfig("channel", 1.0, channel_granularity=4), 8)
-    split = cpu.block_work(b, StageConfig("channel", 0.95, channel_granularity=4), 8)
     conv_calls, repeats = cpu.TERMS.index("conv_calls"), cpu.TERMS.index("repeat_conv_calls")
-    # the whole batch: conv1, the 3x3 conv and conv3 once each (8 x 49 rows: the 1x1s run folded);
-    # split: a 3x3 conv per selection (49 rows each: conv1 and conv3 stay matrix products), the
-    # first selection's a first call, the others' repeats of it
-    assert whole[conv_calls] == 3 and whole[repeats] == 0
-    assert split[conv_calls] == 1 and split[repeats] > 6
+    rate_one, below = (
+        StageConfig("channel", 1.0, channel_granularity=4),
+        StageConfig("channel", 0.95, channel_granularity=4),
+    )
+    b = get_backbone("resnet18", 112).stage_blocks(2)[1]
+    whole, split = cpu.block_work(b, rate_one, 8), cpu.block_work(b, below, 8)
+    # the whole batch: the two 3x3 convs once each; split: the two per selection, the first
+    # selection's first calls, the others' repeats of them
+    assert whole[conv_calls] == 2 and whole[repeats] == 0
+    assert split[conv_calls] == 2 and split[repeats] > 12
+    # a bottleneck runs differing selections in one pass (batched, or here on 7 x 7 with 61 of 64
+    # groups the dense convolutions, masked), never one per selection
+    b = get_backbone("resnet50", 112).stage_blocks(2)[1]
+    assert cpu.block_work(b, below, 8)[repeats] == 0
 
 
 def test_later_channel_parts_gather_the_weights_again():
@@ -159,8 +165,8 @@ def test_static_is_the_rate_one_layer_limit_minus_masker_work():
     layer = cpu.block_work(b, StageConfig("layer", 1.0), 4, 1.0)
     extra = layer - static
     assert np.all(extra >= -1e-12)
-    masker = cpu._Work()
-    cpu._mlp_masker(masker, b, 4, 1)
+    masker = cpu.Work()
+    cpu.mlp_masker(masker, b, 4, 1)
     masker.ops(3)  # the running samples: arange, compare, nonzero
     np.testing.assert_allclose(extra, masker.v, atol=1e-12)
 
@@ -191,7 +197,7 @@ _VIEW_OPS = {
     "narrow",
 }
 _CONV_OPS = {"conv2d", "convolution", "mkldnn_convolution", "_convolution_transpose_pointwise"}
-_MM_OPS = {"linear", "mm", "addmm", "matmul"}
+_MM_OPS = {"linear", "mm", "addmm", "matmul", "bmm"}  # bmm: the batched products of differing selections
 
 
 def _dispatched(spec, st: StageConfig, n: int) -> tuple[int, int, int]:
@@ -215,6 +221,7 @@ def _dispatched(spec, st: StageConfig, n: int) -> tuple[int, int, int]:
     for m in blk.maskers():
         m.set_gate_mode("random")
     blk.reuse_input = True  # as in a network
+    blk.input_nonnegative = True  # ... whose block inputs are ReLU outputs (an identity shortcut is its own ReLU)
     x = torch.randn(n, spec.in_channels, *spec.in_hw).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
         blk(x.clone())  # fills the cached weight layouts, as the untimed warm-up pass does
@@ -244,7 +251,16 @@ _COUNTED = [
         (StageConfig("spatial+channel", 0.5, spatial_granularity=2, channel_granularity=8, channel_rate=0.5), 1),
         # one channel part per sample: C(width, width / 2) selections never repeat
         (StageConfig("spatial+channel", 0.5, spatial_granularity=2, channel_granularity=1, channel_rate=0.5), 8),
+        # differing selections: a part per sample (basic, RegNetY) or one batched pass (bottleneck)
+        (StageConfig("channel", 0.5, channel_granularity=1), 8),
+        # conv1 on gathered rows (25 % of the patches need < 65 % of the pixels), 3x3 conv on windows
+        (StageConfig("spatial", 0.25, spatial_granularity=2), 2),
     )
+] + [
+    # a 4 x 4 map: gathered weights per sample do not pay, the dense convolutions run masked
+    ("resnet50", 3, 1, StageConfig("channel", 0.5, channel_granularity=1), 8),
+    # 1x1 patches of a bottleneck: conv1 on gathered rows, the 3x3 conv as one product of window rows
+    ("resnet50", 0, 1, StageConfig("spatial", 0.2, spatial_granularity=1), 2),
 ]
 
 
@@ -397,16 +413,18 @@ def test_the_model_folds_row_products_where_the_kernels_do():
     from dynas.kernels import blocks
 
     assert (cpu.FOLD_MIN_ROWS, cpu.FOLD_MIN_MACS) == (blocks.FOLD_MIN_ROWS, blocks.FOLD_MIN_MACS)
-    # a channel-gated bottleneck: conv1 / conv3 are row products on the selected channels; at
-    # batch 8 on 14 x 14 they are folded convolutions, at batch 1 on 7 x 7 (49 rows) BLAS products
+    # a channel-gated bottleneck: conv1 / conv3 are row products on the selected channels; on
+    # 14 x 14 (196 rows) they are folded convolutions, on 7 x 7 (49 rows) BLAS products
     gated = StageConfig("channel", 0.5, channel_granularity=64)
     mm, pw = cpu.TERMS.index("mm_gmac"), cpu.TERMS.index("pointwise_gmac")
     big = get_backbone("resnet50", (224, 224)).stage_blocks(2)[1]  # 1024 -> 256 -> 1024 on 14 x 14
     small = get_backbone("resnet50", (224, 224)).stage_blocks(3)[1]  # 2048 -> 512 -> 2048 on 7 x 7
-    w_big, w_small = cpu.block_work(big, gated, 8, 1.0, 1), cpu.block_work(small, gated, 1, 1.0, 1)
+    w_big, w_small = cpu.block_work(big, gated, 1, 1.0, 1), cpu.block_work(small, gated, 1, 1.0, 1)
     vec = cpu.TERMS.index("vec_gmac")
-    assert w_big[mm] == 0 and 0 < w_big[vec] < 1e-3 and w_big[pw] > 0.3  # only the masker's small layers stay BLAS
     k = budget_count(0.5, 8) * 64
+    assert w_big[mm] == 0 and 0 < w_big[vec] < 1e-3  # only the masker's small layers stay BLAS
+    k_big = budget_count(0.5, 4) * 64  # of 256 channels
+    assert w_big[pw] == pytest.approx(196 * k_big * (1024 + 1024) * 1e-9)  # conv1 and conv3, folded
     rows_gmac = 49 * k * (2048 + 2048) * 1e-9  # conv1 [49, 2048] -> [49, k], conv3 [49, k] -> [49, 2048]
     assert w_small[mm] == pytest.approx(rows_gmac, rel=1e-2)
 

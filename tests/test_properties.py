@@ -342,15 +342,15 @@ def test_layer_and_channel_gates_at_rate_one_cost_exactly_their_maskers(target, 
 
 def _layer_gate_work(b, n: int, column_block: int) -> np.ndarray:
     """[terms] what a layer gate at rate 1 adds to a static block of ``n`` samples (module docstring)."""
-    w = cpu._Work(column_block)
-    cpu._mlp_masker(w, b, n, 1)
+    w = cpu.Work(column_block)
+    cpu.mlp_masker(w, b, n, 1)
     w.ops(3)  # the running samples: arange, compare, nonzero
     rows = n * b.out_hw[0] * b.out_hw[1]
     # the static SE runs 1x1 convolutions on 1x1 maps (one column: the target's column block
     # applies), the dynamic one matrix products
-    linear, conv = cpu._Work(column_block), cpu._Work(column_block)
-    cpu._se(linear, b, rows, n, b.width, False, linear=True)
-    cpu._se(conv, b, rows, n, b.width, False, linear=False)
+    linear, conv = cpu.Work(column_block), cpu.Work(column_block)
+    cpu.se_work(linear, b, rows, n, b.width, None, linear=True)
+    cpu.se_work(conv, b, rows, n, b.width, None, linear=False)
     return w.v + linear.v - conv.v
 
 
