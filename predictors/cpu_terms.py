@@ -84,7 +84,7 @@ COST_TERMS: tuple[CostTerm, ...] = (
         "ms/GMAC",
         _C,
         "multiply-accumulates of 1x1 convolutions, and of row products large enough to run folded into "
-        "one (cpu.FOLD_MIN_ROWS, cpu.FOLD_MIN_MACS)",
+        "one (cpu_paths.FOLD_MIN_ROWS, cpu_paths.FOLD_MIN_MACS)",
     ),
     CostTerm(
         "conv3x3_gmac",
@@ -212,7 +212,7 @@ COST_TERMS: tuple[CostTerm, ...] = (
         _O,
         "every other dispatched operator (index arithmetic, element-wise, masker budgets, and the "
         "products of per-sample vectors: a vector-matrix product costs ~2 us, like an element-wise call, "
-        "not a row product's ~40), counted as the fast path dispatches them (tests/test_calibration.py "
+        "not a row product's ~40), counted as the fast path dispatches them (tests/test_cpu_work_model.py "
         "compares the counts with a dispatch counter)",
     ),
     CostTerm(
