@@ -20,9 +20,9 @@ checked before any long work starts, so a bad path costs nothing.
 
 This module holds the root parser, logging and :func:`main`; each group of subcommands is a
 module with an ``add_parsers(sub, parent)`` that registers them: :mod:`~dynas.cli.predict`
-(targets, predict), :mod:`~dynas.cli.search` (search, pareto, export) and
-:mod:`~dynas.cli.measure` (bench, calibrate, validate) and :mod:`~dynas.cli.train` (train,
-evaluate).  :mod:`~dynas.cli.common` holds
+(targets, predict), :mod:`~dynas.cli.search` (search, pareto, export),
+:mod:`~dynas.cli.measure` (bench, calibrate), :mod:`~dynas.cli.validate` (validate) and
+:mod:`~dynas.cli.train` (train, evaluate).  :mod:`~dynas.cli.common` holds
 what they share (argument types, defaults, output checks, tables).
 """
 
@@ -35,7 +35,7 @@ import sys
 import warnings
 from typing import Any, Callable, Sequence
 
-from dynas.cli import measure, predict, search, train
+from dynas.cli import measure, predict, search, train, validate
 from dynas.cli.common import Formatter, Parser, UsageError
 from dynas.errors import DynasError
 
@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"dynas {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for commands in (predict, search, measure, train):
+    for commands in (predict, search, measure, validate, train):
         commands.add_parsers(sub, parent)
     return parser
 

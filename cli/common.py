@@ -2,7 +2,8 @@
 the library defaults options show, output-path checks and aligned text tables.
 
 The command modules (:mod:`~dynas.cli.predict`, :mod:`~dynas.cli.search`,
-:mod:`~dynas.cli.measure`) each register their subcommands with :func:`add_command`.
+:mod:`~dynas.cli.measure`, :mod:`~dynas.cli.validate`, :mod:`~dynas.cli.train`) each register
+their subcommands with :func:`add_command`.
 """
 
 from __future__ import annotations

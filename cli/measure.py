@@ -1,9 +1,11 @@
-"""The commands that run networks on this machine: ``dynas bench`` (a config's real speed-up),
-``dynas calibrate`` (measure, fit a target file) and
-``dynas validate`` (held-out measurements vs a target's predictions).
+"""The commands that time networks on this machine: ``dynas bench`` (a config's real speed-up)
+and ``dynas calibrate`` (measure, fit a target file); also the helpers they share with
+``dynas validate`` (:mod:`dynas.cli.validate`): threads, device check, progress log, CSV input,
+the round-noise report and the measuring options.
 
-Scoring lives in the library (:mod:`dynas.results.validation`); this module measures, calls it
-and prints.  torch is imported only inside the commands, so that building the parser stays cheap.
+Fitting and scoring live in the library (:mod:`dynas.predictors.calibration`,
+:mod:`dynas.results.validation`); these modules measure, call it and print.  torch is imported
+only inside the commands, so that building the parser stays cheap.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import itertools
 import json
 import logging
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 from dynas.cli.common import (
     UsageError,
@@ -26,14 +28,21 @@ from dynas.cli.common import (
     nonneg_int,
     positive_int,
     positive_number,
-    safe_name,
     str_list,
     table,
     torch_default,
 )
-from dynas.spaces.design import calibration_plan, validation_plan
+from dynas.spaces.design import calibration_plan
 
-__all__ = ["add_parsers"]
+__all__ = [
+    "add_parsers",
+    "set_threads",
+    "check_device",
+    "progress",
+    "read_csv",
+    "print_round_spread",
+    "measuring_args",
+]
 
 _logger = logging.getLogger("dynas")
 
@@ -44,7 +53,6 @@ RUN_ROUNDS = "dynas.kernels.calibrate:run_rounds"
 
 #: the command line's own choices (the library functions have no such default)
 CALIBRATE_BUDGET_S = 300.0  # ``dynas calibrate`` 's measurement time budget (seconds)
-VALIDATE_REPEATS = 7  # timed passes per network of ``dynas validate``
 
 
 # --------------------------------------------------------------------------------------------
@@ -90,14 +98,14 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-def _set_threads(threads: int | None) -> None:
+def set_threads(threads: int | None) -> None:
     if threads is not None:
         import torch
 
         torch.set_num_threads(threads)
 
 
-def _check_device(device: str) -> None:
+def check_device(device: str) -> None:
     if device == "cuda":
         import torch
 
@@ -105,7 +113,7 @@ def _check_device(device: str) -> None:
             raise UsageError("--device='cuda' is not available on this machine; allowed: cpu")
 
 
-def _progress(budget_s: float | None) -> Callable[..., None]:
+def progress(budget_s: float | None) -> Callable[..., None]:
     """A ``run_rounds`` progress callback that logs each measured network."""
 
     def report(done: int, elapsed: float, item: Any, m: Any) -> None:
@@ -124,7 +132,7 @@ def _progress(budget_s: float | None) -> Callable[..., None]:
     return report
 
 
-def _read_csv(option: str, path: str) -> Any:
+def read_csv(option: str, path: str) -> Any:
     import pandas as pd
 
     try:
@@ -133,59 +141,7 @@ def _read_csv(option: str, path: str) -> Any:
         raise UsageError(f"{option}={path!r} cannot be read as CSV: {exc}".splitlines()[0]) from None
 
 
-def _read_calibrations(paths: str) -> Any:
-    """The calibration CSVs of ``--measurements A.csv[,B.csv...]`` as one table; each later
-    file's ``network_id`` s are shifted past the earlier ones' so that networks stay apart
-    (pooled paired tables share one quietest-host reference per static network)."""
-    import pandas as pd
-
-    tables, offset = [], 0
-    for path in paths.split(","):
-        df = _read_csv("--measurements", path)
-        if "network_id" in df:
-            ids = pd.to_numeric(df["network_id"], errors="coerce")
-            if ids.isna().any():
-                raise UsageError(
-                    f"--measurements={path!r}: network_id={df['network_id'][ids.isna()].iloc[0]!r} is not "
-                    "an integer; allowed: the integer ids dynas calibrate writes"
-                )
-            df["network_id"] = ids.astype(int) + offset
-            offset = int(df["network_id"].max()) + 1
-        tables.append(df)
-    return pd.concat(tables, ignore_index=True) if len(tables) > 1 else tables[0]
-
-
-def _recorded_environment(df: Any) -> dict[str, Any]:
-    """The environment columns of a measurement table (first row)."""
-    kinds = {"threads": int}
-    keys = ("device", "device_name", "torch_version", "threads", "date", "python", "gate_mode", "malloc")
-    return {k: kinds.get(k, str)(df[k].iloc[0]) for k in keys if k in df.columns}
-
-
-def _load_config_list(path: str) -> list[Any]:
-    from dynas.spaces.config import load_config
-
-    try:
-        text = Path(path).read_text()
-    except OSError as exc:
-        raise UsageError(f"--configs={path!r} cannot be read: {exc.strerror}") from None
-    try:
-        data = json.loads(text)
-    except ValueError:
-        try:
-            data = [json.loads(line) for line in text.splitlines() if line.strip()]
-        except ValueError as exc:
-            raise UsageError(f"--configs={path!r} is not JSON or JSON lines: {exc}") from None
-    if isinstance(data, dict):
-        data = [data]
-    if not isinstance(data, list) or not data:
-        raise UsageError(
-            f"--configs={path!r} holds no configs; allowed: a JSON config, a JSON list of configs, or JSON lines"
-        )
-    return [load_config(d) for d in data]
-
-
-def _print_round_spread(df: Any) -> None:
+def print_round_spread(df: Any) -> None:
     """The machine's own noise (:func:`~dynas.results.validation.round_noise`): how far apart the
     rounds of the same networks came out, and with pairs how far apart relative to their static
     networks; a warning when it was too busy."""
@@ -228,6 +184,35 @@ def _print_round_spread(df: Any) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+def _read_calibrations(paths: str) -> Any:
+    """The calibration CSVs of ``--measurements A.csv[,B.csv...]`` as one table; each later
+    file's ``network_id`` s are shifted past the earlier ones' so that networks stay apart
+    (pooled paired tables share one quietest-host reference per static network)."""
+    import pandas as pd
+
+    tables, offset = [], 0
+    for path in paths.split(","):
+        df = read_csv("--measurements", path)
+        if "network_id" in df:
+            ids = pd.to_numeric(df["network_id"], errors="coerce")
+            if ids.isna().any():
+                raise UsageError(
+                    f"--measurements={path!r}: network_id={df['network_id'][ids.isna()].iloc[0]!r} is not "
+                    "an integer; allowed: the integer ids dynas calibrate writes"
+                )
+            df["network_id"] = ids.astype(int) + offset
+            offset = int(df["network_id"].max()) + 1
+        tables.append(df)
+    return pd.concat(tables, ignore_index=True) if len(tables) > 1 else tables[0]
+
+
+def _recorded_environment(df: Any) -> dict[str, Any]:
+    """The environment columns of a measurement table (first row)."""
+    kinds = {"threads": int}
+    keys = ("device", "device_name", "torch_version", "threads", "date", "python", "gate_mode", "malloc")
+    return {k: kinds.get(k, str)(df[k].iloc[0]) for k in keys if k in df.columns}
+
+
 def _measure_calibration(args: argparse.Namespace, csv_path: str) -> Any:
     """Measure the calibration design on this machine; the table, also written to ``csv_path``."""
     import pandas as pd
@@ -235,8 +220,8 @@ def _measure_calibration(args: argparse.Namespace, csv_path: str) -> Any:
     from dynas.kernels.calibrate import run_rounds
     from dynas.results.pareto import atomic_write_text
 
-    _check_device(args.device)
-    _set_threads(args.threads)
+    check_device(args.device)
+    set_threads(args.threads)
     plan = calibration_plan(args.backbones, args.input_size, args.batch_size, args.seed)  # checks the options
     first = next(plan)
     _logger.info(
@@ -254,7 +239,7 @@ def _measure_calibration(args: argparse.Namespace, csv_path: str) -> Any:
         warmup=args.warmup,
         seed=args.seed,
         budget_s=args.budget_s,
-        progress=_progress(args.budget_s / args.rounds),
+        progress=progress(args.budget_s / args.rounds),
         paired=args.host_check == "pairs",
     )
     df = pd.DataFrame(rows)
@@ -320,180 +305,13 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         f"{args.measurements or csv_path}"
     )
     _print_fit(target, comments)
-    _print_round_spread(df)
+    print_round_spread(df)
     if target.fit.get("host_normalized_networks"):
         echo(
             f"pairs: {target.fit['host_normalized_networks']} networks fitted in units of the quietest host seen "
             "(their times x their static network's fastest paired time / its time alongside them)"
         )
     echo(f"target: {args.output}  (use it as --target {args.output}; check it with dynas validate)")
-    return 0
-
-
-# --------------------------------------------------------------------------------------------
-# validate
-# --------------------------------------------------------------------------------------------
-
-
-def _host_ratio(target: Any, items: Sequence[Any], device: str, when: str) -> float | None:
-    """Time the target's recorded static networks of the backbones, input sizes and batch sizes
-    of ``items`` again; their median now / at calibration, None when it recorded none of them."""
-    from dynas.kernels.calibrate import host_speed
-    from dynas.results.validation import host_ratio
-
-    refs = host_speed(
-        target.static_ms, sorted({(i.config.backbone, i.config.input_size, i.batch_size) for i in items}), device
-    )
-    for r in refs:
-        _logger.info(
-            "static %s, %s: %.2f ms, %.2f ms at calibration (x%.3f)",
-            r["key"],
-            when,
-            r["measured_ms"],
-            r["calibrated_ms"],
-            r["ratio"],
-        )
-    if not refs:
-        _logger.warning(
-            "target %s records no static network of these backbones, sizes and batch sizes: host speed not checked",
-            target.name,
-        )
-    return host_ratio(refs)
-
-
-def _measure_validation(args: argparse.Namespace, target: Any) -> Any:
-    """Measure the held-out networks (with the host checks ``--host-check`` asks for); the table."""
-    import pandas as pd
-
-    from dynas.kernels.calibrate import run_rounds, static_reference
-    from dynas.spaces.design import PlanItem
-
-    _check_device(args.device)
-    threads = args.threads or (target.threads if target.kind == "cpu" else None)
-    _set_threads(threads)
-    if args.configs:
-        items = [PlanItem(c, n) for c in _load_config_list(args.configs) for n in args.batch_size]
-    else:
-        items = validation_plan(args.backbones, args.input_size, args.batch_size, args.count, args.seed)
-    check = args.host_check or ("pairs" if target.fit.get("host_normalized_networks") else "ends")
-    check = check if target.kind == "cpu" and target.static_ms else "none"
-    before = _host_ratio(target, items, args.device, "before") if check != "none" else None
-    reference = static_reference(target.static_ms, args.device) if check == "each" else None
-    _logger.info(
-        "measuring %d held-out networks on %s, %d round(s)%s",
-        len(items),
-        args.device,
-        args.rounds,
-        {"each": ", each followed by its static network", "pairs": ", each pass paired with the static network's"}.get(
-            check, ""
-        ),
-    )
-    measured = pd.DataFrame(
-        run_rounds(
-            items,
-            args.rounds,
-            device=args.device,
-            repeats=args.repeats,
-            warmup=args.warmup,
-            seed=args.seed,
-            progress=_progress(None),
-            reference=reference,
-            blocks=not args.no_blocks,
-            paired=check == "pairs",
-        )
-    )
-    if before is not None:
-        measured["host_ratio_before"] = before
-        measured["host_ratio_after"] = _host_ratio(target, items, args.device, "after")
-    return measured
-
-
-def _print_scores(df: Any, target: Any) -> None:
-    """validate's score table and the notes that read it (host speed, gated blocks, noise, scaling)."""
-    from dynas.results.validation import HOST_STEADY, score_validation
-
-    scores = score_validation(df, target)
-    rows = [
-        {
-            "part": r["part"],
-            "batch": r["batch_size"],
-            "count": r["count"],
-            "MAPE %": r["mape_pct"],
-            "within 10%": f"{100 * r['within_10pct']:.0f}%",
-            "Spearman": r["spearman"],
-            "Kendall": r["kendall"],
-            "max |err| %": r["max_abs_err_pct"],
-        }
-        for r in scores.table.to_dict("records")
-    ]
-    how, ratios = scores.host_scaling, scores.host_ratios
-    echo(f"target {target.name}: predicted vs measured")
-    echo(table(rows, ["part", "batch", "count", "MAPE %", "within 10%", "Spearman", "Kendall", "max |err| %"]))
-    if len(ratios) == 2:
-        echo(
-            f"host speed: the calibration's static networks take {ratios[0]:.3f} x their calibrated time before "
-            f"these measurements and {ratios[1]:.3f} x after (1 = unchanged)"
-            + (
-                ""
-                if scores.steady_ratio is not None or how == "each"
-                else f"; the host's speed moved by more than {100 * HOST_STEADY:.0f}% meanwhile, so differences of that "
-                "size are the machine's, not the model's"
-            )
-        )
-    if scores.gated_blocks:
-        echo(
-            f"'blocks': {scores.blocks} blocks; the {scores.gated_blocks} of stages whose gates "
-            "choose per sample which blocks run are scored with their stage (which blocks run changes every pass)"
-        )
-    _print_round_spread(df)
-    if how == "each":
-        echo("'x host': each prediction scaled by its static network's time right after it / at calibration")
-    elif how == "pairs":
-        echo(
-            "'x host': each prediction scaled by its static network's time, timed pass by pass alongside it, / at "
-            "calibration"
-        )
-    elif how == "steady":
-        echo(f"'networks x host': the predictions scaled by {scores.steady_ratio:.3f}")
-
-
-def _cmd_validate(args: argparse.Namespace) -> int:
-    from dynas.predictors.calibration import compare
-    from dynas.predictors.targets import load_target
-    from dynas.results.validation import worst_networks, write_validation_csv, write_validation_html
-
-    target = load_target(args.target)
-    stem = f"validate-{safe_name(target.name)}"
-    csv_path, html_path = args.csv or f"{stem}.csv", args.html or f"{stem}.html"
-    check_output("--csv", csv_path)
-    check_output("--html", html_path)
-    measured = (
-        _read_csv("--measurements", args.measurements) if args.measurements else _measure_validation(args, target)
-    )
-    df = compare(measured, target)
-    write_validation_csv(df, csv_path)
-    write_validation_html(df, html_path, f"dynas validate: target {target.name}")
-    _print_scores(df, target)
-    worst = worst_networks(df)
-    if not worst.empty:
-        echo("worst networks:")
-        echo(
-            table(
-                [
-                    {
-                        "backbone": r.backbone,
-                        "batch": int(r.batch_size),
-                        "config": r.choice,
-                        "measured ms": r.measured_ms,
-                        "predicted ms": r.predicted_ms,
-                        "error %": 100 * r.rel_err,
-                    }
-                    for r in worst.itertuples()
-                ],
-                ["backbone", "batch", "config", "measured ms", "predicted ms", "error %"],
-            )
-        )
-    echo(f"table: {csv_path}\nplot: {html_path}")
     return 0
 
 
@@ -542,7 +360,7 @@ def _add_bench_parser(sub: Any, parent: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
-def _measuring_args(
+def measuring_args(
     p: argparse.ArgumentParser,
     plan: Callable[..., Any],
     threads_help: str,
@@ -599,7 +417,7 @@ def _add_calibrate_parser(sub: Any, parent: argparse.ArgumentParser) -> None:
         "network after each of its passes and fits times put in units of the quietest host seen.",
     )
     p.add_argument("-o", "--output", required=True, metavar="TARGET_FILE", help="target file to write (.toml)")
-    _measuring_args(
+    measuring_args(
         p,
         calibration_plan,
         "CPU threads (default: torch's)",
@@ -640,79 +458,7 @@ def _add_calibrate_parser(sub: Any, parent: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_validate_parser(sub: Any, parent: argparse.ArgumentParser) -> None:
-    p = add_command(
-        sub,
-        parent,
-        "validate",
-        _cmd_validate,
-        help="compare a target's predictions with held-out measurements",
-        description="Measure networks that were not calibrated on (random configs from a seed, rates on the\n"
-        "0.15, 0.25, ... lattice that calibration never uses, or the configs of --configs), predict them\n"
-        "with TARGET, and report MAPE, share within +/-10%, Spearman and Kendall for whole networks,\n"
-        "single stages and single blocks, the worst cases, a predicted-vs-measured HTML plot and a CSV.\n"
-        "Blocks are timed in extra passes with hooks on every block (--no-blocks skips them); blocks of\n"
-        "stages whose gates choose per sample which blocks run are scored with their stage.\n"
-        "Before and after, it times again the static networks the target recorded at calibration and\n"
-        "reports the host's speed against then (a shared machine drifts); when both agree within 3%,\n"
-        "it also scores the networks with the predictions scaled by it ('networks x host'). With\n"
-        "--host-check each, every network is followed by its static network, and each prediction is\n"
-        "scaled by that network's own ratio ('networks/stages/blocks x host'); with pairs, a pass of\n"
-        "the static network follows every pass of the network, so the ratio comes from the same seconds.\n"
-        "Freed memory is kept in the process, as calibrate does.",
-    )
-    p.add_argument("--target", required=True, metavar="TARGET", help="target name or file (e.g. from dynas calibrate)")
-    _measuring_args(
-        p,
-        validation_plan,
-        "CPU threads (default: the calibrated target's, else torch's)",
-        "backbones of the random configs",
-        repeats=VALIDATE_REPEATS,
-        seed_help="seed of the random configs and weights",
-    )
-    p.add_argument("--configs", default=None, metavar="FILE", help="JSON config(s) to measure instead of random ones")
-    p.add_argument(
-        "--count",
-        type=positive_int,
-        default=default_of(validation_plan, "count"),
-        metavar="N",
-        help="random configs (backbones in turn)",
-    )
-    p.add_argument(
-        "--rounds",
-        type=positive_int,
-        default=torch_default(RUN_ROUNDS, "rounds"),
-        metavar="N",
-        help="measure the whole plan N times (minutes apart); each network keeps its fastest round (4 on a "
-        "busy machine)",
-    )
-    p.add_argument(
-        "--host-check",
-        choices=("ends", "each", "pairs", "none"),
-        default=None,
-        help="time the target's recorded static networks again before and after the plan (ends), also "
-        "right after every network (each; about twice the time), also after every pass of every "
-        "network (pairs; about twice the time), or not at all (default: pairs for a target calibrated "
-        "in pairs, else ends)",
-    )
-    p.add_argument(
-        "--no-blocks",
-        action="store_true",
-        help="do not time single blocks (their extra passes about double the measuring time)",
-    )
-    p.add_argument(
-        "--measurements",
-        default=None,
-        metavar="CSV",
-        help="score an earlier validation CSV against TARGET instead of measuring",
-    )
-    p.add_argument("--csv", default=None, metavar="FILE", help="output table (default: validate-TARGET.csv)")
-    p.add_argument("--html", default=None, metavar="FILE", help="output plot (default: validate-TARGET.html)")
-
-
 def add_parsers(sub: Any, parent: argparse.ArgumentParser) -> None:
-    """Register ``bench``, ``train``, ``calibrate`` and ``validate`` with ``sub`` (shared flags
-    from ``parent``)."""
+    """Register ``bench`` and ``calibrate`` with ``sub`` (shared flags from ``parent``)."""
     _add_bench_parser(sub, parent)
     _add_calibrate_parser(sub, parent)
-    _add_validate_parser(sub, parent)

@@ -270,9 +270,9 @@ def _runtime_args(p: argparse.ArgumentParser, workers_help: str) -> None:
 
 
 def _add_train(sub: Any, common: argparse.ArgumentParser) -> None:
-    from dynas.kernels.options import LR_BATCH, TrainingRecipe, TrainOptions
+    from dynas.kernels.options import TrainingRecipe, TrainOptions
 
-    d, r = TrainOptions(), TrainingRecipe()
+    d, r = TrainOptions(), TrainingRecipe()  # their defaults are the options'
     p = add_command(
         sub,
         common,
@@ -286,6 +286,16 @@ def _add_train(sub: Any, common: argparse.ArgumentParser) -> None:
         "--output-dir RUN, the same command resumes from RUN/checkpoint.pt.  Ends with the summary of\n"
         "'dynas evaluate'.  docs/training.md has the commands for one GPU, many GPUs and many machines.",
     )
+    _train_io_args(p)
+    g = p.add_argument_group("recipe (defaults: LAUDNet's)")
+    _schedule_args(g, d)
+    _loss_args(g, r)
+    _start_args(g, d)
+    _running_args(p.add_argument_group("running"), d)
+
+
+def _train_io_args(p: argparse.ArgumentParser) -> None:
+    """train's config, data and outputs."""
     p.add_argument("config", metavar="CONFIG", help="config or exported JSON file")
     p.add_argument(
         "--data",
@@ -300,7 +310,13 @@ def _add_train(sub: Any, common: argparse.ArgumentParser) -> None:
         help="run folder: checkpoint.pt, model.pt, metrics.jsonl, config.json (a run there is resumed)",
     )
     p.add_argument("-o", "--output", default=None, metavar="FILE", help="also save the trained state dict here")
-    g = p.add_argument_group("recipe (defaults: LAUDNet's)")
+
+
+def _schedule_args(g: Any, d: Any) -> None:
+    """The recipe's length, batch and optimiser (SGD, warm-up then cosine learning rate); defaults
+    from ``d`` (a TrainOptions)."""
+    from dynas.kernels.options import LR_BATCH
+
     g.add_argument("--epochs", type=positive_int, default=d.epochs, metavar="N", help="epochs")
     g.add_argument(
         "--steps",
@@ -332,6 +348,11 @@ def _add_train(sub: Any, common: argparse.ArgumentParser) -> None:
         metavar="X",
         help="linear learning-rate warm-up before the cosine decay",
     )
+
+
+def _loss_args(g: Any, r: Any) -> None:
+    """The recipe's losses (sparsity, distillation) and its Gumbel and sparsity-bound schedules;
+    defaults from ``r`` (a TrainingRecipe)."""
     g.add_argument("--lambda-act", type=_nonneg_float, default=r.lambda_act, metavar="X", help="sparsity loss weight")
     g.add_argument("--alpha-kd", type=_nonneg_float, default=r.alpha_kd, metavar="X", help="distillation loss weight")
     g.add_argument(
@@ -358,6 +379,10 @@ def _add_train(sub: Any, common: argparse.ArgumentParser) -> None:
         metavar="X",
         help="share of the run over which the per-block sparsity bounds relax to [0, 1] (default: %(default).4g)",
     )
+
+
+def _start_args(g: Any, d: Any) -> None:
+    """Where training starts from: weights, teacher, input size, seed (default from ``d``)."""
     g.add_argument(
         "--weights",
         default=None,
@@ -372,7 +397,10 @@ def _add_train(sub: Any, common: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--seed", type=nonneg_int, default=d.seed, metavar="N", help="seed of initialisation, data order, gates"
     )
-    g = p.add_argument_group("running")
+
+
+def _running_args(g: Any, d: Any) -> None:
+    """Checkpoints, logging (defaults from ``d``) and the runtime options train shares with evaluate."""
     g.add_argument(
         "--checkpoint-every",
         type=nonneg_int,

@@ -3,7 +3,8 @@
 What it is
     A *prior*: predicted ImageNet top-1 (%) after LAUDNet-style fine-tuning (100 epochs,
     distillation from the static network), obtained by fitting a small parametric model to the
-    published ResNet-101 points in ``data/accuracy_points.json`` (one curve per paradigm, same
+    published ResNet-101 points in ``data/accuracy_points.json`` (read and validated by
+    :mod:`dynas.predictors.accuracy_data`; one curve per paradigm, same
     rate in every stage) and transferring it to other stages, granularities and backbones by
     stated assumptions.  It is deterministic and cheap, so a search can call it per trial.
 
@@ -56,11 +57,8 @@ recipe, not the gates, with that bonus.
 from __future__ import annotations
 
 import functools
-import json
 import math
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Mapping
 
@@ -68,28 +66,23 @@ import numpy as np
 import pandas as pd
 
 from dynas.errors import ConfigError
+from dynas.predictors.accuracy_data import CURVE_PARADIGMS, AccuracyData, load_accuracy_points
 from dynas.predictors.proxy import AccuracyProxy, register_proxy
-from dynas.spaces.backbones import get_backbone, list_backbones
+from dynas.spaces.backbones import get_backbone
 from dynas.spaces.config import ArchConfig, StageConfig, load_config, uses_layer, uses_spatial
 
 __all__ = [
-    "CURVE_PARADIGMS",
     "BONUS_MAX_POINTS",
     "GRANULARITY_EXPONENT_MAX",
-    "DEFAULT_DATA_PATH",
-    "AccuracyData",
     "ParadigmCurve",
     "PriorFit",
     "PriorProxy",
-    "load_accuracy_points",
     "fit_prior",
     "reference_config",
     "stage_flops_shares",
     "leave_one_out",
 ]
 
-#: paradigms with a published curve; the combined paradigms are composed from these
-CURVE_PARADIGMS: tuple[str, ...] = ("layer", "channel", "spatial")
 #: upper bound of the rate-1 (distillation) bonus B_p, in points.  The largest published gain of
 #: a dynamic ResNet-101 over its static baseline is +0.96 (spatial, rate 0.75); a monotone curve
 #: must reach at least that at rate 1, and the bound keeps the bonus from growing past it by more
@@ -97,169 +90,11 @@ CURVE_PARADIGMS: tuple[str, ...] = ("layer", "channel", "spatial")
 BONUS_MAX_POINTS: float = 1.2
 #: upper bound of the granularity exponent kappa (a 49x coarser gate then at most ~2.6x the loss)
 GRANULARITY_EXPONENT_MAX: float = 0.25
-DEFAULT_DATA_PATH: Path = Path(__file__).resolve().parent / "data" / "accuracy_points.json"
 
 # Grids for the deterministic fit (no scipy): the shared shape exponent q and kappa.
 _SHAPE_GRID = np.round(np.arange(0.25, 4.0 + 1e-9, 0.005), 3)
 _KAPPA_GRID = np.round(np.arange(0.0, GRANULARITY_EXPONENT_MAX + 1e-9, 0.001), 3)
 _MEMO_MAX = 1 << 18
-
-
-# ----------------------------------------------------------------------------- data
-
-
-@dataclass(frozen=True)
-class AccuracyData:
-    """The published points, validated.
-
-    ``points`` has one row per published dynamic point: ``point`` (id such as
-    ``"layer@0.40"``), ``paradigm``, ``rate``, ``top1``, ``source``.
-    """
-
-    path: str
-    static_top1: Mapping[str, float] = field(hash=False)
-    static_sources: Mapping[str, str] = field(hash=False, repr=False)
-    reference_backbone: str = "resnet101"
-    reference_input_size: int = 224
-    reference_spatial_granularity: tuple[int, ...] = ()
-    reference_channel_granularity: tuple[int, ...] = ()
-    points: pd.DataFrame = field(default_factory=pd.DataFrame, hash=False, compare=False, repr=False)
-
-    @property
-    def reference_top1(self) -> float:
-        return self.static_top1[self.reference_backbone]
-
-
-def _need(cond: bool, where: str, msg: str) -> None:
-    if not cond:
-        raise ConfigError(f"accuracy data {where}: {msg}")
-
-
-def _number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _int_list(v: Any, n: int) -> bool:
-    return (
-        isinstance(v, list) and len(v) == n and all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in v)
-    )
-
-
-def load_accuracy_points(path: "str | os.PathLike[str] | None" = None) -> AccuracyData:
-    """Read and validate the published points (default: the file shipped with dynas)."""
-    if path is None:
-        return _load_default()  # parsed once per process
-    return _load(Path(path))
-
-
-@functools.cache
-def _load_default() -> AccuracyData:
-    return _load(DEFAULT_DATA_PATH)
-
-
-def _load(p: Path) -> AccuracyData:
-    where = str(p)
-    try:
-        raw = json.loads(p.read_text())
-    except OSError as exc:
-        raise ConfigError(
-            f"accuracy data {where}: cannot be read ({exc.strerror}); allowed: a readable JSON file"
-        ) from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"accuracy data {where}: is not valid JSON ({exc})") from None
-    _need(isinstance(raw, dict), where, "top level is not an object")
-    _need(raw.get("schema") == 1, where, f"schema={raw.get('schema')!r} is not supported; allowed: 1")
-
-    statics = raw.get("static_top1")
-    _need(
-        isinstance(statics, dict) and statics,
-        where,
-        "static_top1 is missing or empty; allowed: {backbone: {top1, source}}",
-    )
-    top1: dict[str, float] = {}
-    sources: dict[str, str] = {}
-    for name, entry in statics.items():
-        w = f"{where} static_top1.{name}"
-        _need(name in list_backbones(), w, f"backbone {name!r} is unknown; allowed: {', '.join(list_backbones())}")
-        _need(isinstance(entry, dict), w, "is not an object with top1 and source")
-        v = entry.get("top1")
-        _need(_number(v) and 0 < v < 100, w, f"top1={v!r} is not a percentage in (0, 100)")
-        s = entry.get("source")
-        _need(isinstance(s, str) and s.strip() != "", w, "source is missing; every value must name its source")
-        top1[name], sources[name] = float(v), s
-
-    ref = raw.get("reference")
-    _need(
-        isinstance(ref, dict),
-        where,
-        "reference is missing; allowed: {backbone, input_size, spatial_granularity, channel_granularity}",
-    )
-    ref_bb = ref.get("backbone")
-    _need(ref_bb in top1, where, f"reference.backbone={ref_bb!r} has no static_top1 entry")
-    ref_in = ref.get("input_size")
-    _need(
-        isinstance(ref_in, int) and not isinstance(ref_in, bool),
-        where,
-        f"reference.input_size={ref_in!r} is not an integer",
-    )
-    spec = get_backbone(ref_bb, ref_in)
-    n_st = spec.num_stages
-    ref_s, ref_c = ref.get("spatial_granularity"), ref.get("channel_granularity")
-    _need(_int_list(ref_s, n_st), where, f"reference.spatial_granularity={ref_s!r} is not {n_st} positive integers")
-    _need(_int_list(ref_c, n_st), where, f"reference.channel_granularity={ref_c!r} is not {n_st} positive integers")
-    for s in range(n_st):
-        h, wd = spec.stage_out_hw(s)
-        _need(
-            h % ref_s[s] == 0 and wd % ref_s[s] == 0,
-            where,
-            f"reference.spatial_granularity[{s}]={ref_s[s]} does not divide the {h}x{wd} map",
-        )
-        _need(
-            spec.stage_width(s) % ref_c[s] == 0,
-            where,
-            f"reference.channel_granularity[{s}]={ref_c[s]} does not divide width {spec.stage_width(s)}",
-        )
-
-    curves = raw.get("curves")
-    _need(isinstance(curves, list) and curves, where, "curves is missing or empty")
-    rows = []
-    for i, c in enumerate(curves):
-        w = f"{where} curves[{i}]"
-        _need(isinstance(c, dict), w, "is not an object")
-        par = c.get("paradigm")
-        _need(par in CURVE_PARADIGMS, w, f"paradigm={par!r} is not allowed; allowed: {', '.join(CURVE_PARADIGMS)}")
-        _need(
-            c.get("backbone") == ref_bb,
-            w,
-            f"backbone={c.get('backbone')!r} is not allowed; allowed: {ref_bb} (the reference backbone)",
-        )
-        for key, refv in (("spatial_granularity", ref_s), ("channel_granularity", ref_c)):
-            _need(c.get(key, refv) == refv, w, f"{key}={c.get(key)!r} differs from the reference {refv}")
-        src = c.get("source")
-        _need(isinstance(src, str) and src.strip() != "", w, "source is missing; every curve must name its source")
-        pts = c.get("points")
-        _need(isinstance(pts, list) and pts, w, "points is missing or empty")
-        for j, pt in enumerate(pts):
-            r, t = (pt.get("rate"), pt.get("top1")) if isinstance(pt, dict) else (None, None)
-            _need(_number(r) and 0 < r <= 1, f"{w}.points[{j}]", f"rate={r!r} is not in (0, 1]")
-            _need(_number(t) and 0 < t < 100, f"{w}.points[{j}]", f"top1={t!r} is not a percentage in (0, 100)")
-            rows.append({"point": f"{par}@{r:.2f}", "paradigm": par, "rate": float(r), "top1": float(t), "source": src})
-    points = pd.DataFrame(rows, columns=["point", "paradigm", "rate", "top1", "source"])
-    dup = points["point"][points["point"].duplicated()]
-    _need(dup.empty, where, f"point {dup.iloc[0] if not dup.empty else ''!r} is listed twice")
-    for par in CURVE_PARADIGMS:
-        n = int((points["paradigm"] == par).sum())
-        _need(n >= 2, where, f"paradigm {par!r} has {n} points; allowed: at least 2 per paradigm")
-    return AccuracyData(
-        path=where,
-        static_top1=MappingProxyType(top1),
-        static_sources=MappingProxyType(sources),
-        reference_backbone=ref_bb,
-        reference_input_size=ref_in,
-        reference_spatial_granularity=tuple(ref_s),
-        reference_channel_granularity=tuple(ref_c),
-        points=points,
-    )
 
 
 # ----------------------------------------------------------------------------- shapes

@@ -1,20 +1,9 @@
-"""Whole-network latency prediction of a dynamic architecture on a GPU target.
+"""Whole-network latency prediction of a dynamic architecture on a target.
 
-A block's latency is the sum of its operators (``predictors/gpu.py``).  How each paradigm
-decomposes a block (LAUDNet's inference kernels, anchors section 2):
-
-* static: conv chain + downsample + residual add (one element-wise kernel).
-* spatial: masker + gathered conv chain + scatter-add fused into the residual.  The masker is
-  either fused into the first conv as one extra output channel (the first conv then runs dense
-  and the next conv gathers from its output), or a separate pool + 1x1 conv (the first conv then
-  runs on gathered patches with the halo the later 3x3 convs need).  Whichever is cheaper wins
-  and is reported.  Active patches = ceil(rate x mask grid) per sample.
-* channel: masker (global pool + MLP) + convs on the selected channels; the first conv's output,
-  the 3x3 conv's input and output, and the last conv's input are gated.  Tiles wait for their
-  busiest group (exact expected maximum, see ``gpu.expected_max_density``).
-* layer: masker + dense downsample + the block body on the executed samples only; the body's
-  cost is interpolated linearly between the integer sample counts around ``rate x batch``.
-* spatial+channel / layer+channel: the two compose (one shared masker pass).
+On a GPU target a block's latency is the sum of its operators (``predictors/gpu.py``), which
+:mod:`dynas.predictors.gpu_blocks` lists per paradigm (LAUDNet's inference kernels, anchors
+section 2); a stage adds its blocks, a network its stages, stem and head.  On a measured
+("cpu") target each part's work (``predictors/cpu.py``) is priced by the target's fitted costs.
 
 Rates are budget-mode rates (exactly the configured fraction per sample), so predictions are
 deterministic.  Every result is memoized per (target, block shape, stage choice, batch).
@@ -29,42 +18,30 @@ are the fastest placement's, which the latency is.
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any, Mapping
 
 import numpy as np
 
 from dynas.errors import ConfigError, TargetError
 from dynas.predictors import cpu, gpu
-from dynas.predictors.conv_chain import ChainConv, Gate, channel_masker, dense_conv, gate_of, interpolate, ops_total_s
+from dynas.predictors.conv_chain import ops_total_s
 from dynas.predictors.energy import EnergyConstants, ops_energy_mj, static_energy_mj
 from dynas.predictors.exits import attach_exits, gpu_head_ms
-from dynas.predictors.gpu import ConvOp, Hardware, OpCost, conv_cost, fc_cost, memory_cost
+from dynas.predictors.gpu import Hardware
+from dynas.predictors.gpu_blocks import Ops, block_alternatives, block_energy_mj, block_key, block_ops, stem_head_ops
 from dynas.predictors.result import OpPrediction, Prediction, StagePrediction
 from dynas.predictors.targets import HardwareTarget, load_target
-from dynas.spaces.backbones import BackboneSpec, BlockSpec, StemSpec, get_backbone
-from dynas.spaces.config import ArchConfig, StageConfig, load_config, stage_runs, uses_layer
+from dynas.spaces.backbones import BackboneSpec, BlockSpec, get_backbone
+from dynas.spaces.config import ArchConfig, StageConfig, load_config, stage_runs
 
 __all__ = [
     "predict",
     "predict_blocks",
-    "block_ops",
-    "block_alternatives",
-    "block_energy_mj",
     "stage_work",
     "block_works",
     "clear_caches",
-    "Ops",
-    "ChainConv",
-    "Gate",
-    "gate_of",
-    "dense_conv",
-    "channel_masker",
-    "interpolate",
-    "ops_total_s",
 ]
 
-Ops = tuple[tuple[str, OpCost], ...]
 _STATIC = StageConfig()
 
 
@@ -80,244 +57,6 @@ def _hw(target: HardwareTarget) -> Hardware:
         target.launch_us,
         target.bytes_per_element,
     )
-
-
-# ----------------------------------------------------------------------------- conv chains
-def _chain(b: BlockSpec) -> tuple[ChainConv, ...]:
-    """The block's main-path convs in order (downsample and SE are handled separately)."""
-    if b.kind == "basic":
-        return (
-            ChainConv("conv1", b.in_channels, b.width, 3, b.stride, 1, False, True),
-            ChainConv("conv2", b.width, b.out_channels, 3, 1, 1, True, False),
-        )
-    return (
-        ChainConv("conv1", b.in_channels, b.width, 1, 1, 1, False, True),
-        ChainConv("conv2", b.width, b.width, 3, b.stride, b.groups, True, True),
-        ChainConv("conv3", b.width, b.out_channels, 1, 1, 1, True, False),
-    )
-
-
-def _chain_maps(b: BlockSpec) -> list[tuple[int, int]]:
-    """Input map (H, W) of each conv in ``_chain(b)``; the last conv outputs ``b.out_hw``."""
-    if b.kind == "basic":
-        return [b.in_hw, b.out_hw]
-    return [b.in_hw, b.in_hw, b.out_hw]
-
-
-def _gathered_conv(
-    hw: Hardware, cv: ChainConv, n: int, patches: int, out_side: int, from_map: tuple[int, int] | None, gate: Gate
-) -> OpCost:
-    """A conv on ``n x patches`` gathered units of ``out_side``^2 outputs each.
-
-    ``from_map`` is the dense input map when the gather is fused into this conv's loads (input
-    rows are map rows, unique DRAM reads are capped by the map), ``None`` when the input is an
-    already-gathered contiguous buffer.
-    """
-    in_side = (out_side - 1) * cv.stride + cv.k
-    units = n * patches
-    if from_map is None:
-        row, dram_in = in_side, units * in_side * in_side
-    else:
-        # Halo windows of neighbouring patches overlap, but each patch's window is fetched on its own.
-        row, dram_in = from_map[1], units * in_side * in_side
-    cin_active = cv.cin
-    if cv.gate_in and gate.groups:
-        cin_active = cv.cin * gate.active // gate.groups
-    gated_out = cv.gate_out and gate.groups
-    return conv_cost(
-        hw,
-        ConvOp(
-            units=units,
-            cin=cv.cin,
-            cout=cv.cout,
-            out_h=out_side,
-            out_w=out_side,
-            k=cv.k,
-            stride=cv.stride,
-            groups=cv.groups,
-            in_row=row,
-            dram_in_per_channel=dram_in,
-            cin_active=cin_active,
-            gate_groups=gate.groups if gated_out else 0,
-            gate_active=gate.active if gated_out else 0,
-            weights_scale_with_gates=n == 1 and bool(gate.groups),
-            channels_last=True,
-        ),
-    )
-
-
-def _se(hw: Hardware, b: BlockSpec, units_elems: int, n: int, cw: int) -> list[tuple[str, OpCost]]:
-    """Squeeze-excitation on ``units_elems`` positions x ``cw`` channels (pool, 2 FCs, scale)."""
-    return [
-        ("se pool", memory_cost(hw, units_elems * cw)),
-        ("se fc1", fc_cost(hw, n, cw, b.se_channels)),
-        ("se fc2", fc_cost(hw, n, b.se_channels, cw)),
-        ("se scale", memory_cost(hw, 2 * units_elems * cw)),
-    ]
-
-
-def _downsample(hw: Hardware, b: BlockSpec, n: int) -> list[tuple[str, OpCost]]:
-    if not b.has_downsample:
-        return []
-    cv = ChainConv("downsample", b.in_channels, b.out_channels, 1, b.stride, 1, False, False)
-    return [("downsample", dense_conv(hw, cv, n, b.in_hw, Gate(0, 0)))]
-
-
-def _active_cw(b: BlockSpec, gate: Gate) -> int:
-    return b.width * gate.active // gate.groups if gate.groups else b.width
-
-
-def _dense_body(hw: Hardware, b: BlockSpec, n: int, gate: Gate) -> list[tuple[str, OpCost]]:
-    """conv chain (+SE) on whole maps of ``n`` samples, channel-gated if ``gate``, + residual add."""
-    if n <= 0:
-        return []
-    ops = []
-    chain, maps = _chain(b), _chain_maps(b)
-    for cv, m in zip(chain, maps):
-        ops.append((cv.name, dense_conv(hw, cv, n, m, gate)))
-        if b.se_channels and cv.name == "conv2":
-            ops += _se(hw, b, n * b.out_hw[0] * b.out_hw[1], n, _active_cw(b, gate))
-    out_elems = n * b.out_channels * b.out_hw[0] * b.out_hw[1]
-    ops.append(("residual add", memory_cost(hw, 3 * out_elems)))
-    return ops
-
-
-def _spatial_body(
-    hw: Hardware, b: BlockSpec, n: int, st: StageConfig, gate: Gate, fused: bool
-) -> list[tuple[str, OpCost]]:
-    S = st.spatial_granularity
-    gh, gw = b.out_hw[0] // S, b.out_hw[1] // S  # mask grid
-    patches = max(1, math.ceil(st.rate * gh * gw - 1e-9))  # active patches per sample
-    chain, maps = _chain(b), _chain_maps(b)
-    # Output side of each conv on a patch: walk back from the block output (S x S).
-    sides = [S] * len(chain)
-    for j in range(len(chain) - 1, 0, -1):
-        sides[j - 1] = (sides[j] - 1) * chain[j].stride + chain[j].k
-    ops: list[tuple[str, OpCost]] = []
-    if fused:
-        first = chain[0]
-        ops.append((f"{first.name} (dense, + masker channel)", dense_conv(hw, first, n, maps[0], gate, extra_out=1)))
-        ops.append(("masker pool + indices", memory_cost(hw, n * maps[1][0] * maps[1][1] + 2 * n * gh * gw)))
-        start, src = 1, maps[1]
-    else:
-        start, src = 0, maps[0]
-    for j in range(start, len(chain)):
-        cv = chain[j]
-        label = f"{cv.name} (gathered {cv.k}x{cv.k})"
-        ops.append((label, _gathered_conv(hw, cv, n, patches, sides[j], src, gate)))
-        src = None  # later convs read the contiguous gathered buffer
-        if b.se_channels and cv.name == "conv2":
-            ops += _se(hw, b, n * patches * S * S, n, _active_cw(b, gate))
-    out_active = n * patches * S * S * b.out_channels
-    ops.append(("scatter-add + residual", memory_cost(hw, 3 * out_active)))
-    return ops
-
-
-def _spatial_masker(hw: Hardware, b: BlockSpec, n: int, st: StageConfig) -> list[tuple[str, OpCost]]:
-    S = st.spatial_granularity
-    gh, gw = b.out_hw[0] // S, b.out_hw[1] // S
-    pooled = n * b.in_channels * gh * gw
-    mask = conv_cost(hw, ConvOp(n, b.in_channels, 2, gh, gw, 1, 1, 1, gw, gh * gw, b.in_channels, 0, 0, False))
-    return [
-        ("masker pool", memory_cost(hw, n * b.in_channels * b.in_hw[0] * b.in_hw[1] + pooled)),
-        ("masker conv", mask),
-        ("masker indices", memory_cost(hw, 2 * n * gh * gw)),
-    ]
-
-
-@functools.lru_cache(maxsize=None)
-def block_alternatives(hw: Hardware, b: BlockSpec, st: StageConfig, n: int) -> tuple[tuple[str, Ops], ...]:
-    """Every (masker placement, ops) one block of ``n`` samples can run as under stage choice
-    ``st``: a spatial gate's two masker placements ("fused into conv1" first), else one."""
-    if b.kind == "dense":
-        from dynas.predictors.dense_cost import dense_alternatives  # it builds on this module's pieces
-
-        return dense_alternatives(hw, b, st, n)
-    p = st.paradigm
-    gate = gate_of(b, st)
-    if p == "static":
-        return (("none", tuple(_downsample(hw, b, n) + _dense_body(hw, b, n, gate))),)
-    if p == "channel":
-        masker = channel_masker(hw, b, n, 2 * gate.groups)
-        return (("separate", tuple(masker + _downsample(hw, b, n) + _dense_body(hw, b, n, gate))),)
-    if uses_layer(p):
-        outputs = 2 + (2 * gate.groups if gate.groups else 0)
-        masker = channel_masker(hw, b, n, outputs)
-        executed = st.rate * n  # expected executed samples
-        lo, hi = math.floor(executed), math.ceil(executed)
-        body = interpolate(_dense_body(hw, b, lo, gate), _dense_body(hw, b, hi, gate), executed - lo)
-        return (("separate", tuple(masker + _downsample(hw, b, n) + body)),)
-    chan = channel_masker(hw, b, n, 2 * gate.groups, pool=False) if gate.groups else []
-    fused = chan + _spatial_body(hw, b, n, st, gate, fused=True)
-    separate = _spatial_masker(hw, b, n, st) + chan + _spatial_body(hw, b, n, st, gate, fused=False)
-    ds = _downsample(hw, b, n)
-    return ("fused into conv1", tuple(ds + fused)), ("separate", tuple(ds + separate))
-
-
-@functools.lru_cache(maxsize=None)
-def block_ops(hw: Hardware, b: BlockSpec, st: StageConfig, n: int) -> tuple[str, Ops]:
-    """(masker placement, ops) of one block of ``n`` samples under stage choice ``st``: the
-    faster of :func:`block_alternatives` (fused into conv1 on a tie)."""
-    alts = block_alternatives(hw, b, st, n)
-    if len(alts) == 1:
-        return alts[0]
-    nds = int(b.has_downsample)  # both start with the downsample; compare the rest, as they differ
-    return alts[0] if ops_total_s(alts[0][1][nds:]) <= ops_total_s(alts[1][1][nds:]) else alts[1]
-
-
-@functools.lru_cache(maxsize=None)
-def block_energy_mj(hw: Hardware, energy: EnergyConstants, b: BlockSpec, st: StageConfig, n: int) -> float:
-    """Energy (mJ) of one block of ``n`` samples, constant power over its latency included, run
-    as the one of :func:`block_alternatives` that costs the least energy (which need not be the
-    fastest: a placement tuned for energy; each is non-decreasing in every rate, so is the least)."""
-    return min(
-        ops_energy_mj(ops, energy) + static_energy_mj(ops_total_s(ops) * 1e3, energy)
-        for _, ops in block_alternatives(hw, b, st, n)
-    )
-
-
-def _block_key(b: BlockSpec) -> BlockSpec:
-    """Blocks with equal shapes share cost; drop position fields so the memo is shared (a dense
-    layer's index stays: which earlier layers' features it reads depends on it)."""
-    return BlockSpec(
-        0,
-        b.index if b.kind == "dense" else 0,
-        b.kind,
-        b.in_channels,
-        b.width,
-        b.out_channels,
-        b.stride,
-        b.groups,
-        b.se_channels,
-        b.in_hw,
-        b.out_hw,
-        b.has_downsample,
-    )
-
-
-@functools.lru_cache(maxsize=None)
-def _stem_head(
-    hw: Hardware, stem: StemSpec, head_in: int, head_hw: tuple[int, int], classes: int, n: int, head_norm: bool = False
-) -> tuple[Ops, Ops]:
-    cv = ChainConv("stem conv", stem.in_channels, stem.out_channels, stem.kernel, stem.stride, 1, False, False)
-    stem_ops = [("stem conv", dense_conv(hw, cv, n, _in_hw_of_stem(stem), Gate(0, 0)))]
-    if stem.maxpool:
-        ch, cw = stem.conv_out_hw
-        stem_ops.append(
-            ("stem maxpool", memory_cost(hw, n * stem.out_channels * (ch * cw + stem.out_hw[0] * stem.out_hw[1])))
-        )
-    head_ops = [
-        ("global pool", memory_cost(hw, n * head_in * (head_hw[0] * head_hw[1] + 1))),
-        ("fc", fc_cost(hw, n, head_in, classes)),
-    ]
-    if head_norm:  # DenseNet's norm5 + ReLU before the pool
-        head_ops.insert(0, ("head norm relu", memory_cost(hw, 2 * n * head_in * head_hw[0] * head_hw[1])))
-    return tuple(stem_ops), tuple(head_ops)
-
-
-def _in_hw_of_stem(stem: StemSpec) -> tuple[int, int]:
-    # Invert conv_out for the stem conv: the input map that gives conv_out_hw (exact for our specs).
-    return tuple((o - 1) * stem.stride + stem.kernel - 2 * stem.padding for o in stem.conv_out_hw)  # type: ignore[return-value]
 
 
 def _batch(batch_size: Any, target: HardwareTarget) -> int:
@@ -371,7 +110,7 @@ def predict_blocks(
         return tuple(out)
     hw = _hw(tgt)
     for s, st in enumerate(cfg.stages):
-        out.append(tuple(ops_total_s(block_ops(hw, _block_key(b), st, n)[1]) * 1e3 for b in spec.stage_blocks(s)))
+        out.append(tuple(ops_total_s(block_ops(hw, block_key(b), st, n)[1]) * 1e3 for b in spec.stage_blocks(s)))
     return tuple(out)
 
 
@@ -381,7 +120,7 @@ def _predict(cfg: ArchConfig, tgt: HardwareTarget, n: int) -> Prediction:
         return _predict_cpu(cfg, tgt, n)
     hw = _hw(tgt)
     spec = cfg.spec
-    stem_ops, head_ops = _stem_head(
+    stem_ops, head_ops = stem_head_ops(
         hw, spec.stem, spec.head_in, spec.blocks[-1].out_hw, spec.num_classes, n, spec.head_norm
     )
     stem_s, head_s = ops_total_s(stem_ops), ops_total_s(head_ops)
@@ -457,7 +196,7 @@ def _stage(
     # Blocks with equal shapes cost the same: visit each distinct shape once, with its count.
     distinct: dict[BlockSpec, tuple[BlockSpec, int]] = {}
     for b in spec.stage_blocks(s):
-        key = _block_key(b)
+        key = block_key(b)
         first, count = distinct.get(key, (b, 0))
         distinct[key] = (first, count + 1)
     for key, (b, count) in distinct.items():
@@ -609,7 +348,7 @@ def block_works(
     run_prob = runs / len(blocks) if runs is not None else 1.0
     entry = cpu.stage_entry_work(st)
     return [
-        cpu.block_work(_block_key(b), st, n, run_prob, column_block) + (entry if i == 0 else 0.0)
+        cpu.block_work(block_key(b), st, n, run_prob, column_block) + (entry if i == 0 else 0.0)
         for i, b in enumerate(blocks)
     ]
 
@@ -668,7 +407,7 @@ def clear_caches() -> None:
         block_alternatives,
         block_energy_mj,
         block_ops,
-        _stem_head,
+        stem_head_ops,
         _stage,
         _predict,
         cpu.block_work,

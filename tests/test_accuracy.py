@@ -13,16 +13,14 @@ from hypothesis import strategies as st
 from dynas.errors import ConfigError
 from dynas.predictors.accuracy import (
     BONUS_MAX_POINTS,
-    CURVE_PARADIGMS,
-    DEFAULT_DATA_PATH,
     GRANULARITY_EXPONENT_MAX,
     PriorProxy,
     fit_prior,
     leave_one_out,
-    load_accuracy_points,
     reference_config,
     stage_flops_shares,
 )
+from dynas.predictors.accuracy_data import CURVE_PARADIGMS, DEFAULT_DATA_PATH, load_accuracy_points
 from dynas.predictors.proxy import PROXIES, get_proxy
 from dynas.spaces.backbones import get_backbone, list_backbones
 from dynas.spaces.config import PARADIGMS, ArchConfig, StageConfig, channel_granularities, spatial_granularities

@@ -30,7 +30,8 @@ from dynas.kernels.calibrate import environment
 from dynas.kernels.energy_counter import rapl_status
 from dynas.predictors.energy import ENERGY_FIELDS, EnergyConstants
 from dynas.predictors.gpu import ConvOp, conv_cost
-from dynas.predictors.latency import _hw, block_ops, predict
+from dynas.predictors.gpu_blocks import block_ops
+from dynas.predictors.latency import _hw, predict
 from dynas.predictors.targets import BUILTIN_DIR, list_targets, load_target, write_target
 from dynas.spaces.backbones import get_backbone, list_backbones
 from dynas.spaces.config import ArchConfig, StageConfig

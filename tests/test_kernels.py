@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,75 +9,27 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from dynas.errors import ConfigError
 from dynas.kernels import (
-    DynamicBlock,
-    DynamicNet,
-    LayerMasker,
-    Masker,
-    SpatialMasker,
     blocks,
     budget_count,
     build_block,
     build_model,
     convs,
 )
-from dynas.spaces.backbones import get_backbone
 from dynas.spaces.config import ArchConfig, StageConfig
-from dynas.spaces.torch_model import BasicBlock, Bottleneck, RegNetYBlock, build_static_model
-from tests.kernel_inputs import randomize_bn as _randomize
-
-ATOL = RTOL = 1e-4
-INPUT = 71  # stage maps 18 / 9 / 5 / 3 for both ResNet and RegNetY: odd maps, even->odd and odd->odd strides
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-
-# (backbone, stage, index) -> (spatial granularities, channel granularities) used below
-BLOCKS = {
-    ("resnet18", 1, 0): ((1, 3), (2, 32)),  # basic, stride 2 + downsample, 18 -> 9
-    ("resnet50", 1, 0): ((1, 3), (1, 32)),  # bottleneck, stride 2 + downsample, 18 -> 9
-    ("resnet50", 1, 1): ((1, 3), (4, 64)),  # bottleneck, identity shortcut, 9 -> 9
-    ("resnet50", 2, 0): ((1, 5), (2, 128)),  # bottleneck, stride 2, odd 9 -> 5
-    ("regnety_400mf", 1, 0): ((1, 3), (4, 13)),  # grouped (8 per group) + SE; G=4 inside, G=13 across conv groups
-    ("regnety_400mf", 2, 0): ((1, 5), (8, 26)),  # RegNetY, stride 2, odd 9 -> 5; G=8 = whole conv groups
-}
-DYNAMIC = ("spatial", "channel", "layer", "spatial+channel", "layer+channel")
-
-
-def _block_spec(backbone: str, stage: int, index: int, size: int = INPUT):
-    return next(b for b in get_backbone(backbone, size).blocks if b.stage == stage and b.index == index)
-
-
-def _stage(paradigm: str, rate: float, s: int | None, g: int | None) -> StageConfig:
-    return StageConfig(
-        paradigm=paradigm,
-        rate=rate,
-        spatial_granularity=s if paradigm in ("spatial", "spatial+channel") else None,
-        channel_granularity=g if "channel" in paradigm else None,
-        channel_rate=rate if "+" in paradigm else None,
-    )
-
-
-def _make(key, paradigm, rate, gi, device="cpu"):
-    spec = _block_spec(*key)
-    grans_s, grans_c = BLOCKS[key]
-    blk = build_block(spec, _stage(paradigm, rate, grans_s[gi], grans_c[gi]))
-    torch.manual_seed(1)
-    _randomize(blk)
-    return spec, blk.to(device).eval()
-
-
-def _both(blk: DynamicBlock, x: torch.Tensor):
-    with torch.no_grad():
-        blk.set_path("reference")
-        ref = blk(x)
-        ref_flops = blk.last_flops
-        blk.set_path("fast")
-        fast = blk(x)
-    return fast, ref, ref_flops
-
-
-def _set_mode(blk: DynamicBlock, mode: str) -> None:
-    for m in blk.maskers():
-        m.set_gate_mode(mode)
-
+from dynas.spaces.torch_model import BasicBlock, Bottleneck, RegNetYBlock
+from tests.kernel_inputs import (
+    ATOL,
+    BLOCKS,
+    DEVICES,
+    DYNAMIC,
+    RTOL,
+    block_spec,
+    both_paths,
+    make_block,
+    randomize_bn,
+    set_gate_mode,
+    stage_choice,
+)
 
 # ----------------------------------------------------------------------------- fast == reference
 
@@ -91,11 +41,11 @@ def _set_mode(blk: DynamicBlock, mode: str) -> None:
 @pytest.mark.parametrize("paradigm", DYNAMIC)
 @pytest.mark.parametrize("key", list(BLOCKS), ids=lambda k: f"{k[0]}-s{k[1]}b{k[2]}")
 def test_fast_matches_reference(key, paradigm, rate, gi, batch, device):
-    spec, blk = _make(key, paradigm, rate, gi, device)
+    spec, blk = make_block(key, paradigm, rate, gi, device)
     x = torch.randn(batch, spec.in_channels, *spec.in_hw, generator=torch.Generator().manual_seed(2)).to(device)
     for mode in ("adaptive", "budget"):
-        _set_mode(blk, mode)
-        fast, ref, ref_flops = _both(blk, x)
+        set_gate_mode(blk, mode)
+        fast, ref, ref_flops = both_paths(blk, x)
         assert fast.shape == (batch, spec.out_channels, *spec.out_hw)
         torch.testing.assert_close(fast, ref, atol=ATOL, rtol=RTOL)
         # the two paths took the same decisions
@@ -112,12 +62,12 @@ def test_fast_matches_reference(key, paradigm, rate, gi, batch, device):
 def test_one_pixel_patches_run_conv2_as_one_matrix_product(key, paradigm, monkeypatch):
     # 1x1 patches: the 3x3 conv sees windows of exactly its size and runs as [P, 9C] @ [9C, C_out]
     # (basic blocks: windows gathered as [P, C, 3, 3]; bottlenecks: window rows of conv1's buffer)
-    spec = _block_spec(*key)
-    blk = build_block(spec, _stage(paradigm, 0.5, 1, spec.width // 8))
+    spec = block_spec(*key)
+    blk = build_block(spec, stage_choice(paradigm, 0.5, 1, spec.width // 8))
     torch.manual_seed(1)
-    _randomize(blk)
+    randomize_bn(blk)
     blk.eval()
-    _set_mode(blk, "budget")
+    set_gate_mode(blk, "budget")
     calls = []
     real, real_rows = blocks.one_pixel_conv, blocks.window_rows
     monkeypatch.setattr(blocks, "one_pixel_conv", lambda *a: calls.append(tuple(a[0].shape[-2:])) or real(*a))
@@ -127,7 +77,7 @@ def test_one_pixel_patches_run_conv2_as_one_matrix_product(key, paradigm, monkey
     # (a bottleneck batch whose samples select different channels runs its dense convolutions, masked)
     batch = 1 if paradigm == "spatial+channel" and spec.kind == "bottleneck" else 3
     x = torch.randn(batch, spec.in_channels, *spec.in_hw, generator=torch.Generator().manual_seed(2))
-    fast, ref, _ = _both(blk, x)
+    fast, ref, _ = both_paths(blk, x)
     torch.testing.assert_close(fast, ref, atol=ATOL, rtol=RTOL)
     assert calls and all(c == (3, 3) for c in calls)  # 3x3 windows, one product each
 
@@ -136,8 +86,8 @@ def test_one_pixel_patches_run_conv2_as_one_matrix_product(key, paradigm, monkey
 @pytest.mark.parametrize("key", list(BLOCKS), ids=lambda k: f"{k[0]}-s{k[1]}b{k[2]}")
 def test_different_decisions_per_sample(key, paradigm):
     # budget mode at 0.5 with random inputs: samples pick different patches / channel groups
-    spec, blk = _make(key, paradigm, 0.5, 1)
-    _set_mode(blk, "budget")
+    spec, blk = make_block(key, paradigm, 0.5, 1)
+    set_gate_mode(blk, "budget")
     gen = torch.Generator().manual_seed(3)
     # per-sample channel offsets make the pooled masker inputs differ between samples
     x = torch.randn(6, spec.in_channels, *spec.in_hw, generator=gen) + 3 * torch.randn(
@@ -149,20 +99,20 @@ def test_different_decisions_per_sample(key, paradigm):
         flat = primary.reshape(6, -1)
         if flat.shape[1] > 2:
             assert len({tuple(r.tolist()) for r in flat}) > 1
-    fast, ref, _ = _both(blk, x)
+    fast, ref, _ = both_paths(blk, x)
     torch.testing.assert_close(fast, ref, atol=ATOL, rtol=RTOL)
 
 
 @pytest.mark.parametrize("paradigm", DYNAMIC)
 @pytest.mark.parametrize("key", list(BLOCKS), ids=lambda k: f"{k[0]}-s{k[1]}b{k[2]}")
 def test_all_gates_on_is_the_static_block(key, paradigm):
-    spec, blk = _make(key, paradigm, 0.5, 1)
+    spec, blk = make_block(key, paradigm, 0.5, 1)
     static = {"basic": BasicBlock, "bottleneck": Bottleneck, "regnety": RegNetYBlock}[spec.kind](spec).eval()
     static.load_state_dict(blk.state_dict(), strict=False)
     for m in blk.maskers():
         m.set_force("on")
     x = torch.randn(3, spec.in_channels, *spec.in_hw)
-    fast, ref, _ = _both(blk, x)
+    fast, ref, _ = both_paths(blk, x)
     with torch.no_grad():
         dense = static(x)
     torch.testing.assert_close(fast, dense, atol=ATOL, rtol=RTOL)
@@ -174,11 +124,11 @@ def test_all_gates_on_is_the_static_block(key, paradigm):
 @pytest.mark.parametrize("paradigm", DYNAMIC)
 @pytest.mark.parametrize("key", list(BLOCKS), ids=lambda k: f"{k[0]}-s{k[1]}b{k[2]}")
 def test_all_gates_off(key, paradigm):
-    spec, blk = _make(key, paradigm, 0.5, 0)
+    spec, blk = make_block(key, paradigm, 0.5, 0)
     for m in blk.maskers():
         m.set_force("off")
     x = torch.randn(2, spec.in_channels, *spec.in_hw)
-    fast, ref, _ = _both(blk, x)
+    fast, ref, _ = both_paths(blk, x)
     torch.testing.assert_close(fast, ref, atol=ATOL, rtol=RTOL)
     if paradigm != "channel":
         # nothing of the body is added: ReLU(shortcut)
@@ -192,14 +142,14 @@ def test_all_gates_off(key, paradigm):
 
 def test_regnety_channel_aligned_and_unaligned_groups():
     # G=8 equals the conv group width (no zero-fill), G=4 and G=12 split / straddle conv groups
-    spec = _block_spec("regnety_400mf", 1, 1)  # 104 wide, 13 conv groups of 8, identity shortcut
+    spec = block_spec("regnety_400mf", 1, 1)  # 104 wide, 13 conv groups of 8, identity shortcut
     x = torch.randn(4, spec.in_channels, *spec.in_hw)
     for g in (4, 8, 52):
         blk = build_block(spec, StageConfig("channel", 0.3, channel_granularity=g))
-        _randomize(blk)
+        randomize_bn(blk)
         blk.eval()
-        _set_mode(blk, "budget")
-        fast, ref, _ = _both(blk, x)
+        set_gate_mode(blk, "budget")
+        fast, ref, _ = both_paths(blk, x)
         torch.testing.assert_close(fast, ref, atol=ATOL, rtol=RTOL)
 
 
@@ -207,9 +157,9 @@ def test_regnety_channel_aligned_and_unaligned_groups():
 def test_grouped_channel_selection_keeps_channels_last(g):
     # Unaligned selections are zero-filled into their touched conv groups; a 4-D ``new_zeros`` is
     # NCHW, and the grouped conv and every later op of the block then ran NCHW (1.1-1.4x slower).
-    spec = _block_spec("regnety_400mf", 1, 1)  # 104 wide, 13 conv groups of 8
+    spec = block_spec("regnety_400mf", 1, 1)  # 104 wide, 13 conv groups of 8
     blk = build_block(spec, StageConfig("channel", 0.4, channel_granularity=g))
-    _randomize(blk)
+    randomize_bn(blk)
     blk = blk.eval().to(memory_format=torch.channels_last)
     conv = blk.f.b[0]
     sel = torch.arange(0, spec.width, 3)  # every third channel: straddles conv groups
@@ -222,9 +172,9 @@ def test_grouped_channel_selection_keeps_channels_last(g):
     torch.testing.assert_close(y, ref, atol=ATOL, rtol=RTOL)
     assert y.is_contiguous(memory_format=torch.channels_last)
     # and the whole block keeps the layout on that path
-    _set_mode(blk, "budget")
+    set_gate_mode(blk, "budget")
     x = torch.randn(2, spec.in_channels, *spec.in_hw).contiguous(memory_format=torch.channels_last)
-    fast, ref_out, _ = _both(blk, x)
+    fast, ref_out, _ = both_paths(blk, x)
     torch.testing.assert_close(fast, ref_out, atol=ATOL, rtol=RTOL)
     assert fast.is_contiguous(memory_format=torch.channels_last)
 
@@ -235,8 +185,8 @@ def test_grouped_channel_selection_keeps_channels_last(g):
 @pytest.mark.parametrize("rate", [0.1, 0.3, 0.5, 0.77, 1.0])
 @pytest.mark.parametrize("paradigm", DYNAMIC)
 def test_budget_mode_exact_counts(paradigm, rate):
-    spec, blk = _make(("resnet50", 1, 1), paradigm, rate, 0)
-    _set_mode(blk, "budget")
+    spec, blk = make_block(("resnet50", 1, 1), paradigm, rate, 0)
+    set_gate_mode(blk, "budget")
     n = 5
     with torch.no_grad():
         dec = blk.decide(torch.randn(n, spec.in_channels, *spec.in_hw))
@@ -258,9 +208,11 @@ def test_budget_mode_exact_counts(paradigm, rate):
 def test_layer_budget_is_per_sample_over_the_stage(paradigm, rate, batch):
     # resnet50 stage 2 has 6 blocks: in budget mode every sample runs exactly budget_count(rate, 6)
     # of them, at any batch size (batch 1 included), and the fast path still matches the reference
-    cfg = ArchConfig("resnet50", (71, 71), (StageConfig(),) * 2 + (_stage(paradigm, rate, None, 4),) + (StageConfig(),))
+    cfg = ArchConfig(
+        "resnet50", (71, 71), (StageConfig(),) * 2 + (stage_choice(paradigm, rate, None, 4),) + (StageConfig(),)
+    )
     model = build_model(cfg).eval().set_gate_mode("budget")
-    _randomize(model)
+    randomize_bn(model)
     x = torch.randn(batch, 3, 71, 71, generator=torch.Generator().manual_seed(batch))
     with torch.no_grad():
         fast = model(x)
@@ -291,8 +243,8 @@ def test_layer_budget_follows_the_learned_scores():
 def test_random_mode_exact_counts_uniform_independent_choice(paradigm):
     # random mode: the budget's exact count per sample, but the choice is uniform and differs
     # between samples even when the (untrained) scores are the same for every sample
-    spec, blk = _make(("resnet50", 1, 1), paradigm, 0.3, 0)
-    _set_mode(blk, "random")
+    spec, blk = make_block(("resnet50", 1, 1), paradigm, 0.3, 0)
+    set_gate_mode(blk, "random")
     torch.manual_seed(0)
     x = torch.randn(1, spec.in_channels, *spec.in_hw).expand(400, -1, -1, -1)  # identical samples
     with torch.no_grad():
@@ -327,7 +279,7 @@ def test_budget_count_rule():
 
 
 def test_adaptive_mode_is_argmax():
-    spec, blk = _make(("resnet50", 1, 1), "spatial", 0.5, 1)
+    spec, blk = make_block(("resnet50", 1, 1), "spatial", 0.5, 1)
     x = torch.randn(2, spec.in_channels, *spec.in_hw)
     with torch.no_grad():
         logits = blk.spatial_masker.logits(x)
@@ -338,7 +290,7 @@ def test_adaptive_mode_is_argmax():
 @pytest.mark.parametrize("paradigm", DYNAMIC)
 @pytest.mark.parametrize("key", [("resnet18", 1, 0), ("resnet50", 1, 0), ("regnety_400mf", 1, 0)], ids=lambda k: k[0])
 def test_training_forward_is_differentiable(key, paradigm):
-    spec, blk = _make(key, paradigm, 0.5, 1)
+    spec, blk = make_block(key, paradigm, 0.5, 1)
     blk.train()
     for m in blk.maskers():
         m.temperature = 2.0
@@ -360,7 +312,7 @@ def test_training_forward_is_differentiable(key, paradigm):
 
 
 def test_training_masks_are_hard_and_temperature_is_checked():
-    spec, blk = _make(("resnet50", 1, 1), "spatial", 0.5, 1)
+    spec, blk = make_block(("resnet50", 1, 1), "spatial", 0.5, 1)
     blk.train()
     x = torch.randn(8, spec.in_channels, *spec.in_hw)
     blk.spatial_masker.temperature = 0.5
@@ -373,7 +325,7 @@ def test_training_masks_are_hard_and_temperature_is_checked():
 
 @pytest.mark.parametrize("key", list(BLOCKS), ids=lambda k: f"{k[0]}-s{k[1]}b{k[2]}")
 def test_dense_flops_match_torch_flop_counter(key):
-    spec, blk = _make(key, "spatial+channel", 0.5, 1)
+    spec, blk = make_block(key, "spatial+channel", 0.5, 1)
     static = {"basic": BasicBlock, "bottleneck": Bottleneck, "regnety": RegNetYBlock}[spec.kind](spec).eval()
     x = torch.randn(1, spec.in_channels, *spec.in_hw)
     with FlopCounterMode(display=False) as fc, torch.no_grad():
@@ -394,8 +346,8 @@ def test_dense_flops_match_torch_flop_counter(key):
 @pytest.mark.parametrize("paradigm", ["channel", "layer", "layer+channel"])
 def test_fast_path_executes_the_counted_flops(paradigm):
     # channel / layer skipping on a plain bottleneck executes exactly the analytical count
-    spec, blk = _make(("resnet50", 1, 0), paradigm, 0.25, 0)
-    _set_mode(blk, "budget")
+    spec, blk = make_block(("resnet50", 1, 0), paradigm, 0.25, 0)
+    set_gate_mode(blk, "budget")
     x = torch.randn(4, spec.in_channels, *spec.in_hw)
     with FlopCounterMode(display=False) as fc, torch.no_grad():
         blk(x)
@@ -404,8 +356,8 @@ def test_fast_path_executes_the_counted_flops(paradigm):
 
 @pytest.mark.parametrize("key", [("resnet18", 1, 0), ("resnet50", 1, 0), ("regnety_400mf", 1, 0)], ids=lambda k: k[0])
 def test_spatial_fast_path_skips_work(key):
-    spec, blk = _make(key, "spatial", 0.1, 0)  # S=1: 9 of 81 positions per sample
-    _set_mode(blk, "budget")
+    spec, blk = make_block(key, "spatial", 0.1, 0)  # S=1: 9 of 81 positions per sample
+    set_gate_mode(blk, "budget")
     x = torch.randn(2, spec.in_channels, *spec.in_hw)
     counts = {}
     for path in ("reference", "fast"):
@@ -416,151 +368,7 @@ def test_spatial_fast_path_skips_work(key):
     assert counts["fast"] < 0.5 * counts["reference"]
 
 
-# ----------------------------------------------------------------------------- whole networks
-
-
-NETS = {
-    "resnet18": [("spatial", 2), ("channel", 4), ("layer", None), ("spatial+channel", 3)],
-    "resnet50": [("layer+channel", 8), ("spatial", 3), ("channel", 16), ("spatial", 1)],
-    "regnety_400mf": [("layer+channel", 8), ("spatial", 3), ("channel", 13), ("spatial+channel", 1)],
-}
-
-
-def _net_config(backbone: str, rate: float = 0.5) -> ArchConfig:
-    stages = []
-    for p, gran in NETS[backbone]:
-        s = gran if p in ("spatial", "spatial+channel") else None
-        g = (gran if p != "spatial+channel" else 4) if "channel" in p else None
-        if p == "spatial+channel":
-            s, g = 1, 4
-        stages.append(_stage(p, rate, s, g))
-    return ArchConfig(backbone, (INPUT, INPUT), tuple(stages))
-
-
-@pytest.mark.parametrize("backbone", list(NETS))
-def test_whole_network_fast_matches_reference(backbone):
-    torch.manual_seed(0)
-    model = build_model(_net_config(backbone)).eval()
-    _randomize(model)
-    x = torch.randn(3, 3, INPUT, INPUT)
-    for mode in ("adaptive", "budget"):
-        model.set_gate_mode(mode)
-        with torch.no_grad():
-            ref = model.set_path("reference")(x)
-            ref_rates = [r["rates"]["primary"] for r in model.flops_readout()]
-            fast = model.set_path("fast")(x)
-        torch.testing.assert_close(fast, ref, atol=ATOL, rtol=RTOL)
-        readout = model.flops_readout()
-        assert len(readout) == len(model.spec.blocks)
-        for r, rr in zip(readout, ref_rates):
-            assert set(r) >= {"stage", "block", "executed_flops", "dense_flops", "rates"}
-            assert r["executed_flops"].shape == (3,)
-            torch.testing.assert_close(r["rates"]["primary"], rr)
-
-
-def test_training_step_through_whole_network():
-    cfg = _net_config("resnet18")
-    model = build_model(cfg.to_dict()).train().set_temperature(1.5)
-    out = model(torch.randn(2, 3, INPUT, INPUT))
-    readout = model.flops_readout()
-    loss = out.square().mean() + sum(r["executed_flops"].mean() / r["dense_flops"] for r in readout)
-    loss.backward()
-    assert all(p.grad is not None for m in model.maskers() for p in m.parameters())
-    assert {m.temperature for m in model.maskers()} == {1.5}
-
-
-def test_static_config_matches_static_model_exactly():
-    for backbone in ("resnet18", "regnety_400mf"):
-        spec = get_backbone(backbone, 64)
-        torch.manual_seed(0)
-        static = build_static_model(spec).eval()
-        _randomize(static)
-        model = build_model(ArchConfig.static(backbone, 64)).eval()
-        missing, unexpected = model.load_pretrained(static.state_dict())
-        assert missing == [] and unexpected == []
-        x = torch.randn(2, 3, 64, 64)
-        with torch.no_grad():
-            assert torch.equal(model(x), static(x))
-        assert model.flops_readout() == []
-
-
-def test_load_pretrained_static_state_dict(tmp_path):
-    cfg = _net_config("resnet50")
-    static = build_static_model(cfg.spec).eval()
-    _randomize(static, seed=5)
-    path = tmp_path / "static.pth"
-    torch.save({"state_dict": {f"module.{k}": v for k, v in static.state_dict().items()}}, path)
-    model = build_model(cfg)
-    res = model.load_pretrained(path)
-    missing, unexpected = res
-    assert missing == [] and unexpected == []
-    assert res.masker_keys and all("_masker." in k for k in res.masker_keys)
-    assert len(res.masker_keys) == sum(len(list(m.state_dict())) for m in model.maskers())
-    sd = model.state_dict()
-    for k, v in static.state_dict().items():
-        assert torch.equal(sd[k], v), k
-    # with every gate on, the dynamic net is the static one
-    model.eval().set_force("on")
-    x = torch.randn(2, 3, INPUT, INPUT)
-    with torch.no_grad():
-        torch.testing.assert_close(model(x), static(x), atol=ATOL, rtol=RTOL)
-
-
-def test_load_pretrained_reports_mismatches():
-    model = build_model(_net_config("resnet18"))
-    sd = build_static_model(model.spec).state_dict()
-    sd.pop("fc.bias")
-    sd["extra.weight"] = torch.zeros(1)
-    with pytest.warns(UserWarning, match="missing"):
-        missing, unexpected = model.load_pretrained(sd)
-    assert missing == ["fc.bias"] and unexpected == ["extra.weight"]
-    with pytest.raises(ConfigError, match="masker"):
-        model.load_pretrained(sd, strict=True)
-    bad = build_static_model(model.spec).state_dict()
-    bad["fc.weight"] = torch.zeros(3, 3)
-    with pytest.raises(ConfigError, match="fc.weight"):
-        model.load_pretrained(bad)
-
-
-def test_build_model_from_exported_json(tmp_path):
-    cfg = _net_config("regnety_400mf")
-    path = tmp_path / "export.json"
-    path.write_text(json.dumps({**cfg.to_dict(), "target": "v100", "predictions": {}}))
-    model = build_model(path)
-    assert isinstance(model, DynamicNet) and model.config == cfg
-    names = set(model.state_dict())
-    assert "trunk_output.block2.block2-0.f.b.0.weight" in names
-    assert "trunk_output.block2.block2-0.spatial_masker.conv.weight" in names
-    assert "trunk_output.block1.block1-0.layer_masker.fc1.weight" in names
-
-
-def test_control_errors():
-    model = build_model(_net_config("resnet18")).eval()
-    with pytest.raises(ConfigError, match="gate mode"):
-        model.set_gate_mode("greedy")
-    with pytest.raises(ConfigError, match="path"):
-        model.set_path("slow")
-    with pytest.raises(ConfigError, match="temperature"):
-        model.set_temperature(0)
-    with pytest.raises(ConfigError, match="forward"):
-        model.flops_readout()
-    spec = _block_spec("resnet50", 1, 1)
-    with pytest.raises(ConfigError, match="spatial_granularity"):
-        build_block(spec, StageConfig("spatial", 0.5, spatial_granularity=2))
-    assert isinstance(SpatialMasker(8, (2, 2), 0.5), Masker)
-    assert LayerMasker.per_sample_budget is False
-
-
-def test_param_names_extend_static_names():
-    for backbone in ("resnet18", "resnet50", "regnety_400mf"):
-        cfg = _net_config(backbone)
-        static_names = set(build_static_model(cfg.spec, device="meta").state_dict())
-        names = set(build_model(cfg).state_dict())
-        assert static_names <= names
-        assert all("_masker." in k for k in names - static_names)
-
-
-# ----------------------------------------------------------------------------- layouts, quotas, caches
+# ----------------------------------------------------------------------------- layouts, caches
 
 
 @pytest.mark.parametrize("batch", [1, 4])
@@ -570,11 +378,11 @@ def test_param_names_extend_static_names():
 )
 def test_fast_matches_reference_in_channels_last(key, paradigm, batch):
     # the fast path gathers pixel rows from channels-last maps; the result must not depend on layout
-    spec, blk = _make(key, paradigm, 0.5, 1)
+    spec, blk = make_block(key, paradigm, 0.5, 1)
     blk = blk.to(memory_format=torch.channels_last)
-    _set_mode(blk, "budget")
+    set_gate_mode(blk, "budget")
     x = torch.randn(batch, spec.in_channels, *spec.in_hw).contiguous(memory_format=torch.channels_last)
-    fast, ref, _ = _both(blk, x)
+    fast, ref, _ = both_paths(blk, x)
     torch.testing.assert_close(fast, ref, atol=ATOL, rtol=RTOL)
 
 
@@ -608,14 +416,14 @@ def test_input_channel_selection_is_the_column_gather(pad, layout, monkeypatch):
 @pytest.mark.parametrize("batch", [1, 4])
 def test_basic_block_channel_path_uses_the_row_gather(paradigm, batch, monkeypatch):
     # in channels-last, a basic block's conv2 reads its selected input channels by rows and matches the reference
-    spec, blk = _make(("resnet18", 1, 0), paradigm, 0.5, 1)
+    spec, blk = make_block(("resnet18", 1, 0), paradigm, 0.5, 1)
     blk = blk.to(memory_format=torch.channels_last)
-    _set_mode(blk, "budget")
+    set_gate_mode(blk, "budget")
     calls = []
     real = convs.TRANSPOSED_CONV
     monkeypatch.setattr(convs, "TRANSPOSED_CONV", lambda *a: calls.append(1) or real(*a))
     x = torch.randn(batch, spec.in_channels, *spec.in_hw).contiguous(memory_format=torch.channels_last)
-    fast, ref, _ = _both(blk, x)
+    fast, ref, _ = both_paths(blk, x)
     torch.testing.assert_close(fast, ref, atol=ATOL, rtol=RTOL)
     assert calls
 
@@ -623,13 +431,13 @@ def test_basic_block_channel_path_uses_the_row_gather(paradigm, batch, monkeypat
 @pytest.mark.parametrize("paradigm", ["spatial", "channel", "layer"])
 def test_fast_path_never_writes_the_callers_input(paradigm):
     # a standalone block must leave its input alone; a DynamicNet may reuse its own intermediates
-    spec, blk = _make(("resnet50", 1, 1), paradigm, 0.5, 1)
+    spec, blk = make_block(("resnet50", 1, 1), paradigm, 0.5, 1)
     x = torch.randn(2, spec.in_channels, *spec.in_hw)
     before = x.clone()
     with torch.no_grad():
         blk(x)
     assert torch.equal(x, before) and blk.reuse_input is False
-    cfg = ArchConfig("resnet50", (71, 71), (_stage(paradigm, 0.5, 3, 4),) * 2 + (StageConfig(),) * 2)
+    cfg = ArchConfig("resnet50", (71, 71), (stage_choice(paradigm, 0.5, 3, 4),) * 2 + (StageConfig(),) * 2)
     model = build_model(cfg).eval()
     assert all(b.reuse_input for b in model.blocks())
     img = torch.randn(2, 3, 71, 71)
@@ -641,50 +449,21 @@ def test_fast_path_never_writes_the_callers_input(paradigm):
     torch.testing.assert_close(fast, ref, atol=ATOL, rtol=RTOL)
 
 
-@pytest.mark.parametrize("batch", [1, 3])
-def test_layer_quotas_carry_the_rounding_across_stages(batch):
-    # rate 0.5 on ResNet-50's 3-4-6-3 blocks: 1.5, 2, 3, 1.5 runs wanted; rounding with the
-    # remainder carried gives 2-2-3-1 = 8 = half of 16 per sample (not 2-2-3-2 = 9)
-    cfg = ArchConfig("resnet50", (71, 71), (StageConfig("layer", 0.5),) * 4)
-    model = build_model(cfg).eval().set_gate_mode("budget")
-    with torch.no_grad():
-        model(torch.randn(batch, 3, 71, 71))
-    runs: dict[int, torch.Tensor] = {}
-    for r in model.flops_readout():
-        runs[r["stage"]] = runs.get(r["stage"], 0) + r["rates"]["layer"]
-    assert [runs[s].tolist() for s in range(4)] == [[v] * batch for v in (2.0, 2.0, 3.0, 1.0)]
-
-
-def test_one_patch_spatial_gates_share_the_stage_quota():
-    # at 71x71 ResNet-50's last stage maps are 3x3: S=3 makes one patch per block, a per-sample gate;
-    # budget mode then runs round(0.5 * 3) = 2 of the 3 blocks per sample, like a layer gate
-    cfg = ArchConfig("resnet50", (71, 71), (StageConfig(),) * 3 + (StageConfig("spatial", 0.5, spatial_granularity=3),))
-    model = build_model(cfg).eval().set_gate_mode("budget")
-    _randomize(model)
-    x = torch.randn(1, 3, 71, 71)
-    with torch.no_grad():
-        fast = model(x)
-        runs = sum(float(r["rates"]["spatial"][0]) for r in model.flops_readout())
-        ref = model.set_path("reference")(x)
-    assert runs == 2.0
-    torch.testing.assert_close(fast, ref, atol=ATOL, rtol=RTOL)
-
-
 def test_cached_weight_layouts_follow_weight_updates():
     # the channel path caches re-laid-out weights; an in-place update must invalidate them
-    spec, blk = _make(("resnet50", 1, 1), "channel", 0.5, 1)
-    _set_mode(blk, "budget")
+    spec, blk = make_block(("resnet50", 1, 1), "channel", 0.5, 1)
+    set_gate_mode(blk, "budget")
     x = torch.randn(2, spec.in_channels, *spec.in_hw)
-    _both(blk, x)
+    both_paths(blk, x)
     with torch.no_grad():
         blk.conv3.weight.mul_(-2.0)
         blk.conv2.weight.add_(0.1)
-    fast, ref, _ = _both(blk, x)
+    fast, ref, _ = both_paths(blk, x)
     torch.testing.assert_close(fast, ref, atol=ATOL, rtol=RTOL)
 
 
 def test_training_readout_has_the_adaptive_rate_and_configured_flops():
-    spec, blk = _make(("resnet50", 1, 1), "spatial+channel", 0.5, 1)
+    spec, blk = make_block(("resnet50", 1, 1), "spatial+channel", 0.5, 1)
     blk.train()
     blk(torch.randn(3, spec.in_channels, *spec.in_hw))
     rates = blk.last_flops["rates"]
