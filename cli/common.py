@@ -31,6 +31,7 @@ __all__ = [
     "image_size",
     "str_list",
     "int_list",
+    "number_list",
     "int_at_least",
     "positive_int",
     "nonneg_int",
@@ -174,6 +175,14 @@ def int_list(text: str) -> tuple[int, ...]:
         return tuple(int(t) for t in items)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a list of integers; allowed: e.g. 1,2,4") from None
+
+
+def number_list(text: str) -> tuple[float, ...]:
+    """argparse type: a non-empty comma-separated list of numbers (range checks are the library's)."""
+    try:
+        return tuple(float(t) for t in str_list(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of numbers; allowed: e.g. 2,4.5,8") from None
 
 
 def int_at_least(minimum: int) -> Callable[[str], int]:

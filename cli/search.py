@@ -12,17 +12,18 @@ from dynas.cli.common import (
     check_output,
     default_of,
     echo,
-    frame_text,
     image_size,
     int_list,
     nonneg_int,
     number,
+    number_list,
     positive_int,
     safe_name,
     str_list,
     table,
     torch_default,
 )
+from dynas.cli.search_report import print_exported, print_front, raise_infeasible
 from dynas.errors import ConfigError
 from dynas.search.options import FLAT_OPTIONS, OBJECTIVES
 from dynas.search.study import DEFAULT_JOURNAL, DEFAULT_STORAGE, SAMPLERS, SearchOptions
@@ -59,46 +60,6 @@ def search_default(name: str) -> Any:
 # --------------------------------------------------------------------------------------------
 
 
-def print_front(study: Any, top: int) -> None:
-    """Print a study's summary, its checkpoints and at most ``top`` Pareto rows (0: all)."""
-    from dynas.results import checkpoints_table, hypervolume, pareto_table
-    from dynas.search.stopping import is_stopped
-
-    a = study.user_attrs
-    df = pareto_table(study)
-    trials = study.get_trials(deepcopy=False)
-    n_done = sum(1 for t in trials if t.state.name == "COMPLETE")
-    n_stopped = sum(1 for t in trials if is_stopped(t))
-    stopped = f" + {n_stopped} stopped early ({(a.get('early_stop') or {}).get('name', '?')})" if n_stopped else ""
-    h, w = a.get("input_size", ["?", "?"])
-    echo(
-        f"study {study.study_name}: {a.get('backbone')} @ {h}x{w} on {a.get('target')}, batch {a.get('batch_size')}, "
-        f"proxy {a.get('proxy')}; {n_done} complete trials{stopped}, {len(df)} distinct configs on the Pareto front"
-    )
-    static_ms, static_mj, static_top1 = a.get("static_latency_ms"), a.get("static_energy_mj"), a.get("static_top1")
-    if static_ms is not None and static_top1 is not None:
-        energy = f", {static_mj:.4g} mJ" if static_mj is not None else ""
-        echo(
-            f"static: {static_ms:.4g} ms{energy} per batch, top-1 {static_top1:.2f}%; "
-            f"minimising {a.get('objective', 'latency')}, hypervolume {hypervolume(study):.4g}"
-        )
-    checkpoints = checkpoints_table(study)
-    if len(checkpoints):
-        shown = checkpoints if top == 0 else checkpoints.tail(top)
-        echo(
-            f"checkpoints (held-out top-1 % after each step count; {len(shown)} of {len(checkpoints)} trials, latest last):"
-        )
-        echo(frame_text(shown))
-        echo()
-    if len(df) == 0:
-        echo("no feasible trial on the front")
-        return
-    shown = df if top == 0 else df.head(top)
-    echo(frame_text(shown))
-    if len(shown) < len(df):
-        echo(f"({len(shown)} of {len(df)} shown; --top 0 shows all, --csv writes all)")
-
-
 def search_options(args: argparse.Namespace) -> SearchOptions:
     """The :class:`~dynas.search.study.SearchOptions` of ``dynas search`` 's arguments."""
     kw: dict[str, Any] = dict(
@@ -124,7 +85,11 @@ def search_options(args: argparse.Namespace) -> SearchOptions:
         rate_max=args.rate_max,
         rate_step=args.rate_step,
         show_progress=not args.no_progress,
+        budgets_ms=args.budgets_ms,
+        budget_ratios=args.budget_ratios,
     )
+    if args.exit_heads is not None:
+        kw["exit_heads"] = args.exit_heads
     if args.paradigms is not None:
         kw["paradigms"] = args.paradigms
     finetune = {
@@ -166,7 +131,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
     study = run_search(plan)
     print_front(study, args.top)
     if not study.best_trials:
-        _raise_infeasible(study, plan.options)
+        raise_infeasible(study, plan.options)
     trial = select_trial(study)  # before writing the report and the export
     write_html([study], html, breakdown_trial=trial.number)
     if args.csv:
@@ -176,41 +141,8 @@ def _cmd_search(args: argparse.Namespace) -> int:
     echo(f"HTML report: {html}")
     if args.csv:
         echo(f"Pareto CSV:  {args.csv}")
-    _print_exported(study, trial, export)
+    print_exported(study, trial, export)
     return 0
-
-
-def _print_exported(study: Any, trial: Any, path: str) -> None:
-    ua = trial.user_attrs
-    costs = [f"{ua[k]:.4g} {unit}" for k, unit in (("latency_ms", "ms"), ("energy_mj", "mJ")) if ua.get(k) is not None]
-    if not costs:  # a trial written before trials stored both: its objective only
-        from dynas.results.pareto import objective_column
-
-        costs = [f"{trial.values[0]:.4g} {'mJ' if objective_column(study) == 'energy_mj' else 'ms'}"]
-    echo(
-        f"exported trial {trial.number} ({', '.join(costs)} per batch, top-1 {trial.values[1]:.2f}%; "
-        f"{ua.get('short', '')}) to {path}"
-    )
-
-
-def _raise_infeasible(study: Any, options: SearchOptions) -> None:
-    from dynas.errors import StudyError
-
-    done = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
-    bounds = []
-    if options.max_latency_ms is not None and done:
-        from dynas.results.pareto import objective_column, trial_latency_ms
-
-        first = objective_column(study)
-        best = min(trial_latency_ms(t, first) for t in done)
-        bounds.append(f"--max-latency-ms {options.max_latency_ms:g} (fastest trial: {best:.4g} ms)")
-    if options.max_latency_ratio is not None and done:
-        best = min(t.user_attrs.get("latency_ratio", float("inf")) for t in done)
-        bounds.append(f"--max-latency-ratio {options.max_latency_ratio:g} (lowest ratio: {best:.4g})")
-    raise StudyError(
-        f"no feasible trial among the {len(done)} complete trials of study {study.study_name!r}: "
-        f"{'; '.join(bounds) or 'no constraint met'}; loosen the constraints or run more trials (no report or export written)"
-    )
 
 
 def _cmd_pareto(args: argparse.Namespace) -> int:
@@ -265,7 +197,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         max_latency_ms_per_image=args.max_latency_ms_per_image,
     )
     export_trial(study, trial, output)
-    _print_exported(study, trial, output)
+    print_exported(study, trial, output)
     return 0
 
 
@@ -328,6 +260,24 @@ def _add_what_args(p: argparse.ArgumentParser) -> None:
         metavar="X",
         help="constraint: dynamic / static latency <= X (either objective)",
     )
+
+
+def _add_budget_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("latency budgets and early exits (docs/search.md#latency-budgets-and-early-exits)")
+    g.add_argument(
+        "--budgets-ms",
+        type=number_list,
+        metavar="B1,B2",
+        help="latency budgets (ms, whole batch): early exits join the search space and each trial scores the mean, "
+        "over the budgets, of the top-1 of its deepest exit that fits (chance if none); needs --proxy finetune",
+    )
+    g.add_argument(
+        "--budget-ratios",
+        type=number_list,
+        metavar="R1,R2",
+        help="the same budgets as ratios of the static network's predicted latency on the target (not with --budgets-ms)",
+    )
+    g.add_argument("--exit-heads", type=str_list, metavar="H1,H2", help="exit heads searched (default: light)")
 
 
 def _add_finetune_args(p: argparse.ArgumentParser) -> None:
@@ -519,6 +469,7 @@ def _add_search_parser(sub: Any, parent: argparse.ArgumentParser) -> None:
         "Pareto trial at least as accurate as the static network, else the most accurate).",
     )
     _add_what_args(p)
+    _add_budget_args(p)
     _add_finetune_args(p)
     _add_stopping_args(p)
     _add_space_args(p)

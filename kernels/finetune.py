@@ -80,6 +80,7 @@ class FinetuneProxy(AccuracyProxy):
         "MEASURED on the given data, not ImageNet: held-out top-1 after a short LAUDNet-recipe fine-tune "
         "from the static backbone, adaptive gates"
     )
+    scores_exits = True  # attrs["exit_top1"]: each exit's held-out top-1
 
     def __init__(
         self,
@@ -204,6 +205,10 @@ class FinetuneProxy(AccuracyProxy):
     def reference_top1(self, config: ArchConfig) -> float:
         """Chance level, 100 / classes: on a small task a short fine-tune can lose far more than 5 points."""
         return 100.0 / self.prepare(config.backbone, tuple(config.input_size))["num_classes"]
+
+    def chance_top1(self, config: ArchConfig) -> float:
+        """100 / the data's classes (what a budget no exit fits scores)."""
+        return self.reference_top1(config)
 
     def score(self, config: ArchConfig) -> float:
         return self.evaluate(config).top1

@@ -18,6 +18,12 @@ search calls instead of ``score``: it reports top-1 at its checkpoints to a :cla
 activation rates the trained gates realise.  :meth:`AccuracyProxy.options` returns what the
 proxy was built with; a resumed search must be built with the same.
 
+A proxy that can score early exits (``ArchConfig.exits``) says so with
+:attr:`AccuracyProxy.scores_exits` and returns, for a config with exits, each exit's top-1 in
+``ProxyResult.attrs["exit_top1"]`` (``[{"after_stage": s, "top1": %}, ...]``, own head last);
+a search with latency budgets (``dynas search --budgets-ms``) refuses the others.
+:meth:`AccuracyProxy.chance_top1` is what a budget no exit fits scores.
+
 Register a new proxy with :func:`register_proxy`, or name it without registering as
 ``package.module:callable`` (``dynas search --proxy mypkg.proxies:make``).
 """
@@ -65,6 +71,8 @@ class AccuracyProxy(abc.ABC):
     name: str = ""
     #: one line shown in ``--help`` and exports; say what the score is and is not
     description: str = ""
+    #: True: :meth:`evaluate` returns ``attrs["exit_top1"]`` for configs with exits (module docstring)
+    scores_exits: bool = False
 
     @abc.abstractmethod
     def score(self, config: ArchConfig) -> float:
@@ -83,6 +91,11 @@ class AccuracyProxy(abc.ABC):
         """The top-1 (%) the study's hypervolume is measured from for static network ``config``:
         by default its score minus 5 points (an ImageNet-scale drop)."""
         return self.static_score(config) - 5.0
+
+    def chance_top1(self, config: ArchConfig) -> float:
+        """Top-1 (%) of guessing, on the task the proxy scores ``config`` on: by default
+        100 / the backbone's classes (ImageNet: 0.1)."""
+        return 100.0 / config.spec.num_classes
 
     def evaluate(self, config: ArchConfig, reporter: Reporter | None = None) -> ProxyResult:
         """Score ``config``, reporting checkpoints to ``reporter``; the default calls :meth:`score` once."""

@@ -16,6 +16,11 @@ ignores:
   ``{"config", "stages", "latency_ms", "energy_mj", "rates"}``: the config at the realised rates
   and its predictions, one of which is the trial's objective; ``predictions`` stay those of
   the configured rates, which training targets;
+- ``budgets`` (studies searched with latency budgets only): ``{"budgets_ms", "budget_ratios",
+  "top1", "exits", "top1_own"}``: the budgets the trial was scored at, its top-1 at each and the
+  stage of the exit that answered (None: none fits).  The architecture's ``exits`` and
+  ``exit_head`` are in the config keys; confidence thresholds are fitted afterwards on the
+  trained model by ``dynas exits`` (``docs/early-exits.md``);
 - ``training``: the LAUDNet fine-tuning recipe as data, plus per-stage FLOPs targets;
 - ``laudnet_args``: the closest LAUDNet ``train/main.py`` arguments and a ``lost`` list naming
   what those arguments cannot express.
@@ -125,7 +130,8 @@ def select_trial(
     - ``min_top1=Y``: the fastest trial whose proxy top-1 is >= Y percent.
     - a latency bound and ``min_top1`` together: the most accurate trial meeting both.
     - no criterion: the fastest Pareto trial whose top-1 >= the static network's
-      (``static_top1``); if none reaches it, the most accurate Pareto trial.
+      (``static_top1``; in a study with latency budgets ``static_budget_top1``, the static
+      network's mean over the budgets); if none reaches it, the most accurate Pareto trial.
 
     "Fastest" is the lowest first objective: the lowest energy in an energy study (whose
     latency bounds still bound latency).  Ties go to the cheaper (or more accurate) trial, then
@@ -159,7 +165,9 @@ def select_trial(
 
     if not criteria:
         front = study.best_trials
-        static_top1 = float(study_attr(study, "static_top1"))
+        static_top1 = float(
+            study_attr(study, "static_budget_top1" if study.user_attrs.get("budgets_ms") else "static_top1")
+        )
         good = [t for t in front if t.values[1] >= static_top1]
         return _fastest(good) if good else _most_accurate(front)
 
@@ -416,6 +424,22 @@ def laudnet_args(cfg: ArchConfig, target_flops_ratio: float | None) -> dict[str,
 # ----------------------------------------------------------------------------- export
 
 
+def _budgets(study: optuna.Study, trial: FrozenTrial) -> dict[str, Any]:
+    """The ``budgets`` key of a trial of a study searched with latency budgets (else nothing)."""
+    sa, ua = study.user_attrs, trial.user_attrs
+    if not sa.get("budgets_ms"):
+        return {}
+    return {
+        "budgets": {
+            "budgets_ms": sa["budgets_ms"],
+            "budget_ratios": sa.get("budget_ratios"),
+            "top1": ua.get("budget_top1"),
+            "exits": ua.get("budget_exit"),
+            "top1_own": ua.get("top1_own"),
+        }
+    }
+
+
 def export_trial(study: optuna.Study, trial: FrozenTrial | int, path: str | os.PathLike[str]) -> dict[str, Any]:
     """Write ``trial`` of ``study`` as a JSON training config at ``path`` (atomically); return it.
 
@@ -451,6 +475,11 @@ def export_trial(study: optuna.Study, trial: FrozenTrial | int, path: str | os.P
         if sa.get("proxy") != "finetune"
         else "top-1 is held-out accuracy after the finetune proxy's short fine-tune on the search's data, not after full training",
     ]
+    if sa.get("budgets_ms"):
+        notes.append(
+            "proxy.top1 is the mean over budgets.budgets_ms of the top-1 of the deepest exit that fits each budget "
+            "(chance where none fits); the confidence thresholds are fitted on the trained model by dynas exits"
+        )
     if not is_feasible(trial):
         notes.append(f"this trial violates the study's constraints {trial.constraints}")
     if sa.get("dynas_version") not in (None, dynas.__version__):
@@ -488,6 +517,7 @@ def export_trial(study: optuna.Study, trial: FrozenTrial | int, path: str | os.P
             if isinstance(ua.get("realised_config"), dict)
             else {}
         ),
+        **_budgets(study, trial),
         "training": recipe,
         "laudnet_args": laudnet_args(cfg, recipe["target_flops_ratio"]),
         "notes": notes,

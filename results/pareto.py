@@ -19,6 +19,10 @@ targets compare: ``(cost / static cost, -top1)`` (``latency_ms / static_latency_
 :data:`DEFAULT_REFERENCE_LATENCY_RATIO` = 1.5 (50% costlier than the static network) and
 ``static_top1 - DEFAULT_REFERENCE_TOP1_DROP`` = static top-1 minus 5 points; trials beyond the
 reference point in either objective add nothing.
+
+A study searched with latency budgets (user attr ``budgets_ms``) has the mean top-1 over its
+budgets as ``top1`` (:mod:`dynas.search.budgets`); its tables add one ``top1@Bms`` column per
+budget and ``top1_own`` (the own head's top-1) after ``top1`` (:func:`budget_columns`).
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from dynas import files
 from dynas.errors import StudyError
+from dynas.search import budgets
 from dynas.search.stopping import is_finished
 from dynas.spaces.config import ArchConfig
 
@@ -45,6 +50,7 @@ __all__ = [
     "ENERGY_COLUMNS",
     "CHECKPOINT_COLUMNS",
     "objective_column",
+    "budget_columns",
     "trial_latency_ms",
     "checkpoints_table",
     "DEFAULT_REFERENCE_LATENCY_RATIO",
@@ -102,6 +108,13 @@ def objective_column(study: optuna.Study) -> str:
     if first not in _COSTS:
         raise StudyError(f"study {study.study_name!r} has objectives[0]={first!r}; allowed: {', '.join(_COSTS)}")
     return str(first)
+
+
+def budget_columns(study: optuna.Study) -> tuple[str, ...]:
+    """The columns a budget study's tables add after ``top1``: ``top1@Bms`` per budget, then
+    ``top1_own``; none for a study without budgets."""
+    given = study.user_attrs.get("budgets_ms") or ()
+    return (*budgets.budget_columns(given), "top1_own") if given else ()
 
 
 def trial_latency_ms(trial: FrozenTrial, first: str = "latency_ms") -> float:
@@ -181,23 +194,27 @@ def trial_row(study: optuna.Study, trial: FrozenTrial) -> dict[str, Any]:
     short = ua.get("short")
     if short is None and isinstance(ua.get("config"), dict):
         short = ArchConfig.from_dict(ua["config"]).short()
+    columns = budget_columns(study)
+    per_budget = [*(ua.get("budget_top1") or [None] * (len(columns) - 1)), ua.get("top1_own")] if columns else []
     return {
         "trial": trial.number,
         **costs,
         "speedup": float(speedup),
         "top1": top1,
+        **{c: math.nan if v is None else float(v) for c, v in zip(columns, per_budget)},
         "flops_ratio": float(flops_ratio) if flops_ratio is not None else math.nan,
         "stages": short if short is not None else "",
     }
 
 
-def table_columns(first: str, rows: Sequence[dict[str, Any]]) -> tuple[str, ...]:
+def table_columns(first: str, rows: Sequence[dict[str, Any]], extra: Sequence[str] = ()) -> tuple[str, ...]:
     """The columns of a table of ``rows`` in a study minimising ``first``: ``trial``, the
     objective's pair, the other cost's pair (left out when no row has it), then
-    ``speedup``, ``top1``, ``flops_ratio``, ``stages``."""
+    ``speedup``, ``top1``, the ``extra`` columns (a budget study's :func:`budget_columns`), ``flops_ratio``, ``stages``."""
     other = next(name for name in _COSTS if name != first)
     has_other = any(not math.isnan(r[other]) for r in rows) or (other == "latency_ms")
-    return ("trial", *_COSTS[first], *(_COSTS[other] if has_other else ()), "speedup", "top1", "flops_ratio", "stages")
+    costs = (*_COSTS[first], *(_COSTS[other] if has_other else ()))
+    return ("trial", *costs, "speedup", "top1", *extra, "flops_ratio", "stages")
 
 
 def _frame(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> pd.DataFrame:
@@ -233,11 +250,12 @@ def pareto_table(study: optuna.Study) -> pd.DataFrame:
     study on a target with energy prices has ``energy_mj`` too; an energy study always has
     ``latency_ms``); ``speedup`` (static / dynamic latency), ``top1`` (%), ``flops_ratio``
     (expected / dense FLOPs) and ``stages`` (the compact per-stage string, e.g.
-    ``"S8@0.50 | C2@0.50 | L@0.50 | static"``).
+    ``"S8@0.50 | C2@0.50 | L@0.50 | static"``, then ``[exits 0,2 light]`` if any).  A budget
+    study's ``top1`` is the mean over its budgets, followed by :func:`budget_columns`.
     """
     check_study(study)
     rows = [trial_row(study, t) for t in front_trials(study)]
-    return _frame(rows, table_columns(objective_column(study), rows))
+    return _frame(rows, table_columns(objective_column(study), rows, budget_columns(study)))
 
 
 def all_trials_table(study: optuna.Study) -> pd.DataFrame:
@@ -251,7 +269,7 @@ def all_trials_table(study: optuna.Study) -> pd.DataFrame:
         row["feasible"] = is_feasible(t)
         row["pareto"] = t.number in front
         rows.append(row)
-    df = _frame(rows, (*table_columns(objective_column(study), rows), "feasible", "pareto"))
+    df = _frame(rows, (*table_columns(objective_column(study), rows, budget_columns(study)), "feasible", "pareto"))
     return df.astype({"feasible": "bool", "pareto": "bool"})
 
 

@@ -13,6 +13,9 @@ every worker of :mod:`dynas.search.parallel`.
   configs and ``study.best_trials`` holds feasible trials only.
 * A repeated parameter set (samplers do propose them on this discrete space) reuses the first
   trial's values and attrs (``duplicate_of`` names that trial) instead of predicting again.
+* With latency budgets (``SearchPlan.budgets_ms``), the second value is the mean over the
+  budgets of the top-1 of the deepest exit that fits each (:mod:`dynas.search.budgets`); the
+  per-budget top-1s, the exits used and the own head's top-1 (``top1_own``) are user attrs.
 * A proxy that trains reports checkpoints through :class:`TrialReporter`, which records them as
   the trial's intermediate values and asks the plan's early stopper
   (:mod:`dynas.search.stopping`) whether to go on, given the :func:`peers` at that checkpoint.
@@ -28,6 +31,7 @@ from optuna.trial import FrozenTrial, Trial, TrialState
 from dynas.predictors.latency import predict
 from dynas.predictors.proxy import Reporter, StopTrial
 from dynas.predictors.result import Prediction
+from dynas.search.budgets import score_budgets
 from dynas.search.options import SearchPlan, json_ready
 from dynas.search.stopping import EarlyStopper, Peer, finished_trials, make_stopper
 
@@ -164,15 +168,22 @@ class Objective:
             self.seen[key] = (None, {**attrs, **stopped}, trial.number)
             raise optuna.TrialPruned(stop.reason) from None
         extra = dict(result.attrs)
+        top1 = float(result.top1)
         if result.realised is not None:
-            costs = cost_attrs(predict(result.realised, plan.target, plan.batch_size))
+            pred = predict(result.realised, plan.target, plan.batch_size)
+            costs = cost_attrs(pred)
             extra.update(
                 {"realised_config": result.realised.to_dict(), "realised_short": result.realised.short(), **costs}
             )
+        if plan.budgets_ms is not None:  # exits as the gates realise them, when they differ
+            chance = plan.proxy.chance_top1(cfg)
+            scored = score_budgets(pred, top1, extra.get("exit_top1"), plan.budgets_ms, chance)
+            extra.update(scored.attrs(), top1_own=top1)
+            top1 = scored.mean_top1
         extra = json_ready(extra)
         for k, v in extra.items():
             trial.set_user_attr(k, v)
         attrs.update(extra)
-        values = (float(costs[self.first]), float(result.top1))
+        values = (float(costs[self.first]), top1)
         self.seen[key] = (values, attrs, trial.number)
         return values, attrs

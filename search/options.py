@@ -15,7 +15,8 @@ their flat names (:data:`FLAT_OPTIONS`), as ``dynas search`` spells them::
 
 :func:`plan_search` resolves the target, batch size, search space, proxy, storage URL and study
 name and raises a one-line :class:`~dynas.errors.DynasError` for any bad option, before anything
-is written.  :meth:`SearchPlan.study_attrs` is what a study stores about how it was run.
+is written.  With ``budgets_ms`` or ``budget_ratios`` the search places early exits and scores
+each trial at every budget (:mod:`dynas.search.budgets`).  :meth:`SearchPlan.study_attrs` is what a study stores about how it was run.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from dynas.errors import ConfigError, StudyError
 from dynas.predictors.latency import predict
 from dynas.predictors.proxy import AccuracyProxy, get_proxy
 from dynas.predictors.targets import HardwareTarget, load_target
+from dynas.search.budgets import check_budgets, check_reachable, static_budget_top1
 from dynas.search.samplers import SAMPLERS, make_sampler
 from dynas.search.stopping import StopRule
 from dynas.search.storage import DEFAULT_JOURNAL, DEFAULT_STORAGE, parse_storage_url
@@ -134,8 +136,11 @@ class SearchOptions:
     )
     max_latency_ms: float | None = None  # constraint on the predicted latency of one batch (either objective)
     max_latency_ratio: float | None = None  # constraint on dynamic / static latency
-    space: SpaceOptions = SpaceOptions()  # search-space options (flat names: paradigms, ..., rate_step)
+    space: SpaceOptions = SpaceOptions()  # search-space options (flat names: paradigms, ..., rate_step, exit_heads)
     show_progress: bool = True
+    #: latency budgets (ms, whole batch): exits join the space, trials score their mean top-1 over the budgets
+    budgets_ms: tuple[float, ...] | None = None
+    budget_ratios: tuple[float, ...] | None = None  # the same, as ratios of the static network's latency
 
     def __post_init__(self) -> None:
         # Scalar checks only; the backbone, target, proxy and space are checked by plan_search.
@@ -155,6 +160,7 @@ class SearchOptions:
             )
         check_choice("sampler", self.sampler, sorted(SAMPLERS))
         check_choice("objective", self.objective, list(OBJECTIVES))
+        self._check_budgets()
         if self.study_name is not None and (not isinstance(self.study_name, str) or not self.study_name.strip()):
             raise StudyError(f"study_name={self.study_name!r} is empty; allowed: a non-empty string")
         for name, kind in (("space", SpaceOptions), ("stop", StopRule)):
@@ -162,6 +168,29 @@ class SearchOptions:
                 raise ConfigError(
                     f"{name}={getattr(self, name)!r} is not a {kind.__name__}; allowed: {kind.__name__}(...)"
                 )
+
+    def _check_budgets(self) -> None:
+        for name in ("budgets_ms", "budget_ratios"):
+            object.__setattr__(self, name, check_budgets(name, getattr(self, name)))
+        given = [n for n in ("budgets_ms", "budget_ratios") if getattr(self, n) is not None]
+        if len(given) == 2:
+            raise ConfigError(
+                f"budget_ratios={list(self.budget_ratios)!r} is given with budgets_ms; allowed: one of the two"
+            )
+        if given and self.objective != "latency":
+            raise ConfigError(
+                f"objective={self.objective!r} is not supported with {given[0]}; allowed: objective='latency' "
+                "(budgets are latency budgets; an energy search with latency budgets is not built)"
+            )
+        if not given and isinstance(self.space, SpaceOptions) and self.space.exit_heads is not None:
+            raise ConfigError(
+                f"exit_heads={self.space.exit_heads!r} needs budgets; allowed: exit_heads with budgets_ms or budget_ratios"
+            )
+
+    @property
+    def has_budgets(self) -> bool:
+        """Exits are searched and trials scored per budget."""
+        return self.budgets_ms is not None or self.budget_ratios is not None
 
 
 def _check_positive(name: str, value: Any) -> None:
@@ -183,6 +212,8 @@ class SearchPlan:
     storage_url: Any  # str URL, or an optuna storage passed through the Python API
     study_name: str
     stop_rule: StopRule = StopRule()
+    #: the budgets trials are scored at (ms, whole batch, sorted; ratios resolved); None: no budgets
+    budgets_ms: tuple[float, ...] | None = None
 
     @property
     def objective_names(self) -> tuple[str, str]:
@@ -194,7 +225,16 @@ class SearchPlan:
         o = self.options
         static = ArchConfig.static(o.backbone, self.input_size)
         static_pred = predict(static, self.target, self.batch_size)
+        static_top1 = float(self.proxy.static_score(static))
         path = getattr(self.target, "path", None)
+        budgets = {}
+        if self.budgets_ms is not None:
+            chance = float(self.proxy.chance_top1(static))
+            budgets = {
+                "budget_ratios": o.budget_ratios,
+                "chance_top1": chance,
+                "static_budget_top1": static_budget_top1(static_pred, static_top1, self.budgets_ms, chance),
+            }
         return json_ready(
             {
                 "dynas_version": dynas.__version__,
@@ -216,10 +256,12 @@ class SearchPlan:
                 "static_latency_ms_per_image": static_pred.latency_ms_per_image,
                 "static_energy_mj": static_pred.static_energy_mj,  # None: the target predicts no energy
                 "static_energy_mj_per_image": static_pred.static_energy_mj_per_image,
-                "static_top1": float(self.proxy.static_score(static)),
+                "static_top1": static_top1,
                 "reference_top1": float(self.proxy.reference_top1(static)),
                 "sampler": o.sampler,
                 "seed": o.seed,
+                "budgets_ms": self.budgets_ms,  # None without budgets (as studies made before budgets read)
+                **budgets,
             }
         )
 
@@ -257,7 +299,10 @@ def plan_search(options: SearchOptions) -> SearchPlan:
     """
     o = options
     hw = parse_input_size(o.input_size)
-    space = SearchSpace(o.backbone, hw, **o.space.to_kwargs())
+    space_kw = o.space.to_kwargs()
+    if o.has_budgets and space_kw["exit_heads"] is None:
+        space_kw["exit_heads"] = ("light",)  # the default exit space: placements only, light heads
+    space = SearchSpace(o.backbone, hw, **space_kw)
     target = o.target if not isinstance(o.target, (str, os.PathLike)) else load_target(o.target)
     path = getattr(target, "path", None)
     label = Path(path).stem if path is not None else target.name
@@ -279,7 +324,40 @@ def plan_search(options: SearchOptions) -> SearchPlan:
             f"objective='energy' is not allowed on target {label!r}: it has no [energy] table (cpu targets and "
             "files without one predict latency only); allowed: objective='latency', or a target with [energy]"
         )
+    budgets_ms, stop = None, o.stop
+    if o.has_budgets:
+        budgets_ms, stop = _plan_budgets(o, proxy, space, target, batch, label)
     # The latency objective keeps the names studies had before there was a choice.
     suffix = "" if o.objective == "latency" else f"-{o.objective}"
+    suffix += "-budgets" if budgets_ms is not None else ""
     name = o.study_name or f"{o.backbone}-{label}-b{batch}-{hw[0]}x{hw[1]}-{o.proxy}{suffix}"
-    return SearchPlan(o, target, label, batch, hw, space, proxy, storage, name, o.stop)
+    return SearchPlan(o, target, label, batch, hw, space, proxy, storage, name, stop, budgets_ms)
+
+
+def _plan_budgets(
+    o: SearchOptions, proxy: AccuracyProxy, space: SearchSpace, target: Any, batch: int, label: str
+) -> tuple[tuple[float, ...], StopRule]:
+    """The budgets in ms and the stop rule of a search with budgets; refuses what cannot work."""
+    given = "budgets_ms" if o.budgets_ms is not None else "budget_ratios"
+    if not proxy.scores_exits:
+        why = (
+            "it has no published ImageNet accuracies of early exits to fit"
+            if o.proxy == "prior"
+            else "it does not report exit_top1 (AccuracyProxy.scores_exits)"
+        )
+        raise ConfigError(
+            f"proxy={o.proxy!r} cannot score early exits, which {given} needs ({why}); "
+            "allowed: --proxy finetune (measures each exit's top-1)"
+        )
+    if o.stop.name != "none" and o.stop != StopRule():
+        raise ConfigError(
+            f"early_stop={o.stop.name!r} is not allowed with {given}: checkpoints report the own head's top-1, the "
+            "budget score needs every exit's at the end; allowed: early_stop='none' (the default with budgets)"
+        )
+    if o.budget_ratios is not None:
+        static_ms = predict(ArchConfig.static(o.backbone, space.input_size), target, batch).latency_ms
+        budgets_ms = tuple(r * static_ms for r in o.budget_ratios)
+    else:
+        budgets_ms = tuple(o.budgets_ms)
+    check_reachable(budgets_ms, space, target, batch, label, o.budget_ratios)
+    return budgets_ms, StopRule("none")

@@ -61,7 +61,8 @@ __all__ = [
 PARADIGMS: tuple[str, ...] = ALL_PARADIGMS
 
 #: keys of an exported file that are not part of the architecture ("realised": what a finetune-proxy search's
-#: export adds; "trained": what dynas train adds in RUN/config.json)
+#: export adds; "budgets": what a search with latency budgets' export adds; "trained": what dynas train adds in
+#: RUN/config.json)
 _EXPORT_KEYS = frozenset(
     {
         "dynas_version",
@@ -76,6 +77,7 @@ _EXPORT_KEYS = frozenset(
         "notes",
         "realised",
         "trained",
+        "budgets",
     }
 )
 _EXIT_KEYS = ("exits", "exit_head", "exit_width", "exit_thresholds")

@@ -13,6 +13,11 @@ space.  For every stage ``i``:
   ``rate_min, rate_min + rate_step, ..., rate_max`` (rounded to 4 decimals);
 * ``s{i}_channel_rate`` -- for the combined paradigms: same grid.
 
+With ``exit_heads`` (a search with latency budgets, ``docs/search.md``), early exits join the
+space: ``s{i}_exit`` (bool, every stage but the last, whose exit is the network's own head) and,
+when more than one head type is allowed and at least one exit is placed, ``exit_head``
+(categorical over ``exit_heads``).  The conv head keeps its default width.
+
 The distribution of a parameter depends only on the backbone, the input size and the options, so
 it is the same in every trial of a study, as Optuna requires.  A stage where a restriction leaves
 no valid granularity loses the paradigms that need one; a stage left with no paradigm at all is a
@@ -36,6 +41,7 @@ from dynas.checks import check_choice
 from dynas.errors import ConfigError
 from dynas.spaces.backbones import get_backbone
 from dynas.spaces.config import (
+    EXIT_HEADS,
     PARADIGMS,
     ArchConfig,
     StageConfig,
@@ -65,6 +71,7 @@ _FIELDS = (
     "rate_min",
     "rate_max",
     "rate_step",
+    "exit_heads",
 )
 
 
@@ -96,6 +103,19 @@ def _number(value: Any, name: str, allowed: str) -> float:
     if abs(round(v, _RATE_DECIMALS) - v) > _TOL:
         raise ConfigError(f"{name}={value!r} has more than {_RATE_DECIMALS} decimals; allowed: a multiple of 0.0001")
     return round(v, _RATE_DECIMALS)
+
+
+def _exit_heads(value: Any) -> tuple[str, ...] | None:
+    """``None`` (no exits in the space) or the head types, canonical order, duplicates dropped."""
+    if value is None:
+        return None
+    if isinstance(value, str) or not isinstance(value, (list, tuple)) or not value:
+        raise ConfigError(
+            f"exit_heads={value!r} is not a non-empty list; allowed: null (no exits) or a list of {_fmt(EXIT_HEADS)}"
+        )
+    for h in value:
+        check_choice("exit_heads", h, EXIT_HEADS)
+    return tuple(h for h in EXIT_HEADS if h in value)
 
 
 def _paradigms(value: Any) -> tuple[str, ...]:
@@ -134,7 +154,9 @@ class SpaceOptions:
     one it does not offer is an error); ``spatial_granularities`` /
     ``channel_granularities`` (``None`` = all valid values) restrict the granularities to the
     listed values where they are valid for a stage; rates are searched on the grid
-    ``rate_min .. rate_max`` with ``rate_step`` (at most 4 decimals each).  Kept as given, except
+    ``rate_min .. rate_max`` with ``rate_step`` (at most 4 decimals each).  ``exit_heads``
+    (``None``: no exits, the default) puts early exits in the space, with these head types
+    (``dynas search --exit-heads``; a search with budgets defaults it to ``("light",)``).  Kept as given, except
     that lists and comma-separated strings become tuples (so that options compare and hash by
     value); :class:`SearchSpace` checks them against a backbone.
     """
@@ -145,9 +167,10 @@ class SpaceOptions:
     rate_min: float = 0.1
     rate_max: float = 1.0
     rate_step: float = 0.05
+    exit_heads: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
-        for name in ("paradigms", "spatial_granularities", "channel_granularities"):
+        for name in ("paradigms", "spatial_granularities", "channel_granularities", "exit_heads"):
             given = value = getattr(self, name)
             if isinstance(value, str):
                 value = tuple(v.strip() for v in value.split(","))
@@ -204,6 +227,9 @@ class SearchSpace(SpaceOptions):
         set_(self, "rate_min", lo)
         set_(self, "rate_max", hi)
         set_(self, "rate_step", step)
+        set_(self, "exit_heads", _exit_heads(self.exit_heads))
+        if self.exit_heads is not None:  # the backbone must take exits (DenseNet does not yet): the config says why
+            ArchConfig(self.backbone, self.input_size, ArchConfig.static(self.backbone, self.input_size).stages, (0,))
         _ = self._stage_options  # resolve per-stage choices now, so errors surface at construction
 
     # ------------------------------------------------------------------ derived
@@ -274,7 +300,14 @@ class SearchSpace(SpaceOptions):
                 "layer+channel": c * r * r,
             }
             total *= sum(per[p] for p in o.paradigms)
+        if self.exit_heads is not None:  # no exit, or a non-empty set of exit stages with one head type
+            total *= 1 + (2 ** len(self.exit_stages) - 1) * len(self.exit_heads)
         return total
+
+    @property
+    def exit_stages(self) -> tuple[int, ...]:
+        """Stages that may get an exit: every stage but the last (none without ``exit_heads``)."""
+        return () if self.exit_heads is None else tuple(range(self.num_stages - 1))
 
     # ------------------------------------------------------------------ sampling
 
@@ -297,7 +330,11 @@ class SearchSpace(SpaceOptions):
                     paradigm=p, rate=rate, spatial_granularity=sg, channel_granularity=cg, channel_rate=channel_rate
                 )
             )
-        return ArchConfig(self.backbone, self.input_size, tuple(stages))
+        exits = tuple(s for s in self.exit_stages if pick(param_name(s, "exit"), (False, True)))
+        head = self.exit_heads[0] if exits else EXIT_HEADS[0]
+        if exits and len(self.exit_heads) > 1:
+            head = pick("exit_head", self.exit_heads)
+        return ArchConfig(self.backbone, self.input_size, tuple(stages), exits, head)
 
     def suggest(self, trial: Any) -> ArchConfig:
         """Sample a config with ``trial`` (an ``optuna.Trial``); always a valid config."""
@@ -343,6 +380,15 @@ class SearchSpace(SpaceOptions):
                     values["channel_rate"] = st.channel_rate
             for field, v in values.items():
                 params[param_name(i, field)] = v
+        if cfg.exits and self.exit_heads is None:
+            raise ConfigError(
+                f"config has exits {list(cfg.exits)}; allowed: configs without exits (this space has no exits)"
+            )
+        params.update({param_name(s, "exit"): s in cfg.exits for s in self.exit_stages})
+        if cfg.exits and self.exit_heads is not None and len(self.exit_heads) > 1:
+            params["exit_head"] = cfg.exit_head
+        elif cfg.exits:
+            check_choice("exit_head", cfg.exit_head, self.exit_heads, problem="is not in the search space")
         # One check path for both directions: rebuilding must validate every value.
         self.config_from_params(params)
         return params
@@ -374,6 +420,8 @@ class SearchSpace(SpaceOptions):
             "rate_min": self.rate_min,
             "rate_max": self.rate_max,
             "rate_step": self.rate_step,
+            # only with exits, so that spaces without exits store what they always stored
+            **({"exit_heads": list(self.exit_heads)} if self.exit_heads is not None else {}),
         }
 
     @classmethod
@@ -401,5 +449,7 @@ class SearchSpace(SpaceOptions):
             parts.append("S per stage " + " / ".join(_fmt(o.spatial_granularities) or "-" for o in self._stage_options))
         if any(uses_channel(p) for p in self.paradigms):
             parts.append("G per stage " + " / ".join(_fmt(o.channel_granularities) or "-" for o in self._stage_options))
+        if self.exit_heads is not None:
+            parts.append(f"exits after any of stages {_fmt(self.exit_stages)} ({'/'.join(self.exit_heads)} head)")
         parts.append(f"{self.num_configs():.3g} configs")
         return "; ".join(parts)
