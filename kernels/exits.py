@@ -76,6 +76,7 @@ __all__ = [
     "forward_exits",
     "exit_outputs",
     "exit_accuracies",
+    "fit_from_outputs",
     "fit_thresholds",
     "with_thresholds",
 ]
@@ -416,12 +417,25 @@ def fit_thresholds(
     """Thresholds for each budget (mean predicted latency per image on ``target`` at
     ``batch_size``, default the target's), fitted on ``data`` by
     :func:`dynas.predictors.thresholds.budget_curve`."""
+    confidence, correct = exit_outputs(model, data)
+    return fit_from_outputs(model.config, confidence, correct, target, budgets_ms, batch_size)
+
+
+def fit_from_outputs(
+    config: ArchConfig,
+    confidence: torch.Tensor,
+    correct: torch.Tensor,
+    target: Any,
+    budgets_ms: Sequence[float],
+    batch_size: int | None = None,
+) -> list[BudgetThresholds]:
+    """:func:`fit_thresholds` from :func:`exit_outputs` already computed (``confidence``,
+    ``correct``: [exits, n]), for a caller that also reads each exit's accuracy from them."""
     from dynas.predictors.latency import predict
 
-    exits = predict(model.config, target, batch_size).exits
-    confidence, correct = exit_outputs(model, data)
+    exits = predict(config, target, batch_size).exits
     costs = [e.anytime_latency_ms_per_image for e in exits]
-    return budget_curve(confidence.double().numpy(), correct.numpy(), costs, list(budgets_ms), model.config.exits[0])
+    return budget_curve(confidence.double().numpy(), correct.numpy(), costs, list(budgets_ms), config.exits[0])
 
 
 def with_thresholds(config: ArchConfig, fitted: BudgetThresholds | Sequence[float]) -> ArchConfig:
