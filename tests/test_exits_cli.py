@@ -134,6 +134,21 @@ def test_evaluate_prints_each_exit(trained, capsys):
     assert "exit 0 after stage 1: top-1" in out and "exit 2 after stage 3: top-1" in out
 
 
+def test_forward_to_runs_one_exit_as_the_reference_computes_it():
+    from dynas.errors import ConfigError
+    from dynas.kernels.exits import forward_exits, forward_to
+
+    torch.manual_seed(0)
+    model = build_model({**CONFIG, "stages": [{}] * 4}).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = forward_exits(model, x)
+        for k in range(3):
+            assert torch.allclose(forward_to(model, k, x), ref[k], atol=1e-6)
+    with pytest.raises(ConfigError, match=r"exit=3 does not exist; allowed: 0..2"):
+        forward_to(model, 3, x)
+
+
 # ----------------------------------------------------------------------------- dynas exits
 
 
