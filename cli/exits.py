@@ -27,6 +27,7 @@ from dynas.cli.common import (
     add_command,
     check_output,
     echo,
+    nonneg_int,
     number,
     positive_int,
     str_list,
@@ -104,10 +105,17 @@ def _plan(args: argparse.Namespace) -> dict[str, Any]:
             raise UsageError("CONFIG is inline JSON, not a file; allowed: -o OUT to write the config with thresholds")
         check_output("-o", out)
     target = load_target(args.target or config_target(args.config) or "v100")
-    exits = predict(cfg, target, args.latency_batch_size).exits
-    first = exits[0].anytime_latency_ms_per_image
+    pred = predict(cfg, target, args.latency_batch_size)
+    first = pred.exits[0].anytime_latency_ms_per_image
     budgets = [check_budget(b, first, cfg.exits[0]) for b in (args.budget_ms, *args.budgets_ms) if b is not None]
-    return {"cfg": cfg, "target": target, "exits": exits, "budgets": budgets, "out": out}
+    return {
+        "cfg": cfg,
+        "target": target,
+        "batch_size": pred.batch_size,
+        "exits": pred.exits,
+        "budgets": budgets,
+        "out": out,
+    }
 
 
 def _val_batches(args: argparse.Namespace, model: Any, cfg: Any) -> tuple[list[Any], str]:
@@ -165,7 +173,7 @@ def _fit(args: argparse.Namespace, plan: dict[str, Any]) -> dict[str, Any]:
         result: dict[str, Any] = {
             "config": cfg.short(),
             "target": plan["target"].name,
-            "batch_size": exits[0].latency_ms / exits[0].latency_ms_per_image,
+            "batch_size": plan["batch_size"],
             "data": source,
             "images": int(correct.shape[1]),
             "exits": [
@@ -249,7 +257,7 @@ def _html(path: str, result: dict[str, Any]) -> None:
 
 def _print(result: dict[str, Any]) -> None:
     echo(
-        f"{result['config']} on {result['target']} (batch {result['batch_size']:g}), "
+        f"{result['config']} on {result['target']} (batch {result['batch_size']}), "
         f"{result['images']} validation images of {result['data']}"
     )
     echo(
@@ -329,6 +337,6 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--batch-size", type=positive_int, default=256, metavar="N", help="images per forward pass")
     p.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the synthetic sets (as dynas train)")
-    p.add_argument("--workers", type=positive_int, default=4, metavar="N", help="loader workers (image folders)")
+    p.add_argument("--workers", type=nonneg_int, default=4, metavar="N", help="loader workers (image folders)")
     p.add_argument("--threads", type=positive_int, default=None, metavar="N", help="CPU threads (default: torch's)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
