@@ -57,7 +57,7 @@ def trained(tmp_path_factory):
     cfg_path.write_text(json.dumps(CONFIG))
     run_dir = root / "run"
     opts = TrainOptions(
-        data=DATA, output_dir=str(run_dir), epochs=2, batch_size=32, workers=0, device="cpu", threads=2, target="v100"
+        data=DATA, output_dir=str(run_dir), epochs=1, batch_size=32, workers=0, device="cpu", threads=2, target="v100"
     )
     result = run_training(str(cfg_path), opts)
     return {"root": root, "cfg": cfg_path, "run": run_dir, "result": result}
@@ -100,7 +100,7 @@ def test_the_finetune_loop_trains_every_exit_head():
 
 def test_training_with_exits_records_each_exits_top1_and_model_pt_loads_back(trained):
     lines = [json.loads(t) for t in (trained["run"] / "metrics.jsonl").read_text().splitlines()]
-    assert len(lines) == 2
+    assert len(lines) == 1
     for line in lines:
         assert [e["after_stage"] for e in line["exit_top1"]] == [1, 2, 3]
         assert line["exit_top1"][-1]["top1"] == pytest.approx(line["top1"])
