@@ -118,12 +118,23 @@ def _plan(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _val_batches(args: argparse.Namespace, model: Any, cfg: Any) -> tuple[list[Any], str]:
+class _Normalised:
+    """A loader's ``(images, labels)`` batches with the images normalised, re-iterable (read twice)."""
+
+    def __init__(self, loader: Any) -> None:
+        self.loader = loader
+
+    def __iter__(self) -> Any:
+        from dynas.kernels.imagefolder import normalise
+
+        return ((normalise(x), y) for x, y in self.loader)  # [B, 3, H, W] float, [B]
+
+
+def _val_batches(args: argparse.Namespace, model: Any, cfg: Any) -> tuple[_Normalised, str]:
     """The validation split of ``--data`` as normalised ``(images, labels)`` batches, and its description."""
     import torch
 
     from dynas.kernels.data import check_datasets, load_datasets
-    from dynas.kernels.imagefolder import normalise
 
     data = load_datasets(args.data, cfg.input_size, args.seed, splits=("val",), check=False)
     if data.num_classes != model.fc.out_features:
@@ -135,10 +146,10 @@ def _val_batches(args: argparse.Namespace, model: Any, cfg: Any) -> tuple[list[A
     loader = torch.utils.data.DataLoader(
         data.val, batch_size=args.batch_size, num_workers=args.workers if data.decodes else 0
     )
-    return [(normalise(x), y) for x, y in loader], data.source  # [B, 3, H, W] float, [B]
+    return _Normalised(loader), data.source
 
 
-def _confidence_run(model: Any, batches: list[Any], thresholds: tuple[float, ...]) -> tuple[float, list[float]]:
+def _confidence_run(model: Any, batches: _Normalised, thresholds: tuple[float, ...]) -> tuple[float, list[float]]:
     """Top-1 (%) of the confidence policy with ``thresholds`` over ``batches`` and the share of images per exit."""
     import torch
 
