@@ -13,32 +13,48 @@ from __future__ import annotations
 
 import argparse
 import time
+from typing import Any, Callable
 
 import torch
 
-from dynas.kernels.data import load_data
+from dynas.kernels.data import DataSplits, load_data
 from dynas.kernels.exits import exit_accuracies
 from dynas.kernels.model import build_model
 from dynas.kernels.recipe import exit_loss
 
 
-def run(data: str, steps: int, size: int, batch: int, lr: float, head: str, seed: int) -> list[float]:
-    splits = load_data(data, (size, size), batch, seed)
+def train_model(
+    cfg: dict[str, Any],
+    splits: DataSplits,
+    steps: int,
+    lr: float,
+    seed: int,
+    loss_fn: Callable[[Any, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    label: str = "",
+) -> Any:
+    """``build_model(cfg)`` trained from scratch for ``steps`` steps on ``splits`` (SGD, Nesterov,
+    cosine); ``loss_fn(model, x, y)`` defaults to :func:`exit_loss` of every exit's output."""
     torch.manual_seed(seed)
-    cfg = {"backbone": "resnet18", "input_size": size, "stages": [{}] * 4, "exits": [0, 1, 2], "exit_head": head}
     model = build_model(cfg).set_num_classes(splits.num_classes).train()
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-5)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
     batches = splits.train_batches()
     for step in range(steps):
         x, y = next(batches)  # [B, 3, H, W], [B]
-        loss = exit_loss(model(x), y)
+        loss = exit_loss(model(x), y) if loss_fn is None else loss_fn(model, x, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
         if step % 50 == 0 or step == steps - 1:
-            print(f"  {data} step {step:4d} loss {float(loss.detach()):.3f}", flush=True)
+            print(f"  {label} step {step:4d} loss {float(loss.detach()):.3f}", flush=True)
+    return model
+
+
+def run(data: str, steps: int, size: int, batch: int, lr: float, head: str, seed: int) -> list[float]:
+    splits = load_data(data, (size, size), batch, seed)
+    cfg = {"backbone": "resnet18", "input_size": size, "stages": [{}] * 4, "exits": [0, 1, 2], "exit_head": head}
+    model = train_model(cfg, splits, steps, lr, seed, label=data)
     return exit_accuracies(model, splits.val)
 
 

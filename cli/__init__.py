@@ -13,6 +13,7 @@ Subcommands::
     dynas evaluate CONFIG --weights F  accuracy, realised rates and latency of a trained model
     dynas calibrate -o TARGET.toml     measure this device, fit a target file
     dynas validate --target T          held-out measurements vs predictions
+    dynas exits CONFIG --weights F     early-exit confidence thresholds for a latency budget
 
 Every bad input (a :class:`~dynas.errors.DynasError` or an argparse error) ends as one line
 ``dynas: error: <message>`` on stderr and exit status 2, with no traceback.  Output paths are
@@ -35,7 +36,7 @@ import sys
 import warnings
 from typing import Any, Callable, Sequence
 
-from dynas.cli import measure, predict, search, train, validate
+from dynas.cli import exits, measure, predict, search, train, validate
 from dynas.cli.common import Formatter, Parser, UsageError
 from dynas.errors import DynasError
 
@@ -67,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"dynas {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for commands in (predict, search, measure, validate, train):
+    for commands in (predict, search, measure, validate, train, exits):
         commands.add_parsers(sub, parent)
     return parser
 

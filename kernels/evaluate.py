@@ -15,6 +15,10 @@
     the latency predicted on the hardware target at the *realised* rates (the config with
     each rate replaced, :func:`~dynas.kernels.finetune.realised_config`) and the static
     network's, at the target's batch size;
+``exits`` (configs with exits)
+    one entry per exit, own head last: ``exit``, ``after_stage``, ``top1`` (%, every held-out
+    image answered there) and the predicted ``latency_ms`` straight to it at the realised rates
+    (the budget policy's cost; :mod:`dynas.kernels.exits`);
 ``measured`` (``--bench``)
     :func:`~dynas.kernels.bench.bench` on this machine: dynas's kernels at the realised rates
     (budget gate mode, fast path) next to the static network.
@@ -46,6 +50,8 @@ __all__ = [
     "precision",
     "autocast",
     "evaluate_model",
+    "load_weights",
+    "trained_model",
     "config_target",
     "summarise",
     "summary_lines",
@@ -58,6 +64,7 @@ class EvalResult:
     top5: float  # %
     images: int
     rates: dict[int, dict[str, float]]  # realised, adaptive gates: {stage: {"rate": r[, "channel_rate": c]}}
+    exit_top1: list[float] | None = None  # %, per exit (own head last; its value is top1); None: no exits
 
 
 def eval_loader(dataset: Any, batch_size: int, workers: int, env: DistEnv) -> torch.utils.data.DataLoader:
@@ -90,39 +97,102 @@ def evaluate_model(
     model: torch.nn.Module, loader: Any, env: DistEnv, amp_dtype: torch.dtype | None = None, channels_last: bool = False
 ) -> EvalResult:
     """Top-1/top-5 (%) and realised rates of ``model`` over ``loader`` (this process's share), summed
-    over processes.  Adaptive gates, reference path; the model's mode and path are restored."""
+    over processes.  Adaptive gates, reference path; the model's mode and path are restored.  A
+    model with exits is run with every exit computed (policy ``"all"``): top-1/top-5 are its own
+    head's, ``exit_top1`` each exit's."""
     net = _unwrap(model)
-    was_training = net.training
+    was_training, policy = net.training, net.exit_policy
     net.eval()
+    exits = len(net.config.exits)
+    if exits:
+        net.set_exit_policy("all")
     gated = any(b.paradigm != "static" for b in net.blocks())
     if gated:
         net.set_gate_mode("adaptive").set_path("reference")
     num_stages = len(net.config.stages)
-    counts = torch.zeros(3, dtype=torch.float64, device=env.device)  # top-1 hits, top-5 hits, images
+    # top-1 hits, top-5 hits, images, then the top-1 hits of each early exit
+    counts = torch.zeros(3 + exits, dtype=torch.float64, device=env.device)
     sums = torch.zeros(num_stages, 4, dtype=torch.float64, device=env.device)  # see trainer.rate_sums
-    with torch.no_grad(), autocast(env.device, amp_dtype):
-        for x, y in loader:
-            x = normalise(x.to(env.device, non_blocking=True))  # [B, 3, H, W] float
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            y = y.to(env.device, non_blocking=True)  # [B]
-            logits = net(x).float()  # [B, classes]
-            top = logits.topk(min(5, logits.shape[1]), dim=1).indices  # [B, k]
-            hit = top == y[:, None]  # [B, k]
-            counts += torch.stack(
-                [hit[:, 0].sum(), hit.any(dim=1).sum(), torch.tensor(len(y), device=env.device)]
-            ).double()
-            if gated:
-                sums += rate_sums(net.flops_readout(), len(y), num_stages).to(env.device)
+    try:
+        with torch.no_grad(), autocast(env.device, amp_dtype):
+            for x, y in loader:
+                x = normalise(x.to(env.device, non_blocking=True))  # [B, 3, H, W] float
+                if channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                y = y.to(env.device, non_blocking=True)  # [B]
+                out = net(x)
+                outs = [o.float() for o in out] if exits else [out.float()]  # [B, classes] per exit, own head last
+                logits = outs[-1]
+                top = logits.topk(min(5, logits.shape[1]), dim=1).indices  # [B, k]
+                hit = top == y[:, None]  # [B, k]
+                early = [(o.argmax(dim=1) == y).sum() for o in outs[:-1]]  # top-1 hits of each early exit
+                n = torch.tensor(len(y), device=env.device)
+                counts += torch.stack([hit[:, 0].sum(), hit.any(dim=1).sum(), n, *early]).double()
+                if gated:
+                    sums += rate_sums(net.flops_readout(), len(y), num_stages).to(env.device)
+    finally:
+        net.exit_policy = policy
+        if gated:
+            net.set_path("fast")
+        net.train(was_training)
     env.all_reduce_sum(counts)
     env.all_reduce_sum(sums)
-    if gated:
-        net.set_path("fast")
-    net.train(was_training)
-    top1_hits, top5_hits, images = counts.tolist()
+    top1_hits, top5_hits, images, *exit_hits = counts.tolist()
     if images == 0:
         raise ConfigError("data: the held-out split yielded no image; allowed: a val split with at least one image")
-    return EvalResult(100.0 * top1_hits / images, 100.0 * top5_hits / images, int(images), rates_from_sums(sums))
+    exit_top1 = [100.0 * h / images for h in (*exit_hits, top1_hits)] if exits else None
+    return EvalResult(
+        100.0 * top1_hits / images, 100.0 * top5_hits / images, int(images), rates_from_sums(sums), exit_top1
+    )
+
+
+def load_weights(path: str, option: str = "--weights") -> dict[str, Any]:
+    """The state dict in ``path``: ``RUN/model.pt``, or the model of ``RUN/checkpoint.pt``; a
+    one-line :class:`ConfigError` naming ``option`` for anything else."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - anything that is not a torch.save file
+        why = " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
+        raise ConfigError(
+            f"{option}={path!r} cannot be loaded ({why}); allowed: RUN/model.pt or RUN/checkpoint.pt"
+        ) from None
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]  # a checkpoint.pt
+    if not isinstance(state, dict) or "fc.weight" not in state:
+        raise ConfigError(
+            f"{option}={path!r} is not a state dict with a classifier (fc.weight); "
+            "allowed: RUN/model.pt or RUN/checkpoint.pt"
+        )
+    return state
+
+
+def trained_model(cfg: ArchConfig, path: str, option: str = "--weights") -> torch.nn.Module:
+    """``build_model(cfg)`` with the weights in ``path`` (:func:`load_weights`), in eval mode.
+
+    Every key must match, exit heads included: weights of another config (other stages, exits
+    elsewhere or none, another head) are refused with one line naming the first key that differs.
+    """
+    from dynas.kernels.model import build_model
+
+    state = load_weights(path, option)
+    model = build_model(cfg, num_classes=int(state["fc.weight"].shape[0]))
+    own = model.state_dict()
+    differ = [
+        *(f"missing {k}" for k in own if k not in state),
+        *(f"unexpected {k}" for k in state if k not in own),
+        *(
+            f"{k} has shape {tuple(v.shape)}, not {tuple(own[k].shape)}"
+            for k, v in state.items()
+            if k in own and tuple(getattr(v, "shape", ())) != tuple(own[k].shape)
+        ),
+    ]
+    if differ:
+        raise ConfigError(
+            f"{option}={path!r} does not fit {cfg.backbone} {cfg.short()} ({len(differ)} key(s) differ, first: "
+            f"{differ[0]}); allowed: the model.pt of a run of this config"
+        )
+    model.load_state_dict(state)
+    return model.eval()
 
 
 def config_target(source: Any) -> str | None:
@@ -175,6 +245,11 @@ def summarise(
         "config": cfg.short(),
         "realised_config": realised.short(),
     }
+    if result.exit_top1 is not None:
+        out["exits"] = [
+            {"exit": e.exit, "after_stage": e.after_stage, "top1": top1, "latency_ms": e.latency_ms}
+            for e, top1 in zip(pred.exits, result.exit_top1)
+        ]
     if bench:
         from dynas.kernels.bench import bench as run_bench
 
@@ -202,6 +277,11 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
             f"; channel rate {r['channel_rate']:.3f} (target {r['channel_target']:.3f})" if "channel_rate" in r else ""
         )
         lines.append(f"stage {s}: realised rate {r['rate']:.3f} (target {r['target']:.3f}){extra}")
+    for e in summary.get("exits", []):
+        lines.append(
+            f"exit {e['exit']} after stage {e['after_stage']}: top-1 {e['top1']:.2f}%, predicted {e['latency_ms']:.4g} ms "
+            "straight to it"
+        )
     speedup = summary["static_latency_ms"] / summary["latency_ms"] if summary["latency_ms"] > 0 else float("nan")
     lines.append(
         f"predicted on {summary['target']} at batch {summary['batch_size']}, at the realised rates: "

@@ -74,8 +74,10 @@ __all__ = [
     "EXIT_POLICIES",
     "make_policy",
     "forward_exits",
+    "forward_to",
     "exit_outputs",
     "exit_accuracies",
+    "fit_from_outputs",
     "fit_thresholds",
     "with_thresholds",
 ]
@@ -133,6 +135,20 @@ def forward_exits(model: "DynamicNet", x: torch.Tensor) -> list[torch.Tensor]:
             outs.append(model.exit_heads[at[s]](h))  # before the next block, which may reuse h's memory
     outs.append(model.forward_head(h))
     return outs
+
+
+def forward_to(model: "DynamicNet", k: int, x: torch.Tensor) -> torch.Tensor:
+    """Exit ``k``'s logits [N, classes] (k = len(exits): the own head), running only the stem,
+    the stages up to that exit and its head: what the budget policy runs, in any mode (a
+    truncated network trained alone runs this in training)."""
+    if not 0 <= k <= len(model.config.exits):
+        raise ConfigError(f"exit={k!r} does not exist; allowed: 0..{len(model.config.exits)} (the own head last)")
+    last_stage = model.config.exits[k] if k < len(model.config.exits) else model.spec.num_stages - 1
+    h = model.forward_stem(x)
+    for s in range(last_stage + 1):  # stages after the exit are never run
+        for blk in model.stage_modules(s):
+            h = blk(h)
+    return _answer(model, k, h)
 
 
 # ----------------------------------------------------------------------------- policies
@@ -211,13 +227,8 @@ class BudgetPolicy(_Predicted):
 
     def run(self, model: "DynamicNet", x: torch.Tensor) -> torch.Tensor:
         k = self.exit_for(model.config, x.shape[0])
-        last_stage = model.config.exits[k] if k < len(model.config.exits) else model.spec.num_stages - 1
-        h = model.forward_stem(x)
-        for s in range(last_stage + 1):  # stages after the exit are never run
-            for blk in model.stage_modules(s):
-                h = blk(h)
         model.last_exit = _all_at(x, k)
-        return _answer(model, k, h)
+        return forward_to(model, k, x)
 
 
 class DeadlinePolicy(_Predicted):
@@ -416,12 +427,25 @@ def fit_thresholds(
     """Thresholds for each budget (mean predicted latency per image on ``target`` at
     ``batch_size``, default the target's), fitted on ``data`` by
     :func:`dynas.predictors.thresholds.budget_curve`."""
+    confidence, correct = exit_outputs(model, data)
+    return fit_from_outputs(model.config, confidence, correct, target, budgets_ms, batch_size)
+
+
+def fit_from_outputs(
+    config: ArchConfig,
+    confidence: torch.Tensor,
+    correct: torch.Tensor,
+    target: Any,
+    budgets_ms: Sequence[float],
+    batch_size: int | None = None,
+) -> list[BudgetThresholds]:
+    """:func:`fit_thresholds` from :func:`exit_outputs` already computed (``confidence``,
+    ``correct``: [exits, n]), for a caller that also reads each exit's accuracy from them."""
     from dynas.predictors.latency import predict
 
-    exits = predict(model.config, target, batch_size).exits
-    confidence, correct = exit_outputs(model, data)
+    exits = predict(config, target, batch_size).exits
     costs = [e.anytime_latency_ms_per_image for e in exits]
-    return budget_curve(confidence.double().numpy(), correct.numpy(), costs, list(budgets_ms), model.config.exits[0])
+    return budget_curve(confidence.double().numpy(), correct.numpy(), costs, list(budgets_ms), config.exits[0])
 
 
 def with_thresholds(config: ArchConfig, fitted: BudgetThresholds | Sequence[float]) -> ArchConfig:

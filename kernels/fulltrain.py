@@ -12,6 +12,10 @@ constant is a field of :class:`TrainOptions` with the recipe's value as default:
 * loss = CE + 10 x sparsity (per-stage FLOPs and rate targets, bounds relaxing over the first
   third) + 0.5 x KD (T = 4), Gumbel temperature 5 -> 0.1 over the whole run
   (:mod:`dynas.kernels.recipe`);
+* a config with ``exits`` trains its exit heads jointly with the rest: the cross-entropy term
+  becomes :func:`~dynas.kernels.recipe.exit_loss` (every exit's cross-entropy plus the early
+  exits' distillation from the teacher, else from the final exit), and each epoch's line in
+  ``metrics.jsonl`` gains ``exit_top1`` (``[{"after_stage": s, "top1": %}, ...]``, own head last);
 * on CUDA: bf16 autocast where supported, else fp16 with a gradient scaler, channels-last;
   on CPU: float32.
 
@@ -301,7 +305,7 @@ def _train_step(run: _Run, x: torch.Tensor, y: torch.Tensor, step: int, sums: to
     y = y.to(run.env.device, non_blocking=True)  # [B]
     flops_targets, rate_targets = run.targets
     with autocast(run.env.device, run.amp_dtype):
-        logits = run.model(x)  # [B, classes]
+        logits = run.model(x)  # [B, classes]; with exits a list of them, own head last (recipe_loss takes both)
         readout = run.net.flops_readout() if run.gated else []
         t_logits = None
         if run.teacher is not None:
@@ -385,11 +389,18 @@ def _epoch_line(run: _Run, state: _State, result: EvalResult, steps: int) -> dic
         "top1": result.top1,
         "top5": result.top5,
         "val_images": result.images,
+        **({} if result.exit_top1 is None else {"exit_top1": _exit_top1(run.cfg, result.exit_top1)}),
         "realised_rates": {str(k): v for k, v in result.rates.items()},
         "train_rates": {str(k): v for k, v in train_rates.items()},
         "images_per_s": s[4] / state.time_s if state.time_s > 0 else None,
         "time_s": state.time_s,
     }
+
+
+def _exit_top1(cfg: ArchConfig, top1: list[float]) -> list[dict[str, Any]]:
+    """Per exit, own head last: ``{"after_stage": s, "top1": %}`` (the finetune proxy's ``exit_top1``)."""
+    stages = [*cfg.exits, len(cfg.stages) - 1]
+    return [{"after_stage": s, "top1": t} for s, t in zip(stages, top1)]
 
 
 def _run_epoch(run: _Run, state: _State, progress: Progress) -> None:
@@ -431,6 +442,12 @@ def _run_epoch(run: _Run, state: _State, progress: Progress) -> None:
             rates or "-",
             line["images_per_s"] or 0,
         )
+        if "exit_top1" in line:
+            progress.info(
+                "epoch %d: val top-1 per exit %s",
+                line["epoch"],
+                ", ".join(f"after stage {e['after_stage']} {e['top1']:.2f}%" for e in line["exit_top1"]),
+            )
     state.epoch, state.step_in_epoch, state.time_s = state.epoch + 1, 0, 0.0
     state.sums = run.new_sums()
     if run.opts.output_dir:
@@ -539,7 +556,11 @@ def run_training(config: Any, opts: TrainOptions = TrainOptions()) -> TrainResul
             _run_epoch(run, state, progress)
         last = state.history[-1]
         result = EvalResult(
-            last["top1"], last["top5"], last["val_images"], {int(k): v for k, v in last["realised_rates"].items()}
+            last["top1"],
+            last["top5"],
+            last["val_images"],
+            {int(k): v for k, v in last["realised_rates"].items()},
+            [e["top1"] for e in last["exit_top1"]] if "exit_top1" in last else None,
         )
         summary = None
         if env.is_main:

@@ -164,7 +164,7 @@ def distillation_loss(
 
 
 def recipe_loss(
-    logits: torch.Tensor,
+    logits: "torch.Tensor | Sequence[torch.Tensor]",
     labels: torch.Tensor,
     readout: Sequence[Mapping],
     step: int,
@@ -178,9 +178,20 @@ def recipe_loss(
 
     loss = CE + ``lambda_act`` x :func:`sparsity_loss` (when the readout has dynamic blocks)
     + ``alpha_kd`` x :func:`distillation_loss` (when ``teacher_logits`` are given).
+
+    ``logits`` may be the list a model with exits returns in training (one [N, classes] per
+    exit, own head last): then ``ce`` is :func:`exit_loss` (every exit's cross-entropy, plus the
+    early exits' distillation from ``teacher_logits`` when given, else from the final exit), and
+    the teacher's distillation term applies to the final exit, as without exits.
     """
-    logits = logits.float()  # [N, classes]; the loss in float32 under mixed precision too
-    ce = F.cross_entropy(logits, labels)
+    if isinstance(logits, torch.Tensor):
+        logits = logits.float()  # [N, classes]; the loss in float32 under mixed precision too
+        ce = F.cross_entropy(logits, labels)
+    else:
+        outputs = [o.float() for o in logits]  # one [N, classes] per exit, own head last
+        early_teacher = None if teacher_logits is None or recipe.alpha_kd == 0 else teacher_logits.float()
+        ce = exit_loss(outputs, labels, teacher_logits=early_teacher, temperature=recipe.kd_temperature)
+        logits = outputs[-1]
     zero = ce.new_zeros(())
     sp = (
         sparsity_loss(readout, flops_targets, step, total_steps, recipe=recipe, rate_targets=rate_targets)

@@ -8,7 +8,8 @@ sums (:func:`rate_sums`) with this loop.
 
 Per step: Gumbel temperature from :func:`gumbel_temperature`; loss = cross-entropy +
 ``lambda_act`` x :func:`sparsity_loss` (per-stage targets) [+ ``alpha_kd`` x distillation when
-a teacher is given]; SGD with Nesterov momentum 0.9, weight decay 5e-5, cosine learning rate.
+a teacher is given; with exits, the cross-entropy term is every exit's, see
+:func:`~dynas.kernels.recipe.recipe_loss`]; SGD with Nesterov momentum 0.9, weight decay 5e-5, cosine learning rate.
 
 Stage targets: each stage's configured activation rate and the FLOPs ratio the stage has at
 exactly those rates; training pulls the **adaptive** (learned) gates to both.
@@ -241,7 +242,7 @@ def finetune(
     for step in range(steps):
         x, y = next(batches)  # [B, 3, H, W], [B]
         model.set_temperature(gumbel_temperature(step, steps, recipe))
-        logits = model(x)
+        logits = model(x)  # [B, classes]; with exits a list of them, own head last
         readout = model.flops_readout() if dynamic else []
         t_logits = None
         if teacher is not None and recipe.alpha_kd > 0:

@@ -40,7 +40,15 @@ import numpy as np
 
 from dynas.errors import ConfigError
 
-__all__ = ["P_GRID", "BudgetThresholds", "exit_at", "thresholds_for_p", "thresholds_for_budget", "budget_curve"]
+__all__ = [
+    "P_GRID",
+    "BudgetThresholds",
+    "check_budget",
+    "exit_at",
+    "thresholds_for_p",
+    "thresholds_for_budget",
+    "budget_curve",
+]
 
 #: geometric-family parameters swept: MSDNet's k/20 for k = 1..39, plus finer ends (ours)
 P_GRID: tuple[float, ...] = (
@@ -151,7 +159,9 @@ def _sweep(
     return rows
 
 
-def _budget(value: Any, first_ms: float, first_stage: int | None) -> float:
+def check_budget(value: Any, first_ms: float, first_stage: int | None = None) -> float:
+    """``value`` as a budget (ms per image) that the first exit's cost ``first_ms`` fits, else a one-line
+    :class:`ConfigError` naming that cost (``first_stage``: the stage the first exit follows)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise ConfigError(f"budget_ms={value!r} is not allowed; allowed: a positive number (ms per image)")
     if value < first_ms * (1 - 1e-12):
@@ -194,6 +204,6 @@ def budget_curve(
     conf, ok, costs = _check(confidence, correct, costs_ms)
     if isinstance(budgets_ms, (str, bytes)) or not isinstance(budgets_ms, Sequence) or not budgets_ms:
         raise ConfigError(f"budgets_ms={budgets_ms!r} is not allowed; allowed: a non-empty list of positive numbers")
-    budgets = [_budget(b, float(costs[0]), first_stage) for b in budgets_ms]
+    budgets = [check_budget(b, float(costs[0]), first_stage) for b in budgets_ms]
     rows = _sweep(conf, ok, costs)
     return [_pick(rows, b) for b in budgets]
