@@ -139,33 +139,19 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_weights(path: str) -> dict[str, Any]:
-    import torch
-
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - anything that is not a torch.save file
-        why = " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
-        raise ConfigError(
-            f"--weights={path!r} cannot be loaded ({why}); allowed: RUN/model.pt or RUN/checkpoint.pt"
-        ) from None
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]  # a checkpoint.pt
-    if not isinstance(state, dict) or "fc.weight" not in state:
-        raise ConfigError(
-            f"--weights={path!r} is not a state dict with a classifier (fc.weight); "
-            "allowed: RUN/model.pt or RUN/checkpoint.pt"
-        )
-    return state
-
-
 def _evaluate(args: argparse.Namespace) -> dict[str, Any] | None:
     import torch
 
     from dynas.kernels.data import check_datasets, load_datasets
     from dynas.kernels.distributed import init_distributed, shutdown
-    from dynas.kernels.evaluate import config_target, eval_loader, evaluate_model, precision, summarise
-    from dynas.kernels.model import build_model
+    from dynas.kernels.evaluate import (
+        config_target,
+        eval_loader,
+        evaluate_model,
+        precision,
+        summarise,
+        trained_model,
+    )
     from dynas.spaces.config import load_config
 
     cfg = load_config(args.config)
@@ -180,15 +166,7 @@ def _evaluate(args: argparse.Namespace) -> dict[str, Any] | None:
     env = init_distributed(args.device)
     try:
         with env.together():
-            state = _load_weights(args.weights)
-            model = build_model(cfg, num_classes=int(state["fc.weight"].shape[0]))
-            try:
-                model.load_state_dict(state)
-            except RuntimeError as exc:
-                raise ConfigError(
-                    f"--weights={args.weights!r} does not fit {cfg.backbone} {cfg.short()} "
-                    f"({str(exc).splitlines()[0]}); allowed: the model.pt of a run of this config"
-                ) from None
+            model = trained_model(cfg, args.weights)
             data = load_datasets(args.data, cfg.input_size, splits=("val",), check=False)
             if data.num_classes != model.fc.out_features:
                 raise ConfigError(
