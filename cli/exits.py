@@ -29,8 +29,8 @@ from dynas.cli.common import (
     echo,
     nonneg_int,
     number,
+    number_list,
     positive_int,
-    str_list,
     table,
 )
 from dynas.errors import ConfigError
@@ -39,11 +39,6 @@ __all__ = ["add_parsers", "policy_rows"]
 
 #: the data the exit features default to (docs/early-exits.md, "The harder synthetic set")
 DEFAULT_EXIT_DATA = "synthetic-hard"
-
-
-def _budgets(text: str) -> tuple[float, ...]:
-    """argparse type: a comma-separated list of numbers (range checks are the library's)."""
-    return tuple(number(t) for t in str_list(text))
 
 
 def policy_rows(exits: list[Any], exit_top1: list[float], budgets_ms: list[float]) -> list[dict[str, Any]]:
@@ -335,7 +330,11 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--budget-ms", type=number, default=None, metavar="X", help="budget: mean latency per image (ms)")
     p.add_argument(
-        "--budgets-ms", type=_budgets, default=(), metavar="B1,B2,...", help="budgets of the accuracy-vs-budget table"
+        "--budgets-ms",
+        type=number_list,
+        default=(),
+        metavar="B1,B2,...",
+        help="budgets of the accuracy-vs-budget table",
     )
     p.add_argument("-o", "--output", default=None, metavar="OUT", help="write the config here (default: CONFIG)")
     p.add_argument("--html", default=None, metavar="FILE", help="plotly chart of the --budgets-ms curve")
