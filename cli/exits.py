@@ -28,9 +28,9 @@ from dynas.cli.common import (
     check_output,
     echo,
     nonneg_int,
-    number,
     number_list,
     positive_int,
+    positive_number,
     table,
 )
 from dynas.errors import ConfigError
@@ -328,7 +328,9 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--target", default=None, metavar="T", help="hardware target (default: the config's export target, else v100)"
     )
-    p.add_argument("--budget-ms", type=number, default=None, metavar="X", help="budget: mean latency per image (ms)")
+    p.add_argument(
+        "--budget-ms", type=positive_number, default=None, metavar="X", help="budget: mean latency per image (ms)"
+    )
     p.add_argument(
         "--budgets-ms",
         type=number_list,

@@ -149,7 +149,7 @@ def test_bad_config_is_one_line_for_every_command_that_reads_one(
     if text.startswith("FILE:"):
         (tmp_path / "cfg.json").write_text(text[5:])
         source = "cfg.json"
-    extra = ["-o", "out.pt"] if command == "train" else []
+    extra = {"train": ["-o", "out.pt"], "exits": ["--weights", "w.pt", "--budget-ms", "1"]}.get(command, [])
     before = _listing(tmp_path)
     code, out, err = _run(capsys, command, source, *extra)
     line = _one_line_error(code, err)
@@ -299,6 +299,7 @@ def _required_args(command: str, study) -> list[str]:
         "predict": ["cfg.json"],
         "bench": ["cfg.json"],
         "train": ["cfg.json"],
+        "exits": ["cfg.json", "--weights", "w.pt"],
         "calibrate": ["-o", "t.toml"],
         "validate": ["--target", "v100"],
         "pareto": ["--storage", study["url"], "--study-name", study["name"]],
