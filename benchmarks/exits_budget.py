@@ -1,7 +1,7 @@
 """Early exits measured: latency under the budget and deadline policies, halted vs full, accuracy per budget.
 
 Issue 20's "Measured" list (the search aside), with dynas's kernels on this CPU and the committed
-calibrated target ``benchmarks/data/cpu-2core-dec02-pooled/cpu-2core-dec02-pooled.toml``:
+calibrated target ``benchmarks/data/cpu-2core-dec07/cpu-2core-dec07.toml``:
 
 1. **Budgets.** ResNet-18 with light exits after stages 0, 1 and 2 (untrained weights: time does
    not depend on them), budgets of 30 / 50 / 70 % of the static network's predicted latency on
@@ -57,7 +57,7 @@ from dynas.predictors.latency import predict  # noqa: E402
 from dynas.predictors.targets import load_target  # noqa: E402
 from dynas.spaces.config import ArchConfig, load_config  # noqa: E402
 
-TARGET = Path(__file__).resolve().parent / "data/cpu-2core-dec02-pooled/cpu-2core-dec02-pooled.toml"
+TARGET = Path(__file__).resolve().parent / "data/cpu-2core-dec07/cpu-2core-dec07.toml"
 EXITS = (0, 1, 2)
 HALT_STAGE = 1  # "an exit after stage 2 of 4" (0-based stage 1)
 
