@@ -1,7 +1,7 @@
 """Compare the latency model with the LAUDNet reference simulator's published figures.
 
-Reference figures: shared/anchors/laudnet.md section 3 (LAUDNet, TPAMI 2024, computed by its
-DyNetSimulator): ms per image for the four residual stages of static networks on five GPUs, and
+Reference figures: LAUDNet (Han et al., TPAMI 2024, arXiv 2308.15949), computed by its public
+DyNetSimulator (LeapLabTHU/LAUDNet): ms per image for the four residual stages of static networks on five GPUs, and
 whole-network dynamic/static latency ratios on V100 at batch 128.
 
     python benchmarks/fidelity.py

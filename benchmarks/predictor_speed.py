@@ -6,7 +6,7 @@ Two workloads, both timing ``dynas.predict`` alone (sampler time excluded):
   median is taken over the trials after ``--warmup`` (the memo has warmed up on earlier ones).
 * random: fresh uniformly random candidates after ``--warmup`` random warm-up candidates: the
   worst case for the memo, since almost every candidate brings unseen operator shapes.  The LAUDNet reference simulator needs about 900 ms per
-whole-network candidate on a 2-core machine (shared/anchors/laudnet.md section 2).
+whole-network candidate on a 2-core machine (LAUDNet's public DyNetSimulator, LeapLabTHU/LAUDNet).
 
     python benchmarks/predictor_speed.py [--backbone resnet101] [--target v100] [--warmup 300] [--n 300]
 """

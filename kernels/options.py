@@ -20,7 +20,7 @@ DEVICES = ("auto", "cpu", "cuda")
 
 @dataclass(frozen=True)
 class TrainingRecipe:
-    """LAUDNet's fine-tuning recipe (anchors section 5) as plain data."""
+    """LAUDNet's fine-tuning recipe (Han et al., TPAMI 2024) as plain data."""
 
     lambda_act: float = 10.0  # weight of the sparsity loss
     alpha_kd: float = 0.5  # weight of the distillation loss

@@ -1,6 +1,6 @@
 """Training pieces for dynamic networks, for use in the user's own loop.
 
-The recipe is LAUDNet's (shared/anchors/laudnet.md section 5) with one change: the sparsity
+The recipe is LAUDNet's (Han et al., TPAMI 2024, arXiv 2308.15949, and its public training code) with one change: the sparsity
 loss has a target **per stage** (LAUDNet has one global FLOPs target).
 
 Loss = cross-entropy + ``lambda_act`` x sparsity + ``alpha_kd`` x KD(T) against the static teacher.

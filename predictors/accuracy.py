@@ -44,8 +44,8 @@ file; its dynamic deltas are the ResNet-101 curves above moved by the same three
 FLOPs shares ``w_s`` (of that backbone at that input size), the error-ratio sensitivity ``lam_b``
 and the granularity factor ``m`` (decisions per block at the published granularity of the same
 stage position).  A DenseNet layer gate uses the layer curve, its bottleneck channel gate the
-channel curve.  No dynamic DenseNet, RegNetX or RegNetY >= 1.6GF point is published in the
-anchors and none was fitted: those predictions are the transfer rule alone.
+channel curve.  No dynamic DenseNet, RegNetX or RegNetY >= 1.6GF point is published that we
+know of, and none was fitted: those predictions are the transfer rule alone.
 
 Combined paradigms compose the two effects: the primary decision (positions for
 ``spatial+channel``, samples for ``layer+channel``) gives the bonus and its loss, and the

@@ -1,7 +1,7 @@
 """The reference simulator's published figures, and how close the model comes to them.
 
-Source of every number in ``data/reference_figures.json``: shared/anchors/laudnet.md section 3
-(LAUDNet, Han et al., TPAMI 2024; values computed by the authors' DyNetSimulator).
+Source of every number in ``data/reference_figures.json``: LAUDNet
+(Han et al., TPAMI 2024, arXiv 2308.15949; values computed by the authors' public DyNetSimulator, LeapLabTHU/LAUDNet).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Analytical latency of (dynamic) convolution operators on one GPU.
 
-The physics follows the LAUDNet simulator described in ``shared/anchors/laudnet.md`` section 2,
+The physics follows LAUDNet's latency simulator (Han et al., TPAMI 2024; DyNetSimulator in LeapLabTHU/LAUDNet),
 rewritten for speed (vectorized schedule search, memoized per operator) and determinism
 (channel-skip imbalance as an exact expectation instead of random sampling):
 

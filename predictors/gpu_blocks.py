@@ -1,6 +1,6 @@
 """GPU operators of one block under a stage choice, and of the stem and head: how each paradigm
 decomposes a block into the operators :mod:`dynas.predictors.gpu` times (LAUDNet's inference
-kernels, anchors section 2), for :mod:`dynas.predictors.latency`.
+kernels, Han et al., TPAMI 2024), for :mod:`dynas.predictors.latency`.
 
 * static: conv chain + downsample + residual add (one element-wise kernel).
 * spatial: masker + gathered conv chain + scatter-add fused into the residual.  The masker is

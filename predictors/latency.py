@@ -1,8 +1,8 @@
 """Whole-network latency prediction of a dynamic architecture on a target.
 
 On a GPU target a block's latency is the sum of its operators (``predictors/gpu.py``), which
-:mod:`dynas.predictors.gpu_blocks` lists per paradigm (LAUDNet's inference kernels, anchors
-section 2); a stage adds its blocks, a network its stages, stem and head.  On a measured
+:mod:`dynas.predictors.gpu_blocks` lists per paradigm (LAUDNet's inference kernels, Han et al.,
+TPAMI 2024); a stage adds its blocks, a network its stages, stem and head.  On a measured
 ("cpu") target each part's work (``predictors/cpu.py``) is priced by the target's fitted costs.
 
 Rates are budget-mode rates (exactly the configured fraction per sample), so predictions are

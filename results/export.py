@@ -238,7 +238,7 @@ def _stage_targets(cfg: ArchConfig, prediction: dict[str, Any]) -> list[dict[str
 
 
 def training_recipe(cfg: ArchConfig, prediction: dict[str, Any]) -> dict[str, Any]:
-    """The LAUDNet fine-tuning recipe (anchor notes, section 5) as data, for ``cfg``.
+    """The LAUDNet fine-tuning recipe (Han et al., TPAMI 2024) as data, for ``cfg``.
 
     ``target_flops_ratio`` is the whole network's expected / dense FLOPs; each entry of
     ``stages`` gives the stage's own FLOPs target and the configured rates, for a trainer with a

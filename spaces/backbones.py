@@ -205,7 +205,7 @@ BACKBONES: dict[str, _ResNetDef | _RegNetDef | _DenseNetDef] = {
     "resnet152": _ResNetDef("bottleneck", (3, 8, 36, 3)),
     # RegNet design parameters as published (the RegNet paper's pycls model zoo; torchvision's
     # regnet.py uses the same numbers for the sizes it ships).  RegNetY-400MF / -800MF give the
-    # LAUDNet anchors' widths (48, 104, 208, 440) / (64, 144, 320, 784).
+    # widths LAUDNet reports (48, 104, 208, 440) / (64, 144, 320, 784).
     "regnetx_400mf": _RegNetDef(22, 24, 24.48, 2.54, 16),
     "regnetx_800mf": _RegNetDef(16, 56, 35.73, 2.28, 16),
     "regnetx_1_6gf": _RegNetDef(18, 80, 34.01, 2.25, 24),

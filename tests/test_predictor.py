@@ -85,7 +85,7 @@ def test_granularity_that_does_not_divide_is_rejected_not_rounded():
 
 
 def test_fine_granularity_costs_latency_on_big_gpu_not_on_tx2():
-    """The anchors' lesson: S=1 is slower than static on V100 at batch 128; on TX2 it pays off."""
+    """LAUDNet's lesson (Han et al., TPAMI 2024): S=1 is slower than static on V100 at batch 128; on TX2 it pays off."""
     fine = [1, 1, 1, 1]
     cfg = ArchConfig("resnet50", (224, 224), tuple(StageConfig("spatial", 0.5, spatial_granularity=s) for s in fine))
     assert predict(cfg, "v100").latency_ratio > 1.0
@@ -93,7 +93,7 @@ def test_fine_granularity_costs_latency_on_big_gpu_not_on_tx2():
 
 
 def test_reference_figures_are_reproduced():
-    """Calibration points: anchors section 3 (LAUDNet's DyNetSimulator outputs)."""
+    """Calibration points: LAUDNet's DyNetSimulator outputs (Han et al., TPAMI 2024)."""
     static, ratios, summary = compare_reference()
     assert summary["static: Spearman"] >= 0.95
     assert summary["static: median |rel err|"] <= 0.10
