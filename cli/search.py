@@ -86,6 +86,7 @@ def search_options(args: argparse.Namespace) -> SearchOptions:
         rate_step=args.rate_step,
         show_progress=not args.no_progress,
         budgets_ms=args.budgets_ms,
+        budgets_mj=args.budgets_mj,
         budget_ratios=args.budget_ratios,
     )
     if args.exit_heads is not None:
@@ -243,8 +244,8 @@ def _add_what_args(p: argparse.ArgumentParser) -> None:
         "--objective",
         default=search_default("objective"),
         choices=list(OBJECTIVES),
-        help="cost minimised beside top-1, per batch: latency (ms) or energy (mJ; targets with an "
-        "[energy] table, see 'dynas targets'); trials record both either way",
+        help="cost minimised beside top-1, per batch: latency (ms, the default) or energy (mJ; targets with an "
+        "[energy] table, see 'dynas targets'; the default with --budgets-mj); trials record both either way",
     )
     g.add_argument(
         "--max-latency-ms",
@@ -263,7 +264,9 @@ def _add_what_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_budget_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("latency budgets and early exits (docs/search.md#latency-budgets-and-early-exits)")
+    g = p.add_argument_group(
+        "latency or energy budgets and early exits (docs/search.md#latency-budgets-and-early-exits)"
+    )
     g.add_argument(
         "--budgets-ms",
         type=number_list,
@@ -275,7 +278,15 @@ def _add_budget_args(p: argparse.ArgumentParser) -> None:
         "--budget-ratios",
         type=number_list,
         metavar="R1,R2",
-        help="the same budgets as ratios of the static network's predicted latency on the target (not with --budgets-ms)",
+        help="the same budgets as ratios of the static network's predicted latency on the target (its energy with "
+        "--objective energy; not with --budgets-ms or --budgets-mj)",
+    )
+    g.add_argument(
+        "--budgets-mj",
+        type=number_list,
+        metavar="B1,B2",
+        help="energy budgets (mJ, whole batch; targets with an [energy] table): as --budgets-ms, with the deepest exit "
+        "whose predicted energy fits; the cost minimised is energy (--objective energy, the default here)",
     )
     g.add_argument("--exit-heads", type=str_list, metavar="H1,H2", help="exit heads searched (default: light)")
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from dynas.cli.common import echo, frame_text
+from dynas.search.budgets import BUDGET_UNITS, study_budgets
 from dynas.search.options import SearchOptions
 
 __all__ = ["print_front", "print_exported", "raise_infeasible"]
@@ -35,10 +36,12 @@ def print_front(study: Any, top: int) -> None:
             f"static: {static_ms:.4g} ms{energy} per batch, top-1 {static_top1:.2f}%; "
             f"minimising {a.get('objective', 'latency')}, hypervolume {hypervolume(study):.4g}"
         )
-    if a.get("budgets_ms"):
+    given = study_budgets(a)
+    if given:
+        unit = BUDGET_UNITS[given[1]]
         echo(
-            f"latency budgets {', '.join(f'{b:.4g}' for b in a['budgets_ms'])} ms per batch: top1 is the mean of the "
-            f"top1@ columns (the deepest exit that fits each, chance {a.get('chance_top1', 0):.3g}% if none); "
+            f"{unit.kind} budgets {', '.join(f'{b:.4g}' for b in given[0])} {unit.shown} per batch: top1 is the mean of "
+            f"the top1@ columns (the deepest exit that fits each, chance {a.get('chance_top1', 0):.3g}% if none); "
             f"static network {a.get('static_budget_top1', float('nan')):.2f}%; top1_own is the own head's"
         )
     checkpoints = checkpoints_table(study)
@@ -65,7 +68,7 @@ def print_exported(study: Any, trial: Any, path: str) -> None:
         from dynas.results.pareto import objective_column
 
         costs = [f"{trial.values[0]:.4g} {'mJ' if objective_column(study) == 'energy_mj' else 'ms'}"]
-    what = "mean top-1 over the budgets" if study.user_attrs.get("budgets_ms") else "top-1"
+    what = "mean top-1 over the budgets" if study_budgets(study.user_attrs) else "top-1"
     echo(
         f"exported trial {trial.number} ({', '.join(costs)} per batch, {what} {trial.values[1]:.2f}%; "
         f"{ua.get('short', '')}) to {path}"

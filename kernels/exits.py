@@ -17,7 +17,9 @@ Policies (``model.set_exit_policy(name, **options)``; eval mode only)
                       deepest exit whose predicted latency *straight to it* (stem, stages, its
                       own head: ``ExitPrediction.latency_ms``) at the input's batch size fits
                       ``budget_ms`` (whole batch), and stop; later stages and earlier heads are
-                      never computed.
+                      never computed.  ``budget_mj`` instead (targets with energy prices): the
+                      deepest exit whose predicted energy straight to it
+                      (``ExitPrediction.energy_mj``) fits.
     ``"deadline"``    wall clock (``deadline_ms``, ``target``; ``clock``): run unit by unit
                       (stem, blocks, exit heads, own head) and, before each unit after the first
                       exit's answer, stop when ``elapsed + predicted cost of the unit >
@@ -56,6 +58,7 @@ from torch import nn
 
 from dynas.errors import ConfigError
 from dynas.kernels.gather import take_samples
+from dynas.predictors.energy import no_energy_error
 from dynas.predictors.thresholds import BudgetThresholds, budget_curve
 from dynas.spaces.config import DEFAULT_EXIT_WIDTH, ArchConfig
 from dynas.spaces.torch_model import init_weights
@@ -180,9 +183,9 @@ class AllExitsPolicy(ExitPolicy):
         return forward_exits(model, x)
 
 
-def _positive_ms(name: str, value: Any) -> float:
+def _positive(name: str, value: Any, unit: str = "milliseconds") -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ConfigError(f"{name}={value!r} is not allowed; allowed: a positive number of milliseconds")
+        raise ConfigError(f"{name}={value!r} is not allowed; allowed: a positive number of {unit}")
     return float(value)
 
 
@@ -199,29 +202,50 @@ class _Predicted(ExitPolicy):
 
         return predict(config, self.target, n)
 
-    def _too_small(self, name: str, value: float, cost: float, n: int, config: ArchConfig) -> ConfigError:
+    def _too_small(
+        self, name: str, value: float, cost: float, n: int, config: ArchConfig, unit: str = "ms"
+    ) -> ConfigError:
         return ConfigError(
             f"{name}={value:g} is below the first exit's cost (after stage {config.exits[0]}) at batch {n}: "
-            f"{cost:.4g} ms predicted on {self.target.name}; allowed: >= {cost:.4g}"
+            f"{cost:.4g} {unit} predicted on {self.target.name}; allowed: >= {cost:.4g}"
         )
 
 
 class BudgetPolicy(_Predicted):
     name = "budget"
 
-    def __init__(self, budget_ms: float, target: Any) -> None:
-        self.budget_ms = _positive_ms("budget_ms", budget_ms)
+    def __init__(self, budget_ms: float | None = None, target: Any = None, budget_mj: float | None = None) -> None:
+        if (budget_ms is None) == (budget_mj is None):
+            given = "both" if budget_ms is not None else "neither"
+            raise ConfigError(
+                f"exit policy 'budget': {given} of budget_ms and budget_mj given; allowed: exactly one "
+                "(budget_ms: predicted latency, budget_mj: predicted energy, whole batch)"
+            )
+        if target is None:
+            raise ConfigError("exit policy 'budget': target=None; allowed: a target name or file (its predicted costs)")
+        energy = budget_mj is not None
+        #: the budget's option name, the ExitPrediction field it bounds (whole batch) and that field's unit
+        self.budget_name, self.cost_field, self.unit = (
+            ("budget_mj", "energy_mj", "mJ") if energy else ("budget_ms", "latency_ms", "ms")
+        )
+        value = budget_mj if energy else budget_ms
+        self.budget = _positive(self.budget_name, value, "millijoules" if energy else "milliseconds")
+        self.budget_ms, self.budget_mj = (None, self.budget) if energy else (self.budget, None)
         super().__init__(target)
+        if budget_mj is not None and self.target.energy is None:
+            raise no_energy_error(f"budget_mj={budget_mj!r}", self.target.name, "budget_ms, or a target with [energy]")
         self._chosen: dict[tuple[ArchConfig, int], int] = {}
 
     def exit_for(self, config: ArchConfig, n: int) -> int:
-        """The deepest exit whose predicted latency straight to it fits the budget at batch ``n``."""
+        """The deepest exit whose predicted latency (energy, with ``budget_mj``) straight to it fits
+        the budget at batch ``n``."""
         key = (config, n)
         if key not in self._chosen:
             exits = self._prediction(config, n).exits
-            fits = [e.exit for e in exits if e.latency_ms <= self.budget_ms]
+            fits = [e.exit for e in exits if getattr(e, self.cost_field) <= self.budget]
             if not fits:
-                raise self._too_small("budget_ms", self.budget_ms, exits[0].latency_ms, n, config)
+                first = getattr(exits[0], self.cost_field)
+                raise self._too_small(self.budget_name, self.budget, first, n, config, self.unit)
             self._chosen[key] = max(fits)
         return self._chosen[key]
 
@@ -235,7 +259,7 @@ class DeadlinePolicy(_Predicted):
     name = "deadline"
 
     def __init__(self, deadline_ms: float, target: Any, clock: Callable[[], float] = time.perf_counter) -> None:
-        self.deadline_ms = _positive_ms("deadline_ms", deadline_ms)
+        self.deadline_ms = _positive("deadline_ms", deadline_ms)
         super().__init__(target)
         self.clock = clock
         self._costs: dict[tuple[ArchConfig, int], dict[str, Any]] = {}

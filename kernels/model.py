@@ -203,7 +203,7 @@ class DynamicNet(nn.Module):
 
     def set_exit_policy(self, policy: "str | ExitPolicy", **options: Any) -> "DynamicNet":
         """How eval forward passes use the exits: ``"final"`` (default), ``"all"``, ``"budget"``
-        (``budget_ms``, ``target``), ``"deadline"`` (``deadline_ms``, ``target``, ``clock``) or
+        (``budget_ms`` or ``budget_mj``, ``target``), ``"deadline"`` (``deadline_ms``, ``target``, ``clock``) or
         ``"confidence"`` (``thresholds``, default the config's); see :mod:`dynas.kernels.exits`."""
         self.exit_policy = policy if isinstance(policy, ExitPolicy) else make_policy(self.config, policy, **options)
         return self

@@ -31,10 +31,18 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any, Iterable
 
-from dynas.errors import TargetError
+from dynas.errors import ConfigError, TargetError
 from dynas.predictors.gpu import OpCost
 
-__all__ = ["EnergyConstants", "ENERGY_FIELDS", "op_energy_mj", "ops_energy_mj", "static_energy_mj", "energy_from_table"]
+__all__ = [
+    "EnergyConstants",
+    "ENERGY_FIELDS",
+    "op_energy_mj",
+    "ops_energy_mj",
+    "static_energy_mj",
+    "energy_from_table",
+    "no_energy_error",
+]
 
 
 @dataclass(frozen=True)
@@ -66,6 +74,15 @@ def ops_energy_mj(ops: Iterable[tuple[str, OpCost]], c: EnergyConstants) -> floa
 def static_energy_mj(latency_ms: float, c: EnergyConstants) -> float:
     """Energy (mJ) the constant power draws over ``latency_ms`` (W x ms = mJ)."""
     return c.static_power_w * latency_ms
+
+
+def no_energy_error(given: str, target: str, allowed: str) -> ConfigError:
+    """The one-line refusal of an option that needs energy (``given``, e.g. ``"budgets_mj=[40.0]"``)
+    on ``target``, which predicts none; ``allowed``: what works instead."""
+    return ConfigError(
+        f"{given} is not allowed on target {target!r}: it has no [energy] table (cpu targets and files without "
+        f"one predict latency only); allowed: {allowed}"
+    )
 
 
 def energy_from_table(table: Any, origin: str) -> EnergyConstants:

@@ -26,7 +26,7 @@ from dynas.errors import ConfigError, TargetError
 from dynas.predictors import cpu, gpu
 from dynas.predictors.conv_chain import ops_total_s
 from dynas.predictors.energy import EnergyConstants, ops_energy_mj, static_energy_mj
-from dynas.predictors.exits import attach_exits, gpu_head_ms
+from dynas.predictors.exits import attach_exits, gpu_head_cost, gpu_head_ops
 from dynas.predictors.gpu import Hardware
 from dynas.predictors.gpu_blocks import Ops, block_alternatives, block_energy_mj, block_key, block_ops, stem_head_ops
 from dynas.predictors.result import OpPrediction, Prediction, StagePrediction
@@ -146,7 +146,9 @@ def _predict(cfg: ArchConfig, tgt: HardwareTarget, n: int) -> Prediction:
         stages=stages,
         **_network_energy(tgt.energy, stem_ops, head_ops, stem_s * 1e3, head_s * 1e3, stages, n),
     )
-    return attach_exits(pred, flops.stem_flops, lambda cin, m, w: gpu_head_ms(hw, cin, m, spec.num_classes, n, w))
+    return attach_exits(
+        pred, flops.stem_flops, lambda cin, m, w: gpu_head_cost(hw, tgt.energy, cin, m, spec.num_classes, n, w)
+    )
 
 
 def _network_energy(
@@ -300,7 +302,9 @@ def _predict_cpu(cfg: ArchConfig, tgt: HardwareTarget, n: int) -> Prediction:
         stages=stages,
     )
     return attach_exits(
-        pred, flops.stem_flops, lambda cin, m, w: float(cpu.exit_head_work(cin, m, spec.num_classes, n, w) @ cost)
+        pred,
+        flops.stem_flops,
+        lambda cin, m, w: (float(cpu.exit_head_work(cin, m, spec.num_classes, n, w) @ cost), None),
     )
 
 
@@ -417,6 +421,6 @@ def clear_caches() -> None:
         _stage_cpu,
         stage_work,
         cpu.exit_head_work,
-        gpu_head_ms,
+        gpu_head_ops,
     ):
         fn.cache_clear()

@@ -53,7 +53,9 @@ class ExitPrediction:
     exit's head: what the budget policy runs); ``anytime_latency_ms`` adds the heads of the
     exits before it (what the deadline and confidence policies run to answer here).  The last
     exit is the network's own head (``head="own"``): its ``latency_ms`` is the prediction's.
-    FLOPs are per image, like :attr:`Prediction.expected_gflops`.
+    FLOPs are per image, like :attr:`Prediction.expected_gflops`.  The energies follow the same
+    paths (constant power over those latencies included; the last exit's ``energy_mj`` is the
+    prediction's) and are None where the target predicts no energy.
     """
 
     exit: int  # 0-based, in network order; the last is the own head
@@ -65,6 +67,11 @@ class ExitPrediction:
     head_ms: float
     anytime_latency_ms: float
     anytime_latency_ms_per_image: float
+    energy_mj: float | None = None  # whole batch, straight to this exit
+    energy_mj_per_image: float | None = None
+    head_energy_mj: float | None = None
+    anytime_energy_mj: float | None = None  # the heads of the exits before it included
+    anytime_energy_mj_per_image: float | None = None
 
 
 @dataclass(frozen=True)

@@ -16,9 +16,9 @@ ignores:
   ``{"config", "stages", "latency_ms", "energy_mj", "rates"}``: the config at the realised rates
   and its predictions, one of which is the trial's objective; ``predictions`` stay those of
   the configured rates, which training targets;
-- ``budgets`` (studies searched with latency budgets only): ``{"budgets_ms", "budget_ratios",
-  "top1", "exits", "top1_own"}``: the budgets the trial was scored at, its top-1 at each and the
-  stage of the exit that answered (None: none fits).  The architecture's ``exits`` and
+- ``budgets`` (studies searched with budgets only): ``{"budgets_ms" (or "budgets_mj"),
+  "budget_ratios", "top1", "exits", "top1_own"}``: the budgets the trial was scored at, its
+  top-1 at each and the stage of the exit that answered (None: none fits).  The architecture's ``exits`` and
   ``exit_head`` are in the config keys; confidence thresholds are fitted afterwards on the
   trained model by ``dynas exits`` (``docs/early-exits.md``);
 - ``training``: the LAUDNet fine-tuning recipe as data, plus per-stage FLOPs targets;
@@ -50,6 +50,7 @@ from dynas.results.pareto import (
     study_attr,
     trial_latency_ms,
 )
+from dynas.search.budgets import study_budgets
 from dynas.spaces.backbones import get_backbone
 from dynas.spaces.config import ArchConfig, StageConfig
 
@@ -166,7 +167,7 @@ def select_trial(
     if not criteria:
         front = study.best_trials
         static_top1 = float(
-            study_attr(study, "static_budget_top1" if study.user_attrs.get("budgets_ms") else "static_top1")
+            study_attr(study, "static_budget_top1" if study_budgets(study.user_attrs) else "static_top1")
         )
         good = [t for t in front if t.values[1] >= static_top1]
         return _fastest(good) if good else _most_accurate(front)
@@ -425,13 +426,14 @@ def laudnet_args(cfg: ArchConfig, target_flops_ratio: float | None) -> dict[str,
 
 
 def _budgets(study: optuna.Study, trial: FrozenTrial) -> dict[str, Any]:
-    """The ``budgets`` key of a trial of a study searched with latency budgets (else nothing)."""
+    """The ``budgets`` key of a trial of a study searched with budgets (else nothing)."""
     sa, ua = study.user_attrs, trial.user_attrs
-    if not sa.get("budgets_ms"):
+    given = study_budgets(sa)
+    if given is None:
         return {}
     return {
         "budgets": {
-            "budgets_ms": sa["budgets_ms"],
+            f"budgets_{given[1]}": list(given[0]),
             "budget_ratios": sa.get("budget_ratios"),
             "top1": ua.get("budget_top1"),
             "exits": ua.get("budget_exit"),
@@ -475,9 +477,10 @@ def export_trial(study: optuna.Study, trial: FrozenTrial | int, path: str | os.P
         if sa.get("proxy") != "finetune"
         else "top-1 is held-out accuracy after the finetune proxy's short fine-tune on the search's data, not after full training",
     ]
-    if sa.get("budgets_ms"):
+    given = study_budgets(sa)
+    if given:
         notes.append(
-            "proxy.top1 is the mean over budgets.budgets_ms of the top-1 of the deepest exit that fits each budget "
+            f"proxy.top1 is the mean over budgets.budgets_{given[1]} of the top-1 of the deepest exit that fits each budget "
             "(chance where none fits); the confidence thresholds are fitted on the trained model by dynas exits"
         )
     if not is_feasible(trial):

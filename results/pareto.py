@@ -20,9 +20,9 @@ targets compare: ``(cost / static cost, -top1)`` (``latency_ms / static_latency_
 ``static_top1 - DEFAULT_REFERENCE_TOP1_DROP`` = static top-1 minus 5 points; trials beyond the
 reference point in either objective add nothing.
 
-A study searched with latency budgets (user attr ``budgets_ms``) has the mean top-1 over its
-budgets as ``top1`` (:mod:`dynas.search.budgets`); its tables add one ``top1@Bms`` column per
-budget and ``top1_own`` (the own head's top-1) after ``top1`` (:func:`budget_columns`).
+A study searched with latency or energy budgets (user attr ``budgets_ms`` or ``budgets_mj``) has
+the mean top-1 over its budgets as ``top1`` (:mod:`dynas.search.budgets`); its tables add one
+``top1@Bms`` (``top1@Bmj``) column per budget and ``top1_own`` (the own head's top-1) after ``top1`` (:func:`budget_columns`).
 """
 
 from __future__ import annotations
@@ -112,9 +112,9 @@ def objective_column(study: optuna.Study) -> str:
 
 def budget_columns(study: optuna.Study) -> tuple[str, ...]:
     """The columns a budget study's tables add after ``top1``: ``top1@Bms`` per budget, then
-    ``top1_own``; none for a study without budgets."""
-    given = study.user_attrs.get("budgets_ms") or ()
-    return (*budgets.budget_columns(given), "top1_own") if given else ()
+    ``top1_own``; none for a study without budgets.  Energy budgets (``budgets_mj``): ``top1@Bmj``."""
+    given = budgets.study_budgets(study.user_attrs)
+    return (*budgets.budget_columns(*given), "top1_own") if given else ()
 
 
 def trial_latency_ms(trial: FrozenTrial, first: str = "latency_ms") -> float:

@@ -26,6 +26,7 @@ from plotly.subplots import make_subplots
 from dynas.errors import DynasError, StudyError
 from dynas.results.export import select_trial
 from dynas.results.pareto import all_trials_table, atomic_write_text, check_study, objective_column, study_attr
+from dynas.search.budgets import BUDGET_UNITS, study_budgets
 from dynas.spaces.config import ArchConfig
 
 __all__ = ["write_html", "make_figure", "study_label"]
@@ -203,7 +204,7 @@ def make_figure(
             col=1,
         )
         static_x = float(study_attr(study, static_key)) / (float(study_attr(study, divisor)) if divisor else 1.0)
-        static_key_top1 = "static_budget_top1" if study.user_attrs.get("budgets_ms") else "static_top1"
+        static_key_top1 = "static_budget_top1" if study_budgets(study.user_attrs) else "static_top1"
         fig.add_trace(
             go.Scatter(
                 x=[static_x],
@@ -220,8 +221,12 @@ def make_figure(
     title = _add_breakdown(fig, first, chosen, row=2)
     fig.layout.annotations[1].update(text=f"Per-stage latency: {title}")
     fig.update_xaxes(title_text=axis_title, type="log", row=1, col=1)
-    budgets = first.user_attrs.get("budgets_ms")
-    y_title = f"mean proxy top-1 over {len(budgets)} latency budgets (%)" if budgets else "proxy top-1 (%)"
+    budgets = study_budgets(first.user_attrs)
+    y_title = (
+        f"mean proxy top-1 over {len(budgets[0])} {BUDGET_UNITS[budgets[1]].kind} budgets (%)"
+        if budgets
+        else "proxy top-1 (%)"
+    )
     fig.update_yaxes(title_text=y_title, row=1, col=1)
     fig.update_yaxes(title_text="ms per image", row=2, col=1)
     fig.update_layout(

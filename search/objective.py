@@ -13,7 +13,7 @@ every worker of :mod:`dynas.search.parallel`.
   configs and ``study.best_trials`` holds feasible trials only.
 * A repeated parameter set (samplers do propose them on this discrete space) reuses the first
   trial's values and attrs (``duplicate_of`` names that trial) instead of predicting again.
-* With latency budgets (``SearchPlan.budgets_ms``), the second value is the mean over the
+* With latency or energy budgets (``SearchPlan.budgets``), the second value is the mean over the
   budgets of the top-1 of the deepest exit that fits each (:mod:`dynas.search.budgets`); the
   per-budget top-1s, the exits used and the own head's top-1 (``top1_own``) are user attrs.
 * A proxy that trains reports checkpoints through :class:`TrialReporter`, which records them as
@@ -175,9 +175,9 @@ class Objective:
             extra.update(
                 {"realised_config": result.realised.to_dict(), "realised_short": result.realised.short(), **costs}
             )
-        if plan.budgets_ms is not None:  # exits as the gates realise them, when they differ
+        if plan.budgets is not None:  # exits as the gates realise them, when they differ
             chance = plan.proxy.chance_top1(cfg)
-            scored = score_budgets(pred, top1, extra.get("exit_top1"), plan.budgets_ms, chance)
+            scored = score_budgets(pred, top1, extra.get("exit_top1"), plan.budgets, chance, plan.budget_unit)
             extra.update(scored.attrs(), top1_own=top1)
             top1 = scored.mean_top1
         extra = json_ready(extra)

@@ -15,8 +15,10 @@ their flat names (:data:`FLAT_OPTIONS`), as ``dynas search`` spells them::
 
 :func:`plan_search` resolves the target, batch size, search space, proxy, storage URL and study
 name and raises a one-line :class:`~dynas.errors.DynasError` for any bad option, before anything
-is written.  With ``budgets_ms`` or ``budget_ratios`` the search places early exits and scores
-each trial at every budget (:mod:`dynas.search.budgets`).  :meth:`SearchPlan.study_attrs` is what a study stores about how it was run.
+is written.  With ``budgets_ms``, ``budgets_mj`` or ``budget_ratios`` the search places early
+exits and scores each trial at every budget (:mod:`dynas.search.budgets`); the budgets' unit is
+the objective's (energy budgets: ``objective="energy"``, the default with ``budgets_mj``).
+:meth:`SearchPlan.study_attrs` is what a study stores about how it was run.
 """
 
 from __future__ import annotations
@@ -36,10 +38,11 @@ import optuna
 import dynas
 from dynas.checks import check_choice, check_int, check_positive
 from dynas.errors import ConfigError, StudyError
+from dynas.predictors.energy import no_energy_error
 from dynas.predictors.latency import predict
 from dynas.predictors.proxy import AccuracyProxy, get_proxy
 from dynas.predictors.targets import HardwareTarget, load_target
-from dynas.search.budgets import check_budgets, check_reachable, static_budget_top1
+from dynas.search.budgets import BUDGET_UNITS, check_budgets, check_reachable, static_budget_top1
 from dynas.search.samplers import SAMPLERS, make_sampler
 from dynas.search.stopping import StopRule
 from dynas.search.storage import DEFAULT_JOURNAL, DEFAULT_STORAGE, parse_storage_url
@@ -120,7 +123,9 @@ class SearchOptions:
     target: str = "v100"  # built-in name or path to a target TOML file
     input_size: Any = 224  # int or (H, W)
     batch_size: int | None = None  # None: the target's default batch size
-    objective: str = "latency"  # the cost minimised beside top-1: "latency" (ms) or "energy" (mJ), per batch
+    #: the cost minimised beside top-1, per batch: "latency" (ms) or "energy" (mJ); None: "energy" with
+    #: budgets_mj, else "latency" (resolved when the options are made)
+    objective: str | None = None
     proxy: str = "prior"
     proxy_options: Mapping[str, Any] | None = None  # keyword options of the proxy (finetune: data, steps, ...)
     stop: StopRule = StopRule()  # early stopping (flat names: early_stop, stop_margin, stop_min_trials, stop_eta)
@@ -140,7 +145,9 @@ class SearchOptions:
     show_progress: bool = True
     #: latency budgets (ms, whole batch): exits join the space, trials score their mean top-1 over the budgets
     budgets_ms: tuple[float, ...] | None = None
-    budget_ratios: tuple[float, ...] | None = None  # the same, as ratios of the static network's latency
+    budgets_mj: tuple[float, ...] | None = None  # energy budgets (mJ, whole batch), with objective="energy"
+    #: the same, as ratios of the static network's latency (its energy with objective="energy")
+    budget_ratios: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         # Scalar checks only; the backbone, target, proxy and space are checked by plan_search.
@@ -159,6 +166,8 @@ class SearchOptions:
                 f"proxy_options={self.proxy_options!r} is not a mapping; allowed: a dict of keyword options"
             )
         check_choice("sampler", self.sampler, sorted(SAMPLERS))
+        if self.objective is None:
+            object.__setattr__(self, "objective", "energy" if self.budgets_mj is not None else "latency")
         check_choice("objective", self.objective, list(OBJECTIVES))
         self._check_budgets()
         if self.study_name is not None and (not isinstance(self.study_name, str) or not self.study_name.strip()):
@@ -170,27 +179,35 @@ class SearchOptions:
                 )
 
     def _check_budgets(self) -> None:
-        for name in ("budgets_ms", "budget_ratios"):
+        names = ("budgets_ms", "budgets_mj", "budget_ratios")
+        for name in names:
             object.__setattr__(self, name, check_budgets(name, getattr(self, name)))
-        given = [n for n in ("budgets_ms", "budget_ratios") if getattr(self, n) is not None]
-        if len(given) == 2:
+        given = [n for n in names if getattr(self, n) is not None]
+        if len(given) > 1:
             raise ConfigError(
-                f"budget_ratios={list(self.budget_ratios)!r} is given with budgets_ms; allowed: one of the two"
+                f"{given[1]}={list(getattr(self, given[1]))!r} is given with {given[0]}; allowed: one of the two"
             )
-        if given and self.objective != "latency":
+        if given and given[0] != "budget_ratios" and given[0] != f"budgets_{self.budget_unit}":
+            want = "energy" if given[0] == "budgets_mj" else "latency"
             raise ConfigError(
-                f"objective={self.objective!r} is not supported with {given[0]}; allowed: objective='latency' "
-                "(budgets are latency budgets; an energy search with latency budgets is not built)"
+                f"objective={self.objective!r} is not supported with {given[0]}; allowed: objective={want!r} "
+                "(the budgets' unit is the objective's: budgets_ms with latency, budgets_mj with energy)"
             )
         if not given and isinstance(self.space, SpaceOptions) and self.space.exit_heads is not None:
             raise ConfigError(
-                f"exit_heads={self.space.exit_heads!r} needs budgets; allowed: exit_heads with budgets_ms or budget_ratios"
+                f"exit_heads={self.space.exit_heads!r} needs budgets; allowed: exit_heads with budgets_ms, "
+                "budgets_mj or budget_ratios"
             )
 
     @property
     def has_budgets(self) -> bool:
         """Exits are searched and trials scored per budget."""
-        return self.budgets_ms is not None or self.budget_ratios is not None
+        return any(getattr(self, n) is not None for n in ("budgets_ms", "budgets_mj", "budget_ratios"))
+
+    @property
+    def budget_unit(self) -> str:
+        """The unit of the budgets (:data:`~dynas.search.budgets.BUDGET_UNITS`): the objective's."""
+        return "mj" if self.objective == "energy" else "ms"
 
 
 def _check_positive(name: str, value: Any) -> None:
@@ -212,8 +229,19 @@ class SearchPlan:
     storage_url: Any  # str URL, or an optuna storage passed through the Python API
     study_name: str
     stop_rule: StopRule = StopRule()
-    #: the budgets trials are scored at (ms, whole batch, sorted; ratios resolved); None: no budgets
-    budgets_ms: tuple[float, ...] | None = None
+    #: the budgets trials are scored at (whole batch, sorted; ratios resolved), in budget_unit; None: no budgets
+    budgets: tuple[float, ...] | None = None
+    budget_unit: str = "ms"  # "ms" (latency budgets) or "mj" (energy budgets)
+
+    @property
+    def budgets_ms(self) -> tuple[float, ...] | None:
+        """The latency budgets (ms, whole batch); None without budgets or with energy budgets."""
+        return self.budgets if self.budget_unit == "ms" else None
+
+    @property
+    def budgets_mj(self) -> tuple[float, ...] | None:
+        """The energy budgets (mJ, whole batch); None without budgets or with latency budgets."""
+        return self.budgets if self.budget_unit == "mj" else None
 
     @property
     def objective_names(self) -> tuple[str, str]:
@@ -228,13 +256,17 @@ class SearchPlan:
         static_top1 = float(self.proxy.static_score(static))
         path = getattr(self.target, "path", None)
         budgets = {}
-        if self.budgets_ms is not None:
+        if self.budgets is not None:
             chance = float(self.proxy.chance_top1(static))
             budgets = {
                 "budget_ratios": o.budget_ratios,
                 "chance_top1": chance,
-                "static_budget_top1": static_budget_top1(static_pred, static_top1, self.budgets_ms, chance),
+                "static_budget_top1": static_budget_top1(
+                    static_pred, static_top1, self.budgets, chance, self.budget_unit
+                ),
             }
+            if self.budgets_mj is not None:  # latency studies keep the attrs they always had
+                budgets["budgets_mj"] = self.budgets_mj
         return json_ready(
             {
                 "dynas_version": dynas.__version__,
@@ -319,26 +351,26 @@ def plan_search(options: SearchOptions) -> SearchPlan:
             f"workers={o.workers} needs a storage URL that other processes can open; allowed: "
             f"{DEFAULT_JOURNAL}, postgresql://..., or workers=1 with a storage object"
         )
+    if o.budgets_mj is not None and getattr(target, "energy", None) is None:
+        raise no_energy_error(f"budgets_mj={list(o.budgets_mj)!r}", label, "budgets_ms, or a target with [energy]")
     if o.objective == "energy" and getattr(target, "energy", None) is None:
-        raise ConfigError(
-            f"objective='energy' is not allowed on target {label!r}: it has no [energy] table (cpu targets and "
-            "files without one predict latency only); allowed: objective='latency', or a target with [energy]"
-        )
-    budgets_ms, stop = None, o.stop
+        raise no_energy_error("objective='energy'", label, "objective='latency', or a target with [energy]")
+    budgets, stop = None, o.stop
     if o.has_budgets:
-        budgets_ms, stop = _plan_budgets(o, proxy, space, target, batch, label)
+        budgets, stop = _plan_budgets(o, proxy, space, target, batch, label)
     # The latency objective keeps the names studies had before there was a choice.
     suffix = "" if o.objective == "latency" else f"-{o.objective}"
-    suffix += "-budgets" if budgets_ms is not None else ""
+    suffix += "-budgets" if budgets is not None else ""
     name = o.study_name or f"{o.backbone}-{label}-b{batch}-{hw[0]}x{hw[1]}-{o.proxy}{suffix}"
-    return SearchPlan(o, target, label, batch, hw, space, proxy, storage, name, stop, budgets_ms)
+    return SearchPlan(o, target, label, batch, hw, space, proxy, storage, name, stop, budgets, o.budget_unit)
 
 
 def _plan_budgets(
     o: SearchOptions, proxy: AccuracyProxy, space: SearchSpace, target: Any, batch: int, label: str
 ) -> tuple[tuple[float, ...], StopRule]:
-    """The budgets in ms and the stop rule of a search with budgets; refuses what cannot work."""
-    given = "budgets_ms" if o.budgets_ms is not None else "budget_ratios"
+    """The budgets (in the objective's unit) and the stop rule of a search with budgets; refuses what
+    cannot work."""
+    given = next(n for n in ("budgets_ms", "budgets_mj", "budget_ratios") if getattr(o, n) is not None)
     if not proxy.scores_exits:
         why = (
             "it has no published ImageNet accuracies of early exits to fit"
@@ -354,10 +386,12 @@ def _plan_budgets(
             f"early_stop={o.stop.name!r} is not allowed with {given}: checkpoints report the own head's top-1, the "
             "budget score needs every exit's at the end; allowed: early_stop='none' (the default with budgets)"
         )
+    unit = o.budget_unit
     if o.budget_ratios is not None:
-        static_ms = predict(ArchConfig.static(o.backbone, space.input_size), target, batch).latency_ms
-        budgets_ms = tuple(r * static_ms for r in o.budget_ratios)
+        static = predict(ArchConfig.static(o.backbone, space.input_size), target, batch)
+        static_cost = getattr(static, BUDGET_UNITS[unit].field)  # latency_ms or energy_mj, whole batch
+        budgets = tuple(r * static_cost for r in o.budget_ratios)
     else:
-        budgets_ms = tuple(o.budgets_ms)
-    check_reachable(budgets_ms, space, target, batch, label, o.budget_ratios)
-    return budgets_ms, StopRule("none")
+        budgets = tuple(getattr(o, given))
+    check_reachable(budgets, space, target, batch, label, o.budget_ratios, unit)
+    return budgets, StopRule("none")

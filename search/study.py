@@ -19,8 +19,8 @@ Lifecycle (the same command both starts and resumes a search)::
   (:mod:`dynas.search.options`).
 * :func:`run_search` creates the study (storing what it was run with as study user attrs) or
   loads it when it exists.  A loaded study must have been created with the same backbone,
-  input size, target, batch size, proxy, objective, search space, constraints and latency
-  budgets (``budgets_ms``), otherwise
+  input size, target, batch size, proxy, objective, search space, constraints and budgets
+  (``budgets_ms`` or ``budgets_mj``), otherwise
   :class:`~dynas.errors.StudyError` names the field that differs.  ``trials`` is the total
   number of *finished* trials the study should hold (complete, or stopped early by
   :mod:`dynas.search.stopping`): only the missing ones are run, so an interrupted search is
@@ -87,6 +87,7 @@ _CHECKED_ATTRS = (
     "max_latency_ms",
     "max_latency_ratio",
     "budgets_ms",
+    "budgets_mj",
 )
 
 #: target fields that are descriptive only (not compared on resume)

@@ -61,7 +61,7 @@ def exit_proxy() -> ExitProxy:
     return ExitProxy()
 
 
-def _options(tmp_path, **kw) -> SearchOptions:
+def budget_options(tmp_path, **kw) -> SearchOptions:
     base = dict(
         backbone=BACKBONE,
         input_size=SIZE,
@@ -85,13 +85,14 @@ def _static_exit_ms() -> list[float]:
     return [e.latency_ms for e in predict(cfg, TARGET, BATCH).exits]
 
 
-def _by_hand(cfg: ArchConfig, budgets_ms) -> tuple[list[float], list[int | None]]:
-    """Each budget's top-1 and exit: the deepest exit whose latency fits, chance if none."""
+def by_hand(cfg: ArchConfig, budgets, cost: str = "latency_ms") -> tuple[list[float], list[int | None]]:
+    """Each budget's top-1 and exit: the deepest exit whose ``cost`` (latency_ms or energy_mj) fits,
+    chance if none."""
     pred = predict(cfg, TARGET, BATCH)
-    points = [(e.after_stage, e.latency_ms) for e in pred.exits] if cfg.exits else [(3, pred.latency_ms)]
+    points = [(e.after_stage, getattr(e, cost)) for e in pred.exits] if cfg.exits else [(3, getattr(pred, cost))]
     top1, used = [], []
-    for b in budgets_ms:
-        fitting = [s for s, ms in points if ms <= b]
+    for b in budgets:
+        fitting = [s for s, c in points if c <= b]
         used.append(max(fitting) if fitting else None)
         top1.append(ExitProxy.exit_top1(cfg, used[-1]) if fitting else CHANCE)
     return top1, used
@@ -103,7 +104,7 @@ def searched(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("budgets")
     ms = _static_exit_ms()  # [exit 0, exit 1, exit 2, own head], static
     budgets = (ms[0] * 0.5, (ms[0] + ms[1]) / 2, (ms[2] + ms[3]) / 2, ms[3] * 1.01)
-    options = _options(tmp, budgets_ms=budgets)
+    options = budget_options(tmp, budgets_ms=budgets)
     with pytest.warns(UserWarning, match="below the static network's first exit"):  # budgets[0]: half of it
         plan = plan_search(options)
     static = ArchConfig.static(BACKBONE, SIZE)
@@ -125,7 +126,7 @@ def test_every_trial_is_scored_at_every_budget_by_the_deepest_fitting_exit(searc
     assert any(t.user_attrs["config"].get("exits") for t in trials)  # exits are searched
     for t in trials:
         cfg = ArchConfig.from_dict(t.user_attrs["config"])
-        top1, used = _by_hand(cfg, budgets)
+        top1, used = by_hand(cfg, budgets)
         assert t.user_attrs["budget_top1"] == pytest.approx(top1)
         assert t.user_attrs["budget_exit"] == used
         assert t.values[1] == pytest.approx(sum(top1) / len(top1))
@@ -167,13 +168,13 @@ def test_table_html_and_export_carry_the_budgets(searched, tmp_path):
 
 def test_resume_with_other_budgets_is_refused(searched):
     plan = searched["plan"]
-    other = _options(searched["tmp"], budgets_ms=(searched["ms"][3],), study_name=plan.study_name)
+    other = budget_options(searched["tmp"], budgets_ms=(searched["ms"][3],), study_name=plan.study_name)
     with pytest.raises(StudyError, match="budgets_ms"):
         run_search(other)
 
 
 def test_budget_ratios_are_of_the_static_latency(tmp_path):
-    plan = plan_search(_options(tmp_path, budget_ratios=(1.0, 0.5)))
+    plan = plan_search(budget_options(tmp_path, budget_ratios=(1.0, 0.5)))
     static_ms = predict(ArchConfig.static(BACKBONE, SIZE), TARGET, BATCH).latency_ms
     assert plan.budgets_ms == pytest.approx((0.5 * static_ms, static_ms))
     assert plan.space.exit_heads == ("light",) and plan.stop_rule.name == "none"
@@ -196,20 +197,20 @@ def test_budget_ratios_are_of_the_static_latency(tmp_path):
 )
 def test_bad_budget_options_are_refused_in_one_line(tmp_path, kw, match):
     with pytest.raises(ConfigError, match=match) as err:
-        plan_search(_options(tmp_path, **{"budgets_ms": (1.0,), **kw}))
+        plan_search(budget_options(tmp_path, **{"budgets_ms": (1.0,), **kw}))
     assert "\n" not in str(err.value)
     assert not (tmp_path / "runs.db").exists()
 
 
 def test_exit_heads_need_budgets(tmp_path):
     with pytest.raises(ConfigError, match="exit_heads=\\('conv',\\) needs budgets"):
-        _options(tmp_path, exit_heads=("conv",))
+        budget_options(tmp_path, exit_heads=("conv",))
 
 
 def test_low_budget_warns_with_the_static_first_exit(tmp_path):
     ms = _static_exit_ms()[0]
     with pytest.warns(UserWarning, match="below the static network's first exit"):
-        plan_search(_options(tmp_path, budgets_ms=(ms * 0.6,)))
+        plan_search(budget_options(tmp_path, budgets_ms=(ms * 0.6,)))
 
 
 def test_cli_refuses_prior_with_budgets(tmp_path, capsys, monkeypatch):
