@@ -100,7 +100,7 @@ def _layer_ops(w: Work, b: BlockSpec, n: int, st: StageConfig) -> None:
         # the stage quota is filled (torch.full) at the stage's first gate only
         mlp_masker(w, b, n, 1, pooled=True, ops=QUOTA_OPS - (1 if b.index > 0 else 0))
     w.ops(1 + (2 if uses_layer(st.paradigm) else 0))  # arange; layer gates: compare, nonzero
-    w.ops(4 + 1)  # live_count: sum, multiply, add, cast; ran[samples, i] = True
+    w.ops(4 + 2)  # live_count: sum, multiply, add, cast; ran[samples, i] = True (lift_fresh, index_put_)
 
 
 def _parts_ops(w: Work, m: int, n: int, parts: float, one_selection: bool) -> None:
@@ -166,7 +166,7 @@ def _transition(w: Work, b: BlockSpec, n: int, dead: float) -> None:
         bn_relu(w, rows * c_in)
         w.conv(rows, c_in, c_out, 1, c_in, hw=b.out_hw)
     else:
-        w.ops(3)  # keep: ones, index_put_, nonzero
+        w.ops(4)  # keep: ones, lift_fresh, index_put_, nonzero
         w.gather(rows * live)  # the live channels' pixel rows
         bn_relu(w, rows * live, selected=live)
         w.gather(c_out * live, weights=True)  # the weight's live columns

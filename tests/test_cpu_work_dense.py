@@ -54,7 +54,8 @@ def _drawn_pass(stage: int, st: StageConfig, n: int, seed: int):
         return trans(y) if trans is not None else y
 
     with torch.inference_mode():
-        run()  # fills the cached weight layouts, as the untimed warm-up pass does
+        for _ in range(10):  # fill the cached weight layouts and BN statistics of every path the draws take
+            run()
         counts, ops = dispatched(run)
     layers = list(blk.values())
     if st.paradigm == "static":
@@ -67,13 +68,15 @@ def _drawn_pass(stage: int, st: StageConfig, n: int, seed: int):
     return counts, ops, ran, sels
 
 
-@pytest.mark.parametrize("stage", [0, 3])
+@pytest.mark.parametrize("stage", [0, 1, 3])
 @pytest.mark.parametrize("n", [1, 4])
 @pytest.mark.parametrize("choice", list(CHOICES))
 def test_dense_work_model_counts_the_operators_the_kernels_dispatch(choice, n, stage):
-    # on the draw the kernels made: convolutions exactly (whether a row product folds into a
-    # convolution included); matrix products and the other operators together within 2 %
-    # (Python scalars written into tensors dispatch a copy or not, depending on the path)
+    # on the draw the kernels made (warm caches): convolutions exactly, whether a row product
+    # folds into a convolution included; matrix products of pixel rows at most the dispatched
+    # products (the maskers' per-sample vector products dispatch as linear but are counted as
+    # other operators); matrix products and the other operators together exactly (tolerance 0:
+    # on torch 2.13 every draw of every choice here matched to the operator)
     st = CHOICES[choice]
     (conv, mm, other), ops, ran, sels = _drawn_pass(stage, st, n, seed=n + stage)
     blocks = get_backbone("densenet121", SIZE).stage_blocks(stage)
@@ -81,7 +84,7 @@ def test_dense_work_model_counts_the_operators_the_kernels_dispatch(choice, n, s
     assert w[T.index("conv_calls")] + w[T.index("repeat_conv_calls")] == conv, dict(ops)
     assert w[T.index("mm_calls")] <= mm
     counted = w[T.index("mm_calls")] + w[T.index("op_calls")]
-    assert abs(counted - (mm + other)) <= 0.02 * (mm + other), (counted, mm + other, dict(ops))
+    assert counted == mm + other, (counted, mm + other, dict(ops))
 
 
 def _simulated_draw(rng, depth: int, runs: int, n: int, st: StageConfig, width: int):
