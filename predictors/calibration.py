@@ -87,7 +87,7 @@ def _part_work(config: Any, n: int, part: str, stage: int, cache: dict, column_b
     if part == "stem":
         return cpu.stem_work(spec.stem, spec.input_hw, n)
     if part == "head":
-        return cpu.head_work(spec.head_in, spec.blocks[-1].out_hw, spec.num_classes, n)
+        return cpu.head_work(spec.head_in, spec.blocks[-1].out_hw, spec.num_classes, n, spec.head_norm)
     runs = cache.get((config, "runs"))
     if runs is None:
         runs = cache[(config, "runs")] = stage_runs(cfg)

@@ -33,6 +33,7 @@ independently per sample.  Work that depends on the choice is taken as an exact 
 
 The pieces: :mod:`dynas.predictors.cpu_work` (the accumulator and a body's operators),
 :mod:`dynas.predictors.cpu_spatial` (the spatial patch path); this module composes a block.
+DenseNet's layers and transitions: :mod:`dynas.predictors.cpu_dense`.
 """
 
 from __future__ import annotations
@@ -87,6 +88,10 @@ __all__ = [
     "se_work",
     "covered",
     "distinct",
+    "binomial",
+    "same_and_parts",
+    "TOPK_OPS",
+    "QUOTA_OPS",
     "mlp_masker",
     "block_work",
     "stage_entry_work",
@@ -103,18 +108,22 @@ COLUMN_BLOCKS: tuple[int, ...] = (1, 2, 3, 4, 6, 8)
 #: operators a masker dispatches after its logits in the random gate mode (``kernels/maskers.py``):
 #: score difference and random scores, then a per-sample top-k (top-k, zeros, scatter) or the
 #: stage quota of one-decision gates (full, multiply, compare, two casts, subtract)
-_TOPK_OPS, _QUOTA_OPS = 2 + 3, 2 + 6
+TOPK_OPS, QUOTA_OPS = 2 + 3, 2 + 6
 
 
-def mlp_masker(w: Work, b: BlockSpec, n: int, decisions: int) -> None:
-    """A channel (``decisions`` groups) or layer (1) masker: mean, fc1, ReLU, fc2, decisions."""
+def mlp_masker(w: Work, b: BlockSpec, n: int, decisions: int, pooled: bool = False, ops: int | None = None) -> None:
+    """A channel (``decisions`` groups) or layer (1) masker: mean, fc1, ReLU, fc2, decisions.
+
+    ``pooled``: its input is already pooled ([N, C, 1, 1], a dense layer's); ``ops``: the
+    operators after its logits, if not :data:`QUOTA_OPS` (one decision) or :data:`TOPK_OPS`."""
     w.masker()
     hidden = max(16, b.in_channels // 16)
-    w.stream(n * b.in_channels * (b.in_hw[0] * b.in_hw[1] + 1))  # global mean
+    area = 1 if pooled else b.in_hw[0] * b.in_hw[1]
+    w.stream(n * b.in_channels * (area + 1))  # global mean
     w.conv(n, b.in_channels, hidden, 1, b.in_channels, kind="vec", mm=True)  # fc1
     w.stream(2 * n * hidden)  # relu
     w.conv(n, hidden, 2 * decisions, 1, hidden, kind="vec", mm=True)  # fc2
-    w.ops(_QUOTA_OPS if decisions == 1 else _TOPK_OPS)
+    w.ops((QUOTA_OPS if decisions == 1 else TOPK_OPS) if ops is None else ops)
 
 
 def _spatial_masker(w: Work, b: BlockSpec, n: int, S: int) -> None:
@@ -123,10 +132,11 @@ def _spatial_masker(w: Work, b: BlockSpec, n: int, S: int) -> None:
     gh, gw = b.out_hw[0] // S, b.out_hw[1] // S  # the patch grid
     w.stream(n * b.in_channels * (b.in_hw[0] * b.in_hw[1] + gh * gw))  # adaptive pool to the grid
     w.conv(n * gh * gw, b.in_channels, 2, 1, b.in_channels, kind="vec", mm=True)
-    w.ops(_QUOTA_OPS if gh * gw == 1 else _TOPK_OPS)
+    w.ops(QUOTA_OPS if gh * gw == 1 else TOPK_OPS)
 
 
-def _binomial(n: int, p: float) -> np.ndarray:
+def binomial(n: int, p: float) -> np.ndarray:
+    """[n + 1] probabilities of 0..n successes in ``n`` trials of probability ``p``."""
     m = np.arange(n + 1)
     return np.array([math.comb(n, i) for i in m], dtype=np.float64) * p**m * (1 - p) ** (n - m)
 
@@ -140,7 +150,7 @@ def distinct(m: float, M: int) -> float:
     return -M * math.expm1(m * math.log1p(-1.0 / M))
 
 
-def _same_and_parts(m: int, M: int) -> tuple[float, float]:
+def same_and_parts(m: int, M: int) -> tuple[float, float]:
     """Probability that ``m`` samples draw one selection of ``M``, and the expected distinct
     selections given they do not."""
     if m <= 1:
@@ -207,13 +217,13 @@ def _whole_sample_work(
     sample runs with probability ``run_prob``, None: every sample runs) and channels (``groups``
     gate groups, ``M`` equally likely selections of ``k`` channels), beyond maskers and shortcut."""
     out_elems = n * b.out_channels * b.out_hw[0] * b.out_hw[1]
-    dist = _binomial(n, run_prob) if run_prob is not None else np.eye(n + 1)[n]  # P(m samples run)
+    dist = binomial(n, run_prob) if run_prob is not None else np.eye(n + 1)[n]  # P(m samples run)
     bottleneck = b.kind == "bottleneck"  # differing selections run batched (or dense, masked)
     p_no_split = 0.0  # probability of one output for the whole batch (no ReLU(shortcut) pass of its own)
     for m, pm in enumerate(dist):
         if pm < 1e-12 or m == 0:
             continue
-        same, parts = _same_and_parts(m, M) if groups else (1.0, 1.0)
+        same, parts = same_and_parts(m, M) if groups else (1.0, 1.0)
         w.weight = pm
         if groups:
             selection_ops(w, m, n, same, parts, bottleneck)
@@ -289,7 +299,7 @@ def block_work(b: BlockSpec, st: StageConfig, n: int, run_prob: float = 1.0, col
         per_sample_gate = uses_layer(p) or grid == 1
         _whole_sample_work(w, b, n, run_prob if per_sample_gate else None, groups, M, k, touched)
     else:
-        same, parts = _same_and_parts(n, M) if groups else (1.0, 1.0)
+        same, parts = same_and_parts(n, M) if groups else (1.0, 1.0)
         patch_work(w, b, n, S, budget_count(st.spatial_rate, grid), groups, same, parts, k, touched)
     return w.result()
 
@@ -317,8 +327,11 @@ def stem_work(stem: StemSpec, in_hw: tuple[int, int], n: int) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=None)
-def head_work(head_in: int, head_hw: tuple[int, int], classes: int, n: int) -> np.ndarray:
+def head_work(head_in: int, head_hw: tuple[int, int], classes: int, n: int, norm: bool = False) -> np.ndarray:
+    """Global pool and classifier; ``norm``: BN + ReLU on the last map first (DenseNet's norm5)."""
     w = Work()
+    if norm:
+        bn_relu(w, n * head_in * head_hw[0] * head_hw[1])
     w.stream(n * head_in * (head_hw[0] * head_hw[1] + 1), 2)  # global pool, flatten
     w.conv(n, head_in, classes, 1, head_in, kind="vec", mm=True)
     return w.result()

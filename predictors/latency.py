@@ -3,7 +3,8 @@
 On a GPU target a block's latency is the sum of its operators (``predictors/gpu.py``), which
 :mod:`dynas.predictors.gpu_blocks` lists per paradigm (LAUDNet's inference kernels, Han et al.,
 TPAMI 2024); a stage adds its blocks, a network its stages, stem and head.  On a measured
-("cpu") target each part's work (``predictors/cpu.py``) is priced by the target's fitted costs.
+("cpu") target each part's work (``predictors/cpu.py``; DenseNet's layers ``predictors/cpu_dense.py``)
+is priced by the target's fitted costs.
 
 Rates are budget-mode rates (exactly the configured fraction per sample), so predictions are
 deterministic.  Every result is memoized per (target, block shape, stage choice, batch).
@@ -23,7 +24,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from dynas.errors import ConfigError, TargetError
-from dynas.predictors import cpu, gpu
+from dynas.predictors import cpu, cpu_dense, gpu
 from dynas.predictors.conv_chain import ops_total_s
 from dynas.predictors.energy import EnergyConstants, ops_energy_mj, static_energy_mj
 from dynas.predictors.exits import attach_exits, gpu_head_cost, gpu_head_ops
@@ -274,7 +275,7 @@ def _predict_cpu(cfg: ArchConfig, tgt: HardwareTarget, n: int) -> Prediction:
     spec = cfg.spec
     cost = tgt.cpu.vector_ms()
     stem_ms = float(cpu.stem_work(spec.stem, spec.input_hw, n) @ cost)
-    head_ms = float(cpu.head_work(spec.head_in, spec.blocks[-1].out_hw, spec.num_classes, n) @ cost)
+    head_ms = float(cpu.head_work(spec.head_in, spec.blocks[-1].out_hw, spec.num_classes, n, spec.head_norm) @ cost)
     runs = stage_runs(cfg)
     stages = tuple(
         _stage_cpu(tgt.cpu, tgt.column_block, spec.name, spec.input_hw, s, st, n, runs[s])
@@ -343,18 +344,13 @@ def block_works(
     stage's own work (:func:`dynas.predictors.cpu.stage_entry_work`) on its first block, where
     it is spent."""
     blocks = get_backbone(backbone, input_hw).stage_blocks(s)
-    if blocks[0].kind == "dense":
-        raise TargetError(
-            f"backbone={backbone!r} has no CPU work model (the calibrated CPU model counts the residual "
-            "blocks' kernels, not the dense layers' of kernels/dense.py); allowed: DenseNet on GPU targets, "
-            "ResNet and RegNet on CPU targets"
-        )
-    run_prob = runs / len(blocks) if runs is not None else 1.0
     entry = cpu.stage_entry_work(st)
-    return [
-        cpu.block_work(block_key(b), st, n, run_prob, column_block) + (entry if i == 0 else 0.0)
-        for i, b in enumerate(blocks)
-    ]
+    if blocks[0].kind == "dense":  # a dense block's layers (predictors/cpu_dense.py)
+        works = [cpu_dense.layer_work(block_key(b), len(blocks), st, n, runs, column_block) for b in blocks]
+    else:
+        run_prob = runs / len(blocks) if runs is not None else 1.0
+        works = [cpu.block_work(block_key(b), st, n, run_prob, column_block) for b in blocks]
+    return [work + (entry if i == 0 else 0.0) for i, work in enumerate(works)]
 
 
 @functools.lru_cache(maxsize=65536)
@@ -383,7 +379,12 @@ def _stage_cpu(
     )
     compute, memory, launch = (float(v) for v in kinds @ per_term)
     dense_gf = sum(sum(flops.block_flops(b.name).values()) for b in blocks)
-    exp_gf = sum(cpu.expected_block_flops(b, st, flops.block_flops(b.name), run_prob) for b in blocks)
+    if blocks[0].kind == "dense":
+        exp_gf = sum(
+            cpu_dense.expected_layer_flops(b, st, flops.block_flops(b.name), len(blocks), runs) for b in blocks
+        )
+    else:
+        exp_gf = sum(cpu.expected_block_flops(b, st, flops.block_flops(b.name), run_prob) for b in blocks)
     return StagePrediction(
         stage=s,
         choice=st.short(),
@@ -415,6 +416,7 @@ def clear_caches() -> None:
         _stage,
         _predict,
         cpu.block_work,
+        cpu_dense.layer_work,
         cpu.stage_entry_work,
         cpu.stem_work,
         cpu.head_work,

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dynas.errors import ConfigError, TargetError
+from dynas.errors import ConfigError
 from dynas.kernels import build_block, build_model, dense
 from dynas.kernels.dense import DynamicDenseLayer, bn_zero_response
 from dynas.predictors.cpu_terms import CpuCosts
@@ -226,7 +226,7 @@ def test_torchvision_named_state_dict_loads_with_only_maskers_missing(name):
     assert not res.missing_keys and not res.unexpected_keys and res.masker_keys
 
 
-def test_densenet_predictions_on_gpu_targets_and_refusal_on_cpu_targets():
+def test_densenet_predictions_on_gpu_and_cpu_targets():
     static = ArchConfig.static("densenet121")
     layer = ArchConfig.from_dict(
         {
@@ -241,8 +241,9 @@ def test_densenet_predictions_on_gpu_targets_and_refusal_on_cpu_targets():
         assert b.expected_gflops < a.expected_gflops == pytest.approx(a.dense_gflops)
     costs = CpuCosts(*(1.0 for _ in CpuCosts._fields))
     cpu = HardwareTarget(name="unit", description="", kind="cpu", default_batch_size=1, cpu=costs, threads=2)
-    with pytest.raises(TargetError, match=r"backbone='densenet121' has no CPU work model.*allowed: DenseNet on GPU"):
-        predict(static, cpu, 1)
+    for n in (1, 8):  # the work model of predictors/cpu_dense.py (tests/test_cpu_work_dense.py)
+        a, b = predict(static, cpu, n), predict(layer, cpu, n)
+        assert a.speedup == pytest.approx(1.0) and b.latency_ms < a.latency_ms
 
 
 def test_dense_layer_refuses_spatial_gates():

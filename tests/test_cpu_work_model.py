@@ -17,6 +17,7 @@ from dynas.spaces.backbones import get_backbone
 from dynas.spaces.config import PARADIGMS, ArchConfig, StageConfig
 from tests.calibration_data import DATA, UNIT
 from tests.calibration_data import unit_target as _target
+from tests.dispatch_counter import dispatched
 
 # ----------------------------------------------------------------------------- the work model
 
@@ -114,50 +115,9 @@ def test_static_is_the_rate_one_layer_limit_minus_masker_work():
     np.testing.assert_allclose(extra, masker.v, atol=1e-12)
 
 
-# operators that launch no kernel (views); everything else the fast path dispatches is counted
-_VIEW_OPS = {
-    "view",
-    "_unsafe_view",
-    "permute",
-    "select",
-    "slice",
-    "expand",
-    "as_strided",
-    "t",
-    "detach",
-    "alias",
-    "unsqueeze",
-    "squeeze",
-    "reshape",
-    "_reshape_alias",
-    "transpose",
-    "split",
-    "unbind",
-    "flatten",
-    "view_as",
-    "unflatten",
-    "expand_as",
-    "narrow",
-}
-_CONV_OPS = {"conv2d", "convolution", "mkldnn_convolution", "_convolution_transpose_pointwise"}
-_MM_OPS = {"linear", "mm", "addmm", "matmul", "bmm"}  # bmm: the batched products of differing selections
-
-
 def _dispatched(spec, st: StageConfig, n: int) -> tuple[int, int, int]:
     """(convolution, matrix-product, other) operators one fast forward of a block dispatches."""
-    import collections
-
     import torch
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Count(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = collections.Counter()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops[func.overloadpacket.__name__] += 1
-            return func(*args, **(kwargs or {}))
 
     torch.manual_seed(0)
     blk = build_block(spec, st).eval().to(memory_format=torch.channels_last)
@@ -168,13 +128,7 @@ def _dispatched(spec, st: StageConfig, n: int) -> tuple[int, int, int]:
     x = torch.randn(n, spec.in_channels, *spec.in_hw).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
         blk(x.clone())  # fills the cached weight layouts, as the untimed warm-up pass does
-        count = Count()
-        with count:
-            blk(x)
-    ops = {k: v for k, v in count.ops.items() if k not in _VIEW_OPS}
-    conv = sum(v for k, v in ops.items() if k in _CONV_OPS)
-    mm = sum(v for k, v in ops.items() if k in _MM_OPS)
-    return conv, mm, sum(ops.values()) - conv - mm
+        return dispatched(lambda: blk(x))[0]
 
 
 # (backbone, stage, block, choice, batch): paths whose operator count does not depend on the draw

@@ -82,7 +82,7 @@ CPU_TARGETS = [
 GPU_TARGETS = list_targets()
 ALL_TARGETS = GPU_TARGETS + CPU_TARGETS
 BACKBONES = list_backbones()
-#: backbones the calibrated CPU model covers (DenseNet is refused on CPU targets)
+#: backbones the properties are drawn from on CPU targets (DenseNet's CPU model: tests/test_cpu_work_dense.py)
 CPU_BACKBONES = [b for b in BACKBONES if get_backbone(b).family != "densenet"]
 SIZES = [224, 160, 64, (97, 113), (128, 96)]
 SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
