@@ -115,6 +115,38 @@ def predict_blocks(
     return tuple(out)
 
 
+def _network(
+    cfg: ArchConfig,
+    tgt: HardwareTarget,
+    n: int,
+    stem_ms: float,
+    head_ms: float,
+    stages: tuple[StagePrediction, ...],
+    **energy: Any,
+) -> Prediction:
+    """The network's prediction from its stem, head and stages (GPU and measured targets alike)."""
+    flops = _dense_flops_per_op(cfg.spec)
+    dyn_ms = stem_ms + head_ms + sum(p.latency_ms for p in stages)
+    sta_ms = stem_ms + head_ms + sum(p.static_latency_ms for p in stages)
+    return Prediction(
+        config=cfg,
+        target=tgt.name,
+        batch_size=n,
+        latency_ms=dyn_ms,
+        latency_ms_per_image=dyn_ms / n,
+        static_latency_ms=sta_ms,
+        static_latency_ms_per_image=sta_ms / n,
+        speedup=sta_ms / dyn_ms,
+        latency_ratio=dyn_ms / sta_ms,
+        stem_ms=stem_ms,
+        head_ms=head_ms,
+        dense_gflops=flops.total_flops / 1e9,
+        expected_gflops=(flops.stem_flops + flops.head_flops) / 1e9 + sum(p.expected_gflops for p in stages),
+        stages=stages,
+        **energy,
+    )
+
+
 @functools.lru_cache(maxsize=4096)
 def _predict(cfg: ArchConfig, tgt: HardwareTarget, n: int) -> Prediction:
     if tgt.kind == "cpu":
@@ -127,26 +159,8 @@ def _predict(cfg: ArchConfig, tgt: HardwareTarget, n: int) -> Prediction:
     stem_s, head_s = ops_total_s(stem_ops), ops_total_s(head_ops)
     flops = _dense_flops_per_op(spec)
     stages = tuple(_stage(hw, tgt.energy, spec.name, spec.input_hw, s, st, n) for s, st in enumerate(cfg.stages))
-    dyn_ms = (stem_s + head_s) * 1e3 + sum(p.latency_ms for p in stages)
-    sta_ms = (stem_s + head_s) * 1e3 + sum(p.static_latency_ms for p in stages)
-    expected = (flops.stem_flops + flops.head_flops) / 1e9 + sum(p.expected_gflops for p in stages)
-    pred = Prediction(
-        config=cfg,
-        target=tgt.name,
-        batch_size=n,
-        latency_ms=dyn_ms,
-        latency_ms_per_image=dyn_ms / n,
-        static_latency_ms=sta_ms,
-        static_latency_ms_per_image=sta_ms / n,
-        speedup=sta_ms / dyn_ms,
-        latency_ratio=dyn_ms / sta_ms,
-        stem_ms=stem_s * 1e3,
-        head_ms=head_s * 1e3,
-        dense_gflops=flops.total_flops / 1e9,
-        expected_gflops=expected,
-        stages=stages,
-        **_network_energy(tgt.energy, stem_ops, head_ops, stem_s * 1e3, head_s * 1e3, stages, n),
-    )
+    energy = _network_energy(tgt.energy, stem_ops, head_ops, stem_s * 1e3, head_s * 1e3, stages, n)
+    pred = _network(cfg, tgt, n, stem_s * 1e3, head_s * 1e3, stages, **energy)
     return attach_exits(
         pred, flops.stem_flops, lambda cin, m, w: gpu_head_cost(hw, tgt.energy, cin, m, spec.num_classes, n, w)
     )
@@ -283,25 +297,7 @@ def _predict_cpu(cfg: ArchConfig, tgt: HardwareTarget, n: int) -> Prediction:
     )
     _check_exercised(tgt, cfg, n, runs)
     flops = _dense_flops_per_op(spec)
-    dyn_ms = stem_ms + head_ms + sum(p.latency_ms for p in stages)
-    sta_ms = stem_ms + head_ms + sum(p.static_latency_ms for p in stages)
-    expected = (flops.stem_flops + flops.head_flops) / 1e9 + sum(p.expected_gflops for p in stages)
-    pred = Prediction(
-        config=cfg,
-        target=tgt.name,
-        batch_size=n,
-        latency_ms=dyn_ms,
-        latency_ms_per_image=dyn_ms / n,
-        static_latency_ms=sta_ms,
-        static_latency_ms_per_image=sta_ms / n,
-        speedup=sta_ms / dyn_ms,
-        latency_ratio=dyn_ms / sta_ms,
-        stem_ms=stem_ms,
-        head_ms=head_ms,
-        dense_gflops=flops.total_flops / 1e9,
-        expected_gflops=expected,
-        stages=stages,
-    )
+    pred = _network(cfg, tgt, n, stem_ms, head_ms, stages)
     return attach_exits(
         pred,
         flops.stem_flops,

@@ -16,23 +16,12 @@ from dynas.predictors.targets import HardwareTarget
 from dynas.spaces.backbones import BACKBONES, get_backbone, list_backbones, regnet_stages
 from dynas.spaces.config import ArchConfig, StageConfig, channel_granularities, spatial_granularities
 from dynas.spaces.torch_model import build_static_model
+from tests.kernel_inputs import randomize_bn
 
 SIZE = 64  # small maps keep CI fast: RegNet 32 / 16 / 8 / 4 / 2, DenseNet 16 / 8 / 4 / 2
 REGNETS = [b for b in list_backbones() if get_backbone(b).family == "regnety"]
 DENSENETS = [b for b in list_backbones() if get_backbone(b).family == "densenet"]
 RTOL = 1e-4
-
-
-def _randomize(module: torch.nn.Module, seed: int = 0) -> None:
-    """Non-trivial BN statistics so that a wrongly skipped (or wrongly read) channel shows up."""
-    gen = torch.Generator().manual_seed(seed)
-    for m in module.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            c = m.num_features
-            m.running_mean.copy_(torch.rand(c, generator=gen) - 0.5)
-            m.running_var.copy_(torch.rand(c, generator=gen) * 1.5 + 0.5)
-            m.weight.data.copy_(torch.rand(c, generator=gen) + 0.5)
-            m.bias.data.copy_(torch.rand(c, generator=gen) - 0.5)
 
 
 def _close(fast: torch.Tensor, ref: torch.Tensor) -> None:
@@ -103,7 +92,7 @@ def test_regnet_blocks_fast_matches_reference(name, paradigm):
     # stage 1: its first block (stride 2, projection) and a later one (identity shortcut)
     for b in spec.stage_blocks(1)[:2]:
         blk = build_block(b, _choice(spec, 1, paradigm))
-        _randomize(blk)
+        randomize_bn(blk)
         blk.eval()
         x = torch.randn(3, b.in_channels, *b.in_hw, generator=torch.Generator().manual_seed(1))
         for mode in ("adaptive", "budget"):
@@ -122,7 +111,7 @@ def _dense_model(name: str, paradigm: str, rate: float = 0.5, size: int = SIZE):
     spec = get_backbone(name, size)
     stages = tuple(_choice(spec, s, paradigm, rate) for s in range(3)) + (StageConfig(),)
     model = build_model(ArchConfig(name, spec.input_hw, stages)).eval()
-    _randomize(model)
+    randomize_bn(model)
     return model
 
 
@@ -184,7 +173,7 @@ def test_skipped_layers_are_not_read_by_later_layers(monkeypatch):
 
 def test_bn_zero_response_is_what_a_zero_channel_becomes():
     bn = torch.nn.BatchNorm2d(8).eval()
-    _randomize(bn)
+    randomize_bn(bn)
     with torch.no_grad():
         torch.testing.assert_close(torch.relu(bn(torch.zeros(1, 8, 2, 2)))[0, :, 0, 0], bn_zero_response(bn))
 
