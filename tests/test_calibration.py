@@ -6,6 +6,7 @@ import dataclasses
 import itertools
 import math
 import random
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -351,6 +352,12 @@ def test_run_rounds_on_an_endless_plan_remeasures_the_first_rounds_networks(monk
     assert first == [8.0, 9.0, 10.0, 11.0]  # each keeps its faster (first) round
 
 
+def _rescore(target: Path, tmp_path: Path) -> None:
+    """``dynas validate`` re-scoring ``tmp_path/m.csv`` against ``target``; it must succeed."""
+    out = ["--csv", str(tmp_path / "out.csv"), "--html", str(tmp_path / "out.html"), "-q"]
+    assert main(["validate", "--target", str(target), "--measurements", str(tmp_path / "m.csv"), *out]) == 0
+
+
 @pytest.mark.parametrize("spread, busy", [(0.089, True), (0.03, False)])
 def test_a_busy_machine_is_named_next_to_the_scores(tmp_path, capsys, spread, busy):
     # seed 23 of the late calibration was measured while the host was busy (rounds a median 8.9 % apart)
@@ -358,23 +365,7 @@ def test_a_busy_machine_is_named_next_to_the_scores(tmp_path, capsys, spread, bu
     val = pd.read_csv(data / "validation-seed23.csv")
     val["round_spread"] = spread
     val.to_csv(tmp_path / "m.csv", index=False)
-    assert (
-        main(
-            [
-                "validate",
-                "--target",
-                str(data / "cpu-2core-dec01-late.toml"),
-                "--measurements",
-                str(tmp_path / "m.csv"),
-                "--csv",
-                str(tmp_path / "out.csv"),
-                "--html",
-                str(tmp_path / "out.html"),
-                "-q",
-            ]
-        )
-        == 0
-    )
+    _rescore(data / "cpu-2core-dec01-late.toml", tmp_path)
     captured = capsys.readouterr()
     assert f"a median {100 * spread:.1f}% longer" in captured.out
     assert ("the machine was busy: a median round spread of 8.9% is more than 5%" in captured.err) == busy
@@ -388,23 +379,7 @@ def test_pairs_that_held_the_drift_silence_the_busy_warning(tmp_path, capsys, pa
     val = pd.read_csv(data / "validation-seed28.csv")
     val = val[val["network_id"] < 8].assign(round_spread=0.171, paired_spread=paired)
     val.to_csv(tmp_path / "m.csv", index=False)
-    assert (
-        main(
-            [
-                "validate",
-                "--target",
-                str(data / "cpu-2core-dec01-pairs.toml"),
-                "--measurements",
-                str(tmp_path / "m.csv"),
-                "--csv",
-                str(tmp_path / "out.csv"),
-                "--html",
-                str(tmp_path / "out.html"),
-                "-q",
-            ]
-        )
-        == 0
-    )
+    _rescore(data / "cpu-2core-dec01-pairs.toml", tmp_path)
     captured = capsys.readouterr()
     assert "a median 17.1% longer" in captured.out and f"a median {100 * paired:.1f}% longer" in captured.out
     assert "networks x host" in captured.out and "timed pass by pass alongside it" in captured.out
