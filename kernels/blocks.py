@@ -54,7 +54,7 @@ Fast path (every gather/scatter moves whole pixel rows when maps are channels-la
   per-sample gate: the body runs on the active samples only.
 * **channel**: samples are grouped by identical selections; per group, conv1 computes only the
   selected output channels and conv3 reads only the selected inputs, both as products of pixel
-  rows with gathered weights (a row gather of conv1's matrix, a column gather of conv3's), the
+  rows with gathered weights (a row gather of conv1's matrix, a row gather of conv3's cached transpose), the
   3x3 conv uses the k x k selected kernels (a row and a column gather of its cached
   channels-last matrix), BN uses the selected running statistics (one gather of a cached stack
   of the four).  Bottleneck samples that select different channels (k each) run in one batched
@@ -203,6 +203,11 @@ def _pointwise_3x3_pointwise_terms(b: BlockSpec, se_flops: float) -> dict[str, f
     }
 
 
+def _transposed(w: torch.Tensor) -> torch.Tensor:
+    """A 1x1 conv weight [C_out, C_in, 1, 1] as its transpose [C_in, C_out], contiguous."""
+    return w.flatten(1).t().contiguous()
+
+
 class DynamicBottleneck(DynamicBlock, Bottleneck):
     """ResNet-50/101/152 block: 1x1 -> 3x3 (stride) -> 1x1; gated width = bottleneck width."""
 
@@ -291,7 +296,7 @@ class DynamicBottleneck(DynamicBlock, Bottleneck):
         h2 = F.relu(eval_bn(conv2d(h, w2, self.spec.stride, 1, n), self.bn2, flat), inplace=True)  # [1, n * k, H', W']
         ho, wo = h2.shape[-2:]
         # conv3 reads each sample's selected inputs: [n, H'*W', k] @ [n, k, C_out] (rows of the cached transpose)
-        w3t = derived_weight(self, "w3_t", self.conv3.weight, lambda w: w.flatten(1).t().contiguous())  # [width, C_out]
+        w3t = derived_weight(self, "w3_t", self.conv3.weight, _transposed)  # [width, C_out]
         h2 = pixel_rows(h2).view(ho * wo, n, k).transpose(0, 1)  # [H'*W', n * k] -> [n, H'*W', k] view
         y = torch.bmm(h2, weight_rows(w3t, flat).view(n, k, -1))  # [n, H'*W', C_out]
         return eval_bn(y.view(n, ho, wo, -1).permute(0, 3, 1, 2), self.bn3, None)  # [n, C_out, H', W'], channels-last
@@ -311,9 +316,12 @@ class DynamicBottleneck(DynamicBlock, Bottleneck):
         return self._conv3_rows(F.relu(eval_bn(h2, self.bn2, sel), inplace=True), sel)
 
     def _conv3_rows(self, h2, sel):
-        # conv3 reads the selected inputs: a column gather of its [C_out, width] matrix
-        w3 = self.conv3.weight.flatten(1) if sel is None else conv_matrix(self.conv3, None, sel)  # [C_out, |sel|]
-        return eval_bn(row_product(h2, w3), self.bn3, None)  # [M, |sel|] -> [M, C_out]
+        if sel is None:
+            return eval_bn(row_product(h2, self.conv3.weight.flatten(1)), self.bn3, None)  # [M, width] -> [M, C_out]
+        # conv3 reads the selected inputs: a row gather of its cached transpose, the product's
+        # right-hand operand as it is (a column gather of [C_out, width] cost 2-4x a row gather)
+        w3t = derived_weight(self, "w3_t", self.conv3.weight, _transposed)  # [width, C_out]
+        return eval_bn(torch.mm(h2, w3t.index_select(0, sel)), self.bn3, None)  # [M, |sel|] @ [|sel|, C_out]
 
 
 class DynamicRegNetYBlock(DynamicBlock, RegNetYBlock):

@@ -291,11 +291,13 @@ def pointwise_body(
     bn_relu(w, rows_out * k, selected=k if selected else 0)
     se_work(w, b, rows_out, samples, k, patches, linear=dynamic, selected=selected)
     if selected:
-        w.gather(k * cout, weights=True)  # selected input channels: columns of conv3's matrix
+        # selected input channels: rows of the bottleneck's cached transpose (a matrix product that
+        # never folds), columns of RegNetY's matrix
+        w.gather(k * cout, weights=True)
     # conv3: the static 1x1 convolution on whole maps with every channel and in RegNetY; else a
     # product of the pixel rows (``_conv3_rows``)
     rows_mm = bottleneck and (selected or tail != "map")
-    w.conv(rows_out, k, cout, 1, k, mm=rows_mm, hw=out_hw)
+    w.conv(rows_out, k, cout, 1, k, mm=rows_mm, hw=out_hw, foldable=not (bottleneck and selected))
     bn_relu(w, rows_out * cout, relu=False)
 
 
