@@ -108,11 +108,11 @@ def row_product(rows: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
     On CPU float32 a large product runs as a oneDNN 1x1 convolution over the rows folded into a
     map [1, K, M / f, f] (f = 8 or 7 columns; the rows are zero-padded to a multiple of 8 when
-    neither divides M).  A 1x1 convolution does not care where its pixels sit, and this torch
-    build's matrix product (MKL) ran at 100-110 GMAC/s on the 2-core AMD EPYC host against
-    210-240 for the folded convolution (``benchmarks/row_product.py``).  Small products keep
-    the matrix product: the convolution's fixed cost and its per-call weight re-layout cost more
-    than they save there (``FOLD_MIN_ROWS``, ``FOLD_MIN_MACS``, measured with that script).
+    neither divides M).  A 1x1 convolution does not care where its pixels sit; which of the two
+    runs faster depends on the host (``benchmarks/row_product.py`` times both): on one 2-core AMD
+    EPYC VM the folded convolution ran 2x faster than this torch build's matrix product (MKL)
+    from 64 rows, on another (AVX2, Dec 7) MKL ran 1.0-2x faster below ~1,600 rows and the two
+    were even from ~6,000.  ``FOLD_MIN_ROWS`` and ``FOLD_MIN_MACS`` hold the current host's rule.
     """
     m, k = rows.shape
     w2 = w.reshape(w.shape[0], k)  # [N, K]

@@ -98,6 +98,7 @@ __all__ = [
     "stem_work",
     "head_work",
     "exit_head_work",
+    "clear_work_caches",
     "expected_block_flops",
     "work_latency_ms",
 ]
@@ -377,3 +378,10 @@ def expected_block_flops(b: BlockSpec, st: StageConfig, dense: dict[str, float],
 
 def work_latency_ms(work: np.ndarray, costs: CpuCosts) -> float:
     return float(work @ costs.vector_ms())
+
+
+def clear_work_caches() -> None:
+    """Forget the memoised work of blocks, stems and heads: call it after changing a path
+    threshold of :mod:`~dynas.predictors.cpu_paths` (tests and benchmarks that force a path)."""
+    for fn in (block_work, stage_entry_work, stem_work, head_work, exit_head_work):
+        fn.cache_clear()

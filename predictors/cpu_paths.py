@@ -23,8 +23,11 @@ __all__ = [
 ]
 
 #: a row product (``row_product`` in ``kernels/convs.py``) runs as a oneDNN 1x1 convolution of
-#: the rows folded into 8 (or 7) columns from this many rows and this many multiply-accumulates
-FOLD_MIN_ROWS, FOLD_MIN_MACS = 64, 8_000_000
+#: the rows folded into 8 (or 7) columns from this many rows and this many multiply-accumulates.
+#: ``benchmarks/row_product.py`` on the 2-core AMD EPYC host (AVX2) of Dec 7: under ~1,600 rows
+#: the BLAS product ran 1.0-2x faster than the folded convolution, from 6,272 rows the two were
+#: within +/-30 % either way (on the host of Dec 2 folding ran 2x faster from 64 rows)
+FOLD_MIN_ROWS, FOLD_MIN_MACS = 4096, 8_000_000
 #: conv1 of a 1x1-conv1 block runs on the whole maps instead of gathered pixel rows when the
 #: active patches' windows are expected to need at least this fraction of its output pixels
 #: (``kernels/spatial.py``)

@@ -31,3 +31,19 @@ def postgres_url() -> str:
             pytest.fail(f"DYNAS_REQUIRE_POSTGRES is set but there is {NO_POSTGRES}")
         pytest.skip(NO_POSTGRES)
     return url
+
+
+@pytest.fixture
+def fold_from_64_rows(monkeypatch):
+    """Row products fold from 64 rows in the kernels and the CPU work model (the rule of a host
+    where oneDNN's 1x1 convolution beats the BLAS product), with the model's memoised work
+    cleared before and after."""
+    from dynas.kernels import convs
+    from dynas.predictors import cpu, cpu_paths
+
+    cpu.clear_work_caches()
+    for mod in (convs, cpu_paths):
+        monkeypatch.setattr(mod, "FOLD_MIN_ROWS", 64)
+    yield
+    monkeypatch.undo()
+    cpu.clear_work_caches()

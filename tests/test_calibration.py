@@ -155,24 +155,30 @@ def test_narrow_maps_cost_the_column_block_in_macs():
     assert np.array_equal(cpu.block_work(b, one, 1, 1.0, 4), cpu.block_work(b, one, 1, 1.0, 1))
 
 
-def test_the_model_folds_row_products_where_the_kernels_do():
+def test_the_model_folds_row_products_where_the_kernels_do(request):
     from dynas.kernels import blocks
 
     assert (cpu.FOLD_MIN_ROWS, cpu.FOLD_MIN_MACS) == (blocks.FOLD_MIN_ROWS, blocks.FOLD_MIN_MACS)
-    # a channel-gated bottleneck: conv1 / conv3 are row products on the selected channels; on
-    # 14 x 14 (196 rows) they are folded convolutions, on 7 x 7 (49 rows) BLAS products
+    # a channel-gated bottleneck: conv1 / conv3 are row products on the selected channels
     gated = StageConfig("channel", 0.5, channel_granularity=64)
     mm, pw = cpu.TERMS.index("mm_gmac"), cpu.TERMS.index("pointwise_gmac")
+    vec = cpu.TERMS.index("vec_gmac")
     big = get_backbone("resnet50", (224, 224)).stage_blocks(2)[1]  # 1024 -> 256 -> 1024 on 14 x 14
     small = get_backbone("resnet50", (224, 224)).stage_blocks(3)[1]  # 2048 -> 512 -> 2048 on 7 x 7
-    w_big, w_small = cpu.block_work(big, gated, 1, 1.0, 1), cpu.block_work(small, gated, 1, 1.0, 1)
-    vec = cpu.TERMS.index("vec_gmac")
-    k = budget_count(0.5, 8) * 64
-    assert w_big[mm] == 0 and 0 < w_big[vec] < 1e-3  # only the masker's small layers stay BLAS
-    k_big = budget_count(0.5, 4) * 64  # of 256 channels
-    assert w_big[pw] == pytest.approx(196 * k_big * (1024 + 1024) * 1e-9)  # conv1 and conv3, folded
+    k_big, k = budget_count(0.5, 4) * 64, budget_count(0.5, 8) * 64  # of 256 and 512 channels
+    big_gmac = 196 * k_big * 1024 * 1e-9  # conv1 [196, 1024] -> [196, k], and conv3 [196, k] -> [196, 1024]
     rows_gmac = 49 * k * (2048 + 2048) * 1e-9  # conv1 [49, 2048] -> [49, k], conv3 [49, k] -> [49, 2048]
+    # this host's rule (4,096 rows): batch-1 products stay BLAS products
+    w_big, w_small = cpu.block_work(big, gated, 1, 1.0, 1), cpu.block_work(small, gated, 1, 1.0, 1)
+    assert w_big[pw] == 0 and w_big[mm] == pytest.approx(2 * big_gmac, rel=1e-2)
     assert w_small[mm] == pytest.approx(rows_gmac, rel=1e-2)
+    # folding from 64 rows (a host where oneDNN's 1x1 convolution is faster): conv1 on 196 rows
+    # folds; conv3 on selected inputs is a product with a transposed operand, which never folds
+    request.getfixturevalue("fold_from_64_rows")
+    w_big, w_small = cpu.block_work(big, gated, 1, 1.0, 1), cpu.block_work(small, gated, 1, 1.0, 1)
+    assert 0 < w_big[vec] < 1e-3  # only the masker's small layers stay BLAS
+    assert w_big[pw] == pytest.approx(big_gmac) and w_big[mm] == pytest.approx(big_gmac, rel=1e-2)
+    assert w_small[mm] == pytest.approx(rows_gmac, rel=1e-2)  # 49 rows: too few to fold
 
 
 def test_old_target_files_keep_their_meaning(tmp_path):

@@ -177,6 +177,13 @@ def test_work_model_counts_the_operators_the_kernels_dispatch(bb, s, i, st, n):
     assert w[T.index("masker_calls")] == len(build_block(spec, st).maskers())
 
 
+@pytest.mark.parametrize("bb,s,i,st,n", [c for c in _COUNTED if c[0] == "resnet50" and c[4] <= 2], ids=str)
+def test_folded_row_products_are_counted_as_the_kernels_fold_them(bb, s, i, st, n, fold_from_64_rows):
+    # the folding threshold moves with the host (cpu_paths.FOLD_MIN_ROWS): at 64 rows, as on
+    # the host that preferred folding, the model and the kernels still agree
+    test_work_model_counts_the_operators_the_kernels_dispatch(bb, s, i, st, n)
+
+
 def test_expected_flops_follow_the_kernels_count():
     # rates whose budget counts are exact (0.5 of 64 patches, of 16 channel groups): the
     # predictor's expected FLOPs per stage equal the kernels' configured FLOPs record
