@@ -7,7 +7,7 @@ costs (``dynas.predictors.cpu_terms.KINDS``), static against dynamic, and the nu
 operators each dispatches.  It explains a measured speed-up table with the costs fitted on the
 same host; it measures nothing.
 
-    python benchmarks/kernel_breakdown.py --target benchmarks/data/cpu-2core-dec07/cpu-2core-dec07.toml
+    python benchmarks/kernel_breakdown.py --target benchmarks/data/cpu-2core-dec07b/cpu-2core-dec07b.toml
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from dynas.predictors.latency import predict, stage_work  # noqa: E402
 from dynas.predictors.targets import load_target  # noqa: E402
 from dynas.spaces.config import ArchConfig, load_config, stage_runs  # noqa: E402
 
-TARGET = Path(__file__).resolve().parent / "data/cpu-2core-dec07/cpu-2core-dec07.toml"
+TARGET = Path(__file__).resolve().parent / "data/cpu-2core-dec07b/cpu-2core-dec07b.toml"
 
 
 def _stages_by_kind(cfg: ArchConfig, target, n: int) -> tuple[np.ndarray, float]:
