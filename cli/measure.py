@@ -85,10 +85,14 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         "random": "exactly the configured rates, random choice per sample",
     }[r.gate_mode]
     echo(f"config: {r.config}  ({r.gate_mode} gate mode: {how})")
+    echo("kernels: pure PyTorch (dynas has no compiled extension; every fast path runs ATen operators)")
     echo(f"static  {r.static_ms:9.3f} ms  (p10-p90 spread {r.static_spread_ms:.3f} ms)")
     echo(f"dynamic {r.dynamic_ms:9.3f} ms  (p10-p90 spread {r.dynamic_spread_ms:.3f} ms)")
     echo(
         f"speed-up x{r.speedup:.2f} over {r.repeats} interleaved pairs; fast vs reference path max abs err {r.max_abs_err:.2e}"
+    )
+    echo(
+        f"FLOPs limit x{r.flops_limit:.2f} (static / executed FLOPs): the speed-up reaches {r.speedup / r.flops_limit:.0%} of it"
     )
     return 0
 
