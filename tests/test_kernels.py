@@ -473,9 +473,9 @@ def test_training_readout_has_the_adaptive_rate_and_configured_flops():
 
 
 @pytest.mark.parametrize("m", [64, 70, 72, 131, 40])  # folded by 8, by 7, padded to 136; 40: too few rows
-def test_row_product_is_a_matrix_product(m, monkeypatch):
-    # the folded 1x1 convolution gives F.linear's rows, whatever the row count's divisors
-    monkeypatch.setattr(convs, "FOLD_MIN_ROWS", 64)  # this host's rule folds only far larger products
+def test_row_product_is_a_matrix_product(m, monkeypatch, fold_from_64_rows):
+    # the folded 1x1 convolution gives F.linear's rows, whatever the row count's divisors (this
+    # host's rule folds only far larger products: the fixture sets the 64-row one)
     gen = torch.Generator().manual_seed(3)
     rows, w = torch.randn(m, 384, generator=gen), torch.randn(512, 384, generator=gen)
     folded = []
