@@ -6,13 +6,23 @@ and interpolation between integer sample counts."""
 from __future__ import annotations
 
 import math
-from typing import Iterable, NamedTuple
+from typing import Any, Iterable, NamedTuple
 
 from dynas.predictors.gpu import ConvOp, Hardware, OpCost, conv_cost, fc_cost, memory_cost
 from dynas.spaces.backbones import BlockSpec
 from dynas.spaces.config import StageConfig, uses_channel
 
-__all__ = ["ChainConv", "Gate", "gate_of", "dense_conv", "mlp_ops", "channel_masker", "interpolate", "ops_total_s"]
+__all__ = [
+    "ChainConv",
+    "Gate",
+    "gate_of",
+    "gated_fields",
+    "dense_conv",
+    "mlp_ops",
+    "channel_masker",
+    "interpolate",
+    "ops_total_s",
+]
 
 
 class ChainConv(NamedTuple):
@@ -39,6 +49,22 @@ def gate_of(b: BlockSpec, st: StageConfig) -> Gate:
     return Gate(groups, active)
 
 
+def gated_fields(cv: ChainConv, gate: Gate, n: int, cin_live: float | None = None) -> dict[str, Any]:
+    """The channel-gating fields of ``cv``'s :class:`ConvOp` for ``n`` samples: the input
+    channels it reads (the gate's active share of a gated input, else ``cin_live`` or all), the
+    gate's groups on a gated output, and whether its weights shrink with the gates (batch 1)."""
+    cin_active = cv.cin if cin_live is None else cin_live
+    if cv.gate_in and gate.groups:
+        cin_active = cv.cin * gate.active // gate.groups
+    gated_out = cv.gate_out and gate.groups
+    return {
+        "cin_active": cin_active,
+        "gate_groups": gate.groups if gated_out else 0,
+        "gate_active": gate.active if gated_out else 0,
+        "weights_scale_with_gates": n == 1 and bool(gate.groups),
+    }
+
+
 def dense_conv(
     hw: Hardware,
     cv: ChainConv,
@@ -52,10 +78,6 @@ def dense_conv(
     channels it reads when fewer than ``cv.cin`` hold data (DenseNet features nobody produced)."""
     out_h = (in_hw[0] + 2 * (cv.k // 2) - cv.k) // cv.stride + 1
     out_w = (in_hw[1] + 2 * (cv.k // 2) - cv.k) // cv.stride + 1
-    cin_active = cv.cin if cin_live is None else cin_live
-    if cv.gate_in and gate.groups:
-        cin_active = cv.cin * gate.active // gate.groups
-    gated_out = cv.gate_out and gate.groups
     return conv_cost(
         hw,
         ConvOp(
@@ -69,10 +91,7 @@ def dense_conv(
             groups=cv.groups,
             in_row=in_hw[1] + 2 * (cv.k // 2),
             dram_in_per_channel=n * in_hw[0] * in_hw[1],
-            cin_active=cin_active,
-            gate_groups=gate.groups if gated_out else 0,
-            gate_active=gate.active if gated_out else 0,
-            weights_scale_with_gates=n == 1 and bool(gate.groups),
+            **gated_fields(cv, gate, n, cin_live),
         ),
     )
 

@@ -25,7 +25,16 @@ from __future__ import annotations
 import functools
 import math
 
-from dynas.predictors.conv_chain import ChainConv, Gate, channel_masker, dense_conv, gate_of, interpolate, ops_total_s
+from dynas.predictors.conv_chain import (
+    ChainConv,
+    Gate,
+    channel_masker,
+    dense_conv,
+    gate_of,
+    gated_fields,
+    interpolate,
+    ops_total_s,
+)
 from dynas.predictors.energy import EnergyConstants, ops_energy_mj, static_energy_mj
 from dynas.predictors.gpu import ConvOp, Hardware, OpCost, conv_cost, fc_cost, memory_cost
 from dynas.spaces.backbones import BlockSpec, StemSpec
@@ -74,10 +83,6 @@ def _gathered_conv(
     else:
         # Halo windows of neighbouring patches overlap, but each patch's window is fetched on its own.
         row, dram_in = from_map[1], units * in_side * in_side
-    cin_active = cv.cin
-    if cv.gate_in and gate.groups:
-        cin_active = cv.cin * gate.active // gate.groups
-    gated_out = cv.gate_out and gate.groups
     return conv_cost(
         hw,
         ConvOp(
@@ -91,11 +96,8 @@ def _gathered_conv(
             groups=cv.groups,
             in_row=row,
             dram_in_per_channel=dram_in,
-            cin_active=cin_active,
-            gate_groups=gate.groups if gated_out else 0,
-            gate_active=gate.active if gated_out else 0,
-            weights_scale_with_gates=n == 1 and bool(gate.groups),
             channels_last=True,
+            **gated_fields(cv, gate, n),
         ),
     )
 
